@@ -1,0 +1,83 @@
+//! Commands: what a shard's Raft log holds, and what applying one answers.
+//!
+//! Every input of apply is in a command: the clock, the rules, the events (with their `ts`),
+//! so replaying a log gives the same state on every replica.
+
+use oneid_protocol::event::{Event, EventError};
+use oneid_protocol::ids::{Identity, OneId};
+use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Rules;
+use serde::{Deserialize, Serialize};
+
+/// One Raft log entry's payload, encoded with postcard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// The leader's wall clock. "Now" of the shard is the largest clock applied.
+    Clock {
+        now: Millis,
+        dedup_retention_days: u32,
+    },
+    /// Replaces the loyalty rules.
+    SetRules(Box<Rules>),
+    /// Events for profiles of this shard, in request order.
+    Events(Vec<Routed>),
+    /// Binds identities held by this shard's index to a profile; idempotent. Each new binding
+    /// leaves an outbox record so the profile's identity list is updated even after a crash.
+    Bind(Vec<(Identity, OneId)>),
+    /// Adds identities (already bound in the index) to profiles of this shard; idempotent.
+    Link(Vec<(OneId, Identity)>),
+    /// Outbox records whose links were delivered.
+    OutboxDone(Vec<u64>),
+}
+
+/// An event and how the router resolved its profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Routed {
+    pub event: Event,
+    pub target: Target,
+    /// Identities of the event held by other shards' indexes and already bound there to the
+    /// target: added to the profile's list.
+    pub linked_elsewhere: Vec<Identity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// A profile of this shard.
+    Existing(OneId),
+    /// The profile bound to the event's identities held by this shard, created if none is.
+    Claim,
+}
+
+/// What applying a command answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    None,
+    Events(Vec<EventOutcome>),
+    Bind(Vec<BindOutcome>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    Applied(OneId),
+    Duplicate(OneId),
+    Rejected(EventError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindOutcome {
+    Bound,
+    /// Already bound to another profile.
+    Conflict(OneId),
+}
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("commands always encode")
+    }
+
+    /// Decodes a committed entry. A committed entry that does not decode is corrupt state:
+    /// the caller stops the node.
+    pub fn decode(data: &[u8]) -> Result<Command, postcard::Error> {
+        postcard::from_bytes(data)
+    }
+}

@@ -1,0 +1,171 @@
+//! `cluster.toml`: the cluster's shape, its nodes, tuning, and the seed rules.
+
+use anyhow::{bail, Context};
+use oneid_protocol::ids::{ShardId, SHARDS_MAX};
+use oneid_protocol::rules::{Rules, RulesDoc};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    pub nodes: Vec<NodeConfig>,
+    /// Seed rules, written to the log on first start; later changes go through the API.
+    #[serde(default)]
+    pub rules: Option<toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Number of shards (Raft groups); fixed for the life of the cluster.
+    pub shards: u32,
+    /// Replicas per shard.
+    pub replication: u32,
+    /// Most profiles held in memory on a node (the activation budget), split evenly between
+    /// the shards the node hosts. Past it the least recently used are passivated.
+    pub activation_budget: usize,
+    /// Activations idle this long are passivated.
+    pub passivate_idle_secs: u64,
+    /// How often the leader proposes a clock entry.
+    pub clock_interval_ms: u64,
+    /// How long event ids are remembered for exactly-once (at least 7 days is advised).
+    pub dedup_retention_days: u32,
+    /// Raft tick length; elections take 10 ticks, heartbeats 1.
+    pub tick_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            shards: 16,
+            replication: 1,
+            activation_budget: 1_000_000,
+            passivate_idle_secs: 600,
+            clock_interval_ms: 1_000,
+            dedup_retention_days: 7,
+            tick_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Address of the HTTP API.
+    pub api: SocketAddr,
+    /// Address for node-to-node Raft traffic.
+    pub peer: SocketAddr,
+    /// Data directory.
+    pub data: PathBuf,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if !(1..=SHARDS_MAX).contains(&c.shards) {
+            bail!(
+                "cluster.shards must be 1 to {SHARDS_MAX}, found {}",
+                c.shards
+            );
+        }
+        if self.nodes.is_empty() {
+            bail!("cluster.toml needs at least one [[nodes]] entry");
+        }
+        if c.replication < 1 || c.replication as usize > self.nodes.len() {
+            bail!(
+                "cluster.replication must be 1 to the number of nodes ({}), found {}",
+                self.nodes.len(),
+                c.replication
+            );
+        }
+        if self.nodes.len() > 1 {
+            bail!("this release runs one-node clusters; found {} [[nodes]] (multi-node replication is not implemented yet)", self.nodes.len());
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.id == 0 {
+                bail!("nodes[{i}].id must be at least 1");
+            }
+            if self.nodes[..i].iter().any(|other| other.id == node.id) {
+                bail!("nodes[{i}].id {} appears twice", node.id);
+            }
+        }
+        if c.activation_budget == 0
+            || c.clock_interval_ms == 0
+            || c.tick_ms == 0
+            || c.dedup_retention_days == 0
+        {
+            bail!("cluster.activation_budget, clock_interval_ms, tick_ms and dedup_retention_days must be above 0");
+        }
+        self.seed_rules()?;
+        Ok(())
+    }
+
+    /// The node this process runs: `--node`, or the only one.
+    pub fn node(&self, id: Option<u64>) -> anyhow::Result<&NodeConfig> {
+        match id {
+            Some(id) => self
+                .nodes
+                .iter()
+                .find(|n| n.id == id)
+                .with_context(|| format!("no [[nodes]] entry with id {id}")),
+            None if self.nodes.len() == 1 => Ok(&self.nodes[0]),
+            None => bail!("the config has {} nodes: pass --node ID", self.nodes.len()),
+        }
+    }
+
+    /// The shards with a replica on `node`: shard s lives on nodes `(s + r) % n`, r < replication.
+    pub fn shards_of(&self, node: u64) -> Vec<ShardId> {
+        let n = self.nodes.len() as u32;
+        let position = self
+            .nodes
+            .iter()
+            .position(|x| x.id == node)
+            .expect("node is in the config") as u32;
+        (0..self.cluster.shards)
+            .filter(|s| (0..self.cluster.replication).any(|r| (s + r) % n == position))
+            .map(ShardId)
+            .collect()
+    }
+
+    /// The raft ids of a shard's voters. A replica's raft id is unique in the cluster:
+    /// `shard << 32 | node id`.
+    pub fn voters(&self, shard: ShardId) -> Vec<u64> {
+        let n = self.nodes.len() as u32;
+        (0..self.cluster.replication)
+            .map(|r| raft_id(shard, self.nodes[((shard.0 + r) % n) as usize].id))
+            .collect()
+    }
+
+    /// The `[rules]` table validated, or the defaults.
+    pub fn seed_rules(&self) -> anyhow::Result<Rules> {
+        let Some(table) = &self.rules else {
+            return Ok(Rules::default());
+        };
+        let json = serde_json::to_string(table).context("[rules] must be a table")?;
+        let doc: RulesDoc = serde_json::from_str(&json).context("[rules]")?;
+        doc.validate().map_err(|e| anyhow::anyhow!("[rules] {e}"))
+    }
+}
+
+pub fn raft_id(shard: ShardId, node: u64) -> u64 {
+    (u64::from(shard.0) << 32) | node
+}
+
+/// The node id in a raft id.
+pub fn node_of_raft_id(raft_id: u64) -> u64 {
+    raft_id & 0xffff_ffff
+}

@@ -1,0 +1,171 @@
+//! `oneid-node`: one node of a OneID cluster.
+//!
+//! # Layout
+//! - `config`: `cluster.toml`.
+//! - `storage`: the fjall database and the group-commit writer thread.
+//! - `state`: the I/O-free shard state machine (apply), profiles, the activation cache.
+//! - `command`: what the Raft log holds.
+//! - `shard`: the shard actor (actix) driving raft-rs, hosting the profiles.
+//! - `router`: takes events to the shards of their profiles and identities.
+//! - `http`: the API (hyper).
+//! - `metrics`, `logging`: observability.
+
+mod command;
+mod config;
+mod http;
+mod logging;
+mod metrics;
+mod router;
+mod shard;
+mod state;
+mod storage;
+
+use anyhow::Context;
+use clap::Parser;
+use oneid_protocol::api::NodeView;
+use shard::{ShardActor, ShardMap, ShardSettings};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Actix arbiters (threads) the shard actors are spread over.
+const SHARD_ARBITERS: usize = 2;
+/// Worker threads of the HTTP runtime.
+const HTTP_WORKER_THREADS: usize = 2;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A OneID node: Raft-replicated shards of customer profiles, with an HTTP API."
+)]
+struct Args {
+    /// The cluster file.
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// This node's id in the cluster file (optional when it lists one node).
+    #[arg(long)]
+    node: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    logging::init();
+    // A panic is a broken invariant or a failed read of state: no replica may go on applying
+    // (or acknowledging) after one, so any panic on any thread stops the process.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let args = Args::parse();
+    let config = config::Config::load(&args.config)?;
+    let node = config.node(args.node)?.clone();
+    let hosted = config.shards_of(node.id);
+    let seed_rules = config.seed_rules()?;
+    let storage = Arc::new(storage::Storage::open(
+        &node.data,
+        config.cluster.shards,
+        &hosted,
+    )?);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let writer = storage::Writer::start(
+        Arc::clone(&storage),
+        Arc::clone(&metrics),
+        hosted.len() + 16,
+    );
+    let shards: ShardMap = Arc::new(OnceLock::new());
+    let c = &config.cluster;
+    let budget_per_shard = c.activation_budget.div_ceil(hosted.len().max(1));
+
+    let system = actix::System::new();
+    let arbiters: Vec<actix::Arbiter> =
+        (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
+    let mut addrs = Vec::with_capacity(hosted.len());
+    for &shard in &hosted {
+        let settings = ShardSettings {
+            n_shards: c.shards,
+            raft_id: config::raft_id(shard, node.id),
+            voters: config.voters(shard),
+            tick: Duration::from_millis(c.tick_ms),
+            clock_interval: Duration::from_millis(c.clock_interval_ms),
+            dedup_retention_days: c.dedup_retention_days,
+            passivate_idle: Duration::from_secs(c.passivate_idle_secs),
+            activation_budget: budget_per_shard,
+            seed_rules: seed_rules.clone(),
+        };
+        let actor = ShardActor::recover(
+            shard,
+            settings,
+            Arc::clone(&storage),
+            writer.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&shards),
+        )
+        .with_context(|| format!("recovering shard {shard}"))?;
+        let arbiter = &arbiters[shard.0 as usize % SHARD_ARBITERS];
+        addrs.push(actix::Actor::start_in_arbiter(
+            &arbiter.handle(),
+            move |_| actor,
+        ));
+    }
+    if shards.set(addrs).is_err() {
+        unreachable!("shards are set once");
+    }
+
+    let api = Arc::new(http::Api {
+        router: router::Router {
+            shards: Arc::clone(&shards),
+            n_shards: c.shards,
+            metrics: Arc::clone(&metrics),
+        },
+        metrics,
+        node_id: node.id,
+        nodes: config
+            .nodes
+            .iter()
+            .map(|n| NodeView {
+                id: n.id,
+                api: n.api.to_string(),
+                peer: n.peer.to_string(),
+            })
+            .collect(),
+        shutting_down: AtomicBool::new(false),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(HTTP_WORKER_THREADS)
+        .thread_name("oneid-http")
+        .enable_all()
+        .build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(node.api))
+        .with_context(|| format!("binding the API to {}", node.api))?;
+    tracing::info!(node = node.id, api = %listener.local_addr()?, shards = hosted.len(), data = %node.data.display(), "oneid-node serving");
+    let http = std::thread::Builder::new()
+        .name("oneid-http-main".into())
+        .spawn(move || {
+            runtime.block_on(http::serve(api, listener, shutdown_signal()));
+        })?;
+
+    // The actix system runs until the HTTP server has drained.
+    system.block_on(async move {
+        let _ = tokio::task::spawn_blocking(move || http.join()).await;
+    });
+    // Every acknowledged write was fsynced before its answer; this last persist only covers
+    // unacknowledged work (clock entries, writes whose answer was not sent).
+    storage
+        .db
+        .persist(fjall::PersistMode::SyncAll)
+        .context("final flush")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+    }
+}

@@ -1,0 +1,187 @@
+//! Counters and histograms, rendered as Prometheus text on `GET /metrics`.
+//!
+//! Plain atomics with fixed label sets: no registry, no allocation on the hot path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of latency buckets, in seconds.
+const BUCKETS_SECONDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_SECONDS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS_SECONDS.iter().position(|&bound| seconds <= bound) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS_SECONDS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// The API routes, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Events,
+    Profile,
+    Lookup,
+    Ledger,
+    Rules,
+    Cluster,
+    Health,
+    Metrics,
+    Other,
+}
+
+impl Route {
+    const ALL: [Route; 9] = [
+        Route::Events,
+        Route::Profile,
+        Route::Lookup,
+        Route::Ledger,
+        Route::Rules,
+        Route::Cluster,
+        Route::Health,
+        Route::Metrics,
+        Route::Other,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Events => "events",
+            Route::Profile => "profile",
+            Route::Lookup => "lookup",
+            Route::Ledger => "ledger",
+            Route::Rules => "rules",
+            Route::Cluster => "cluster",
+            Route::Health => "healthz",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+}
+
+#[derive(Default)]
+struct RouteMetrics {
+    /// By status class: 2xx, 4xx, 5xx.
+    responses: [AtomicU64; 3],
+    latency: Histogram,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    routes: [RouteMetrics; Route::ALL.len()],
+    pub events_applied: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub proposals: AtomicU64,
+    pub proposals_failed: AtomicU64,
+    pub fsyncs: AtomicU64,
+    /// Write jobs made durable; `write_jobs / fsyncs` is the group-commit factor.
+    pub write_jobs: AtomicU64,
+    fsync_latency: Histogram,
+    pub activations: AtomicU64,
+    pub activated: AtomicU64,
+    pub passivated: AtomicU64,
+    pub connections_refused: AtomicU64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
+        let route = &self.routes[Route::ALL
+            .iter()
+            .position(|&r| r == route)
+            .expect("route is listed")];
+        let class = match status {
+            200..=399 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        route.responses[class].fetch_add(1, Relaxed);
+        route.latency.observe(elapsed);
+    }
+
+    pub fn fsync(&self, elapsed: Duration, jobs: usize) {
+        self.fsyncs.fetch_add(1, Relaxed);
+        self.write_jobs.fetch_add(jobs as u64, Relaxed);
+        self.fsync_latency.observe(elapsed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        out.push_str("# TYPE oneid_http_responses_total counter\n");
+        for (route, metrics) in Route::ALL.iter().zip(&self.routes) {
+            for (class, count) in ["2xx", "4xx", "5xx"].iter().zip(&metrics.responses) {
+                let _ = writeln!(
+                    out,
+                    "oneid_http_responses_total{{route=\"{}\",status=\"{class}\"}} {}",
+                    route.name(),
+                    count.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# TYPE oneid_http_request_seconds histogram\n");
+        for (route, metrics) in Route::ALL.iter().zip(&self.routes) {
+            metrics.latency.render(
+                &mut out,
+                "oneid_http_request_seconds",
+                &format!("route=\"{}\"", route.name()),
+            );
+        }
+        let counters = [
+            ("oneid_events_applied_total", &self.events_applied),
+            ("oneid_events_duplicate_total", &self.events_duplicate),
+            ("oneid_events_rejected_total", &self.events_rejected),
+            ("oneid_proposals_total", &self.proposals),
+            ("oneid_proposals_failed_total", &self.proposals_failed),
+            ("oneid_fsyncs_total", &self.fsyncs),
+            ("oneid_write_jobs_total", &self.write_jobs),
+            ("oneid_activated_total", &self.activated),
+            ("oneid_passivated_total", &self.passivated),
+            ("oneid_connections_refused_total", &self.connections_refused),
+        ];
+        for (name, value) in counters {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE oneid_activations gauge\noneid_activations {}",
+            self.activations.load(Relaxed)
+        );
+        out.push_str("# TYPE oneid_fsync_seconds histogram\n");
+        self.fsync_latency
+            .render(&mut out, "oneid_fsync_seconds", "");
+        out
+    }
+}

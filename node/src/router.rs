@@ -1,0 +1,418 @@
+//! The router: takes a batch of validated events to the shards that own their profiles.
+//!
+//! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
+//! held by the shard its hash picks). For each wave of events the router:
+//! 1. resolves every identity at the shard that holds it (one hop, all shards in parallel);
+//! 2. for an event whose profile is known, binds its unbound identities held by *other* shards
+//!    to that profile there (the identity's shard is the arbiter: first binding wins);
+//! 3. proposes one `Events` entry per target shard, events in request order; an event with no
+//!    known profile is a `Claim` at the shard of its first identity, which mints the OneID;
+//! 4. binds the other identities of newly created profiles at their shards, and links them to
+//!    the profile's list. Every binding leaves an outbox record at its shard, whose leader
+//!    re-delivers the link if this router stopped half-way, so links resume after a crash.
+//!
+//! Events that share an identity unbound at step 1 go to separate waves, so a customer first
+//! seen twice in one batch ends up with one OneID, as if the events came one by one.
+
+use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
+use crate::metrics::Metrics;
+use crate::shard::{Propose, Query, QueryReply, ShardError, ShardMap};
+use futures::future::join_all;
+use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
+use oneid_protocol::event::{Event, EventError};
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::ErrorCode;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct Router {
+    pub shards: ShardMap,
+    pub n_shards: u32,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An error reaching or using a shard: the events involved are answered `unavailable`.
+fn unavailable(error: impl std::fmt::Display) -> EventError {
+    EventError::new(ErrorCode::Unavailable, format!("{error}; retry the event"))
+}
+
+fn conflict(a: OneId, b: OneId) -> EventError {
+    let (a, b) = (a.min(b), a.max(b));
+    EventError::field(
+        ErrorCode::IdentityConflict,
+        "identities",
+        format!("the event's identities belong to two profiles, {a} and {b}"),
+    )
+}
+
+/// Runs one future per shard, all at once, and collects their answers by shard.
+async fn per_shard<T, F: Future<Output = T>>(
+    calls: impl IntoIterator<Item = (ShardId, F)>,
+) -> BTreeMap<ShardId, T> {
+    let (shards, futures): (Vec<ShardId>, Vec<F>) = calls.into_iter().unzip();
+    shards.into_iter().zip(join_all(futures).await).collect()
+}
+
+impl Router {
+    fn addr(&self, shard: ShardId) -> &actix::Addr<crate::shard::ShardActor> {
+        &self
+            .shards
+            .get()
+            .expect("shards are started before the API")[shard.0 as usize]
+    }
+
+    async fn propose(&self, shard: ShardId, command: Command) -> Result<Output, String> {
+        match self.addr(shard).send(Propose(command)).await {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(error) => Err(format!("shard {shard} is not running: {error}")),
+        }
+    }
+
+    /// Applies a batch; one result per input, in order. A parse failure carries the event id
+    /// the caller could read, for its result row.
+    pub async fn ingest(&self, events: Vec<Result<Event, (String, EventError)>>) -> EventsResponse {
+        let mut results: Vec<Option<Result<(EventStatus, OneId), EventError>>> =
+            vec![None; events.len()];
+        let mut ids = Vec::with_capacity(events.len());
+        let mut todo = Vec::new();
+        for (position, event) in events.into_iter().enumerate() {
+            match event {
+                Ok(event) => {
+                    ids.push(event.event_id.clone());
+                    todo.push((position, event));
+                }
+                Err((event_id, error)) => {
+                    ids.push(event_id);
+                    results[position] = Some(Err(error));
+                }
+            }
+        }
+        while !todo.is_empty() {
+            let (wave, rest) = self.next_wave(todo).await;
+            todo = rest;
+            for (position, result) in self.run_wave(wave.0, &wave.1).await {
+                results[position] = Some(result);
+            }
+        }
+        let mut response = EventsResponse {
+            applied: 0,
+            duplicates: 0,
+            rejected: 0,
+            results: Vec::with_capacity(results.len()),
+        };
+        for (result, event_id) in results.into_iter().zip(ids) {
+            let result = result.expect("every event has a result");
+            let (status, oneid, error) = match result {
+                Ok((status, oneid)) => (status, Some(oneid.to_string()), None),
+                Err(error) => (EventStatus::Rejected, None, Some(error)),
+            };
+            match status {
+                EventStatus::Applied => response.applied += 1,
+                EventStatus::Duplicate => response.duplicates += 1,
+                EventStatus::Rejected => response.rejected += 1,
+            }
+            response.results.push(EventResult {
+                event_id,
+                status,
+                oneid,
+                error,
+            });
+        }
+        self.metrics
+            .events_applied
+            .fetch_add(response.applied, Relaxed);
+        self.metrics
+            .events_duplicate
+            .fetch_add(response.duplicates, Relaxed);
+        self.metrics
+            .events_rejected
+            .fetch_add(response.rejected, Relaxed);
+        response
+    }
+
+    /// Resolves the identities of `todo` and splits off the longest prefix of events that do
+    /// not share an unbound identity with an earlier event of the prefix.
+    #[allow(clippy::type_complexity)]
+    async fn next_wave(
+        &self,
+        todo: Vec<(usize, Event)>,
+    ) -> (
+        (Vec<(usize, Event)>, BTreeMap<Identity, Option<OneId>>),
+        Vec<(usize, Event)>,
+    ) {
+        let mut by_shard: BTreeMap<ShardId, BTreeSet<Identity>> = BTreeMap::new();
+        for (_, event) in &todo {
+            for identity in &event.identities {
+                by_shard
+                    .entry(identity.shard(self.n_shards))
+                    .or_default()
+                    .insert(identity.clone());
+            }
+        }
+        let lookups = by_shard.into_iter().map(|(shard, identities)| {
+            let identities: Vec<Identity> = identities.into_iter().collect();
+            let request = self.addr(shard).send(Query::Resolve(identities.clone()));
+            (shard, async move { (identities, request.await) })
+        });
+        let mut bindings: BTreeMap<Identity, Option<OneId>> = BTreeMap::new();
+        let mut unreachable: BTreeSet<Identity> = BTreeSet::new();
+        for (_, (identities, answer)) in per_shard(lookups).await {
+            match answer {
+                Ok(QueryReply::Resolve(bound)) => {
+                    bindings.extend(identities.into_iter().zip(bound))
+                }
+                _ => unreachable.extend(identities),
+            }
+        }
+        // Identities whose shard did not answer resolve as unbound; their events fail at the
+        // shard too and are answered `unavailable`.
+        for identity in unreachable {
+            bindings.insert(identity, None);
+        }
+        let mut unbound_in_wave: BTreeSet<&Identity> = BTreeSet::new();
+        let mut split = todo.len();
+        for (i, (_, event)) in todo.iter().enumerate() {
+            let unbound: Vec<&Identity> = event
+                .identities
+                .iter()
+                .filter(|id| bindings[*id].is_none())
+                .collect();
+            if unbound.iter().any(|id| unbound_in_wave.contains(id)) {
+                split = i;
+                break;
+            }
+            unbound_in_wave.extend(unbound);
+        }
+        let mut todo = todo;
+        let rest = todo.split_off(split);
+        ((todo, bindings), rest)
+    }
+
+    async fn run_wave(
+        &self,
+        wave: Vec<(usize, Event)>,
+        bindings: &BTreeMap<Identity, Option<OneId>>,
+    ) -> Vec<(usize, Result<(EventStatus, OneId), EventError>)> {
+        let mut done = Vec::new();
+        // Step 2: decide each event's target, and what must be bound first.
+        let mut plans = Vec::new();
+        let mut binds: BTreeMap<ShardId, Vec<(Identity, OneId)>> = BTreeMap::new();
+        for (position, event) in wave {
+            let mut bound: BTreeSet<OneId> = event
+                .identities
+                .iter()
+                .filter_map(|id| bindings[id])
+                .collect();
+            bound.extend(event.oneid);
+            let mut bound = bound.into_iter();
+            match (bound.next(), bound.next()) {
+                (Some(a), Some(b)) => done.push((position, Err(conflict(a, b)))),
+                (Some(oneid), None) => {
+                    let elsewhere: Vec<Identity> = event
+                        .identities
+                        .iter()
+                        .filter(|id| {
+                            bindings[*id].is_none() && id.shard(self.n_shards) != oneid.shard()
+                        })
+                        .cloned()
+                        .collect();
+                    for identity in &elsewhere {
+                        binds
+                            .entry(identity.shard(self.n_shards))
+                            .or_default()
+                            .push((identity.clone(), oneid));
+                    }
+                    plans.push((position, event, Target::Existing(oneid), elsewhere));
+                }
+                (None, _) => plans.push((position, event, Target::Claim, Vec::new())),
+            }
+        }
+        // A oneid named with identities to bind must exist before anything is bound to it.
+        let must_exist: BTreeSet<OneId> =
+            binds.values().flatten().map(|(_, oneid)| *oneid).collect();
+        let checks = join_all(
+            must_exist
+                .iter()
+                .map(|oneid| self.addr(oneid.shard()).send(Query::Profile(*oneid))),
+        )
+        .await;
+        let missing: BTreeSet<OneId> = must_exist
+            .into_iter()
+            .zip(checks)
+            .filter(|(_, answer)| !matches!(answer, Ok(QueryReply::Profile(Some(_)))))
+            .map(|(oneid, _)| oneid)
+            .collect();
+        for pairs in binds.values_mut() {
+            pairs.retain(|(_, oneid)| !missing.contains(oneid));
+        }
+        binds.retain(|_, pairs| !pairs.is_empty());
+        let bind_answers = per_shard(binds.into_iter().map(|(shard, pairs)| {
+            let call = self.propose(shard, Command::Bind(pairs.clone()));
+            (shard, async move { (pairs, call.await) })
+        }))
+        .await;
+        let mut bind_failures: BTreeMap<Identity, EventError> = BTreeMap::new();
+        for (_, (pairs, answer)) in bind_answers {
+            match answer {
+                Ok(Output::Bind(outcomes)) => {
+                    for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
+                        if let BindOutcome::Conflict(other) = outcome {
+                            bind_failures.insert(identity, conflict(oneid, other));
+                        }
+                    }
+                }
+                Ok(other) => panic!("a Bind answered {other:?}"),
+                Err(error) => {
+                    for (identity, _) in pairs {
+                        bind_failures.insert(identity, unavailable(&error));
+                    }
+                }
+            }
+        }
+
+        // Step 3: one Events entry per target shard.
+        let mut entries: BTreeMap<ShardId, (Vec<usize>, Vec<Routed>)> = BTreeMap::new();
+        for (position, event, target, linked_elsewhere) in plans {
+            if let Target::Existing(oneid) = target {
+                if missing.contains(&oneid) {
+                    done.push((
+                        position,
+                        Err(EventError::field(
+                            ErrorCode::NotFound,
+                            "oneid",
+                            format!("profile {oneid} does not exist"),
+                        )),
+                    ));
+                    continue;
+                }
+            }
+            if let Some(error) = linked_elsewhere.iter().find_map(|id| bind_failures.get(id)) {
+                done.push((position, Err(error.clone())));
+                continue;
+            }
+            let shard = match target {
+                Target::Existing(oneid) => oneid.shard(),
+                Target::Claim => event.identities[0].shard(self.n_shards),
+            };
+            let entry = entries.entry(shard).or_default();
+            entry.0.push(position);
+            entry.1.push(Routed {
+                event,
+                target,
+                linked_elsewhere,
+            });
+        }
+        let answers = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
+            let claims: Vec<Vec<Identity>> = routed
+                .iter()
+                .map(|r| {
+                    if r.target == Target::Claim {
+                        r.event.identities.clone()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect();
+            let call = self.propose(shard, Command::Events(routed));
+            (shard, async move { (positions, claims, call.await) })
+        }))
+        .await;
+
+        // Step 4: identities of created profiles held by other shards.
+        let mut follow_up: BTreeMap<ShardId, Vec<(Identity, OneId)>> = BTreeMap::new();
+        for (shard, (positions, claims, answer)) in answers {
+            match answer {
+                Ok(Output::Events(outcomes)) => {
+                    for ((position, claim), outcome) in
+                        positions.into_iter().zip(claims).zip(outcomes)
+                    {
+                        let result = match outcome {
+                            EventOutcome::Applied(oneid) => {
+                                for identity in claim
+                                    .into_iter()
+                                    .filter(|id| id.shard(self.n_shards) != shard)
+                                {
+                                    follow_up
+                                        .entry(identity.shard(self.n_shards))
+                                        .or_default()
+                                        .push((identity, oneid));
+                                }
+                                Ok((EventStatus::Applied, oneid))
+                            }
+                            EventOutcome::Duplicate(oneid) => Ok((EventStatus::Duplicate, oneid)),
+                            EventOutcome::Rejected(error) => Err(error),
+                        };
+                        done.push((position, result));
+                    }
+                }
+                Ok(other) => panic!("Events answered {other:?}"),
+                Err(error) => {
+                    done.extend(positions.into_iter().map(|p| (p, Err(unavailable(&error)))))
+                }
+            }
+        }
+        self.bind_and_link(follow_up).await;
+        done
+    }
+
+    /// Binds identities of new profiles at their shards, then lists the bound ones on the
+    /// profiles. Failures are left to the outbox sweep of the identity's shard.
+    async fn bind_and_link(&self, binds: BTreeMap<ShardId, Vec<(Identity, OneId)>>) {
+        if binds.is_empty() {
+            return;
+        }
+        let answers = per_shard(binds.into_iter().map(|(shard, pairs)| {
+            let call = self.propose(shard, Command::Bind(pairs.clone()));
+            (shard, async move { (pairs, call.await) })
+        }))
+        .await;
+        let mut links: BTreeMap<ShardId, Vec<(OneId, Identity)>> = BTreeMap::new();
+        for (_, (pairs, answer)) in answers {
+            let Ok(Output::Bind(outcomes)) = answer else {
+                continue;
+            };
+            for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
+                match outcome {
+                    BindOutcome::Bound => links
+                        .entry(oneid.shard())
+                        .or_default()
+                        .push((oneid, identity)),
+                    BindOutcome::Conflict(other) => {
+                        tracing::info!(%oneid, %other, kind = %identity.kind, "identity went to another profile first; not linked");
+                    }
+                }
+            }
+        }
+        let answers = per_shard(
+            links
+                .into_iter()
+                .map(|(shard, pairs)| (shard, self.propose(shard, Command::Link(pairs)))),
+        )
+        .await;
+        for (shard, answer) in answers {
+            if let Err(error) = answer {
+                tracing::warn!(%shard, %error, "link not delivered now; the outbox sweep will deliver it");
+            }
+        }
+    }
+
+    /// Proposes a command on every shard (rules changes); the first error wins.
+    pub async fn broadcast(&self, command: Command) -> Result<(), ShardError> {
+        for shard in 0..self.n_shards {
+            match self
+                .addr(ShardId(shard))
+                .send(Propose(command.clone()))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(ShardError::Dropped(ShardId(shard))),
+            }
+        }
+        Ok(())
+    }
+}

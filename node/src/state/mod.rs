@@ -1,0 +1,843 @@
+//! The shard state machine: a pure function of (state, committed entry).
+//!
+//! Contract (after toydb's `raft/state.rs`): [`ShardState::apply`] reads only its state (through
+//! [`StateRead`]), the entry, and the index and term it was committed at. It never reads the
+//! clock, local config, randomness or hash-map iteration order; time, rules and retention come
+//! in through [`Command`]s. A business failure (bad event) is an `EventOutcome::Rejected` and
+//! changes nothing; a failure that is not deterministic (unreadable state) panics, which stops
+//! the node instead of letting replicas drift.
+//!
+//! The virtual actors live here: each profile is loaded on its first message (activated),
+//! changed only by the apply of its own events, and dropped from memory (passivated) by the
+//! [`activations::Activations`] budget. Its state is always written through to the write set,
+//! so passivation never loses anything.
+
+pub mod activations;
+pub mod keys;
+pub mod profile;
+pub mod store;
+
+use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
+use activations::Activations;
+use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::num::{Millis, Money, DAY_MS};
+use oneid_protocol::predicate::Predicate;
+use oneid_protocol::rules::Rules;
+use oneid_protocol::ErrorCode;
+use profile::{
+    Profile, RuleView, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX,
+    IDENTITIES_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
+};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use store::{pair_hash, Layered, StateRead, WriteSet};
+
+/// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
+pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
+
+/// Per-shard bookkeeping, stored under [`keys::META`] and left out of the digest.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    pub applied_index: u64,
+    pub applied_term: u64,
+    /// The shard's "now": the largest clock applied. Never goes back.
+    pub clock: Millis,
+    /// Multiset hash of every other (key, value) of the state.
+    pub digest: u64,
+    /// Profiles minted so far; the next OneID uses `profile_seq + 1`.
+    pub profile_seq: u64,
+    pub outbox_seq: u64,
+    pub dedup_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    pub event_id: String,
+    pub ts: Millis,
+    pub amount: Money,
+    pub refunded: Money,
+    /// Points the order earned, and how many refunds reversed so far.
+    pub points: i64,
+    pub reversed: i64,
+    /// Whether the order's amount counts in `spend_365d`.
+    pub in_window: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LedgerKind {
+    Earn,
+    Redeem,
+    Adjust,
+    Expire,
+    Reverse,
+}
+
+impl LedgerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Earn => "earn",
+            LedgerKind::Redeem => "redeem",
+            LedgerKind::Adjust => "adjust",
+            LedgerKind::Expire => "expire",
+            LedgerKind::Reverse => "reverse",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerRecord {
+    pub event_id: String,
+    pub kind: LedgerKind,
+    /// Signed change of the balance.
+    pub points: i64,
+    pub balance_after: i64,
+    pub at: Millis,
+    pub reason: Option<String>,
+    /// Points a reverse could not take back because they were already spent.
+    pub shortfall: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub index: u64,
+    pub eviction_key: Vec<u8>,
+}
+
+/// A binding made here whose profile (on another shard) must list the identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    pub oneid: OneId,
+    pub identity: Identity,
+    /// The shard clock when the binding was made.
+    pub at: Millis,
+}
+
+/// One shard's replicated state machine, with its activation cache.
+pub struct ShardState {
+    pub shard: ShardId,
+    pub n_shards: u32,
+    pub meta: ShardMeta,
+    rules: Rules,
+    tag_rules: Vec<(String, Predicate)>,
+    pub activations: Activations,
+}
+
+/// Reads through the pending write set, and writes into it keeping the digest.
+struct Tx<'a> {
+    base: &'a dyn StateRead,
+    writes: &'a mut WriteSet,
+    digest: &'a mut u64,
+}
+
+impl Tx<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.writes.changes.get(key) {
+            Some(value) => value.clone(),
+            None => self.base.get(key),
+        }
+    }
+
+    fn get_as<T: DeserializeOwned>(&self, key: &[u8]) -> Option<T> {
+        self.get(key).map(|bytes| decode(key, &bytes))
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        Layered {
+            base: self.base,
+            writes: self.writes,
+        }
+        .scan(prefix, from, reverse, limit)
+    }
+
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if key != keys::META {
+            if let Some(old) = self.get(&key) {
+                *self.digest = self.digest.wrapping_sub(pair_hash(&key, &old));
+            }
+            if let Some(new) = &value {
+                *self.digest = self.digest.wrapping_add(pair_hash(&key, new));
+            }
+        }
+        self.writes.changes.insert(key, value);
+    }
+
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.set(
+            key,
+            Some(postcard::to_stdvec(value).expect("state records always encode")),
+        );
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.set(key, None);
+    }
+}
+
+/// Decodes a stored record. State that does not decode is corrupt: stop the node.
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> T {
+    postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("corrupt state record {key:?}: {e}"))
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> EventError {
+    EventError::new(code, message)
+}
+
+fn reject_field(code: ErrorCode, field: &str, message: impl Into<String>) -> EventError {
+    EventError::field(code, field, message)
+}
+
+/// Writes one event makes, held back until the whole event is known to succeed.
+#[derive(Default)]
+struct EventWrites {
+    changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl EventWrites {
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.changes.push((
+            key,
+            Some(postcard::to_stdvec(value).expect("state records always encode")),
+        ));
+    }
+}
+
+impl ShardState {
+    /// Loads the state machine of `shard` from its persisted state.
+    pub fn load(
+        shard: ShardId,
+        n_shards: u32,
+        base: &dyn StateRead,
+        activation_budget: usize,
+    ) -> ShardState {
+        let meta: ShardMeta = base
+            .get(keys::META)
+            .map(|b| decode(keys::META, &b))
+            .unwrap_or_default();
+        let rules: Rules = base
+            .get(keys::RULES)
+            .map(|b| decode(keys::RULES, &b))
+            .unwrap_or_default();
+        let tag_rules = rules.compiled_tag_rules();
+        ShardState {
+            shard,
+            n_shards,
+            meta,
+            rules,
+            tag_rules,
+            activations: Activations::new(activation_budget),
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Applies one committed entry. `writes` holds the changes of earlier entries not yet
+    /// persisted; this entry's changes are added to it, with the new meta.
+    pub fn apply(
+        &mut self,
+        base: &dyn StateRead,
+        writes: &mut WriteSet,
+        index: u64,
+        term: u64,
+        command: Command,
+    ) -> Output {
+        assert!(
+            index == self.meta.applied_index + 1,
+            "shard {} applies index {index} after {}",
+            self.shard,
+            self.meta.applied_index
+        );
+        assert!(
+            term >= self.meta.applied_term,
+            "shard {}: term went back from {} to {term}",
+            self.shard,
+            self.meta.applied_term
+        );
+        let mut digest = self.meta.digest;
+        let mut tx = Tx {
+            base,
+            writes,
+            digest: &mut digest,
+        };
+        let output = match command {
+            Command::Clock {
+                now,
+                dedup_retention_days,
+            } => {
+                self.apply_clock(&mut tx, now, dedup_retention_days);
+                Output::None
+            }
+            Command::SetRules(rules) => {
+                tx.put(keys::RULES.to_vec(), &*rules);
+                self.tag_rules = rules.compiled_tag_rules();
+                self.rules = *rules;
+                Output::None
+            }
+            Command::Events(events) => Output::Events(
+                events
+                    .into_iter()
+                    .map(|routed| self.apply_event(&mut tx, index, routed))
+                    .collect(),
+            ),
+            Command::Bind(pairs) => Output::Bind(
+                pairs
+                    .into_iter()
+                    .map(|(identity, oneid)| self.apply_bind(&mut tx, identity, oneid))
+                    .collect(),
+            ),
+            Command::Link(pairs) => {
+                for (oneid, identity) in pairs {
+                    self.apply_link(&mut tx, oneid, identity);
+                }
+                Output::None
+            }
+            Command::OutboxDone(seqs) => {
+                for seq in seqs {
+                    tx.delete(keys::outbox(seq));
+                }
+                Output::None
+            }
+        };
+        drop(tx);
+        self.meta.digest = digest;
+        self.meta.applied_index = index;
+        self.meta.applied_term = term;
+        writes.changes.insert(
+            keys::META.to_vec(),
+            Some(postcard::to_stdvec(&self.meta).expect("meta encodes")),
+        );
+        output
+    }
+
+    /// Applies an entry without a command (a new leader's empty entry): only the index moves.
+    pub fn apply_empty(&mut self, writes: &mut WriteSet, index: u64, term: u64) -> Output {
+        assert!(
+            index == self.meta.applied_index + 1,
+            "shard {} applies index {index} after {}",
+            self.shard,
+            self.meta.applied_index
+        );
+        self.meta.applied_index = index;
+        self.meta.applied_term = term;
+        writes.changes.insert(
+            keys::META.to_vec(),
+            Some(postcard::to_stdvec(&self.meta).expect("meta encodes")),
+        );
+        Output::None
+    }
+
+    /// Reads a profile for the API, through the activation cache.
+    pub fn read_profile(&mut self, view: &Layered<'_>, oneid: OneId) -> Option<Profile> {
+        if let Some(profile) = self.activations.get(oneid) {
+            return Some(profile.clone());
+        }
+        let profile: Profile = view.get(&keys::profile(oneid)).map(|b| decode(b"p", &b))?;
+        self.activations.insert(profile.clone());
+        Some(profile)
+    }
+
+    fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<Profile> {
+        if let Some(profile) = self.activations.get(oneid) {
+            return Some(profile.clone());
+        }
+        tx.get_as(&keys::profile(oneid))
+    }
+
+    fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile) {
+        tx.put(keys::profile(profile.oneid), &profile);
+        self.activations.insert(profile);
+    }
+
+    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, dedup_retention_days: u32) {
+        self.meta.clock = self.meta.clock.max(now);
+        let horizon = self.meta.clock.0 - i64::from(dedup_retention_days) * DAY_MS;
+        let due = tx.scan(
+            keys::DEDUP_EVICTION_PREFIX,
+            None,
+            false,
+            DEDUP_EVICTIONS_PER_CLOCK_MAX,
+        );
+        for (key, dedup_key) in due {
+            if keys::dedup_eviction_clock(&key) >= horizon {
+                break;
+            }
+            tx.delete(dedup_key);
+            tx.delete(key);
+        }
+    }
+
+    fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
+        assert_eq!(
+            identity.shard(self.n_shards),
+            self.shard,
+            "identity routed to the wrong shard"
+        );
+        let key = keys::identity(&identity);
+        match tx.get_as::<OneId>(&key) {
+            Some(bound) if bound == oneid => BindOutcome::Bound,
+            Some(other) => BindOutcome::Conflict(other),
+            None => {
+                tx.put(key, &oneid);
+                if oneid.shard() != self.shard {
+                    self.meta.outbox_seq += 1;
+                    tx.put(
+                        keys::outbox(self.meta.outbox_seq),
+                        &OutboxRecord {
+                            oneid,
+                            identity,
+                            at: self.meta.clock,
+                        },
+                    );
+                }
+                BindOutcome::Bound
+            }
+        }
+    }
+
+    fn apply_link(&mut self, tx: &mut Tx<'_>, oneid: OneId, identity: Identity) {
+        assert_eq!(oneid.shard(), self.shard, "link routed to the wrong shard");
+        let Some(mut profile) = self.load_profile(tx, oneid) else {
+            return;
+        };
+        let values = profile.identities.get(&identity.kind);
+        if values.is_some_and(|v| v.contains(&identity.value))
+            || profile.identity_count() >= IDENTITIES_PER_PROFILE_MAX
+        {
+            return;
+        }
+        profile
+            .identities
+            .entry(identity.kind)
+            .or_default()
+            .insert(identity.value);
+        profile.version += 1;
+        self.evaluate_rule_tags(&mut profile);
+        self.store_profile(tx, profile);
+    }
+
+    fn apply_event(&mut self, tx: &mut Tx<'_>, index: u64, routed: Routed) -> EventOutcome {
+        let Routed {
+            event,
+            target,
+            linked_elsewhere,
+        } = routed;
+        let local: Vec<(Identity, Option<OneId>)> = event
+            .identities
+            .iter()
+            .filter(|identity| identity.shard(self.n_shards) == self.shard)
+            .map(|identity| {
+                (
+                    identity.clone(),
+                    tx.get_as::<OneId>(&keys::identity(identity)),
+                )
+            })
+            .collect();
+        let mut bound: BTreeSet<OneId> = local.iter().filter_map(|(_, oneid)| *oneid).collect();
+        if let Target::Existing(oneid) = target {
+            assert_eq!(oneid.shard(), self.shard, "event routed to the wrong shard");
+            bound.insert(oneid);
+        }
+        let mut bound = bound.into_iter();
+        let (first, second) = (bound.next(), bound.next());
+        if let (Some(a), Some(b)) = (first, second) {
+            return EventOutcome::Rejected(reject_field(
+                ErrorCode::IdentityConflict,
+                "identities",
+                format!("the event's identities belong to two profiles, {a} and {b}"),
+            ));
+        }
+
+        let (mut profile, created) = match first {
+            Some(oneid) if oneid.shard() != self.shard => {
+                // Linked on another shard after the router resolved it: the retry routes there.
+                return EventOutcome::Rejected(reject(
+                    ErrorCode::Unavailable,
+                    format!("an identity of the event was just linked to {oneid}; retry"),
+                ));
+            }
+            Some(oneid) => match self.load_profile(tx, oneid) {
+                Some(profile) => (profile, false),
+                None => {
+                    return EventOutcome::Rejected(reject_field(
+                        ErrorCode::NotFound,
+                        "oneid",
+                        format!("profile {oneid} does not exist"),
+                    ))
+                }
+            },
+            None => {
+                let oneid = OneId::mint(self.shard, self.meta.profile_seq + 1);
+                (Profile::new(oneid, &self.rules, event.ts), true)
+            }
+        };
+        let oneid = profile.oneid;
+        let dedup_key = keys::dedup(oneid, &event.event_id);
+        if !created && tx.get(&dedup_key).is_some() {
+            return EventOutcome::Duplicate(oneid);
+        }
+
+        let mut writes = EventWrites::default();
+        if let Err(error) = self.apply_body(tx, &mut profile, &event, &mut writes) {
+            return EventOutcome::Rejected(error);
+        }
+        // Identities: bind the unbound ones held here, list those bound elsewhere.
+        let mut new_bindings = Vec::new();
+        for identity in local
+            .iter()
+            .filter(|(_, bound)| bound.is_none())
+            .map(|(identity, _)| identity)
+            .chain(&linked_elsewhere)
+        {
+            if profile
+                .identities
+                .entry(identity.kind.clone())
+                .or_default()
+                .insert(identity.value.clone())
+                && identity.shard(self.n_shards) == self.shard
+            {
+                new_bindings.push(identity);
+            }
+        }
+        if profile.identity_count() > IDENTITIES_PER_PROFILE_MAX {
+            return EventOutcome::Rejected(reject_field(
+                ErrorCode::IdentityLimit,
+                "identities",
+                format!("a profile holds at most {IDENTITIES_PER_PROFILE_MAX} identity values"),
+            ));
+        }
+        if let Some(channel) = &event.channel {
+            let seen = profile.channels.entry(channel.clone()).or_insert(event.ts);
+            *seen = (*seen).max(event.ts);
+            if profile.channels.len() > CHANNELS_PER_PROFILE_MAX {
+                let oldest = profile
+                    .channels
+                    .iter()
+                    .min_by_key(|(name, at)| (**at, (*name).clone()))
+                    .map(|(name, _)| name.clone());
+                profile
+                    .channels
+                    .remove(&oldest.expect("channels is not empty"));
+            }
+        }
+        profile.version += 1;
+        profile.updated_at = profile.updated_at.max(event.ts);
+        self.evaluate_rule_tags(&mut profile);
+
+        // Everything is accepted: write it.
+        if created {
+            self.meta.profile_seq += 1;
+        }
+        for identity in new_bindings {
+            tx.put(keys::identity(identity), &oneid);
+        }
+        for (key, value) in writes.changes {
+            tx.set(key, value);
+        }
+        self.meta.dedup_seq += 1;
+        let eviction_key = keys::dedup_eviction(self.meta.clock.0, self.meta.dedup_seq);
+        tx.put(
+            dedup_key.clone(),
+            &DedupRecord {
+                index,
+                eviction_key: eviction_key.clone(),
+            },
+        );
+        tx.set(eviction_key, Some(dedup_key));
+        self.store_profile(tx, profile);
+        EventOutcome::Applied(oneid)
+    }
+
+    /// Applies what the event's type does to `profile`; writes go to `writes`.
+    fn apply_body(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        event: &Event,
+        writes: &mut EventWrites,
+    ) -> Result<(), EventError> {
+        let now = self.meta.clock;
+        let mut ledger = |profile: &mut Profile,
+                          kind: LedgerKind,
+                          points: i64,
+                          reason: Option<String>,
+                          shortfall: i64| {
+            let record = LedgerRecord {
+                event_id: event.event_id.clone(),
+                kind,
+                points,
+                balance_after: profile.balance,
+                at: event.ts,
+                reason,
+                shortfall,
+            };
+            writes.put(keys::ledger(profile.oneid, profile.ledger_seq), &record);
+            profile.ledger_seq += 1;
+        };
+        match &event.body {
+            EventBody::Order {
+                order_id,
+                amount,
+                store: _,
+            } => {
+                let key = keys::order(profile.oneid, order_id);
+                if tx.get(&key).is_some() {
+                    return Err(reject_field(
+                        ErrorCode::DuplicateOrder,
+                        "order_id",
+                        format!(
+                            "order {order_id:?} was already recorded on {}",
+                            profile.oneid
+                        ),
+                    ));
+                }
+                let points = self.order_points(profile, *amount, event.channel.as_deref());
+                let expires_at = event.ts.plus_days(self.rules.expire_after_days);
+                if points > 0 {
+                    profile.add_points(points, expires_at, &event.event_id);
+                    profile.lifetime_earned += points;
+                    ledger(
+                        profile,
+                        LedgerKind::Earn,
+                        points,
+                        Some(format!("order {order_id}")),
+                        0,
+                    );
+                }
+                let in_window = event.ts.plus_days(self.rules.window_days) > now;
+                profile.order_count += 1;
+                profile.total_spend.0 += amount.0;
+                if in_window {
+                    profile.spend_365d.0 += amount.0;
+                }
+                profile.first_order_at =
+                    Some(profile.first_order_at.map_or(event.ts, |t| t.min(event.ts)));
+                profile.last_order_at =
+                    Some(profile.last_order_at.map_or(event.ts, |t| t.max(event.ts)));
+                self.upgrade_tier(profile, event.ts);
+                let record = OrderRecord {
+                    event_id: event.event_id.clone(),
+                    ts: event.ts,
+                    amount: *amount,
+                    refunded: Money::ZERO,
+                    points,
+                    reversed: 0,
+                    in_window,
+                };
+                writes.put(key, &record);
+            }
+            EventBody::Refund { order_id, amount } => {
+                let key = keys::order(profile.oneid, order_id);
+                let Some(mut order) = tx.get_as::<OrderRecord>(&key) else {
+                    return Err(reject_field(
+                        ErrorCode::UnknownOrder,
+                        "order_id",
+                        format!("{} has no order {order_id:?}", profile.oneid),
+                    ));
+                };
+                let rest = Money(order.amount.0 - order.refunded.0);
+                let amount = amount.unwrap_or(rest);
+                if amount > rest || amount.0 <= 0 {
+                    return Err(reject_field(
+                        ErrorCode::RefundExceedsOrder,
+                        "amount",
+                        format!("refund of {amount} exceeds the {rest} left of order {order_id:?}"),
+                    ));
+                }
+                order.refunded.0 += amount.0;
+                // Pro rata on the cumulative refund, so partial refunds never drift by rounding.
+                let reversed_total = (i128::from(order.points) * i128::from(order.refunded.0)
+                    / i128::from(order.amount.0)) as i64;
+                let reverse = reversed_total - order.reversed;
+                order.reversed = reversed_total;
+                if reverse > 0 {
+                    let taken = profile
+                        .take_points(reverse.min(profile.balance.max(0)), Some(&order.event_id));
+                    let shortfall = reverse - taken;
+                    let reason = if shortfall > 0 {
+                        format!("refund of order {order_id}; {shortfall} points already spent")
+                    } else {
+                        format!("refund of order {order_id}")
+                    };
+                    ledger(
+                        profile,
+                        LedgerKind::Reverse,
+                        -taken,
+                        Some(reason),
+                        shortfall,
+                    );
+                }
+                profile.total_spend.0 -= amount.0;
+                if order.in_window {
+                    profile.spend_365d.0 -= amount.0;
+                }
+                assert!(
+                    profile.total_spend >= Money::ZERO && profile.spend_365d >= Money::ZERO,
+                    "spend went negative on {}",
+                    profile.oneid
+                );
+                writes.put(key, &order);
+            }
+            EventBody::PointsEarn {
+                points,
+                reason,
+                expires_at,
+            } => {
+                let expires_at =
+                    expires_at.unwrap_or_else(|| event.ts.plus_days(self.rules.expire_after_days));
+                if expires_at <= now {
+                    return Err(reject_field(
+                        ErrorCode::AlreadyExpired,
+                        "expires_at",
+                        format!("expires_at {expires_at} is not after the shard's clock {now}"),
+                    ));
+                }
+                profile.add_points(*points, expires_at, &event.event_id);
+                profile.lifetime_earned += points;
+                ledger(profile, LedgerKind::Earn, *points, reason.clone(), 0);
+            }
+            EventBody::PointsRedeem { points, reason } => {
+                if *points > profile.balance {
+                    return Err(reject_field(
+                        ErrorCode::InsufficientPoints,
+                        "points",
+                        format!(
+                            "redeem of {points} exceeds the balance of {}",
+                            profile.balance
+                        ),
+                    ));
+                }
+                let taken = profile.take_points(*points, None);
+                assert_eq!(
+                    taken, *points,
+                    "a redeem within the balance takes all its points"
+                );
+                profile.lifetime_redeemed += points;
+                ledger(profile, LedgerKind::Redeem, -points, reason.clone(), 0);
+            }
+            EventBody::PointsAdjust { points, reason } => {
+                if *points > 0 {
+                    profile.add_points(
+                        *points,
+                        event.ts.plus_days(self.rules.expire_after_days),
+                        &event.event_id,
+                    );
+                } else {
+                    profile.take_points_into_debt(-points);
+                }
+                ledger(
+                    profile,
+                    LedgerKind::Adjust,
+                    *points,
+                    Some(reason.clone()),
+                    0,
+                );
+            }
+            EventBody::TagAdd { tag, expires_at } => {
+                if let Some(at) = expires_at {
+                    if *at <= now {
+                        return Err(reject_field(
+                            ErrorCode::AlreadyExpired,
+                            "expires_at",
+                            format!("expires_at {at} is not after the shard's clock {now}"),
+                        ));
+                    }
+                }
+                if !profile.manual_tags.contains_key(tag)
+                    && profile.manual_tags.len() >= MANUAL_TAGS_PER_PROFILE_MAX
+                {
+                    return Err(reject_field(
+                        ErrorCode::TagLimit,
+                        "tag",
+                        format!(
+                            "a profile holds at most {MANUAL_TAGS_PER_PROFILE_MAX} manual tags"
+                        ),
+                    ));
+                }
+                profile.manual_tags.insert(tag.clone(), *expires_at);
+            }
+            EventBody::TagRemove { tag } => {
+                profile.manual_tags.remove(tag);
+            }
+            EventBody::ProfileUpdate { attributes } => {
+                for (name, value) in attributes {
+                    match value {
+                        Some(value) => profile.attributes.insert(name.clone(), value.clone()),
+                        None => profile.attributes.remove(name),
+                    };
+                }
+                if profile.attributes.len() > ATTRIBUTES_PER_PROFILE_MAX {
+                    return Err(reject_field(
+                        ErrorCode::AttributeLimit,
+                        "attributes",
+                        format!("a profile holds at most {ATTRIBUTES_PER_PROFILE_MAX} attributes"),
+                    ));
+                }
+            }
+            EventBody::Identify | EventBody::Interaction { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// `floor(amount × per_currency_unit × tier multiplier × channel multiplier)`, exactly.
+    fn order_points(&self, profile: &Profile, amount: Money, channel: Option<&str>) -> i64 {
+        let one = Decimal::ONE;
+        let tier = self
+            .rules
+            .tier_multipliers
+            .get(&profile.tier)
+            .copied()
+            .unwrap_or(one);
+        let channel = channel
+            .and_then(|c| self.rules.channel_multipliers.get(c))
+            .copied()
+            .unwrap_or(one);
+        let points = [self.rules.per_currency_unit, tier, channel]
+            .into_iter()
+            .try_fold(amount.to_decimal(), |acc, factor| acc.checked_mul(factor))
+            .map_or(POINTS_PER_EVENT_MAX, |p| {
+                p.floor().to_i64().unwrap_or(POINTS_PER_EVENT_MAX)
+            });
+        points.clamp(0, POINTS_PER_EVENT_MAX)
+    }
+
+    /// Upgrades at once when 365-day spend reaches a higher level. Downgrades wait for the
+    /// retention period and are driven by the clock.
+    fn upgrade_tier(&self, profile: &mut Profile, at: Millis) {
+        let reached = self.rules.level_for_spend(profile.spend_365d);
+        let current = self.rules.level_of(&profile.tier);
+        if current.is_none_or(|current| reached > current) {
+            profile.tier = self.rules.levels[reached].name.clone();
+            profile.tier_since = at;
+        }
+    }
+
+    fn evaluate_rule_tags(&self, profile: &mut Profile) {
+        let mut rule_tags = BTreeSet::new();
+        for (tag, predicate) in &self.tag_rules {
+            let view = RuleView {
+                profile,
+                rules: &self.rules,
+                now: self.meta.clock,
+                rule_tags: &rule_tags,
+            };
+            if predicate.eval(&view) {
+                rule_tags.insert(tag.clone());
+            }
+        }
+        profile.rule_tags = rule_tags;
+    }
+}
+
+#[cfg(test)]
+mod tests;

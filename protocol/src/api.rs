@@ -1,0 +1,183 @@
+//! Bodies of the HTTP API, shared by the node (which writes them) and the client (which reads them).
+
+use crate::event::EventError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Most events in one `POST /v1/events`.
+pub const EVENTS_PER_REQUEST_MAX: usize = 10_000;
+/// Most bytes of one request body.
+pub const REQUEST_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most ledger entries one page returns (`limit` above it is clamped).
+pub const LEDGER_PAGE_MAX: usize = 1_000;
+/// Ledger entries per page when `limit` is not given.
+pub const LEDGER_PAGE_DEFAULT: usize = 50;
+
+/// Machine-readable error codes, on whole requests and on single events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is not well-formed JSON/NDJSON, or not of the expected shape.
+    BadRequest,
+    /// The body is over `REQUEST_BODY_BYTES_MAX` or has more than `EVENTS_PER_REQUEST_MAX` events.
+    PayloadTooLarge,
+    /// The content type is not JSON or NDJSON.
+    UnsupportedMediaType,
+    /// No such route, or no such method on it.
+    NoRoute,
+    /// An event is not a JSON object.
+    InvalidEvent,
+    /// A field has a value it may not have.
+    InvalidField,
+    /// A required field is absent.
+    MissingField,
+    /// A field that the event type does not have.
+    UnknownField,
+    /// The profile (or identity) does not exist.
+    NotFound,
+    /// The order id was already seen on the profile.
+    DuplicateOrder,
+    /// A refund names an order the profile does not have.
+    UnknownOrder,
+    /// A refund is larger than what is left of its order.
+    RefundExceedsOrder,
+    /// A redeem is larger than the balance.
+    InsufficientPoints,
+    /// The event's identities (or oneid) belong to different profiles.
+    IdentityConflict,
+    /// The profile would have more identity values than allowed.
+    IdentityLimit,
+    /// The profile would have more attributes than allowed.
+    AttributeLimit,
+    /// The profile would have more manual tags than allowed.
+    TagLimit,
+    /// An earn whose `expires_at` is not after the shard's clock.
+    AlreadyExpired,
+    /// A rules document was refused.
+    InvalidRules,
+    /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
+    Unavailable,
+    /// A bug or a storage failure.
+    Internal,
+}
+
+/// `{"error": {...}}`: the answer to a request refused as a whole.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: EventError,
+}
+
+/// The answer to `POST /v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsResponse {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// One per event, in request order.
+    pub results: Vec<EventResult>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    Applied,
+    Duplicate,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventResult {
+    pub event_id: String,
+    pub status: EventStatus,
+    pub oneid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+}
+
+/// `GET /v1/profiles/{oneid}` and `/v1/profiles/lookup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileDoc {
+    pub oneid: String,
+    pub identities: BTreeMap<String, Vec<String>>,
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    pub points: PointsView,
+    pub tier: String,
+    pub tier_since: String,
+    pub tags: Vec<String>,
+    pub metrics: MetricsView,
+    pub channels: BTreeMap<String, String>,
+    pub version: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointsView {
+    pub balance: i64,
+    pub lifetime_earned: i64,
+    pub lifetime_redeemed: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsView {
+    pub order_count: u64,
+    pub total_spend: String,
+    pub spend_365d: String,
+    pub first_order_at: Option<String>,
+    pub last_order_at: Option<String>,
+}
+
+/// `GET /v1/profiles/{oneid}/ledger`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerPage {
+    /// Newest first.
+    pub entries: Vec<LedgerEntryDoc>,
+    /// Pass as `cursor` for the next (older) page; null at the end.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntryDoc {
+    pub event_id: String,
+    /// `earn`, `redeem`, `adjust`, `expire` or `reverse`.
+    pub kind: String,
+    /// Signed change of the balance.
+    pub points: i64,
+    pub balance_after: i64,
+    pub at: String,
+    pub reason: Option<String>,
+    /// For `reverse`: points that could not be taken back because they were already spent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shortfall: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// `GET /v1/cluster`: this node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub node: u64,
+    pub nodes: Vec<NodeView>,
+    pub shards: Vec<ShardView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub api: String,
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardView {
+    pub id: u32,
+    /// The leader's node id, if known.
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Hash of the shard's applied state at `applied_index`, hex.
+    pub digest: String,
+}

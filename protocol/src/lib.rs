@@ -1,0 +1,22 @@
+//! Types shared by the OneID node and its clients: identifiers, exact numbers, events, rules,
+//! the rule language and the HTTP API's bodies.
+//!
+//! # Layout
+//! - [`ids`]: shards, OneIDs, identities and their stable routing hashes.
+//! - [`num`]: money in cents, exact decimals, timestamps.
+//! - [`event`]: the event wire format, its validation, and the validated `Event` of the log.
+//! - [`rules`]: loyalty rules (points, tiers, tag rules), wire and validated forms.
+//! - [`predicate`]: the predicate language of tag rules and segments.
+//! - [`api`]: request and response bodies, error codes, limits of the API.
+//!
+//! Architecture invariant: this crate knows nothing about transport, storage, Raft or async
+//! runtimes. It parses, validates and describes; it never does I/O.
+
+pub mod api;
+pub mod event;
+pub mod ids;
+pub mod num;
+pub mod predicate;
+pub mod rules;
+
+pub use api::ErrorCode;

@@ -1,0 +1,169 @@
+//! Exact numbers and time: money in cents, decimal factors, millisecond timestamps.
+//!
+//! Amounts on the API are decimal strings or JSON numbers; either way they are parsed from
+//! the literal text (never through a binary float), so `19.99` is exactly 1999 cents.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// The largest amount of money accepted anywhere (10^12 currency units, in cents).
+pub const MONEY_CENTS_MAX: i64 = 100_000_000_000_000;
+
+/// An amount of money in hundredths of the currency unit (cents, fen).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Money(pub i64);
+
+impl Money {
+    pub const ZERO: Money = Money(0);
+
+    /// Parses a literal with at most two decimals (`"199"`, `"199.5"`, `"199.00"`, `"-3.20"`).
+    pub fn parse(text: &str) -> Result<Money, String> {
+        let decimal = parse_decimal(text)?;
+        if decimal.scale() > 2 {
+            return Err(format!("{text:?} has more than 2 decimals"));
+        }
+        let cents = decimal * Decimal::ONE_HUNDRED;
+        let cents: i64 = cents
+            .try_into()
+            .map_err(|_| format!("{text:?} is out of range"))?;
+        if cents.abs() > MONEY_CENTS_MAX {
+            return Err(format!("{text:?} is out of range (at most 1000000000000)"));
+        }
+        Ok(Money(cents))
+    }
+
+    pub fn to_decimal(self) -> Decimal {
+        Decimal::new(self.0, 2)
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:02}", abs / 100, abs % 100)
+    }
+}
+
+/// Parses a plain decimal literal (optional `-`, digits, optional `.` and digits); no
+/// exponents, no spaces, at most 28 significant digits.
+pub fn parse_decimal(text: &str) -> Result<Decimal, String> {
+    let body = text.strip_prefix('-').unwrap_or(text);
+    let (int, frac) = match body.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (body, None),
+    };
+    let digits_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits_ok(int) || frac.is_some_and(|f| !digits_ok(f)) {
+        return Err(format!("{text:?} is not a decimal number"));
+    }
+    Decimal::from_str(text).map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// The text of a JSON number or string literal, for exact decimal parsing.
+pub fn literal_text(raw: &serde_json::value::RawValue) -> Result<String, String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text).map_err(|e| e.to_string())
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("expected a decimal string or number, found {text}"))
+    }
+}
+
+/// A point in time, milliseconds since the Unix epoch (UTC).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Millis(pub i64);
+
+/// Milliseconds in a day.
+pub const DAY_MS: i64 = 86_400_000;
+
+impl Millis {
+    /// Parses an RFC 3339 timestamp (`2026-11-23T10:00:00Z`, `2026-11-23T18:00:00+08:00`).
+    pub fn parse_rfc3339(text: &str) -> Result<Millis, String> {
+        let at = OffsetDateTime::parse(text, &Rfc3339)
+            .map_err(|_| format!("{text:?} is not an RFC 3339 timestamp"))?;
+        let ms = at.unix_timestamp_nanos() / 1_000_000;
+        // Years 1970..=9999 keep every later addition (expiry, windows) far from overflow.
+        if !(0..=253_402_300_799_999).contains(&ms) {
+            return Err(format!("{text:?} is outside the years 1970 to 9999"));
+        }
+        Ok(Millis(ms as i64))
+    }
+
+    pub fn plus_days(self, days: u32) -> Millis {
+        Millis(self.0 + i64::from(days) * DAY_MS)
+    }
+
+    /// The current wall-clock time. Only the API layer and the leader's clock proposals may
+    /// call this; apply never does.
+    pub fn now() -> Millis {
+        Millis((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .map_err(|_| fmt::Error)?;
+        let text = at.format(&Rfc3339).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_parses_exactly_from_literal_text() {
+        assert_eq!(Money::parse("199"), Ok(Money(19_900)));
+        assert_eq!(Money::parse("199.5"), Ok(Money(19_950)));
+        assert_eq!(Money::parse("0.07"), Ok(Money(7)));
+        assert_eq!(Money::parse("-3.20"), Ok(Money(-320)));
+        assert_eq!(
+            Money::parse("19.99").map(|m| m.to_string()),
+            Ok("19.99".to_string())
+        );
+        assert!(Money::parse("1.005")
+            .unwrap_err()
+            .contains("more than 2 decimals"));
+        assert!(Money::parse("1e3").is_err());
+        assert!(Money::parse(" 1").is_err());
+        assert!(Money::parse("1.").is_err());
+        assert!(Money::parse("1000000000000.01").is_err());
+        assert_eq!(Money(-5).to_string(), "-0.05");
+    }
+
+    #[test]
+    fn literal_text_keeps_number_digits() {
+        let raw = |s: &str| serde_json::from_str::<Box<serde_json::value::RawValue>>(s).unwrap();
+        assert_eq!(
+            literal_text(&raw("0.30000000000000004")).unwrap(),
+            "0.30000000000000004"
+        );
+        assert_eq!(literal_text(&raw("\"12.50\"")).unwrap(), "12.50");
+        assert!(literal_text(&raw("true")).is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = Millis::parse_rfc3339("2026-11-23T18:00:00+08:00").unwrap();
+        assert_eq!(t.to_string(), "2026-11-23T10:00:00Z");
+        assert_eq!(
+            Millis::parse_rfc3339("2026-11-23T10:00:00.250Z").unwrap().0 - t.0,
+            250
+        );
+        assert!(Millis::parse_rfc3339("yesterday").is_err());
+        assert!(Millis::parse_rfc3339("1960-01-01T00:00:00Z").is_err());
+    }
+}
