@@ -1,1 +1,415 @@
-pub fn x() {}
+//! An async client for the OneID HTTP API.
+//!
+//! One [`Client`] keeps a pool of keep-alive connections and is cheap to clone. Transient
+//! failures (connection errors, `503 unavailable`) are retried with exponential backoff, and
+//! so are single events answered `unavailable` inside a batch: re-sending an event is safe
+//! because the node applies each `event_id` once per profile.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), oneid_client::Error> {
+//! let client = oneid_client::Client::new("http://127.0.0.1:8080")?;
+//! let answer = client
+//!     .send_events(&[serde_json::json!({
+//!         "event_id": "o-1", "type": "order", "identities": {"phone": "13800000000"},
+//!         "order_id": "T1", "amount": "199.00", "channel": "tmall"
+//!     })])
+//!     .await?;
+//! let profile = client.lookup("phone", "13800000000").await?;
+//! # Ok(()) }
+//! ```
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use oneid_protocol::api::{
+    ClusterView, ErrorBody, EventStatus, EventsResponse, LedgerPage, ProfileDoc,
+};
+use oneid_protocol::ErrorCode;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+pub use oneid_protocol as protocol;
+
+/// How a client retries.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Wait before the first retry; doubled each time up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// Time limit of one attempt.
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 8,
+            backoff: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The node answered with an error document.
+    #[error("{status}: {code:?}: {message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+        field: Option<String>,
+    },
+    /// The node could not be reached, or the connection broke.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// An attempt took longer than the policy's timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The answer was not what the API promises.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+    #[error("invalid server address: {0}")]
+    Address(String),
+}
+
+impl Error {
+    /// Whether trying again may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport(_) | Error::Timeout(_) => true,
+            Error::Api { status, .. } => *status == 503,
+            Error::Decode(_) | Error::Address(_) => false,
+        }
+    }
+
+    /// The API error code, for an error the node answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    policy: RetryPolicy,
+}
+
+/// A raw answer: status and body.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Client {
+    /// A client of the node at `base` (`http://host:port`).
+    pub fn new(base: &str) -> Result<Client, Error> {
+        Client::with_policy(base, RetryPolicy::default())
+    }
+
+    pub fn with_policy(base: &str, policy: RetryPolicy) -> Result<Client, Error> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            return Err(Error::Address(format!("{base:?} must start with http://")));
+        }
+        base.parse::<hyper::Uri>()
+            .map_err(|e| Error::Address(format!("{base:?}: {e}")))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Client { base, http, policy })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        path: &str,
+        content_type: &str,
+        body: &Bytes,
+    ) -> Result<Answer, Error> {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base))
+            .header(CONTENT_TYPE, content_type)
+            .body(Full::new(body.clone()))
+            .map_err(|e| Error::Address(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| Error::Transport(error_chain(&e)))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Transport(e.to_string()))?
+                .to_bytes();
+            Ok(Answer { status, body })
+        };
+        tokio::time::timeout(self.policy.timeout, exchange)
+            .await
+            .map_err(|_| Error::Timeout(self.policy.timeout))?
+    }
+
+    /// Sends a request, retrying transient failures; non-2xx answers become `Error::Api`.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Answer, Error> {
+        let mut wait = self.policy.backoff;
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .attempt(&method, path, content_type, &body)
+                .await
+                .and_then(api_error);
+            match result {
+                Err(error) if error.is_transient() && attempt < self.policy.attempts => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(self.policy.backoff_max);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        let answer = self
+            .call(Method::GET, path, "application/json", Bytes::new())
+            .await?;
+        decode(&answer.body)
+    }
+
+    /// Like `get`, but `404 not_found` is `None`.
+    async fn get_optional<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, Error> {
+        match self.get(path).await {
+            Ok(value) => Ok(Some(value)),
+            Err(Error::Api {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sends events (JSON objects) as one batch. Events answered `unavailable` are sent again
+    /// (with backoff) until they get a final answer or the attempts run out.
+    pub async fn send_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
+        let mut response = self.post_events(events).await?;
+        let mut wait = self.policy.backoff;
+        for _ in 1..self.policy.attempts {
+            let retry: Vec<usize> = response
+                .results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| is_unavailable(r))
+                .map(|(i, _)| i)
+                .collect();
+            if retry.is_empty() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(self.policy.backoff_max);
+            let again: Vec<serde_json::Value> = retry.iter().map(|&i| events[i].clone()).collect();
+            let answer = self.post_events(&again).await?;
+            for (&i, result) in retry.iter().zip(answer.results) {
+                response.results[i] = result;
+            }
+        }
+        response.applied = response
+            .results
+            .iter()
+            .filter(|r| r.status == EventStatus::Applied)
+            .count() as u64;
+        response.duplicates = response
+            .results
+            .iter()
+            .filter(|r| r.status == EventStatus::Duplicate)
+            .count() as u64;
+        response.rejected = response
+            .results
+            .iter()
+            .filter(|r| r.status == EventStatus::Rejected)
+            .count() as u64;
+        Ok(response)
+    }
+
+    async fn post_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
+        let body = serde_json::to_vec(events).map_err(|e| Error::Decode(e.to_string()))?;
+        let answer = self
+            .call(
+                Method::POST,
+                "/v1/events",
+                "application/json",
+                Bytes::from(body),
+            )
+            .await?;
+        decode(&answer.body)
+    }
+
+    /// Sends a body as it is (a JSON array, or NDJSON when `ndjson`), without per-event retries.
+    pub async fn send_events_raw(
+        &self,
+        body: Bytes,
+        ndjson: bool,
+    ) -> Result<EventsResponse, Error> {
+        let content_type = if ndjson {
+            "application/x-ndjson"
+        } else {
+            "application/json"
+        };
+        let answer = self
+            .call(Method::POST, "/v1/events", content_type, body)
+            .await?;
+        decode(&answer.body)
+    }
+
+    /// The profile with this OneID, or `None`.
+    pub async fn profile(&self, oneid: &str) -> Result<Option<ProfileDoc>, Error> {
+        self.get_optional(&format!("/v1/profiles/{}", encode(oneid)))
+            .await
+    }
+
+    /// The profile bound to an identity, or `None`.
+    pub async fn lookup(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
+        self.get_optional(&format!(
+            "/v1/profiles/lookup?kind={}&value={}",
+            encode(kind),
+            encode(value)
+        ))
+        .await
+    }
+
+    /// One page of a profile's ledger, newest first; pass the answer's `next` as `cursor`.
+    pub async fn ledger(
+        &self,
+        oneid: &str,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> Result<LedgerPage, Error> {
+        let mut path = format!("/v1/profiles/{}/ledger?", encode(oneid));
+        if let Some(limit) = limit {
+            path.push_str(&format!("limit={limit}&"));
+        }
+        if let Some(cursor) = cursor {
+            path.push_str(&format!("cursor={}", encode(cursor)));
+        }
+        self.get(&path).await
+    }
+
+    /// The rules document (as JSON: money and factors are decimal strings).
+    pub async fn rules(&self) -> Result<serde_json::Value, Error> {
+        self.get("/v1/rules").await
+    }
+
+    /// Replaces the rules; answers the rules now in force.
+    pub async fn set_rules(&self, rules: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        let body = serde_json::to_vec(rules).map_err(|e| Error::Decode(e.to_string()))?;
+        let answer = self
+            .call(
+                Method::PUT,
+                "/v1/rules",
+                "application/json",
+                Bytes::from(body),
+            )
+            .await?;
+        decode(&answer.body)
+    }
+
+    pub async fn cluster(&self) -> Result<ClusterView, Error> {
+        self.get("/v1/cluster").await
+    }
+
+    /// Whether the node is ready to serve (one attempt, no retries).
+    pub async fn healthy(&self) -> bool {
+        matches!(
+            self.attempt(&Method::GET, "/healthz", "application/json", &Bytes::new())
+                .await,
+            Ok(Answer {
+                status: StatusCode::OK,
+                ..
+            })
+        )
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        let answer = self
+            .call(Method::GET, "/metrics", "text/plain", Bytes::new())
+            .await?;
+        String::from_utf8(answer.body.to_vec()).map_err(|e| Error::Decode(e.to_string()))
+    }
+}
+
+fn is_unavailable(result: &oneid_protocol::api::EventResult) -> bool {
+    result.status == EventStatus::Rejected
+        && result
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::Unavailable)
+}
+
+fn api_error(answer: Answer) -> Result<Answer, Error> {
+    if answer.status.is_success() {
+        return Ok(answer);
+    }
+    match serde_json::from_slice::<ErrorBody>(&answer.body) {
+        Ok(body) => Err(Error::Api {
+            status: answer.status.as_u16(),
+            code: body.error.code,
+            message: body.error.message,
+            field: body.error.field,
+        }),
+        Err(_) => Err(Error::Decode(format!(
+            "{} with body {:?}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ))),
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::Decode(format!(
+            "{e}: {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))
+    })
+}
+
+fn encode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

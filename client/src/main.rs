@@ -1,1 +1,329 @@
-fn main() {}
+//! `oneid`: the command-line tool for OneID.
+
+mod bench;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use oneid_client::Client;
+use oneid_protocol::api::{EventStatus, ProfileDoc};
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(version, about = "Query and feed a OneID node.")]
+struct Cli {
+    /// The node's API address.
+    #[arg(
+        long,
+        global = true,
+        env = "ONEID_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// Print JSON (for scripts) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Send events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Read or replace the loyalty rules.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// The cluster as this node sees it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Measure ingest and lookup throughput against a running node (see scripts/bench).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// A profile by OneID.
+    Get { oneid: String },
+    /// A profile by one of its identities.
+    Lookup { kind: String, value: String },
+    /// A profile's points ledger, newest first.
+    Ledger {
+        oneid: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Send an NDJSON file of events (`-` for standard input), in batches.
+    Send {
+        file: PathBuf,
+        /// Events per request (at most 10000).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    Get,
+    /// Replace the rules with a JSON document.
+    Set {
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    Status,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.server)?;
+    match cli.command {
+        Command::Profile(ProfileCommand::Get { oneid }) => {
+            let profile = client
+                .profile(&oneid)
+                .await?
+                .with_context(|| format!("no profile {oneid}"))?;
+            print_profile(&profile, cli.json)?;
+        }
+        Command::Profile(ProfileCommand::Lookup { kind, value }) => {
+            let profile = client
+                .lookup(&kind, &value)
+                .await?
+                .with_context(|| format!("no profile has {kind}={value}"))?;
+            print_profile(&profile, cli.json)?;
+        }
+        Command::Profile(ProfileCommand::Ledger {
+            oneid,
+            limit,
+            cursor,
+        }) => {
+            let page = client
+                .ledger(&oneid, Some(limit), cursor.as_deref())
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+            } else {
+                println!(
+                    "{:<24} {:<8} {:>10} {:>12}  {:<25} REASON",
+                    "EVENT", "KIND", "POINTS", "BALANCE", "AT"
+                );
+                for e in &page.entries {
+                    println!(
+                        "{:<24} {:<8} {:>10} {:>12}  {:<25} {}",
+                        e.event_id,
+                        e.kind,
+                        e.points,
+                        e.balance_after,
+                        e.at,
+                        e.reason.as_deref().unwrap_or("")
+                    );
+                }
+                if let Some(next) = page.next {
+                    println!("more: --cursor {next}");
+                }
+            }
+        }
+        Command::Events(EventsCommand::Send { file, batch }) => {
+            send_file(&client, &file, batch, cli.json).await?
+        }
+        Command::Rules(RulesCommand::Get) => {
+            println!("{}", serde_json::to_string_pretty(&client.rules().await?)?)
+        }
+        Command::Rules(RulesCommand::Set { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let rules: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let now = client.set_rules(&rules).await?;
+            println!("{}", serde_json::to_string_pretty(&now)?);
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let view = client.cluster().await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!(
+                    "node {} of {}",
+                    view.node,
+                    view.nodes
+                        .iter()
+                        .map(|n| format!("{} (api {}, peer {})", n.id, n.api, n.peer))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "{:>5} {:>6} {:>5} {:>10} {:>10}  DIGEST",
+                    "SHARD", "LEADER", "TERM", "COMMIT", "APPLIED"
+                );
+                for s in &view.shards {
+                    let leader = s.leader.map_or("-".to_string(), |l| l.to_string());
+                    println!(
+                        "{:>5} {:>6} {:>5} {:>10} {:>10}  {}",
+                        s.id, leader, s.term, s.commit_index, s.applied_index, s.digest
+                    );
+                }
+            }
+        }
+        Command::Bench(args) => bench::run(&cli.server, args, cli.json).await?,
+    }
+    Ok(())
+}
+
+fn print_profile(p: &ProfileDoc, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(p)?);
+        return Ok(());
+    }
+    let identities: Vec<String> = p
+        .identities
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", v.join(", ")))
+        .collect();
+    let channels: Vec<String> = p
+        .channels
+        .iter()
+        .map(|(k, v)| format!("{k} ({v})"))
+        .collect();
+    let attributes: Vec<String> = p
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("OneID       {}", p.oneid);
+    println!("tier        {} (since {})", p.tier, p.tier_since);
+    println!(
+        "points      {} (earned {}, redeemed {})",
+        p.points.balance, p.points.lifetime_earned, p.points.lifetime_redeemed
+    );
+    println!("tags        {}", p.tags.join(", "));
+    println!("identities  {}", identities.join("; "));
+    let m = &p.metrics;
+    println!(
+        "orders      {} (total {}, last {} days {}, last order {})",
+        m.order_count,
+        m.total_spend,
+        365,
+        m.spend_365d,
+        m.last_order_at.as_deref().unwrap_or("-")
+    );
+    println!("channels    {}", channels.join(", "));
+    println!("attributes  {}", attributes.join(", "));
+    println!(
+        "version     {} (created {}, updated {})",
+        p.version, p.created_at, p.updated_at
+    );
+    Ok(())
+}
+
+/// Most rejection messages `events send` keeps to print; the rest are only counted.
+const PROBLEMS_KEPT_MAX: usize = 1000;
+
+/// Streams an NDJSON file in batches; events answered `unavailable` are retried by the client.
+async fn send_file(
+    client: &Client,
+    file: &PathBuf,
+    batch: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !(1..=oneid_protocol::api::EVENTS_PER_REQUEST_MAX).contains(&batch) {
+        bail!(
+            "--batch must be 1 to {}",
+            oneid_protocol::api::EVENTS_PER_REQUEST_MAX
+        );
+    }
+    let (reader, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
+        (Box::new(std::io::stdin()), 0)
+    } else {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let size = f.metadata()?.len();
+        (Box::new(f), size)
+    };
+    let progress = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
+            .expect("a valid template"),
+    );
+    let (mut applied, mut duplicates, mut rejected) = (0u64, 0u64, 0u64);
+    let mut problems: Vec<String> = Vec::new();
+    let mut lines = BufReader::new(reader).lines();
+    let mut line_no = 0usize;
+    loop {
+        let mut events = Vec::with_capacity(batch);
+        let mut bytes = 0u64;
+        for line in lines.by_ref() {
+            let line = line.context("reading events")?;
+            line_no += 1;
+            bytes += line.len() as u64 + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(event) => events.push(event),
+                Err(e) => {
+                    rejected += 1;
+                    if problems.len() < PROBLEMS_KEPT_MAX {
+                        problems.push(format!("line {line_no}: not JSON: {e}"));
+                    }
+                }
+            }
+            if events.len() == batch {
+                break;
+            }
+        }
+        if events.is_empty() {
+            break;
+        }
+        let answer = client.send_events(&events).await?;
+        applied += answer.applied;
+        duplicates += answer.duplicates;
+        rejected += answer.rejected;
+        for r in answer
+            .results
+            .iter()
+            .filter(|r| r.status == EventStatus::Rejected)
+            .take(PROBLEMS_KEPT_MAX.saturating_sub(problems.len()))
+        {
+            if let Some(e) = &r.error {
+                problems.push(format!("{}: {:?} {}", r.event_id, e.code, e.message));
+            }
+        }
+        progress.inc(bytes);
+        progress.set_message(format!(
+            "applied {applied}, duplicates {duplicates}, rejected {rejected}"
+        ));
+    }
+    progress.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"applied": applied, "duplicates": duplicates, "rejected": rejected, "problems": problems})
+        );
+    } else {
+        println!("applied {applied}, duplicates {duplicates}, rejected {rejected}");
+        for problem in problems.iter().take(20) {
+            println!("  {problem}");
+        }
+        if rejected > 20 {
+            println!("  ... and {} more", rejected - 20);
+        }
+    }
+    Ok(())
+}

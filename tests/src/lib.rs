@@ -1,1 +1,209 @@
+//! Test harness: starts real `oneid-node` processes on free loopback ports, each with its own
+//! temporary data directory, and stops them by pid.
+//!
+//! The binary is the one `cargo build` put beside the test executable
+//! (`target/<profile>/oneid-node`); `scripts/test` builds it before running the tests.
 
+use oneid_client::{Client, RetryPolicy};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to become healthy.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a test node's `cluster.toml`.
+#[derive(Clone)]
+pub struct NodeOptions {
+    pub shards: u32,
+    pub clock_interval_ms: u64,
+    pub activation_budget: usize,
+    /// Extra TOML appended to the file (e.g. a `[rules]` table).
+    pub extra: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        NodeOptions {
+            shards: 4,
+            clock_interval_ms: 200,
+            activation_budget: 10_000,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running node; killed (SIGKILL) when dropped if still running.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub options: NodeOptions,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = dir.join("oneid-node");
+    assert!(
+        binary.exists(),
+        "{} does not exist: build it first (scripts/test does)",
+        binary.display()
+    );
+    binary
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl TestNode {
+    /// Starts a node and waits until it is healthy.
+    pub async fn start(options: NodeOptions) -> TestNode {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut node = TestNode {
+            dir,
+            options,
+            port: free_port(),
+            child: None,
+        };
+        node.write_config();
+        node.restart().await;
+        node
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn write_config(&self) {
+        let o = &self.options;
+        let text = format!(
+            "[cluster]\nshards = {}\nreplication = 1\nclock_interval_ms = {}\nactivation_budget = {}\n\n[[nodes]]\nid = 1\napi = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\ndata = \"{}\"\n\n{}\n",
+            o.shards,
+            o.clock_interval_ms,
+            o.activation_budget,
+            self.port,
+            free_port(),
+            self.data_path().display(),
+            o.extra
+        );
+        std::fs::write(self.config_path(), text).expect("writing cluster.toml");
+    }
+
+    /// Starts the process (again, on the same data) and waits until it is healthy.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the node is already running");
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join(format!("node-{}.log", Instant::now().elapsed().as_nanos())),
+        )
+        .expect("log file");
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting oneid-node");
+        self.child = Some(child);
+        let client = self.client();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !client.healthy().await {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("oneid-node exited during start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "oneid-node did not become healthy in {START_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client with the default retry policy.
+    pub fn client(&self) -> Client {
+        Client::new(&self.base()).expect("client")
+    }
+
+    /// A client that tries once: for asserting exact answers.
+    pub fn client_once(&self) -> Client {
+        Client::with_policy(
+            &self.base(),
+            RetryPolicy {
+                attempts: 1,
+                ..RetryPolicy::default()
+            },
+        )
+        .expect("client")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaping");
+    }
+
+    /// SIGTERM, then the exit status (waits up to a minute).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node did not stop within a minute of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The value of an unlabelled counter in `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.client().metrics().await.expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

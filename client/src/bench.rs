@@ -1,0 +1,330 @@
+//! `oneid bench`: a whole-system load benchmark against a running node.
+//!
+//! It generates realistic events (customers across tmall, jd, douyin, wecom and store:
+//! orders, refunds, points, tags, identify, interactions) from a fixed seed, measures ingest
+//! (events/s in batches), then lookups by phone from concurrent keep-alive clients (rate,
+//! p50, p99). In the same run it starts a minimal hyper server in a child process that answers
+//! a fixed profile document from memory, drives it with the same load generator, and reports
+//! the node's lookup rate as a ratio of that ceiling.
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use oneid_client::Client;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Customers to generate.
+    #[arg(long, default_value_t = 20_000)]
+    customers: usize,
+    /// Events to ingest.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent ingest senders (each owns a slice of the customers, so per-customer order holds).
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
+    /// Concurrent lookup clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds of lookups per target.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The node's pid, to report its peak RSS.
+    #[arg(long)]
+    node_pid: Option<u32>,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Seed of the event generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Internal: serve the baseline on this port (used by bench itself).
+    #[arg(long, hide = true)]
+    serve_baseline: Option<u16>,
+}
+
+const CHANNELS: [(&str, &str); 5] = [
+    ("tmall", "taobao_nick"),
+    ("jd", "jd_pin"),
+    ("douyin", "douyin_openid"),
+    ("wecom", "wechat_unionid"),
+    ("store", "member_card"),
+];
+
+fn phone(customer: usize) -> String {
+    format!("139{customer:08}")
+}
+
+/// The events of one sender: customers `sender, sender + senders, ...`, in a realistic mix.
+fn generate(args: &BenchArgs, sender: usize) -> Vec<Value> {
+    let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_add(sender as u64));
+    let customers: Vec<usize> = (sender..args.customers).step_by(args.senders).collect();
+    let count = args.events / args.senders;
+    let mut orders: Vec<(usize, String)> = Vec::new();
+    let mut events = Vec::with_capacity(count);
+    for n in 0..count {
+        let customer = customers[rng.usize(..customers.len())];
+        let (channel, kind) = CHANNELS[customer % CHANNELS.len()];
+        let id = format!("b{}-{sender}-{n}", args.seed);
+        let identities = json!({"phone": phone(customer), kind: format!("{kind}-{customer}")});
+        let roll = rng.u32(..100);
+        let event = match roll {
+            0..=54 => {
+                let order_id = format!("T{sender}-{n}");
+                orders.push((customer, order_id.clone()));
+                let amount = format!("{}.{:02}", rng.u32(10..3000), rng.u32(..100));
+                json!({"event_id": id, "type": "order", "identities": identities, "channel": channel, "order_id": order_id, "amount": amount})
+            }
+            55..=59 if !orders.is_empty() => {
+                let (customer, order_id) = orders.swap_remove(rng.usize(..orders.len()));
+                json!({"event_id": id, "type": "refund", "identities": {"phone": phone(customer)}, "order_id": order_id})
+            }
+            60..=69 => {
+                json!({"event_id": id, "type": "points_earn", "identities": identities, "points": rng.u32(1..500), "reason": "campaign"})
+            }
+            70..=74 => {
+                json!({"event_id": id, "type": "points_redeem", "identities": identities, "points": rng.u32(1..200)})
+            }
+            75..=84 => {
+                json!({"event_id": id, "type": "tag_add", "identities": identities, "tag": format!("interest_{}", rng.u32(..20))})
+            }
+            85..=89 => {
+                json!({"event_id": id, "type": "identify", "identities": {"phone": phone(customer), "email": format!("c{customer}@example.com")}})
+            }
+            _ => {
+                json!({"event_id": id, "type": "interaction", "identities": identities, "channel": channel, "name": "view_item", "properties": {"sku": rng.u32(..10_000)}})
+            }
+        };
+        events.push(event);
+    }
+    events
+}
+
+/// Lookups from `clients` concurrent keep-alive clients for `seconds`; latencies in µs.
+async fn lookup_load(
+    base: &str,
+    customers: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, Vec<u64>)> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = Client::new(base)?;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(c as u64);
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let at = Instant::now();
+                let found = client
+                    .lookup("phone", &phone(rng.usize(..customers)))
+                    .await?;
+                anyhow::ensure!(found.is_some(), "a generated customer was not found");
+                latencies.push(at.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Ok((rate, all))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+}
+
+/// Serves `body` for every request: the ceiling a lookup could reach on this machine.
+async fn serve_baseline(port: u16, body: Bytes) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_| {
+                let body = body.clone();
+                async move {
+                    let mut response = Response::new(Full::new(body));
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Result<()> {
+    if let Some(port) = args.serve_baseline {
+        let body = std::io::read_to_string(std::io::stdin())?;
+        return serve_baseline(port, Bytes::from(body)).await;
+    }
+    anyhow::ensure!(
+        args.senders >= 1 && args.customers >= args.senders && args.batch >= 1,
+        "need senders >= 1, customers >= senders, batch >= 1"
+    );
+    let client = Client::new(server)?;
+    anyhow::ensure!(
+        client.healthy().await,
+        "the node at {server} is not healthy"
+    );
+
+    // Ingest.
+    let batches: Vec<Vec<Value>> = (0..args.senders).map(|s| generate(&args, s)).collect();
+    let total: usize = batches.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for events in batches {
+        let client = client.clone();
+        let batch = args.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut counts = (0u64, 0u64, 0u64);
+            for chunk in events.chunks(batch) {
+                let answer = client.send_events(chunk).await?;
+                counts.0 += answer.applied;
+                counts.1 += answer.duplicates;
+                counts.2 += answer.rejected;
+            }
+            Ok::<_, anyhow::Error>(counts)
+        }));
+    }
+    let (mut applied, mut duplicates, mut rejected) = (0, 0, 0);
+    for task in tasks {
+        let (a, d, r) = task.await??;
+        applied += a;
+        duplicates += d;
+        rejected += r;
+    }
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let ingest_rate = total as f64 / ingest_secs;
+
+    // Lookups against the node, then against the baseline serving one of its profiles.
+    let (node_rate, node_lat) =
+        lookup_load(server, args.customers, args.clients, args.seconds).await?;
+    let sample = client
+        .lookup("phone", &phone(0))
+        .await?
+        .context("customer 0 exists")?;
+    let sample = serde_json::to_string(&sample)?;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let mut baseline = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--serve-baseline", &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the baseline server")?;
+    {
+        use std::io::Write;
+        let mut stdin = baseline.stdin.take().context("baseline stdin")?;
+        stdin.write_all(sample.as_bytes())?;
+    }
+    let base_url = format!("http://127.0.0.1:{port}");
+    let probe = Client::new(&base_url)?;
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    while probe.lookup("phone", "0").await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "the baseline server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let baseline_result = lookup_load(&base_url, args.customers, args.clients, args.seconds).await;
+    let _ = baseline.kill();
+    let _ = baseline.wait();
+    let (ceiling_rate, ceiling_lat) = baseline_result?;
+
+    let rss = args.node_pid.and_then(peak_rss_kib);
+    let report = json!({
+        "events": total, "applied": applied, "duplicates": duplicates, "rejected": rejected,
+        "ingest_seconds": ingest_secs, "ingest_events_per_second": ingest_rate, "batch": args.batch, "senders": args.senders,
+        "lookup_clients": args.clients,
+        "lookups_per_second": node_rate, "lookup_p50_ms": percentile(&node_lat, 0.5), "lookup_p99_ms": percentile(&node_lat, 0.99),
+        "ceiling_lookups_per_second": ceiling_rate, "ceiling_p50_ms": percentile(&ceiling_lat, 0.5), "ceiling_p99_ms": percentile(&ceiling_lat, 0.99),
+        "lookup_ratio_of_ceiling": node_rate / ceiling_rate,
+        "node_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+    });
+    if !json_only {
+        println!("{:<34} {:>14}", "measure", "value");
+        println!("{:<34} {:>14}", "events sent", total);
+        println!(
+            "{:<34} {:>14}",
+            "  applied / duplicate / rejected",
+            format!("{applied}/{duplicates}/{rejected}")
+        );
+        println!("{:<34} {:>14.0}", "ingest events/s", ingest_rate);
+        println!("{:<34} {:>14.0}", "lookups/s (oneid)", node_rate);
+        println!(
+            "{:<34} {:>14}",
+            "lookup p50/p99 ms (oneid)",
+            format!(
+                "{:.2}/{:.2}",
+                percentile(&node_lat, 0.5),
+                percentile(&node_lat, 0.99)
+            )
+        );
+        println!(
+            "{:<34} {:>14.0}",
+            "lookups/s (minimal hyper ceiling)", ceiling_rate
+        );
+        println!(
+            "{:<34} {:>14}",
+            "p50/p99 ms (ceiling)",
+            format!(
+                "{:.2}/{:.2}",
+                percentile(&ceiling_lat, 0.5),
+                percentile(&ceiling_lat, 0.99)
+            )
+        );
+        println!(
+            "{:<34} {:>14.2}",
+            "lookup ratio of ceiling (>= 0.5)",
+            node_rate / ceiling_rate
+        );
+        if let Some(rss) = rss {
+            println!("{:<34} {:>14.1}", "node peak RSS MiB", rss as f64 / 1024.0);
+        }
+    }
+    let text = serde_json::to_string_pretty(&report)?;
+    if json_only {
+        println!("{text}");
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
