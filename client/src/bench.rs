@@ -15,6 +15,7 @@ use hyper::Response;
 use hyper_util::rt::TokioIo;
 use oneid_client::Client;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -63,19 +64,24 @@ fn phone(customer: usize) -> String {
     format!("139{customer:08}")
 }
 
-/// The events of one sender: customers `sender, sender + senders, ...`, in a realistic mix.
-fn generate(args: &BenchArgs, sender: usize) -> Vec<Value> {
+/// The events of one sender: customers `sender, sender + senders, ...`, in a realistic mix;
+/// and the customers that got at least one event.
+fn generate(args: &BenchArgs, sender: usize) -> (Vec<Value>, Vec<usize>) {
     let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_add(sender as u64));
     let customers: Vec<usize> = (sender..args.customers).step_by(args.senders).collect();
     let count = args.events / args.senders;
     let mut orders: Vec<(usize, String)> = Vec::new();
     let mut events = Vec::with_capacity(count);
+    let mut seen = std::collections::BTreeSet::new();
     for n in 0..count {
         let customer = customers[rng.usize(..customers.len())];
+        // A customer's first event is an order: a customer known only by a refused redeem
+        // would have no profile to look up.
+        let first = seen.insert(customer);
         let (channel, kind) = CHANNELS[customer % CHANNELS.len()];
         let id = format!("b{}-{sender}-{n}", args.seed);
         let identities = json!({"phone": phone(customer), kind: format!("{kind}-{customer}")});
-        let roll = rng.u32(..100);
+        let roll = if first { 0 } else { rng.u32(..100) };
         let event = match roll {
             0..=54 => {
                 let order_id = format!("T{sender}-{n}");
@@ -105,13 +111,13 @@ fn generate(args: &BenchArgs, sender: usize) -> Vec<Value> {
         };
         events.push(event);
     }
-    events
+    (events, seen.into_iter().collect())
 }
 
 /// Lookups from `clients` concurrent keep-alive clients for `seconds`; latencies in µs.
 async fn lookup_load(
     base: &str,
-    customers: usize,
+    customers: Arc<Vec<usize>>,
     clients: usize,
     seconds: u64,
 ) -> anyhow::Result<(f64, Vec<u64>)> {
@@ -120,13 +126,14 @@ async fn lookup_load(
     let mut tasks = Vec::new();
     for c in 0..clients {
         let client = Client::new(base)?;
+        let customers = Arc::clone(&customers);
         tasks.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(c as u64);
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let at = Instant::now();
                 let found = client
-                    .lookup("phone", &phone(rng.usize(..customers)))
+                    .lookup("phone", &phone(customers[rng.usize(..customers.len())]))
                     .await?;
                 anyhow::ensure!(found.is_some(), "a generated customer was not found");
                 latencies.push(at.elapsed().as_micros() as u64);
@@ -203,7 +210,9 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
     );
 
     // Ingest.
-    let batches: Vec<Vec<Value>> = (0..args.senders).map(|s| generate(&args, s)).collect();
+    let (batches, seen): (Vec<Vec<Value>>, Vec<Vec<usize>>) =
+        (0..args.senders).map(|s| generate(&args, s)).unzip();
+    let customers = Arc::new(seen.into_iter().flatten().collect::<Vec<usize>>());
     let total: usize = batches.iter().map(Vec::len).sum();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -233,7 +242,7 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
 
     // Lookups against the node, then against the baseline serving one of its profiles.
     let (node_rate, node_lat) =
-        lookup_load(server, args.customers, args.clients, args.seconds).await?;
+        lookup_load(server, Arc::clone(&customers), args.clients, args.seconds).await?;
     let sample = client
         .lookup("phone", &phone(0))
         .await?
@@ -263,7 +272,13 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let baseline_result = lookup_load(&base_url, args.customers, args.clients, args.seconds).await;
+    let baseline_result = lookup_load(
+        &base_url,
+        Arc::clone(&customers),
+        args.clients,
+        args.seconds,
+    )
+    .await;
     let _ = baseline.kill();
     let _ = baseline.wait();
     let (ceiling_rate, ceiling_lat) = baseline_result?;

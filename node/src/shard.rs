@@ -625,11 +625,9 @@ impl Handler<Propose> for ShardActor {
         let (reply, answer) = oneshot::channel();
         self.propose(&command, Some(reply));
         self.drive(ctx);
-        Box::pin(async move {
-            answer
-                .await
-                .unwrap_or_else(|_| Err(ShardError::Dropped(ShardId(u32::MAX))))
-        })
+        let shard = self.shard;
+        // A reply dropped unanswered means the actor stopped: the proposal's fate is unknown.
+        Box::pin(async move { answer.await.unwrap_or(Err(ShardError::Dropped(shard))) })
     }
 }
 

@@ -29,7 +29,6 @@ use profile::{
     Profile, RuleView, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX,
     IDENTITIES_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
 };
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -309,7 +308,6 @@ impl ShardState {
                 Output::None
             }
         };
-        drop(tx);
         self.meta.digest = digest;
         self.meta.applied_index = index;
         self.meta.applied_term = term;
@@ -802,12 +800,31 @@ impl ShardState {
             .and_then(|c| self.rules.channel_multipliers.get(c))
             .copied()
             .unwrap_or(one);
-        let points = [self.rules.per_currency_unit, tier, channel]
-            .into_iter()
-            .try_fold(amount.to_decimal(), |acc, factor| acc.checked_mul(factor))
-            .map_or(POINTS_PER_EVENT_MAX, |p| {
-                p.floor().to_i64().unwrap_or(POINTS_PER_EVENT_MAX)
-            });
+        // Multiply the integer mantissas, not `Decimal`s: a `Decimal` product that
+        // outgrows its 96-bit mantissa is silently rounded, so a big order with 6-decimal
+        // factors could be rounded up to the next integer before the floor (e.g.
+        // 650973450359.22 × 0.923247 × 0.953853 × 0.405623 = 232533326424.99999999999999999546
+        // earned 232533326425). Validated factors are >= 0 with at most 6 decimals, so the
+        // divisor is at most 10^20, and a numerator past u128::MAX (3.4e38) means a result far
+        // above POINTS_PER_EVENT_MAX.
+        let Ok(cents) = u128::try_from(amount.0) else {
+            return 0;
+        };
+        let mut numerator = Some(cents);
+        let mut scale = 2;
+        for factor in [self.rules.per_currency_unit, tier, channel] {
+            let Ok(mantissa) = u128::try_from(factor.mantissa()) else {
+                return 0;
+            };
+            numerator = numerator.and_then(|n| n.checked_mul(mantissa));
+            scale += factor.scale();
+        }
+        let points = match (numerator, 10u128.checked_pow(scale)) {
+            (None, _) => POINTS_PER_EVENT_MAX,
+            // 10^scale > u128::MAX >= numerator: the floor is 0.
+            (Some(_), None) => 0,
+            (Some(n), Some(divisor)) => i64::try_from(n / divisor).unwrap_or(POINTS_PER_EVENT_MAX),
+        };
         points.clamp(0, POINTS_PER_EVENT_MAX)
     }
 

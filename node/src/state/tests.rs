@@ -1,1 +1,1528 @@
+//! Unit tests of the shard state machine: lists of commands folded over a `MemState`, with
+//! exact expected values. No network, no threads, no sleeps.
 
+use super::*;
+use crate::state::profile::Lot;
+use oneid_protocol::predicate::Value;
+use oneid_protocol::rules::RulesDoc;
+use serde_json::{json, Value as Json};
+use std::collections::BTreeMap;
+use store::MemState;
+
+/// 2026-01-01T00:00:00Z: the shard clock at the start of every scenario.
+const T0: i64 = 1_767_225_600_000;
+
+/// Points: 1.5 per unit, gold ×2, douyin ×1.2. Four tiers. One rule tag.
+const RULES: &str = r#"{
+    "points": {"per_currency_unit": "1.5", "tier_multipliers": {"gold": "2"},
+               "channel_multipliers": {"douyin": "1.2"}},
+    "tiers": {"levels": [{"name": "member", "min_spend": 0}, {"name": "silver", "min_spend": "500"},
+                         {"name": "gold", "min_spend": "1000"}, {"name": "platinum", "min_spend": "5000"}]},
+    "tag_rules": [{"tag": "big_spender", "when": "spend_365d >= 1000"},
+                  {"tag": "big_vip", "when": "has_tag(\"big_spender\") and has_tag(\"vip\")"}]
+}"#;
+
+/// Default rules: one point per unit, one tier, no tag rules.
+const PLAIN: &str = "{}";
+
+/// `days` after T0.
+fn at(days: i64) -> Millis {
+    Millis(T0 + days * DAY_MS)
+}
+
+/// `days` after T0, as an RFC 3339 string for an event.
+fn ts(days: i64) -> String {
+    at(days).to_string()
+}
+
+fn rules(json: &str) -> Rules {
+    serde_json::from_str::<RulesDoc>(json)
+        .expect("rules document parses")
+        .validate()
+        .expect("rules validate")
+}
+
+fn id(seq: u64) -> OneId {
+    OneId::mint(ShardId(0), seq)
+}
+
+fn identity(kind: &str, value: &str) -> Identity {
+    Identity {
+        kind: kind.into(),
+        value: value.into(),
+    }
+}
+
+/// Parses an event as the API would; the receive time only matters when it has no `ts`.
+fn event(json: &Json) -> Event {
+    let raw = serde_json::value::to_raw_value(json).expect("json encodes");
+    Event::parse(&raw, Millis(T0)).unwrap_or_else(|e| panic!("bad test event {json}: {e:?}"))
+}
+
+fn routed(json: Json, target: Target) -> Routed {
+    Routed {
+        event: event(&json),
+        target,
+        linked_elsewhere: vec![],
+    }
+}
+
+/// An event naming its profile by identities.
+fn claim(json: Json) -> Routed {
+    routed(json, Target::Claim)
+}
+
+/// An event naming its profile by OneID.
+fn on(oneid: OneId, mut json: Json) -> Routed {
+    json["oneid"] = json!(oneid.to_string());
+    routed(json, Target::Existing(oneid))
+}
+
+fn clock(days: i64) -> Command {
+    Command::Clock {
+        now: at(days),
+        dedup_retention_days: 7,
+    }
+}
+
+/// The digest recomputed from scratch: what the incremental one must always equal.
+fn digest_of(mem: &MemState) -> u64 {
+    mem.0
+        .iter()
+        .filter(|(k, _)| k.as_slice() != keys::META)
+        .fold(0u64, |d, (k, v)| d.wrapping_add(pair_hash(k, v)))
+}
+
+/// Every key of the state except the meta record (which moves with each applied index).
+fn without_meta(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut map = mem.0.clone();
+    map.remove(keys::META);
+    map
+}
+
+struct Harness {
+    mem: MemState,
+    state: ShardState,
+    index: u64,
+}
+
+impl Harness {
+    /// A fresh single-shard state with `rules` and the clock at T0.
+    fn new(rules_json: &str) -> Harness {
+        let mut h = Harness::empty(1000);
+        h.apply(Command::SetRules(Box::new(rules(rules_json))));
+        h.apply(clock(0));
+        h
+    }
+
+    fn empty(activation_budget: usize) -> Harness {
+        let mem = MemState::default();
+        let state = ShardState::load(ShardId(0), 1, &mem, activation_budget);
+        Harness {
+            mem,
+            state,
+            index: 0,
+        }
+    }
+
+    /// Applies one command at the next index, in its own write set, and commits it.
+    fn apply(&mut self, command: Command) -> Output {
+        self.index += 1;
+        let mut writes = WriteSet::default();
+        let output = self
+            .state
+            .apply(&self.mem, &mut writes, self.index, 1, command);
+        self.mem.commit(writes);
+        assert_eq!(self.meta(), self.state.meta, "meta is written through");
+        assert_eq!(self.state.meta.applied_index, self.index);
+        assert_eq!(
+            self.state.meta.digest,
+            digest_of(&self.mem),
+            "incremental digest == digest recomputed from the state"
+        );
+        output
+    }
+
+    /// Applies a batch of events; returns their outcomes.
+    fn events(&mut self, events: Vec<Routed>) -> Vec<EventOutcome> {
+        match self.apply(Command::Events(events)) {
+            Output::Events(outcomes) => outcomes,
+            other => panic!("events answered {other:?}"),
+        }
+    }
+
+    /// Applies one event.
+    fn send(&mut self, routed: Routed) -> EventOutcome {
+        let mut outcomes = self.events(vec![routed]);
+        assert_eq!(outcomes.len(), 1);
+        outcomes.remove(0)
+    }
+
+    /// Sends an event that must apply; returns its profile.
+    fn ok(&mut self, routed: Routed) -> OneId {
+        match self.send(routed) {
+            EventOutcome::Applied(oneid) => oneid,
+            other => panic!("expected Applied, got {other:?}"),
+        }
+    }
+
+    /// Sends an event that must be rejected; checks that nothing but the meta's applied
+    /// index moved (state, digest, cached profiles), and returns the error code.
+    fn rejected(&mut self, routed: Routed) -> ErrorCode {
+        let before = without_meta(&self.mem);
+        let meta = self.state.meta.clone();
+        let cached = match routed.target {
+            Target::Existing(oneid) => self.try_profile(oneid),
+            Target::Claim => None,
+        };
+        let target = routed.target;
+        let code = match self.send(routed) {
+            EventOutcome::Rejected(error) => error.code,
+            other => panic!("expected Rejected, got {other:?}"),
+        };
+        assert_eq!(
+            without_meta(&self.mem),
+            before,
+            "a rejection changes no key"
+        );
+        assert_eq!(
+            self.state.meta,
+            ShardMeta {
+                applied_index: self.index,
+                ..meta
+            },
+            "a rejection moves only the applied index"
+        );
+        if let Target::Existing(oneid) = target {
+            assert_eq!(self.try_profile(oneid), cached, "cached profile unchanged");
+        }
+        code
+    }
+
+    fn meta(&self) -> ShardMeta {
+        decode(keys::META, &self.mem.get(keys::META).expect("meta stored"))
+    }
+
+    fn try_profile(&mut self, oneid: OneId) -> Option<Profile> {
+        let read = self.state.read_profile(
+            &Layered {
+                base: &self.mem,
+                writes: &WriteSet::default(),
+            },
+            oneid,
+        );
+        let stored: Option<Profile> = self
+            .mem
+            .get(&keys::profile(oneid))
+            .map(|b| decode(b"p", &b));
+        assert_eq!(read, stored, "the activation equals the stored profile");
+        read
+    }
+
+    fn profile(&mut self, oneid: OneId) -> Profile {
+        self.try_profile(oneid)
+            .unwrap_or_else(|| panic!("no profile {oneid}"))
+    }
+
+    fn order(&self, oneid: OneId, order_id: &str) -> OrderRecord {
+        let key = keys::order(oneid, order_id);
+        decode(&key, &self.mem.get(&key).expect("order stored"))
+    }
+
+    fn ledger(&self, oneid: OneId) -> Vec<LedgerRecord> {
+        self.mem
+            .scan(&keys::ledger_prefix(oneid), None, false, usize::MAX)
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
+            .collect()
+    }
+
+    fn bound(&self, identity: &Identity) -> Option<OneId> {
+        let key = keys::identity(identity);
+        self.mem.get(&key).map(|b| decode(&key, &b))
+    }
+
+    fn keys_with_prefix(&self, prefix: &[u8]) -> usize {
+        self.mem.scan(prefix, None, false, usize::MAX).len()
+    }
+}
+
+fn ledger(
+    event_id: &str,
+    kind: LedgerKind,
+    points: i64,
+    balance_after: i64,
+    days: i64,
+    reason: Option<&str>,
+    shortfall: i64,
+) -> LedgerRecord {
+    LedgerRecord {
+        event_id: event_id.into(),
+        kind,
+        points,
+        balance_after,
+        at: at(days),
+        reason: reason.map(str::to_string),
+        shortfall,
+    }
+}
+
+fn lot(points: i64, expires_days: i64, event_id: &str) -> Lot {
+    Lot {
+        expires_at: at(expires_days),
+        points,
+        event_id: event_id.into(),
+    }
+}
+
+/// A profile with one phone and one order of `amount` (order id "T1", event "o1") at day 0.
+fn with_order(h: &mut Harness, amount: &str) -> OneId {
+    h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "138"},
+        "order_id": "T1", "amount": amount, "ts": ts(0)}),
+    ))
+}
+
+// ---- 1. Orders: points, metrics, tiers ----
+
+#[test]
+fn order_points_are_exact_with_the_tier_before_the_order() {
+    let mut h = Harness::new(RULES);
+    // member has no multiplier (×1): 199.99 × 1.5 × 1.2 = 359.982 → 359.
+    let p = h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "138"},
+        "order_id": "T1", "amount": "199.99", "channel": "douyin", "ts": ts(1)}),
+    ));
+    assert_eq!(p, id(1));
+    assert_eq!(h.profile(p).balance, 359);
+    // Still member before this order, tmall has no multiplier: 1000 × 1.5 = 1500.
+    // Spend 1199.99 jumps member → gold (past silver) at once.
+    h.ok(on(
+        p,
+        json!({"event_id": "o2", "type": "order", "order_id": "T2",
+        "amount": "1000.00", "channel": "tmall", "ts": ts(5)}),
+    ));
+    // Gold now: 10.01 × 1.5 × 2 × 1.2 = 36.036 → 36. Its ts is before the previous order.
+    h.ok(on(
+        p,
+        json!({"event_id": "o3", "type": "order", "order_id": "T3",
+        "amount": "10.01", "channel": "douyin", "ts": ts(3)}),
+    ));
+
+    let profile = h.profile(p);
+    assert_eq!(profile.balance, 359 + 1500 + 36);
+    assert_eq!(profile.lifetime_earned, 1895);
+    assert_eq!(profile.order_count, 3);
+    assert_eq!(profile.total_spend, Money(121_000));
+    assert_eq!(profile.spend_365d, Money(121_000));
+    assert_eq!(profile.first_order_at, Some(at(1)));
+    assert_eq!(profile.last_order_at, Some(at(5)));
+    assert_eq!(profile.tier, "gold");
+    assert_eq!(profile.tier_since, at(5));
+    assert_eq!(
+        profile.channels,
+        BTreeMap::from([("douyin".into(), at(3)), ("tmall".into(), at(5))])
+    );
+    assert_eq!(
+        profile.lots,
+        vec![
+            lot(359, 366, "o1"),
+            lot(36, 368, "o3"),
+            lot(1500, 370, "o2")
+        ]
+    );
+    assert_eq!((profile.version, profile.ledger_seq), (3, 3));
+    assert_eq!((profile.created_at, profile.updated_at), (at(1), at(5)));
+    assert_eq!(
+        h.ledger(p),
+        vec![
+            ledger("o1", LedgerKind::Earn, 359, 359, 1, Some("order T1"), 0),
+            ledger("o2", LedgerKind::Earn, 1500, 1859, 5, Some("order T2"), 0),
+            ledger("o3", LedgerKind::Earn, 36, 1895, 3, Some("order T3"), 0),
+        ]
+    );
+    assert_eq!(
+        h.order(p, "T3"),
+        OrderRecord {
+            event_id: "o3".into(),
+            ts: at(3),
+            amount: Money(1001),
+            refunded: Money::ZERO,
+            points: 36,
+            reversed: 0,
+            in_window: true,
+        }
+    );
+}
+
+#[test]
+fn one_order_can_jump_every_tier_and_sets_tier_since_to_its_ts() {
+    let mut h = Harness::new(RULES);
+    let p = h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "1"},
+        "order_id": "A", "amount": "499.99", "ts": ts(0)}),
+    ));
+    assert_eq!(
+        (h.profile(p).tier.as_str(), h.profile(p).tier_since),
+        ("member", at(0))
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "o2", "type": "order", "order_id": "B",
+        "amount": "4500.01", "ts": ts(2)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(profile.tier, "platinum");
+    assert_eq!(profile.tier_since, at(2));
+    // 499.99 × 1.5 = 749.985 → 749; 4500.01 × 1.5 (member before) = 6750.015 → 6750.
+    assert_eq!(profile.balance, 749 + 6750);
+}
+
+#[test]
+fn order_older_than_the_window_counts_in_total_spend_only() {
+    let mut h = Harness::new(RULES);
+    let p = h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "1"},
+        "order_id": "OLD", "amount": "2000", "ts": ts(-400)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(profile.total_spend, Money(200_000));
+    assert_eq!(profile.spend_365d, Money::ZERO);
+    assert_eq!(profile.tier, "member");
+    assert!(!h.order(p, "OLD").in_window);
+    // Its refund leaves spend_365d alone.
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "OLD", "amount": "500"}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(
+        (profile.total_spend, profile.spend_365d),
+        (Money(150_000), Money::ZERO)
+    );
+}
+
+#[test]
+fn order_points_are_capped_and_zero_rate_earns_nothing() {
+    // 1000000000000 × 1000 × 1000 × 1000: the mantissa product overflows u128; capped.
+    let mut h = Harness::new(
+        r#"{"points": {"per_currency_unit": "1000.000000", "tier_multipliers": {"member": "1000.000000"},
+            "channel_multipliers": {"web": "1000.000000"}}}"#,
+    );
+    let p = h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "1"},
+        "order_id": "MAX", "amount": "1000000000000", "channel": "web"}),
+    ));
+    assert_eq!(h.profile(p).balance, POINTS_PER_EVENT_MAX);
+    // A zero rate earns no points and writes no ledger record, but the order counts.
+    let mut h = Harness::new(r#"{"points": {"per_currency_unit": 0}}"#);
+    let p = with_order(&mut h, "50");
+    assert_eq!((h.order(p, "T1").points, h.ledger(p).len()), (0, 0));
+    assert_eq!(h.profile(p).order_count, 1);
+}
+
+// ---- 2. Exactly once ----
+
+#[test]
+fn duplicate_event_id_changes_nothing() {
+    let mut h = Harness::new(RULES);
+    let p = with_order(&mut h, "100");
+    let before = without_meta(&h.mem);
+    let digest = h.state.meta.digest;
+    let profile = h.profile(p);
+    // Same event_id, even with another body: the first one counted.
+    for body in [
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "138"},
+            "order_id": "T1", "amount": "100", "ts": ts(0)}),
+        json!({"event_id": "o1", "type": "points_earn", "identities": {"phone": "138"}, "points": 5}),
+    ] {
+        assert_eq!(h.send(claim(body)), EventOutcome::Duplicate(p));
+    }
+    assert_eq!(
+        h.send(on(
+            p,
+            json!({"event_id": "o1", "type": "tag_add", "tag": "x"})
+        )),
+        EventOutcome::Duplicate(p)
+    );
+    assert_eq!(without_meta(&h.mem), before);
+    assert_eq!(h.state.meta.digest, digest);
+    assert_eq!(h.profile(p), profile);
+}
+
+#[test]
+fn duplicate_within_one_batch_counts_once() {
+    let mut h = Harness::new(PLAIN);
+    let earn = || {
+        claim(
+            json!({"event_id": "e1", "type": "points_earn", "identities": {"phone": "9"},
+        "points": 10}),
+        )
+    };
+    assert_eq!(
+        h.events(vec![earn(), earn()]),
+        vec![EventOutcome::Applied(id(1)), EventOutcome::Duplicate(id(1))]
+    );
+    assert_eq!(h.profile(id(1)).balance, 10);
+}
+
+// ---- 3. Rejections change nothing ----
+
+#[test]
+fn duplicate_order_is_rejected() {
+    let mut h = Harness::new(RULES);
+    let p = with_order(&mut h, "100");
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "o2", "type": "order", "order_id": "T1",
+        "amount": "5"}),
+    ));
+    assert_eq!(code, ErrorCode::DuplicateOrder);
+}
+
+#[test]
+fn refund_of_unknown_order_is_rejected() {
+    let mut h = Harness::new(RULES);
+    let p = with_order(&mut h, "100");
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T2"}),
+    ));
+    assert_eq!(code, ErrorCode::UnknownOrder);
+}
+
+#[test]
+fn refund_beyond_the_order_is_rejected() {
+    let mut h = Harness::new(RULES);
+    let p = with_order(&mut h, "100");
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1",
+        "amount": "100.01"}),
+    ));
+    assert_eq!(code, ErrorCode::RefundExceedsOrder);
+    h.ok(on(
+        p,
+        json!({"event_id": "r2", "type": "refund", "order_id": "T1", "amount": "60"}),
+    ));
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "r3", "type": "refund", "order_id": "T1",
+        "amount": "40.01"}),
+    ));
+    assert_eq!(code, ErrorCode::RefundExceedsOrder);
+    h.ok(on(
+        p,
+        json!({"event_id": "r4", "type": "refund", "order_id": "T1"}),
+    ));
+    // Nothing left: even a refund of "the rest" is refused.
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "r5", "type": "refund", "order_id": "T1"}),
+    ));
+    assert_eq!(code, ErrorCode::RefundExceedsOrder);
+}
+
+#[test]
+fn redeem_beyond_the_balance_is_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(json!({"event_id": "e1", "type": "points_earn",
+        "identities": {"phone": "1"}, "points": 10})));
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "e2", "type": "points_redeem", "points": 11}),
+    ));
+    assert_eq!(code, ErrorCode::InsufficientPoints);
+    h.ok(on(
+        p,
+        json!({"event_id": "e3", "type": "points_redeem", "points": 10}),
+    ));
+    assert_eq!(h.profile(p).balance, 0);
+}
+
+#[test]
+fn identities_of_two_profiles_in_one_event_are_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let a = h.ok(claim(
+        json!({"event_id": "a", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let b = h.ok(claim(
+        json!({"event_id": "b", "type": "identify", "identities": {"email": "x"}}),
+    ));
+    assert_eq!((a, b), (id(1), id(2)));
+    let code = h.rejected(claim(json!({"event_id": "c", "type": "points_earn",
+        "identities": {"phone": "1", "email": "x"}, "points": 5})));
+    assert_eq!(code, ErrorCode::IdentityConflict);
+    // The same through a OneID and an identity of the other profile.
+    let code = h.rejected(on(
+        a,
+        json!({"event_id": "d", "type": "identify",
+        "identities": {"email": "x"}}),
+    ));
+    assert_eq!(code, ErrorCode::IdentityConflict);
+}
+
+#[test]
+fn event_for_a_missing_oneid_is_not_found() {
+    let mut h = Harness::new(PLAIN);
+    let code = h.rejected(on(
+        id(99),
+        json!({"event_id": "e", "type": "tag_add", "tag": "vip"}),
+    ));
+    assert_eq!(code, ErrorCode::NotFound);
+    // With a new identity too: nothing is bound, no profile is minted.
+    let code = h.rejected(on(
+        id(99),
+        json!({"event_id": "e", "type": "identify",
+        "identities": {"phone": "1"}}),
+    ));
+    assert_eq!(code, ErrorCode::NotFound);
+    assert_eq!(h.state.meta.profile_seq, 0);
+}
+
+#[test]
+fn fifty_one_identity_values_are_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let kinds = |range: std::ops::Range<usize>| -> Json {
+        range.map(|i| (format!("k{i:02}"), json!("v"))).collect()
+    };
+    // 1 + 49 = 50: the most a profile holds.
+    h.ok(on(
+        p,
+        json!({"event_id": "e1", "type": "identify", "identities": kinds(0..49)}),
+    ));
+    assert_eq!(h.profile(p).identity_count(), 50);
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "e2", "type": "identify",
+        "identities": kinds(49..50)}),
+    ));
+    assert_eq!(code, ErrorCode::IdentityLimit);
+    assert_eq!(h.bound(&identity("k49", "v")), None);
+    // A fresh profile with 50 new identities at once is fine, one more is not.
+    let mut fifty = kinds(0..50);
+    fifty
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .for_each(|v| *v = json!("w"));
+    let q = h.ok(claim(
+        json!({"event_id": "e3", "type": "identify", "identities": fifty}),
+    ));
+    assert_eq!(h.profile(q).identity_count(), 50);
+    let code = h.rejected(on(
+        q,
+        json!({"event_id": "e4", "type": "identify",
+        "identities": {"phone": "2"}}),
+    ));
+    assert_eq!(code, ErrorCode::IdentityLimit);
+}
+
+#[test]
+fn one_hundred_and_one_attributes_are_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let hundred: Json = (0..100).map(|i| (format!("a{i:03}"), json!(i))).collect();
+    h.ok(on(
+        p,
+        json!({"event_id": "e1", "type": "profile_update", "attributes": hundred}),
+    ));
+    assert_eq!(h.profile(p).attributes.len(), 100);
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "e2", "type": "profile_update",
+        "attributes": {"a100": 1}}),
+    ));
+    assert_eq!(code, ErrorCode::AttributeLimit);
+    // Replacing one at the limit, or removing one and adding another, is fine.
+    h.ok(on(
+        p,
+        json!({"event_id": "e3", "type": "profile_update",
+        "attributes": {"a000": "x", "a001": null, "a100": 1}}),
+    ));
+    assert_eq!(h.profile(p).attributes.len(), 100);
+}
+
+#[test]
+fn two_hundred_and_one_manual_tags_are_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let adds = (0..200)
+        .map(|i| on(p, json!({"event_id": format!("t{i}"), "type": "tag_add", "tag": format!("tag{i:03}")})))
+        .collect();
+    assert!(h
+        .events(adds)
+        .iter()
+        .all(|o| *o == EventOutcome::Applied(p)));
+    assert_eq!(h.profile(p).manual_tags.len(), 200);
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "t200", "type": "tag_add", "tag": "one_more"}),
+    ));
+    assert_eq!(code, ErrorCode::TagLimit);
+    // Adding a tag it already has is fine at the limit.
+    h.ok(on(
+        p,
+        json!({"event_id": "t201", "type": "tag_add", "tag": "tag000"}),
+    ));
+}
+
+#[test]
+fn earn_expiring_at_or_before_the_clock_is_rejected() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    for (event_id, expires) in [("e1", ts(0)), ("e2", ts(-1))] {
+        let code = h.rejected(on(
+            p,
+            json!({"event_id": event_id, "type": "points_earn",
+            "points": 5, "expires_at": expires}),
+        ));
+        assert_eq!(code, ErrorCode::AlreadyExpired);
+    }
+    // Default expiry is ts + 365 days: an event 365 days old has already expired.
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "e3", "type": "points_earn", "points": 5,
+        "ts": ts(-365)}),
+    ));
+    assert_eq!(code, ErrorCode::AlreadyExpired);
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "e4", "type": "tag_add", "tag": "x",
+        "expires_at": ts(0)}),
+    ));
+    assert_eq!(code, ErrorCode::AlreadyExpired);
+    let ok_at = Millis(T0 + 1).to_string();
+    h.ok(on(
+        p,
+        json!({"event_id": "e5", "type": "points_earn", "points": 5,
+        "expires_at": ok_at}),
+    ));
+    assert_eq!(
+        h.profile(p).lots,
+        vec![Lot {
+            expires_at: Millis(T0 + 1),
+            points: 5,
+            event_id: "e5".into()
+        }]
+    );
+}
+
+#[test]
+fn rejected_claim_mints_nothing() {
+    let mut h = Harness::new(PLAIN);
+    let code = h.rejected(claim(json!({"event_id": "e1", "type": "points_redeem",
+        "identities": {"phone": "1"}, "points": 1})));
+    assert_eq!(code, ErrorCode::InsufficientPoints);
+    assert_eq!(h.bound(&identity("phone", "1")), None);
+    // The next new profile still gets sequence 1.
+    let p = h.ok(claim(
+        json!({"event_id": "e2", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    assert_eq!(p, id(1));
+}
+
+// ---- 4. Refunds ----
+
+#[test]
+fn full_refund_reverses_all_order_points() {
+    let mut h = Harness::new(PLAIN);
+    let p = with_order(&mut h, "100.00");
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "ts": ts(1)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!((profile.balance, profile.lots.clone()), (0, vec![]));
+    assert_eq!((profile.order_count, profile.lifetime_earned), (1, 100));
+    assert_eq!(
+        (profile.total_spend, profile.spend_365d),
+        (Money::ZERO, Money::ZERO)
+    );
+    assert_eq!(
+        h.ledger(p)[1],
+        ledger(
+            "r1",
+            LedgerKind::Reverse,
+            -100,
+            0,
+            1,
+            Some("refund of order T1"),
+            0
+        )
+    );
+    let order = h.order(p, "T1");
+    assert_eq!((order.refunded, order.reversed), (Money(10_000), 100));
+}
+
+#[test]
+fn partial_refunds_reverse_pro_rata_on_the_cumulative_amount() {
+    let mut h = Harness::new(PLAIN);
+    let p = with_order(&mut h, "100.00");
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "amount": "33.33",
+        "ts": ts(1)}),
+    ));
+    let order = h.order(p, "T1");
+    assert_eq!((order.refunded, order.reversed), (Money(3333), 33));
+    assert_eq!(h.profile(p).balance, 67);
+    h.ok(on(
+        p,
+        json!({"event_id": "r2", "type": "refund", "order_id": "T1", "amount": "66.67",
+        "ts": ts(2)}),
+    ));
+    let order = h.order(p, "T1");
+    assert_eq!((order.refunded, order.reversed), (Money(10_000), 100));
+    let ledger_points: Vec<i64> = h.ledger(p).iter().map(|r| r.points).collect();
+    assert_eq!(ledger_points, [100, -33, -67]);
+    let profile = h.profile(p);
+    assert_eq!(
+        (
+            profile.balance,
+            profile.order_count,
+            profile.lifetime_earned
+        ),
+        (0, 1, 100)
+    );
+    assert_eq!(
+        (profile.total_spend, profile.spend_365d),
+        (Money::ZERO, Money::ZERO)
+    );
+}
+
+#[test]
+fn refund_without_amount_refunds_the_rest() {
+    let mut h = Harness::new(PLAIN);
+    let p = with_order(&mut h, "99.99");
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "amount": "0.01"}),
+    ));
+    // floor(99 × 1 / 9999) = 0: nothing reversed yet, no ledger record.
+    assert_eq!(h.ledger(p).len(), 1);
+    h.ok(on(
+        p,
+        json!({"event_id": "r2", "type": "refund", "order_id": "T1"}),
+    ));
+    let order = h.order(p, "T1");
+    assert_eq!((order.refunded, order.reversed), (Money(9999), 99));
+    let profile = h.profile(p);
+    assert_eq!((profile.balance, profile.total_spend), (0, Money::ZERO));
+}
+
+#[test]
+fn refund_after_redeem_records_the_shortfall() {
+    let mut h = Harness::new(PLAIN);
+    let p = with_order(&mut h, "100");
+    h.ok(on(
+        p,
+        json!({"event_id": "x1", "type": "points_redeem", "points": 80, "ts": ts(1)}),
+    ));
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "ts": ts(2)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(
+        (profile.balance, profile.debt, profile.lots.len()),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (profile.lifetime_earned, profile.lifetime_redeemed),
+        (100, 80)
+    );
+    assert_eq!(
+        h.ledger(p),
+        vec![
+            ledger("o1", LedgerKind::Earn, 100, 100, 0, Some("order T1"), 0),
+            ledger("x1", LedgerKind::Redeem, -80, 20, 1, None, 0),
+            ledger(
+                "r1",
+                LedgerKind::Reverse,
+                -20,
+                0,
+                2,
+                Some("refund of order T1; 80 points already spent"),
+                80
+            ),
+        ]
+    );
+    assert_eq!(h.order(p, "T1").reversed, 100);
+}
+
+#[test]
+fn refund_takes_back_from_the_orders_own_lot_first() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(json!({"event_id": "e1", "type": "points_earn",
+        "identities": {"phone": "138"}, "points": 50, "expires_at": ts(10)})));
+    h.ok(on(
+        p,
+        json!({"event_id": "o1", "type": "order", "order_id": "T1", "amount": "100",
+        "ts": ts(0)}),
+    ));
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "amount": "50"}),
+    ));
+    // The earn expiring sooner is kept; the order's own lot gave back 50.
+    assert_eq!(
+        h.profile(p).lots,
+        vec![lot(50, 10, "e1"), lot(50, 365, "o1")]
+    );
+}
+
+// ---- 5. Lots, redeem, debt ----
+
+#[test]
+fn redeem_takes_from_the_lot_expiring_first() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(json!({"event_id": "a", "type": "points_earn",
+        "identities": {"phone": "1"}, "points": 100, "expires_at": ts(100)})));
+    h.ok(on(
+        p,
+        json!({"event_id": "b", "type": "points_earn", "points": 50,
+        "expires_at": ts(10)}),
+    ));
+    assert_eq!(
+        h.profile(p).lots,
+        vec![lot(50, 10, "b"), lot(100, 100, "a")]
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "points_redeem", "points": 30}),
+    ));
+    assert_eq!(
+        h.profile(p).lots,
+        vec![lot(20, 10, "b"), lot(100, 100, "a")]
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "r2", "type": "points_redeem", "points": 40}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(profile.lots, vec![lot(80, 100, "a")]);
+    assert_eq!(
+        (
+            profile.balance,
+            profile.lifetime_earned,
+            profile.lifetime_redeemed
+        ),
+        (80, 150, 70)
+    );
+}
+
+#[test]
+fn negative_adjust_beyond_the_balance_is_debt_paid_by_the_next_earn() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(json!({"event_id": "e1", "type": "points_earn",
+        "identities": {"phone": "1"}, "points": 30, "ts": ts(0)})));
+    h.ok(on(
+        p,
+        json!({"event_id": "a1", "type": "points_adjust", "points": -50,
+        "reason": "fraud", "ts": ts(1)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(
+        (profile.balance, profile.debt, profile.lots.len()),
+        (-20, 20, 0)
+    );
+    assert_eq!(
+        h.ledger(p)[1],
+        ledger("a1", LedgerKind::Adjust, -50, -20, 1, Some("fraud"), 0)
+    );
+    let code = h.rejected(on(
+        p,
+        json!({"event_id": "x", "type": "points_redeem", "points": 1}),
+    ));
+    assert_eq!(code, ErrorCode::InsufficientPoints);
+    h.ok(on(
+        p,
+        json!({"event_id": "e2", "type": "points_earn", "points": 50, "ts": ts(2)}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!((profile.balance, profile.debt), (30, 0));
+    assert_eq!(profile.lots, vec![lot(30, 367, "e2")]);
+    assert_eq!(profile.lifetime_earned, 80);
+}
+
+#[test]
+fn refund_while_in_debt_takes_nothing_and_records_the_shortfall() {
+    let mut h = Harness::new(PLAIN);
+    let p = with_order(&mut h, "100");
+    h.ok(on(
+        p,
+        json!({"event_id": "a1", "type": "points_adjust", "points": -150,
+        "reason": "x"}),
+    ));
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1"}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!((profile.balance, profile.debt), (-50, 50));
+    let reverse = h.ledger(p).pop().unwrap();
+    assert_eq!(
+        (reverse.points, reverse.shortfall, reverse.balance_after),
+        (0, 100, -50)
+    );
+}
+
+// ---- 6. Tags ----
+
+#[test]
+fn manual_tags_add_and_remove() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e1", "type": "tag_add", "identities": {"phone": "1"},
+        "tag": "vip", "expires_at": ts(30)}),
+    ));
+    h.ok(on(
+        p,
+        json!({"event_id": "e2", "type": "tag_add", "tag": "new"}),
+    ));
+    h.ok(on(
+        p,
+        json!({"event_id": "e3", "type": "tag_remove", "tag": "new"}),
+    ));
+    // Removing a tag it does not have is not an error.
+    h.ok(on(
+        p,
+        json!({"event_id": "e4", "type": "tag_remove", "tag": "never"}),
+    ));
+    let profile = h.profile(p);
+    assert_eq!(
+        profile.manual_tags,
+        BTreeMap::from([("vip".into(), Some(at(30)))])
+    );
+    assert_eq!(profile.tags(), BTreeSet::from(["vip"]));
+}
+
+#[test]
+fn rule_tags_follow_every_change() {
+    let mut h = Harness::new(RULES);
+    let p = h.ok(claim(
+        json!({"event_id": "e1", "type": "tag_add", "identities": {"phone": "1"},
+        "tag": "zzz"}),
+    ));
+    assert_eq!(h.profile(p).tags(), BTreeSet::from(["zzz"]));
+    h.ok(on(
+        p,
+        json!({"event_id": "o1", "type": "order", "order_id": "T1", "amount": "1000"}),
+    ));
+    assert_eq!(
+        h.profile(p).rule_tags,
+        BTreeSet::from(["big_spender".to_string()])
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "e2", "type": "tag_add", "tag": "vip"}),
+    ));
+    // A later rule sees the earlier rule's tag and the manual tag.
+    let profile = h.profile(p);
+    assert_eq!(
+        profile.tags().into_iter().collect::<Vec<_>>(),
+        ["big_spender", "big_vip", "vip", "zzz"]
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "r1", "type": "refund", "order_id": "T1", "amount": "0.01"}),
+    ));
+    let profile = h.profile(p);
+    assert!(profile.rule_tags.is_empty());
+    assert_eq!(profile.tags(), BTreeSet::from(["vip", "zzz"]));
+    // The tier reached stays: a downgrade waits for the retention period.
+    assert_eq!(profile.tier, "gold");
+}
+
+// ---- 7. Attributes ----
+
+#[test]
+fn profile_update_sets_and_removes_attributes() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(json!({"event_id": "e1", "type": "profile_update",
+        "identities": {"phone": "1"}, "attributes": {"city": "Hangzhou", "age": 31, "vip": true}})));
+    h.ok(on(
+        p,
+        json!({"event_id": "e2", "type": "profile_update",
+        "attributes": {"city": null, "age": "32.50", "zip": "02139", "gone": null}}),
+    ));
+    assert_eq!(
+        h.profile(p).attributes,
+        BTreeMap::from([
+            ("age".into(), Value::String("32.50".into())),
+            ("vip".into(), Value::Bool(true)),
+            ("zip".into(), Value::String("02139".into())),
+        ])
+    );
+    h.ok(on(
+        p,
+        json!({"event_id": "e3", "type": "profile_update", "attributes": {"age": 32.50}}),
+    ));
+    assert_eq!(
+        h.profile(p).attributes["age"],
+        Value::Number(Decimal::new(325, 1))
+    );
+}
+
+// ---- 8. Identities ----
+
+#[test]
+fn claims_mint_sequential_oneids_and_find_them_again() {
+    let mut h = Harness::new(PLAIN);
+    let phone = identity("phone", "138");
+    let a = h.ok(claim(
+        json!({"event_id": "e1", "type": "identify", "identities": {"phone": "138"}}),
+    ));
+    assert_eq!(a, id(1));
+    assert_eq!(a.to_string(), "o0000000000000001");
+    assert_eq!(h.bound(&phone), Some(a));
+    let b = h.ok(claim(
+        json!({"event_id": "e2", "type": "identify", "identities": {"email": "x"}}),
+    ));
+    assert_eq!(b, id(2));
+    assert_eq!(
+        h.ok(claim(json!({"event_id": "e3", "type": "points_earn",
+            "identities": {"phone": "138"}, "points": 1}))),
+        a
+    );
+    assert_eq!(h.state.meta.profile_seq, 2);
+    assert_eq!(h.profile(a).balance, 1);
+}
+
+#[test]
+fn identify_with_a_oneid_links_a_new_identity() {
+    let mut h = Harness::new(PLAIN);
+    let a = h.ok(claim(
+        json!({"event_id": "e1", "type": "identify", "identities": {"phone": "138"}}),
+    ));
+    h.ok(on(
+        a,
+        json!({"event_id": "e2", "type": "identify",
+        "identities": {"phone": "138", "wechat": "w1"}}),
+    ));
+    assert_eq!(h.bound(&identity("wechat", "w1")), Some(a));
+    let profile = h.profile(a);
+    assert_eq!(
+        profile.identities,
+        BTreeMap::from([
+            ("phone".into(), BTreeSet::from(["138".into()])),
+            ("wechat".into(), BTreeSet::from(["w1".into()])),
+        ])
+    );
+    // And the new identity now finds the profile.
+    assert_eq!(
+        h.ok(claim(
+            json!({"event_id": "e3", "type": "identify", "identities": {"wechat": "w1"}})
+        )),
+        a
+    );
+}
+
+#[test]
+fn one_new_identity_twice_in_a_batch_makes_one_profile() {
+    let mut h = Harness::new(PLAIN);
+    let earn = |event_id: &str| {
+        claim(json!({"event_id": event_id, "type": "points_earn",
+            "identities": {"phone": "5"}, "points": 3}))
+    };
+    assert_eq!(
+        h.events(vec![earn("e1"), earn("e2")]),
+        vec![EventOutcome::Applied(id(1)), EventOutcome::Applied(id(1))]
+    );
+    assert_eq!((h.state.meta.profile_seq, h.profile(id(1)).balance), (1, 6));
+}
+
+#[test]
+fn a_profile_remembers_the_64_most_recent_channels() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let seen = |i: i64, channel: String| {
+        on(
+            p,
+            json!({"event_id": format!("v{i}"), "type": "interaction", "name": "view",
+            "channel": channel, "ts": ts(i)}),
+        )
+    };
+    h.events((0..64).map(|i| seen(i, format!("c{i:02}"))).collect());
+    // c00 is seen again, so c01 is the least recently seen when a 65th channel arrives.
+    h.events(vec![seen(64, "c00".into()), seen(65, "new".into())]);
+    let channels = h.profile(p).channels;
+    assert_eq!(channels.len(), 64);
+    assert_eq!((channels["c00"], channels["new"]), (at(64), at(65)));
+    assert!(!channels.contains_key("c01"));
+}
+
+#[test]
+fn bind_and_link_are_idempotent() {
+    let mut h = Harness::new(PLAIN);
+    let a = h.ok(claim(
+        json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let app = identity("app", "u1");
+    let bind = || Command::Bind(vec![(identity("app", "u1"), id(1))]);
+    let link = || Command::Link(vec![(id(1), identity("app", "u1"))]);
+    assert_eq!(h.apply(bind()), Output::Bind(vec![BindOutcome::Bound]));
+    assert_eq!(h.apply(link()), Output::None);
+    assert_eq!(h.bound(&app), Some(a));
+    let profile = h.profile(a);
+    assert_eq!(profile.identities["app"], BTreeSet::from(["u1".into()]));
+    assert_eq!(profile.version, 2);
+
+    let before = without_meta(&h.mem);
+    let digest = h.state.meta.digest;
+    assert_eq!(h.apply(bind()), Output::Bind(vec![BindOutcome::Bound]));
+    assert_eq!(h.apply(link()), Output::None);
+    assert_eq!(without_meta(&h.mem), before);
+    assert_eq!(h.state.meta.digest, digest);
+    assert_eq!(h.profile(a), profile);
+}
+
+#[test]
+fn bind_of_an_identity_bound_elsewhere_is_a_conflict() {
+    let mut h = Harness::new(PLAIN);
+    h.ok(claim(
+        json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    h.ok(claim(
+        json!({"event_id": "e2", "type": "identify", "identities": {"phone": "2"}}),
+    ));
+    let before = without_meta(&h.mem);
+    assert_eq!(
+        h.apply(Command::Bind(vec![(identity("phone", "1"), id(2))])),
+        Output::Bind(vec![BindOutcome::Conflict(id(1))])
+    );
+    assert_eq!(without_meta(&h.mem), before);
+}
+
+#[test]
+fn bind_to_a_profile_of_another_shard_leaves_an_outbox_record() {
+    let mut h = Harness::new(PLAIN);
+    let remote = OneId::mint(ShardId(3), 7);
+    let app = identity("app", "u9");
+    h.apply(clock(2));
+    assert_eq!(
+        h.apply(Command::Bind(vec![(app.clone(), remote)])),
+        Output::Bind(vec![BindOutcome::Bound])
+    );
+    let key = keys::outbox(1);
+    let record: OutboxRecord = decode(&key, &h.mem.get(&key).expect("outbox record"));
+    assert_eq!(
+        record,
+        OutboxRecord {
+            oneid: remote,
+            identity: app.clone(),
+            at: at(2)
+        }
+    );
+    // Binding again is idempotent: no second record.
+    h.apply(Command::Bind(vec![(app, remote)]));
+    assert_eq!(h.keys_with_prefix(keys::OUTBOX_PREFIX), 1);
+    h.apply(Command::OutboxDone(vec![1]));
+    assert_eq!(h.keys_with_prefix(keys::OUTBOX_PREFIX), 0);
+}
+
+// ---- 9. Exactly-once window ----
+
+#[test]
+fn dedup_records_expire_after_the_retention_window() {
+    let mut h = Harness::new(PLAIN);
+    let earn = || {
+        claim(
+            json!({"event_id": "e1", "type": "points_earn", "identities": {"phone": "1"},
+        "points": 10, "ts": ts(0)}),
+        )
+    };
+    let p = h.ok(earn());
+    assert_eq!(h.keys_with_prefix(b"d"), 1);
+    assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 1);
+    h.apply(clock(6));
+    assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
+    // Exactly 7 days: not yet past the window.
+    h.apply(clock(7));
+    assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
+    h.apply(Command::Clock {
+        now: Millis(at(7).0 + 1),
+        dedup_retention_days: 7,
+    });
+    assert_eq!(h.keys_with_prefix(b"d"), 0);
+    assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
+    // Forgotten: the event applies again.
+    assert_eq!(h.send(earn()), EventOutcome::Applied(p));
+    assert_eq!(h.profile(p).balance, 20);
+    assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
+}
+
+#[test]
+fn dedup_window_counts_from_the_clock_when_applied() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    h.apply(clock(5));
+    h.ok(on(
+        p,
+        json!({"event_id": "late", "type": "tag_add", "tag": "x", "ts": ts(0)}),
+    ));
+    // 8 days after e0 (evicted), only 3 after "late" (kept), whatever its ts says.
+    h.apply(clock(8));
+    let again = |event_id: &str| {
+        on(
+            p,
+            json!({"event_id": event_id, "type": "tag_add", "tag": "x"}),
+        )
+    };
+    assert_eq!(h.send(again("late")), EventOutcome::Duplicate(p));
+    assert_eq!(h.send(again("e0")), EventOutcome::Applied(p));
+}
+
+#[test]
+fn one_clock_entry_evicts_at_most_ten_thousand_dedup_records() {
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    let views = (0..DEDUP_EVICTIONS_PER_CLOCK_MAX)
+        .map(|i| {
+            on(
+                p,
+                json!({"event_id": format!("v{i}"), "type": "interaction", "name": "view"}),
+            )
+        })
+        .collect();
+    h.events(views);
+    assert_eq!(h.keys_with_prefix(b"d"), DEDUP_EVICTIONS_PER_CLOCK_MAX + 1);
+    h.apply(clock(8));
+    // The oldest 10,000 in log order ("e" first); the last view waits for the next entry.
+    let left = h.mem.scan(b"d", None, false, usize::MAX);
+    assert_eq!(left, vec![(keys::dedup(p, "v9999"), left[0].1.clone())]);
+    h.apply(clock(8));
+    assert_eq!(h.keys_with_prefix(b"d"), 0);
+    assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
+}
+
+// ---- 10. Determinism ----
+
+/// ~30 mixed commands: rules, clocks, orders, refunds, points, tags, attributes, identities,
+/// binds, links, outbox, duplicates, rejections, and a dedup eviction.
+fn script() -> Vec<Command> {
+    let (p1, p2, p3) = (id(1), id(2), id(3));
+    let ev = |routed: Routed| Command::Events(vec![routed]);
+    vec![
+        Command::SetRules(Box::new(rules(RULES))),
+        clock(0),
+        ev(claim(
+            json!({"event_id": "s1", "type": "order", "identities": {"phone": "1"},
+            "order_id": "A", "amount": "120.50", "channel": "douyin", "ts": ts(0)}),
+        )),
+        ev(claim(
+            json!({"event_id": "s2", "type": "order", "identities": {"email": "x"},
+            "order_id": "B", "amount": "700", "ts": ts(0)}),
+        )),
+        ev(on(
+            p1,
+            json!({"event_id": "s3", "type": "order", "order_id": "C", "amount": "900",
+            "channel": "tmall", "ts": ts(1)}),
+        )),
+        ev(on(
+            p1,
+            json!({"event_id": "s4", "type": "refund", "order_id": "A", "amount": "20.25"}),
+        )),
+        ev(on(
+            p1,
+            json!({"event_id": "s5", "type": "points_redeem", "points": 100}),
+        )),
+        ev(on(
+            p2,
+            json!({"event_id": "s6", "type": "tag_add", "tag": "vip"}),
+        )),
+        ev(claim(json!({"event_id": "s7", "type": "identify",
+            "identities": {"phone": "1", "wechat": "w"}}))),
+        ev(on(
+            p1,
+            json!({"event_id": "s8", "type": "profile_update",
+            "attributes": {"city": "Hangzhou", "age": 30}}),
+        )),
+        Command::Bind(vec![
+            (identity("app", "u1"), p1),
+            (identity("app", "u2"), p2),
+        ]),
+        Command::Link(vec![
+            (p1, identity("app", "u1")),
+            (p2, identity("app", "u2")),
+        ]),
+        ev(on(
+            p1,
+            json!({"event_id": "s9", "type": "points_adjust", "points": -5000,
+            "reason": "fraud"}),
+        )),
+        ev(on(
+            p1,
+            json!({"event_id": "s10", "type": "points_earn", "points": 100}),
+        )),
+        ev(claim(
+            json!({"event_id": "s1", "type": "order", "identities": {"phone": "1"},
+            "order_id": "A", "amount": "120.50", "ts": ts(0)}),
+        )),
+        ev(on(
+            p2,
+            json!({"event_id": "s11", "type": "refund", "order_id": "Z"}),
+        )),
+        Command::Events(vec![
+            claim(
+                json!({"event_id": "s12", "type": "order", "identities": {"phone": "3"},
+                "order_id": "D", "amount": "5000", "ts": ts(2)}),
+            ),
+            claim(
+                json!({"event_id": "s13", "type": "tag_add", "identities": {"phone": "3"},
+                "tag": "new"}),
+            ),
+            on(
+                p2,
+                json!({"event_id": "s14", "type": "order", "order_id": "E", "amount": "400",
+                "channel": "douyin", "ts": ts(2)}),
+            ),
+            claim(json!({"event_id": "s15", "type": "identify",
+                "identities": {"phone": "3", "email": "x"}})),
+        ]),
+        clock(3),
+        ev(on(
+            p3,
+            json!({"event_id": "s16", "type": "refund", "order_id": "D"}),
+        )),
+        ev(on(
+            p2,
+            json!({"event_id": "s17", "type": "interaction", "name": "view",
+            "channel": "wechat", "properties": {"page": "home"}}),
+        )),
+        clock(1),
+        Command::Bind(vec![(identity("app", "u9"), OneId::mint(ShardId(2), 1))]),
+        Command::Bind(vec![(identity("phone", "3"), p1)]),
+        clock(9),
+        ev(claim(
+            json!({"event_id": "s1", "type": "order", "identities": {"phone": "1"},
+            "order_id": "A", "amount": "120.50", "ts": ts(0)}),
+        )),
+        ev(on(
+            p2,
+            json!({"event_id": "s6", "type": "tag_add", "tag": "vip2"}),
+        )),
+        Command::OutboxDone(vec![1]),
+        ev(on(
+            p3,
+            json!({"event_id": "s18", "type": "tag_remove", "tag": "new"}),
+        )),
+        ev(on(
+            p1,
+            json!({"event_id": "s19", "type": "points_earn", "points": 7,
+            "expires_at": ts(20)}),
+        )),
+        clock(20),
+    ]
+}
+
+/// Runs the script one command per committed write set.
+fn run_committing_each(activation_budget: usize) -> (Harness, Vec<Output>) {
+    let mut h = Harness::empty(activation_budget);
+    let outputs = script().into_iter().map(|c| h.apply(c)).collect();
+    (h, outputs)
+}
+
+#[test]
+fn same_commands_give_the_same_state_and_digest() {
+    let (a, out_a) = run_committing_each(1000);
+    // A budget of one passivates on nearly every event: the cache must not matter.
+    let (b, out_b) = run_committing_each(1);
+    assert_eq!(out_a, out_b);
+    assert_eq!(a.mem, b.mem);
+    assert_eq!(a.state.meta, b.state.meta);
+    assert_eq!(a.state.meta.profile_seq, 3);
+    // The script really exercised applies, duplicates, rejections and an eviction.
+    let outcomes: Vec<&EventOutcome> = out_a
+        .iter()
+        .filter_map(|o| match o {
+            Output::Events(v) => Some(v),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let count = |f: fn(&EventOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    assert_eq!(count(|o| matches!(o, EventOutcome::Duplicate(_))), 1);
+    assert_eq!(count(|o| matches!(o, EventOutcome::Rejected(_))), 3);
+    assert_eq!(count(|o| matches!(o, EventOutcome::Applied(_))), 18);
+}
+
+#[test]
+fn digest_does_not_depend_on_how_writes_were_grouped() {
+    let (each, out_each) = run_committing_each(1000);
+    // Every command into one write set over an empty base, committed once at the end.
+    let mut mem = MemState::default();
+    let mut state = ShardState::load(ShardId(0), 1, &mem, 1000);
+    let mut writes = WriteSet::default();
+    let out_one: Vec<Output> = script()
+        .into_iter()
+        .zip(1..)
+        .map(|(command, index)| state.apply(&mem, &mut writes, index, 1, command))
+        .collect();
+    mem.commit(writes);
+    assert_eq!(out_one, out_each);
+    assert_eq!(mem, each.mem);
+    assert_eq!(state.meta, each.state.meta);
+    assert_eq!(state.meta.digest, digest_of(&mem));
+}
+
+#[test]
+fn reloading_from_the_stored_state_after_every_entry_changes_nothing() {
+    let (each, out_each) = run_committing_each(1000);
+    // A restart after every entry: meta, rules and tag rules come back from the state.
+    let mut h = Harness::empty(1000);
+    let mut outputs = Vec::new();
+    for command in script() {
+        outputs.push(h.apply(command));
+        h.state = ShardState::load(ShardId(0), 1, &h.mem, 1000);
+    }
+    assert_eq!(outputs, out_each);
+    assert_eq!(h.mem, each.mem);
+    assert_eq!(h.state.meta, each.state.meta);
+    assert_eq!(h.state.rules(), each.state.rules());
+}
+
+// ---- 11. Clock ----
+
+#[test]
+fn clock_never_goes_back() {
+    let mut h = Harness::new(PLAIN);
+    h.apply(clock(3));
+    h.apply(Command::Clock {
+        now: Millis(at(3).0 - 1000),
+        dedup_retention_days: 7,
+    });
+    assert_eq!(h.state.meta.clock, at(3));
+    assert_eq!(h.meta().clock, at(3));
+}
+
+#[test]
+fn order_points_stay_exact_when_the_product_needs_more_than_96_bits() {
+    // 650973450359.22 × 0.923247 × 0.953853 × 0.405623 = 232533326424.99999999999999999546
+    // exactly: 20 decimals, more digits than a 96-bit decimal mantissa holds.
+    let mut h = Harness::new(
+        r#"{"points": {"per_currency_unit": "0.923247", "tier_multipliers": {"member": "0.953853"},
+            "channel_multipliers": {"web": "0.405623"}}}"#,
+    );
+    let p = h.ok(claim(
+        json!({"event_id": "o1", "type": "order", "identities": {"phone": "1"},
+        "order_id": "BIG", "amount": "650973450359.22", "channel": "web", "ts": ts(0)}),
+    ));
+    assert_eq!(h.order(p, "BIG").points, 232_533_326_424);
+}
