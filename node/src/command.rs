@@ -35,9 +35,9 @@ pub enum Command {
 pub struct Routed {
     pub event: Event,
     pub target: Target,
-    /// Identities of the event held by other shards' indexes and already bound there to the
-    /// target: added to the profile's list.
-    pub linked_elsewhere: Vec<Identity>,
+    /// Identities of the event, unbound when routed, held by other shards' indexes: bound and
+    /// linked after the event applies. Apply counts them against the identity limit.
+    pub link_elsewhere: Vec<Identity>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

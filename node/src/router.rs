@@ -2,14 +2,18 @@
 //!
 //! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
 //! held by the shard its hash picks). For each wave of events the router:
-//! 1. resolves every identity at the shard that holds it (one hop, all shards in parallel);
-//! 2. for an event whose profile is known, binds its unbound identities held by *other* shards
-//!    to that profile there (the identity's shard is the arbiter: first binding wins);
-//! 3. proposes one `Events` entry per target shard, events in request order; an event with no
-//!    known profile is a `Claim` at the shard of its first identity, which mints the OneID;
-//! 4. binds the other identities of newly created profiles at their shards, and links them to
-//!    the profile's list. Every binding leaves an outbox record at its shard, whose leader
-//!    re-delivers the link if this router stopped half-way, so links resume after a crash.
+//! 1. resolves every identity at the shard that holds it (one read per shard, in parallel); an
+//!    event whose identities (and oneid) are bound to two profiles is rejected `identity_conflict`;
+//! 2. proposes one `Events` entry per target shard, events in request order. An event with no
+//!    known profile is a `Claim` at the shard of its *anchor* (its strongest identity, see
+//!    [`anchor`]), which binds the anchor and mints the OneID; so concurrent first sightings that
+//!    share their strongest identity meet at one shard and get one OneID. Apply checks the
+//!    profile's identity limit counting the identities still to link;
+//! 3. for each applied event, binds its unbound identities held by other shards (the identity's
+//!    shard is the arbiter: the first binding wins), then lists the bound ones on the profile
+//!    (`Link`). A rejected event binds nothing. Every binding leaves an outbox record at its
+//!    shard, whose leader re-delivers the link if this router stopped half-way, so a link that
+//!    touches several shards resumes after a crash.
 //!
 //! Events that share an identity unbound at step 1 go to separate waves, so a customer first
 //! seen twice in one batch ends up with one OneID, as if the events came one by one.
@@ -37,6 +41,34 @@ pub struct Router {
 /// An error reaching or using a shard: the events involved are answered `unavailable`.
 fn unavailable(error: impl std::fmt::Display) -> EventError {
     EventError::new(ErrorCode::Unavailable, format!("{error}; retry the event"))
+}
+
+/// Identity kinds by strength: the first present in an event anchors a new profile. Kinds not
+/// listed come after these, by name.
+const ANCHOR_KINDS: [&str; 9] = [
+    "phone",
+    "wechat_unionid",
+    "member_card",
+    "email",
+    "taobao_nick",
+    "jd_pin",
+    "douyin_openid",
+    "wechat_openid",
+    "alipay_uid",
+];
+
+/// The identity a new profile is claimed by: the strongest kind, then the smallest value.
+fn anchor(identities: &[Identity]) -> &Identity {
+    let rank = |id: &Identity| {
+        ANCHOR_KINDS
+            .iter()
+            .position(|k| *k == id.kind)
+            .unwrap_or(ANCHOR_KINDS.len())
+    };
+    identities
+        .iter()
+        .min_by(|a, b| (rank(a), &a.kind, &a.value).cmp(&(rank(b), &b.kind, &b.value)))
+        .expect("a claiming event has identities")
 }
 
 fn conflict(a: OneId, b: OneId) -> EventError {
@@ -198,10 +230,19 @@ impl Router {
         bindings: &BTreeMap<Identity, Option<OneId>>,
     ) -> Vec<(usize, Result<(EventStatus, OneId), EventError>)> {
         let mut done = Vec::new();
-        // Step 2: decide each event's target, and what must be bound first.
-        let mut plans = Vec::new();
-        let mut binds: BTreeMap<ShardId, Vec<(Identity, OneId)>> = BTreeMap::new();
+        // Decide each event's target shard, and which of its identities other shards must bind
+        // once it has applied.
+        let mut entries: BTreeMap<ShardId, (Vec<usize>, Vec<Routed>)> = BTreeMap::new();
         for (position, event) in wave {
+            if let Some(oneid) = event.oneid.filter(|oneid| oneid.shard().0 >= self.n_shards) {
+                let error = EventError::field(
+                    ErrorCode::NotFound,
+                    "oneid",
+                    format!("profile {oneid} does not exist"),
+                );
+                done.push((position, Err(error)));
+                continue;
+            }
             let mut bound: BTreeSet<OneId> = event
                 .identities
                 .iter()
@@ -209,133 +250,52 @@ impl Router {
                 .collect();
             bound.extend(event.oneid);
             let mut bound = bound.into_iter();
-            match (bound.next(), bound.next()) {
-                (Some(a), Some(b)) => done.push((position, Err(conflict(a, b)))),
-                (Some(oneid), None) => {
-                    let elsewhere: Vec<Identity> = event
-                        .identities
-                        .iter()
-                        .filter(|id| {
-                            bindings[*id].is_none() && id.shard(self.n_shards) != oneid.shard()
-                        })
-                        .cloned()
-                        .collect();
-                    for identity in &elsewhere {
-                        binds
-                            .entry(identity.shard(self.n_shards))
-                            .or_default()
-                            .push((identity.clone(), oneid));
-                    }
-                    plans.push((position, event, Target::Existing(oneid), elsewhere));
-                }
-                (None, _) => plans.push((position, event, Target::Claim, Vec::new())),
-            }
-        }
-        // A oneid named with identities to bind must exist before anything is bound to it.
-        let must_exist: BTreeSet<OneId> =
-            binds.values().flatten().map(|(_, oneid)| *oneid).collect();
-        let checks = join_all(
-            must_exist
-                .iter()
-                .map(|oneid| self.addr(oneid.shard()).send(Query::Profile(*oneid))),
-        )
-        .await;
-        let missing: BTreeSet<OneId> = must_exist
-            .into_iter()
-            .zip(checks)
-            .filter(|(_, answer)| !matches!(answer, Ok(QueryReply::Profile(Some(_)))))
-            .map(|(oneid, _)| oneid)
-            .collect();
-        for pairs in binds.values_mut() {
-            pairs.retain(|(_, oneid)| !missing.contains(oneid));
-        }
-        binds.retain(|_, pairs| !pairs.is_empty());
-        let bind_answers = per_shard(binds.into_iter().map(|(shard, pairs)| {
-            let call = self.propose(shard, Command::Bind(pairs.clone()));
-            (shard, async move { (pairs, call.await) })
-        }))
-        .await;
-        let mut bind_failures: BTreeMap<Identity, EventError> = BTreeMap::new();
-        for (_, (pairs, answer)) in bind_answers {
-            match answer {
-                Ok(Output::Bind(outcomes)) => {
-                    for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
-                        if let BindOutcome::Conflict(other) = outcome {
-                            bind_failures.insert(identity, conflict(oneid, other));
-                        }
-                    }
-                }
-                Ok(other) => panic!("a Bind answered {other:?}"),
-                Err(error) => {
-                    for (identity, _) in pairs {
-                        bind_failures.insert(identity, unavailable(&error));
-                    }
-                }
-            }
-        }
-
-        // Step 3: one Events entry per target shard.
-        let mut entries: BTreeMap<ShardId, (Vec<usize>, Vec<Routed>)> = BTreeMap::new();
-        for (position, event, target, linked_elsewhere) in plans {
-            if let Target::Existing(oneid) = target {
-                if missing.contains(&oneid) {
-                    done.push((
-                        position,
-                        Err(EventError::field(
-                            ErrorCode::NotFound,
-                            "oneid",
-                            format!("profile {oneid} does not exist"),
-                        )),
-                    ));
+            let (target, shard) = match (bound.next(), bound.next()) {
+                (Some(a), Some(b)) => {
+                    done.push((position, Err(conflict(a, b))));
                     continue;
                 }
-            }
-            if let Some(error) = linked_elsewhere.iter().find_map(|id| bind_failures.get(id)) {
-                done.push((position, Err(error.clone())));
-                continue;
-            }
-            let shard = match target {
-                Target::Existing(oneid) => oneid.shard(),
-                Target::Claim => event.identities[0].shard(self.n_shards),
+                (Some(oneid), None) => (Target::Existing(oneid), oneid.shard()),
+                (None, _) => (
+                    Target::Claim,
+                    anchor(&event.identities).shard(self.n_shards),
+                ),
             };
+            let link_elsewhere: Vec<Identity> = event
+                .identities
+                .iter()
+                .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
+                .cloned()
+                .collect();
             let entry = entries.entry(shard).or_default();
             entry.0.push(position);
             entry.1.push(Routed {
                 event,
                 target,
-                linked_elsewhere,
+                link_elsewhere,
             });
         }
+
+        // One Events entry per target shard, all shards at once.
         let answers = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
-            let claims: Vec<Vec<Identity>> = routed
-                .iter()
-                .map(|r| {
-                    if r.target == Target::Claim {
-                        r.event.identities.clone()
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect();
+            let links: Vec<Vec<Identity>> =
+                routed.iter().map(|r| r.link_elsewhere.clone()).collect();
             let call = self.propose(shard, Command::Events(routed));
-            (shard, async move { (positions, claims, call.await) })
+            (shard, async move { (positions, links, call.await) })
         }))
         .await;
 
-        // Step 4: identities of created profiles held by other shards.
+        // Identities of applied events held by other shards: bind there, then list.
         let mut follow_up: BTreeMap<ShardId, Vec<(Identity, OneId)>> = BTreeMap::new();
-        for (shard, (positions, claims, answer)) in answers {
+        for (_, (positions, links, answer)) in answers {
             match answer {
                 Ok(Output::Events(outcomes)) => {
-                    for ((position, claim), outcome) in
-                        positions.into_iter().zip(claims).zip(outcomes)
+                    for ((position, links), outcome) in
+                        positions.into_iter().zip(links).zip(outcomes)
                     {
                         let result = match outcome {
                             EventOutcome::Applied(oneid) => {
-                                for identity in claim
-                                    .into_iter()
-                                    .filter(|id| id.shard(self.n_shards) != shard)
-                                {
+                                for identity in links {
                                     follow_up
                                         .entry(identity.shard(self.n_shards))
                                         .or_default()
@@ -359,8 +319,9 @@ impl Router {
         done
     }
 
-    /// Binds identities of new profiles at their shards, then lists the bound ones on the
-    /// profiles. Failures are left to the outbox sweep of the identity's shard.
+    /// Binds identities of applied events at their shards, then lists the bound ones on the
+    /// profiles. An identity another profile bound first stays with it (it is not listed here).
+    /// A link not delivered now is delivered by the outbox sweep of the identity's shard.
     async fn bind_and_link(&self, binds: BTreeMap<ShardId, Vec<(Identity, OneId)>>) {
         if binds.is_empty() {
             return;

@@ -15,7 +15,7 @@ const BATCH: usize = 50;
 fn event(n: usize) -> (usize, Value, i64, u64) {
     let customer = n % CUSTOMERS;
     let phone = format!("1380000{customer:04}");
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         let e = json!({"event_id": format!("c-{n}"), "type": "points_earn", "identities": {"phone": phone}, "points": 7});
         (customer, e, 7, 0)
     } else {

@@ -10,8 +10,9 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 pub struct Activations {
-    /// Most recently used last; each with the time it was last touched.
-    cache: LruCache<OneId, (Profile, Instant)>,
+    /// Most recently used last; each with the pair hash of its stored bytes (for the digest)
+    /// and the time it was last touched.
+    cache: LruCache<OneId, (Profile, u64, Instant)>,
     /// Activations passivated so far (budget or idleness).
     pub passivated: u64,
     pub activated: u64,
@@ -26,21 +27,21 @@ impl Activations {
         }
     }
 
-    pub fn get(&mut self, oneid: OneId) -> Option<&Profile> {
-        let (profile, touched) = self.cache.get_mut(&oneid)?;
+    pub fn get(&mut self, oneid: OneId) -> Option<(&Profile, u64)> {
+        let (profile, stored_hash, touched) = self.cache.get_mut(&oneid)?;
         *touched = Instant::now();
-        Some(profile)
+        Some((profile, *stored_hash))
     }
 
     /// Activates or refreshes a profile; passivates the least recently used past the budget.
-    pub fn insert(&mut self, profile: Profile) {
+    pub fn insert(&mut self, profile: Profile, stored_hash: u64) {
         let oneid = profile.oneid;
         if !self.cache.contains(&oneid) {
             self.activated += 1;
         }
         if self
             .cache
-            .push(oneid, (profile, Instant::now()))
+            .push(oneid, (profile, stored_hash, Instant::now()))
             .is_some_and(|(evicted, _)| evicted != oneid)
         {
             self.passivated += 1;
@@ -50,7 +51,7 @@ impl Activations {
     /// Passivates activations idle for longer than `idle`.
     pub fn passivate_idle(&mut self, idle: Duration) {
         let now = Instant::now();
-        while let Some((_, (_, touched))) = self.cache.peek_lru() {
+        while let Some((_, (_, _, touched))) = self.cache.peek_lru() {
             if now.duration_since(*touched) < idle {
                 break;
             }

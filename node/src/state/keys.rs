@@ -57,17 +57,14 @@ pub fn dedup(oneid: OneId, event_id: &str) -> Vec<u8> {
 
 pub const DEDUP_EVICTION_PREFIX: &[u8] = b"e";
 
+/// Clocks before 1970 (negative) sort as 0: big-endian order is numeric only for non-negatives.
 pub fn dedup_eviction(clock_ms: i64, seq: u64) -> Vec<u8> {
+    let clock_ms = clock_ms.max(0);
     let mut key = Vec::with_capacity(17);
     key.push(b'e');
     key.extend_from_slice(&clock_ms.to_be_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
     key
-}
-
-/// The clock at which a dedup eviction key was written.
-pub fn dedup_eviction_clock(key: &[u8]) -> i64 {
-    i64::from_be_bytes(key[1..9].try_into().expect("eviction keys hold a clock"))
 }
 
 pub const OUTBOX_PREFIX: &[u8] = b"x";

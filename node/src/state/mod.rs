@@ -32,7 +32,7 @@ use profile::{
 use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use store::{pair_hash, Layered, StateRead, WriteSet};
 
 /// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
@@ -144,18 +144,30 @@ impl Tx<'_> {
         self.get(key).map(|bytes| decode(key, &bytes))
     }
 
-    fn scan(
-        &self,
-        prefix: &[u8],
-        from: Option<&[u8]>,
-        reverse: bool,
-        limit: usize,
-    ) -> Vec<(Vec<u8>, Vec<u8>)> {
-        Layered {
+    /// Up to `limit` pairs under `prefix` whose keys sort before `below`, in key order. Reads
+    /// in small chunks, so the work is bounded by what is returned, not by what is stored.
+    fn scan_below(&self, prefix: &[u8], below: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        const CHUNK: usize = 64;
+        let view = Layered {
             base: self.base,
             writes: self.writes,
+        };
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        while out.len() < limit {
+            let from = out.last().map(|(key, _)| key.clone());
+            let chunk = view.scan(prefix, from.as_deref(), false, CHUNK.min(limit - out.len()));
+            let exhausted = chunk.len() < CHUNK.min(limit - out.len());
+            for pair in chunk {
+                if pair.0.as_slice() >= below {
+                    return out;
+                }
+                out.push(pair);
+            }
+            if exhausted {
+                break;
+            }
         }
-        .scan(prefix, from, reverse, limit)
+        out
     }
 
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
@@ -171,15 +183,36 @@ impl Tx<'_> {
     }
 
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        self.set(
-            key,
-            Some(postcard::to_stdvec(value).expect("state records always encode")),
+        self.set(key, Some(encode(value)));
+    }
+
+    /// Writes `bytes` over a value whose pair hash is `old` (`None`: the key is new), without
+    /// reading the old value back: the caller already knows it.
+    fn put_known(&mut self, key: Vec<u8>, old: Option<u64>, bytes: Vec<u8>) {
+        debug_assert_eq!(
+            old,
+            self.get(&key).map(|b| pair_hash(&key, &b)),
+            "wrong old value for {key:?}"
         );
+        if let Some(old) = old {
+            *self.digest = self.digest.wrapping_sub(old);
+        }
+        *self.digest = self.digest.wrapping_add(pair_hash(&key, &bytes));
+        self.writes.changes.insert(key, Some(bytes));
+    }
+
+    /// Writes a key known to be absent (a fresh sequence number, a key just read as absent).
+    fn put_new<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.put_known(key, None, encode(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
         self.set(key, None);
     }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("state records always encode")
 }
 
 /// Decodes a stored record. State that does not decode is corrupt: stop the node.
@@ -195,18 +228,16 @@ fn reject_field(code: ErrorCode, field: &str, message: impl Into<String>) -> Eve
     EventError::field(code, field, message)
 }
 
-/// Writes one event makes, held back until the whole event is known to succeed.
+/// Writes one event makes, held back until the whole event is known to succeed; each with
+/// the pair hash of the value it replaces (`None` for a new key).
 #[derive(Default)]
 struct EventWrites {
-    changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    changes: Vec<(Vec<u8>, Option<u64>, Vec<u8>)>,
 }
 
 impl EventWrites {
-    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        self.changes.push((
-            key,
-            Some(postcard::to_stdvec(value).expect("state records always encode")),
-        ));
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, old: Option<u64>, value: &T) {
+        self.changes.push((key, old, encode(value)));
     }
 }
 
@@ -296,8 +327,13 @@ impl ShardState {
                     .collect(),
             ),
             Command::Link(pairs) => {
+                // One change per profile, whatever the number of identities it gains.
+                let mut by_profile: BTreeMap<OneId, Vec<Identity>> = BTreeMap::new();
                 for (oneid, identity) in pairs {
-                    self.apply_link(&mut tx, oneid, identity);
+                    by_profile.entry(oneid).or_default().push(identity);
+                }
+                for (oneid, identities) in by_profile {
+                    self.apply_link(&mut tx, oneid, identities);
                 }
                 Output::None
             }
@@ -337,39 +373,45 @@ impl ShardState {
 
     /// Reads a profile for the API, through the activation cache.
     pub fn read_profile(&mut self, view: &Layered<'_>, oneid: OneId) -> Option<Profile> {
-        if let Some(profile) = self.activations.get(oneid) {
+        if let Some((profile, _)) = self.activations.get(oneid) {
             return Some(profile.clone());
         }
-        let profile: Profile = view.get(&keys::profile(oneid)).map(|b| decode(b"p", &b))?;
-        self.activations.insert(profile.clone());
+        let key = keys::profile(oneid);
+        let bytes = view.get(&key)?;
+        let profile: Profile = decode(&key, &bytes);
+        self.activations
+            .insert(profile.clone(), pair_hash(&key, &bytes));
         Some(profile)
     }
 
-    fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<Profile> {
-        if let Some(profile) = self.activations.get(oneid) {
-            return Some(profile.clone());
+    /// Activates a profile for apply: the profile, and the pair hash of its stored bytes.
+    fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<(Profile, u64)> {
+        if let Some((profile, stored_hash)) = self.activations.get(oneid) {
+            return Some((profile.clone(), stored_hash));
         }
-        tx.get_as(&keys::profile(oneid))
+        let key = keys::profile(oneid);
+        let bytes = tx.get(&key)?;
+        Some((decode(&key, &bytes), pair_hash(&key, &bytes)))
     }
 
-    fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile) {
-        tx.put(keys::profile(profile.oneid), &profile);
-        self.activations.insert(profile);
+    /// Writes a profile through and keeps it activated; `old` is the hash `load_profile` gave.
+    fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile, old: Option<u64>) {
+        let key = keys::profile(profile.oneid);
+        let bytes = encode(&profile);
+        let stored_hash = pair_hash(&key, &bytes);
+        tx.put_known(key, old, bytes);
+        self.activations.insert(profile, stored_hash);
     }
 
     fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, dedup_retention_days: u32) {
         self.meta.clock = self.meta.clock.max(now);
         let horizon = self.meta.clock.0 - i64::from(dedup_retention_days) * DAY_MS;
-        let due = tx.scan(
+        let below = keys::dedup_eviction(horizon, 0);
+        for (key, dedup_key) in tx.scan_below(
             keys::DEDUP_EVICTION_PREFIX,
-            None,
-            false,
+            &below,
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
-        );
-        for (key, dedup_key) in due {
-            if keys::dedup_eviction_clock(&key) >= horizon {
-                break;
-            }
+        ) {
             tx.delete(dedup_key);
             tx.delete(key);
         }
@@ -403,32 +445,36 @@ impl ShardState {
         }
     }
 
-    fn apply_link(&mut self, tx: &mut Tx<'_>, oneid: OneId, identity: Identity) {
+    /// Lists identities (bound to `oneid` by their shards) on the profile. Idempotent; values
+    /// past the identity limit are not listed.
+    fn apply_link(&mut self, tx: &mut Tx<'_>, oneid: OneId, identities: Vec<Identity>) {
         assert_eq!(oneid.shard(), self.shard, "link routed to the wrong shard");
-        let Some(mut profile) = self.load_profile(tx, oneid) else {
+        let Some((mut profile, stored_hash)) = self.load_profile(tx, oneid) else {
             return;
         };
-        let values = profile.identities.get(&identity.kind);
-        if values.is_some_and(|v| v.contains(&identity.value))
-            || profile.identity_count() >= IDENTITIES_PER_PROFILE_MAX
-        {
-            return;
+        let mut changed = false;
+        for identity in identities {
+            if profile.identity_count() >= IDENTITIES_PER_PROFILE_MAX {
+                break;
+            }
+            changed |= profile
+                .identities
+                .entry(identity.kind)
+                .or_default()
+                .insert(identity.value);
         }
-        profile
-            .identities
-            .entry(identity.kind)
-            .or_default()
-            .insert(identity.value);
-        profile.version += 1;
-        self.evaluate_rule_tags(&mut profile);
-        self.store_profile(tx, profile);
+        if changed {
+            profile.version += 1;
+            self.evaluate_rule_tags(&mut profile);
+            self.store_profile(tx, profile, Some(stored_hash));
+        }
     }
 
     fn apply_event(&mut self, tx: &mut Tx<'_>, index: u64, routed: Routed) -> EventOutcome {
         let Routed {
             event,
             target,
-            linked_elsewhere,
+            link_elsewhere,
         } = routed;
         let local: Vec<(Identity, Option<OneId>)> = event
             .identities
@@ -456,7 +502,7 @@ impl ShardState {
             ));
         }
 
-        let (mut profile, created) = match first {
+        let (mut profile, stored_hash) = match first {
             Some(oneid) if oneid.shard() != self.shard => {
                 // Linked on another shard after the router resolved it: the retry routes there.
                 return EventOutcome::Rejected(reject(
@@ -465,7 +511,7 @@ impl ShardState {
                 ));
             }
             Some(oneid) => match self.load_profile(tx, oneid) {
-                Some(profile) => (profile, false),
+                Some((profile, stored_hash)) => (profile, Some(stored_hash)),
                 None => {
                     return EventOutcome::Rejected(reject_field(
                         ErrorCode::NotFound,
@@ -476,9 +522,10 @@ impl ShardState {
             },
             None => {
                 let oneid = OneId::mint(self.shard, self.meta.profile_seq + 1);
-                (Profile::new(oneid, &self.rules, event.ts), true)
+                (Profile::new(oneid, &self.rules, event.ts), None)
             }
         };
+        let created = stored_hash.is_none();
         let oneid = profile.oneid;
         let dedup_key = keys::dedup(oneid, &event.event_id);
         if !created && tx.get(&dedup_key).is_some() {
@@ -489,25 +536,33 @@ impl ShardState {
         if let Err(error) = self.apply_body(tx, &mut profile, &event, &mut writes) {
             return EventOutcome::Rejected(error);
         }
-        // Identities: bind the unbound ones held here, list those bound elsewhere.
+        // Identities: bind and list the unbound ones held here; those held by other shards are
+        // bound and listed after this event applies, but count against the limit now.
         let mut new_bindings = Vec::new();
         for identity in local
             .iter()
             .filter(|(_, bound)| bound.is_none())
             .map(|(identity, _)| identity)
-            .chain(&linked_elsewhere)
         {
             if profile
                 .identities
                 .entry(identity.kind.clone())
                 .or_default()
                 .insert(identity.value.clone())
-                && identity.shard(self.n_shards) == self.shard
             {
                 new_bindings.push(identity);
             }
         }
-        if profile.identity_count() > IDENTITIES_PER_PROFILE_MAX {
+        let to_link = link_elsewhere
+            .iter()
+            .filter(|id| {
+                !profile
+                    .identities
+                    .get(&id.kind)
+                    .is_some_and(|v| v.contains(&id.value))
+            })
+            .count();
+        if profile.identity_count() + to_link > IDENTITIES_PER_PROFILE_MAX {
             return EventOutcome::Rejected(reject_field(
                 ErrorCode::IdentityLimit,
                 "identities",
@@ -536,23 +591,25 @@ impl ShardState {
         if created {
             self.meta.profile_seq += 1;
         }
+        // Identities listed here were read as unbound, the dedup key as absent, and ledger and
+        // eviction keys carry fresh sequence numbers: no old values to read back.
         for identity in new_bindings {
-            tx.put(keys::identity(identity), &oneid);
+            tx.put_new(keys::identity(identity), &oneid);
         }
-        for (key, value) in writes.changes {
-            tx.set(key, value);
+        for (key, old, bytes) in writes.changes {
+            tx.put_known(key, old, bytes);
         }
         self.meta.dedup_seq += 1;
         let eviction_key = keys::dedup_eviction(self.meta.clock.0, self.meta.dedup_seq);
-        tx.put(
+        tx.put_new(
             dedup_key.clone(),
             &DedupRecord {
                 index,
                 eviction_key: eviction_key.clone(),
             },
         );
-        tx.set(eviction_key, Some(dedup_key));
-        self.store_profile(tx, profile);
+        tx.put_known(eviction_key, None, dedup_key);
+        self.store_profile(tx, profile, stored_hash);
         EventOutcome::Applied(oneid)
     }
 
@@ -579,7 +636,11 @@ impl ShardState {
                 reason,
                 shortfall,
             };
-            writes.put(keys::ledger(profile.oneid, profile.ledger_seq), &record);
+            writes.put(
+                keys::ledger(profile.oneid, profile.ledger_seq),
+                None,
+                &record,
+            );
             profile.ledger_seq += 1;
         };
         match &event.body {
@@ -632,17 +693,19 @@ impl ShardState {
                     reversed: 0,
                     in_window,
                 };
-                writes.put(key, &record);
+                writes.put(key, None, &record);
             }
             EventBody::Refund { order_id, amount } => {
                 let key = keys::order(profile.oneid, order_id);
-                let Some(mut order) = tx.get_as::<OrderRecord>(&key) else {
+                let Some(stored) = tx.get(&key) else {
                     return Err(reject_field(
                         ErrorCode::UnknownOrder,
                         "order_id",
                         format!("{} has no order {order_id:?}", profile.oneid),
                     ));
                 };
+                let stored_hash = pair_hash(&key, &stored);
+                let mut order: OrderRecord = decode(&key, &stored);
                 let rest = Money(order.amount.0 - order.refunded.0);
                 let amount = amount.unwrap_or(rest);
                 if amount > rest || amount.0 <= 0 {
@@ -684,7 +747,7 @@ impl ShardState {
                     "spend went negative on {}",
                     profile.oneid
                 );
-                writes.put(key, &order);
+                writes.put(key, Some(stored_hash), &order);
             }
             EventBody::PointsEarn {
                 points,

@@ -63,7 +63,7 @@ fn routed(json: Json, target: Target) -> Routed {
     Routed {
         event: event(&json),
         target,
-        linked_elsewhere: vec![],
+        link_elsewhere: vec![],
     }
 }
 
