@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Concurrent lookup clients.
     #[arg(long, default_value_t = 32)]
     clients: usize,
+    /// Seconds to wait after ingest, so background flushes settle before lookups are timed.
+    #[arg(long, default_value_t = 3)]
+    settle: u64,
     /// Seconds of lookups per target.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -240,6 +243,7 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
     let ingest_secs = started.elapsed().as_secs_f64();
     let ingest_rate = total as f64 / ingest_secs;
 
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
     // Lookups against the node, then against the baseline serving one of its profiles.
     let (node_rate, node_lat) =
         lookup_load(server, Arc::clone(&customers), args.clients, args.seconds).await?;

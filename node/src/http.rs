@@ -10,6 +10,7 @@ use crate::command::Command;
 use crate::metrics::{Metrics, Route};
 use crate::router::Router;
 use crate::shard::{Query, QueryReply, ShardError};
+use crate::storage::StateReader;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -44,6 +45,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub struct Api {
     pub router: Router,
+    /// Profile, identity and ledger reads, straight from storage.
+    pub reader: StateReader,
     pub metrics: Arc<Metrics>,
     pub node_id: u64,
     pub nodes: Vec<NodeView>,
@@ -285,22 +288,6 @@ impl Api {
         Ok(json(StatusCode::OK, &response))
     }
 
-    async fn read_profile(
-        &self,
-        oneid: OneId,
-    ) -> Result<Option<oneid_protocol::api::ProfileDoc>, ApiError> {
-        match self.router.shards.get().expect("started")[oneid.shard().0 as usize]
-            .send(Query::Profile(oneid))
-            .await
-        {
-            Ok(QueryReply::Profile(profile)) => Ok(profile.map(|p| p.to_doc())),
-            _ => Err(ApiError::unavailable(format!(
-                "shard {} did not answer",
-                oneid.shard()
-            ))),
-        }
-    }
-
     fn parse_oneid(&self, text: &str) -> Result<OneId, ApiError> {
         let oneid: OneId = text.parse().map_err(|()| {
             ApiError::field(
@@ -319,10 +306,10 @@ impl Api {
     async fn get_profile(&self, oneid: &str) -> Reply {
         let oneid = self.parse_oneid(oneid)?;
         let profile = self
-            .read_profile(oneid)
-            .await?
+            .reader
+            .profile(oneid)
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
-        Ok(json(StatusCode::OK, &profile))
+        Ok(json(StatusCode::OK, &profile.to_doc()))
     }
 
     async fn lookup(&self, query: Option<&str>) -> Reply {
@@ -347,18 +334,7 @@ impl Api {
             kind: param("kind")?,
             value: param("value")?,
         };
-        let shard = identity.shard(self.router.n_shards);
-        let bound = match self.router.shards.get().expect("started")[shard.0 as usize]
-            .send(Query::Resolve(vec![identity.clone()]))
-            .await
-        {
-            Ok(QueryReply::Resolve(bound)) => bound.into_iter().next().flatten(),
-            _ => {
-                return Err(ApiError::unavailable(format!(
-                    "shard {shard} did not answer"
-                )))
-            }
-        };
+        let bound = self.reader.identity(&identity);
         let oneid = bound.ok_or_else(|| {
             not_found(format!(
                 "no profile has identity {}={:?}",
@@ -366,10 +342,10 @@ impl Api {
             ))
         })?;
         let profile = self
-            .read_profile(oneid)
-            .await?
+            .reader
+            .profile(oneid)
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
-        Ok(json(StatusCode::OK, &profile))
+        Ok(json(StatusCode::OK, &profile.to_doc()))
     }
 
     async fn ledger(&self, oneid: &str, query: Option<&str>) -> Reply {
@@ -397,21 +373,10 @@ impl Api {
                 _ => {}
             }
         }
-        let answer = self.router.shards.get().expect("started")[oneid.shard().0 as usize]
-            .send(Query::Ledger {
-                oneid,
-                limit: limit + 1,
-                before,
-            })
-            .await;
-        let Ok(QueryReply::Ledger(entries)) = answer else {
-            return Err(ApiError::unavailable(format!(
-                "shard {} did not answer",
-                oneid.shard()
-            )));
-        };
-        let mut entries =
-            entries.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        let mut entries = self
+            .reader
+            .ledger(oneid, limit + 1, before)
+            .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         let next = if entries.len() > limit {
             entries.truncate(limit);
             entries.last().map(|(seq, _)| format!("{seq:x}"))

@@ -112,8 +112,11 @@ fn main() -> anyhow::Result<()> {
         unreachable!("shards are set once");
     }
 
+    let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
     let api = Arc::new(http::Api {
+        reader: reader.clone(),
         router: router::Router {
+            reader,
             shards: Arc::clone(&shards),
             n_shards: c.shards,
             metrics: Arc::clone(&metrics),

@@ -20,7 +20,8 @@
 
 use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
 use crate::metrics::Metrics;
-use crate::shard::{Propose, Query, QueryReply, ShardError, ShardMap};
+use crate::shard::{Propose, ShardError, ShardMap};
+use crate::storage::StateReader;
 use futures::future::join_all;
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};
@@ -34,6 +35,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct Router {
     pub shards: ShardMap,
+    /// Identity resolution reads acknowledged state directly; apply re-checks it.
+    pub reader: StateReader,
     pub n_shards: u32,
     pub metrics: Arc<Metrics>,
 }
@@ -185,26 +188,14 @@ impl Router {
                     .insert(identity.clone());
             }
         }
-        let lookups = by_shard.into_iter().map(|(shard, identities)| {
-            let identities: Vec<Identity> = identities.into_iter().collect();
-            let request = self.addr(shard).send(Query::Resolve(identities.clone()));
-            (shard, async move { (identities, request.await) })
-        });
-        let mut bindings: BTreeMap<Identity, Option<OneId>> = BTreeMap::new();
-        let mut unreachable: BTreeSet<Identity> = BTreeSet::new();
-        for (_, (identities, answer)) in per_shard(lookups).await {
-            match answer {
-                Ok(QueryReply::Resolve(bound)) => {
-                    bindings.extend(identities.into_iter().zip(bound))
-                }
-                _ => unreachable.extend(identities),
-            }
-        }
-        // Identities whose shard did not answer resolve as unbound; their events fail at the
-        // shard too and are answered `unavailable`.
-        for identity in unreachable {
-            bindings.insert(identity, None);
-        }
+        let bindings: BTreeMap<Identity, Option<OneId>> = by_shard
+            .into_values()
+            .flatten()
+            .map(|identity| {
+                let bound = self.reader.identity(&identity);
+                (identity, bound)
+            })
+            .collect();
         let mut unbound_in_wave: BTreeSet<&Identity> = BTreeSet::new();
         let mut split = todo.len();
         for (i, (_, event)) in todo.iter().enumerate() {

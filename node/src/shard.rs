@@ -15,10 +15,9 @@ use crate::command::{Command, Output};
 use crate::config::node_of_raft_id;
 use crate::metrics::Metrics;
 use crate::state::keys;
-use crate::state::profile::Profile;
-use crate::state::store::{Layered, StateRead, WriteSet};
-use crate::state::{decode, LedgerRecord, OutboxRecord, ShardState};
-use crate::storage::{Space, Storage, WriteJob, WriteOp, Writer};
+use crate::state::store::{Layered, WriteSet};
+use crate::state::{decode, OutboxRecord, ShardState};
+use crate::storage::{FjallState, Space, Storage, WriteJob, WriteOp, Writer};
 use actix::prelude::*;
 use oneid_protocol::api::ShardView;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
@@ -29,7 +28,6 @@ use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -117,67 +115,6 @@ pub struct ShardActor {
     outbox_sweeping: bool,
     last_sweep: Instant,
     reported_activations: (u64, u64, usize),
-}
-
-/// A fjall keyspace as the state machine's read view. A read error is not deterministic:
-/// it stops the node rather than being answered.
-pub struct FjallState<'a>(pub &'a fjall::Keyspace);
-
-impl StateRead for FjallState<'_> {
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0
-            .get(key)
-            .unwrap_or_else(|e| panic!("reading state failed: {e}"))
-            .map(|v| v.to_vec())
-    }
-
-    fn scan(
-        &self,
-        prefix: &[u8],
-        from: Option<&[u8]>,
-        reverse: bool,
-        limit: usize,
-    ) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let lower = match (from, reverse) {
-            (Some(from), false) => Bound::Excluded(from.to_vec()),
-            _ => Bound::Included(prefix.to_vec()),
-        };
-        let upper = match (from, reverse) {
-            (Some(from), true) => Bound::Excluded(from.to_vec()),
-            _ => prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded),
-        };
-        let iter = self.0.range::<Vec<u8>, _>((lower, upper));
-        let pair = |guard: fjall::Guard| {
-            let (k, v) = guard
-                .into_inner()
-                .unwrap_or_else(|e| panic!("reading state failed: {e}"));
-            (k.to_vec(), v.to_vec())
-        };
-        if reverse {
-            iter.rev()
-                .take(limit)
-                .map(pair)
-                .filter(|(k, _)| k.starts_with(prefix))
-                .collect()
-        } else {
-            iter.take(limit)
-                .map(pair)
-                .filter(|(k, _)| k.starts_with(prefix))
-                .collect()
-        }
-    }
-}
-
-/// The first key after every key that starts with `prefix`, if there is one.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 fn hard_state_key(shard: ShardId) -> Vec<u8> {
@@ -597,10 +534,6 @@ impl ShardActor {
                 .map(|(), actor, _| actor.outbox_sweeping = false),
         );
     }
-
-    fn view(&self) -> (Arc<Storage>, ShardId) {
-        (Arc::clone(&self.storage), self.shard)
-    }
 }
 
 impl Actor for ShardActor {
@@ -644,27 +577,16 @@ impl Handler<Flushed> for ShardActor {
     }
 }
 
-/// Reads answered from the applied state.
+/// Questions about the shard replica itself. Profile, identity and ledger reads do not come
+/// here: they read acknowledged state from fjall directly (`storage::StateReader`).
 #[derive(Message)]
 #[rtype(result = "QueryReply")]
 pub enum Query {
-    Profile(OneId),
-    /// The profile bound to each identity (which must be held by this shard's index).
-    Resolve(Vec<Identity>),
-    /// Up to `limit` ledger entries of a profile, newest first, older than `before`.
-    Ledger {
-        oneid: OneId,
-        limit: usize,
-        before: Option<u64>,
-    },
     Status,
     Rules,
 }
 
 pub enum QueryReply {
-    Profile(Option<Box<Profile>>),
-    Resolve(Vec<Option<OneId>>),
-    Ledger(Option<Vec<(u64, LedgerRecord)>>),
     Status(ShardView),
     Rules(Box<Rules>),
 }
@@ -681,38 +603,7 @@ impl Handler<Query> for ShardActor {
     type Result = QueryReply;
 
     fn handle(&mut self, query: Query, _: &mut Context<Self>) -> QueryReply {
-        let (storage, shard) = self.view();
-        let base = FjallState(storage.state(shard));
-        let view = Layered {
-            base: &base,
-            writes: &self.pending,
-        };
         match query {
-            Query::Profile(oneid) => {
-                QueryReply::Profile(self.state.read_profile(&view, oneid).map(Box::new))
-            }
-            Query::Resolve(identities) => QueryReply::Resolve(
-                identities
-                    .iter()
-                    .map(|i| view.get(&keys::identity(i)).map(|b| decode(b"i", &b)))
-                    .collect(),
-            ),
-            Query::Ledger {
-                oneid,
-                limit,
-                before,
-            } => {
-                if self.state.read_profile(&view, oneid).is_none() {
-                    return QueryReply::Ledger(None);
-                }
-                let from = before.map(|seq| keys::ledger(oneid, seq));
-                let entries = view
-                    .scan(&keys::ledger_prefix(oneid), from.as_deref(), true, limit)
-                    .into_iter()
-                    .map(|(key, value)| (keys::ledger_seq(&key), decode(&key, &value)))
-                    .collect();
-                QueryReply::Ledger(Some(entries))
-            }
             Query::Status => {
                 let hard_state = self.raft.raft.hard_state();
                 QueryReply::Status(ShardView {

@@ -9,9 +9,14 @@
 //! process: nothing after it may be acknowledged.
 
 use crate::metrics::Metrics;
+use crate::state::keys;
+use crate::state::profile::Profile;
+use crate::state::store::StateRead;
+use crate::state::{decode, LedgerRecord};
 use anyhow::Context;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use oneid_protocol::ids::ShardId;
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -158,5 +163,129 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         for job in jobs {
             (job.done)();
         }
+    }
+}
+
+/// A fjall keyspace as the state machine's read view. A read error is not deterministic:
+/// it stops the node rather than being answered.
+pub struct FjallState<'a>(pub &'a fjall::Keyspace);
+
+impl StateRead for FjallState<'_> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0
+            .get(key)
+            .unwrap_or_else(|e| panic!("reading state failed: {e}"))
+            .map(|v| v.to_vec())
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let lower = match (from, reverse) {
+            (Some(from), false) => Bound::Excluded(from.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let upper = match (from, reverse) {
+            (Some(from), true) => Bound::Excluded(from.to_vec()),
+            _ => prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded),
+        };
+        let iter = self.0.range::<Vec<u8>, _>((lower, upper));
+        let pair = |guard: fjall::Guard| {
+            let (k, v) = guard
+                .into_inner()
+                .unwrap_or_else(|e| panic!("reading state failed: {e}"));
+            (k.to_vec(), v.to_vec())
+        };
+        if reverse {
+            iter.rev()
+                .take(limit)
+                .map(pair)
+                .filter(|(k, _)| k.starts_with(prefix))
+                .collect()
+        } else {
+            iter.take(limit)
+                .map(pair)
+                .filter(|(k, _)| k.starts_with(prefix))
+                .collect()
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Reads of acknowledged state straight from fjall, on the caller's thread (the API's), without
+/// a round trip through the shard actors. A proposal is acknowledged only after the writer has
+/// committed its changes to fjall, so these reads see every acknowledged write. They may also
+/// see applied changes a moment before their fsync; those are re-derived from the fsynced log
+/// after a crash, so nothing seen here can be lost.
+#[derive(Clone)]
+pub struct StateReader {
+    storage: Arc<Storage>,
+    n_shards: u32,
+}
+
+impl StateReader {
+    pub fn new(storage: Arc<Storage>, n_shards: u32) -> StateReader {
+        StateReader { storage, n_shards }
+    }
+
+    fn shard(&self, shard: ShardId) -> FjallState<'_> {
+        FjallState(self.storage.state(shard))
+    }
+
+    /// The profile an identity is bound to.
+    pub fn identity(&self, identity: &Identity) -> Option<OneId> {
+        let key = keys::identity(identity);
+        self.shard(identity.shard(self.n_shards))
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))
+    }
+
+    pub fn profile(&self, oneid: OneId) -> Option<Profile> {
+        if oneid.shard().0 >= self.n_shards {
+            return None;
+        }
+        let key = keys::profile(oneid);
+        self.shard(oneid.shard())
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))
+    }
+
+    /// Up to `limit` ledger entries of a profile, newest first, older than sequence `before`;
+    /// `None` if the profile does not exist.
+    pub fn ledger(
+        &self,
+        oneid: OneId,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Option<Vec<(u64, LedgerRecord)>> {
+        self.profile(oneid)?;
+        let from = before.map(|seq| keys::ledger(oneid, seq));
+        let entries = self.shard(oneid.shard()).scan(
+            &keys::ledger_prefix(oneid),
+            from.as_deref(),
+            true,
+            limit,
+        );
+        Some(
+            entries
+                .into_iter()
+                .map(|(key, value)| (keys::ledger_seq(&key), decode(&key, &value)))
+                .collect(),
+        )
     }
 }

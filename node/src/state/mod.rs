@@ -371,7 +371,9 @@ impl ShardState {
         Output::None
     }
 
-    /// Reads a profile for the API, through the activation cache.
+    /// Reads a profile through the activation cache (the API reads storage directly; tests use
+    /// this to check that activations equal what is stored).
+    #[cfg(test)]
     pub fn read_profile(&mut self, view: &Layered<'_>, oneid: OneId) -> Option<Profile> {
         if let Some((profile, _)) = self.activations.get(oneid) {
             return Some(profile.clone());
