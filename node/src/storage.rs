@@ -15,11 +15,13 @@ use crate::state::store::StateRead;
 use crate::state::{decode, LedgerRecord};
 use anyhow::Context;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use std::num::NonZeroUsize;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
@@ -232,15 +234,33 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// committed its changes to fjall, so these reads see every acknowledged write. They may also
 /// see applied changes a moment before their fsync; those are re-derived from the fsynced log
 /// after a crash, so nothing seen here can be lost.
+///
+/// Identity bindings are cached: a binding is never changed or removed once made, so a cached
+/// one is never stale. Only found bindings are cached (an unbound identity may be bound next).
 #[derive(Clone)]
 pub struct StateReader {
     storage: Arc<Storage>,
     n_shards: u32,
+    bindings: Arc<[Mutex<LruCache<Identity, OneId>>]>,
 }
+
+/// Identity bindings the reader keeps in memory, over all stripes.
+pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 256 * 1024;
+/// Stripes of the identity cache, each behind its own lock, so API threads rarely wait.
+const IDENTITY_CACHE_STRIPES: usize = 16;
 
 impl StateReader {
     pub fn new(storage: Arc<Storage>, n_shards: u32) -> StateReader {
-        StateReader { storage, n_shards }
+        let per_stripe = NonZeroUsize::new(IDENTITY_CACHE_ENTRIES_MAX / IDENTITY_CACHE_STRIPES)
+            .expect("stripes hold entries");
+        let bindings = (0..IDENTITY_CACHE_STRIPES)
+            .map(|_| Mutex::new(LruCache::new(per_stripe)))
+            .collect();
+        StateReader {
+            storage,
+            n_shards,
+            bindings,
+        }
     }
 
     fn shard(&self, shard: ShardId) -> FjallState<'_> {
@@ -250,9 +270,20 @@ impl StateReader {
     /// The profile an identity is bound to.
     pub fn identity(&self, identity: &Identity) -> Option<OneId> {
         let key = keys::identity(identity);
-        self.shard(identity.shard(self.n_shards))
+        let stripe = &self.bindings
+            [(xxhash_rust::xxh3::xxh3_64(&key) % IDENTITY_CACHE_STRIPES as u64) as usize];
+        if let Some(oneid) = stripe.lock().expect("identity cache lock").get(identity) {
+            return Some(*oneid);
+        }
+        let oneid: OneId = self
+            .shard(identity.shard(self.n_shards))
             .get(&key)
-            .map(|bytes| decode(&key, &bytes))
+            .map(|bytes| decode(&key, &bytes))?;
+        stripe
+            .lock()
+            .expect("identity cache lock")
+            .put(identity.clone(), oneid);
+        Some(oneid)
     }
 
     pub fn profile(&self, oneid: OneId) -> Option<Profile> {
