@@ -12,11 +12,9 @@ use serde::{Deserialize, Serialize};
 /// One Raft log entry's payload, encoded with postcard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// The leader's wall clock. "Now" of the shard is the largest clock applied.
-    Clock {
-        now: Millis,
-        dedup_retention_days: u32,
-    },
+    /// The leader's wall clock. "Now" of the shard is the largest clock applied. Applying it
+    /// processes what fell due and evicts what outlived its retention, a bounded amount each.
+    Clock { now: Millis, retention: Retention },
     /// Replaces the loyalty rules.
     SetRules(Box<Rules>),
     /// Events for profiles of this shard, in request order.
@@ -28,6 +26,16 @@ pub enum Command {
     Link(Vec<(OneId, Identity)>),
     /// Outbox records whose links were delivered.
     OutboxDone(Vec<u64>),
+}
+
+/// How long records are kept, in days; carried by clock entries so that eviction is part of
+/// the log, never of a replica's local configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Event ids remembered for exactly-once.
+    pub dedup_days: u32,
+    /// Points ledger entries.
+    pub ledger_days: u32,
 }
 
 /// An event and how the router resolved its profile.

@@ -34,6 +34,8 @@ pub struct ClusterConfig {
     pub clock_interval_ms: u64,
     /// How long event ids are remembered for exactly-once (at least 7 days is advised).
     pub dedup_retention_days: u32,
+    /// How long points ledger entries are kept.
+    pub ledger_retention_days: u32,
     /// Raft tick length; elections take 10 ticks, heartbeats 1.
     pub tick_ms: u64,
 }
@@ -47,6 +49,7 @@ impl Default for ClusterConfig {
             passivate_idle_secs: 600,
             clock_interval_ms: 1_000,
             dedup_retention_days: 7,
+            ledger_retention_days: 730,
             tick_ms: 100,
         }
     }
@@ -107,8 +110,9 @@ impl Config {
             || c.clock_interval_ms == 0
             || c.tick_ms == 0
             || c.dedup_retention_days == 0
+            || c.ledger_retention_days == 0
         {
-            bail!("cluster.activation_budget, clock_interval_ms, tick_ms and dedup_retention_days must be above 0");
+            bail!("cluster.activation_budget, clock_interval_ms, tick_ms, dedup_retention_days and ledger_retention_days must be above 0");
         }
         self.seed_rules()?;
         Ok(())

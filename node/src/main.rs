@@ -88,7 +88,10 @@ fn main() -> anyhow::Result<()> {
             voters: config.voters(shard),
             tick: Duration::from_millis(c.tick_ms),
             clock_interval: Duration::from_millis(c.clock_interval_ms),
-            dedup_retention_days: c.dedup_retention_days,
+            retention: command::Retention {
+                dedup_days: c.dedup_retention_days,
+                ledger_days: c.ledger_retention_days,
+            },
             passivate_idle: Duration::from_secs(c.passivate_idle_secs),
             activation_budget: budget_per_shard,
             seed_rules: seed_rules.clone(),

@@ -11,7 +11,7 @@
 //! the changes of the job in flight, and fjall, in that order: a read sees every write that was
 //! acknowledged before it.
 
-use crate::command::{Command, Output};
+use crate::command::{Command, Output, Retention};
 use crate::config::node_of_raft_id;
 use crate::metrics::Metrics;
 use crate::state::keys;
@@ -75,7 +75,7 @@ pub struct ShardSettings {
     pub voters: Vec<u64>,
     pub tick: Duration,
     pub clock_interval: Duration,
-    pub dedup_retention_days: u32,
+    pub retention: Retention,
     pub passivate_idle: Duration,
     pub activation_budget: usize,
     pub seed_rules: Rules,
@@ -407,7 +407,7 @@ impl ShardActor {
         self.last_clock = Instant::now();
         let command = Command::Clock {
             now: Millis::now(),
-            dedup_retention_days: self.settings.dedup_retention_days,
+            retention: self.settings.retention,
         };
         self.propose(&command, None);
     }

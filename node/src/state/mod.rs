@@ -17,7 +17,7 @@ pub mod keys;
 pub mod profile;
 pub mod store;
 
-use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
+use crate::command::{BindOutcome, Command, EventOutcome, Output, Retention, Routed, Target};
 use activations::Activations;
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
@@ -301,11 +301,8 @@ impl ShardState {
             digest: &mut digest,
         };
         let output = match command {
-            Command::Clock {
-                now,
-                dedup_retention_days,
-            } => {
-                self.apply_clock(&mut tx, now, dedup_retention_days);
+            Command::Clock { now, retention } => {
+                self.apply_clock(&mut tx, now, retention);
                 Output::None
             }
             Command::SetRules(rules) => {
@@ -405,9 +402,9 @@ impl ShardState {
         self.activations.insert(profile, stored_hash);
     }
 
-    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, dedup_retention_days: u32) {
+    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) {
         self.meta.clock = self.meta.clock.max(now);
-        let horizon = self.meta.clock.0 - i64::from(dedup_retention_days) * DAY_MS;
+        let horizon = self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS;
         let below = keys::dedup_eviction(horizon, 0);
         for (key, dedup_key) in tx.scan_below(
             keys::DEDUP_EVICTION_PREFIX,

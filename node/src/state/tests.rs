@@ -81,7 +81,10 @@ fn on(oneid: OneId, mut json: Json) -> Routed {
 fn clock(days: i64) -> Command {
     Command::Clock {
         now: at(days),
-        dedup_retention_days: 7,
+        retention: Retention {
+            dedup_days: 7,
+            ledger_days: 730,
+        },
     }
 }
 
@@ -1254,7 +1257,10 @@ fn dedup_records_expire_after_the_retention_window() {
     assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
     h.apply(Command::Clock {
         now: Millis(at(7).0 + 1),
-        dedup_retention_days: 7,
+        retention: Retention {
+            dedup_days: 7,
+            ledger_days: 730,
+        },
     });
     assert_eq!(h.keys_with_prefix(b"d"), 0);
     assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
@@ -1506,7 +1512,10 @@ fn clock_never_goes_back() {
     h.apply(clock(3));
     h.apply(Command::Clock {
         now: Millis(at(3).0 - 1000),
-        dedup_retention_days: 7,
+        retention: Retention {
+            dedup_days: 7,
+            ledger_days: 730,
+        },
     });
     assert_eq!(h.state.meta.clock, at(3));
     assert_eq!(h.meta().clock, at(3));
