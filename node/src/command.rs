@@ -60,6 +60,10 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     None,
+    /// A clock entry; `backlog` when due work was left for the next one.
+    Clock {
+        backlog: bool,
+    },
     Events(Vec<EventOutcome>),
     Bind(Vec<BindOutcome>),
 }

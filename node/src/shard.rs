@@ -112,6 +112,8 @@ pub struct ShardActor {
     compaction: Vec<WriteOp>,
     leader: bool,
     last_clock: Instant,
+    /// The last clock entry applied left due work: propose the next one at the next tick.
+    due_backlog: bool,
     outbox_sweeping: bool,
     last_sweep: Instant,
     reported_activations: (u64, u64, usize),
@@ -202,6 +204,7 @@ impl ShardActor {
             compaction: Vec::new(),
             leader: false,
             last_clock: Instant::now(),
+            due_backlog: false,
             outbox_sweeping: false,
             last_sweep: Instant::now(),
             reported_activations: (0, 0, 0),
@@ -318,6 +321,9 @@ impl ShardActor {
                     self.state.apply_empty(&mut writes, index, term)
                 };
             last_applied = Some(index);
+            if let Output::Clock { backlog } = output {
+                self.due_backlog = backlog;
+            }
             if let Some(proposal) = self.proposals.remove(&index) {
                 if proposal.term == term {
                     acks.push((proposal.reply, output));
@@ -445,7 +451,10 @@ impl ShardActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         self.raft.tick();
-        if self.leader && self.last_clock.elapsed() >= self.settings.clock_interval {
+        if self.leader
+            && (self.due_backlog || self.last_clock.elapsed() >= self.settings.clock_interval)
+        {
+            self.due_backlog = false;
             self.propose_clock();
         }
         if self.leader

@@ -90,6 +90,27 @@ impl Storage {
             .expect("shard is hosted here")
     }
 
+    /// Every keyspace of the database (hosted shards' or not), sorted by name.
+    pub fn keyspaces(&self) -> anyhow::Result<Vec<(String, Keyspace)>> {
+        let mut names: Vec<String> = self
+            .db
+            .list_keyspace_names()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let keyspace = self
+                    .db
+                    .keyspace(&name, KeyspaceCreateOptions::default)
+                    .with_context(|| format!("opening keyspace {name}"))?;
+                Ok((name, keyspace))
+            })
+            .collect()
+    }
+
     fn keyspace(&self, space: Space) -> &Keyspace {
         match space {
             Space::Meta => &self.meta,

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     InvalidRules,
     /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
     Unavailable,
+    /// A one-at-a-time operation is already running (a backup); try again when it is done.
+    Busy,
     /// A bug or a storage failure.
     Internal,
 }
@@ -103,6 +105,8 @@ pub struct ProfileDoc {
     pub points: PointsView,
     pub tier: String,
     pub tier_since: String,
+    /// When the tier's retention period ends (null at the lowest level).
+    pub tier_retained_until: Option<String>,
     pub tags: Vec<String>,
     pub metrics: MetricsView,
     pub channels: BTreeMap<String, String>,
@@ -180,4 +184,42 @@ pub struct ShardView {
     pub applied_index: u64,
     /// Hash of the shard's applied state at `applied_index`, hex.
     pub digest: String,
+}
+
+/// `POST /v1/admin/backup`: what a backup holds, also written as `backup.json` beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupManifest {
+    /// The manifest's format; this is [`BackupManifest::FORMAT`].
+    pub format: u32,
+    /// The node the backup was taken of.
+    pub node: u64,
+    /// When the backup's snapshot was taken (RFC 3339, UTC).
+    pub created_at: String,
+    /// Every shard of the backup, by id, at the snapshot.
+    pub shards: Vec<BackupShard>,
+    /// Every keyspace copied, by name.
+    pub keyspaces: Vec<BackupKeyspace>,
+    /// Pairs copied, over all keyspaces.
+    pub pairs: u64,
+    /// Bytes of keys and values copied, over all keyspaces.
+    pub bytes: u64,
+}
+
+impl BackupManifest {
+    pub const FORMAT: u32 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupShard {
+    pub id: u32,
+    pub applied_index: u64,
+    /// The shard's digest at `applied_index`, 16 hex digits (as `/v1/cluster` shows it).
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupKeyspace {
+    pub name: String,
+    pub pairs: u64,
+    pub bytes: u64,
 }

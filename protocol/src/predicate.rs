@@ -71,6 +71,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::fmt;
 
+use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -203,7 +204,7 @@ impl NumberField {
 }
 
 /// A point in time of a profile, read through `days_since(..)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimeField {
     /// `last_order_at`: the latest order; unset before the first order.
     LastOrderAt,
@@ -312,6 +313,36 @@ impl Predicate {
             }
         });
         uses_time
+    }
+
+    /// The whole-day values of `days_since(field)` at which some comparison of this predicate
+    /// can change its truth (sorted, deduplicated). The result of the whole predicate can only
+    /// change with time when one of them is crossed, at `field + days` whole days; the node
+    /// schedules re-evaluation there instead of re-evaluating every profile on every tick.
+    pub fn day_thresholds(&self) -> Vec<(TimeField, i64)> {
+        let mut thresholds = BTreeSet::new();
+        let mut add = |field: TimeField, value: &Value| {
+            if let Value::Number(number) = value {
+                // `days OP number` over whole days flips at floor(number) or the day after.
+                if let Some(floor) = number.floor().to_i64() {
+                    thresholds.insert((field, floor));
+                    thresholds.insert((field, floor.saturating_add(1)));
+                }
+            }
+        };
+        self.root.walk(&mut |expr| match expr {
+            Expr::Compare {
+                operand: Operand::DaysSince(field),
+                value,
+                ..
+            } => add(*field, value),
+            Expr::In {
+                operand: Operand::DaysSince(field),
+                values,
+            } => values.iter().for_each(|value| add(*field, value)),
+            _ => {}
+        });
+        thresholds.into_iter().collect()
     }
 
     /// The tags this predicate reads through `has_tag` (sorted, deduplicated), so the node can
@@ -1710,5 +1741,34 @@ mod tests {
             r#"{"String":"02139"}"#
         );
         assert!(serde_json::from_str::<Value>(r#"{"Number":"12abc"}"#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod day_threshold_tests {
+    use super::*;
+
+    #[test]
+    fn day_thresholds_are_where_comparisons_can_flip() {
+        let p = Predicate::parse(r#"days_since(last_order_at) > 30 or (days_since(created_at) in (7, 14) and not days_since(last_order_at) <= 2.5)"#).unwrap();
+        assert_eq!(
+            p.day_thresholds(),
+            vec![
+                (TimeField::LastOrderAt, 2),
+                (TimeField::LastOrderAt, 3),
+                (TimeField::LastOrderAt, 30),
+                (TimeField::LastOrderAt, 31),
+                (TimeField::CreatedAt, 7),
+                (TimeField::CreatedAt, 8),
+                (TimeField::CreatedAt, 14),
+                (TimeField::CreatedAt, 15),
+            ]
+        );
+        assert_eq!(
+            Predicate::parse("spend_365d > 10")
+                .unwrap()
+                .day_thresholds(),
+            vec![]
+        );
     }
 }

@@ -12,8 +12,11 @@
 //! | `d`    | `d oneid event_id`                    | `DedupRecord`  |
 //! | `e`    | `e clock_ms seq`                      | dedup key (eviction order) |
 //! | `x`    | `x seq`                               | `OutboxRecord` |
+//! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
+//! | `g`    | `g clock_ms oneid seq`                | ledger key (eviction order) |
 
 use oneid_protocol::ids::{Identity, OneId};
+use oneid_protocol::num::Millis;
 
 pub const META: &[u8] = b"m";
 pub const RULES: &[u8] = b"r";
@@ -81,4 +84,107 @@ fn with_oneid(prefix: u8, oneid: OneId, rest: &[u8]) -> Vec<u8> {
     key.extend_from_slice(&oneid.0.to_be_bytes());
     key.extend_from_slice(rest);
     key
+}
+
+/// What falls due at a time, in the due-time index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueKind {
+    /// A points lot expires; detail: the earning event's id.
+    LotExpiry,
+    /// A manual tag expires; detail: the tag.
+    TagExpiry,
+    /// An order leaves the spend window; detail: the order id.
+    WindowExit,
+    /// A tier's retention period ends; no detail.
+    TierReview,
+    /// A time-based rule tag can flip; no detail.
+    RuleReview,
+}
+
+impl DueKind {
+    fn byte(self) -> u8 {
+        match self {
+            DueKind::LotExpiry => b'L',
+            DueKind::TagExpiry => b'T',
+            DueKind::WindowExit => b'W',
+            DueKind::TierReview => b'R',
+            DueKind::RuleReview => b'D',
+        }
+    }
+
+    fn from_byte(byte: u8) -> DueKind {
+        match byte {
+            b'L' => DueKind::LotExpiry,
+            b'T' => DueKind::TagExpiry,
+            b'W' => DueKind::WindowExit,
+            b'R' => DueKind::TierReview,
+            b'D' => DueKind::RuleReview,
+            other => panic!("corrupt due key kind {other}"),
+        }
+    }
+}
+
+pub const DUE_PREFIX: &[u8] = b"t";
+
+/// `t | due_ms | oneid | kind | detail`: ordered by time, then profile.
+pub fn due(at: Millis, oneid: OneId, kind: DueKind, detail: &[u8]) -> Vec<u8> {
+    let mut key = due_bound(at);
+    key.extend_from_slice(&oneid.0.to_be_bytes());
+    key.push(kind.byte());
+    key.extend_from_slice(detail);
+    key
+}
+
+/// The smallest due key at `at`: every key below it falls due before `at`.
+pub fn due_bound(at: Millis) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32);
+    key.push(b't');
+    key.extend_from_slice(&at.0.max(0).to_be_bytes());
+    key
+}
+
+/// The parts of a due key: when, whose, what, and the detail.
+pub fn parse_due(key: &[u8]) -> (Millis, OneId, DueKind, &[u8]) {
+    assert!(key.len() >= 18 && key[0] == b't', "corrupt due key {key:?}");
+    let at = i64::from_be_bytes(key[1..9].try_into().expect("8 bytes"));
+    let oneid = OneId(u64::from_be_bytes(key[9..17].try_into().expect("8 bytes")));
+    (Millis(at), oneid, DueKind::from_byte(key[17]), &key[18..])
+}
+
+pub const LEDGER_EVICTION_PREFIX: &[u8] = b"g";
+
+/// `g | clock_ms | oneid | seq`: ledger entries in the order they were written.
+pub fn ledger_eviction(clock: Millis, oneid: OneId, seq: u64) -> Vec<u8> {
+    let mut key = ledger_eviction_bound(clock);
+    key.extend_from_slice(&oneid.0.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The smallest ledger eviction key at `clock`.
+pub fn ledger_eviction_bound(clock: Millis) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25);
+    key.push(b'g');
+    key.extend_from_slice(&clock.0.max(0).to_be_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_keys_sort_by_time_and_parse_back() {
+        let a = due(Millis(1_000), OneId(7), DueKind::LotExpiry, b"e-1");
+        let b = due(Millis(2_000), OneId(1), DueKind::TagExpiry, b"vip");
+        assert!(a < b && a < due_bound(Millis(1_001)) && a >= due_bound(Millis(1_000)));
+        assert_eq!(
+            parse_due(&a),
+            (Millis(1_000), OneId(7), DueKind::LotExpiry, &b"e-1"[..])
+        );
+        assert_eq!(
+            parse_due(&b),
+            (Millis(2_000), OneId(1), DueKind::TagExpiry, &b"vip"[..])
+        );
+    }
 }

@@ -13,16 +13,19 @@
 //! so passivation never loses anything.
 
 pub mod activations;
+pub mod due;
 pub mod keys;
 pub mod profile;
 pub mod store;
 
 use crate::command::{BindOutcome, Command, EventOutcome, Output, Retention, Routed, Target};
 use activations::Activations;
+use keys::DueKind;
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::{Millis, Money, DAY_MS};
 use oneid_protocol::predicate::Predicate;
+use oneid_protocol::predicate::TimeField;
 use oneid_protocol::rules::Rules;
 use oneid_protocol::ErrorCode;
 use profile::{
@@ -122,6 +125,8 @@ pub struct ShardState {
     pub meta: ShardMeta,
     rules: Rules,
     tag_rules: Vec<(String, Predicate)>,
+    /// Where the tag rules' `days_since` comparisons can flip (see `due.rs`).
+    time_thresholds: Vec<(TimeField, i64)>,
     pub activations: Activations,
 }
 
@@ -239,6 +244,30 @@ impl EventWrites {
     fn put<T: Serialize>(&mut self, key: Vec<u8>, old: Option<u64>, value: &T) {
         self.changes.push((key, old, encode(value)));
     }
+
+    fn put_raw(&mut self, key: Vec<u8>, old: Option<u64>, bytes: Vec<u8>) {
+        self.changes.push((key, old, bytes));
+    }
+
+    /// Adds a due key (empty value) that may already exist, in the state or in this buffer.
+    fn put_due(&mut self, tx: &Tx<'_>, key: Vec<u8>) {
+        if self.changes.iter().any(|(k, _, _)| *k == key) {
+            return;
+        }
+        let old = tx.get(&key).map(|bytes| pair_hash(&key, &bytes));
+        self.changes.push((key, old, Vec::new()));
+    }
+
+    /// Adds a due key known to be new (it names an order, and order ids never repeat).
+    fn put_new_due(&mut self, key: Vec<u8>) {
+        self.changes.push((key, None, Vec::new()));
+    }
+
+    fn commit(self, tx: &mut Tx<'_>) {
+        for (key, old, bytes) in self.changes {
+            tx.put_known(key, old, bytes);
+        }
+    }
 }
 
 impl ShardState {
@@ -257,15 +286,28 @@ impl ShardState {
             .get(keys::RULES)
             .map(|b| decode(keys::RULES, &b))
             .unwrap_or_default();
-        let tag_rules = rules.compiled_tag_rules();
-        ShardState {
+        let mut state = ShardState {
             shard,
             n_shards,
             meta,
-            rules,
-            tag_rules,
+            rules: Rules::default(),
+            tag_rules: Vec::new(),
+            time_thresholds: Vec::new(),
             activations: Activations::new(activation_budget),
-        }
+        };
+        state.set_rules(rules);
+        state
+    }
+
+    fn set_rules(&mut self, rules: Rules) {
+        self.tag_rules = rules.compiled_tag_rules();
+        let thresholds: BTreeSet<(TimeField, i64)> = self
+            .tag_rules
+            .iter()
+            .flat_map(|(_, predicate)| predicate.day_thresholds())
+            .collect();
+        self.time_thresholds = thresholds.into_iter().collect();
+        self.rules = rules;
     }
 
     pub fn rules(&self) -> &Rules {
@@ -301,14 +343,12 @@ impl ShardState {
             digest: &mut digest,
         };
         let output = match command {
-            Command::Clock { now, retention } => {
-                self.apply_clock(&mut tx, now, retention);
-                Output::None
-            }
+            Command::Clock { now, retention } => Output::Clock {
+                backlog: self.apply_clock(&mut tx, now, retention),
+            },
             Command::SetRules(rules) => {
                 tx.put(keys::RULES.to_vec(), &*rules);
-                self.tag_rules = rules.compiled_tag_rules();
-                self.rules = *rules;
+                self.set_rules(*rules);
                 Output::None
             }
             Command::Events(events) => Output::Events(
@@ -402,7 +442,9 @@ impl ShardState {
         self.activations.insert(profile, stored_hash);
     }
 
-    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) {
+    /// Advances the clock, evicts dedup records past retention, processes what fell due.
+    /// Returns whether due keys were left for the next clock entry.
+    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> bool {
         self.meta.clock = self.meta.clock.max(now);
         let horizon = self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS;
         let below = keys::dedup_eviction(horizon, 0);
@@ -414,6 +456,7 @@ impl ShardState {
             tx.delete(dedup_key);
             tx.delete(key);
         }
+        self.process_due(tx, retention)
     }
 
     fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
@@ -464,8 +507,7 @@ impl ShardState {
         }
         if changed {
             profile.version += 1;
-            self.evaluate_rule_tags(&mut profile);
-            self.store_profile(tx, profile, Some(stored_hash));
+            self.finish_profile(tx, profile, Some(stored_hash));
         }
     }
 
@@ -584,7 +626,6 @@ impl ShardState {
         }
         profile.version += 1;
         profile.updated_at = profile.updated_at.max(event.ts);
-        self.evaluate_rule_tags(&mut profile);
 
         // Everything is accepted: write it.
         if created {
@@ -595,9 +636,7 @@ impl ShardState {
         for identity in new_bindings {
             tx.put_new(keys::identity(identity), &oneid);
         }
-        for (key, old, bytes) in writes.changes {
-            tx.put_known(key, old, bytes);
-        }
+        writes.commit(tx);
         self.meta.dedup_seq += 1;
         let eviction_key = keys::dedup_eviction(self.meta.clock.0, self.meta.dedup_seq);
         tx.put_new(
@@ -608,7 +647,7 @@ impl ShardState {
             },
         );
         tx.put_known(eviction_key, None, dedup_key);
-        self.store_profile(tx, profile, stored_hash);
+        self.finish_profile(tx, profile, stored_hash);
         EventOutcome::Applied(oneid)
     }
 
@@ -621,26 +660,40 @@ impl ShardState {
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
         let now = self.meta.clock;
-        let mut ledger = |profile: &mut Profile,
-                          kind: LedgerKind,
-                          points: i64,
-                          reason: Option<String>,
-                          shortfall: i64| {
-            let record = LedgerRecord {
-                event_id: event.event_id.clone(),
+        // Earned points become a lot, whose expiry goes into the due-time index. (The key may
+        // exist: an event id can earn again once its dedup record was evicted.)
+        let earn = |writes: &mut EventWrites,
+                    profile: &mut Profile,
+                    points: i64,
+                    expires_at: Millis,
+                    event_id: &str| {
+            profile.add_points(points, expires_at, event_id);
+            writes.put_due(
+                tx,
+                keys::due(
+                    expires_at,
+                    profile.oneid,
+                    DueKind::LotExpiry,
+                    event_id.as_bytes(),
+                ),
+            );
+        };
+        let ledger = |writes: &mut EventWrites,
+                      profile: &mut Profile,
+                      kind: LedgerKind,
+                      points: i64,
+                      reason: Option<String>,
+                      shortfall: i64| {
+            self.write_ledger(
+                writes,
+                profile,
+                &event.event_id,
                 kind,
                 points,
-                balance_after: profile.balance,
-                at: event.ts,
+                event.ts,
                 reason,
                 shortfall,
-            };
-            writes.put(
-                keys::ledger(profile.oneid, profile.ledger_seq),
-                None,
-                &record,
             );
-            profile.ledger_seq += 1;
         };
         match &event.body {
             EventBody::Order {
@@ -662,9 +715,10 @@ impl ShardState {
                 let points = self.order_points(profile, *amount, event.channel.as_deref());
                 let expires_at = event.ts.plus_days(self.rules.expire_after_days);
                 if points > 0 {
-                    profile.add_points(points, expires_at, &event.event_id);
+                    earn(writes, profile, points, expires_at, &event.event_id);
                     profile.lifetime_earned += points;
                     ledger(
+                        writes,
                         profile,
                         LedgerKind::Earn,
                         points,
@@ -682,7 +736,16 @@ impl ShardState {
                     Some(profile.first_order_at.map_or(event.ts, |t| t.min(event.ts)));
                 profile.last_order_at =
                     Some(profile.last_order_at.map_or(event.ts, |t| t.max(event.ts)));
-                self.upgrade_tier(profile, event.ts);
+                if in_window {
+                    let exit = event.ts.plus_days(self.rules.window_days);
+                    writes.put_new_due(keys::due(
+                        exit,
+                        profile.oneid,
+                        DueKind::WindowExit,
+                        order_id.as_bytes(),
+                    ));
+                }
+                self.set_tier(tx, profile, event.ts, false, writes);
                 let record = OrderRecord {
                     event_id: event.event_id.clone(),
                     ts: event.ts,
@@ -730,6 +793,7 @@ impl ShardState {
                         format!("refund of order {order_id}")
                     };
                     ledger(
+                        writes,
                         profile,
                         LedgerKind::Reverse,
                         -taken,
@@ -747,6 +811,7 @@ impl ShardState {
                     profile.oneid
                 );
                 writes.put(key, Some(stored_hash), &order);
+                self.set_tier(tx, profile, event.ts, false, writes);
             }
             EventBody::PointsEarn {
                 points,
@@ -762,9 +827,16 @@ impl ShardState {
                         format!("expires_at {expires_at} is not after the shard's clock {now}"),
                     ));
                 }
-                profile.add_points(*points, expires_at, &event.event_id);
+                earn(writes, profile, *points, expires_at, &event.event_id);
                 profile.lifetime_earned += points;
-                ledger(profile, LedgerKind::Earn, *points, reason.clone(), 0);
+                ledger(
+                    writes,
+                    profile,
+                    LedgerKind::Earn,
+                    *points,
+                    reason.clone(),
+                    0,
+                );
             }
             EventBody::PointsRedeem { points, reason } => {
                 if *points > profile.balance {
@@ -783,11 +855,20 @@ impl ShardState {
                     "a redeem within the balance takes all its points"
                 );
                 profile.lifetime_redeemed += points;
-                ledger(profile, LedgerKind::Redeem, -points, reason.clone(), 0);
+                ledger(
+                    writes,
+                    profile,
+                    LedgerKind::Redeem,
+                    -points,
+                    reason.clone(),
+                    0,
+                );
             }
             EventBody::PointsAdjust { points, reason } => {
                 if *points > 0 {
-                    profile.add_points(
+                    earn(
+                        writes,
+                        profile,
                         *points,
                         event.ts.plus_days(self.rules.expire_after_days),
                         &event.event_id,
@@ -796,6 +877,7 @@ impl ShardState {
                     profile.take_points_into_debt(-points);
                 }
                 ledger(
+                    writes,
                     profile,
                     LedgerKind::Adjust,
                     *points,
@@ -825,6 +907,12 @@ impl ShardState {
                     ));
                 }
                 profile.manual_tags.insert(tag.clone(), *expires_at);
+                if let Some(at) = expires_at {
+                    writes.put_due(
+                        tx,
+                        keys::due(*at, profile.oneid, DueKind::TagExpiry, tag.as_bytes()),
+                    );
+                }
             }
             EventBody::TagRemove { tag } => {
                 profile.manual_tags.remove(tag);
@@ -890,18 +978,7 @@ impl ShardState {
         points.clamp(0, POINTS_PER_EVENT_MAX)
     }
 
-    /// Upgrades at once when 365-day spend reaches a higher level. Downgrades wait for the
-    /// retention period and are driven by the clock.
-    fn upgrade_tier(&self, profile: &mut Profile, at: Millis) {
-        let reached = self.rules.level_for_spend(profile.spend_365d);
-        let current = self.rules.level_of(&profile.tier);
-        if current.is_none_or(|current| reached > current) {
-            profile.tier = self.rules.levels[reached].name.clone();
-            profile.tier_since = at;
-        }
-    }
-
-    fn evaluate_rule_tags(&self, profile: &mut Profile) {
+    pub(super) fn evaluate_rule_tags(&self, profile: &mut Profile) {
         let mut rule_tags = BTreeSet::new();
         for (tag, predicate) in &self.tag_rules {
             let view = RuleView {
@@ -918,5 +995,7 @@ impl ShardState {
     }
 }
 
+#[cfg(test)]
+mod due_tests;
 #[cfg(test)]
 mod tests;

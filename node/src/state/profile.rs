@@ -37,6 +37,11 @@ pub struct Profile {
     pub debt: i64,
     pub tier: String,
     pub tier_since: Millis,
+    /// When the tier's retention period ends and it is reviewed; `None` at the lowest level or
+    /// with no retention.
+    pub tier_retained_until: Option<Millis>,
+    /// When a time-based tag rule can next flip (the scheduled `RuleReview`), if ever.
+    pub rule_review_at: Option<Millis>,
     /// Manual tags and when each expires.
     pub manual_tags: BTreeMap<String, Option<Millis>>,
     /// Tags set by rules at the last evaluation.
@@ -76,6 +81,8 @@ impl Profile {
             debt: 0,
             tier: rules.levels[0].name.clone(),
             tier_since: at,
+            tier_retained_until: None,
+            rule_review_at: None,
             manual_tags: BTreeMap::new(),
             rule_tags: BTreeSet::new(),
             order_count: 0,
@@ -145,6 +152,25 @@ impl Profile {
         taken
     }
 
+    /// Removes the lots `event_id` earned that expire at `at` (more than one only if the event
+    /// id earned again after its dedup record was evicted); the points they still held, or
+    /// `None` if they were spent.
+    pub fn expire_lot(&mut self, event_id: &str, at: Millis) -> Option<i64> {
+        let before = self.lots.len();
+        let mut points = 0;
+        self.lots.retain(|lot| {
+            let expired = lot.event_id == event_id && lot.expires_at == at;
+            points += if expired { lot.points } else { 0 };
+            !expired
+        });
+        if self.lots.len() == before {
+            return None;
+        }
+        self.balance -= points;
+        self.check_points();
+        Some(points)
+    }
+
     /// Takes points beyond the lots as debt (negative balance): `points_adjust` only.
     pub fn take_points_into_debt(&mut self, points: i64) {
         let taken = self.take_points(points, None);
@@ -197,6 +223,7 @@ impl Profile {
             },
             tier: self.tier.clone(),
             tier_since: self.tier_since.to_string(),
+            tier_retained_until: self.tier_retained_until.map(|t| t.to_string()),
             tags: self.tags().into_iter().map(str::to_string).collect(),
             metrics: MetricsView {
                 order_count: self.order_count,

@@ -1,0 +1,267 @@
+//! The due-time index: what falls due, and what a clock entry does about it.
+//!
+//! Each shard keeps an ordered index (`keys::due`) of the times at which something about a
+//! profile changes by itself: a points lot expires, a manual tag expires, an order leaves the
+//! spend window, a tier's retention period ends, a time-based rule tag can flip. A clock entry
+//! processes the keys due at or before its time, oldest first, at most [`DUE_PER_CLOCK_MAX`]
+//! of them: a clock entry never does unbounded work, and never scans profiles. What is left
+//! continues at the next clock entry, which the leader proposes sooner while there is a backlog.
+//!
+//! Keys are not deleted when what they point at changes (a lot spent, a tag re-added with
+//! another expiry, a tier re-set): processing checks the profile and drops a stale key.
+
+use super::keys::{self, DueKind};
+use super::profile::Profile;
+use super::{EventWrites, LedgerKind, LedgerRecord, OrderRecord, ShardState, Tx};
+use crate::command::Retention;
+use oneid_protocol::ids::OneId;
+use oneid_protocol::num::{Millis, Money, DAY_MS};
+use oneid_protocol::predicate::TimeField;
+use std::collections::BTreeMap;
+
+/// Most due keys one clock entry processes.
+pub const DUE_PER_CLOCK_MAX: usize = 2_048;
+/// Most ledger entries one clock entry evicts.
+pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
+
+impl ShardState {
+    /// Processes what fell due by the shard's clock and evicts ledger entries past retention.
+    /// Returns whether due keys were left for the next clock entry.
+    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> bool {
+        let now = self.meta.clock;
+        let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
+        for (key, ledger_key) in tx.scan_below(
+            keys::LEDGER_EVICTION_PREFIX,
+            &keys::ledger_eviction_bound(horizon),
+            LEDGER_EVICTIONS_PER_CLOCK_MAX,
+        ) {
+            tx.delete(ledger_key);
+            tx.delete(key);
+        }
+
+        let due = tx.scan_below(
+            keys::DUE_PREFIX,
+            &keys::due_bound(Millis(now.0 + 1)),
+            DUE_PER_CLOCK_MAX,
+        );
+        let backlog = due.len() == DUE_PER_CLOCK_MAX;
+        // Profiles touched by this entry: loaded once, written once.
+        let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
+        let mut writes = EventWrites::default();
+        for (key, _) in due {
+            tx.delete(key.clone());
+            let (at, oneid, kind, detail) = keys::parse_due(&key);
+            let entry = match touched.entry(oneid) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    let (profile, stored_hash) = self
+                        .load_profile(tx, oneid)
+                        .expect("due keys point at existing profiles");
+                    slot.insert((profile, stored_hash, false))
+                }
+            };
+            let profile = &mut entry.0;
+            let changed = match kind {
+                DueKind::LotExpiry => {
+                    let event_id = String::from_utf8_lossy(detail).into_owned();
+                    match profile.expire_lot(&event_id, at) {
+                        Some(points) => {
+                            let reason = format!("points earned by {event_id} expired");
+                            self.write_ledger(
+                                &mut writes,
+                                profile,
+                                &event_id,
+                                LedgerKind::Expire,
+                                -points,
+                                at,
+                                Some(reason),
+                                0,
+                            );
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                DueKind::TagExpiry => {
+                    let tag = String::from_utf8_lossy(detail).into_owned();
+                    let current = profile.manual_tags.get(&tag) == Some(&Some(at));
+                    if current {
+                        profile.manual_tags.remove(&tag);
+                    }
+                    current
+                }
+                DueKind::WindowExit => self.exit_window(
+                    tx,
+                    profile,
+                    &String::from_utf8_lossy(detail),
+                    at,
+                    &mut writes,
+                ),
+                DueKind::TierReview => {
+                    let current = profile.tier_retained_until == Some(at);
+                    if current {
+                        self.set_tier(tx, profile, at, true, &mut writes);
+                    }
+                    current
+                }
+                DueKind::RuleReview => {
+                    let current = profile.rule_review_at == Some(at);
+                    if current {
+                        profile.rule_review_at = None;
+                    }
+                    current
+                }
+            };
+            if changed {
+                profile.updated_at = profile.updated_at.max(at);
+            }
+            entry.2 |= changed;
+        }
+        writes.commit(tx);
+        for (_, (mut profile, stored_hash, changed)) in touched {
+            if changed {
+                profile.version += 1;
+                self.finish_profile(tx, profile, Some(stored_hash));
+            }
+        }
+        backlog
+    }
+
+    /// An order leaves the spend window: `spend_365d` drops by what was not refunded.
+    fn exit_window(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        order_id: &str,
+        at: Millis,
+        writes: &mut EventWrites,
+    ) -> bool {
+        let key = keys::order(profile.oneid, order_id);
+        let stored = tx.get(&key).expect("window keys point at existing orders");
+        let mut order: OrderRecord = super::decode(&key, &stored);
+        if !order.in_window {
+            return false;
+        }
+        order.in_window = false;
+        profile.spend_365d.0 -= order.amount.0 - order.refunded.0;
+        assert!(
+            profile.spend_365d >= Money::ZERO,
+            "spend_365d went negative on {}",
+            profile.oneid
+        );
+        writes.put(
+            key.clone(),
+            Some(super::store::pair_hash(&key, &stored)),
+            &order,
+        );
+        self.set_tier(tx, profile, at, false, writes);
+        true
+    }
+
+    /// Moves the tier to the level 365-day spend reaches. An upgrade happens at once; a
+    /// downgrade only at a review (the retention period ended) or when retention is 0. A review
+    /// that keeps the level starts a new retention period. Each change of tier or period
+    /// schedules the next review.
+    pub(super) fn set_tier(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        at: Millis,
+        review: bool,
+        writes: &mut EventWrites,
+    ) {
+        let reached = self.rules.level_for_spend(profile.spend_365d);
+        let retention = self.rules.retention_days;
+        let change = match self.rules.level_of(&profile.tier) {
+            None => true,
+            Some(current) => {
+                reached > current
+                    || (reached < current && (review || retention == 0))
+                    || (review && reached == current)
+            }
+        };
+        if !change {
+            return;
+        }
+        profile.tier = self.rules.levels[reached].name.clone();
+        profile.tier_since = at;
+        profile.tier_retained_until =
+            (reached > 0 && retention > 0).then(|| at.plus_days(retention));
+        if let Some(until) = profile.tier_retained_until {
+            writes.put_due(
+                tx,
+                keys::due(until, profile.oneid, DueKind::TierReview, &[]),
+            );
+        }
+    }
+
+    /// Rule tags at the shard's clock, and the next time a time-based rule can flip.
+    pub(super) fn finish_profile(
+        &mut self,
+        tx: &mut Tx<'_>,
+        mut profile: Profile,
+        stored_hash: Option<u64>,
+    ) {
+        self.evaluate_rule_tags(&mut profile);
+        let next = self.next_rule_review(&profile);
+        if next != profile.rule_review_at {
+            profile.rule_review_at = next;
+            if let Some(at) = next {
+                let mut writes = EventWrites::default();
+                writes.put_due(tx, keys::due(at, profile.oneid, DueKind::RuleReview, &[]));
+                writes.commit(tx);
+            }
+        }
+        self.store_profile(tx, profile, stored_hash);
+    }
+
+    /// The first time after the clock at which some `days_since` comparison of the tag rules
+    /// changes value for this profile.
+    fn next_rule_review(&self, profile: &Profile) -> Option<Millis> {
+        let now = self.meta.clock;
+        self.time_thresholds
+            .iter()
+            .filter_map(|&(field, days)| {
+                let base = match field {
+                    TimeField::LastOrderAt => profile.last_order_at?,
+                    TimeField::FirstOrderAt => profile.first_order_at?,
+                    TimeField::CreatedAt => profile.created_at,
+                };
+                let at = Millis(base.0.checked_add(days.checked_mul(DAY_MS)?)?);
+                (at > now).then_some(at)
+            })
+            .min()
+    }
+
+    /// Writes a ledger entry and its eviction key.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_ledger(
+        &self,
+        writes: &mut EventWrites,
+        profile: &mut Profile,
+        event_id: &str,
+        kind: LedgerKind,
+        points: i64,
+        at: Millis,
+        reason: Option<String>,
+        shortfall: i64,
+    ) {
+        let record = LedgerRecord {
+            event_id: event_id.to_string(),
+            kind,
+            points,
+            balance_after: profile.balance,
+            at,
+            reason,
+            shortfall,
+        };
+        let key = keys::ledger(profile.oneid, profile.ledger_seq);
+        writes.put_raw(
+            keys::ledger_eviction(self.meta.clock, profile.oneid, profile.ledger_seq),
+            None,
+            key.clone(),
+        );
+        writes.put(key, None, &record);
+        profile.ledger_seq += 1;
+    }
+}
