@@ -215,6 +215,8 @@ async fn walk_through_with_exact_values() {
             "attributes": {},
             "points": {"balance": 2999, "lifetime_earned": 2999, "lifetime_redeemed": 0},
             "tier": "silver", "tier_since": ts(1),
+            // Retention is 365 days (the default): ts counts minutes.
+            "tier_retained_until": ts(1 + 365 * 24 * 60),
             "tags": [],
             "metrics": {"order_count": 1, "total_spend": "1999.90", "spend_365d": "1999.90",
                         "first_order_at": ts(1), "last_order_at": ts(1)},
@@ -245,6 +247,8 @@ async fn walk_through_with_exact_values() {
             "attributes": {},
             "points": {"balance": 4499, "lifetime_earned": 4499, "lifetime_redeemed": 0},
             "tier": "silver", "tier_since": ts(1),
+            // Retention is 365 days (the default): ts counts minutes.
+            "tier_retained_until": ts(1 + 365 * 24 * 60),
             "tags": ["big_spender"],
             "metrics": {"order_count": 2, "total_spend": "3499.90", "spend_365d": "3499.90",
                         "first_order_at": ts(1), "last_order_at": ts(2)},
@@ -462,6 +466,8 @@ async fn walk_through_with_exact_values() {
         "attributes": {"age": 32.5, "city": "Shanghai", "vip": true},
         "points": {"balance": 1100, "lifetime_earned": 4599, "lifetime_redeemed": 500},
         "tier": "silver", "tier_since": ts(1),
+            // Retention is 365 days (the default): ts counts minutes.
+            "tier_retained_until": ts(1 + 365 * 24 * 60),
         "tags": ["newsletter"],
         "metrics": {"order_count": 2, "total_spend": "1500.00", "spend_365d": "1500.00",
                     "first_order_at": ts(1), "last_order_at": ts(2)},
