@@ -60,8 +60,9 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     None,
-    /// A clock entry; `backlog` when due work was left for the next one.
+    /// A clock entry: how many due keys it processed, and whether it left some for the next.
     Clock {
+        due_processed: usize,
         backlog: bool,
     },
     Events(Vec<EventOutcome>),

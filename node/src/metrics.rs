@@ -111,10 +111,12 @@ pub struct Metrics {
     /// Write jobs made durable; `write_jobs / fsyncs` is the group-commit factor.
     pub write_jobs: AtomicU64,
     fsync_latency: Histogram,
+    /// Time to apply one clock entry (what fell due, evictions): bounded per entry.
+    clock_apply_latency: Histogram,
+    pub due_processed: AtomicU64,
     pub activations: AtomicU64,
     pub activated: AtomicU64,
     pub passivated: AtomicU64,
-    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -136,6 +138,11 @@ impl Metrics {
         self.fsyncs.fetch_add(1, Relaxed);
         self.write_jobs.fetch_add(jobs as u64, Relaxed);
         self.fsync_latency.observe(elapsed);
+    }
+
+    pub fn clock_applied(&self, elapsed: Duration, due_processed: usize) {
+        self.clock_apply_latency.observe(elapsed);
+        self.due_processed.fetch_add(due_processed as u64, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -169,7 +176,7 @@ impl Metrics {
             ("oneid_write_jobs_total", &self.write_jobs),
             ("oneid_activated_total", &self.activated),
             ("oneid_passivated_total", &self.passivated),
-            ("oneid_connections_refused_total", &self.connections_refused),
+            ("oneid_due_processed_total", &self.due_processed),
         ];
         for (name, value) in counters {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Relaxed));
@@ -182,6 +189,9 @@ impl Metrics {
         out.push_str("# TYPE oneid_fsync_seconds histogram\n");
         self.fsync_latency
             .render(&mut out, "oneid_fsync_seconds", "");
+        out.push_str("# TYPE oneid_clock_apply_seconds histogram\n");
+        self.clock_apply_latency
+            .render(&mut out, "oneid_clock_apply_seconds", "");
         out
     }
 }

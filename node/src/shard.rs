@@ -307,6 +307,7 @@ impl ShardActor {
         let mut last_applied = None;
         for entry in ready.take_committed_entries() {
             let (index, term) = (entry.index, entry.term);
+            let started = Instant::now();
             let output =
                 if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
                     let command = Command::decode(&entry.data).unwrap_or_else(|e| {
@@ -321,8 +322,13 @@ impl ShardActor {
                     self.state.apply_empty(&mut writes, index, term)
                 };
             last_applied = Some(index);
-            if let Output::Clock { backlog } = output {
+            if let Output::Clock {
+                due_processed,
+                backlog,
+            } = output
+            {
                 self.due_backlog = backlog;
+                self.metrics.clock_applied(started.elapsed(), due_processed);
             }
             if let Some(proposal) = self.proposals.remove(&index) {
                 if proposal.term == term {

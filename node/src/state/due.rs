@@ -26,8 +26,8 @@ pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 
 impl ShardState {
     /// Processes what fell due by the shard's clock and evicts ledger entries past retention.
-    /// Returns whether due keys were left for the next clock entry.
-    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> bool {
+    /// Returns how many due keys it processed (at most `DUE_PER_CLOCK_MAX`).
+    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> usize {
         let now = self.meta.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
         for (key, ledger_key) in tx.scan_below(
@@ -44,7 +44,7 @@ impl ShardState {
             &keys::due_bound(Millis(now.0 + 1)),
             DUE_PER_CLOCK_MAX,
         );
-        let backlog = due.len() == DUE_PER_CLOCK_MAX;
+        let processed = due.len();
         // Profiles touched by this entry: loaded once, written once.
         let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
         let mut writes = EventWrites::default();
@@ -124,7 +124,7 @@ impl ShardState {
                 self.finish_profile(tx, profile, Some(stored_hash));
             }
         }
-        backlog
+        processed
     }
 
     /// An order leaves the spend window: `spend_365d` drops by what was not refunded.

@@ -343,9 +343,13 @@ impl ShardState {
             digest: &mut digest,
         };
         let output = match command {
-            Command::Clock { now, retention } => Output::Clock {
-                backlog: self.apply_clock(&mut tx, now, retention),
-            },
+            Command::Clock { now, retention } => {
+                let due_processed = self.apply_clock(&mut tx, now, retention);
+                Output::Clock {
+                    due_processed,
+                    backlog: due_processed == due::DUE_PER_CLOCK_MAX,
+                }
+            }
             Command::SetRules(rules) => {
                 tx.put(keys::RULES.to_vec(), &*rules);
                 self.set_rules(*rules);
@@ -443,8 +447,8 @@ impl ShardState {
     }
 
     /// Advances the clock, evicts dedup records past retention, processes what fell due.
-    /// Returns whether due keys were left for the next clock entry.
-    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> bool {
+    /// Returns how many due keys it processed.
+    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> usize {
         self.meta.clock = self.meta.clock.max(now);
         let horizon = self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS;
         let below = keys::dedup_eviction(horizon, 0);
