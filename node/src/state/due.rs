@@ -30,21 +30,38 @@ impl ShardState {
     pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> usize {
         let now = self.meta.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
-        for (key, ledger_key) in tx.scan_below(
+        let after = keys::ledger_eviction_bound(self.meta.ledger_evicted_to);
+        let evicted = tx.scan_below(
             keys::LEDGER_EVICTION_PREFIX,
+            Some(&after),
             &keys::ledger_eviction_bound(horizon),
             LEDGER_EVICTIONS_PER_CLOCK_MAX,
-        ) {
+        );
+        self.meta.ledger_evicted_to = match evicted.last() {
+            Some((last, _)) if evicted.len() == LEDGER_EVICTIONS_PER_CLOCK_MAX => {
+                keys::key_time(last)
+            }
+            _ => self.meta.ledger_evicted_to.max(horizon),
+        };
+        for (key, ledger_key) in evicted {
             tx.delete(ledger_key);
             tx.delete(key);
         }
 
+        let after = keys::due_bound(self.meta.due_floor);
         let due = tx.scan_below(
             keys::DUE_PREFIX,
+            Some(&after),
             &keys::due_bound(Millis(now.0 + 1)),
             DUE_PER_CLOCK_MAX,
         );
         let processed = due.len();
+        // Everything due by now is processed, unless the batch was full: then the rest starts at
+        // the last key's time. Keys scheduled earlier than the floor from here on lower it again.
+        self.meta.due_floor = match due.last() {
+            Some((last, _)) if processed == DUE_PER_CLOCK_MAX => keys::key_time(last),
+            _ => self.meta.due_floor.max(Millis(now.0 + 1)),
+        };
         // Profiles touched by this entry: loaded once, written once.
         let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
         let mut writes = EventWrites::default();
@@ -117,7 +134,7 @@ impl ShardState {
             }
             entry.2 |= changed;
         }
-        writes.commit(tx);
+        writes.commit(tx, &mut self.meta.due_floor);
         for (_, (mut profile, stored_hash, changed)) in touched {
             if changed {
                 profile.version += 1;
@@ -209,7 +226,7 @@ impl ShardState {
             if let Some(at) = next {
                 let mut writes = EventWrites::default();
                 writes.put_due(tx, keys::due(at, profile.oneid, DueKind::RuleReview, &[]));
-                writes.commit(tx);
+                writes.commit(tx, &mut self.meta.due_floor);
             }
         }
         self.store_profile(tx, profile, stored_hash);

@@ -151,6 +151,13 @@ pub fn parse_due(key: &[u8]) -> (Millis, OneId, DueKind, &[u8]) {
     (Millis(at), oneid, DueKind::from_byte(key[17]), &key[18..])
 }
 
+/// The time in a due or eviction key (the 8 bytes after the prefix byte).
+pub fn key_time(key: &[u8]) -> Millis {
+    Millis(i64::from_be_bytes(
+        key[1..9].try_into().expect("time-ordered keys hold a time"),
+    ))
+}
+
 pub const LEDGER_EVICTION_PREFIX: &[u8] = b"g";
 
 /// `g | clock_ms | oneid | seq`: ledger entries in the order they were written.

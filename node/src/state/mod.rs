@@ -54,6 +54,11 @@ pub struct ShardMeta {
     pub profile_seq: u64,
     pub outbox_seq: u64,
     pub dedup_seq: u64,
+    /// No unprocessed due key is earlier than this: where the next clock entry's scan starts.
+    pub due_floor: Millis,
+    /// Dedup and ledger records written before these clocks were all evicted.
+    pub dedup_evicted_to: Millis,
+    pub ledger_evicted_to: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +156,15 @@ impl Tx<'_> {
 
     /// Up to `limit` pairs under `prefix` whose keys sort before `below`, in key order. Reads
     /// in small chunks, so the work is bounded by what is returned, not by what is stored.
-    fn scan_below(&self, prefix: &[u8], below: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Starts after `after` when given: a cursor past records already processed, so the scan
+    /// does not wade through their tombstones again.
+    fn scan_below(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        below: &[u8],
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         const CHUNK: usize = 64;
         let view = Layered {
             base: self.base,
@@ -159,8 +172,8 @@ impl Tx<'_> {
         };
         let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         while out.len() < limit {
-            let from = out.last().map(|(key, _)| key.clone());
-            let chunk = view.scan(prefix, from.as_deref(), false, CHUNK.min(limit - out.len()));
+            let from = out.last().map(|(key, _)| key.as_slice()).or(after);
+            let chunk = view.scan(prefix, from, false, CHUNK.min(limit - out.len()));
             let exhausted = chunk.len() < CHUNK.min(limit - out.len());
             for pair in chunk {
                 if pair.0.as_slice() >= below {
@@ -263,8 +276,12 @@ impl EventWrites {
         self.changes.push((key, None, Vec::new()));
     }
 
-    fn commit(self, tx: &mut Tx<'_>) {
+    /// Writes the changes; a due key earlier than `due_floor` lowers it.
+    fn commit(self, tx: &mut Tx<'_>, due_floor: &mut Millis) {
         for (key, old, bytes) in self.changes {
+            if key.starts_with(keys::DUE_PREFIX) {
+                *due_floor = (*due_floor).min(keys::key_time(&key));
+            }
             tx.put_known(key, old, bytes);
         }
     }
@@ -450,13 +467,21 @@ impl ShardState {
     /// Returns how many due keys it processed.
     fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> usize {
         self.meta.clock = self.meta.clock.max(now);
-        let horizon = self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS;
-        let below = keys::dedup_eviction(horizon, 0);
-        for (key, dedup_key) in tx.scan_below(
+        let horizon = Millis(self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
+        let after = keys::dedup_eviction(self.meta.dedup_evicted_to.0, 0);
+        let evicted = tx.scan_below(
             keys::DEDUP_EVICTION_PREFIX,
-            &below,
+            Some(&after),
+            &keys::dedup_eviction(horizon.0, 0),
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
-        ) {
+        );
+        self.meta.dedup_evicted_to = match evicted.last() {
+            Some((last, _)) if evicted.len() == DEDUP_EVICTIONS_PER_CLOCK_MAX => {
+                keys::key_time(last)
+            }
+            _ => self.meta.dedup_evicted_to.max(horizon),
+        };
+        for (key, dedup_key) in evicted {
             tx.delete(dedup_key);
             tx.delete(key);
         }
@@ -640,7 +665,7 @@ impl ShardState {
         for identity in new_bindings {
             tx.put_new(keys::identity(identity), &oneid);
         }
-        writes.commit(tx);
+        writes.commit(tx, &mut self.meta.due_floor);
         self.meta.dedup_seq += 1;
         let eviction_key = keys::dedup_eviction(self.meta.clock.0, self.meta.dedup_seq);
         tx.put_new(
