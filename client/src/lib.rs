@@ -33,6 +33,9 @@ use std::time::Duration;
 
 pub use oneid_protocol as protocol;
 
+/// Longest a backup request may take: a backup copies the whole database before it answers.
+pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 60 * 60);
+
 /// How a client retries.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -143,6 +146,18 @@ impl Client {
         content_type: &str,
         body: &Bytes,
     ) -> Result<Answer, Error> {
+        self.attempt_within(method, path, content_type, body, self.policy.timeout)
+            .await
+    }
+
+    async fn attempt_within(
+        &self,
+        method: &Method,
+        path: &str,
+        content_type: &str,
+        body: &Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, Error> {
         let request = Request::builder()
             .method(method.clone())
             .uri(format!("{}{path}", self.base))
@@ -164,9 +179,9 @@ impl Client {
                 .to_bytes();
             Ok(Answer { status, body })
         };
-        tokio::time::timeout(self.policy.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| Error::Timeout(self.policy.timeout))?
+            .map_err(|_| Error::Timeout(timeout))?
     }
 
     /// Sends a request, retrying transient failures; non-2xx answers become `Error::Api`.
@@ -340,6 +355,26 @@ impl Client {
 
     pub async fn cluster(&self) -> Result<ClusterView, Error> {
         self.get("/v1/cluster").await
+    }
+
+    /// Takes an online backup of the node into `dir`, an absolute path **on the node's
+    /// machine** that is absent or empty; answers the backup's manifest (also written there as
+    /// `backup.json`). Tried once, with up to [`BACKUP_TIMEOUT`]: a retry would find the
+    /// directory no longer empty. A backup already running is answered `409 busy`.
+    pub async fn backup(&self, dir: &str) -> Result<serde_json::Value, Error> {
+        let body = serde_json::to_vec(&serde_json::json!({ "dir": dir }))
+            .map_err(|e| Error::Decode(e.to_string()))?;
+        let answer = self
+            .attempt_within(
+                &Method::POST,
+                "/v1/admin/backup",
+                "application/json",
+                &Bytes::from(body),
+                BACKUP_TIMEOUT,
+            )
+            .await
+            .and_then(api_error)?;
+        decode(&answer.body)
     }
 
     /// Whether the node is ready to serve (one attempt, no retries).

@@ -1,12 +1,13 @@
 //! `oneid`: the command-line tool for OneID.
 
 mod bench;
+mod bench_time;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use oneid_client::Client;
-use oneid_protocol::api::{EventStatus, ProfileDoc};
+use oneid_protocol::api::{BackupManifest, EventStatus, ProfileDoc};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 
@@ -42,6 +43,9 @@ enum Command {
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Administer the node.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Measure ingest and lookup throughput against a running node (see scripts/bench).
     Bench(bench::BenchArgs),
 }
@@ -85,6 +89,19 @@ enum RulesCommand {
 #[derive(Subcommand)]
 enum ClusterCommand {
     Status,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Take a consistent online backup of the node (writes go on meanwhile) and print its
+    /// manifest. DIR is a directory on the NODE's machine, written by the node: new or empty.
+    /// A relative DIR is made absolute against this shell's current directory, which is only
+    /// right when the CLI runs on the node's machine. Restore with
+    /// `oneid-node --config FILE --restore DIR` into an empty data directory.
+    Backup {
+        /// The backup's directory, on the node's machine.
+        dir: PathBuf,
+    },
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +195,38 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Admin(AdminCommand::Backup { dir }) => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("making {} absolute", dir.display()))?;
+            let dir = dir
+                .to_str()
+                .with_context(|| format!("{} is not UTF-8", dir.display()))?;
+            let manifest = client.backup(dir).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&manifest)?);
+            } else {
+                print_manifest(dir, &manifest)?;
+            }
+        }
         Command::Bench(args) => bench::run(&cli.server, args, cli.json).await?,
+    }
+    Ok(())
+}
+
+fn print_manifest(dir: &str, manifest: &serde_json::Value) -> anyhow::Result<()> {
+    let m: BackupManifest = serde_json::from_value(manifest.clone())
+        .context("the node answered something other than a backup manifest")?;
+    println!("backup of node {} at {} in {dir}", m.node, m.created_at);
+    println!(
+        "{} keyspaces, {} pairs, {} bytes (format {})",
+        m.keyspaces.len(),
+        m.pairs,
+        m.bytes,
+        m.format
+    );
+    println!("{:>5} {:>10}  DIGEST", "SHARD", "APPLIED");
+    for s in &m.shards {
+        println!("{:>5} {:>10}  {}", s.id, s.applied_index, s.digest);
     }
     Ok(())
 }

@@ -5,7 +5,11 @@
 //! `EVENTS_PER_REQUEST_MAX` events per request. A body over the limit is read and discarded up
 //! to [`DISCARD_BYTES_MAX`] so that the client, still sending, reads the 413, then the
 //! connection is closed.
+//!
+//! `POST /v1/admin/backup` copies a snapshot on a blocking thread of this runtime, one backup
+//! at a time (see `backup`).
 
+use crate::backup::{BackupError, Backups};
 use crate::command::Command;
 use crate::metrics::{Metrics, Route};
 use crate::router::Router;
@@ -28,8 +32,9 @@ use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::RulesDoc;
 use oneid_protocol::ErrorCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +56,8 @@ pub struct Api {
     pub node_id: u64,
     pub nodes: Vec<NodeView>,
     pub shutting_down: AtomicBool,
+    /// Online backups, one at a time.
+    pub backups: Arc<Backups>,
 }
 
 /// A request refused as a whole.
@@ -163,6 +170,8 @@ pub async fn serve(
     }
     drop(listener);
     api.shutting_down.store(true, Ordering::SeqCst);
+    // A backup in flight stops at its next batch rather than holding up the shutdown.
+    api.backups.cancel();
     tracing::info!("stopped accepting; finishing requests in flight");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
@@ -196,6 +205,9 @@ impl Api {
                 Route::Cluster,
                 self.cluster().await.map(|view| json(StatusCode::OK, &view)),
             ),
+            (&Method::POST, ["v1", "admin", "backup"]) => {
+                (Route::Other, self.backup(request).await)
+            }
             (&Method::GET, ["healthz"]) => (Route::Health, self.healthz().await),
             (&Method::GET, ["metrics"]) => (Route::Metrics, Ok(self.metrics_text())),
             _ => (
@@ -431,6 +443,47 @@ impl Api {
         Ok(json(StatusCode::OK, &rules.to_doc()))
     }
 
+    /// `POST /v1/admin/backup` `{"dir": "/absolute/path"}`: answers the manifest.
+    async fn backup(&self, request: Request<Incoming>) -> Reply {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct BackupRequest {
+            dir: Option<String>,
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the node is shutting down"));
+        }
+        let body = read_body(request).await?;
+        let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("the body must be {{\"dir\": \"/absolute/path\"}}: {e}"),
+            )
+        })?;
+        let dir = PathBuf::from(request.dir.ok_or_else(|| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::MissingField,
+                "dir",
+                "dir (the backup's directory on the node's machine) is required",
+            )
+        })?);
+        let running = self.backups.begin().map_err(backup_error)?;
+        // The copy goes on (and keeps its slot) even if the client goes away.
+        let manifest = tokio::task::spawn_blocking(move || running.run(&dir))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    format!("the backup task failed: {e}"),
+                )
+            })?
+            .map_err(backup_error)?;
+        Ok(json(StatusCode::OK, &manifest))
+    }
+
     async fn shard_views(&self) -> Result<Vec<ShardView>, ApiError> {
         let shards = self.router.shards.get().expect("started");
         let answers =
@@ -484,6 +537,25 @@ impl Api {
             HeaderValue::from_static("text/plain; version=0.0.4"),
         );
         response
+    }
+}
+
+fn backup_error(error: BackupError) -> ApiError {
+    let message = error.to_string();
+    match error {
+        BackupError::InvalidDir(_) => ApiError::field(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidField,
+            "dir",
+            message,
+        ),
+        BackupError::Busy => ApiError::new(StatusCode::CONFLICT, ErrorCode::Busy, message),
+        BackupError::ShuttingDown => ApiError::unavailable(message),
+        BackupError::Failed(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            message,
+        ),
     }
 }
 

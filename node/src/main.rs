@@ -8,8 +8,10 @@
 //! - `shard`: the shard actor (actix) driving raft-rs, hosting the profiles.
 //! - `router`: takes events to the shards of their profiles and identities.
 //! - `http`: the API (hyper).
+//! - `backup`: online backups, and restoring one into an empty data directory.
 //! - `metrics`, `logging`: observability.
 
+mod backup;
 mod command;
 mod config;
 mod http;
@@ -46,6 +48,11 @@ struct Args {
     /// This node's id in the cluster file (optional when it lists one node).
     #[arg(long)]
     node: Option<u64>,
+    /// Before starting, copy the backup in this directory (made by `POST /v1/admin/backup`)
+    /// into the node's data directory, which must be absent or empty; the node serves only
+    /// once every shard matches the backup's manifest. Later starts leave this out.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +69,16 @@ fn main() -> anyhow::Result<()> {
     let node = config.node(args.node)?.clone();
     let hosted = config.shards_of(node.id);
     let seed_rules = config.seed_rules()?;
+    let restored = match &args.restore {
+        Some(dir) => Some(
+            backup::restore(dir, &node.data, node.id)
+                .with_context(|| format!("restoring the backup in {}", dir.display()))?,
+        ),
+        None => {
+            backup::check_no_unfinished_restore(&node.data)?;
+            None
+        }
+    };
     let storage = Arc::new(storage::Storage::open(
         &node.data,
         config.cluster.shards,
@@ -80,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let system = actix::System::new();
     let arbiters: Vec<actix::Arbiter> =
         (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
-    let mut addrs = Vec::with_capacity(hosted.len());
+    let mut recovered = Vec::with_capacity(hosted.len());
     for &shard in &hosted {
         let settings = ShardSettings {
             n_shards: c.shards,
@@ -105,6 +122,17 @@ fn main() -> anyhow::Result<()> {
             Arc::clone(&shards),
         )
         .with_context(|| format!("recovering shard {shard}"))?;
+        recovered.push((shard, actor));
+    }
+    if let Some(manifest) = &restored {
+        // Before any shard runs: the recovered state must be the backup's, exactly.
+        for &shard in &hosted {
+            backup::verify_shard(&storage, shard, manifest)?;
+        }
+        backup::finish_restore(&node.data, manifest, &hosted)?;
+    }
+    let mut addrs = Vec::with_capacity(hosted.len());
+    for (shard, actor) in recovered {
         let arbiter = &arbiters[shard.0 as usize % SHARD_ARBITERS];
         addrs.push(actix::Actor::start_in_arbiter(
             &arbiter.handle(),
@@ -117,6 +145,7 @@ fn main() -> anyhow::Result<()> {
 
     let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
     let api = Arc::new(http::Api {
+        backups: backup::Backups::new(Arc::clone(&storage), node.id, node.data.clone()),
         reader: reader.clone(),
         router: router::Router {
             reader,

@@ -5,8 +5,9 @@
 //! (`target/<profile>/oneid-node`); `scripts/test` builds it before running the tests.
 
 use oneid_client::{Client, RetryPolicy};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a node may take to become healthy.
@@ -42,12 +43,21 @@ pub struct TestNode {
 }
 
 fn binary() -> PathBuf {
+    built("oneid-node")
+}
+
+/// The `oneid` CLI that `cargo build` put beside the test executable.
+pub fn cli_binary() -> PathBuf {
+    built("oneid")
+}
+
+fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
-    let binary = dir.join("oneid-node");
+    let binary = dir.join(name);
     assert!(
         binary.exists(),
         "{} does not exist: build it first (scripts/test does)",
@@ -76,6 +86,28 @@ impl TestNode {
         node
     }
 
+    /// A node with its directory and `cluster.toml`, not started.
+    pub fn create(options: NodeOptions) -> TestNode {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let node = TestNode {
+            dir,
+            options,
+            port: free_port(),
+            child: None,
+        };
+        node.write_config();
+        node
+    }
+
+    /// Starts a new node (own directory and port) with `--restore backup_dir`, and waits until
+    /// it is healthy.
+    pub async fn start_restored(options: NodeOptions, backup_dir: &Path) -> TestNode {
+        let mut node = TestNode::create(options);
+        node.restart_with(&[OsStr::new("--restore"), backup_dir.as_os_str()])
+            .await;
+        node
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("cluster.toml")
     }
@@ -101,21 +133,14 @@ impl TestNode {
 
     /// Starts the process (again, on the same data) and waits until it is healthy.
     pub async fn restart(&mut self) {
+        self.restart_with(&[]).await;
+    }
+
+    /// Starts the process with `extra_args` after `--config FILE`, and waits until it is
+    /// healthy.
+    pub async fn restart_with(&mut self, extra_args: &[&OsStr]) {
         assert!(self.child.is_none(), "the node is already running");
-        let log = std::fs::File::create(
-            self.dir
-                .path()
-                .join(format!("node-{}.log", Instant::now().elapsed().as_nanos())),
-        )
-        .expect("log file");
-        let child = Command::new(binary())
-            .arg("--config")
-            .arg(self.config_path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting oneid-node");
+        let child = self.spawn(extra_args);
         self.child = Some(child);
         let client = self.client();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -133,6 +158,63 @@ impl TestNode {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    fn spawn(&self, extra_args: &[&OsStr]) -> Child {
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join(format!("node-{}.log", Instant::now().elapsed().as_nanos())),
+        )
+        .expect("log file");
+        Command::new(binary())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting oneid-node")
+    }
+
+    /// Runs the process with `extra_args` when it is expected to refuse to start: waits for it
+    /// to exit (up to [`START_TIMEOUT`]) and answers its status. Panics if it becomes healthy.
+    pub async fn run_expecting_exit(&self, extra_args: &[&OsStr]) -> ExitStatus {
+        assert!(self.child.is_none(), "the node is already running");
+        let mut child = self.spawn(extra_args);
+        let client = self.client_once();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting") {
+                return status;
+            }
+            if client.healthy().await || Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("oneid-node started (or ran {START_TIMEOUT:?}) where it had to refuse");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the node's processes wrote to stderr, in start order.
+    pub fn logs(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .expect("reading the node's directory")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(OsStr::to_str)
+                    .is_some_and(|n| n.starts_with("node-") && n.ends_with(".log"))
+            })
+            .collect();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
     }
 
     pub fn base(&self) -> String {
