@@ -20,39 +20,61 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// What to measure: `standard` (ingest, lookups, ceiling), `profiles` (RSS and disk while
+    /// loading `--profiles` profiles), `expiry` (`--lots` points lots falling due at once).
+    #[arg(long, default_value = "standard")]
+    pub(crate) scenario: String,
+    /// The node's data directory, to report disk bytes.
+    #[arg(long)]
+    pub(crate) data_dir: Option<std::path::PathBuf>,
+    /// `profiles`: profiles to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) profiles: usize,
+    /// `profiles`: sample RSS and disk every this many profiles.
+    #[arg(long, default_value_t = 250_000)]
+    pub(crate) sample_every: usize,
+    /// `expiry`: points lots that expire at the same instant.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) lots: usize,
+    /// `expiry`: profiles holding them.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) lot_profiles: usize,
+    /// `expiry`: seconds from the start until the lots expire (loading must finish before).
+    #[arg(long, default_value_t = 120)]
+    pub(crate) expire_after: u64,
     /// Customers to generate.
     #[arg(long, default_value_t = 20_000)]
-    customers: usize,
+    pub(crate) customers: usize,
     /// Events to ingest.
     #[arg(long, default_value_t = 200_000)]
-    events: usize,
+    pub(crate) events: usize,
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Concurrent ingest senders (each owns a slice of the customers, so per-customer order holds).
     #[arg(long, default_value_t = 4)]
-    senders: usize,
+    pub(crate) senders: usize,
     /// Concurrent lookup clients.
     #[arg(long, default_value_t = 32)]
-    clients: usize,
+    pub(crate) clients: usize,
     /// Seconds to wait after ingest, so background flushes settle before lookups are timed.
     #[arg(long, default_value_t = 3)]
-    settle: u64,
+    pub(crate) settle: u64,
     /// Seconds of lookups per target.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// The node's pid, to report its peak RSS.
     #[arg(long)]
-    node_pid: Option<u32>,
+    pub(crate) node_pid: Option<u32>,
     /// Write the results as JSON here too.
     #[arg(long)]
-    out: Option<std::path::PathBuf>,
+    pub(crate) out: Option<std::path::PathBuf>,
     /// Seed of the event generator.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Internal: serve the baseline on this port (used by bench itself).
     #[arg(long, hide = true)]
-    serve_baseline: Option<u16>,
+    pub(crate) serve_baseline: Option<u16>,
 }
 
 const CHANNELS: [(&str, &str); 5] = [
@@ -187,10 +209,15 @@ async fn serve_baseline(port: u16, body: Bytes) -> anyhow::Result<()> {
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` line of `/proc/PID/status` (`VmRSS:`, `VmHWM:`).
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -211,6 +238,12 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         client.healthy().await,
         "the node at {server} is not healthy"
     );
+    match args.scenario.as_str() {
+        "standard" => {}
+        "profiles" => return crate::bench_time::profiles(&client, &args, json_only).await,
+        "expiry" => return crate::bench_time::expiry(&client, &args, json_only).await,
+        other => anyhow::bail!("unknown scenario {other:?}: standard, profiles or expiry"),
+    }
 
     // Ingest.
     let (batches, seen): (Vec<Vec<Value>>, Vec<Vec<usize>>) =
