@@ -20,7 +20,7 @@ use oneid_protocol::predicate::TimeField;
 use std::collections::BTreeMap;
 
 /// Most due keys one clock entry processes.
-pub const DUE_PER_CLOCK_MAX: usize = 2_048;
+pub const DUE_PER_CLOCK_MAX: usize = 1_024;
 /// Most ledger entries one clock entry evicts.
 pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 
@@ -44,8 +44,8 @@ impl ShardState {
             _ => self.meta.ledger_evicted_to.max(horizon),
         };
         for (key, ledger_key) in evicted {
-            tx.delete(ledger_key);
-            tx.delete(key);
+            tx.delete(ledger_key.clone());
+            tx.delete_known(key, &ledger_key);
         }
 
         let after = keys::due_bound(self.meta.due_floor);
@@ -64,9 +64,14 @@ impl ShardState {
         };
         // Profiles touched by this entry: loaded once, written once.
         let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
-        let mut writes = EventWrites::default();
-        for (key, _) in due {
-            tx.delete(key.clone());
+        for (key, value) in due {
+            // Each key's writes are committed before the next key is deleted: a review can
+            // re-schedule a due key that is later in this same batch (`put_due` records the old
+            // value it sees now). Buffered to the end of the batch, that key was deleted in
+            // between and written back over its stale old hash: wrong digest (a debug assert
+            // in `put_known`), and a processed key left in the index.
+            let mut writes = EventWrites::default();
+            tx.delete_known(key.clone(), &value);
             let (at, oneid, kind, detail) = keys::parse_due(&key);
             let entry = match touched.entry(oneid) {
                 std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -133,8 +138,8 @@ impl ShardState {
                 profile.updated_at = profile.updated_at.max(at);
             }
             entry.2 |= changed;
+            writes.commit(tx, &mut self.meta.due_floor);
         }
-        writes.commit(tx, &mut self.meta.due_floor);
         for (_, (mut profile, stored_hash, changed)) in touched {
             if changed {
                 profile.version += 1;
@@ -171,7 +176,14 @@ impl ShardState {
             Some(super::store::pair_hash(&key, &stored)),
             &order,
         );
-        self.set_tier(tx, profile, at, false, writes);
+        // Due keys of one profile and instant are processed in kind order, and a tier review
+        // (`R`) sorts before a window exit (`W`): a review at this very instant (the tier was
+        // set at `at`) counted this order, which no longer counts at `at`. Review again. With
+        // equal window and retention (the defaults) the review of a tier won by one order
+        // falls exactly on that order's exit, and would otherwise keep the tier a second
+        // period with nothing in the window.
+        let review = profile.tier_since == at;
+        self.set_tier(tx, profile, at, review, writes);
         true
     }
 

@@ -227,6 +227,17 @@ impl Tx<'_> {
     fn delete(&mut self, key: Vec<u8>) {
         self.set(key, None);
     }
+
+    /// Deletes a key whose current value the caller just read (from a scan).
+    fn delete_known(&mut self, key: Vec<u8>, old: &[u8]) {
+        debug_assert_eq!(
+            self.get(&key).as_deref(),
+            Some(old),
+            "wrong old value for {key:?}"
+        );
+        *self.digest = self.digest.wrapping_sub(pair_hash(&key, old));
+        self.writes.changes.insert(key, None);
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -482,8 +493,8 @@ impl ShardState {
             _ => self.meta.dedup_evicted_to.max(horizon),
         };
         for (key, dedup_key) in evicted {
-            tx.delete(dedup_key);
-            tx.delete(key);
+            tx.delete(dedup_key.clone());
+            tx.delete_known(key, &dedup_key);
         }
         self.process_due(tx, retention)
     }
