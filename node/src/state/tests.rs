@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use store::MemState;
 
 /// 2026-01-01T00:00:00Z: the shard clock at the start of every scenario.
-const T0: i64 = 1_767_225_600_000;
+pub(super) const T0: i64 = 1_767_225_600_000;
 
 /// Points: 1.5 per unit, gold ×2, douyin ×1.2. Four tiers. One rule tag.
-const RULES: &str = r#"{
+pub(super) const RULES: &str = r#"{
     "points": {"per_currency_unit": "1.5", "tier_multipliers": {"gold": "2"},
                "channel_multipliers": {"douyin": "1.2"}},
     "tiers": {"levels": [{"name": "member", "min_spend": 0}, {"name": "silver", "min_spend": "500"},
@@ -23,30 +23,30 @@ const RULES: &str = r#"{
 }"#;
 
 /// Default rules: one point per unit, one tier, no tag rules.
-const PLAIN: &str = "{}";
+pub(super) const PLAIN: &str = "{}";
 
 /// `days` after T0.
-fn at(days: i64) -> Millis {
+pub(super) fn at(days: i64) -> Millis {
     Millis(T0 + days * DAY_MS)
 }
 
 /// `days` after T0, as an RFC 3339 string for an event.
-fn ts(days: i64) -> String {
+pub(super) fn ts(days: i64) -> String {
     at(days).to_string()
 }
 
-fn rules(json: &str) -> Rules {
+pub(super) fn rules(json: &str) -> Rules {
     serde_json::from_str::<RulesDoc>(json)
         .expect("rules document parses")
         .validate()
         .expect("rules validate")
 }
 
-fn id(seq: u64) -> OneId {
+pub(super) fn id(seq: u64) -> OneId {
     OneId::mint(ShardId(0), seq)
 }
 
-fn identity(kind: &str, value: &str) -> Identity {
+pub(super) fn identity(kind: &str, value: &str) -> Identity {
     Identity {
         kind: kind.into(),
         value: value.into(),
@@ -54,12 +54,12 @@ fn identity(kind: &str, value: &str) -> Identity {
 }
 
 /// Parses an event as the API would; the receive time only matters when it has no `ts`.
-fn event(json: &Json) -> Event {
+pub(super) fn event(json: &Json) -> Event {
     let raw = serde_json::value::to_raw_value(json).expect("json encodes");
     Event::parse(&raw, Millis(T0)).unwrap_or_else(|e| panic!("bad test event {json}: {e:?}"))
 }
 
-fn routed(json: Json, target: Target) -> Routed {
+pub(super) fn routed(json: Json, target: Target) -> Routed {
     Routed {
         event: event(&json),
         target,
@@ -68,17 +68,17 @@ fn routed(json: Json, target: Target) -> Routed {
 }
 
 /// An event naming its profile by identities.
-fn claim(json: Json) -> Routed {
+pub(super) fn claim(json: Json) -> Routed {
     routed(json, Target::Claim)
 }
 
 /// An event naming its profile by OneID.
-fn on(oneid: OneId, mut json: Json) -> Routed {
+pub(super) fn on(oneid: OneId, mut json: Json) -> Routed {
     json["oneid"] = json!(oneid.to_string());
     routed(json, Target::Existing(oneid))
 }
 
-fn clock(days: i64) -> Command {
+pub(super) fn clock(days: i64) -> Command {
     Command::Clock {
         now: at(days),
         retention: Retention {
@@ -89,7 +89,7 @@ fn clock(days: i64) -> Command {
 }
 
 /// The digest recomputed from scratch: what the incremental one must always equal.
-fn digest_of(mem: &MemState) -> u64 {
+pub(super) fn digest_of(mem: &MemState) -> u64 {
     mem.0
         .iter()
         .filter(|(k, _)| k.as_slice() != keys::META)
@@ -97,28 +97,28 @@ fn digest_of(mem: &MemState) -> u64 {
 }
 
 /// Every key of the state except the meta record (which moves with each applied index).
-fn without_meta(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> {
+pub(super) fn without_meta(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut map = mem.0.clone();
     map.remove(keys::META);
     map
 }
 
-struct Harness {
-    mem: MemState,
-    state: ShardState,
-    index: u64,
+pub(super) struct Harness {
+    pub(super) mem: MemState,
+    pub(super) state: ShardState,
+    pub(super) index: u64,
 }
 
 impl Harness {
     /// A fresh single-shard state with `rules` and the clock at T0.
-    fn new(rules_json: &str) -> Harness {
+    pub(super) fn new(rules_json: &str) -> Harness {
         let mut h = Harness::empty(1000);
         h.apply(Command::SetRules(Box::new(rules(rules_json))));
         h.apply(clock(0));
         h
     }
 
-    fn empty(activation_budget: usize) -> Harness {
+    pub(super) fn empty(activation_budget: usize) -> Harness {
         let mem = MemState::default();
         let state = ShardState::load(ShardId(0), 1, &mem, activation_budget);
         Harness {
@@ -129,7 +129,7 @@ impl Harness {
     }
 
     /// Applies one command at the next index, in its own write set, and commits it.
-    fn apply(&mut self, command: Command) -> Output {
+    pub(super) fn apply(&mut self, command: Command) -> Output {
         self.index += 1;
         let mut writes = WriteSet::default();
         let output = self
@@ -147,7 +147,7 @@ impl Harness {
     }
 
     /// Applies a batch of events; returns their outcomes.
-    fn events(&mut self, events: Vec<Routed>) -> Vec<EventOutcome> {
+    pub(super) fn events(&mut self, events: Vec<Routed>) -> Vec<EventOutcome> {
         match self.apply(Command::Events(events)) {
             Output::Events(outcomes) => outcomes,
             other => panic!("events answered {other:?}"),
@@ -155,14 +155,14 @@ impl Harness {
     }
 
     /// Applies one event.
-    fn send(&mut self, routed: Routed) -> EventOutcome {
+    pub(super) fn send(&mut self, routed: Routed) -> EventOutcome {
         let mut outcomes = self.events(vec![routed]);
         assert_eq!(outcomes.len(), 1);
         outcomes.remove(0)
     }
 
     /// Sends an event that must apply; returns its profile.
-    fn ok(&mut self, routed: Routed) -> OneId {
+    pub(super) fn ok(&mut self, routed: Routed) -> OneId {
         match self.send(routed) {
             EventOutcome::Applied(oneid) => oneid,
             other => panic!("expected Applied, got {other:?}"),
@@ -171,7 +171,7 @@ impl Harness {
 
     /// Sends an event that must be rejected; checks that nothing but the meta's applied
     /// index moved (state, digest, cached profiles), and returns the error code.
-    fn rejected(&mut self, routed: Routed) -> ErrorCode {
+    pub(super) fn rejected(&mut self, routed: Routed) -> ErrorCode {
         let before = without_meta(&self.mem);
         let meta = self.state.meta.clone();
         let cached = match routed.target {
@@ -202,11 +202,11 @@ impl Harness {
         code
     }
 
-    fn meta(&self) -> ShardMeta {
+    pub(super) fn meta(&self) -> ShardMeta {
         decode(keys::META, &self.mem.get(keys::META).expect("meta stored"))
     }
 
-    fn try_profile(&mut self, oneid: OneId) -> Option<Profile> {
+    pub(super) fn try_profile(&mut self, oneid: OneId) -> Option<Profile> {
         let read = self.state.read_profile(
             &Layered {
                 base: &self.mem,
@@ -222,17 +222,17 @@ impl Harness {
         read
     }
 
-    fn profile(&mut self, oneid: OneId) -> Profile {
+    pub(super) fn profile(&mut self, oneid: OneId) -> Profile {
         self.try_profile(oneid)
             .unwrap_or_else(|| panic!("no profile {oneid}"))
     }
 
-    fn order(&self, oneid: OneId, order_id: &str) -> OrderRecord {
+    pub(super) fn order(&self, oneid: OneId, order_id: &str) -> OrderRecord {
         let key = keys::order(oneid, order_id);
         decode(&key, &self.mem.get(&key).expect("order stored"))
     }
 
-    fn ledger(&self, oneid: OneId) -> Vec<LedgerRecord> {
+    pub(super) fn ledger(&self, oneid: OneId) -> Vec<LedgerRecord> {
         self.mem
             .scan(&keys::ledger_prefix(oneid), None, false, usize::MAX)
             .into_iter()
@@ -240,17 +240,17 @@ impl Harness {
             .collect()
     }
 
-    fn bound(&self, identity: &Identity) -> Option<OneId> {
+    pub(super) fn bound(&self, identity: &Identity) -> Option<OneId> {
         let key = keys::identity(identity);
         self.mem.get(&key).map(|b| decode(&key, &b))
     }
 
-    fn keys_with_prefix(&self, prefix: &[u8]) -> usize {
+    pub(super) fn keys_with_prefix(&self, prefix: &[u8]) -> usize {
         self.mem.scan(prefix, None, false, usize::MAX).len()
     }
 }
 
-fn ledger(
+pub(super) fn ledger(
     event_id: &str,
     kind: LedgerKind,
     points: i64,
@@ -270,7 +270,7 @@ fn ledger(
     }
 }
 
-fn lot(points: i64, expires_days: i64, event_id: &str) -> Lot {
+pub(super) fn lot(points: i64, expires_days: i64, event_id: &str) -> Lot {
     Lot {
         expires_at: at(expires_days),
         points,
@@ -279,7 +279,7 @@ fn lot(points: i64, expires_days: i64, event_id: &str) -> Lot {
 }
 
 /// A profile with one phone and one order of `amount` (order id "T1", event "o1") at day 0.
-fn with_order(h: &mut Harness, amount: &str) -> OneId {
+pub(super) fn with_order(h: &mut Harness, amount: &str) -> OneId {
     h.ok(claim(
         json!({"event_id": "o1", "type": "order", "identities": {"phone": "138"},
         "order_id": "T1", "amount": amount, "ts": ts(0)}),
