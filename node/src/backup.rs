@@ -540,6 +540,7 @@ pub fn check_no_unfinished_restore(data_dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StorageConfig;
     use crate::storage::Space;
     use fjall::Keyspace;
 
@@ -578,7 +579,8 @@ mod tests {
     /// Two shards with a few pairs each, their meta records holding the right digests.
     fn populated(path: &Path) -> Storage {
         let hosted = [ShardId(0), ShardId(1)];
-        let storage = Storage::open(path, 2, &hosted).expect("opening storage");
+        let storage =
+            Storage::open(path, 2, &hosted, StorageConfig::default()).expect("opening storage");
         for &shard in &hosted {
             let mut digest = 0u64;
             for n in 0..25_000u32 {
@@ -682,7 +684,13 @@ mod tests {
         let manifest = restore(&dir, &target, 3).expect("restore");
         assert!(target.join(RESTORE_MARKER).exists());
         assert!(check_no_unfinished_restore(&target).is_err());
-        let storage = Storage::open(&target, 2, &[ShardId(0), ShardId(1)]).expect("opening");
+        let storage = Storage::open(
+            &target,
+            2,
+            &[ShardId(0), ShardId(1)],
+            StorageConfig::default(),
+        )
+        .expect("opening");
         for shard in [ShardId(0), ShardId(1)] {
             verify_shard(&storage, shard, &manifest).expect("the shard matches");
         }
@@ -718,7 +726,9 @@ mod tests {
     #[test]
     fn one_backup_at_a_time() {
         let data = TempDir::new("data");
-        let storage = Arc::new(Storage::open(&data.0, 1, &[ShardId(0)]).expect("opening"));
+        let storage = Arc::new(
+            Storage::open(&data.0, 1, &[ShardId(0)], StorageConfig::default()).expect("opening"),
+        );
         let backups = Backups::new(storage, 1, data.0.clone());
         let running = backups.begin().expect("the first");
         assert!(matches!(backups.begin(), Err(BackupError::Busy)));

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
     pub nodes: Vec<NodeConfig>,
     /// Seed rules, written to the log on first start; later changes go through the API.
     #[serde(default)]
@@ -51,6 +53,29 @@ impl Default for ClusterConfig {
             dedup_retention_days: 7,
             ledger_retention_days: 730,
             tick_ms: 100,
+        }
+    }
+}
+
+/// Memory fjall may use on a node. Without these bounds fjall keeps up to 64 MiB of memtable
+/// per keyspace (two per shard) with no total cap.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Block cache shared by all keyspaces.
+    pub cache_mib: u64,
+    /// All memtables together; past it fjall flushes the largest.
+    pub write_buffer_mib: u64,
+    /// One keyspace's memtable before it is flushed.
+    pub memtable_mib: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            cache_mib: 128,
+            write_buffer_mib: 256,
+            memtable_mib: 16,
         }
     }
 }
@@ -113,6 +138,10 @@ impl Config {
             || c.ledger_retention_days == 0
         {
             bail!("cluster.activation_budget, clock_interval_ms, tick_ms, dedup_retention_days and ledger_retention_days must be above 0");
+        }
+        let s = &self.storage;
+        if s.cache_mib == 0 || s.memtable_mib == 0 || s.write_buffer_mib < s.memtable_mib {
+            bail!("storage.cache_mib and memtable_mib must be above 0 and write_buffer_mib at least memtable_mib, found {s:?}");
         }
         self.seed_rules()?;
         Ok(())

@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         &node.data,
         config.cluster.shards,
         &hosted,
+        config.storage,
     )?);
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(

@@ -8,6 +8,7 @@
 //! `persist(SyncAll)`, then calls each job's completion. A failed write or fsync stops the
 //! process: nothing after it may be acknowledged.
 
+use crate::config::StorageConfig;
 use crate::metrics::Metrics;
 use crate::state::keys;
 use crate::state::profile::Profile;
@@ -51,24 +52,30 @@ pub struct WriteOp {
 }
 
 impl Storage {
-    pub fn open(path: &Path, n_shards: u32, hosted: &[ShardId]) -> anyhow::Result<Storage> {
+    pub fn open(
+        path: &Path,
+        n_shards: u32,
+        hosted: &[ShardId],
+        limits: StorageConfig,
+    ) -> anyhow::Result<Storage> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("creating data directory {}", path.display()))?;
+        const MIB: u64 = 1024 * 1024;
         let db = Database::builder(path)
+            .cache_size(limits.cache_mib * MIB)
+            .max_write_buffer_size(Some(limits.write_buffer_mib * MIB))
             .open()
             .with_context(|| format!("opening fjall database in {}", path.display()))?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let keyspace_options =
+            || KeyspaceCreateOptions::default().max_memtable_size(limits.memtable_mib * MIB);
+        let meta = db.keyspace("meta", keyspace_options)?;
         let mut logs = vec![None; n_shards as usize];
         let mut states = vec![None; n_shards as usize];
         for &shard in hosted {
-            logs[shard.0 as usize] = Some(db.keyspace(
-                &format!("log_{:04}", shard.0),
-                KeyspaceCreateOptions::default,
-            )?);
-            states[shard.0 as usize] = Some(db.keyspace(
-                &format!("state_{:04}", shard.0),
-                KeyspaceCreateOptions::default,
-            )?);
+            logs[shard.0 as usize] =
+                Some(db.keyspace(&format!("log_{:04}", shard.0), keyspace_options)?);
+            states[shard.0 as usize] =
+                Some(db.keyspace(&format!("state_{:04}", shard.0), keyspace_options)?);
         }
         Ok(Storage {
             db,
