@@ -58,14 +58,13 @@ impl Default for ClusterConfig {
 }
 
 /// Memory fjall may use on a node. Without these bounds fjall keeps up to 64 MiB of memtable
-/// per keyspace (two per shard) with no total cap.
+/// per keyspace. fjall 3.1 has no working cap on all memtables together, so the bound is per
+/// keyspace: at most `memtable_mib` × (2 × hosted shards + 1) of active memtables.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Block cache shared by all keyspaces.
     pub cache_mib: u64,
-    /// All memtables together; past it fjall flushes the largest.
-    pub write_buffer_mib: u64,
     /// One keyspace's memtable before it is flushed.
     pub memtable_mib: u64,
 }
@@ -74,8 +73,7 @@ impl Default for StorageConfig {
     fn default() -> StorageConfig {
         StorageConfig {
             cache_mib: 128,
-            write_buffer_mib: 256,
-            memtable_mib: 16,
+            memtable_mib: 8,
         }
     }
 }
@@ -140,8 +138,8 @@ impl Config {
             bail!("cluster.activation_budget, clock_interval_ms, tick_ms, dedup_retention_days and ledger_retention_days must be above 0");
         }
         let s = &self.storage;
-        if s.cache_mib == 0 || s.memtable_mib == 0 || s.write_buffer_mib < s.memtable_mib {
-            bail!("storage.cache_mib and memtable_mib must be above 0 and write_buffer_mib at least memtable_mib, found {s:?}");
+        if s.cache_mib == 0 || s.memtable_mib == 0 {
+            bail!("storage.cache_mib and storage.memtable_mib must be above 0, found {s:?}");
         }
         self.seed_rules()?;
         Ok(())

@@ -63,7 +63,6 @@ impl Storage {
         const MIB: u64 = 1024 * 1024;
         let db = Database::builder(path)
             .cache_size(limits.cache_mib * MIB)
-            .max_write_buffer_size(Some(limits.write_buffer_mib * MIB))
             .open()
             .with_context(|| format!("opening fjall database in {}", path.display()))?;
         let keyspace_options =

@@ -26,8 +26,9 @@ pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 
 impl ShardState {
     /// Processes what fell due by the shard's clock and evicts ledger entries past retention.
-    /// Returns how many due keys it processed (at most `DUE_PER_CLOCK_MAX`).
-    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> usize {
+    /// Returns how many due keys it processed (at most `DUE_PER_CLOCK_MAX`), and whether the
+    /// ledger eviction batch was full.
+    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> (usize, bool) {
         let now = self.meta.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
         let after = keys::ledger_eviction_bound(self.meta.ledger_evicted_to);
@@ -37,6 +38,7 @@ impl ShardState {
             &keys::ledger_eviction_bound(horizon),
             LEDGER_EVICTIONS_PER_CLOCK_MAX,
         );
+        let ledger_full = evicted.len() == LEDGER_EVICTIONS_PER_CLOCK_MAX;
         self.meta.ledger_evicted_to = match evicted.last() {
             Some((last, _)) if evicted.len() == LEDGER_EVICTIONS_PER_CLOCK_MAX => {
                 keys::key_time(last)
@@ -146,7 +148,7 @@ impl ShardState {
                 self.finish_profile(tx, profile, Some(stored_hash));
             }
         }
-        processed
+        (processed, ledger_full)
     }
 
     /// An order leaves the spend window: `spend_365d` drops by what was not refunded.

@@ -505,13 +505,11 @@ fn a_review_at_the_instant_an_order_leaves_the_window_sees_it_gone() {
     assert_eq!(tick(&mut h, at(365)), (2, false));
     assert_eq!(h.profile(p).spend_365d, Money::ZERO);
     assert_eq!(tier(&mut h, p), member(365));
-    // The review first kept gold for a new period; that period's review key is stale.
-    assert_eq!(
-        due_keys(&h),
-        vec![(at(730), p, DueKind::TierReview, String::new())]
-    );
+    // The exit is processed before the review at the same instant, so the review saw the spend
+    // gone and started no new gold period: nothing is left to review.
+    assert_eq!(due_keys(&h), vec![]);
     let settled = h.profile(p);
-    assert_eq!(tick(&mut h, at(730)), (1, false));
+    assert_eq!(tick(&mut h, at(730)), (0, false));
     assert_eq!(h.profile(p), settled);
 
     // With spend that still qualifies at that instant, the tier is kept for a new period.
@@ -527,8 +525,8 @@ fn a_review_at_the_instant_an_order_leaves_the_window_sees_it_gone() {
     assert_eq!(tick(&mut h, at(730)), (1, false));
     assert_eq!(tier(&mut h, p), member(730));
 
-    // The same when the clock entry's limit falls between the review and the exit: lots of
-    // the profile expire at that instant, and sort before its review and exit.
+    // The same when the clock entry's limit falls between the exit and the review: lots of
+    // the profile expire at that instant, and sort before its exit and review.
     let mut h = Harness::new(&tier_rules(365, 365));
     let p = someone(&mut h, "1");
     h.ok(order(p, "A", "1200", 0));
@@ -538,17 +536,14 @@ fn a_review_at_the_instant_an_order_leaves_the_window_sees_it_gone() {
             .collect(),
     );
     assert_eq!(tick(&mut h, at(365)), (DUE_PER_CLOCK_MAX, true));
-    // The review was the last key of the entry: it kept gold, the exit is left.
-    assert_eq!(tier(&mut h, p), gold(365, 730));
+    // The exit was the last key of the entry; the review is left for the next one.
+    assert_eq!(h.profile(p).spend_365d, Money::ZERO);
+    assert_eq!(tier(&mut h, p), gold(0, 365));
     assert_eq!(
         due_keys(&h),
-        vec![
-            (at(365), p, DueKind::WindowExit, "A".into()),
-            (at(730), p, DueKind::TierReview, String::new()),
-        ]
+        vec![(at(365), p, DueKind::TierReview, String::new())]
     );
     assert_eq!(tick(&mut h, at(365)), (1, false));
-    assert_eq!(h.profile(p).spend_365d, Money::ZERO);
     assert_eq!(tier(&mut h, p), member(365));
 }
 
@@ -929,12 +924,12 @@ fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
             ledger_days: 730,
         },
     };
-    // (An eviction backlog is not reported: only due keys set `backlog`.)
+    // A full eviction batch is a backlog too: the leader proposes the next clock entry sooner.
     assert_eq!(
         h.apply(evict_ledger()),
         Output::Clock {
             due_processed: 0,
-            backlog: false
+            backlog: true
         }
     );
     // The oldest 10,000 in write order; the last redeem waits for the next entry.

@@ -102,23 +102,26 @@ pub enum DueKind {
 }
 
 impl DueKind {
+    /// Kinds due at the same instant for the same profile are processed in this order: what
+    /// changes balances, tags and spend first, then the tier review that reads the spend, then
+    /// the rule review that reads everything.
     fn byte(self) -> u8 {
         match self {
-            DueKind::LotExpiry => b'L',
-            DueKind::TagExpiry => b'T',
-            DueKind::WindowExit => b'W',
-            DueKind::TierReview => b'R',
-            DueKind::RuleReview => b'D',
+            DueKind::LotExpiry => 1,
+            DueKind::TagExpiry => 2,
+            DueKind::WindowExit => 3,
+            DueKind::TierReview => 4,
+            DueKind::RuleReview => 5,
         }
     }
 
     fn from_byte(byte: u8) -> DueKind {
         match byte {
-            b'L' => DueKind::LotExpiry,
-            b'T' => DueKind::TagExpiry,
-            b'W' => DueKind::WindowExit,
-            b'R' => DueKind::TierReview,
-            b'D' => DueKind::RuleReview,
+            1 => DueKind::LotExpiry,
+            2 => DueKind::TagExpiry,
+            3 => DueKind::WindowExit,
+            4 => DueKind::TierReview,
+            5 => DueKind::RuleReview,
             other => panic!("corrupt due key kind {other}"),
         }
     }

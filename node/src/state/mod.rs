@@ -372,10 +372,10 @@ impl ShardState {
         };
         let output = match command {
             Command::Clock { now, retention } => {
-                let due_processed = self.apply_clock(&mut tx, now, retention);
+                let (due_processed, backlog) = self.apply_clock(&mut tx, now, retention);
                 Output::Clock {
                     due_processed,
-                    backlog: due_processed == due::DUE_PER_CLOCK_MAX,
+                    backlog,
                 }
             }
             Command::SetRules(rules) => {
@@ -476,7 +476,8 @@ impl ShardState {
 
     /// Advances the clock, evicts dedup records past retention, processes what fell due.
     /// Returns how many due keys it processed.
-    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> usize {
+    /// Also answers whether any of its bounded batches was full (work left for the next entry).
+    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> (usize, bool) {
         self.meta.clock = self.meta.clock.max(now);
         let horizon = Millis(self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
         let after = keys::dedup_eviction(self.meta.dedup_evicted_to.0, 0);
@@ -486,6 +487,7 @@ impl ShardState {
             &keys::dedup_eviction(horizon.0, 0),
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
         );
+        let evicted_count = evicted.len();
         self.meta.dedup_evicted_to = match evicted.last() {
             Some((last, _)) if evicted.len() == DEDUP_EVICTIONS_PER_CLOCK_MAX => {
                 keys::key_time(last)
@@ -496,7 +498,12 @@ impl ShardState {
             tx.delete(dedup_key.clone());
             tx.delete_known(key, &dedup_key);
         }
-        self.process_due(tx, retention)
+        let dedup_full = evicted_count == DEDUP_EVICTIONS_PER_CLOCK_MAX;
+        let (due_processed, ledger_full) = self.process_due(tx, retention);
+        (
+            due_processed,
+            dedup_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,
+        )
     }
 
     fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
