@@ -87,7 +87,8 @@ impl ShardState {
             let profile = &mut entry.0;
             let changed = match kind {
                 DueKind::LotExpiry => {
-                    let event_id = String::from_utf8_lossy(detail).into_owned();
+                    // Detail: the earn's ledger sequence (8 bytes), then the event id.
+                    let event_id = String::from_utf8_lossy(&detail[8..]).into_owned();
                     match profile.expire_lot(&event_id, at) {
                         Some(points) => {
                             let reason = format!("points earned by {event_id} expired");

@@ -50,6 +50,12 @@ fn due_keys(h: &Harness) -> Vec<(Millis, OneId, DueKind, String)> {
         .map(|(key, value)| {
             assert!(value.is_empty(), "due keys have no value");
             let (at, oneid, kind, detail) = keys::parse_due(&key);
+            // A lot's detail starts with the earn's 8-byte ledger sequence: show the event id.
+            let detail = if kind == DueKind::LotExpiry {
+                &detail[8..]
+            } else {
+                detail
+            };
             (at, oneid, kind, String::from_utf8(detail.to_vec()).unwrap())
         })
         .collect()

@@ -282,7 +282,8 @@ impl EventWrites {
         self.changes.push((key, old, Vec::new()));
     }
 
-    /// Adds a due key known to be new (it names an order, and order ids never repeat).
+    /// Adds a due key known to be new (it names an order, whose ids never repeat, or a unique
+    /// ledger sequence).
     fn put_new_due(&mut self, key: Vec<u8>) {
         self.changes.push((key, None, Vec::new()));
     }
@@ -707,23 +708,23 @@ impl ShardState {
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
         let now = self.meta.clock;
-        // Earned points become a lot, whose expiry goes into the due-time index. (The key may
-        // exist: an event id can earn again once its dedup record was evicted.)
+        // Earned points become a lot, whose expiry goes into the due-time index. The key holds
+        // the profile's ledger sequence (unique per earn) before the event id, so it is always
+        // new, even when an event id earns again after its dedup record was evicted.
         let earn = |writes: &mut EventWrites,
                     profile: &mut Profile,
                     points: i64,
                     expires_at: Millis,
                     event_id: &str| {
             profile.add_points(points, expires_at, event_id);
-            writes.put_due(
-                tx,
-                keys::due(
-                    expires_at,
-                    profile.oneid,
-                    DueKind::LotExpiry,
-                    event_id.as_bytes(),
-                ),
-            );
+            let mut detail = profile.ledger_seq.to_be_bytes().to_vec();
+            detail.extend_from_slice(event_id.as_bytes());
+            writes.put_new_due(keys::due(
+                expires_at,
+                profile.oneid,
+                DueKind::LotExpiry,
+                &detail,
+            ));
         };
         let ledger = |writes: &mut EventWrites,
                       profile: &mut Profile,
