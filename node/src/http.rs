@@ -206,7 +206,7 @@ impl Api {
                 self.cluster().await.map(|view| json(StatusCode::OK, &view)),
             ),
             (&Method::POST, ["v1", "admin", "backup"]) => {
-                (Route::Other, self.backup(request).await)
+                (Route::Admin, self.backup(request).await)
             }
             (&Method::GET, ["healthz"]) => (Route::Health, self.healthz().await),
             (&Method::GET, ["metrics"]) => (Route::Metrics, Ok(self.metrics_text())),

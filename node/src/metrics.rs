@@ -61,11 +61,12 @@ pub enum Route {
     Cluster,
     Health,
     Metrics,
+    Admin,
     Other,
 }
 
 impl Route {
-    const ALL: [Route; 9] = [
+    const ALL: [Route; 10] = [
         Route::Events,
         Route::Profile,
         Route::Lookup,
@@ -74,6 +75,7 @@ impl Route {
         Route::Cluster,
         Route::Health,
         Route::Metrics,
+        Route::Admin,
         Route::Other,
     ];
 
@@ -87,6 +89,7 @@ impl Route {
             Route::Cluster => "cluster",
             Route::Health => "healthz",
             Route::Metrics => "metrics",
+            Route::Admin => "admin",
             Route::Other => "other",
         }
     }

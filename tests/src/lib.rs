@@ -161,12 +161,17 @@ impl TestNode {
     }
 
     fn spawn(&self, extra_args: &[&OsStr]) -> Child {
-        let log = std::fs::File::create(
-            self.dir
-                .path()
-                .join(format!("node-{}.log", Instant::now().elapsed().as_nanos())),
-        )
-        .expect("log file");
+        // One log per start, numbered, so a restart never overwrites an earlier one.
+        let starts = std::fs::read_dir(self.dir.path())
+            .expect("test directory")
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("node-"))
+            })
+            .count();
+        let log = std::fs::File::create(self.dir.path().join(format!("node-{starts}.log")))
+            .expect("log file");
         Command::new(binary())
             .arg("--config")
             .arg(self.config_path())
@@ -269,6 +274,12 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Each shard's state digest, in shard order.
+    pub async fn digests(&self) -> Vec<String> {
+        let view = self.client().cluster().await.expect("cluster view");
+        view.shards.into_iter().map(|s| s.digest).collect()
     }
 
     /// The value of an unlabelled counter in `/metrics`.

@@ -42,26 +42,10 @@ fn options() -> NodeOptions {
     }
 }
 
-/// RFC 3339 text (UTC, whole seconds) of a Unix time, as the node writes timestamps.
+/// RFC 3339 text (UTC, whole seconds) of a Unix time, as the node writes timestamps: the
+/// protocol's own formatting.
 fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since the epoch (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+    oneid_protocol::num::Millis(secs * 1000).to_string()
 }
 
 /// Timestamps of a test: event `n` happened `n` minutes after a base two days ago (inside

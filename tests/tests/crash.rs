@@ -127,26 +127,12 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     check(client.clone(), expected.clone()).await;
 
     // A second full re-send changes nothing.
-    let digests_before: Vec<String> = client
-        .cluster()
-        .await
-        .unwrap()
-        .shards
-        .into_iter()
-        .map(|s| s.digest)
-        .collect();
+    let digests_before = node.digests().await;
     for chunk in everything.chunks(500) {
         let answer = client.send_events(chunk).await.unwrap();
         assert_eq!(answer.duplicates as usize, chunk.len());
     }
-    let digests_after: Vec<String> = client
-        .cluster()
-        .await
-        .unwrap()
-        .shards
-        .into_iter()
-        .map(|s| s.digest)
-        .collect();
+    let digests_after = node.digests().await;
     assert_eq!(
         digests_before, digests_after,
         "duplicates must not change state"
