@@ -245,7 +245,12 @@ impl Fields {
         } else {
             points > 0
         };
-        if !ok || points.abs() > POINTS_PER_EVENT_MAX {
+        // `checked_abs`: i64::MIN has no absolute value (and `abs` would wrap to itself).
+        if !ok
+            || points
+                .checked_abs()
+                .is_none_or(|size| size > POINTS_PER_EVENT_MAX)
+        {
             let kind = if allow_negative {
                 "a non-zero integer"
             } else {
@@ -647,5 +652,21 @@ mod tests {
                 ("vip".to_string(), Some(Value::Bool(true))),
             ]
         );
+    }
+
+    #[test]
+    fn extreme_numbers_are_refused_not_wrapped() {
+        let adjust = r#"{"event_id":"e","type":"points_adjust","identities":{"phone":"1"},"points":-9223372036854775808,"reason":"x"}"#;
+        assert_eq!(
+            error(adjust),
+            (ErrorCode::InvalidField, Some("points".into()))
+        );
+        let order = r#"{"event_id":"e","type":"order","identities":{"phone":"1"},"order_id":"T","amount":"1000000000000000000000000000"}"#;
+        assert_eq!(
+            error(order),
+            (ErrorCode::InvalidField, Some("amount".into()))
+        );
+        let late = r#"{"event_id":"e","type":"tag_add","identities":{"phone":"1"},"tag":"x","ts":"9999-06-01T00:00:00Z"}"#;
+        assert_eq!(error(late), (ErrorCode::InvalidField, Some("ts".into())));
     }
 }

@@ -28,11 +28,14 @@ impl Money {
         if decimal.scale() > 2 {
             return Err(format!("{text:?} has more than 2 decimals"));
         }
-        let cents = decimal * Decimal::ONE_HUNDRED;
+        // Checked: a literal near Decimal's maximum overflows when scaled to cents.
+        let cents = decimal
+            .checked_mul(Decimal::ONE_HUNDRED)
+            .ok_or_else(|| format!("{text:?} is out of range"))?;
         let cents: i64 = cents
             .try_into()
             .map_err(|_| format!("{text:?} is out of range"))?;
-        if cents.abs() > MONEY_CENTS_MAX {
+        if cents.unsigned_abs() > MONEY_CENTS_MAX.unsigned_abs() {
             return Err(format!("{text:?} is out of range (at most 1000000000000)"));
         }
         Ok(Money(cents))
@@ -93,9 +96,10 @@ impl Millis {
         let at = OffsetDateTime::parse(text, &Rfc3339)
             .map_err(|_| format!("{text:?} is not an RFC 3339 timestamp"))?;
         let ms = at.unix_timestamp_nanos() / 1_000_000;
-        // Years 1970..=9999 keep every later addition (expiry, windows) far from overflow.
-        if !(0..=253_402_300_799_999).contains(&ms) {
-            return Err(format!("{text:?} is outside the years 1970 to 9999"));
+        // Years 1970 to 8999: a timestamp plus the longest expiry, window or retention (twice
+        // `rules::DAYS_MAX`, 200 years) stays a year RFC 3339 can write (at most 9999).
+        if !(0..MILLIS_YEAR_9000).contains(&ms) {
+            return Err(format!("{text:?} is outside the years 1970 to 8999"));
         }
         Ok(Millis(ms as i64))
     }
@@ -111,12 +115,20 @@ impl Millis {
     }
 }
 
+/// 9000-01-01T00:00:00Z: accepted timestamps are before it.
+const MILLIS_YEAR_9000: i128 = 221_845_392_000_000;
+
 impl fmt::Display for Millis {
+    /// RFC 3339 in UTC. Never fails: a time RFC 3339 cannot write (outside years 0 to 9999,
+    /// which accepted input cannot reach) is written as milliseconds since the epoch.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
-            .map_err(|_| fmt::Error)?;
-        let text = at.format(&Rfc3339).map_err(|_| fmt::Error)?;
-        f.write_str(&text)
+        let text = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .ok()
+            .and_then(|at| at.format(&Rfc3339).ok());
+        match text {
+            Some(text) => f.write_str(&text),
+            None => write!(f, "{}ms", self.0),
+        }
     }
 }
 
@@ -141,6 +153,9 @@ mod tests {
         assert!(Money::parse(" 1").is_err());
         assert!(Money::parse("1.").is_err());
         assert!(Money::parse("1000000000000.01").is_err());
+        // Near Decimal's maximum: an error, not an overflow panic.
+        assert!(Money::parse("1000000000000000000000000000").is_err());
+        assert!(Money::parse("-9223372036854775808").is_err());
         assert_eq!(Money(-5).to_string(), "-0.05");
     }
 
@@ -165,5 +180,9 @@ mod tests {
         );
         assert!(Millis::parse_rfc3339("yesterday").is_err());
         assert!(Millis::parse_rfc3339("1960-01-01T00:00:00Z").is_err());
+        assert!(Millis::parse_rfc3339("9000-01-01T00:00:00Z").is_err());
+        assert!(Millis::parse_rfc3339("8999-12-31T23:59:59Z").is_ok());
+        // Far beyond RFC 3339's years, formatting still answers.
+        assert_eq!(Millis(i64::MAX).to_string(), format!("{}ms", i64::MAX));
     }
 }

@@ -1100,3 +1100,40 @@ fn the_same_events_and_clock_entries_give_the_same_state_and_digest() {
     assert_eq!(h.mem, a.mem);
     assert_eq!(h.state.meta, a.state.meta);
 }
+
+#[test]
+fn events_that_would_overflow_a_profiles_totals_are_refused() {
+    use oneid_protocol::event::EventBody;
+    let mut profile = Profile::new(OneId(1), &Rules::default(), Millis(0));
+    profile.total_spend = Money(i64::MAX - 5);
+    let order = EventBody::Order {
+        order_id: "T".into(),
+        amount: Money(10),
+        store: None,
+    };
+    let refused = super::check_totals(&profile, &order).unwrap_err();
+    assert_eq!(
+        (refused.code, refused.field.as_deref()),
+        (ErrorCode::InvalidField, Some("amount"))
+    );
+    profile.total_spend = Money(0);
+    assert_eq!(super::check_totals(&profile, &order), Ok(()));
+    profile.balance = i64::MAX - 1;
+    let earn = EventBody::PointsEarn {
+        points: 2,
+        reason: None,
+        expires_at: None,
+    };
+    assert_eq!(
+        super::check_totals(&profile, &earn)
+            .unwrap_err()
+            .field
+            .as_deref(),
+        Some("points")
+    );
+    let adjust = EventBody::PointsAdjust {
+        points: -5,
+        reason: "r".into(),
+    };
+    assert_eq!(super::check_totals(&profile, &adjust), Ok(()));
+}

@@ -743,6 +743,7 @@ impl ShardState {
                 shortfall,
             );
         };
+        check_totals(profile, &event.body)?;
         match &event.body {
             EventBody::Order {
                 order_id,
@@ -1040,6 +1041,44 @@ impl ShardState {
             }
         }
         profile.rule_tags = rule_tags;
+    }
+}
+
+/// Refuses an event that would overflow one of the profile's totals (i64), before anything
+/// changes: values a client controls must never reach an arithmetic overflow or an assertion
+/// in apply, where a panic would stop the node and replay into the same panic after restart.
+fn check_totals(profile: &Profile, body: &EventBody) -> Result<(), EventError> {
+    let fits = |value: i64, add: i64| value.checked_add(add).is_some();
+    let (field, ok) = match body {
+        // An order earns at most POINTS_PER_EVENT_MAX points.
+        EventBody::Order { amount, .. } => (
+            "amount",
+            fits(profile.total_spend.0, amount.0)
+                && fits(profile.spend_365d.0, amount.0)
+                && fits(profile.balance, POINTS_PER_EVENT_MAX)
+                && fits(profile.lifetime_earned, POINTS_PER_EVENT_MAX),
+        ),
+        EventBody::PointsEarn { points, .. } => (
+            "points",
+            fits(profile.balance, *points) && fits(profile.lifetime_earned, *points),
+        ),
+        EventBody::PointsRedeem { points, .. } => {
+            ("points", fits(profile.lifetime_redeemed, *points))
+        }
+        EventBody::PointsAdjust { points, .. } => (
+            "points",
+            fits(profile.balance, *points) && fits(profile.debt, points.saturating_neg().max(0)),
+        ),
+        _ => return Ok(()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(reject_field(
+            ErrorCode::InvalidField,
+            field,
+            format!("this event would overflow the totals of {}", profile.oneid),
+        ))
     }
 }
 
