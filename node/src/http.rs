@@ -254,38 +254,44 @@ impl Api {
             }
         };
         let body = read_body(request).await?;
+        let too_many = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                format!("at most {EVENTS_PER_REQUEST_MAX} events per request"),
+            )
+        };
+        // Counted before (NDJSON) or while (JSON) the events are parsed, so a body of millions
+        // of tiny elements is refused without allocating them.
         let raws: Vec<Result<Box<RawValue>, String>> = if ndjson {
-            body.split(|&b| b == b'\n')
+            let lines: Vec<(usize, &[u8])> = body
+                .split(|&b| b == b'\n')
                 .enumerate()
                 .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+                .collect();
+            if lines.len() > EVENTS_PER_REQUEST_MAX {
+                return Err(too_many());
+            }
+            lines
+                .into_iter()
                 .map(|(n, line)| {
                     serde_json::from_slice::<Box<RawValue>>(line)
                         .map_err(|e| format!("line {} is not JSON: {e}", n + 1))
                 })
                 .collect()
         } else {
-            serde_json::from_slice::<Vec<Box<RawValue>>>(&body)
+            let mut deserializer = serde_json::Deserializer::from_slice(&body);
+            let events = serde::Deserializer::deserialize_seq(&mut deserializer, BoundedEvents)
+                .and_then(|events| deserializer.end().map(|()| events))
                 .map_err(|e| {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
                         ErrorCode::BadRequest,
                         format!("the body must be a JSON array of events: {e}"),
                     )
-                })?
-                .into_iter()
-                .map(Ok)
-                .collect()
+                })?;
+            events.ok_or_else(too_many)?.into_iter().map(Ok).collect()
         };
-        if raws.len() > EVENTS_PER_REQUEST_MAX {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "at most {EVENTS_PER_REQUEST_MAX} events per request, found {}",
-                    raws.len()
-                ),
-            ));
-        }
         let events = raws
             .into_iter()
             .map(|raw| match raw {
@@ -296,7 +302,18 @@ impl Api {
                 )),
             })
             .collect();
-        let response = self.router.ingest(events).await;
+        // Detached from the connection: a client that hangs up must not cancel the binds and
+        // links that follow the apply of events that are already durable.
+        let router = self.router.clone();
+        let response = tokio::spawn(async move { router.ingest(events).await })
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    format!("ingest failed: {e}"),
+                )
+            })?;
         Ok(json(StatusCode::OK, &response))
     }
 
@@ -597,4 +614,28 @@ async fn read_body(request: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
         return Err(error);
     }
     Ok(bytes)
+}
+
+/// Reads a JSON array of raw events, stopping (with `None`) past `EVENTS_PER_REQUEST_MAX`.
+struct BoundedEvents;
+
+impl<'de> serde::de::Visitor<'de> for BoundedEvents {
+    type Value = Option<Vec<Box<RawValue>>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut events = Vec::new();
+        while let Some(event) = seq.next_element::<Box<RawValue>>()? {
+            if events.len() == EVENTS_PER_REQUEST_MAX {
+                // Skip the rest without keeping it: the answer is 413 either way.
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                return Ok(None);
+            }
+            events.push(event);
+        }
+        Ok(Some(events))
+    }
 }

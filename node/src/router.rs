@@ -74,6 +74,11 @@ fn anchor(identities: &[Identity]) -> &Identity {
         .expect("a claiming event has identities")
 }
 
+/// Attempts to bind the identities of applied events, and the wait before the first retry
+/// (doubled each time).
+const BIND_ATTEMPTS: u32 = 5;
+const BIND_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn conflict(a: OneId, b: OneId) -> EventError {
     let (a, b) = (a.min(b), a.max(b));
     EventError::field(
@@ -284,19 +289,21 @@ impl Router {
                     for ((position, links), outcome) in
                         positions.into_iter().zip(links).zip(outcomes)
                     {
+                        // A duplicate binds too: if the first attempt stopped before its binds
+                        // (a crash, a lost connection), the client's retry finishes them.
                         let result = match outcome {
-                            EventOutcome::Applied(oneid) => {
-                                for identity in links {
-                                    follow_up
-                                        .entry(identity.shard(self.n_shards))
-                                        .or_default()
-                                        .push((identity, oneid));
-                                }
-                                Ok((EventStatus::Applied, oneid))
-                            }
+                            EventOutcome::Applied(oneid) => Ok((EventStatus::Applied, oneid)),
                             EventOutcome::Duplicate(oneid) => Ok((EventStatus::Duplicate, oneid)),
                             EventOutcome::Rejected(error) => Err(error),
                         };
+                        if let Ok((_, oneid)) = result {
+                            for identity in links {
+                                follow_up
+                                    .entry(identity.shard(self.n_shards))
+                                    .or_default()
+                                    .push((identity, oneid));
+                            }
+                        }
                         done.push((position, result));
                     }
                 }
@@ -313,28 +320,45 @@ impl Router {
     /// Binds identities of applied events at their shards, then lists the bound ones on the
     /// profiles. An identity another profile bound first stays with it (it is not listed here).
     /// A link not delivered now is delivered by the outbox sweep of the identity's shard.
-    async fn bind_and_link(&self, binds: BTreeMap<ShardId, Vec<(Identity, OneId)>>) {
-        if binds.is_empty() {
-            return;
-        }
-        let answers = per_shard(binds.into_iter().map(|(shard, pairs)| {
-            let call = self.propose(shard, Command::Bind(pairs.clone()));
-            (shard, async move { (pairs, call.await) })
-        }))
-        .await;
+    async fn bind_and_link(&self, mut binds: BTreeMap<ShardId, Vec<(Identity, OneId)>>) {
         let mut links: BTreeMap<ShardId, Vec<(OneId, Identity)>> = BTreeMap::new();
-        for (_, (pairs, answer)) in answers {
-            let Ok(Output::Bind(outcomes)) = answer else {
-                continue;
-            };
-            for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
-                match outcome {
-                    BindOutcome::Bound => links
-                        .entry(oneid.shard())
-                        .or_default()
-                        .push((oneid, identity)),
-                    BindOutcome::Conflict(other) => {
-                        tracing::info!(%oneid, %other, kind = %identity.kind, "identity went to another profile first; not linked");
+        let mut wait = BIND_RETRY_BACKOFF;
+        for attempt in 1..=BIND_ATTEMPTS {
+            if binds.is_empty() {
+                break;
+            }
+            if attempt > 1 {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            let answers = per_shard(std::mem::take(&mut binds).into_iter().map(
+                |(shard, pairs)| {
+                    let call = self.propose(shard, Command::Bind(pairs.clone()));
+                    (shard, async move { (pairs, call.await) })
+                },
+            ))
+            .await;
+            for (shard, (pairs, answer)) in answers {
+                let outcomes = match answer {
+                    Ok(Output::Bind(outcomes)) => outcomes,
+                    Ok(other) => panic!("a Bind answered {other:?}"),
+                    Err(error) => {
+                        // Transient (no leader, overloaded): try again; after the last attempt
+                        // the client's retry of the event (answered `duplicate`) binds them.
+                        tracing::warn!(%shard, %error, attempt, "binding identities failed");
+                        binds.insert(shard, pairs);
+                        continue;
+                    }
+                };
+                for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
+                    match outcome {
+                        BindOutcome::Bound => links
+                            .entry(oneid.shard())
+                            .or_default()
+                            .push((oneid, identity)),
+                        BindOutcome::Conflict(other) => {
+                            tracing::info!(%oneid, %other, kind = %identity.kind, "identity went to another profile first; not linked");
+                        }
                     }
                 }
             }
