@@ -17,6 +17,10 @@ pub enum Command {
     Clock { now: Millis, retention: Retention },
     /// Replaces the loyalty rules.
     SetRules(Box<Rules>),
+    /// The rules of `cluster.toml`, proposed by a leader that found none applied: applied only
+    /// if the shard still has no rules when it is applied, so it never overrides a `SetRules`
+    /// that was already in the log.
+    SeedRules(Box<Rules>),
     /// Events for profiles of this shard, in request order.
     Events(Vec<Routed>),
     /// Binds identities held by this shard's index to a profile; idempotent. Each new binding

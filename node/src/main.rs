@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         &hosted,
         config.storage,
     )?);
+    storage.check_shard_count(config.cluster.shards)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(
         Arc::clone(&storage),

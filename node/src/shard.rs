@@ -408,7 +408,7 @@ impl ShardActor {
         };
         if view.get(keys::RULES).is_none() {
             self.propose(
-                &Command::SetRules(Box::new(self.settings.seed_rules.clone())),
+                &Command::SeedRules(Box::new(self.settings.seed_rules.clone())),
                 None,
             );
         }

@@ -84,6 +84,31 @@ impl Storage {
         })
     }
 
+    /// Records the cluster's shard count on first start and refuses another one later: the
+    /// count is fixed for the life of a cluster (routing hashes and OneIDs depend on it).
+    pub fn check_shard_count(&self, n_shards: u32) -> anyhow::Result<()> {
+        const KEY: &[u8] = b"cluster/shards";
+        match self.meta.get(KEY)? {
+            Some(stored) => {
+                let stored = u32::from_be_bytes(
+                    stored
+                        .as_ref()
+                        .try_into()
+                        .context("corrupt cluster/shards record")?,
+                );
+                anyhow::ensure!(
+                    stored == n_shards,
+                    "this data directory belongs to a cluster of {stored} shards, but the config says {n_shards}: the shard count cannot change"
+                );
+            }
+            None => {
+                self.meta.insert(KEY, n_shards.to_be_bytes())?;
+                self.db.persist(PersistMode::SyncAll)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn log(&self, shard: ShardId) -> &Keyspace {
         self.logs[shard.0 as usize]
             .as_ref()

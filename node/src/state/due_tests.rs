@@ -1137,3 +1137,18 @@ fn events_that_would_overflow_a_profiles_totals_are_refused() {
     };
     assert_eq!(super::check_totals(&profile, &adjust), Ok(()));
 }
+
+#[test]
+fn seed_rules_apply_only_to_a_shard_without_rules() {
+    let mut h = Harness::empty(10);
+    let seed = Rules::default();
+    h.apply(Command::SeedRules(Box::new(seed.clone())));
+    assert_eq!(h.state.rules(), &seed);
+    // Rules set through the API, then a seed proposed again (a new leader before the apply of
+    // the PUT was durable): the seed must not override them.
+    let mut custom = Rules::default();
+    custom.expire_after_days = 30;
+    h.apply(Command::SetRules(Box::new(custom.clone())));
+    h.apply(Command::SeedRules(Box::new(seed)));
+    assert_eq!(h.state.rules(), &custom);
+}

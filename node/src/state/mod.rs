@@ -384,6 +384,13 @@ impl ShardState {
                 self.set_rules(*rules);
                 Output::None
             }
+            Command::SeedRules(rules) => {
+                if tx.get(keys::RULES).is_none() {
+                    tx.put(keys::RULES.to_vec(), &*rules);
+                    self.set_rules(*rules);
+                }
+                Output::None
+            }
             Command::Events(events) => Output::Events(
                 events
                     .into_iter()

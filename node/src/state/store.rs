@@ -97,8 +97,23 @@ impl Layered<'_> {
         if self.writes.changes.is_empty() {
             return self.base.scan(prefix, from, reverse, limit);
         }
-        // Ask the base for enough to survive the deletes the write set may hold.
-        let deletes = self.writes.changes.values().filter(|v| v.is_none()).count();
+        // Ask the base for enough to survive the deletes the write set holds in the scanned
+        // range (only those can hide base pairs; deletes behind a cursor cost nothing).
+        let lower = match (from, reverse) {
+            (Some(from), false) => Bound::Excluded(from.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let upper = match (from, reverse) {
+            (Some(from), true) => Bound::Excluded(from.to_vec()),
+            _ => Bound::Unbounded,
+        };
+        let deletes = self
+            .writes
+            .changes
+            .range((lower, upper))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .filter(|(_, value)| value.is_none())
+            .count();
         let base = self
             .base
             .scan(prefix, from, reverse, limit.saturating_add(deletes));
