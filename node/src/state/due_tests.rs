@@ -1146,8 +1146,10 @@ fn seed_rules_apply_only_to_a_shard_without_rules() {
     assert_eq!(h.state.rules(), &seed);
     // Rules set through the API, then a seed proposed again (a new leader before the apply of
     // the PUT was durable): the seed must not override them.
-    let mut custom = Rules::default();
-    custom.expire_after_days = 30;
+    let custom = Rules {
+        expire_after_days: 30,
+        ..Rules::default()
+    };
     h.apply(Command::SetRules(Box::new(custom.clone())));
     h.apply(Command::SeedRules(Box::new(seed)));
     assert_eq!(h.state.rules(), &custom);
