@@ -31,24 +31,14 @@ impl ShardState {
     pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> (usize, bool) {
         let now = self.meta.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
-        let after = keys::ledger_eviction_bound(self.meta.ledger_evicted_to);
-        let evicted = tx.scan_below(
+        let (cursor, ledger_full) = super::evict_queue(
+            tx,
             keys::LEDGER_EVICTION_PREFIX,
-            Some(&after),
-            &keys::ledger_eviction_bound(horizon),
+            self.meta.ledger_evicted_to,
+            horizon,
             LEDGER_EVICTIONS_PER_CLOCK_MAX,
         );
-        let ledger_full = evicted.len() == LEDGER_EVICTIONS_PER_CLOCK_MAX;
-        self.meta.ledger_evicted_to = match evicted.last() {
-            Some((last, _)) if evicted.len() == LEDGER_EVICTIONS_PER_CLOCK_MAX => {
-                keys::key_time(last)
-            }
-            _ => self.meta.ledger_evicted_to.max(horizon),
-        };
-        for (key, ledger_key) in evicted {
-            tx.delete(ledger_key.clone());
-            tx.delete_known(key, &ledger_key);
-        }
+        self.meta.ledger_evicted_to = cursor;
 
         let after = keys::due_bound(self.meta.due_floor);
         let due = tx.scan_below(

@@ -140,8 +140,14 @@ pub fn due(at: Millis, oneid: OneId, kind: DueKind, detail: &[u8]) -> Vec<u8> {
 
 /// The smallest due key at `at`: every key below it falls due before `at`.
 pub fn due_bound(at: Millis) -> Vec<u8> {
+    time_bound(DUE_PREFIX, at)
+}
+
+/// `prefix | time`: the smallest key at `at` of a time-ordered prefix (due keys, retention
+/// queues). Times before 1970 sort as 0: big-endian order is numeric only for non-negatives.
+pub fn time_bound(prefix: &[u8], at: Millis) -> Vec<u8> {
     let mut key = Vec::with_capacity(32);
-    key.push(b't');
+    key.extend_from_slice(prefix);
     key.extend_from_slice(&at.0.max(0).to_be_bytes());
     key
 }
@@ -173,10 +179,7 @@ pub fn ledger_eviction(clock: Millis, oneid: OneId, seq: u64) -> Vec<u8> {
 
 /// The smallest ledger eviction key at `clock`.
 pub fn ledger_eviction_bound(clock: Millis) -> Vec<u8> {
-    let mut key = Vec::with_capacity(25);
-    key.push(b'g');
-    key.extend_from_slice(&clock.0.max(0).to_be_bytes());
-    key
+    time_bound(LEDGER_EVICTION_PREFIX, clock)
 }
 
 #[cfg(test)]

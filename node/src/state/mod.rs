@@ -488,25 +488,14 @@ impl ShardState {
     fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> (usize, bool) {
         self.meta.clock = self.meta.clock.max(now);
         let horizon = Millis(self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
-        let after = keys::dedup_eviction(self.meta.dedup_evicted_to.0, 0);
-        let evicted = tx.scan_below(
+        let (cursor, dedup_full) = evict_queue(
+            tx,
             keys::DEDUP_EVICTION_PREFIX,
-            Some(&after),
-            &keys::dedup_eviction(horizon.0, 0),
+            self.meta.dedup_evicted_to,
+            horizon,
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
         );
-        let evicted_count = evicted.len();
-        self.meta.dedup_evicted_to = match evicted.last() {
-            Some((last, _)) if evicted.len() == DEDUP_EVICTIONS_PER_CLOCK_MAX => {
-                keys::key_time(last)
-            }
-            _ => self.meta.dedup_evicted_to.max(horizon),
-        };
-        for (key, dedup_key) in evicted {
-            tx.delete(dedup_key.clone());
-            tx.delete_known(key, &dedup_key);
-        }
-        let dedup_full = evicted_count == DEDUP_EVICTIONS_PER_CLOCK_MAX;
+        self.meta.dedup_evicted_to = cursor;
         let (due_processed, ledger_full) = self.process_due(tx, retention);
         (
             due_processed,
@@ -1049,6 +1038,35 @@ impl ShardState {
         }
         profile.rule_tags = rule_tags;
     }
+}
+
+/// Evicts from a retention queue (keys `prefix | clock | ...`, written in clock order, each
+/// holding the key of the record it keeps) the records written before `horizon`, scanning
+/// after `cursor` (everything before it is gone), at most `limit`. Returns the new cursor and
+/// whether the batch was full.
+fn evict_queue(
+    tx: &mut Tx<'_>,
+    prefix: &[u8],
+    cursor: Millis,
+    horizon: Millis,
+    limit: usize,
+) -> (Millis, bool) {
+    let evicted = tx.scan_below(
+        prefix,
+        Some(&keys::time_bound(prefix, cursor)),
+        &keys::time_bound(prefix, horizon),
+        limit,
+    );
+    let full = evicted.len() == limit;
+    let cursor = match evicted.last() {
+        Some((last, _)) if full => keys::key_time(last),
+        _ => cursor.max(horizon),
+    };
+    for (key, record_key) in evicted {
+        tx.delete(record_key.clone());
+        tx.delete_known(key, &record_key);
+    }
+    (cursor, full)
 }
 
 /// Refuses an event that would overflow one of the profile's totals (i64), before anything
