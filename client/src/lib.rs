@@ -272,14 +272,19 @@ impl Client {
     }
 
     async fn post_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
-        let body = serde_json::to_vec(events).map_err(|e| Error::Decode(e.to_string()))?;
+        self.send_json(Method::POST, "/v1/events", events).await
+    }
+
+    /// Sends `body` as JSON (retrying transient failures) and decodes the answer.
+    async fn send_json<B: serde::Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        let body = serde_json::to_vec(body).map_err(|e| Error::Decode(e.to_string()))?;
         let answer = self
-            .call(
-                Method::POST,
-                "/v1/events",
-                "application/json",
-                Bytes::from(body),
-            )
+            .call(method, path, "application/json", Bytes::from(body))
             .await?;
         decode(&answer.body)
     }
@@ -341,16 +346,7 @@ impl Client {
 
     /// Replaces the rules; answers the rules now in force.
     pub async fn set_rules(&self, rules: &serde_json::Value) -> Result<serde_json::Value, Error> {
-        let body = serde_json::to_vec(rules).map_err(|e| Error::Decode(e.to_string()))?;
-        let answer = self
-            .call(
-                Method::PUT,
-                "/v1/rules",
-                "application/json",
-                Bytes::from(body),
-            )
-            .await?;
-        decode(&answer.body)
+        self.send_json(Method::PUT, "/v1/rules", rules).await
     }
 
     pub async fn cluster(&self) -> Result<ClusterView, Error> {

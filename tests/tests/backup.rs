@@ -345,9 +345,9 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
     assert_eq!(manifest_digests(&manifest), digests(&node).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_refuses_a_data_directory_that_is_not_empty() {
-    let mut node = TestNode::start(NodeOptions::default()).await;
+/// A node holding 200 events, and a temporary directory with a backup of it in `b`.
+async fn node_with_backup() -> (TestNode, tempfile::TempDir) {
+    let node = TestNode::start(NodeOptions::default()).await;
     let events: Vec<Value> = (0..200).map(event).collect();
     let client = node.client();
     assert_eq!(
@@ -360,6 +360,13 @@ async fn restore_refuses_a_data_directory_that_is_not_empty() {
         .backup(dir.to_str().expect("UTF-8"))
         .await
         .expect("backup");
+    (node, backups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_data_directory_that_is_not_empty() {
+    let (mut node, backups) = node_with_backup().await;
+    let dir = backups.path().join("b");
     let before = digests(&node).await;
     assert!(node.terminate().success());
 
@@ -382,19 +389,9 @@ async fn restore_refuses_a_data_directory_that_is_not_empty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_refuses_a_backup_that_does_not_match_its_manifest() {
-    let source = TestNode::start(NodeOptions::default()).await;
-    let events: Vec<Value> = (0..200).map(event).collect();
-    let client = source.client();
-    assert_eq!(
-        client.send_events(&events).await.expect("ingest").applied,
-        200
-    );
-    let backups = tempfile::tempdir().expect("temporary directory");
+    // The source node stays up (bound) until the end of the test.
+    let (_source, backups) = node_with_backup().await;
     let dir = backups.path().join("b");
-    client
-        .backup(dir.to_str().expect("UTF-8"))
-        .await
-        .expect("backup");
 
     // One digit of one shard's digest changed.
     let mut manifest = manifest_file(&dir);
