@@ -50,6 +50,10 @@ pub struct Routed {
     /// Identities of the event, unbound when routed, held by other shards' indexes: bound and
     /// linked after the event applies. Apply counts them against the identity limit.
     pub link_elsewhere: Vec<Identity>,
+    /// For each of the event's identities, in order: whether the router found it bound (to the
+    /// target profile). Bindings never change, so apply reads only the others from the index;
+    /// empty means none is known.
+    pub bound: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -263,12 +263,18 @@ impl Router {
                 .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
                 .cloned()
                 .collect();
+            let bound = event
+                .identities
+                .iter()
+                .map(|id| bindings[id].is_some())
+                .collect();
             let entry = entries.entry(shard).or_default();
             entry.0.push(position);
             entry.1.push(Routed {
                 event,
                 target,
                 link_elsewhere,
+                bound,
             });
         }
 

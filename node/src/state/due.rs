@@ -131,12 +131,14 @@ impl ShardState {
                 profile.updated_at = profile.updated_at.max(at);
             }
             entry.2 |= changed;
-            writes.commit(tx, &mut self.meta.due_floor);
+            writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
         }
         for (_, (mut profile, stored_hash, changed)) in touched {
             if changed {
                 profile.version += 1;
                 self.finish_profile(tx, profile, Some(stored_hash));
+            } else {
+                self.activations.insert(profile, stored_hash);
             }
         }
         (processed, ledger_full)
@@ -231,7 +233,7 @@ impl ShardState {
             if let Some(at) = next {
                 let mut writes = EventWrites::default();
                 writes.put_due(tx, keys::due(at, profile.oneid, DueKind::RuleReview, &[]));
-                writes.commit(tx, &mut self.meta.due_floor);
+                writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
             }
         }
         self.store_profile(tx, profile, stored_hash);
@@ -255,7 +257,7 @@ impl ShardState {
             .min()
     }
 
-    /// Writes a ledger entry and its eviction key.
+    /// Writes a ledger entry, listed for the ledger retention queue.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_ledger(
         &self,
@@ -278,11 +280,7 @@ impl ShardState {
             shortfall,
         };
         let key = keys::ledger(profile.oneid, profile.ledger_seq);
-        writes.put_raw(
-            keys::ledger_eviction(self.meta.clock, profile.oneid, profile.ledger_seq),
-            None,
-            key.clone(),
-        );
+        writes.ledger.push(key.clone());
         writes.put(key, None, &record);
         profile.ledger_seq += 1;
     }

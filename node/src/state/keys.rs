@@ -10,10 +10,10 @@
 //! | `o`    | `o oneid order_id`                    | `OrderRecord`  |
 //! | `l`    | `l oneid seq`                         | `LedgerRecord` |
 //! | `d`    | `d oneid event_id`                    | `DedupRecord`  |
-//! | `e`    | `e clock_ms seq`                      | dedup key (eviction order) |
+//! | `e`    | `e clock_ms seq`                      | dedup keys one entry wrote (eviction order) |
 //! | `x`    | `x seq`                               | `OutboxRecord` |
 //! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
-//! | `g`    | `g clock_ms oneid seq`                | ledger key (eviction order) |
+//! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
 
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
@@ -59,13 +59,12 @@ pub fn dedup(oneid: OneId, event_id: &str) -> Vec<u8> {
 }
 
 pub const DEDUP_EVICTION_PREFIX: &[u8] = b"e";
+pub const LEDGER_EVICTION_PREFIX: &[u8] = b"g";
 
-/// Clocks before 1970 (negative) sort as 0: big-endian order is numeric only for non-negatives.
-pub fn dedup_eviction(clock_ms: i64, seq: u64) -> Vec<u8> {
-    let clock_ms = clock_ms.max(0);
-    let mut key = Vec::with_capacity(17);
-    key.push(b'e');
-    key.extend_from_slice(&clock_ms.to_be_bytes());
+/// `prefix | clock_ms | seq`: one record of a retention queue (dedup or ledger), holding the
+/// keys one log entry wrote at that clock; `seq` orders the entries of one clock.
+pub fn retention_group(prefix: &[u8], clock: Millis, seq: u64) -> Vec<u8> {
+    let mut key = time_bound(prefix, clock);
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
@@ -165,21 +164,6 @@ pub fn key_time(key: &[u8]) -> Millis {
     Millis(i64::from_be_bytes(
         key[1..9].try_into().expect("time-ordered keys hold a time"),
     ))
-}
-
-pub const LEDGER_EVICTION_PREFIX: &[u8] = b"g";
-
-/// `g | clock_ms | oneid | seq`: ledger entries in the order they were written.
-pub fn ledger_eviction(clock: Millis, oneid: OneId, seq: u64) -> Vec<u8> {
-    let mut key = ledger_eviction_bound(clock);
-    key.extend_from_slice(&oneid.0.to_be_bytes());
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-/// The smallest ledger eviction key at `clock`.
-pub fn ledger_eviction_bound(clock: Millis) -> Vec<u8> {
-    time_bound(LEDGER_EVICTION_PREFIX, clock)
 }
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ pub struct ShardMeta {
     /// Profiles minted so far; the next OneID uses `profile_seq + 1`.
     pub profile_seq: u64,
     pub outbox_seq: u64,
-    pub dedup_seq: u64,
+    /// Records of the retention queues written so far (one per log entry and queue).
+    pub queue_seq: u64,
     /// No unprocessed due key is earlier than this: where the next clock entry's scan starts.
     pub due_floor: Millis,
     /// Dedup and ledger records written before these clocks were all evicted.
@@ -110,8 +111,8 @@ pub struct LedgerRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupRecord {
+    /// The log index that applied the event.
     pub index: u64,
-    pub eviction_key: Vec<u8>,
 }
 
 /// A binding made here whose profile (on another shard) must list the identity.
@@ -133,6 +134,16 @@ pub struct ShardState {
     /// Where the tag rules' `days_since` comparisons can flip (see `due.rs`).
     time_thresholds: Vec<(TimeField, i64)>,
     pub activations: Activations,
+    /// Keys the command being applied wrote that retention will evict: filed at the end of
+    /// the command as one record per queue (see `file_retained`), not one per key.
+    retained: Retained,
+}
+
+/// Dedup and ledger keys written by the command being applied, in write order.
+#[derive(Default)]
+struct Retained {
+    dedup: Vec<Vec<u8>>,
+    ledger: Vec<Vec<u8>>,
 }
 
 /// Reads through the pending write set, and writes into it keeping the digest.
@@ -262,15 +273,13 @@ fn reject_field(code: ErrorCode, field: &str, message: impl Into<String>) -> Eve
 #[derive(Default)]
 struct EventWrites {
     changes: Vec<(Vec<u8>, Option<u64>, Vec<u8>)>,
+    /// Ledger keys among the changes, for the ledger retention queue.
+    ledger: Vec<Vec<u8>>,
 }
 
 impl EventWrites {
     fn put<T: Serialize>(&mut self, key: Vec<u8>, old: Option<u64>, value: &T) {
         self.changes.push((key, old, encode(value)));
-    }
-
-    fn put_raw(&mut self, key: Vec<u8>, old: Option<u64>, bytes: Vec<u8>) {
-        self.changes.push((key, old, bytes));
     }
 
     /// Adds a due key (empty value) that may already exist, in the state or in this buffer.
@@ -288,8 +297,10 @@ impl EventWrites {
         self.changes.push((key, None, Vec::new()));
     }
 
-    /// Writes the changes; a due key earlier than `due_floor` lowers it.
-    fn commit(self, tx: &mut Tx<'_>, due_floor: &mut Millis) {
+    /// Writes the changes; a due key earlier than `due_floor` lowers it. The ledger keys go
+    /// to `retained` for the ledger retention queue.
+    fn commit(self, tx: &mut Tx<'_>, due_floor: &mut Millis, retained: &mut Vec<Vec<u8>>) {
+        retained.extend(self.ledger);
         for (key, old, bytes) in self.changes {
             if key.starts_with(keys::DUE_PREFIX) {
                 *due_floor = (*due_floor).min(keys::key_time(&key));
@@ -323,6 +334,7 @@ impl ShardState {
             tag_rules: Vec::new(),
             time_thresholds: Vec::new(),
             activations: Activations::new(activation_budget),
+            retained: Retained::default(),
         };
         state.set_rules(rules);
         state
@@ -421,6 +433,12 @@ impl ShardState {
                 Output::None
             }
         };
+        self.file_retained(&mut tx);
+        assert!(
+            self.activations.none_taken(),
+            "shard {}: a profile taken for apply was neither stored nor put back",
+            self.shard
+        );
         self.meta.digest = digest;
         self.meta.applied_index = index;
         self.meta.applied_term = term;
@@ -429,6 +447,23 @@ impl ShardState {
             Some(postcard::to_stdvec(&self.meta).expect("meta encodes")),
         );
         output
+    }
+
+    /// Files the dedup and ledger keys the command wrote into their retention queues: one
+    /// record per queue holding them all (a command holds a bounded number of events), so
+    /// retention costs one key per entry rather than one per event.
+    fn file_retained(&mut self, tx: &mut Tx<'_>) {
+        let Retained { dedup, ledger } = std::mem::take(&mut self.retained);
+        for (prefix, written) in [
+            (keys::DEDUP_EVICTION_PREFIX, dedup),
+            (keys::LEDGER_EVICTION_PREFIX, ledger),
+        ] {
+            if !written.is_empty() {
+                self.meta.queue_seq += 1;
+                let key = keys::retention_group(prefix, self.meta.clock, self.meta.queue_seq);
+                tx.put_new(key, &written);
+            }
+        }
     }
 
     /// Applies an entry without a command (a new leader's empty entry): only the index moves.
@@ -463,10 +498,12 @@ impl ShardState {
         Some(profile)
     }
 
-    /// Activates a profile for apply: the profile, and the pair hash of its stored bytes.
+    /// Activates a profile for apply: the profile, and the pair hash of its stored bytes. An
+    /// activated one is taken out of the cache: the caller stores it (`finish_profile`), puts
+    /// it back unchanged (`activations.insert`) or, having changed it, discards it.
     fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<(Profile, u64)> {
-        if let Some((profile, stored_hash)) = self.activations.get(oneid) {
-            return Some((profile.clone(), stored_hash));
+        if let Some(taken) = self.activations.take(oneid) {
+            return Some(taken);
         }
         let key = keys::profile(oneid);
         let bytes = tx.get(&key)?;
@@ -552,6 +589,8 @@ impl ShardState {
         if changed {
             profile.version += 1;
             self.finish_profile(tx, profile, Some(stored_hash));
+        } else {
+            self.activations.insert(profile, stored_hash);
         }
     }
 
@@ -560,16 +599,26 @@ impl ShardState {
             event,
             target,
             link_elsewhere,
+            bound: known_bound,
         } = routed;
         let local: Vec<(Identity, Option<OneId>)> = event
             .identities
             .iter()
-            .filter(|identity| identity.shard(self.n_shards) == self.shard)
-            .map(|identity| {
-                (
-                    identity.clone(),
-                    tx.get_as::<OneId>(&keys::identity(identity)),
-                )
+            .enumerate()
+            .filter(|(_, identity)| identity.shard(self.n_shards) == self.shard)
+            .map(|(i, identity)| {
+                let bound = match target {
+                    Target::Existing(oneid) if known_bound.get(i) == Some(&true) => {
+                        debug_assert_eq!(
+                            tx.get_as::<OneId>(&keys::identity(identity)),
+                            Some(oneid),
+                            "the router's binding of {identity:?}"
+                        );
+                        Some(oneid)
+                    }
+                    _ => tx.get_as::<OneId>(&keys::identity(identity)),
+                };
+                (identity.clone(), bound)
             })
             .collect();
         let mut bound: BTreeSet<OneId> = local.iter().filter_map(|(_, oneid)| *oneid).collect();
@@ -613,12 +662,16 @@ impl ShardState {
         let created = stored_hash.is_none();
         let oneid = profile.oneid;
         let dedup_key = keys::dedup(oneid, &event.event_id);
-        if !created && tx.get(&dedup_key).is_some() {
-            return EventOutcome::Duplicate(oneid);
+        if let Some(stored_hash) = stored_hash {
+            if tx.get(&dedup_key).is_some() {
+                self.activations.insert(profile, stored_hash);
+                return EventOutcome::Duplicate(oneid);
+            }
         }
 
         let mut writes = EventWrites::default();
         if let Err(error) = self.apply_body(tx, &mut profile, &event, &mut writes) {
+            self.activations.discard(oneid);
             return EventOutcome::Rejected(error);
         }
         // Identities: bind and list the unbound ones held here; those held by other shards are
@@ -648,6 +701,7 @@ impl ShardState {
             })
             .count();
         if profile.identity_count() + to_link > IDENTITIES_PER_PROFILE_MAX {
+            self.activations.discard(oneid);
             return EventOutcome::Rejected(reject_field(
                 ErrorCode::IdentityLimit,
                 "identities",
@@ -680,17 +734,9 @@ impl ShardState {
         for identity in new_bindings {
             tx.put_new(keys::identity(identity), &oneid);
         }
-        writes.commit(tx, &mut self.meta.due_floor);
-        self.meta.dedup_seq += 1;
-        let eviction_key = keys::dedup_eviction(self.meta.clock.0, self.meta.dedup_seq);
-        tx.put_new(
-            dedup_key.clone(),
-            &DedupRecord {
-                index,
-                eviction_key: eviction_key.clone(),
-            },
-        );
-        tx.put_known(eviction_key, None, dedup_key);
+        writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
+        tx.put_new(dedup_key.clone(), &DedupRecord { index });
+        self.retained.dedup.push(dedup_key);
         self.finish_profile(tx, profile, stored_hash);
         EventOutcome::Applied(oneid)
     }
@@ -1040,10 +1086,11 @@ impl ShardState {
     }
 }
 
-/// Evicts from a retention queue (keys `prefix | clock | ...`, written in clock order, each
-/// holding the key of the record it keeps) the records written before `horizon`, scanning
-/// after `cursor` (everything before it is gone), at most `limit`. Returns the new cursor and
-/// whether the batch was full.
+/// Evicts from a retention queue (records `prefix | clock | seq`, written in clock order, each
+/// holding the keys one entry wrote) the keys written before `horizon`, scanning after
+/// `cursor` (everything before it is gone), at most `limit` keys: a queue record larger than
+/// what is left of the batch loses its first keys and keeps the rest for the next entry.
+/// Returns the new cursor and whether the batch was full.
 fn evict_queue(
     tx: &mut Tx<'_>,
     prefix: &[u8],
@@ -1051,22 +1098,34 @@ fn evict_queue(
     horizon: Millis,
     limit: usize,
 ) -> (Millis, bool) {
-    let evicted = tx.scan_below(
-        prefix,
-        Some(&keys::time_bound(prefix, cursor)),
-        &keys::time_bound(prefix, horizon),
-        limit,
-    );
-    let full = evicted.len() == limit;
-    let cursor = match evicted.last() {
-        Some((last, _)) if full => keys::key_time(last),
-        _ => cursor.max(horizon),
-    };
-    for (key, record_key) in evicted {
-        tx.delete(record_key.clone());
-        tx.delete_known(key, &record_key);
+    const CHUNK: usize = 64;
+    let below = keys::time_bound(prefix, horizon);
+    let mut from = keys::time_bound(prefix, cursor);
+    let mut budget = limit;
+    while budget > 0 {
+        let records = tx.scan_below(prefix, Some(&from), &below, CHUNK.min(budget));
+        if records.is_empty() {
+            break;
+        }
+        for (key, value) in records {
+            let mut written: Vec<Vec<u8>> = decode(&key, &value);
+            let rest = written.split_off(budget.min(written.len()));
+            budget -= written.len();
+            for record_key in written {
+                tx.delete(record_key);
+            }
+            if rest.is_empty() {
+                tx.delete_known(key.clone(), &value);
+            } else {
+                tx.put_known(key.clone(), Some(pair_hash(&key, &value)), encode(&rest));
+            }
+            if budget == 0 {
+                return (keys::key_time(&key), true);
+            }
+            from = key;
+        }
     }
-    (cursor, full)
+    (cursor.max(horizon), false)
 }
 
 /// Refuses an event that would overflow one of the profile's totals (i64), before anything

@@ -64,6 +64,7 @@ pub(super) fn routed(json: Json, target: Target) -> Routed {
         event: event(&json),
         target,
         link_elsewhere: vec![],
+        bound: vec![],
     }
 }
 
@@ -563,6 +564,39 @@ fn identities_of_two_profiles_in_one_event_are_rejected() {
         "identities": {"email": "x"}}),
     ));
     assert_eq!(code, ErrorCode::IdentityConflict);
+}
+
+#[test]
+fn identities_the_router_found_bound_are_not_read_again() {
+    let mut h = Harness::new(PLAIN);
+    let a = h.ok(claim(
+        json!({"event_id": "a", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    // The router found the phone bound to `a` and the email unbound: apply binds the email
+    // (and checks the phone against the index in debug builds).
+    let mut routed = on(
+        a,
+        json!({"event_id": "b", "type": "identify",
+        "identities": {"phone": "1", "email": "x"}}),
+    );
+    routed.bound = routed
+        .event
+        .identities
+        .iter()
+        .map(|identity| identity.kind == "phone")
+        .collect();
+    assert_eq!(h.send(routed), EventOutcome::Applied(a));
+    assert_eq!(
+        h.profile(a).identities,
+        BTreeMap::from([
+            ("email".to_string(), BTreeSet::from(["x".to_string()])),
+            ("phone".to_string(), BTreeSet::from(["1".to_string()])),
+        ])
+    );
+    let b = h.ok(claim(
+        json!({"event_id": "c", "type": "identify", "identities": {"email": "x"}}),
+    ));
+    assert_eq!(b, a);
 }
 
 #[test]
@@ -1316,6 +1350,58 @@ fn one_clock_entry_evicts_at_most_ten_thousand_dedup_records() {
     h.apply(clock(8));
     assert_eq!(h.keys_with_prefix(b"d"), 0);
     assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
+}
+
+#[test]
+fn dedup_eviction_counts_keys_across_many_entries() {
+    // 100 entries of 150 events: 15,000 dedup keys in 100 queue records (more than one scan
+    // chunk). The first clock evicts exactly the oldest 10,000, splitting the 67th entry's
+    // record; the second evicts the rest.
+    let mut h = Harness::new(PLAIN);
+    let p = h.ok(claim(
+        json!({"event_id": "e", "type": "identify", "identities": {"phone": "1"}}),
+    ));
+    for entry in 0..100 {
+        h.events(
+            (0..150)
+                .map(|i| {
+                    on(
+                        p,
+                        json!({"event_id": format!("v{entry}-{i}"), "type": "interaction", "name": "view"}),
+                    )
+                })
+                .collect(),
+        );
+    }
+    assert_eq!(h.keys_with_prefix(b"d"), 15_001);
+    assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 101);
+    assert_eq!(
+        h.apply(clock(8)),
+        Output::Clock {
+            due_processed: 0,
+            backlog: true
+        }
+    );
+    // "e", then 66 whole entries (9,900), then 99 of the 67th.
+    assert_eq!(h.keys_with_prefix(b"d"), 5_001);
+    assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 34);
+    assert_eq!(
+        h.send(on(
+            p,
+            json!({"event_id": "v66-98", "type": "interaction", "name": "view"})
+        )),
+        EventOutcome::Applied(p)
+    );
+    assert_eq!(
+        h.send(on(
+            p,
+            json!({"event_id": "v66-99", "type": "interaction", "name": "view"})
+        )),
+        EventOutcome::Duplicate(p)
+    );
+    h.apply(clock(8));
+    // What is left: the record of the event applied again, written at day 8.
+    assert_eq!(h.keys_with_prefix(b"d"), 1);
 }
 
 // ---- 10. Determinism ----
