@@ -16,7 +16,9 @@
 //!    touches several shards resumes after a crash.
 //!
 //! Events that share an identity unbound at step 1 go to separate waves, so a customer first
-//! seen twice in one batch ends up with one OneID, as if the events came one by one.
+//! seen twice in one batch ends up with one OneID, as if the events came one by one; events
+//! related to one waiting for a later wave (by an identity or a profile) wait too, so each
+//! customer's events keep their request order. Unrelated events go in the first wave.
 
 use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
 use crate::metrics::Metrics;
@@ -174,8 +176,11 @@ impl Router {
         response
     }
 
-    /// Resolves the identities of `todo` and splits off the longest prefix of events that do
-    /// not share an unbound identity with an earlier event of the prefix.
+    /// Resolves the identities of `todo` and splits it into this wave and the rest. An event
+    /// joins the wave unless it shares an identity unbound at resolve time with an event of the
+    /// wave, or an identity or a profile with an event already left for a later wave: so a
+    /// customer first seen several times gets one OneID, and the events of one customer keep
+    /// their request order, while unrelated events do not wait behind them.
     #[allow(clippy::type_complexity)]
     async fn next_wave(
         &self,
@@ -201,23 +206,60 @@ impl Router {
                 (identity, bound)
             })
             .collect();
-        let mut unbound_in_wave: BTreeSet<&Identity> = BTreeSet::new();
-        let mut split = todo.len();
-        for (i, (_, event)) in todo.iter().enumerate() {
-            let unbound: Vec<&Identity> = event
+        // The profiles an event names (by OneID or by an identity found bound).
+        let profiles_of = |event: &Event| -> Vec<OneId> {
+            event
                 .identities
                 .iter()
-                .filter(|id| bindings[*id].is_none())
+                .filter_map(|id| bindings[id])
+                .chain(event.oneid)
+                .collect()
+        };
+        // Unbound identities of the wave, each with the wave event that holds it.
+        let mut unbound_in_wave: BTreeMap<&Identity, usize> = BTreeMap::new();
+        // What the events left for later waves touch: a later event touching it waits too.
+        let mut later_identities: BTreeSet<&Identity> = BTreeSet::new();
+        let mut later_profiles: BTreeSet<OneId> = BTreeSet::new();
+        let mut in_wave = Vec::with_capacity(todo.len());
+        for (i, (_, event)) in todo.iter().enumerate() {
+            let profiles = profiles_of(event);
+            let shares_unbound: Vec<usize> = event
+                .identities
+                .iter()
+                .filter_map(|id| unbound_in_wave.get(id).copied())
                 .collect();
-            if unbound.iter().any(|id| unbound_in_wave.contains(id)) {
-                split = i;
-                break;
+            let waits = !shares_unbound.is_empty()
+                || event
+                    .identities
+                    .iter()
+                    .any(|id| later_identities.contains(id))
+                || profiles.iter().any(|p| later_profiles.contains(p));
+            if waits {
+                // It belongs to the customer of each wave event it shares a new identity with:
+                // later events of that customer wait behind it.
+                for related in shares_unbound
+                    .into_iter()
+                    .map(|j| &todo[j].1)
+                    .chain([event])
+                {
+                    later_identities.extend(&related.identities);
+                    later_profiles.extend(profiles_of(related));
+                }
+            } else {
+                for id in event.identities.iter().filter(|id| bindings[*id].is_none()) {
+                    unbound_in_wave.insert(id, i);
+                }
             }
-            unbound_in_wave.extend(unbound);
+            in_wave.push(!waits);
         }
-        let mut todo = todo;
-        let rest = todo.split_off(split);
-        ((todo, bindings), rest)
+        let (wave, rest): (Vec<_>, Vec<_>) = todo
+            .into_iter()
+            .zip(in_wave)
+            .partition(|(_, in_wave)| *in_wave);
+        let strip = |events: Vec<((usize, Event), bool)>| -> Vec<(usize, Event)> {
+            events.into_iter().map(|(event, _)| event).collect()
+        };
+        ((strip(wave), bindings), strip(rest))
     }
 
     async fn run_wave(

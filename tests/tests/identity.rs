@@ -209,6 +209,68 @@ async fn one_new_customer_three_times_in_a_batch_gets_one_oneid() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_customer_keeps_request_order_across_waves() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client_once();
+    // An existing customer, known by phone 3.
+    let first = send(
+        &client,
+        &[json!({"event_id": "x-0", "type": "identify", "identities": {"phone": "3"}})],
+    )
+    .await;
+    let x = first.results[0].oneid.clone().unwrap();
+    // Each redeem needs every earn before it: applied out of order, it would be refused.
+    let answer = send(
+        &client,
+        &[
+            // A new customer, then again with a new email, then by that email only.
+            json!({"event_id": "a-1", "type": "points_earn", "identities": {"phone": "1"}, "points": 100}),
+            json!({"event_id": "a-2", "type": "points_earn",
+                "identities": {"phone": "1", "email": "a@example.com"}, "points": 50}),
+            json!({"event_id": "a-3", "type": "points_redeem",
+                "identities": {"email": "a@example.com"}, "points": 150}),
+            // Unrelated: nothing to wait for.
+            json!({"event_id": "b-1", "type": "points_earn", "identities": {"phone": "2"}, "points": 7}),
+            // The existing customer with a new unionid, then by the unionid only (which the
+            // router cannot know is theirs yet), then by phone.
+            json!({"event_id": "x-1", "type": "points_earn",
+                "identities": {"phone": "3", "wechat_unionid": "w"}, "points": 100}),
+            json!({"event_id": "x-2", "type": "points_earn",
+                "identities": {"wechat_unionid": "w"}, "points": 20}),
+            json!({"event_id": "x-3", "type": "points_redeem",
+                "identities": {"phone": "3"}, "points": 120}),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (answer.applied, answer.duplicates, answer.rejected),
+        (7, 0, 0),
+        "{answer:?}"
+    );
+    let oneids: Vec<String> = answer
+        .results
+        .iter()
+        .map(|r| r.oneid.clone().unwrap())
+        .collect();
+    let a = oneids[0].clone();
+    assert_eq!(&oneids[..3], [a.clone(), a.clone(), a.clone()]);
+    assert_eq!(&oneids[4..], [x.clone(), x.clone(), x.clone()]);
+    for (kind, value, oneid, balance) in [
+        ("phone", "1", &a, 0),
+        ("email", "a@example.com", &a, 0),
+        ("phone", "2", &oneids[3], 7),
+        ("wechat_unionid", "w", &x, 0),
+    ] {
+        let doc = lookup(&client, kind, value).await.unwrap();
+        assert_eq!(
+            (&doc.oneid, doc.points.balance),
+            (oneid, balance),
+            "{kind} {value}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_links_identities_held_by_every_shard() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client_once();
