@@ -46,13 +46,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     pub(crate) customers: usize,
     /// Events to ingest.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 400_000)]
     pub(crate) events: usize,
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
     pub(crate) batch: usize,
     /// Concurrent ingest senders (each owns a slice of the customers, so per-customer order holds).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub(crate) senders: usize,
     /// Concurrent lookup clients.
     #[arg(long, default_value_t = 32)]
