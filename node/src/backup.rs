@@ -541,32 +541,8 @@ pub fn check_no_unfinished_restore(data_dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::config::StorageConfig;
-    use crate::storage::Space;
+    use crate::storage::{Space, TempDir};
     use fjall::Keyspace;
-
-    /// A fresh directory under the system's temporary directory, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "oneid-backup-{name}-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .expect("after 1970")
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&path).expect("creating a temporary directory");
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn keyspace(storage: &Storage, space: Space) -> &Keyspace {
         match space {

@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         &hosted,
         config.storage,
     )?);
-    storage.check_shard_count(config.cluster.shards)?;
+    storage.check_cluster(config.cluster.shards)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(
         Arc::clone(&storage),

@@ -25,6 +25,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// The layout of the stored state: keys, value encodings, the Raft commands. A node refuses a
+/// data directory of another format. Format 2 files retention queues per log entry.
+pub const STATE_FORMAT: u32 = 2;
+
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
 pub const GROUP_COMMIT_JOBS_MAX: usize = 256;
 
@@ -84,17 +88,30 @@ impl Storage {
         })
     }
 
-    /// Records the cluster's shard count on first start and refuses another one later: the
-    /// count is fixed for the life of a cluster (routing hashes and OneIDs depend on it).
-    pub fn check_shard_count(&self, n_shards: u32) -> anyhow::Result<()> {
-        const KEY: &[u8] = b"cluster/shards";
-        match self.meta.get(KEY)? {
+    /// Records the cluster's shard count and the state format on first start, and refuses a
+    /// data directory of another shard count (fixed for the life of a cluster: routing hashes
+    /// and OneIDs depend on it) or of another state format.
+    pub fn check_cluster(&self, n_shards: u32) -> anyhow::Result<()> {
+        const SHARDS: &[u8] = b"cluster/shards";
+        const FORMAT: &[u8] = b"cluster/format";
+        let read = |key: &[u8]| -> anyhow::Result<Option<u32>> {
+            self.meta
+                .get(key)?
+                .map(|bytes| {
+                    let bytes: [u8; 4] = bytes.as_ref().try_into().with_context(|| {
+                        format!("corrupt {} record", String::from_utf8_lossy(key))
+                    })?;
+                    Ok(u32::from_be_bytes(bytes))
+                })
+                .transpose()
+        };
+        match read(SHARDS)? {
             Some(stored) => {
-                let stored = u32::from_be_bytes(
-                    stored
-                        .as_ref()
-                        .try_into()
-                        .context("corrupt cluster/shards record")?,
+                // Directories from before the format record hold format 1.
+                let format = read(FORMAT)?.unwrap_or(1);
+                anyhow::ensure!(
+                    format == STATE_FORMAT,
+                    "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it"
                 );
                 anyhow::ensure!(
                     stored == n_shards,
@@ -102,7 +119,8 @@ impl Storage {
                 );
             }
             None => {
-                self.meta.insert(KEY, n_shards.to_be_bytes())?;
+                self.meta.insert(SHARDS, n_shards.to_be_bytes())?;
+                self.meta.insert(FORMAT, STATE_FORMAT.to_be_bytes())?;
                 self.db.persist(PersistMode::SyncAll)?;
             }
         }
@@ -370,5 +388,59 @@ impl StateReader {
                 .map(|(key, value)| (keys::ledger_seq(&key), decode(&key, &value)))
                 .collect(),
         )
+    }
+}
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+#[cfg(test)]
+pub(crate) struct TempDir(pub std::path::PathBuf);
+
+#[cfg(test)]
+impl TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "oneid-test-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&path).expect("creating a temporary directory");
+        TempDir(path)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &TempDir, n_shards: u32) -> Storage {
+        Storage::open(&dir.0, n_shards, &[], StorageConfig::default()).expect("opening storage")
+    }
+
+    #[test]
+    fn a_data_directory_keeps_its_shard_count_and_format() {
+        let dir = TempDir::new("cluster");
+        open(&dir, 16).check_cluster(16).expect("a new directory");
+        open(&dir, 16).check_cluster(16).expect("the same cluster");
+        let error = open(&dir, 8).check_cluster(8).unwrap_err().to_string();
+        assert!(error.contains("cluster of 16 shards"), "{error}");
+
+        // A directory from before the format record: format 1.
+        let storage = open(&dir, 16);
+        storage.meta.remove(b"cluster/format").expect("removing");
+        let error = storage.check_cluster(16).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("this data directory holds state format 1, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it")
+        );
     }
 }
