@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The layout of the stored state: keys, value encodings, the Raft commands. A node refuses a
-/// data directory of another format. Format 2 files retention queues per log entry.
+/// data directory of another format. Format 2: retention queues filed per log entry, and
+/// routed events carry the bindings the router found.
 pub const STATE_FORMAT: u32 = 2;
 
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
