@@ -333,6 +333,7 @@ fn copy_snapshot(
     drop(snapshot);
     let manifest = Manifest {
         format: Manifest::FORMAT,
+        state_format: crate::storage::STATE_FORMAT,
         node: node_id,
         created_at,
         shards,
@@ -398,6 +399,13 @@ pub fn restore(backup_dir: &Path, data_dir: &Path, node_id: u64) -> anyhow::Resu
         "the backup in {} is of node {}; this is node {node_id}",
         backup_dir.display(),
         manifest.node
+    );
+    ensure!(
+        manifest.state_format == crate::storage::STATE_FORMAT,
+        "the backup in {} holds state format {}, but this oneid-node reads format {}: restore it with the version that made it",
+        backup_dir.display(),
+        manifest.state_format,
+        crate::storage::STATE_FORMAT
     );
     match std::fs::read_dir(data_dir) {
         Ok(mut entries) => ensure!(
@@ -657,6 +665,18 @@ mod tests {
             restore(&dir, &target, 4).is_err(),
             "a backup of another node"
         );
+        // A manifest from before the state format field: format 1, refused before copying.
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).expect("manifest");
+        let old = text.replace(
+            &format!("\"state_format\": {},", crate::storage::STATE_FORMAT),
+            "",
+        );
+        assert_ne!(old, text);
+        std::fs::write(dir.join(MANIFEST_FILE), &old).expect("writing");
+        let error = restore(&dir, &target, 3).unwrap_err().to_string();
+        assert!(error.contains("holds state format 1"), "{error}");
+        assert!(!target.exists(), "nothing copied");
+        std::fs::write(dir.join(MANIFEST_FILE), &text).expect("writing");
         let manifest = restore(&dir, &target, 3).expect("restore");
         assert!(target.join(RESTORE_MARKER).exists());
         assert!(check_no_unfinished_restore(&target).is_err());

@@ -106,23 +106,31 @@ impl Storage {
                 })
                 .transpose()
         };
+        // A shard writes its hard state (`hs/NNNN`) as soon as it starts: a directory with
+        // none never served.
+        let used = self.meta.prefix("hs/").next().is_some();
         match read(SHARDS)? {
-            Some(stored) => {
-                // Directories from before the format record hold format 1.
+            None if !used => {
+                // Both records in one batch: a crash leaves both or neither.
+                let mut batch = self.db.batch();
+                batch.insert(&self.meta, SHARDS, n_shards.to_be_bytes());
+                batch.insert(&self.meta, FORMAT, STATE_FORMAT.to_be_bytes());
+                batch.commit()?;
+                self.db.persist(PersistMode::SyncAll)?;
+            }
+            stored => {
+                // Directories from before the format record (or before the shard count
+                // record) hold format 1.
                 let format = read(FORMAT)?.unwrap_or(1);
                 anyhow::ensure!(
                     format == STATE_FORMAT,
                     "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it"
                 );
+                let stored = stored.context("no cluster/shards record beside the format")?;
                 anyhow::ensure!(
                     stored == n_shards,
                     "this data directory belongs to a cluster of {stored} shards, but the config says {n_shards}: the shard count cannot change"
                 );
-            }
-            None => {
-                self.meta.insert(SHARDS, n_shards.to_be_bytes())?;
-                self.meta.insert(FORMAT, STATE_FORMAT.to_be_bytes())?;
-                self.db.persist(PersistMode::SyncAll)?;
             }
         }
         Ok(())
@@ -434,6 +442,16 @@ mod tests {
         open(&dir, 16).check_cluster(16).expect("the same cluster");
         let error = open(&dir, 8).check_cluster(8).unwrap_err().to_string();
         assert!(error.contains("cluster of 16 shards"), "{error}");
+
+        // A fresh directory whose first start stopped before the records: still fresh.
+        let fresh = TempDir::new("cluster-fresh");
+        open(&fresh, 4).check_cluster(4).expect("fresh");
+        // One that served (a shard wrote its hard state) without the records: format 1.
+        let old = TempDir::new("cluster-old");
+        let storage = open(&old, 4);
+        storage.meta.insert(b"hs/0000", b"x").expect("inserting");
+        let error = storage.check_cluster(4).unwrap_err().to_string();
+        assert!(error.contains("holds state format 1"), "{error}");
 
         // A directory from before the format record: format 1.
         let storage = open(&dir, 16);

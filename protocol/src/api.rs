@@ -191,6 +191,10 @@ pub struct ShardView {
 pub struct BackupManifest {
     /// The manifest's format; this is [`BackupManifest::FORMAT`].
     pub format: u32,
+    /// The node's state format (the layout of keys and values) in the backup; a node restores
+    /// only its own format. Manifests from before this field hold format 1.
+    #[serde(default = "state_format_1")]
+    pub state_format: u32,
     /// The node the backup was taken of.
     pub node: u64,
     /// When the backup's snapshot was taken (RFC 3339, UTC).
@@ -207,6 +211,10 @@ pub struct BackupManifest {
 
 impl BackupManifest {
     pub const FORMAT: u32 = 1;
+}
+
+fn state_format_1() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
