@@ -548,7 +548,9 @@ impl Api {
     }
 
     fn metrics_text(&self) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+        let mut text = self.metrics.render();
+        self.reader.storage().render_gauges(&mut text);
+        let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -136,6 +136,48 @@ impl Storage {
         Ok(())
     }
 
+    /// fjall's gauges for `/metrics`: the memory its memtables hold and the background work
+    /// (flushes, compactions) that frees it. `outstanding_flushes` and `active_compactions`
+    /// are fjall's experimental API: if they change, these two gauges go, not the node.
+    pub fn render_gauges(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let keyspaces = || {
+            self.logs
+                .iter()
+                .chain(&self.states)
+                .flatten()
+                .chain([&self.meta])
+        };
+        let gauges = [
+            (
+                "oneid_storage_write_buffer_bytes",
+                self.db.write_buffer_size(),
+            ),
+            (
+                "oneid_storage_sealed_memtables",
+                keyspaces()
+                    .map(Keyspace::sealed_memtable_count)
+                    .sum::<usize>() as u64,
+            ),
+            (
+                "oneid_storage_outstanding_flushes",
+                self.db.outstanding_flushes() as u64,
+            ),
+            (
+                "oneid_storage_active_compactions",
+                self.db.active_compactions() as u64,
+            ),
+            ("oneid_storage_journals", self.db.journal_count() as u64),
+            (
+                "oneid_storage_tables",
+                keyspaces().map(Keyspace::table_count).sum::<usize>() as u64,
+            ),
+        ];
+        for (name, value) in gauges {
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+        }
+    }
+
     pub fn log(&self, shard: ShardId) -> &Keyspace {
         self.logs[shard.0 as usize]
             .as_ref()
@@ -348,6 +390,10 @@ impl StateReader {
 
     fn shard(&self, shard: ShardId) -> FjallState<'_> {
         FjallState(self.storage.state(shard))
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// The profile an identity is bound to.
