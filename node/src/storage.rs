@@ -15,7 +15,7 @@ use crate::state::profile::Profile;
 use crate::state::store::StateRead;
 use crate::state::{decode, LedgerRecord};
 use anyhow::Context;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree as _, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::num::NonZeroUsize;
@@ -27,8 +27,12 @@ use std::time::Instant;
 
 /// The layout of the stored state: keys, value encodings, the Raft commands. A node refuses a
 /// data directory of another format. Format 2: retention queues filed per log entry, and
-/// routed events carry the bindings the router found.
-pub const STATE_FORMAT: u32 = 2;
+/// routed events carry the bindings the router found. Format 3: keyspaces created with fjall's
+/// own memtable limit at `FJALL_ROTATION_FACTOR` × `memtable_mib` (fjall keeps it per keyspace).
+pub const STATE_FORMAT: u32 = 3;
+
+/// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
+const FJALL_ROTATION_FACTOR: u64 = 8;
 
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
 pub const GROUP_COMMIT_JOBS_MAX: usize = 256;
@@ -36,13 +40,15 @@ pub const GROUP_COMMIT_JOBS_MAX: usize = 256;
 pub struct Storage {
     pub db: Database,
     pub meta: Keyspace,
+    /// The writer seals a keyspace's memtable once it holds this many bytes (`memtable_mib`).
+    memtable_bytes: u64,
     /// Indexed by shard id; `None` for shards not hosted here.
     logs: Vec<Option<Keyspace>>,
     states: Vec<Option<Keyspace>>,
 }
 
 /// Where a write goes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Space {
     Meta,
     Log(ShardId),
@@ -70,8 +76,16 @@ impl Storage {
             .cache_size(limits.cache_mib * MIB)
             .open()
             .with_context(|| format!("opening fjall database in {}", path.display()))?;
-        let keyspace_options =
-            || KeyspaceCreateOptions::default().max_memtable_size(limits.memtable_mib * MIB);
+        // fjall's own rotation only as a safety net, far above ours: each batch commit to a
+        // keyspace over fjall's limit try-sends a rotate request to its workers, and a worker
+        // rotating then makes a blocking send into that same bounded queue; under a long
+        // compaction the requests filled the queue and both workers blocked for good (no more
+        // flushes or compactions, memtables growing without bound). The writer rotates
+        // instead (`rotate_full_memtables`), so the workers never wait on their own queue.
+        let keyspace_options = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(limits.memtable_mib * MIB * FJALL_ROTATION_FACTOR)
+        };
         let meta = db.keyspace("meta", keyspace_options)?;
         let mut logs = vec![None; n_shards as usize];
         let mut states = vec![None; n_shards as usize];
@@ -84,6 +98,7 @@ impl Storage {
         Ok(Storage {
             db,
             meta,
+            memtable_bytes: limits.memtable_mib * MIB,
             logs,
             states,
         })
@@ -211,6 +226,19 @@ impl Storage {
             .collect()
     }
 
+    /// Seals the memtables of `spaces` that reached `memtable_mib`, handing them to fjall's
+    /// flush workers. Called by the writer after each group commit; when the workers' queue
+    /// is full it waits for them (backpressure on the writer).
+    fn rotate_full_memtables(&self, spaces: &[Space]) -> fjall::Result<()> {
+        for &space in spaces {
+            let keyspace = self.keyspace(space);
+            if keyspace.tree.active_memtable().size() >= self.memtable_bytes {
+                keyspace.rotate_memtable()?;
+            }
+        }
+        Ok(())
+    }
+
     fn keyspace(&self, space: Space) -> &Keyspace {
         match space {
             Space::Meta => &self.meta,
@@ -266,7 +294,11 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         }
         let started = Instant::now();
         let mut batch = storage.db.batch();
+        let mut touched: Vec<Space> = Vec::new();
         for op in jobs.iter_mut().flat_map(|job| job.ops.drain(..)) {
+            if !touched.contains(&op.space) {
+                touched.push(op.space);
+            }
             let keyspace = storage.keyspace(op.space);
             match op.value {
                 Some(value) => batch.insert(keyspace, op.key, value),
@@ -289,6 +321,11 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         metrics.fsync(started.elapsed(), jobs.len());
         for job in jobs {
             (job.done)();
+        }
+        if let Err(error) = storage.rotate_full_memtables(&touched) {
+            tracing::error!(%error, "sealing a memtable failed; stopping the node");
+            eprintln!("oneid-node: sealing a memtable failed: {error}; stopping");
+            std::process::exit(74);
         }
     }
 }
@@ -483,6 +520,50 @@ mod tests {
 
     fn open(dir: &TempDir, n_shards: u32) -> Storage {
         Storage::open(&dir.0, n_shards, &[], StorageConfig::default()).expect("opening storage")
+    }
+
+    #[test]
+    fn the_writer_seals_memtables_at_memtable_mib() {
+        let dir = TempDir::new("rotate");
+        let limits = StorageConfig {
+            memtable_mib: 1,
+            ..StorageConfig::default()
+        };
+        let storage =
+            Arc::new(Storage::open(&dir.0, 1, &[ShardId(0)], limits).expect("opening storage"));
+        let writer = Writer::start(Arc::clone(&storage), Arc::new(Metrics::default()), 4);
+        let write = |ops: Vec<WriteOp>| {
+            let (done, finished) = std::sync::mpsc::channel();
+            writer.submit(WriteJob {
+                ops,
+                done: Box::new(move || done.send(()).expect("the test waits")),
+            });
+            finished.recv().expect("the writer answers");
+        };
+        let state = storage.state(ShardId(0));
+        // 3 MiB in jobs of 64 KiB: fjall alone would seal nothing below 8 MiB.
+        for job in 0..48u32 {
+            write(
+                (0..16u32)
+                    .map(|i| WriteOp {
+                        space: Space::State(ShardId(0)),
+                        key: [job.to_be_bytes(), i.to_be_bytes()].concat(),
+                        value: Some(vec![7; 4096]),
+                    })
+                    .collect(),
+            );
+            // The job before this one is sealed once it passed 1 MiB (the writer seals after
+            // answering a job, so it is visible by the next answer).
+            assert!(
+                state.tree.active_memtable().size() < 1024 * 1024 + 80 * 1024,
+                "job {job}: active memtable of {} bytes",
+                state.tree.active_memtable().size()
+            );
+        }
+        assert!(
+            state.tree.sealed_memtable_count() + state.tree.table_count() >= 2,
+            "at least two memtables sealed"
+        );
     }
 
     #[test]
