@@ -19,7 +19,7 @@ use crate::state::store::pair_hash;
 use crate::state::{keys, ShardMeta};
 use crate::storage::Storage;
 use anyhow::{anyhow, bail, ensure, Context};
-use fjall::{Database, KeyspaceCreateOptions, PersistMode, Readable};
+use fjall::{Database, PersistMode, Readable};
 use oneid_protocol::api::{BackupKeyspace, BackupShard};
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
@@ -258,7 +258,7 @@ fn copy_snapshot(
             .strip_prefix("state_")
             .and_then(|n| n.parse::<u32>().ok());
         let destination = target
-            .keyspace(name, KeyspaceCreateOptions::default)
+            .keyspace(name, || storage.keyspace_options())
             .with_context(|| format!("creating keyspace {name} in the backup"))?;
         let mut batch = target.batch();
         let (mut batch_pairs, mut batch_bytes) = (0usize, 0usize);
@@ -288,6 +288,7 @@ fn copy_snapshot(
             if batch_pairs >= BATCH_PAIRS_MAX || batch_bytes >= BATCH_BYTES_MAX {
                 std::mem::replace(&mut batch, target.batch())
                     .commit()
+                    .and_then(|()| storage.seal_if_full(&destination))
                     .with_context(|| format!("writing keyspace {name} to the backup"))?;
                 (batch_pairs, batch_bytes) = (0, 0);
                 if cancelled.load(Ordering::SeqCst) {

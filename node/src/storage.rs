@@ -34,6 +34,16 @@ pub const STATE_FORMAT: u32 = 3;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 
+/// Keyspaces with fjall's own rotation only as a safety net, far above `memtable_bytes`: each
+/// batch commit to a keyspace over fjall's limit try-sends a rotate request to its workers,
+/// and a worker rotating then makes a blocking send into that same bounded queue; under a long
+/// compaction the requests filled the queue and both workers blocked for good (no more
+/// flushes or compactions, memtables growing without bound). Whoever writes seals memtables
+/// instead (`Storage::seal_if_full`), so the workers never wait on their own queue.
+fn keyspace_options(memtable_bytes: u64) -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes * FJALL_ROTATION_FACTOR)
+}
+
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
 pub const GROUP_COMMIT_JOBS_MAX: usize = 256;
 
@@ -76,16 +86,8 @@ impl Storage {
             .cache_size(limits.cache_mib * MIB)
             .open()
             .with_context(|| format!("opening fjall database in {}", path.display()))?;
-        // fjall's own rotation only as a safety net, far above ours: each batch commit to a
-        // keyspace over fjall's limit try-sends a rotate request to its workers, and a worker
-        // rotating then makes a blocking send into that same bounded queue; under a long
-        // compaction the requests filled the queue and both workers blocked for good (no more
-        // flushes or compactions, memtables growing without bound). The writer rotates
-        // instead (`rotate_full_memtables`), so the workers never wait on their own queue.
-        let keyspace_options = || {
-            KeyspaceCreateOptions::default()
-                .max_memtable_size(limits.memtable_mib * MIB * FJALL_ROTATION_FACTOR)
-        };
+        let memtable_bytes = limits.memtable_mib * MIB;
+        let keyspace_options = || keyspace_options(memtable_bytes);
         let meta = db.keyspace("meta", keyspace_options)?;
         let mut logs = vec![None; n_shards as usize];
         let mut states = vec![None; n_shards as usize];
@@ -98,7 +100,7 @@ impl Storage {
         Ok(Storage {
             db,
             meta,
-            memtable_bytes: limits.memtable_mib * MIB,
+            memtable_bytes,
             logs,
             states,
         })
@@ -226,15 +228,16 @@ impl Storage {
             .collect()
     }
 
-    /// Seals the memtables of `spaces` that reached `memtable_mib`, handing them to fjall's
-    /// flush workers. Called by the writer after each group commit; when the workers' queue
-    /// is full it waits for them (backpressure on the writer).
-    fn rotate_full_memtables(&self, spaces: &[Space]) -> fjall::Result<()> {
-        for &space in spaces {
-            let keyspace = self.keyspace(space);
-            if keyspace.tree.active_memtable().size() >= self.memtable_bytes {
-                keyspace.rotate_memtable()?;
-            }
+    /// Options for a keyspace of this node's database or of a backup of it.
+    pub fn keyspace_options(&self) -> KeyspaceCreateOptions {
+        keyspace_options(self.memtable_bytes)
+    }
+
+    /// Seals `keyspace`'s memtable if it reached `memtable_mib`, handing it to fjall's flush
+    /// workers; when their queue is full this waits for them (backpressure on the caller).
+    pub fn seal_if_full(&self, keyspace: &Keyspace) -> fjall::Result<()> {
+        if keyspace.tree.active_memtable().size() >= self.memtable_bytes {
+            keyspace.rotate_memtable()?;
         }
         Ok(())
     }
@@ -314,20 +317,25 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
             .and_then(|()| storage.db.persist(PersistMode::SyncData))
         {
             // Not deterministic and not recoverable here: stop before anything is acknowledged.
-            tracing::error!(%error, "write or fsync failed; stopping the node");
-            eprintln!("oneid-node: write or fsync failed: {error}; stopping");
-            std::process::exit(74);
+            stop("write or fsync", &error);
         }
         metrics.fsync(started.elapsed(), jobs.len());
         for job in jobs {
             (job.done)();
         }
-        if let Err(error) = storage.rotate_full_memtables(&touched) {
-            tracing::error!(%error, "sealing a memtable failed; stopping the node");
-            eprintln!("oneid-node: sealing a memtable failed: {error}; stopping");
-            std::process::exit(74);
+        for &space in &touched {
+            if let Err(error) = storage.seal_if_full(storage.keyspace(space)) {
+                stop("sealing a memtable", &error);
+            }
         }
     }
+}
+
+/// Stops the node on a storage failure the writer cannot recover from (exit code 74).
+fn stop(what: &str, error: &fjall::Error) -> ! {
+    tracing::error!(%error, "{what} failed; stopping the node");
+    eprintln!("oneid-node: {what} failed: {error}; stopping");
+    std::process::exit(74);
 }
 
 /// A fjall keyspace as the state machine's read view. A read error is not deterministic:
