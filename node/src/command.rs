@@ -21,15 +21,32 @@ pub enum Command {
     /// if the shard still has no rules when it is applied, so it never overrides a `SetRules`
     /// that was already in the log.
     SeedRules(Box<Rules>),
-    /// Events for profiles of this shard, in request order.
+    /// Events for profiles of this shard, in request order. Each applied event's identities
+    /// held by other shards leave follow-up records here, in the same apply.
     Events(Vec<Routed>),
-    /// Binds identities held by this shard's index to a profile; idempotent. Each new binding
-    /// leaves an outbox record so the profile's identity list is updated even after a crash.
+    /// Binds identities held by this shard's index to profiles (of any shard): the first
+    /// binding wins, and binding again to the same profile is answered `Bound`.
     Bind(Vec<(Identity, OneId)>),
-    /// Adds identities (already bound in the index) to profiles of this shard; idempotent.
-    Link(Vec<(OneId, Identity)>),
-    /// Outbox records whose links were delivered.
-    OutboxDone(Vec<u64>),
+    /// Follow-ups of this shard whose binds were answered: bound identities are listed on
+    /// their profiles, and the records are deleted. Idempotent.
+    FinishFollowUps(Vec<FollowUpAnswer>),
+}
+
+/// The answer of the bind a follow-up record asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowUpAnswer {
+    /// The follow-up record's sequence number.
+    pub seq: u64,
+    pub outcome: BindOutcome,
+}
+
+/// A follow-up an applied event left: bind `identity` to `oneid` at the identity's shard,
+/// then finish record `seq` with the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowUp {
+    pub seq: u64,
+    pub oneid: OneId,
+    pub identity: Identity,
 }
 
 /// How long records are kept, in days; carried by clock entries so that eviction is part of
@@ -73,7 +90,11 @@ pub enum Output {
         due_processed: usize,
         backlog: bool,
     },
-    Events(Vec<EventOutcome>),
+    /// One outcome per event, and the follow-ups the applied ones left.
+    Events {
+        outcomes: Vec<EventOutcome>,
+        follow_ups: Vec<FollowUp>,
+    },
     Bind(Vec<BindOutcome>),
 }
 
@@ -84,7 +105,7 @@ pub enum EventOutcome {
     Rejected(EventError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BindOutcome {
     Bound,
     /// Already bound to another profile.

@@ -14,6 +14,7 @@
 mod backup;
 mod command;
 mod config;
+mod follow_up;
 mod http;
 mod logging;
 mod metrics;
@@ -71,6 +72,9 @@ fn main() -> anyhow::Result<()> {
         std::process::abort();
     }));
     let args = Args::parse();
+    // Failpoints for crash tests (FAILPOINTS=name=action); compiled in only with the
+    // `failpoints` feature, which scripts/test enables and release builds never do.
+    let _failpoints = fail::FailScenario::setup();
     let config = config::Config::load(&args.config)?;
     let node = config.node(args.node)?.clone();
     let hosted = config.shards_of(node.id);

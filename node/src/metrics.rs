@@ -117,6 +117,8 @@ pub struct Metrics {
     /// Time to apply one clock entry (what fell due, evictions): bounded per entry.
     clock_apply_latency: Histogram,
     pub due_processed: AtomicU64,
+    /// Follow-up records finished by a leader's sweep rather than by the router.
+    pub follow_ups_swept: AtomicU64,
     pub activations: AtomicU64,
     pub activated: AtomicU64,
     pub passivated: AtomicU64,
@@ -180,6 +182,7 @@ impl Metrics {
             ("oneid_activated_total", &self.activated),
             ("oneid_passivated_total", &self.passivated),
             ("oneid_due_processed_total", &self.due_processed),
+            ("oneid_follow_ups_swept_total", &self.follow_ups_swept),
         ];
         for (name, value) in counters {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Relaxed));

@@ -1,38 +1,48 @@
 //! The router: takes a batch of validated events to the shards that own their profiles.
 //!
 //! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
-//! held by the shard its hash picks). For each wave of events the router:
-//! 1. resolves every identity at the shard that holds it (one read per shard, in parallel); an
-//!    event whose identities (and oneid) are bound to two profiles is rejected `identity_conflict`;
-//! 2. proposes one `Events` entry per target shard, events in request order. An event with no
-//!    known profile is a `Claim` at the shard of its *anchor* (its strongest identity, see
-//!    [`anchor`]), which binds the anchor and mints the OneID; so concurrent first sightings that
-//!    share their strongest identity meet at one shard and get one OneID. Apply checks the
-//!    profile's identity limit counting the identities still to link;
-//! 3. for each applied event, binds its unbound identities held by other shards (the identity's
-//!    shard is the arbiter: the first binding wins), then lists the bound ones on the profile
-//!    (`Link`). A rejected event binds nothing. Every binding leaves an outbox record at its
-//!    shard, whose leader re-delivers the link if this router stopped half-way, so a link that
-//!    touches several shards resumes after a crash.
+//! held by the shard its hash picks). The router:
+//! 1. resolves every identity of the batch once, at the start (on a blocking thread: the reads
+//!    go to fjall); an event whose identities (and oneid) are bound to two profiles is rejected
+//!    `identity_conflict`, unless it already applied to one of them: then it is a `duplicate`;
+//! 2. for each wave, proposes one `Events` entry per target shard, events in request order.
+//!    An event with no known profile is a `Claim` at the shard of its *anchor* (its strongest
+//!    identity, see [`anchor`]), which binds the anchor and mints the OneID; so concurrent
+//!    first sightings that share their strongest identity meet at one shard and get one OneID;
+//! 3. drives the follow-ups the applied events left (their identities held by other shards:
+//!    bind there, then list on the profile, see `follow_up`) before answering, so a lookup by
+//!    any identity of an applied event finds its profile once the request is answered. The
+//!    records are durable: if this stops half-way, the profile shard's leader finishes them.
 //!
-//! Events that share an identity unbound at step 1 go to separate waves, so a customer first
-//! seen twice in one batch ends up with one OneID, as if the events came one by one; events
-//! related to one waiting for a later wave (by an identity or a profile) wait too, so each
-//! customer's events keep their request order. Unrelated events go in the first wave.
+//! Events that share an identity unbound at resolve time go to separate waves, so a customer
+//! first seen twice in one batch ends up with one OneID, as if the events came one by one;
+//! events related to one waiting for a later wave (by an identity or a profile) wait too, so
+//! each customer's events keep their request order. Unrelated events go in the first wave.
+//! What a wave's answers and binds tell about the identities updates the resolution for the
+//! next wave, so resolution reads each identity once per request. At most
+//! [`WAVES_PER_REQUEST_MAX`] waves run; events past them are answered `too_many_waves`.
 
-use crate::command::{BindOutcome, Command, EventOutcome, Output, Routed, Target};
+use crate::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
+use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shard::{Propose, ShardError, ShardMap};
+use crate::shard::{per_shard, propose, ShardError, ShardMap};
 use crate::storage::StateReader;
-use futures::future::join_all;
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::ErrorCode;
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+/// Most waves one request runs. Each wave costs a few fsyncs one after another, so a batch in
+/// which every event shares a new identity with the next (a chain) would otherwise hold its
+/// request for as many waves as it has events; the events past this are answered
+/// `too_many_waves`, to be sent again in a later request.
+pub const WAVES_PER_REQUEST_MAX: usize = 64;
+/// Attempts at binding the identities of an applied event before the answer; what is left
+/// is finished by the profile shard's leader.
+const BIND_ATTEMPTS: u32 = 5;
 
 #[derive(Clone)]
 pub struct Router {
@@ -44,7 +54,7 @@ pub struct Router {
 }
 
 /// An error reaching or using a shard: the events involved are answered `unavailable`.
-fn unavailable(error: impl std::fmt::Display) -> EventError {
+fn unavailable(error: &ShardError) -> EventError {
     EventError::new(ErrorCode::Unavailable, format!("{error}; retry the event"))
 }
 
@@ -76,11 +86,6 @@ fn anchor(identities: &[Identity]) -> &Identity {
         .expect("a claiming event has identities")
 }
 
-/// Attempts to bind the identities of applied events, and the wait before the first retry
-/// (doubled each time).
-const BIND_ATTEMPTS: u32 = 5;
-const BIND_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
-
 fn conflict(a: OneId, b: OneId) -> EventError {
     let (a, b) = (a.min(b), a.max(b));
     EventError::field(
@@ -90,35 +95,21 @@ fn conflict(a: OneId, b: OneId) -> EventError {
     )
 }
 
-/// Runs one future per shard, all at once, and collects their answers by shard.
-async fn per_shard<T, F: Future<Output = T>>(
-    calls: impl IntoIterator<Item = (ShardId, F)>,
-) -> BTreeMap<ShardId, T> {
-    let (shards, futures): (Vec<ShardId>, Vec<F>) = calls.into_iter().unzip();
-    shards.into_iter().zip(join_all(futures).await).collect()
-}
+/// What resolution knows of each identity of the batch: the profile it is bound to, or
+/// `None` (unbound when read, and nothing since told otherwise).
+type Bindings = BTreeMap<Identity, Option<OneId>>;
+
+/// An event's answer, before it becomes a result row.
+type Answer = Result<(EventStatus, OneId), EventError>;
+
+/// An event of the batch and its position in the request.
+type Pending = (usize, Event);
 
 impl Router {
-    fn addr(&self, shard: ShardId) -> &actix::Addr<crate::shard::ShardActor> {
-        &self
-            .shards
-            .get()
-            .expect("shards are started before the API")[shard.0 as usize]
-    }
-
-    async fn propose(&self, shard: ShardId, command: Command) -> Result<Output, String> {
-        match self.addr(shard).send(Propose(command)).await {
-            Ok(Ok(output)) => Ok(output),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(error) => Err(format!("shard {shard} is not running: {error}")),
-        }
-    }
-
     /// Applies a batch; one result per input, in order. A parse failure carries the event id
     /// the caller could read, for its result row.
     pub async fn ingest(&self, events: Vec<Result<Event, (String, EventError)>>) -> EventsResponse {
-        let mut results: Vec<Option<Result<(EventStatus, OneId), EventError>>> =
-            vec![None; events.len()];
+        let mut answers: Vec<Option<Answer>> = vec![None; events.len()];
         let mut ids = Vec::with_capacity(events.len());
         let mut todo = Vec::new();
         for (position, event) in events.into_iter().enumerate() {
@@ -129,26 +120,59 @@ impl Router {
                 }
                 Err((event_id, error)) => {
                     ids.push(event_id);
-                    results[position] = Some(Err(error));
+                    answers[position] = Some(Err(error));
                 }
             }
         }
-        while !todo.is_empty() {
-            let (wave, rest) = self.next_wave(todo).await;
+        let mut bindings = self.resolve(&todo).await;
+        for _ in 0..WAVES_PER_REQUEST_MAX {
+            if todo.is_empty() {
+                break;
+            }
+            let (wave, rest) = split_wave(todo, &bindings);
             todo = rest;
-            for (position, result) in self.run_wave(wave.0, &wave.1).await {
-                results[position] = Some(result);
+            for (position, answer) in self.run_wave(wave, &mut bindings).await {
+                answers[position] = Some(answer);
             }
         }
+        for (position, _) in todo {
+            answers[position] = Some(Err(EventError::new(
+                ErrorCode::TooManyWaves,
+                format!("the event waited behind {WAVES_PER_REQUEST_MAX} waves of events sharing new identities; send it again in a later request"),
+            )));
+        }
+        self.respond(answers, ids)
+    }
+
+    /// Reads every identity of the batch once (bindings cached by the reader need no read).
+    async fn resolve(&self, todo: &[Pending]) -> Bindings {
+        let identities: BTreeSet<Identity> = todo
+            .iter()
+            .flat_map(|(_, event)| event.identities.iter().cloned())
+            .collect();
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            identities
+                .into_iter()
+                .map(|identity| {
+                    let bound = reader.identity(&identity);
+                    (identity, bound)
+                })
+                .collect()
+        })
+        .await
+        .expect("resolving identities does not panic")
+    }
+
+    fn respond(&self, answers: Vec<Option<Answer>>, ids: Vec<String>) -> EventsResponse {
         let mut response = EventsResponse {
             applied: 0,
             duplicates: 0,
             rejected: 0,
-            results: Vec::with_capacity(results.len()),
+            results: Vec::with_capacity(answers.len()),
         };
-        for (result, event_id) in results.into_iter().zip(ids) {
-            let result = result.expect("every event has a result");
-            let (status, oneid, error) = match result {
+        for (answer, event_id) in answers.into_iter().zip(ids) {
+            let (status, oneid, error) = match answer.expect("every event has an answer") {
                 Ok((status, oneid)) => (status, Some(oneid.to_string()), None),
                 Err(error) => (EventStatus::Rejected, None, Some(error)),
             };
@@ -164,195 +188,54 @@ impl Router {
                 error,
             });
         }
-        self.metrics
-            .events_applied
-            .fetch_add(response.applied, Relaxed);
-        self.metrics
-            .events_duplicate
-            .fetch_add(response.duplicates, Relaxed);
-        self.metrics
-            .events_rejected
-            .fetch_add(response.rejected, Relaxed);
+        let m = &self.metrics;
+        m.events_applied.fetch_add(response.applied, Relaxed);
+        m.events_duplicate.fetch_add(response.duplicates, Relaxed);
+        m.events_rejected.fetch_add(response.rejected, Relaxed);
         response
     }
 
-    /// Resolves the identities of `todo` and splits it into this wave and the rest. An event
-    /// joins the wave unless it shares an identity unbound at resolve time with an event of the
-    /// wave, or an identity or a profile with an event already left for a later wave: so a
-    /// customer first seen several times gets one OneID, and the events of one customer keep
-    /// their request order, while unrelated events do not wait behind them.
-    #[allow(clippy::type_complexity)]
-    async fn next_wave(
-        &self,
-        todo: Vec<(usize, Event)>,
-    ) -> (
-        (Vec<(usize, Event)>, BTreeMap<Identity, Option<OneId>>),
-        Vec<(usize, Event)>,
-    ) {
-        let mut by_shard: BTreeMap<ShardId, BTreeSet<Identity>> = BTreeMap::new();
-        for (_, event) in &todo {
-            for identity in &event.identities {
-                by_shard
-                    .entry(identity.shard(self.n_shards))
-                    .or_default()
-                    .insert(identity.clone());
-            }
-        }
-        let bindings: BTreeMap<Identity, Option<OneId>> = by_shard
-            .into_values()
-            .flatten()
-            .map(|identity| {
-                let bound = self.reader.identity(&identity);
-                (identity, bound)
-            })
-            .collect();
-        // The profiles an event names (by OneID or by an identity found bound).
-        let profiles_of = |event: &Event| -> Vec<OneId> {
-            event
-                .identities
-                .iter()
-                .filter_map(|id| bindings[id])
-                .chain(event.oneid)
-                .collect()
-        };
-        // Unbound identities of the wave, each with the wave event that holds it.
-        let mut unbound_in_wave: BTreeMap<&Identity, usize> = BTreeMap::new();
-        // What the events left for later waves touch: a later event touching it waits too.
-        let mut later_identities: BTreeSet<&Identity> = BTreeSet::new();
-        let mut later_profiles: BTreeSet<OneId> = BTreeSet::new();
-        let mut in_wave = Vec::with_capacity(todo.len());
-        for (i, (_, event)) in todo.iter().enumerate() {
-            let profiles = profiles_of(event);
-            let shares_unbound: Vec<usize> = event
-                .identities
-                .iter()
-                .filter_map(|id| unbound_in_wave.get(id).copied())
-                .collect();
-            let waits = !shares_unbound.is_empty()
-                || event
-                    .identities
-                    .iter()
-                    .any(|id| later_identities.contains(id))
-                || profiles.iter().any(|p| later_profiles.contains(p));
-            if waits {
-                // It belongs to the customer of each wave event it shares a new identity with:
-                // later events of that customer wait behind it.
-                for related in shares_unbound
-                    .into_iter()
-                    .map(|j| &todo[j].1)
-                    .chain([event])
-                {
-                    later_identities.extend(&related.identities);
-                    later_profiles.extend(profiles_of(related));
-                }
-            } else {
-                for id in event.identities.iter().filter(|id| bindings[*id].is_none()) {
-                    unbound_in_wave.insert(id, i);
-                }
-            }
-            in_wave.push(!waits);
-        }
-        let (wave, rest): (Vec<_>, Vec<_>) = todo
-            .into_iter()
-            .zip(in_wave)
-            .partition(|(_, in_wave)| *in_wave);
-        let strip = |events: Vec<((usize, Event), bool)>| -> Vec<(usize, Event)> {
-            events.into_iter().map(|(event, _)| event).collect()
-        };
-        ((strip(wave), bindings), strip(rest))
-    }
-
-    async fn run_wave(
-        &self,
-        wave: Vec<(usize, Event)>,
-        bindings: &BTreeMap<Identity, Option<OneId>>,
-    ) -> Vec<(usize, Result<(EventStatus, OneId), EventError>)> {
+    /// Runs one wave: decides each event's target, proposes the events, drives the follow-ups
+    /// of the applied ones, and learns from the answers what the next wave resolves to.
+    async fn run_wave(&self, wave: Vec<Pending>, bindings: &mut Bindings) -> Vec<(usize, Answer)> {
         let mut done = Vec::new();
-        // Decide each event's target shard, and which of its identities other shards must bind
-        // once it has applied.
+        let mut conflicts = Vec::new();
         let mut entries: BTreeMap<ShardId, (Vec<usize>, Vec<Routed>)> = BTreeMap::new();
         for (position, event) in wave {
-            if let Some(oneid) = event.oneid.filter(|oneid| oneid.shard().0 >= self.n_shards) {
-                let error = EventError::field(
-                    ErrorCode::NotFound,
-                    "oneid",
-                    format!("profile {oneid} does not exist"),
-                );
-                done.push((position, Err(error)));
-                continue;
-            }
-            let mut bound: BTreeSet<OneId> = event
-                .identities
-                .iter()
-                .filter_map(|id| bindings[id])
-                .collect();
-            bound.extend(event.oneid);
-            let mut bound = bound.into_iter();
-            let (target, shard) = match (bound.next(), bound.next()) {
-                (Some(a), Some(b)) => {
-                    done.push((position, Err(conflict(a, b))));
-                    continue;
+            match self.route(event, bindings) {
+                Ok((shard, routed)) => {
+                    let entry = entries.entry(shard).or_default();
+                    entry.0.push(position);
+                    entry.1.push(routed);
                 }
-                (Some(oneid), None) => (Target::Existing(oneid), oneid.shard()),
-                (None, _) => (
-                    Target::Claim,
-                    anchor(&event.identities).shard(self.n_shards),
-                ),
-            };
-            let link_elsewhere: Vec<Identity> = event
-                .identities
-                .iter()
-                .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
-                .cloned()
-                .collect();
-            let bound = event
-                .identities
-                .iter()
-                .map(|id| bindings[id].is_some())
-                .collect();
-            let entry = entries.entry(shard).or_default();
-            entry.0.push(position);
-            entry.1.push(Routed {
-                event,
-                target,
-                link_elsewhere,
-                bound,
-            });
+                Err(Routing::Rejected(error)) => done.push((position, Err(error))),
+                Err(Routing::Conflict(event_id, profiles)) => {
+                    conflicts.push((position, event_id, profiles));
+                }
+            }
         }
+        done.extend(self.settle_conflicts(conflicts).await);
 
         // One Events entry per target shard, all shards at once.
-        let answers = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
-            let links: Vec<Vec<Identity>> =
-                routed.iter().map(|r| r.link_elsewhere.clone()).collect();
-            let call = self.propose(shard, Command::Events(routed));
-            (shard, async move { (positions, links, call.await) })
+        let replies = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
+            let identities: Vec<Vec<Identity>> =
+                routed.iter().map(|r| r.event.identities.clone()).collect();
+            let call = propose(&self.shards, shard, Command::Events(routed));
+            (shard, async move { (positions, identities, call.await) })
         }))
         .await;
-
-        // Identities of applied events held by other shards: bind there, then list.
-        let mut follow_up: BTreeMap<ShardId, Vec<(Identity, OneId)>> = BTreeMap::new();
-        for (_, (positions, links, answer)) in answers {
-            match answer {
-                Ok(Output::Events(outcomes)) => {
-                    for ((position, links), outcome) in
-                        positions.into_iter().zip(links).zip(outcomes)
+        let mut follow_ups: Vec<FollowUp> = Vec::new();
+        for (shard, (positions, identities, reply)) in replies {
+            match reply {
+                Ok(Output::Events {
+                    outcomes,
+                    follow_ups: left,
+                }) => {
+                    follow_ups.extend(left);
+                    for ((position, identities), outcome) in
+                        positions.into_iter().zip(identities).zip(outcomes)
                     {
-                        // A duplicate binds too: if the first attempt stopped before its binds
-                        // (a crash, a lost connection), the client's retry finishes them.
-                        let result = match outcome {
-                            EventOutcome::Applied(oneid) => Ok((EventStatus::Applied, oneid)),
-                            EventOutcome::Duplicate(oneid) => Ok((EventStatus::Duplicate, oneid)),
-                            EventOutcome::Rejected(error) => Err(error),
-                        };
-                        if let Ok((_, oneid)) = result {
-                            for identity in links {
-                                follow_up
-                                    .entry(identity.shard(self.n_shards))
-                                    .or_default()
-                                    .push((identity, oneid));
-                            }
-                        }
-                        done.push((position, result));
+                        done.push((position, self.learn(shard, identities, outcome, bindings)));
                     }
                 }
                 Ok(other) => panic!("Events answered {other:?}"),
@@ -361,82 +244,192 @@ impl Router {
                 }
             }
         }
-        self.bind_and_link(follow_up).await;
+        if !follow_ups.is_empty() {
+            // A crash here leaves applied events whose identities are not bound yet: the
+            // follow-up records finish them (a test stops the node at this point).
+            fail::fail_point!("router::before_follow_ups");
+            let report =
+                follow_up::drive(&self.shards, self.n_shards, follow_ups, BIND_ATTEMPTS).await;
+            for (identity, oneid) in report.bound {
+                bindings.insert(identity, Some(oneid));
+            }
+        }
         done
     }
 
-    /// Binds identities of applied events at their shards, then lists the bound ones on the
-    /// profiles. An identity another profile bound first stays with it (it is not listed here).
-    /// A link not delivered now is delivered by the outbox sweep of the identity's shard.
-    async fn bind_and_link(&self, mut binds: BTreeMap<ShardId, Vec<(Identity, OneId)>>) {
-        let mut links: BTreeMap<ShardId, Vec<(OneId, Identity)>> = BTreeMap::new();
-        let mut wait = BIND_RETRY_BACKOFF;
-        for attempt in 1..=BIND_ATTEMPTS {
-            if binds.is_empty() {
-                break;
-            }
-            if attempt > 1 {
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-            let answers = per_shard(std::mem::take(&mut binds).into_iter().map(
-                |(shard, pairs)| {
-                    let call = self.propose(shard, Command::Bind(pairs.clone()));
-                    (shard, async move { (pairs, call.await) })
-                },
-            ))
-            .await;
-            for (shard, (pairs, answer)) in answers {
-                let outcomes = match answer {
-                    Ok(Output::Bind(outcomes)) => outcomes,
-                    Ok(other) => panic!("a Bind answered {other:?}"),
-                    Err(error) => {
-                        // Transient (no leader, overloaded): try again; after the last attempt
-                        // the client's retry of the event (answered `duplicate`) binds them.
-                        tracing::warn!(%shard, %error, attempt, "binding identities failed");
-                        binds.insert(shard, pairs);
-                        continue;
-                    }
-                };
-                for ((identity, oneid), outcome) in pairs.into_iter().zip(outcomes) {
-                    match outcome {
-                        BindOutcome::Bound => links
-                            .entry(oneid.shard())
-                            .or_default()
-                            .push((oneid, identity)),
-                        BindOutcome::Conflict(other) => {
-                            tracing::info!(%oneid, %other, kind = %identity.kind, "identity went to another profile first; not linked");
+    /// The shard an event goes to and how it is routed, from what resolution knows.
+    fn route(&self, event: Event, bindings: &Bindings) -> Result<(ShardId, Routed), Routing> {
+        if let Some(oneid) = event.oneid.filter(|oneid| oneid.shard().0 >= self.n_shards) {
+            return Err(Routing::Rejected(EventError::field(
+                ErrorCode::NotFound,
+                "oneid",
+                format!("profile {oneid} does not exist"),
+            )));
+        }
+        let mut profiles: BTreeSet<OneId> = event
+            .identities
+            .iter()
+            .filter_map(|id| bindings[id])
+            .collect();
+        profiles.extend(event.oneid);
+        if profiles.len() > 1 {
+            return Err(Routing::Conflict(event.event_id, profiles));
+        }
+        let (target, shard) = match profiles.first() {
+            Some(&oneid) => (Target::Existing(oneid), oneid.shard()),
+            None => (
+                Target::Claim,
+                anchor(&event.identities).shard(self.n_shards),
+            ),
+        };
+        let link_elsewhere: Vec<Identity> = event
+            .identities
+            .iter()
+            .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
+            .cloned()
+            .collect();
+        let bound = event
+            .identities
+            .iter()
+            .map(|id| bindings[id].is_some())
+            .collect();
+        Ok((
+            shard,
+            Routed {
+                event,
+                target,
+                link_elsewhere,
+                bound,
+            },
+        ))
+    }
+
+    /// Answers the events whose identities name several profiles: `duplicate` if the event
+    /// already applied to one of them (a retry, after another profile took one of its
+    /// identities), else `identity_conflict`.
+    async fn settle_conflicts(
+        &self,
+        conflicts: Vec<(usize, String, BTreeSet<OneId>)>,
+    ) -> Vec<(usize, Answer)> {
+        if conflicts.is_empty() {
+            return Vec::new();
+        }
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            conflicts
+                .into_iter()
+                .map(|(position, event_id, profiles)| {
+                    let answer = match profiles.iter().find(|p| reader.has_event(**p, &event_id)) {
+                        Some(&oneid) => Ok((EventStatus::Duplicate, oneid)),
+                        None => {
+                            let mut two = profiles.iter();
+                            let (a, b) = (two.next(), two.next());
+                            Err(conflict(*a.expect("two"), *b.expect("two")))
                         }
+                    };
+                    (position, answer)
+                })
+                .collect()
+        })
+        .await
+        .expect("reading dedup records does not panic")
+    }
+
+    /// An event's answer; an applied one also tells resolution that its identities held by
+    /// its profile's shard are now bound to the profile (apply bound them, or found them so).
+    fn learn(
+        &self,
+        shard: ShardId,
+        identities: Vec<Identity>,
+        outcome: EventOutcome,
+        bindings: &mut Bindings,
+    ) -> Answer {
+        match outcome {
+            EventOutcome::Applied(oneid) => {
+                for identity in identities {
+                    if identity.shard(self.n_shards) == shard {
+                        bindings.insert(identity, Some(oneid));
                     }
                 }
+                Ok((EventStatus::Applied, oneid))
             }
-        }
-        let answers = per_shard(
-            links
-                .into_iter()
-                .map(|(shard, pairs)| (shard, self.propose(shard, Command::Link(pairs)))),
-        )
-        .await;
-        for (shard, answer) in answers {
-            if let Err(error) = answer {
-                tracing::warn!(%shard, %error, "link not delivered now; the outbox sweep will deliver it");
-            }
+            EventOutcome::Duplicate(oneid) => Ok((EventStatus::Duplicate, oneid)),
+            EventOutcome::Rejected(error) => Err(error),
         }
     }
 
     /// Proposes a command on every shard (rules changes); the first error wins.
     pub async fn broadcast(&self, command: Command) -> Result<(), ShardError> {
         for shard in 0..self.n_shards {
-            match self
-                .addr(ShardId(shard))
-                .send(Propose(command.clone()))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(ShardError::Dropped(ShardId(shard))),
-            }
+            propose(&self.shards, ShardId(shard), command.clone()).await?;
         }
         Ok(())
     }
+}
+
+/// Why an event was not routed.
+enum Routing {
+    Rejected(EventError),
+    /// Its identities (and oneid) name these profiles: a conflict, or a retry.
+    Conflict(String, BTreeSet<OneId>),
+}
+
+/// Splits `todo` into this wave and the rest. An event joins the wave unless it shares an
+/// unbound identity with an event of the wave, or an identity or a profile with an event
+/// already left for a later wave: so a customer first seen several times gets one OneID, and
+/// the events of one customer keep their request order, while unrelated events do not wait
+/// behind them.
+fn split_wave(todo: Vec<Pending>, bindings: &Bindings) -> (Vec<Pending>, Vec<Pending>) {
+    // The profiles an event names (by OneID or by an identity found bound).
+    let profiles_of = |event: &Event| -> Vec<OneId> {
+        event
+            .identities
+            .iter()
+            .filter_map(|id| bindings[id])
+            .chain(event.oneid)
+            .collect()
+    };
+    // Unbound identities of the wave, each with the wave event that holds it.
+    let mut unbound_in_wave: BTreeMap<&Identity, usize> = BTreeMap::new();
+    // What the events left for later waves touch: a later event touching it waits too.
+    let mut later_identities: BTreeSet<&Identity> = BTreeSet::new();
+    let mut later_profiles: BTreeSet<OneId> = BTreeSet::new();
+    let mut in_wave = Vec::with_capacity(todo.len());
+    for (i, (_, event)) in todo.iter().enumerate() {
+        let profiles = profiles_of(event);
+        let shares_unbound: Vec<usize> = event
+            .identities
+            .iter()
+            .filter_map(|id| unbound_in_wave.get(id).copied())
+            .collect();
+        let waits = !shares_unbound.is_empty()
+            || event
+                .identities
+                .iter()
+                .any(|id| later_identities.contains(id))
+            || profiles.iter().any(|p| later_profiles.contains(p));
+        if waits {
+            // It belongs to the customer of each wave event it shares a new identity with:
+            // later events of that customer wait behind it.
+            for related in shares_unbound
+                .into_iter()
+                .map(|j| &todo[j].1)
+                .chain([event])
+            {
+                later_identities.extend(&related.identities);
+                later_profiles.extend(profiles_of(related));
+            }
+        } else {
+            for id in event.identities.iter().filter(|id| bindings[*id].is_none()) {
+                unbound_in_wave.insert(id, i);
+            }
+        }
+        in_wave.push(!waits);
+    }
+    let (wave, rest): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .zip(in_wave)
+        .partition(|(_, in_wave)| *in_wave);
+    let strip = |events: Vec<(Pending, bool)>| events.into_iter().map(|(e, _)| e).collect();
+    (strip(wave), strip(rest))
 }

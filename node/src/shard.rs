@@ -11,16 +11,17 @@
 //! the changes of the job in flight, and fjall, in that order: a read sees every write that was
 //! acknowledged before it.
 
-use crate::command::{Command, Output, Retention};
+use crate::command::{Command, FollowUp, Output, Retention};
 use crate::config::node_of_raft_id;
+use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::state::keys;
 use crate::state::store::{Layered, WriteSet};
-use crate::state::{decode, OutboxRecord, ShardState};
+use crate::state::{decode, FollowUpRecord, ShardState};
 use crate::storage::{FjallState, Space, Storage, WriteJob, WriteOp, Writer};
 use actix::prelude::*;
 use oneid_protocol::api::ShardView;
-use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
 use protobuf::Message as _;
@@ -39,10 +40,13 @@ pub const PROPOSALS_PENDING_MAX: usize = 4096;
 pub const SHARD_MAILBOX_MAX: usize = 1024;
 /// Most uncommitted bytes a leader accepts before dropping proposals.
 pub const UNCOMMITTED_BYTES_MAX: u64 = 256 * 1024 * 1024;
-/// Most outbox records one sweep delivers.
-pub const OUTBOX_SWEEP_RECORDS_MAX: usize = 1024;
-/// Outbox records younger than this (by the shard clock) are left to the router's own link.
-const OUTBOX_GRACE_MS: i64 = 5_000;
+/// Most follow-up records one sweep drives.
+pub const FOLLOW_UP_SWEEP_RECORDS_MAX: usize = 1024;
+/// Follow-up records younger than this (by the shard clock) are left to the router, which
+/// drives them right after the apply that wrote them.
+const FOLLOW_UP_GRACE_MS: i64 = 2_000;
+/// How often the leader sweeps follow-up records (sooner while a sweep finds a full batch).
+const FOLLOW_UP_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The log is compacted once this many applied entries sit on disk.
 const LOG_COMPACT_ENTRIES: u64 = 64;
 
@@ -53,6 +57,31 @@ const _: () = assert!(
 
 /// Addresses of every shard's actor, set once all are started.
 pub type ShardMap = Arc<OnceLock<Vec<Addr<ShardActor>>>>;
+
+/// Proposes `command` at `shard`; answers once it is committed, applied and durable.
+pub async fn propose(
+    shards: &ShardMap,
+    shard: ShardId,
+    command: Command,
+) -> Result<Output, ShardError> {
+    let addr = &shards
+        .get()
+        .expect("shards are started before anything proposes")[shard.0 as usize];
+    addr.send(Propose(command))
+        .await
+        .unwrap_or(Err(ShardError::Stopped(shard)))
+}
+
+/// Runs one future per shard, all at once, and collects their answers by shard.
+pub async fn per_shard<T, F: std::future::Future<Output = T>>(
+    calls: impl IntoIterator<Item = (ShardId, F)>,
+) -> BTreeMap<ShardId, T> {
+    let (shards, futures): (Vec<ShardId>, Vec<F>) = calls.into_iter().unzip();
+    shards
+        .into_iter()
+        .zip(futures::future::join_all(futures).await)
+        .collect()
+}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ShardError {
@@ -65,6 +94,9 @@ pub enum ShardError {
     /// Too many proposals are waiting.
     #[error("shard {0} is overloaded; retry later")]
     Overloaded(ShardId),
+    /// The shard's actor is not running (the node is stopping).
+    #[error("shard {0} is not running")]
+    Stopped(ShardId),
 }
 
 /// What a shard needs from the node's configuration.
@@ -111,11 +143,17 @@ pub struct ShardActor {
     /// Log deletions to send with the next write job.
     compaction: Vec<WriteOp>,
     leader: bool,
-    last_clock: Instant,
+    /// When this leader last proposed a clock entry (`None`: not since it became leader).
+    last_clock: Option<Instant>,
     /// The last clock entry applied left due work: propose the next one at the next tick.
     due_backlog: bool,
-    outbox_sweeping: bool,
-    last_sweep: Instant,
+    /// A follow-up sweep is in flight (at most one at a time).
+    sweeping: bool,
+    next_sweep: Instant,
+    /// Every follow-up record up to this sequence is finished: the next sweep's scan starts
+    /// after it, so it does not walk the tombstones of finished records. In memory only (0
+    /// after a restart: one scan from the start).
+    follow_up_floor: u64,
     reported_activations: (u64, u64, usize),
 }
 
@@ -203,10 +241,11 @@ impl ShardActor {
             log_first_on_disk,
             compaction: Vec::new(),
             leader: false,
-            last_clock: Instant::now(),
+            last_clock: None,
             due_backlog: false,
-            outbox_sweeping: false,
-            last_sweep: Instant::now(),
+            sweeping: false,
+            next_sweep: Instant::now(),
+            follow_up_floor: 0,
             reported_activations: (0, 0, 0),
         })
     }
@@ -412,11 +451,26 @@ impl ShardActor {
                 None,
             );
         }
-        self.propose_clock();
+        self.last_clock = None;
+        if self.clock_due() {
+            self.propose_clock();
+        }
+    }
+
+    /// Whether the leader should propose a clock entry now: the last one applied left due work,
+    /// or the shard's clock is `clock_interval` behind this node's and no clock entry was
+    /// proposed within that interval. Reckoned from the replicated clock, so a new leader (or a
+    /// restarted node) proposes one only when the shard's clock is really behind, and a shard
+    /// with nothing due and no writes keeps its state, digest included, unchanged.
+    fn clock_due(&self) -> bool {
+        let interval = self.settings.clock_interval;
+        let behind = Millis::now().0 - self.state.record.clock.0 >= interval.as_millis() as i64;
+        self.due_backlog || (behind && self.last_clock.is_none_or(|t| t.elapsed() >= interval))
     }
 
     fn propose_clock(&mut self) {
-        self.last_clock = Instant::now();
+        self.due_backlog = false;
+        self.last_clock = Some(Instant::now());
         let command = Command::Clock {
             now: Millis::now(),
             retention: self.settings.retention,
@@ -457,17 +511,11 @@ impl ShardActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         self.raft.tick();
-        if self.leader
-            && (self.due_backlog || self.last_clock.elapsed() >= self.settings.clock_interval)
-        {
-            self.due_backlog = false;
+        if self.leader && self.clock_due() {
             self.propose_clock();
         }
-        if self.leader
-            && !self.outbox_sweeping
-            && self.last_sweep.elapsed() >= Duration::from_secs(2)
-        {
-            self.sweep_outbox(ctx);
+        if self.leader && !self.sweeping && Instant::now() >= self.next_sweep {
+            self.sweep_follow_ups(ctx);
         }
         self.state
             .activations
@@ -498,56 +546,64 @@ impl ShardActor {
         self.reported_activations = (a.activated, a.passivated, now);
     }
 
-    /// Delivers links recorded in the outbox that the router may not have delivered (it
-    /// crashed, or lost leadership): `Link` to the profile's shard, then `OutboxDone` here.
-    /// Both are idempotent, so a record delivered twice does no harm.
-    fn sweep_outbox(&mut self, ctx: &mut Context<Self>) {
-        self.last_sweep = Instant::now();
+    /// Drives the follow-up records the router did not finish (it crashed, its client hung
+    /// up, the binding shard had no leader): the oldest first, at most
+    /// [`FOLLOW_UP_SWEEP_RECORDS_MAX`] at a time, each tried once per sweep.
+    fn sweep_follow_ups(&mut self, ctx: &mut Context<Self>) {
+        self.next_sweep = Instant::now() + FOLLOW_UP_SWEEP_INTERVAL;
+        if self.state.record.follow_ups_pending == 0 {
+            return;
+        }
         let view = Layered {
             base: &FjallState(self.storage.state(self.shard)),
             writes: &self.pending,
         };
-        let horizon = self.state.meta.clock.0 - OUTBOX_GRACE_MS;
-        let mut links: BTreeMap<ShardId, Vec<(OneId, Identity)>> = BTreeMap::new();
-        let mut seqs = Vec::new();
-        for (key, value) in view.scan(keys::OUTBOX_PREFIX, None, false, OUTBOX_SWEEP_RECORDS_MAX) {
-            let record: OutboxRecord = decode(&key, &value);
+        let horizon = self.state.record.clock.0 - FOLLOW_UP_GRACE_MS;
+        let from = keys::follow_up(self.follow_up_floor);
+        let found = view.scan(
+            keys::FOLLOW_UP_PREFIX,
+            Some(&from),
+            false,
+            FOLLOW_UP_SWEEP_RECORDS_MAX,
+        );
+        self.follow_up_floor = found
+            .first()
+            .map_or(self.state.record.follow_up_seq, |(key, _)| {
+                keys::follow_up_seq(key) - 1
+            });
+        let full = found.len() == FOLLOW_UP_SWEEP_RECORDS_MAX;
+        let mut follow_ups = Vec::with_capacity(found.len());
+        for (key, value) in found {
+            let record: FollowUpRecord = decode(&key, &value);
             if record.at.0 > horizon {
                 break;
             }
-            seqs.push(u64::from_be_bytes(
-                key[1..9].try_into().expect("outbox keys hold a sequence"),
-            ));
-            links
-                .entry(record.oneid.shard())
-                .or_default()
-                .push((record.oneid, record.identity));
+            follow_ups.push(FollowUp {
+                seq: keys::follow_up_seq(&key),
+                oneid: record.oneid,
+                identity: record.identity,
+            });
         }
-        if seqs.is_empty() {
+        if follow_ups.is_empty() {
             return;
         }
-        let Some(shards) = self.shards.get().cloned() else {
-            return;
-        };
-        self.outbox_sweeping = true;
-        let own = ctx.address();
-        let delivery = async move {
-            for (shard, pairs) in links {
-                match shards[shard.0 as usize]
-                    .send(Propose(Command::Link(pairs)))
-                    .await
-                {
-                    Ok(Ok(_)) => {}
-                    _ => return,
-                }
+        tracing::info!(shard = %self.shard, records = follow_ups.len(), "finishing follow-ups the router left");
+        self.sweeping = true;
+        let shards = Arc::clone(&self.shards);
+        let n_shards = self.settings.n_shards;
+        let sweep = async move { follow_up::drive(&shards, n_shards, follow_ups, 1).await };
+        ctx.spawn(sweep.into_actor(self).map(move |report, actor, _| {
+            let finished = report.finished;
+            actor.sweeping = false;
+            actor
+                .metrics
+                .follow_ups_swept
+                .fetch_add(finished as u64, Relaxed);
+            if full && finished > 0 {
+                // More are waiting: sweep again at the next tick.
+                actor.next_sweep = Instant::now();
             }
-            let _ = own.send(Propose(Command::OutboxDone(seqs))).await;
-        };
-        ctx.spawn(
-            delivery
-                .into_actor(self)
-                .map(|(), actor, _| actor.outbox_sweeping = false),
-        );
+        }));
     }
 }
 
@@ -628,6 +684,8 @@ impl Handler<Query> for ShardActor {
                     commit_index: hard_state.commit,
                     applied_index: self.state.meta.applied_index,
                     digest: format!("{:016x}", self.state.meta.digest),
+                    follow_ups_pending: self.state.record.follow_ups_pending,
+                    clock: self.state.record.clock.to_string(),
                 })
             }
             Query::Rules => QueryReply::Rules(Box::new(self.state.rules().clone())),

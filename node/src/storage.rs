@@ -29,7 +29,10 @@ use std::time::Instant;
 /// data directory of another format. Format 2: retention queues filed per log entry, and
 /// routed events carry the bindings the router found. Format 3: keyspaces created with fjall's
 /// own memtable limit at `FJALL_ROTATION_FACTOR` × `memtable_mib` (fjall keeps it per keyspace).
-pub const STATE_FORMAT: u32 = 3;
+/// Format 4: the shard's bookkeeping (clock, sequences, cursors) in its own record under the
+/// digest; follow-up records on the profile's shard instead of outbox records on the
+/// identity's.
+pub const STATE_FORMAT: u32 = 4;
 
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
@@ -458,6 +461,15 @@ impl StateReader {
             .expect("identity cache lock")
             .put(identity.clone(), oneid);
         Some(oneid)
+    }
+
+    /// Whether `event_id` applied to the profile (and its dedup record is not yet evicted).
+    pub fn has_event(&self, oneid: OneId, event_id: &str) -> bool {
+        oneid.shard().0 < self.n_shards
+            && self
+                .shard(oneid.shard())
+                .get(&keys::dedup(oneid, event_id))
+                .is_some()
     }
 
     pub fn profile(&self, oneid: OneId) -> Option<Profile> {

@@ -57,6 +57,9 @@ pub enum ErrorCode {
     InvalidRules,
     /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
     Unavailable,
+    /// The event waited behind more waves of its batch than one request runs (events sharing
+    /// new identities apply one after another); send it again in a later request.
+    TooManyWaves,
     /// A one-at-a-time operation is already running (a backup); try again when it is done.
     Busy,
     /// A bug or a storage failure.
@@ -184,6 +187,10 @@ pub struct ShardView {
     pub applied_index: u64,
     /// Hash of the shard's applied state at `applied_index`, hex.
     pub digest: String,
+    /// Identities of applied events still to be bound on other shards (follow-ups).
+    pub follow_ups_pending: u64,
+    /// The shard's clock (RFC 3339): the latest clock entry applied.
+    pub clock: String,
 }
 
 /// `POST /v1/admin/backup`: what a backup holds, also written as `backup.json` beside it.

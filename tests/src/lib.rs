@@ -34,6 +34,21 @@ impl Default for NodeOptions {
     }
 }
 
+impl NodeOptions {
+    /// A node whose leaders propose a clock entry only at first start (then once an hour):
+    /// its state, digests included, changes only with writes, so tests can compare digests
+    /// taken at different times (see [`TestNode::settled_digests`]).
+    pub fn quiet() -> NodeOptions {
+        NodeOptions {
+            clock_interval_ms: 3_600_000,
+            ..NodeOptions::default()
+        }
+    }
+}
+
+/// The shard clock of a shard that never applied a clock entry.
+const CLOCK_UNSET: &str = "1970-01-01T00:00:00Z";
+
 /// A running node; killed (SIGKILL) when dropped if still running.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
@@ -280,6 +295,30 @@ impl TestNode {
     pub async fn digests(&self) -> Vec<String> {
         let view = self.client().cluster().await.expect("cluster view");
         view.shards.into_iter().map(|s| s.digest).collect()
+    }
+
+    /// Each shard's digest once every shard has applied a clock entry and all it committed.
+    /// On a [`NodeOptions::quiet`] node nothing but writes changes them after that, so two
+    /// settled digests taken at different times are equal exactly when no write changed state.
+    pub async fn settled_digests(&self) -> Vec<String> {
+        let client = self.client();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let view = client.cluster().await.expect("cluster view");
+            if view
+                .shards
+                .iter()
+                .all(|s| s.clock != CLOCK_UNSET && s.applied_index == s.commit_index)
+            {
+                return view.shards.into_iter().map(|s| s.digest).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node did not settle in {START_TIMEOUT:?}: {:?}",
+                view.shards
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The value of an unlabelled counter in `/metrics`.

@@ -45,16 +45,9 @@ fn manifest_file(dir: &Path) -> BackupManifest {
     serde_json::from_slice(&text).expect("backup.json is a manifest")
 }
 
-/// (shard, digest) of every shard, as `/v1/cluster` shows them.
+/// (shard, digest) of every shard of a settled node (see `TestNode::settled_digests`).
 async fn digests(node: &TestNode) -> Vec<(u32, String)> {
-    node.client()
-        .cluster()
-        .await
-        .expect("cluster")
-        .shards
-        .into_iter()
-        .map(|s| (s.id, s.digest))
-        .collect()
+    (0..).zip(node.settled_digests().await).collect()
 }
 
 fn manifest_digests(manifest: &BackupManifest) -> Vec<(u32, String)> {
@@ -210,7 +203,7 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_at_rest_restores_the_same_state() {
-    let source = TestNode::start(NodeOptions::default()).await;
+    let source = TestNode::start(NodeOptions::quiet()).await;
     let client = source.client();
     let all: Vec<Value> = (0..1500).map(event).collect();
     for chunk in all.chunks(250) {
@@ -252,7 +245,7 @@ async fn backup_at_rest_restores_the_same_state() {
     assert_eq!(manifest_digests(&manifest), before);
     assert_eq!(digests(&source).await, before);
 
-    let mut restored = TestNode::start_restored(NodeOptions::default(), &dir).await;
+    let mut restored = TestNode::start_restored(NodeOptions::quiet(), &dir).await;
     assert_eq!(digests(&restored).await, before);
     assert_at_or_past(&restored, &manifest).await;
     let copy = restored.client();
@@ -288,7 +281,7 @@ async fn backup_at_rest_restores_the_same_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
-    let node = TestNode::start(NodeOptions::default()).await;
+    let node = TestNode::start(NodeOptions::quiet()).await;
     let client = node.client_once();
     let events: Vec<Value> = (0..100).map(event).collect();
     assert_eq!(
@@ -347,7 +340,7 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
 
 /// A node holding 200 events, and a temporary directory with a backup of it in `b`.
 async fn node_with_backup() -> (TestNode, tempfile::TempDir) {
-    let node = TestNode::start(NodeOptions::default()).await;
+    let node = TestNode::start(NodeOptions::quiet()).await;
     let events: Vec<Value> = (0..200).map(event).collect();
     let client = node.client();
     assert_eq!(

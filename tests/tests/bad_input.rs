@@ -141,7 +141,7 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
-        let node = TestNode::start(NodeOptions::default()).await;
+        let node = TestNode::start(NodeOptions::quiet()).await;
         let client = node.client_once();
         let phone = "13800000042".to_string();
         let email = "other@example.com".to_string();
@@ -185,7 +185,7 @@ impl Setup {
         Snapshot {
             known: self.client.profile(&self.known).await.unwrap().unwrap(),
             other: self.client.profile(&self.other).await.unwrap().unwrap(),
-            digests: self.node.digests().await,
+            digests: self.node.settled_digests().await,
             rules: self.client.rules().await.unwrap(),
         }
     }

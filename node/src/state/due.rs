@@ -29,18 +29,18 @@ impl ShardState {
     /// Returns how many due keys it processed (at most `DUE_PER_CLOCK_MAX`), and whether the
     /// ledger eviction batch was full.
     pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> (usize, bool) {
-        let now = self.meta.clock;
+        let now = self.record.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
         let (cursor, ledger_full) = super::evict_queue(
             tx,
             keys::LEDGER_EVICTION_PREFIX,
-            self.meta.ledger_evicted_to,
+            self.record.ledger_evicted_to,
             horizon,
             LEDGER_EVICTIONS_PER_CLOCK_MAX,
         );
-        self.meta.ledger_evicted_to = cursor;
+        self.record.ledger_evicted_to = cursor;
 
-        let after = keys::due_bound(self.meta.due_floor);
+        let after = keys::due_bound(self.record.due_floor);
         let due = tx.scan_below(
             keys::DUE_PREFIX,
             Some(&after),
@@ -50,9 +50,9 @@ impl ShardState {
         let processed = due.len();
         // Everything due by now is processed, unless the batch was full: then the rest starts at
         // the last key's time. Keys scheduled earlier than the floor from here on lower it again.
-        self.meta.due_floor = match due.last() {
+        self.record.due_floor = match due.last() {
             Some((last, _)) if processed == DUE_PER_CLOCK_MAX => keys::key_time(last),
-            _ => self.meta.due_floor.max(Millis(now.0 + 1)),
+            _ => self.record.due_floor.max(Millis(now.0 + 1)),
         };
         // Profiles touched by this entry: loaded once, written once.
         let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
@@ -131,7 +131,7 @@ impl ShardState {
                 profile.updated_at = profile.updated_at.max(at);
             }
             entry.2 |= changed;
-            writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
+            writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
         }
         for (_, (mut profile, stored_hash, changed)) in touched {
             if changed {
@@ -233,7 +233,7 @@ impl ShardState {
             if let Some(at) = next {
                 let mut writes = EventWrites::default();
                 writes.put_due(tx, keys::due(at, profile.oneid, DueKind::RuleReview, &[]));
-                writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
+                writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
             }
         }
         self.store_profile(tx, profile, stored_hash);
@@ -242,7 +242,7 @@ impl ShardState {
     /// The first time after the clock at which some `days_since` comparison of the tag rules
     /// changes value for this profile.
     fn next_rule_review(&self, profile: &Profile) -> Option<Millis> {
-        let now = self.meta.clock;
+        let now = self.record.clock;
         self.time_thresholds
             .iter()
             .filter_map(|&(field, days)| {

@@ -6,7 +6,7 @@ use super::due::{DUE_PER_CLOCK_MAX, LEDGER_EVICTIONS_PER_CLOCK_MAX};
 use super::keys::{self, DueKind};
 use super::store::MemState;
 use super::tests::{
-    at, claim, digest_of, id, ledger, lot, on, rules, ts, without_meta, Harness, PLAIN,
+    at, claim, digest_of, id, ledger, lot, on, rules, ts, without_bookkeeping, Harness, PLAIN,
 };
 use super::*;
 use serde_json::json;
@@ -197,9 +197,9 @@ fn a_lot_expires_on_its_exact_millisecond() {
     );
     assert_eq!(h.keys_with_prefix(keys::DUE_PREFIX), 0);
     // Later clock entries find nothing more to do.
-    let settled = without_meta(&h.mem);
+    let settled = without_bookkeeping(&h.mem);
     assert_eq!(tick(&mut h, at(11)), (0, false));
-    assert_eq!(without_meta(&h.mem), settled);
+    assert_eq!(without_bookkeeping(&h.mem), settled);
 }
 
 #[test]
@@ -320,7 +320,7 @@ fn an_order_born_expired_counts_and_its_points_expire_at_the_next_clock_entry() 
 
     // The next clock entry, even at the same time, expires both, oldest first.
     assert_eq!(tick(&mut h, at(0)), (2, false));
-    assert_eq!(h.state.meta.clock, at(0));
+    assert_eq!(h.state.record.clock, at(0));
     let profile = h.profile(p);
     assert_eq!((profile.balance, profile.lots.len()), (0, 0));
     assert_eq!(profile.spend_365d, Money(10_000), "spend is not points");
@@ -1054,7 +1054,7 @@ fn the_same_events_and_clock_entries_give_the_same_state_and_digest() {
 
     // The script did what it is for: every event applied, and clock entries had work.
     for output in &out_a {
-        if let Output::Events(outcomes) = output {
+        if let Output::Events { outcomes, .. } = output {
             assert!(
                 outcomes
                     .iter()

@@ -3,7 +3,8 @@
 //!
 //! | prefix | key                                   | value          |
 //! |--------|---------------------------------------|----------------|
-//! | `m`    | `m`                                   | `ShardMeta`    |
+//! | `m`    | `m`                                   | `ShardMeta` (not in the digest) |
+//! | `s`    | `s`                                   | `ShardRecord`  |
 //! | `r`    | `r`                                   | `Rules`        |
 //! | `p`    | `p oneid`                             | `Profile`      |
 //! | `i`    | `i kind 0x00 value`                   | `OneId`        |
@@ -11,7 +12,7 @@
 //! | `l`    | `l oneid seq`                         | `LedgerRecord` |
 //! | `d`    | `d oneid event_id`                    | `DedupRecord`  |
 //! | `e`    | `e clock_ms seq`                      | dedup keys one entry wrote (eviction order) |
-//! | `x`    | `x seq`                               | `OutboxRecord` |
+//! | `f`    | `f seq`                               | `FollowUpRecord` |
 //! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
 //! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
 
@@ -19,6 +20,7 @@ use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
 
 pub const META: &[u8] = b"m";
+pub const SHARD: &[u8] = b"s";
 pub const RULES: &[u8] = b"r";
 
 pub fn profile(oneid: OneId) -> Vec<u8> {
@@ -69,12 +71,21 @@ pub fn retention_group(prefix: &[u8], clock: Millis, seq: u64) -> Vec<u8> {
     key
 }
 
-pub const OUTBOX_PREFIX: &[u8] = b"x";
+pub const FOLLOW_UP_PREFIX: &[u8] = b"f";
 
-pub fn outbox(seq: u64) -> Vec<u8> {
-    let mut key = vec![b'x'];
+pub fn follow_up(seq: u64) -> Vec<u8> {
+    let mut key = FOLLOW_UP_PREFIX.to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The sequence number of a follow-up key.
+pub fn follow_up_seq(key: &[u8]) -> u64 {
+    u64::from_be_bytes(
+        key[1..9]
+            .try_into()
+            .expect("follow-up keys hold a sequence"),
+    )
 }
 
 fn with_oneid(prefix: u8, oneid: OneId, rest: &[u8]) -> Vec<u8> {

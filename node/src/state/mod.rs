@@ -18,7 +18,9 @@ pub mod keys;
 pub mod profile;
 pub mod store;
 
-use crate::command::{BindOutcome, Command, EventOutcome, Output, Retention, Routed, Target};
+use crate::command::{
+    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Retention, Routed, Target,
+};
 use activations::Activations;
 use keys::DueKind;
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
@@ -40,19 +42,34 @@ use store::{pair_hash, Layered, StateRead, WriteSet};
 
 /// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
 pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
+/// Most follow-up records a shard holds unfinished. An event that would add more is answered
+/// `unavailable` (retry): binds on another shard are not keeping up (it has no leader, or is
+/// overloaded), and waiting work must not grow without bound.
+pub const FOLLOW_UPS_PENDING_MAX: u64 = 100_000;
 
-/// Per-shard bookkeeping, stored under [`keys::META`] and left out of the digest.
+/// Where the shard's applied log stands, stored under [`keys::META`] and left out of the
+/// digest: it moves with every entry (including entries that change nothing else) and holds
+/// the digest itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardMeta {
     pub applied_index: u64,
     pub applied_term: u64,
+    /// Multiset hash of every other (key, value) of the state, [`ShardRecord`] included.
+    pub digest: u64,
+}
+
+/// The shard's own replicated bookkeeping, stored under [`keys::SHARD`] and covered by the
+/// digest like any other pair: replicas that disagree on any of it have different digests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
     /// The shard's "now": the largest clock applied. Never goes back.
     pub clock: Millis,
-    /// Multiset hash of every other (key, value) of the state.
-    pub digest: u64,
     /// Profiles minted so far; the next OneID uses `profile_seq + 1`.
     pub profile_seq: u64,
-    pub outbox_seq: u64,
+    /// Follow-up records written so far; the next one is `follow_up_seq + 1`.
+    pub follow_up_seq: u64,
+    /// Follow-up records not finished yet (at most [`FOLLOW_UPS_PENDING_MAX`]).
+    pub follow_ups_pending: u64,
     /// Records of the retention queues written so far (one per log entry and queue).
     pub queue_seq: u64,
     /// No unprocessed due key is earlier than this: where the next clock entry's scan starts.
@@ -115,12 +132,15 @@ pub struct DedupRecord {
     pub index: u64,
 }
 
-/// A binding made here whose profile (on another shard) must list the identity.
+/// An identity of an applied event that another shard's index holds: this shard binds it
+/// there (the identity's shard is the arbiter) and then lists it on the profile. The record is
+/// written in the same apply as the event and deleted by the apply that finishes it
+/// (`Command::FinishFollowUps`), so the work survives crashes and leader changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutboxRecord {
+pub struct FollowUpRecord {
     pub oneid: OneId,
     pub identity: Identity,
-    /// The shard clock when the binding was made.
+    /// The shard clock when the event applied.
     pub at: Millis,
 }
 
@@ -129,6 +149,10 @@ pub struct ShardState {
     pub shard: ShardId,
     pub n_shards: u32,
     pub meta: ShardMeta,
+    pub record: ShardRecord,
+    /// `record` as last written (postcard), so an entry that leaves it unchanged writes
+    /// nothing, and one that changes it knows the pair hash it replaces.
+    record_stored: Option<Vec<u8>>,
     rules: Rules,
     tag_rules: Vec<(String, Predicate)>,
     /// Where the tag rules' `days_since` comparisons can flip (see `due.rs`).
@@ -322,6 +346,11 @@ impl ShardState {
             .get(keys::META)
             .map(|b| decode(keys::META, &b))
             .unwrap_or_default();
+        let record_stored = base.get(keys::SHARD);
+        let record: ShardRecord = record_stored
+            .as_ref()
+            .map(|b| decode(keys::SHARD, b))
+            .unwrap_or_default();
         let rules: Rules = base
             .get(keys::RULES)
             .map(|b| decode(keys::RULES, &b))
@@ -330,6 +359,8 @@ impl ShardState {
             shard,
             n_shards,
             meta,
+            record,
+            record_stored,
             rules: Rules::default(),
             tag_rules: Vec::new(),
             time_thresholds: Vec::new(),
@@ -403,33 +434,25 @@ impl ShardState {
                 }
                 Output::None
             }
-            Command::Events(events) => Output::Events(
-                events
+            Command::Events(events) => {
+                let mut follow_ups = Vec::new();
+                let outcomes = events
                     .into_iter()
-                    .map(|routed| self.apply_event(&mut tx, index, routed))
-                    .collect(),
-            ),
+                    .map(|routed| self.apply_event(&mut tx, index, routed, &mut follow_ups))
+                    .collect();
+                Output::Events {
+                    outcomes,
+                    follow_ups,
+                }
+            }
             Command::Bind(pairs) => Output::Bind(
                 pairs
                     .into_iter()
                     .map(|(identity, oneid)| self.apply_bind(&mut tx, identity, oneid))
                     .collect(),
             ),
-            Command::Link(pairs) => {
-                // One change per profile, whatever the number of identities it gains.
-                let mut by_profile: BTreeMap<OneId, Vec<Identity>> = BTreeMap::new();
-                for (oneid, identity) in pairs {
-                    by_profile.entry(oneid).or_default().push(identity);
-                }
-                for (oneid, identities) in by_profile {
-                    self.apply_link(&mut tx, oneid, identities);
-                }
-                Output::None
-            }
-            Command::OutboxDone(seqs) => {
-                for seq in seqs {
-                    tx.delete(keys::outbox(seq));
-                }
+            Command::FinishFollowUps(answers) => {
+                self.finish_follow_ups(&mut tx, answers);
                 Output::None
             }
         };
@@ -439,14 +462,33 @@ impl ShardState {
             "shard {}: a profile taken for apply was neither stored nor put back",
             self.shard
         );
+        self.store_record(&mut tx);
+        self.finish_entry(writes, digest, index, term);
+        output
+    }
+
+    /// Writes the shard record if the entry changed it, through the digest like any pair.
+    fn store_record(&mut self, tx: &mut Tx<'_>) {
+        let bytes = encode(&self.record);
+        if self.record_stored.as_ref() == Some(&bytes) {
+            return;
+        }
+        let old = self
+            .record_stored
+            .as_ref()
+            .map(|stored| pair_hash(keys::SHARD, stored));
+        tx.put_known(keys::SHARD.to_vec(), old, bytes.clone());
+        self.record_stored = Some(bytes);
+    }
+
+    /// Moves the applied index and writes the meta record (outside the digest).
+    fn finish_entry(&mut self, writes: &mut WriteSet, digest: u64, index: u64, term: u64) {
         self.meta.digest = digest;
         self.meta.applied_index = index;
         self.meta.applied_term = term;
-        writes.changes.insert(
-            keys::META.to_vec(),
-            Some(postcard::to_stdvec(&self.meta).expect("meta encodes")),
-        );
-        output
+        writes
+            .changes
+            .insert(keys::META.to_vec(), Some(encode(&self.meta)));
     }
 
     /// Files the dedup and ledger keys the command wrote into their retention queues: one
@@ -459,8 +501,8 @@ impl ShardState {
             (keys::LEDGER_EVICTION_PREFIX, ledger),
         ] {
             if !written.is_empty() {
-                self.meta.queue_seq += 1;
-                let key = keys::retention_group(prefix, self.meta.clock, self.meta.queue_seq);
+                self.record.queue_seq += 1;
+                let key = keys::retention_group(prefix, self.record.clock, self.record.queue_seq);
                 tx.put_new(key, &written);
             }
         }
@@ -474,12 +516,7 @@ impl ShardState {
             self.shard,
             self.meta.applied_index
         );
-        self.meta.applied_index = index;
-        self.meta.applied_term = term;
-        writes.changes.insert(
-            keys::META.to_vec(),
-            Some(postcard::to_stdvec(&self.meta).expect("meta encodes")),
-        );
+        self.finish_entry(writes, self.meta.digest, index, term);
         Output::None
     }
 
@@ -523,16 +560,16 @@ impl ShardState {
     /// Returns how many due keys it processed.
     /// Also answers whether any of its bounded batches was full (work left for the next entry).
     fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> (usize, bool) {
-        self.meta.clock = self.meta.clock.max(now);
-        let horizon = Millis(self.meta.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
+        self.record.clock = self.record.clock.max(now);
+        let horizon = Millis(self.record.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
         let (cursor, dedup_full) = evict_queue(
             tx,
             keys::DEDUP_EVICTION_PREFIX,
-            self.meta.dedup_evicted_to,
+            self.record.dedup_evicted_to,
             horizon,
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
         );
-        self.meta.dedup_evicted_to = cursor;
+        self.record.dedup_evicted_to = cursor;
         let (due_processed, ledger_full) = self.process_due(tx, retention);
         (
             due_processed,
@@ -551,20 +588,37 @@ impl ShardState {
             Some(bound) if bound == oneid => BindOutcome::Bound,
             Some(other) => BindOutcome::Conflict(other),
             None => {
-                tx.put(key, &oneid);
-                if oneid.shard() != self.shard {
-                    self.meta.outbox_seq += 1;
-                    tx.put(
-                        keys::outbox(self.meta.outbox_seq),
-                        &OutboxRecord {
-                            oneid,
-                            identity,
-                            at: self.meta.clock,
-                        },
-                    );
-                }
+                tx.put_new(key, &oneid);
                 BindOutcome::Bound
             }
+        }
+    }
+
+    /// Finishes follow-ups with their binds' answers: a bound identity is listed on its
+    /// profile, a conflict ends the follow-up unlisted, and either way the record goes. An
+    /// answer for a record already finished (both the router and the leader's sweep drove it)
+    /// changes nothing.
+    fn finish_follow_ups(&mut self, tx: &mut Tx<'_>, answers: Vec<FollowUpAnswer>) {
+        let mut links: BTreeMap<OneId, Vec<Identity>> = BTreeMap::new();
+        for FollowUpAnswer { seq, outcome } in answers {
+            let key = keys::follow_up(seq);
+            let Some(bytes) = tx.get(&key) else {
+                continue;
+            };
+            let record: FollowUpRecord = decode(&key, &bytes);
+            tx.delete_known(key, &bytes);
+            assert!(
+                self.record.follow_ups_pending > 0,
+                "shard {}: a follow-up record beyond the pending count",
+                self.shard
+            );
+            self.record.follow_ups_pending -= 1;
+            if outcome == BindOutcome::Bound {
+                links.entry(record.oneid).or_default().push(record.identity);
+            }
+        }
+        for (oneid, identities) in links {
+            self.apply_link(tx, oneid, identities);
         }
     }
 
@@ -594,7 +648,15 @@ impl ShardState {
         }
     }
 
-    fn apply_event(&mut self, tx: &mut Tx<'_>, index: u64, routed: Routed) -> EventOutcome {
+    /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
+    /// added to `follow_ups`.
+    fn apply_event(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        routed: Routed,
+        follow_ups: &mut Vec<FollowUp>,
+    ) -> EventOutcome {
         let Routed {
             event,
             target,
@@ -626,6 +688,16 @@ impl ShardState {
             assert_eq!(oneid.shard(), self.shard, "event routed to the wrong shard");
             bound.insert(oneid);
         }
+        if bound.len() > 1 {
+            // A retry of an event that applied is a duplicate, whatever happened to its
+            // identities since (another profile may have taken one of them first).
+            if let Some(&oneid) = bound.iter().find(|oneid| {
+                oneid.shard() == self.shard
+                    && tx.get(&keys::dedup(**oneid, &event.event_id)).is_some()
+            }) {
+                return EventOutcome::Duplicate(oneid);
+            }
+        }
         let mut bound = bound.into_iter();
         let (first, second) = (bound.next(), bound.next());
         if let (Some(a), Some(b)) = (first, second) {
@@ -655,7 +727,7 @@ impl ShardState {
                 }
             },
             None => {
-                let oneid = OneId::mint(self.shard, self.meta.profile_seq + 1);
+                let oneid = OneId::mint(self.shard, self.record.profile_seq + 1);
                 (Profile::new(oneid, &self.rules, event.ts), None)
             }
         };
@@ -691,21 +763,33 @@ impl ShardState {
                 new_bindings.push(identity);
             }
         }
-        let to_link = link_elsewhere
-            .iter()
+        // Identities held by other shards and not listed yet: bound there after this apply,
+        // driven by follow-up records written now.
+        let to_link: Vec<Identity> = link_elsewhere
+            .into_iter()
             .filter(|id| {
                 !profile
                     .identities
                     .get(&id.kind)
                     .is_some_and(|v| v.contains(&id.value))
             })
-            .count();
-        if profile.identity_count() + to_link > IDENTITIES_PER_PROFILE_MAX {
+            .collect();
+        if profile.identity_count() + to_link.len() > IDENTITIES_PER_PROFILE_MAX {
             self.activations.discard(oneid);
             return EventOutcome::Rejected(reject_field(
                 ErrorCode::IdentityLimit,
                 "identities",
                 format!("a profile holds at most {IDENTITIES_PER_PROFILE_MAX} identity values"),
+            ));
+        }
+        if self.record.follow_ups_pending + to_link.len() as u64 > FOLLOW_UPS_PENDING_MAX {
+            self.activations.discard(oneid);
+            return EventOutcome::Rejected(reject(
+                ErrorCode::Unavailable,
+                format!(
+                    "shard {} has {FOLLOW_UPS_PENDING_MAX} identity bindings waiting for other shards; retry",
+                    self.shard
+                ),
             ));
         }
         if let Some(channel) = &event.channel {
@@ -727,14 +811,30 @@ impl ShardState {
 
         // Everything is accepted: write it.
         if created {
-            self.meta.profile_seq += 1;
+            self.record.profile_seq += 1;
         }
         // Identities listed here were read as unbound, the dedup key as absent, and ledger and
         // eviction keys carry fresh sequence numbers: no old values to read back.
         for identity in new_bindings {
             tx.put_new(keys::identity(identity), &oneid);
         }
-        writes.commit(tx, &mut self.meta.due_floor, &mut self.retained.ledger);
+        for identity in to_link {
+            self.record.follow_up_seq += 1;
+            self.record.follow_ups_pending += 1;
+            let seq = self.record.follow_up_seq;
+            let record = FollowUpRecord {
+                oneid,
+                identity,
+                at: self.record.clock,
+            };
+            tx.put_new(keys::follow_up(seq), &record);
+            follow_ups.push(FollowUp {
+                seq,
+                oneid,
+                identity: record.identity,
+            });
+        }
+        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
         tx.put_new(dedup_key.clone(), &DedupRecord { index });
         self.retained.dedup.push(dedup_key);
         self.finish_profile(tx, profile, stored_hash);
@@ -749,7 +849,7 @@ impl ShardState {
         event: &Event,
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
-        let now = self.meta.clock;
+        let now = self.record.clock;
         // Earned points become a lot, whose expiry goes into the due-time index. The key holds
         // the profile's ledger sequence (unique per earn) before the event id, so it is always
         // new, even when an event id earns again after its dedup record was evicted.
@@ -1075,7 +1175,7 @@ impl ShardState {
             let view = RuleView {
                 profile,
                 rules: &self.rules,
-                now: self.meta.clock,
+                now: self.record.clock,
                 rule_tags: &rule_tags,
             };
             if predicate.eval(&view) {

@@ -104,6 +104,13 @@ pub(super) fn without_meta(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> {
     map
 }
 
+/// Every key of the state except the meta and the shard record (which clock entries move).
+pub(super) fn without_bookkeeping(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut map = without_meta(mem);
+    map.remove(keys::SHARD);
+    map
+}
+
 pub(super) struct Harness {
     pub(super) mem: MemState,
     pub(super) state: ShardState,
@@ -138,6 +145,11 @@ impl Harness {
             .apply(&self.mem, &mut writes, self.index, 1, command);
         self.mem.commit(writes);
         assert_eq!(self.meta(), self.state.meta, "meta is written through");
+        assert_eq!(
+            self.record(),
+            self.state.record,
+            "the shard record is written through"
+        );
         assert_eq!(self.state.meta.applied_index, self.index);
         assert_eq!(
             self.state.meta.digest,
@@ -150,7 +162,7 @@ impl Harness {
     /// Applies a batch of events; returns their outcomes.
     pub(super) fn events(&mut self, events: Vec<Routed>) -> Vec<EventOutcome> {
         match self.apply(Command::Events(events)) {
-            Output::Events(outcomes) => outcomes,
+            Output::Events { outcomes, .. } => outcomes,
             other => panic!("events answered {other:?}"),
         }
     }
@@ -175,6 +187,7 @@ impl Harness {
     pub(super) fn rejected(&mut self, routed: Routed) -> ErrorCode {
         let before = without_meta(&self.mem);
         let meta = self.state.meta.clone();
+        let record = self.state.record.clone();
         let cached = match routed.target {
             Target::Existing(oneid) => self.try_profile(oneid),
             Target::Claim => None,
@@ -197,6 +210,7 @@ impl Harness {
             },
             "a rejection moves only the applied index"
         );
+        assert_eq!(self.state.record, record, "a rejection changes no sequence");
         if let Target::Existing(oneid) = target {
             assert_eq!(self.try_profile(oneid), cached, "cached profile unchanged");
         }
@@ -205,6 +219,13 @@ impl Harness {
 
     pub(super) fn meta(&self) -> ShardMeta {
         decode(keys::META, &self.mem.get(keys::META).expect("meta stored"))
+    }
+
+    /// The stored shard record (the default until an entry first changes it).
+    pub(super) fn record(&self) -> ShardRecord {
+        self.mem
+            .get(keys::SHARD)
+            .map_or_else(ShardRecord::default, |b| decode(keys::SHARD, &b))
     }
 
     pub(super) fn try_profile(&mut self, oneid: OneId) -> Option<Profile> {
@@ -614,7 +635,7 @@ fn event_for_a_missing_oneid_is_not_found() {
         "identities": {"phone": "1"}}),
     ));
     assert_eq!(code, ErrorCode::NotFound);
-    assert_eq!(h.state.meta.profile_seq, 0);
+    assert_eq!(h.state.record.profile_seq, 0);
 }
 
 #[test]
@@ -1132,7 +1153,7 @@ fn claims_mint_sequential_oneids_and_find_them_again() {
             "identities": {"phone": "138"}, "points": 1}))),
         a
     );
-    assert_eq!(h.state.meta.profile_seq, 2);
+    assert_eq!(h.state.record.profile_seq, 2);
     assert_eq!(h.profile(a).balance, 1);
 }
 
@@ -1176,7 +1197,10 @@ fn one_new_identity_twice_in_a_batch_makes_one_profile() {
         h.events(vec![earn("e1"), earn("e2")]),
         vec![EventOutcome::Applied(id(1)), EventOutcome::Applied(id(1))]
     );
-    assert_eq!((h.state.meta.profile_seq, h.profile(id(1)).balance), (1, 6));
+    assert_eq!(
+        (h.state.record.profile_seq, h.profile(id(1)).balance),
+        (1, 6)
+    );
 }
 
 #[test]
@@ -1201,29 +1225,161 @@ fn a_profile_remembers_the_64_most_recent_channels() {
     assert!(!channels.contains_key("c01"));
 }
 
-#[test]
-fn bind_and_link_are_idempotent() {
-    let mut h = Harness::new(PLAIN);
-    let a = h.ok(claim(
-        json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}}),
-    ));
-    let app = identity("app", "u1");
-    let bind = || Command::Bind(vec![(identity("app", "u1"), id(1))]);
-    let link = || Command::Link(vec![(id(1), identity("app", "u1"))]);
-    assert_eq!(h.apply(bind()), Output::Bind(vec![BindOutcome::Bound]));
-    assert_eq!(h.apply(link()), Output::None);
-    assert_eq!(h.bound(&app), Some(a));
-    let profile = h.profile(a);
-    assert_eq!(profile.identities["app"], BTreeSet::from(["u1".into()]));
-    assert_eq!(profile.version, 2);
+/// An event whose `identities` include ones the router found unbound on other shards.
+fn with_elsewhere(mut routed: Routed, elsewhere: &[Identity]) -> Routed {
+    routed.link_elsewhere = elsewhere.to_vec();
+    routed
+}
 
+fn follow_up_records(h: &Harness) -> Vec<(u64, FollowUpRecord)> {
+    h.mem
+        .scan(keys::FOLLOW_UP_PREFIX, None, false, usize::MAX)
+        .into_iter()
+        .map(|(k, v)| (keys::follow_up_seq(&k), decode(&k, &v)))
+        .collect()
+}
+
+#[test]
+fn an_applied_event_records_its_follow_ups_in_the_same_apply() {
+    let mut h = Harness::new(PLAIN);
+    h.apply(clock(1));
+    let (app, web) = (identity("app", "u1"), identity("web", "w1"));
+    // (One shard here: the event names only the identity this shard holds, and the router's
+    // list says which others it named.)
+    let routed = with_elsewhere(
+        claim(json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}})),
+        &[app.clone(), web.clone()],
+    );
+    let output = h.apply(Command::Events(vec![routed]));
+    let p = id(1);
+    assert_eq!(
+        output,
+        Output::Events {
+            outcomes: vec![EventOutcome::Applied(p)],
+            follow_ups: vec![
+                FollowUp {
+                    seq: 1,
+                    oneid: p,
+                    identity: app.clone()
+                },
+                FollowUp {
+                    seq: 2,
+                    oneid: p,
+                    identity: web.clone()
+                },
+            ],
+        }
+    );
+    let record = |identity: &Identity| FollowUpRecord {
+        oneid: p,
+        identity: identity.clone(),
+        at: at(1),
+    };
+    assert_eq!(
+        follow_up_records(&h),
+        vec![(1, record(&app)), (2, record(&web))]
+    );
+    assert_eq!(
+        (
+            h.state.record.follow_up_seq,
+            h.state.record.follow_ups_pending
+        ),
+        (2, 2)
+    );
+    // Only the identity held here is listed until the follow-ups finish.
+    assert_eq!(
+        h.profile(p).identities,
+        BTreeMap::from([("phone".into(), BTreeSet::from(["1".into()]))])
+    );
+    // A duplicate of the event leaves no second follow-up.
+    let again = with_elsewhere(
+        claim(json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}})),
+        &[app, web],
+    );
+    assert_eq!(h.send(again), EventOutcome::Duplicate(p));
+    assert_eq!(h.state.record.follow_ups_pending, 2);
+}
+
+#[test]
+fn finishing_follow_ups_lists_the_bound_ends_the_conflicts_and_is_idempotent() {
+    let mut h = Harness::new(PLAIN);
+    let (app, web) = (identity("app", "u1"), identity("web", "w1"));
+    let p = h.ok(with_elsewhere(
+        claim(json!({"event_id": "e1", "type": "identify", "identities": {"phone": "1"}})),
+        &[app, web],
+    ));
+    let other = OneId::mint(ShardId(0), 9);
+    let answers = vec![
+        FollowUpAnswer {
+            seq: 1,
+            outcome: BindOutcome::Bound,
+        },
+        FollowUpAnswer {
+            seq: 2,
+            outcome: BindOutcome::Conflict(other),
+        },
+    ];
+    assert_eq!(
+        h.apply(Command::FinishFollowUps(answers.clone())),
+        Output::None
+    );
+    let profile = h.profile(p);
+    assert_eq!(profile.identities["app"], BTreeSet::from(["u1".into()]));
+    assert!(!profile.identities.contains_key("web"), "taken by {other}");
+    assert_eq!(profile.version, 2);
+    assert_eq!(follow_up_records(&h), vec![]);
+    assert_eq!(h.state.record.follow_ups_pending, 0);
+
+    // The other driver's answers for the same records change nothing.
     let before = without_meta(&h.mem);
     let digest = h.state.meta.digest;
-    assert_eq!(h.apply(bind()), Output::Bind(vec![BindOutcome::Bound]));
-    assert_eq!(h.apply(link()), Output::None);
+    h.apply(Command::FinishFollowUps(answers));
     assert_eq!(without_meta(&h.mem), before);
     assert_eq!(h.state.meta.digest, digest);
-    assert_eq!(h.profile(a), profile);
+    assert_eq!(h.profile(p), profile);
+}
+
+#[test]
+fn events_past_the_pending_follow_ups_cap_are_unavailable() {
+    let mut h = Harness::new(PLAIN);
+    // As if that many binds were waiting on other shards (stored by the next entry).
+    h.state.record.follow_ups_pending = FOLLOW_UPS_PENDING_MAX - 1;
+    h.apply(clock(0));
+    let app = |n: u32| identity("app", &format!("u{n}"));
+    let event = |n: u32, elsewhere: Vec<Identity>| {
+        with_elsewhere(
+            claim(json!({"event_id": format!("e{n}"), "type": "identify",
+                "identities": {"phone": n.to_string()}})),
+            &elsewhere,
+        )
+    };
+    // Two more would pass the cap: refused, nothing changes.
+    let mut two = event(1, vec![app(1)]);
+    two.link_elsewhere.push(identity("web", "w1"));
+    assert_eq!(h.rejected(two), ErrorCode::Unavailable);
+    // One more fits; then nothing more does, while an event without follow-ups applies.
+    h.ok(event(2, vec![app(2)]));
+    assert_eq!(h.state.record.follow_ups_pending, FOLLOW_UPS_PENDING_MAX);
+    assert_eq!(h.rejected(event(3, vec![app(3)])), ErrorCode::Unavailable);
+    h.ok(event(4, vec![]));
+}
+
+#[test]
+fn bind_writes_only_the_binding_and_is_idempotent() {
+    let mut h = Harness::new(PLAIN);
+    let remote = OneId::mint(ShardId(3), 7);
+    let app = identity("app", "u9");
+    assert_eq!(
+        h.apply(Command::Bind(vec![(app.clone(), remote)])),
+        Output::Bind(vec![BindOutcome::Bound])
+    );
+    assert_eq!(h.bound(&app), Some(remote));
+    let before = without_meta(&h.mem);
+    assert_eq!(
+        h.apply(Command::Bind(vec![(app, remote)])),
+        Output::Bind(vec![BindOutcome::Bound])
+    );
+    assert_eq!(without_meta(&h.mem), before);
 }
 
 #[test]
@@ -1241,33 +1397,6 @@ fn bind_of_an_identity_bound_elsewhere_is_a_conflict() {
         Output::Bind(vec![BindOutcome::Conflict(id(1))])
     );
     assert_eq!(without_meta(&h.mem), before);
-}
-
-#[test]
-fn bind_to_a_profile_of_another_shard_leaves_an_outbox_record() {
-    let mut h = Harness::new(PLAIN);
-    let remote = OneId::mint(ShardId(3), 7);
-    let app = identity("app", "u9");
-    h.apply(clock(2));
-    assert_eq!(
-        h.apply(Command::Bind(vec![(app.clone(), remote)])),
-        Output::Bind(vec![BindOutcome::Bound])
-    );
-    let key = keys::outbox(1);
-    let record: OutboxRecord = decode(&key, &h.mem.get(&key).expect("outbox record"));
-    assert_eq!(
-        record,
-        OutboxRecord {
-            oneid: remote,
-            identity: app.clone(),
-            at: at(2)
-        }
-    );
-    // Binding again is idempotent: no second record.
-    h.apply(Command::Bind(vec![(app, remote)]));
-    assert_eq!(h.keys_with_prefix(keys::OUTBOX_PREFIX), 1);
-    h.apply(Command::OutboxDone(vec![1]));
-    assert_eq!(h.keys_with_prefix(keys::OUTBOX_PREFIX), 0);
 }
 
 // ---- 9. Exactly-once window ----
@@ -1407,7 +1536,7 @@ fn dedup_eviction_counts_keys_across_many_entries() {
 // ---- 10. Determinism ----
 
 /// ~30 mixed commands: rules, clocks, orders, refunds, points, tags, attributes, identities,
-/// binds, links, outbox, duplicates, rejections, and a dedup eviction.
+/// binds, follow-ups (finished twice), duplicates, rejections, and a dedup eviction.
 fn script() -> Vec<Command> {
     let (p1, p2, p3) = (id(1), id(2), id(3));
     let ev = |routed: Routed| Command::Events(vec![routed]);
@@ -1446,13 +1575,35 @@ fn script() -> Vec<Command> {
             json!({"event_id": "s8", "type": "profile_update",
             "attributes": {"city": "Hangzhou", "age": 30}}),
         )),
+        Command::Events(vec![
+            with_elsewhere(
+                on(
+                    p1,
+                    json!({"event_id": "s8b", "type": "interaction", "name": "view"}),
+                ),
+                &[identity("app", "u1")],
+            ),
+            with_elsewhere(
+                on(
+                    p2,
+                    json!({"event_id": "s8c", "type": "interaction", "name": "view"}),
+                ),
+                &[identity("app", "u2")],
+            ),
+        ]),
         Command::Bind(vec![
             (identity("app", "u1"), p1),
             (identity("app", "u2"), p2),
         ]),
-        Command::Link(vec![
-            (p1, identity("app", "u1")),
-            (p2, identity("app", "u2")),
+        Command::FinishFollowUps(vec![
+            FollowUpAnswer {
+                seq: 1,
+                outcome: BindOutcome::Bound,
+            },
+            FollowUpAnswer {
+                seq: 2,
+                outcome: BindOutcome::Conflict(p1),
+            },
         ]),
         ev(on(
             p1,
@@ -1510,7 +1661,10 @@ fn script() -> Vec<Command> {
             p2,
             json!({"event_id": "s6", "type": "tag_add", "tag": "vip2"}),
         )),
-        Command::OutboxDone(vec![1]),
+        Command::FinishFollowUps(vec![FollowUpAnswer {
+            seq: 1,
+            outcome: BindOutcome::Bound,
+        }]),
         ev(on(
             p3,
             json!({"event_id": "s18", "type": "tag_remove", "tag": "new"}),
@@ -1539,12 +1693,12 @@ fn same_commands_give_the_same_state_and_digest() {
     assert_eq!(out_a, out_b);
     assert_eq!(a.mem, b.mem);
     assert_eq!(a.state.meta, b.state.meta);
-    assert_eq!(a.state.meta.profile_seq, 3);
+    assert_eq!(a.state.record.profile_seq, 3);
     // The script really exercised applies, duplicates, rejections and an eviction.
     let outcomes: Vec<&EventOutcome> = out_a
         .iter()
         .filter_map(|o| match o {
-            Output::Events(v) => Some(v),
+            Output::Events { outcomes, .. } => Some(outcomes),
             _ => None,
         })
         .flatten()
@@ -1552,7 +1706,7 @@ fn same_commands_give_the_same_state_and_digest() {
     let count = |f: fn(&EventOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
     assert_eq!(count(|o| matches!(o, EventOutcome::Duplicate(_))), 1);
     assert_eq!(count(|o| matches!(o, EventOutcome::Rejected(_))), 3);
-    assert_eq!(count(|o| matches!(o, EventOutcome::Applied(_))), 18);
+    assert_eq!(count(|o| matches!(o, EventOutcome::Applied(_))), 20);
 }
 
 #[test]
@@ -1603,8 +1757,8 @@ fn clock_never_goes_back() {
             ledger_days: 730,
         },
     });
-    assert_eq!(h.state.meta.clock, at(3));
-    assert_eq!(h.meta().clock, at(3));
+    assert_eq!(h.state.record.clock, at(3));
+    assert_eq!(h.record().clock, at(3));
 }
 
 #[test]

@@ -1,0 +1,118 @@
+//! Follow-ups: the work on other shards that an applied event implies, finished even across
+//! crashes, restarts and leader changes.
+//!
+//! An applied event whose identities are held by other shards' indexes leaves one follow-up
+//! record per such identity on its profile's shard, in the same atomic apply as the event
+//! (`state`). Finishing one takes two proposals: `Bind` at the identity's shard (the arbiter:
+//! the first binding wins, and a second bind to the same profile is answered `Bound`), then
+//! `FinishFollowUps` at the profile's shard, which lists a bound identity on the profile and
+//! deletes the record; a conflict (another profile took the identity first) ends it unlisted.
+//!
+//! Two drivers run [`drive`]: the router, right after the event applied, so that the answer to
+//! the request comes after the binds; and the profile shard's leader, which sweeps records the
+//! router left behind (it crashed, the client hung up, the binding shard had no leader). Both
+//! steps are idempotent, so both drivers finishing the same record does no harm.
+//!
+//! This module knows the shards only as addresses to propose to; it never reads storage.
+
+use crate::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
+use crate::shard::{per_shard, propose, ShardMap};
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The wait before the second attempt at a bind; doubled for each later attempt.
+pub const BIND_RETRY_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What [`drive`] did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Records finished; the others stay for the leader's sweep.
+    pub finished: usize,
+    /// Each answered bind's identity and the profile it is bound to (the follow-up's, or the
+    /// one that took it first).
+    pub bound: Vec<(Identity, OneId)>,
+}
+
+/// Binds each follow-up's identity at its shard (up to `attempts` tries per shard, with
+/// backoff), then finishes the answered ones at their profiles' shards.
+pub async fn drive(
+    shards: &ShardMap,
+    n_shards: u32,
+    follow_ups: Vec<FollowUp>,
+    attempts: u32,
+) -> Report {
+    let mut report = Report::default();
+    let mut to_bind: BTreeMap<ShardId, Vec<FollowUp>> = BTreeMap::new();
+    for follow_up in follow_ups {
+        to_bind
+            .entry(follow_up.identity.shard(n_shards))
+            .or_default()
+            .push(follow_up);
+    }
+    let mut answers: BTreeMap<ShardId, Vec<FollowUpAnswer>> = BTreeMap::new();
+    let mut wait = BIND_RETRY_BACKOFF;
+    for attempt in 1..=attempts {
+        if to_bind.is_empty() {
+            break;
+        }
+        if attempt > 1 {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        let replies = per_shard(std::mem::take(&mut to_bind).into_iter().map(
+            |(shard, follow_ups)| {
+                let pairs = follow_ups
+                    .iter()
+                    .map(|f| (f.identity.clone(), f.oneid))
+                    .collect();
+                let call = propose(shards, shard, Command::Bind(pairs));
+                (shard, async move { (follow_ups, call.await) })
+            },
+        ))
+        .await;
+        for (shard, (follow_ups, reply)) in replies {
+            let outcomes = match reply {
+                Ok(Output::Bind(outcomes)) => outcomes,
+                Ok(other) => panic!("a Bind answered {other:?}"),
+                Err(error) => {
+                    tracing::warn!(%shard, %error, attempt, "binding identities failed");
+                    to_bind.insert(shard, follow_ups);
+                    continue;
+                }
+            };
+            for (follow_up, outcome) in follow_ups.into_iter().zip(outcomes) {
+                let owner = match outcome {
+                    BindOutcome::Bound => follow_up.oneid,
+                    BindOutcome::Conflict(other) => {
+                        tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first; not listed");
+                        other
+                    }
+                };
+                report.bound.push((follow_up.identity, owner));
+                answers
+                    .entry(follow_up.oneid.shard())
+                    .or_default()
+                    .push(FollowUpAnswer {
+                        seq: follow_up.seq,
+                        outcome,
+                    });
+            }
+        }
+    }
+    let replies = per_shard(answers.into_iter().map(|(shard, answers)| {
+        let n = answers.len();
+        let call = propose(shards, shard, Command::FinishFollowUps(answers));
+        (shard, async move { (n, call.await) })
+    }))
+    .await;
+    for (shard, (n, reply)) in replies {
+        match reply {
+            Ok(_) => report.finished += n,
+            Err(error) => {
+                tracing::warn!(%shard, %error, "follow-ups not finished now; the shard's leader will finish them");
+            }
+        }
+    }
+    report
+}
