@@ -229,45 +229,47 @@ impl Client {
         }
     }
 
-    /// Sends events (JSON objects) as one batch. Events answered `unavailable` are sent again
-    /// (with backoff) until they get a final answer or the attempts run out.
+    /// Sends events (JSON objects) as one batch. Events answered `too_many_waves` (they waited
+    /// behind too many others sharing new identities) are sent again at once, as later
+    /// requests, until every one has its own answer; events answered `unavailable` are sent
+    /// again with backoff until they get a final answer or the attempts run out.
     pub async fn send_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
         let mut response = self.post_events(events).await?;
         let mut wait = self.policy.backoff;
-        for _ in 1..self.policy.attempts {
-            let retry: Vec<usize> = response
-                .results
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| is_unavailable(r))
-                .map(|(i, _)| i)
+        let mut attempt = 1;
+        loop {
+            let retry: Vec<usize> = (0..response.results.len())
+                .filter(|&i| retry_code(&response.results[i]).is_some())
                 .collect();
-            if retry.is_empty() {
+            let unavailable = retry
+                .iter()
+                .any(|&i| retry_code(&response.results[i]) == Some(ErrorCode::Unavailable));
+            if retry.is_empty() || (unavailable && attempt >= self.policy.attempts) {
                 break;
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(self.policy.backoff_max);
+            if unavailable {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(self.policy.backoff_max);
+                attempt += 1;
+            }
             let again: Vec<serde_json::Value> = retry.iter().map(|&i| events[i].clone()).collect();
             let answer = self.post_events(&again).await?;
             for (&i, result) in retry.iter().zip(answer.results) {
                 response.results[i] = result;
             }
         }
-        response.applied = response
-            .results
-            .iter()
-            .filter(|r| r.status == EventStatus::Applied)
-            .count() as u64;
-        response.duplicates = response
-            .results
-            .iter()
-            .filter(|r| r.status == EventStatus::Duplicate)
-            .count() as u64;
-        response.rejected = response
-            .results
-            .iter()
-            .filter(|r| r.status == EventStatus::Rejected)
-            .count() as u64;
+        let count = |status| {
+            response
+                .results
+                .iter()
+                .filter(|r| r.status == status)
+                .count() as u64
+        };
+        (response.applied, response.duplicates, response.rejected) = (
+            count(EventStatus::Applied),
+            count(EventStatus::Duplicate),
+            count(EventStatus::Rejected),
+        );
         Ok(response)
     }
 
@@ -394,12 +396,13 @@ impl Client {
     }
 }
 
-fn is_unavailable(result: &oneid_protocol::api::EventResult) -> bool {
-    result.status == EventStatus::Rejected
-        && result
-            .error
-            .as_ref()
-            .is_some_and(|e| e.code == ErrorCode::Unavailable)
+/// The code of an event's rejection that a later attempt may change: `unavailable` (the node
+/// could not apply it now) or `too_many_waves` (it waited behind other events of its batch).
+fn retry_code(result: &oneid_protocol::api::EventResult) -> Option<ErrorCode> {
+    let code = result.error.as_ref()?.code;
+    (result.status == EventStatus::Rejected
+        && matches!(code, ErrorCode::Unavailable | ErrorCode::TooManyWaves))
+    .then_some(code)
 }
 
 fn api_error(answer: Answer) -> Result<Answer, Error> {

@@ -81,6 +81,24 @@ fn built(name: &str) -> PathBuf {
     binary
 }
 
+/// The shard (of `shards`) whose identity index holds `kind=value`.
+pub fn shard_of(kind: &str, value: &str, shards: u32) -> u32 {
+    oneid_protocol::ids::Identity {
+        kind: kind.into(),
+        value: value.into(),
+    }
+    .shard(shards)
+    .0
+}
+
+/// The first `{prefix}{n}` whose identity of `kind` is held by a shard that `wanted` accepts.
+pub fn value_where(kind: &str, prefix: &str, shards: u32, wanted: impl Fn(u32) -> bool) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|v| wanted(shard_of(kind, v, shards)))
+        .expect("some value lands on every shard")
+}
+
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     listener.local_addr().expect("local addr").port()
@@ -154,8 +172,14 @@ impl TestNode {
     /// Starts the process with `extra_args` after `--config FILE`, and waits until it is
     /// healthy.
     pub async fn restart_with(&mut self, extra_args: &[&OsStr]) {
+        self.restart_with_env(extra_args, &[]).await;
+    }
+
+    /// Starts the process with `extra_args` and environment variables `env` (such as
+    /// `FAILPOINTS`), and waits until it is healthy.
+    pub async fn restart_with_env(&mut self, extra_args: &[&OsStr], env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "the node is already running");
-        let child = self.spawn(extra_args);
+        let child = self.spawn(extra_args, env);
         self.child = Some(child);
         let client = self.client();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -175,7 +199,7 @@ impl TestNode {
         }
     }
 
-    fn spawn(&self, extra_args: &[&OsStr]) -> Child {
+    fn spawn(&self, extra_args: &[&OsStr], env: &[(&str, &str)]) -> Child {
         // One log per start, numbered, so a restart never overwrites an earlier one.
         let starts = std::fs::read_dir(self.dir.path())
             .expect("test directory")
@@ -192,6 +216,7 @@ impl TestNode {
             .arg(self.config_path())
             .args(extra_args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -202,7 +227,7 @@ impl TestNode {
     /// to exit (up to [`START_TIMEOUT`]) and answers its status. Panics if it becomes healthy.
     pub async fn run_expecting_exit(&self, extra_args: &[&OsStr]) -> ExitStatus {
         assert!(self.child.is_none(), "the node is already running");
-        let mut child = self.spawn(extra_args);
+        let mut child = self.spawn(extra_args, &[]);
         let client = self.client_once();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -260,6 +285,23 @@ impl TestNode {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits (up to [`START_TIMEOUT`]) for the process to end by itself, and answers how.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the node did not exit within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no flush, no goodbye.

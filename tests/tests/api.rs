@@ -5,7 +5,6 @@
 
 use oneid_client::Client;
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse, LedgerEntryDoc, ProfileDoc};
-use oneid_protocol::ids::Identity;
 use oneid_protocol::ErrorCode;
 use oneid_tests::{NodeOptions, TestNode};
 use serde_json::{json, Value};
@@ -67,12 +66,7 @@ impl Clock {
 }
 
 fn shard_of(kind: &str, value: &str) -> u32 {
-    Identity {
-        kind: kind.into(),
-        value: value.into(),
-    }
-    .shard(SHARDS)
-    .0
+    oneid_tests::shard_of(kind, value, SHARDS)
 }
 
 /// The first `{prefix}{n}` whose identity is held by a shard other than `avoid`.

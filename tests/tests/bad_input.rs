@@ -3,7 +3,7 @@
 
 use oneid_client::Client;
 use oneid_protocol::api::{ErrorBody, EventResult, EventStatus, ProfileDoc};
-use oneid_protocol::ids::{Identity, OneId};
+use oneid_protocol::ids::OneId;
 use oneid_protocol::ErrorCode;
 use oneid_tests::{NodeOptions, TestNode};
 use serde_json::{json, Value};
@@ -29,12 +29,7 @@ fn ts(minutes: i64) -> String {
 }
 
 fn shard_of(kind: &str, value: &str) -> u32 {
-    Identity {
-        kind: kind.into(),
-        value: value.into(),
-    }
-    .shard(SHARDS)
-    .0
+    oneid_tests::shard_of(kind, value, SHARDS)
 }
 
 /// A raw answer: status, head (lowercase) and body.

@@ -3,7 +3,7 @@
 
 use oneid_client::Client;
 use oneid_protocol::api::{EventStatus, EventsResponse, ProfileDoc};
-use oneid_protocol::ids::{Identity, OneId};
+use oneid_protocol::ids::OneId;
 use oneid_protocol::ErrorCode;
 use oneid_tests::{NodeOptions, TestNode};
 use serde_json::{json, Value};
@@ -13,12 +13,7 @@ use std::sync::Arc;
 const SHARDS: u32 = 4;
 
 fn shard_of(kind: &str, value: &str) -> u32 {
-    Identity {
-        kind: kind.into(),
-        value: value.into(),
-    }
-    .shard(SHARDS)
-    .0
+    oneid_tests::shard_of(kind, value, SHARDS)
 }
 
 fn shard_of_oneid(oneid: &str) -> u32 {
@@ -572,4 +567,120 @@ async fn identities_resolve_after_kill_9_and_restart() {
             .collect::<Vec<_>>(),
         answered
     );
+}
+
+/// Event `i` of a chain: it shares a new identity with event `i + 1` (kinds alternate, so
+/// each event names two).
+fn chain_event(i: usize) -> Value {
+    let kind = |n: usize| {
+        if n.is_multiple_of(2) {
+            "member_card"
+        } else {
+            "app_id"
+        }
+    };
+    json!({"event_id": format!("chain-{i}"), "type": "points_earn", "points": 1,
+        "identities": {kind(i): format!("c{i}"), kind(i + 1): format!("c{}", i + 1)}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chain_of_new_identities_is_answered_in_bounded_waves() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let events: Vec<Value> = (0..2000).map(chain_event).collect();
+    // Each event must wait for the one before it (a wave each): one request runs 64 waves.
+    let body = serde_json::to_vec(&events).expect("encodes");
+    let answer = node
+        .client_once()
+        .send_events_raw(body.into(), false)
+        .await
+        .expect("POST /v1/events");
+    let code = |r: &oneid_protocol::api::EventResult| r.error.as_ref().map(|e| e.code);
+    let first = answer.results[0].oneid.clone().expect("applied");
+    // The profile fills up: 2 identities, then one more per event, up to 50.
+    for (i, result) in answer.results[..49].iter().enumerate() {
+        assert_eq!(result.status, EventStatus::Applied, "event {i}: {result:?}");
+        assert_eq!(result.oneid.as_ref(), Some(&first), "event {i}");
+    }
+    assert_eq!(
+        code(&answer.results[49]),
+        Some(ErrorCode::IdentityLimit),
+        "{:?}",
+        answer.results[49]
+    );
+    // The chain goes on as a new customer (event 49 bound nothing), until the 64th wave.
+    let second = answer.results[50].oneid.clone().expect("applied");
+    assert_ne!(second, first);
+    for (i, result) in answer.results[50..64].iter().enumerate() {
+        assert_eq!(result.oneid.as_ref(), Some(&second), "event {}", 50 + i);
+    }
+    for result in &answer.results[64..] {
+        assert_eq!(code(result), Some(ErrorCode::TooManyWaves), "{result:?}");
+    }
+    assert_eq!(
+        (answer.applied, answer.rejected),
+        (63, 1937),
+        "49 + 14 applied, then 1 identity_limit and 1,936 too_many_waves"
+    );
+
+    // The client sends what waited again, as later requests, until each event has its answer:
+    // every 50th event (49, 99, ...) meets a full profile and starts the next customer.
+    let client = node.client();
+    let all = client.send_events(&events[..300]).await.expect("send");
+    assert_eq!(
+        (all.applied, all.duplicates, all.rejected),
+        (300 - 63 - 6, 63, 6),
+        "{:?}",
+        all.results.iter().find(
+            |r| r.status == EventStatus::Rejected && code(r) != Some(ErrorCode::IdentityLimit)
+        )
+    );
+    let customers: BTreeSet<&String> = all
+        .results
+        .iter()
+        .filter_map(|r| r.oneid.as_ref())
+        .collect();
+    assert_eq!(customers.len(), 6);
+    let last = lookup(&client, "member_card", "c298")
+        .await
+        .expect("the last customer");
+    assert_eq!(identities(&last).len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_a_duplicate_even_when_its_identities_now_name_two_profiles() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client_once();
+    let first = send(
+        &client,
+        &[
+            json!({"event_id": "r-1", "type": "points_earn", "identities": {"phone": "1"}, "points": 10}),
+            json!({"event_id": "r-2", "type": "points_earn", "identities": {"email": "e@x"}, "points": 20}),
+        ],
+    )
+    .await;
+    let (p1, p2) = (
+        first.results[0].oneid.clone().unwrap(),
+        first.results[1].oneid.clone().unwrap(),
+    );
+    assert_ne!(p1, p2);
+    // r-1 again, now also naming the email, which another profile took meanwhile: it already
+    // applied, so it is a duplicate of p1; an event that never applied is a conflict.
+    let again = send(
+        &client,
+        &[
+            json!({"event_id": "r-1", "type": "points_earn",
+                "identities": {"phone": "1", "email": "e@x"}, "points": 10}),
+            json!({"event_id": "r-3", "type": "points_earn",
+                "identities": {"phone": "1", "email": "e@x"}, "points": 10}),
+        ],
+    )
+    .await;
+    assert_eq!(again.results[0].status, EventStatus::Duplicate);
+    assert_eq!(again.results[0].oneid.as_deref(), Some(p1.as_str()));
+    assert_eq!(
+        again.results[1].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::IdentityConflict)
+    );
+    let profile = lookup(&client, "phone", "1").await.unwrap();
+    assert_eq!(profile.points.balance, 10);
 }

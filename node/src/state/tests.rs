@@ -588,6 +588,23 @@ fn identities_of_two_profiles_in_one_event_are_rejected() {
 }
 
 #[test]
+fn a_retry_naming_two_profiles_is_a_duplicate_of_the_one_it_applied_to() {
+    let mut h = Harness::new(PLAIN);
+    let a = h.ok(claim(
+        json!({"event_id": "a", "type": "points_earn", "identities": {"phone": "1"}, "points": 5}),
+    ));
+    h.ok(claim(
+        json!({"event_id": "b", "type": "identify", "identities": {"email": "x"}}),
+    ));
+    let before = without_meta(&h.mem);
+    // "a" again, now also naming the email another profile took meanwhile.
+    let retry = claim(json!({"event_id": "a", "type": "points_earn",
+        "identities": {"phone": "1", "email": "x"}, "points": 5}));
+    assert_eq!(h.send(retry), EventOutcome::Duplicate(a));
+    assert_eq!(without_meta(&h.mem), before, "a duplicate changes nothing");
+}
+
+#[test]
 fn identities_the_router_found_bound_are_not_read_again() {
     let mut h = Harness::new(PLAIN);
     let a = h.ok(claim(
