@@ -31,7 +31,8 @@ use std::time::Instant;
 /// own memtable limit at `FJALL_ROTATION_FACTOR` × `memtable_mib` (fjall keeps it per keyspace).
 /// Format 4: the shard's bookkeeping (clock, sequences, cursors) in its own record under the
 /// digest; follow-up records on the profile's shard instead of outbox records on the
-/// identity's.
+/// identity's; points lots with a sequence (their due keys name it), merged within a minute of
+/// expiry and capped per profile.
 pub const STATE_FORMAT: u32 = 4;
 
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).

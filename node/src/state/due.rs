@@ -77,17 +77,20 @@ impl ShardState {
             let profile = &mut entry.0;
             let changed = match kind {
                 DueKind::LotExpiry => {
-                    // Detail: the earn's ledger sequence (8 bytes), then the event id.
-                    let event_id = String::from_utf8_lossy(&detail[8..]).into_owned();
-                    match profile.expire_lot(&event_id, at) {
-                        Some(points) => {
-                            let reason = format!("points earned by {event_id} expired");
+                    let seq = u64::from_be_bytes(
+                        detail
+                            .try_into()
+                            .expect("a lot's due key holds its sequence"),
+                    );
+                    match profile.expire_lot(seq, at) {
+                        Some(lot) => {
+                            let reason = format!("points earned by {} expired", lot.earned_by());
                             self.write_ledger(
                                 &mut writes,
                                 profile,
-                                &event_id,
+                                &lot.event_id,
                                 LedgerKind::Expire,
-                                -points,
+                                -lot.points,
                                 at,
                                 Some(reason),
                                 0,
@@ -171,12 +174,10 @@ impl ShardState {
             Some(super::store::pair_hash(&key, &stored)),
             &order,
         );
-        // Due keys of one profile and instant are processed in kind order, and a tier review
-        // (`R`) sorts before a window exit (`W`): a review at this very instant (the tier was
-        // set at `at`) counted this order, which no longer counts at `at`. Review again. With
-        // equal window and retention (the defaults) the review of a tier won by one order
-        // falls exactly on that order's exit, and would otherwise keep the tier a second
-        // period with nothing in the window.
+        // Due keys of one profile and instant are processed in kind order, window exits before
+        // tier reviews, so a review scheduled for this instant sees this order gone. A tier set
+        // at this very instant some other way (by an event dated `at`) counted this order,
+        // which no longer counts at `at`: review it again, or it would be kept a whole period.
         let review = profile.tier_since == at;
         self.set_tier(tx, profile, at, review, writes);
         true

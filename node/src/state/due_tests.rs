@@ -4,9 +4,10 @@
 
 use super::due::{DUE_PER_CLOCK_MAX, LEDGER_EVICTIONS_PER_CLOCK_MAX};
 use super::keys::{self, DueKind};
+use super::profile::{Lot, LOTS_PER_PROFILE_MAX, LOT_MERGE_MS};
 use super::store::MemState;
 use super::tests::{
-    at, claim, digest_of, id, ledger, lot, on, rules, ts, without_bookkeeping, Harness, PLAIN,
+    at, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping, Harness, PLAIN,
 };
 use super::*;
 use serde_json::json;
@@ -50,13 +51,13 @@ fn due_keys(h: &Harness) -> Vec<(Millis, OneId, DueKind, String)> {
         .map(|(key, value)| {
             assert!(value.is_empty(), "due keys have no value");
             let (at, oneid, kind, detail) = keys::parse_due(&key);
-            // A lot's detail starts with the earn's 8-byte ledger sequence: show the event id.
+            // A lot's detail is its 8-byte sequence: show it as a number.
             let detail = if kind == DueKind::LotExpiry {
-                &detail[8..]
+                u64::from_be_bytes(detail.try_into().unwrap()).to_string()
             } else {
-                detail
+                String::from_utf8(detail.to_vec()).unwrap()
             };
-            (at, oneid, kind, String::from_utf8(detail.to_vec()).unwrap())
+            (at, oneid, kind, detail)
         })
         .collect()
 }
@@ -170,7 +171,7 @@ fn a_lot_expires_on_its_exact_millisecond() {
     h.ok(earn(p, "e1", 100, at(10)));
     assert_eq!(
         due_keys(&h),
-        vec![(at(10), p, DueKind::LotExpiry, "e1".into())]
+        vec![(at(10), p, DueKind::LotExpiry, "0".into())]
     );
     let before = h.profile(p);
 
@@ -216,8 +217,8 @@ fn only_the_unspent_rest_of_a_lot_expires_and_a_spent_lot_leaves_nothing() {
     assert_eq!(
         due_keys(&h),
         vec![
-            (at(20), partly, DueKind::LotExpiry, "e1".into()),
-            (at(20), spent, DueKind::LotExpiry, "e2".into()),
+            (at(20), partly, DueKind::LotExpiry, "0".into()),
+            (at(20), spent, DueKind::LotExpiry, "0".into()),
         ]
     );
     let spent_before = h.profile(spent);
@@ -254,14 +255,14 @@ fn redeems_take_the_soonest_lot_and_each_expiry_takes_only_its_rest() {
     h.ok(earn(p, "soon", 50, at(10)));
     h.ok(redeem(p, "r1", 30, 1));
     assert_eq!(
-        h.profile(p).lots,
+        lots(&h.profile(p)),
         vec![lot(20, 10, "soon"), lot(100, 100, "late")]
     );
 
     assert_eq!(tick(&mut h, after(10, -1)), (0, false));
     assert_eq!(h.profile(p).balance, 120);
     assert_eq!(tick(&mut h, at(10)), (1, false));
-    assert_eq!(h.profile(p).lots, vec![lot(100, 100, "late")]);
+    assert_eq!(lots(&h.profile(p)), vec![lot(100, 100, "late")]);
     h.ok(redeem(p, "r2", 40, 10));
     assert_eq!(tick(&mut h, after(100, -1)), (0, false));
     assert_eq!(h.profile(p).balance, 60);
@@ -284,6 +285,128 @@ fn redeems_take_the_soonest_lot_and_each_expiry_takes_only_its_rest() {
             expired("late", 60, 0, 100),
         ]
     );
+}
+
+#[test]
+fn earns_expiring_in_one_minute_are_one_lot_expiring_at_the_latest() {
+    let mut h = Harness::new(PLAIN);
+    let p = someone(&mut h, "1");
+    let minute = Millis(at(10).0 - at(10).0.rem_euclid(LOT_MERGE_MS));
+    h.ok(earn(p, "e1", 10, Millis(minute.0 + 20_000)));
+    h.ok(earn(p, "e2", 5, Millis(minute.0 + 50_000)));
+    h.ok(earn(p, "e3", 7, Millis(minute.0 + 30_000)));
+    h.ok(earn(p, "next-minute", 1, Millis(minute.0 + LOT_MERGE_MS)));
+    let profile = h.profile(p);
+    assert_eq!(
+        profile.lots,
+        vec![
+            Lot {
+                expires_at: Millis(minute.0 + 50_000),
+                points: 22,
+                event_id: "e1".into(),
+                seq: 0,
+                earns: 3,
+            },
+            Lot {
+                expires_at: Millis(minute.0 + LOT_MERGE_MS),
+                points: 1,
+                event_id: "next-minute".into(),
+                seq: 3,
+                earns: 1,
+            },
+        ]
+    );
+    // The first earn's key is stale once the lot moved later; e3 moved nothing.
+    let keys: Vec<(Millis, String)> = due_keys(&h).into_iter().map(|k| (k.0, k.3)).collect();
+    assert_eq!(
+        keys,
+        vec![
+            (Millis(minute.0 + 20_000), "0".into()),
+            (Millis(minute.0 + 50_000), "0".into()),
+            (Millis(minute.0 + LOT_MERGE_MS), "3".into()),
+        ]
+    );
+    // Nothing expires before the latest of the three.
+    assert_eq!(tick(&mut h, Millis(minute.0 + 49_999)), (1, false));
+    assert_eq!(h.profile(p).balance, 23);
+    assert_eq!(tick(&mut h, Millis(minute.0 + 50_000)), (1, false));
+    assert_eq!(h.profile(p).balance, 1);
+    let expiry = h.ledger(p).pop().expect("an expiry");
+    assert_eq!(
+        (expiry.kind, expiry.points, expiry.reason.as_deref()),
+        (
+            LedgerKind::Expire,
+            -22,
+            Some("points earned by e1 and 2 other earns expired")
+        )
+    );
+}
+
+#[test]
+fn past_the_lot_cap_the_two_closest_lots_merge_into_the_later() {
+    let mut h = Harness::new(PLAIN);
+    let p = someone(&mut h, "1");
+    // One lot a day from day 10, then one more a day between day 100 and day 101.
+    for day in 0..LOTS_PER_PROFILE_MAX as i64 {
+        h.ok(earn(p, &format!("d{day}"), 1, at(10 + day)));
+    }
+    assert_eq!(h.profile(p).lots.len(), LOTS_PER_PROFILE_MAX);
+    h.ok(earn(p, "extra", 1, after(100, 3_600_000)));
+    let profile = h.profile(p);
+    assert_eq!(profile.lots.len(), LOTS_PER_PROFILE_MAX);
+    assert_eq!(profile.balance, LOTS_PER_PROFILE_MAX as i64 + 1);
+    // The new lot (an hour after day 100's) and day 100's lot were the closest pair: day 100's
+    // point now expires an hour later with the new one, in the new lot.
+    let merged = profile
+        .lots
+        .iter()
+        .find(|lot| lot.earns == 2)
+        .expect("one merged lot");
+    assert_eq!(
+        (merged.expires_at, merged.points, merged.event_id.as_str()),
+        (after(100, 3_600_000), 2, "extra")
+    );
+    assert!(!profile.lots.iter().any(|lot| lot.event_id == "d90"));
+    // Everything still expires, each point at its promise or (for day 100's) an hour later.
+    assert_eq!(tick(&mut h, at(100)), (91, false));
+    assert_eq!(h.profile(p).balance, LOTS_PER_PROFILE_MAX as i64 + 1 - 90);
+    assert_eq!(tick(&mut h, after(100, 3_600_000)), (1, false));
+    assert_eq!(h.profile(p).balance, LOTS_PER_PROFILE_MAX as i64 + 1 - 92);
+    assert_eq!(
+        tick(&mut h, at(10 + LOTS_PER_PROFILE_MAX as i64)),
+        (165, false)
+    );
+    assert_eq!(h.profile(p).balance, 0);
+}
+
+#[test]
+fn a_thousand_earns_a_minute_apart_keep_a_profile_at_the_lot_cap() {
+    let mut h = Harness::new(PLAIN);
+    let p = someone(&mut h, "1");
+    let events: Vec<Routed> = (0..1000)
+        .map(|i| earn(p, &format!("e{i}"), 1, after(10, i * LOT_MERGE_MS)))
+        .collect();
+    h.events(events);
+    let profile = h.profile(p);
+    assert_eq!(
+        (profile.lots.len(), profile.balance),
+        (LOTS_PER_PROFILE_MAX, 1000)
+    );
+    // Merged into later lots only: the last earn's lot is whole, and nothing is due early.
+    assert_eq!(
+        profile.lots.last().map(|l| l.expires_at),
+        Some(after(10, 999 * LOT_MERGE_MS))
+    );
+    assert_eq!(tick(&mut h, after(10, -1)).0, 0);
+    assert_eq!(h.profile(p).balance, 1000);
+    // At every minute, the points promised past it are all still there.
+    for minute in [0, 1, 100, 500, 998] {
+        tick(&mut h, after(10, minute * LOT_MERGE_MS));
+        let promised_later = 1000 - (minute + 1);
+        assert!(h.profile(p).balance >= promised_later, "minute {minute}");
+    }
+    tick(&mut h, after(10, 999 * LOT_MERGE_MS));
+    assert_eq!(h.profile(p).balance, 0);
 }
 
 // ---- 3. Points born expired ----
@@ -312,8 +435,8 @@ fn an_order_born_expired_counts_and_its_points_expire_at_the_next_clock_entry() 
     assert_eq!(
         due_keys(&h),
         vec![
-            (at(-370), p, DueKind::LotExpiry, "o-B".into()),
-            (at(-70), p, DueKind::LotExpiry, "o-A".into()),
+            (at(-370), p, DueKind::LotExpiry, "1".into()),
+            (at(-70), p, DueKind::LotExpiry, "0".into()),
             (at(265), p, DueKind::WindowExit, "A".into()),
         ]
     );
@@ -532,13 +655,19 @@ fn a_review_at_the_instant_an_order_leaves_the_window_sees_it_gone() {
     assert_eq!(tier(&mut h, p), member(730));
 
     // The same when the clock entry's limit falls between the exit and the review: lots of
-    // the profile expire at that instant, and sort before its exit and review.
+    // other customers expire just before and fill the entry up to the exit.
     let mut h = Harness::new(&tier_rules(365, 365));
     let p = someone(&mut h, "1");
     h.ok(order(p, "A", "1200", 0));
     h.events(
         (0..DUE_PER_CLOCK_MAX - 1)
-            .map(|i| earn(p, &format!("e{i:04}"), 1, at(365)))
+            .map(|i| {
+                claim(
+                    json!({"event_id": format!("e{i:04}"), "type": "points_earn",
+                    "identities": {"phone": format!("x{i}")}, "points": 1,
+                    "expires_at": after(365, -1).to_string(), "ts": ts(0)}),
+                )
+            })
             .collect(),
     );
     assert_eq!(tick(&mut h, at(365)), (DUE_PER_CLOCK_MAX, true));
@@ -817,31 +946,42 @@ fn a_clock_entry_processes_at_most_due_per_clock_max_keys_and_reports_the_backlo
 fn a_backlog_of_one_profile_is_processed_oldest_first_in_one_write() {
     let mut h = Harness::new(PLAIN);
     let p = someone(&mut h, "1");
-    // 100 lots of 2 points at day 4, then enough lots of 1 point at day 5 to leave 52 of
-    // them for a second clock entry.
+    // Orders leaving the spend window at day 4 (100 of 2.00) and day 5 (enough of 1.00 to
+    // leave 52 for a second clock entry). Each group's points are one lot (its earns expire
+    // in one minute), expiring with the group's window exits and processed before them.
     let early = 100;
-    let late = DUE_PER_CLOCK_MAX - early + 52;
-    let mut earns: Vec<Routed> = (0..early)
-        .map(|i| earn(p, &format!("a{i:03}"), 2, at(4)))
+    let late = DUE_PER_CLOCK_MAX - early - 2 + 52;
+    let mut orders: Vec<Routed> = (0..early)
+        .map(|i| order(p, &format!("a{i:03}"), "2.00", 4 - 365))
         .collect();
-    earns.extend((0..late).map(|i| earn(p, &format!("b{i:04}"), 1, at(5))));
-    h.events(earns);
+    orders.extend((0..late).map(|i| order(p, &format!("b{i:04}"), "1.00", 5 - 365)));
+    h.events(orders);
     let before = h.profile(p);
     let (early, late) = (early as i64, late as i64);
     assert_eq!(
-        (before.balance, before.lots.len() as i64),
-        (2 * early + late, early + late)
+        (before.balance, before.spend_365d.0, before.lots.len()),
+        (2 * early + late, (2 * early + late) * 100, 2)
+    );
+    assert_eq!(
+        lots(&before),
+        vec![
+            Lot {
+                earns: early as u32,
+                ..lot(2 * early, 4, "o-a000")
+            },
+            Lot {
+                earns: late as u32,
+                ..lot(late, 5, "o-b0000")
+            },
+        ]
     );
 
     assert_eq!(tick(&mut h, at(5)), (DUE_PER_CLOCK_MAX, true));
     let profile = h.profile(p);
-    // All of day 4, then the first of day 5 (in event id order).
-    let first_left = late - 52;
-    assert_eq!(profile.balance, 52);
+    // Day 4 (its lot, then its exits in order id order), then day 5's lot and first exits.
     assert_eq!(
-        profile.lots.first(),
-        Some(&lot(1, 5, &format!("b{first_left:04}"))),
-        "the rest is left in order"
+        (profile.balance, profile.spend_365d.0, profile.lots.len()),
+        (0, 52 * 100, 0)
     );
     assert_eq!(
         profile.version,
@@ -850,23 +990,34 @@ fn a_backlog_of_one_profile_is_processed_oldest_first_in_one_write() {
     );
     let entries = h.ledger(p);
     let earned = (early + late) as usize;
-    assert_eq!(entries.len(), earned + DUE_PER_CLOCK_MAX);
-    assert_eq!(entries[earned], expired("a000", 2, 2 * early + late - 2, 4));
-    assert_eq!(entries[earned + 99], expired("a099", 2, late, 4));
-    assert_eq!(entries[earned + 100], expired("b0000", 1, late - 1, 5));
+    assert_eq!(entries.len(), earned + 2);
     assert_eq!(
-        entries.last(),
-        Some(&expired(&format!("b{:04}", first_left - 1), 1, 52, 5))
+        entries[earned].reason.as_deref(),
+        Some("points earned by o-a000 and 99 other earns expired")
+    );
+    assert_eq!(
+        (entries[earned].points, entries[earned].balance_after),
+        (-2 * early, late)
+    );
+    assert_eq!(
+        (
+            entries[earned + 1].points,
+            entries[earned + 1].balance_after
+        ),
+        (-late, 0)
+    );
+    let left: Vec<String> = due_keys(&h).into_iter().map(|k| k.3).collect();
+    assert_eq!(
+        left,
+        (late - 52..late)
+            .map(|i| format!("b{i:04}"))
+            .collect::<Vec<_>>()
     );
 
     assert_eq!(tick(&mut h, at(5)), (52, false));
     let profile = h.profile(p);
-    assert_eq!((profile.balance, profile.lots.len()), (0, 0));
+    assert_eq!(profile.spend_365d.0, 0);
     assert_eq!(profile.version, before.version + 2);
-    assert_eq!(
-        h.ledger(p).last(),
-        Some(&expired(&format!("b{:04}", late - 1), 1, 0, 5))
-    );
     assert_eq!(tick(&mut h, at(5)), (0, false));
 }
 

@@ -99,7 +99,7 @@ fn with_oneid(prefix: u8, oneid: OneId, rest: &[u8]) -> Vec<u8> {
 /// What falls due at a time, in the due-time index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DueKind {
-    /// A points lot expires; detail: the earning event's id.
+    /// A points lot expires; detail: the lot's sequence (8 bytes, big-endian).
     LotExpiry,
     /// A manual tag expires; detail: the tag.
     TagExpiry,

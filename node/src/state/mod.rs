@@ -850,23 +850,23 @@ impl ShardState {
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
         let now = self.record.clock;
-        // Earned points become a lot, whose expiry goes into the due-time index. The key holds
-        // the profile's ledger sequence (unique per earn) before the event id, so it is always
-        // new, even when an event id earns again after its dedup record was evicted.
+        // Earned points join a lot, whose expiry goes into the due-time index. A new lot's
+        // identity is the ledger sequence of its earn (unique per profile), so its due key is
+        // always new, even when an event id earns again after its dedup record was evicted.
         let earn = |writes: &mut EventWrites,
                     profile: &mut Profile,
                     points: i64,
                     expires_at: Millis,
                     event_id: &str| {
-            profile.add_points(points, expires_at, event_id);
-            let mut detail = profile.ledger_seq.to_be_bytes().to_vec();
-            detail.extend_from_slice(event_id.as_bytes());
-            writes.put_new_due(keys::due(
-                expires_at,
-                profile.oneid,
-                DueKind::LotExpiry,
-                &detail,
-            ));
+            let seq = profile.ledger_seq;
+            if let Some((lot, at)) = profile.add_points(points, expires_at, event_id, seq) {
+                writes.put_new_due(keys::due(
+                    at,
+                    profile.oneid,
+                    DueKind::LotExpiry,
+                    &lot.to_be_bytes(),
+                ));
+            }
         };
         let ledger = |writes: &mut EventWrites,
                       profile: &mut Profile,

@@ -20,6 +20,12 @@ pub const ATTRIBUTES_PER_PROFILE_MAX: usize = 100;
 pub const MANUAL_TAGS_PER_PROFILE_MAX: usize = 200;
 /// Most channels remembered per profile; past it the least recently seen is forgotten.
 pub const CHANNELS_PER_PROFILE_MAX: usize = 64;
+/// Most points lots one profile holds. Past it, the two lots whose expiries are closest merge
+/// into the later one: no point ever expires earlier than it was promised, a few expire later.
+pub const LOTS_PER_PROFILE_MAX: usize = 256;
+/// Lots whose expiries fall in the same span of this length (a UTC minute) are one lot,
+/// expiring at the latest of them, so earns in a burst (one per event) do not each add a lot.
+pub const LOT_MERGE_MS: i64 = 60_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
@@ -31,7 +37,8 @@ pub struct Profile {
     pub balance: i64,
     pub lifetime_earned: i64,
     pub lifetime_redeemed: i64,
-    /// Earned points not yet spent or expired, ordered by expiry then creation.
+    /// Earned points not yet spent or expired, ordered by expiry; at most one per minute of
+    /// expiry and [`LOTS_PER_PROFILE_MAX`] in all.
     pub lots: Vec<Lot>,
     /// Points owed after a negative adjust beyond the lots; paid by the next earns.
     pub debt: i64,
@@ -59,14 +66,31 @@ pub struct Profile {
     pub ledger_seq: u64,
 }
 
-/// Points earned together, expiring together.
+/// Points expiring together: one earn, or several merged (see [`LOTS_PER_PROFILE_MAX`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lot {
     pub expires_at: Millis,
     pub points: i64,
-    /// The event that earned it.
+    /// The event of its first earn.
     pub event_id: String,
+    /// The ledger sequence of its first earn: the lot's identity, in its due key.
+    pub seq: u64,
+    /// Earns merged into it (1 for a lot of one earn).
+    pub earns: u32,
 }
+
+impl Lot {
+    /// Who earned it, for the ledger entry of its expiry.
+    pub fn earned_by(&self) -> String {
+        match self.earns {
+            1 => self.event_id.clone(),
+            n => format!("{} and {} other earns", self.event_id, n - 1),
+        }
+    }
+}
+
+/// The due key a lot needs: its identity and the time it expires.
+pub type LotDue = (u64, Millis);
 
 impl Profile {
     pub fn new(oneid: OneId, rules: &Rules, at: Millis) -> Profile {
@@ -102,27 +126,74 @@ impl Profile {
         self.identities.values().map(BTreeSet::len).sum()
     }
 
-    /// Adds earned points as a lot (paying any debt first).
-    pub fn add_points(&mut self, points: i64, expires_at: Millis, event_id: &str) {
+    /// Adds earned points (paying any debt first) to the lot that expires in the same minute,
+    /// or as a new lot with identity `seq`. Answers the due key a lot now needs: a new lot's,
+    /// or a merged lot's whose expiry moved later; `None` if the existing key still holds.
+    pub fn add_points(
+        &mut self,
+        points: i64,
+        expires_at: Millis,
+        event_id: &str,
+        seq: u64,
+    ) -> Option<LotDue> {
         assert!(points > 0, "a lot holds positive points");
         let paid = points.min(self.debt);
         self.debt -= paid;
         let rest = points - paid;
-        if rest > 0 {
-            let at = self
-                .lots
-                .partition_point(|lot| lot.expires_at <= expires_at);
-            self.lots.insert(
-                at,
-                Lot {
-                    expires_at,
-                    points: rest,
-                    event_id: event_id.to_string(),
-                },
-            );
-        }
         self.balance += points;
+        let due = (rest > 0)
+            .then(|| self.add_lot(rest, expires_at, event_id, seq))
+            .flatten();
         self.check_points();
+        due
+    }
+
+    fn add_lot(
+        &mut self,
+        points: i64,
+        expires_at: Millis,
+        event_id: &str,
+        seq: u64,
+    ) -> Option<LotDue> {
+        let minute = |at: Millis| at.0.div_euclid(LOT_MERGE_MS);
+        if let Some(lot) = self
+            .lots
+            .iter_mut()
+            .find(|lot| minute(lot.expires_at) == minute(expires_at))
+        {
+            lot.points += points;
+            lot.earns += 1;
+            let later = expires_at > lot.expires_at;
+            lot.expires_at = lot.expires_at.max(expires_at);
+            return later.then_some((lot.seq, lot.expires_at));
+        }
+        let at = self
+            .lots
+            .partition_point(|lot| lot.expires_at <= expires_at);
+        self.lots.insert(
+            at,
+            Lot {
+                expires_at,
+                points,
+                event_id: event_id.to_string(),
+                seq,
+                earns: 1,
+            },
+        );
+        if self.lots.len() <= LOTS_PER_PROFILE_MAX {
+            return Some((seq, expires_at));
+        }
+        // Over the cap: the adjacent pair closest in expiry (the earliest such pair) becomes
+        // the later lot, which keeps its identity and due key; the new lot needs its own key
+        // unless it was the earlier of the pair.
+        let i = (0..self.lots.len() - 1)
+            .min_by_key(|&i| (self.lots[i + 1].expires_at.0 - self.lots[i].expires_at.0, i))
+            .expect("over the cap, there are two lots");
+        let earlier = self.lots.remove(i);
+        let later = &mut self.lots[i];
+        later.points += earlier.points;
+        later.earns += earlier.earns;
+        (earlier.seq != seq).then_some((seq, expires_at))
     }
 
     /// Takes points from the lots, the lot of `prefer` first, then the soonest to expire.
@@ -152,23 +223,17 @@ impl Profile {
         taken
     }
 
-    /// Removes the lots `event_id` earned that expire at `at` (more than one only if the event
-    /// id earned again after its dedup record was evicted); the points they still held, or
-    /// `None` if they were spent.
-    pub fn expire_lot(&mut self, event_id: &str, at: Millis) -> Option<i64> {
-        let before = self.lots.len();
-        let mut points = 0;
-        self.lots.retain(|lot| {
-            let expired = lot.event_id == event_id && lot.expires_at == at;
-            points += if expired { lot.points } else { 0 };
-            !expired
-        });
-        if self.lots.len() == before {
-            return None;
-        }
-        self.balance -= points;
+    /// Removes lot `seq` if it expires at `at` (a due key of an earlier expiry, from before
+    /// the lot merged, is stale): the lot, or `None` if it was spent, merged or moved.
+    pub fn expire_lot(&mut self, seq: u64, at: Millis) -> Option<Lot> {
+        let position = self
+            .lots
+            .iter()
+            .position(|lot| lot.seq == seq && lot.expires_at == at)?;
+        let lot = self.lots.remove(position);
+        self.balance -= lot.points;
         self.check_points();
-        Some(points)
+        Some(lot)
     }
 
     /// Takes points beyond the lots as debt (negative balance): `points_adjust` only.
@@ -191,6 +256,12 @@ impl Profile {
             self.debt == 0 || self.lots.is_empty(),
             "debt is paid before lots are kept for {}",
             self.oneid
+        );
+        assert!(
+            self.lots.len() <= LOTS_PER_PROFILE_MAX,
+            "{} holds {} lots",
+            self.oneid,
+            self.lots.len()
         );
     }
 
