@@ -1,11 +1,14 @@
 //! `cluster.toml`: the cluster's shape, its nodes, tuning, and the seed rules.
 
 use anyhow::{bail, Context};
+use oneid_protocol::api::REQUEST_BODY_BYTES_MAX;
 use oneid_protocol::ids::{ShardId, SHARDS_MAX};
 use oneid_protocol::rules::{Rules, RulesDoc};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+const MIB: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,6 +17,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     pub nodes: Vec<NodeConfig>,
     /// Seed rules, written to the log on first start; later changes go through the API.
     #[serde(default)]
@@ -74,6 +79,34 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: 128,
             memtable_mib: 8,
+        }
+    }
+}
+
+/// How long the HTTP API waits for its clients, and the memory their bodies may take.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// A request head must be complete this long after its connection opened, or after the
+    /// first byte of the head on a kept-alive connection; else the connection is closed.
+    pub head_timeout_ms: u64,
+    /// A kept-alive connection may sit idle between requests this long.
+    pub idle_timeout_ms: u64,
+    /// A request body that stops arriving this long is abandoned (408), and its connection
+    /// closed.
+    pub body_timeout_ms: u64,
+    /// Request bodies in flight on the node (read, parsed, or held by an ingest whose client
+    /// hung up), together. Past it, a body waits up to 5 s for room, then gets 503.
+    pub body_budget_mib: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            head_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_timeout_ms: 10_000,
+            body_budget_mib: 256,
         }
     }
 }
@@ -140,6 +173,17 @@ impl Config {
         let s = &self.storage;
         if s.cache_mib == 0 || s.memtable_mib == 0 {
             bail!("storage.cache_mib and storage.memtable_mib must be above 0, found {s:?}");
+        }
+        let a = &self.api;
+        if a.head_timeout_ms == 0 || a.idle_timeout_ms == 0 || a.body_timeout_ms == 0 {
+            bail!("api.head_timeout_ms, idle_timeout_ms and body_timeout_ms must be above 0, found {a:?}");
+        }
+        let body_max_mib = (REQUEST_BODY_BYTES_MAX / MIB) as u64;
+        if !(body_max_mib..=1024 * 1024).contains(&a.body_budget_mib) {
+            bail!(
+                "api.body_budget_mib must fit one request body of the largest size ({body_max_mib} MiB), found {}",
+                a.body_budget_mib
+            );
         }
         self.seed_rules()?;
         Ok(())

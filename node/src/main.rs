@@ -7,15 +7,16 @@
 //! - `command`: what the Raft log holds.
 //! - `shard`: the shard actor (actix) driving raft-rs, hosting the profiles.
 //! - `router`: takes events to the shards of their profiles and identities.
-//! - `http`: the API (hyper).
+//! - `follow_up`: finishing the binds an applied event implies on other shards.
+//! - `api`: the HTTP API (hyper): connections, bodies, routes.
 //! - `backup`: online backups, and restoring one into an empty data directory.
 //! - `metrics`, `logging`: observability.
 
+mod api;
 mod backup;
 mod command;
 mod config;
 mod follow_up;
-mod http;
 mod logging;
 mod metrics;
 mod router;
@@ -37,6 +38,10 @@ use std::time::Duration;
 /// ingest CPU on them.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Descriptors the node needs beside its connections and fjall's cached files: journals, the
+/// listener, logs, backups (and, with replication, peer connections).
+const FILES_RESERVED: usize = 256;
 
 /// Actix arbiters (threads) the shard actors are spread over.
 const SHARD_ARBITERS: usize = 2;
@@ -72,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         std::process::abort();
     }));
     let args = Args::parse();
+    raise_open_file_limit();
     // Failpoints for crash tests (FAILPOINTS=name=action); compiled in only with the
     // `failpoints` feature, which scripts/test enables and release builds never do.
     let _failpoints = fail::FailScenario::setup();
@@ -156,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
-    let api = Arc::new(http::Api {
+    let api = Arc::new(api::Api {
         backups: backup::Backups::new(Arc::clone(&storage), node.id, node.data.clone()),
         reader: reader.clone(),
         router: router::Router {
@@ -177,7 +183,10 @@ fn main() -> anyhow::Result<()> {
             })
             .collect(),
         shutting_down: AtomicBool::new(false),
+        budget: api::Api::body_budget(config.api.body_budget_mib as usize * 1024 * 1024),
+        body_timeout: Duration::from_millis(config.api.body_timeout_ms),
     });
+    let deadlines = api::conn::Deadlines::from_config(&config.api);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(HTTP_WORKER_THREADS)
         .thread_name("oneid-http")
@@ -190,7 +199,7 @@ fn main() -> anyhow::Result<()> {
     let http = std::thread::Builder::new()
         .name("oneid-http-main".into())
         .spawn(move || {
-            runtime.block_on(http::serve(api, listener, shutdown_signal()));
+            runtime.block_on(api::serve(api, listener, deadlines, shutdown_signal()));
         })?;
 
     // The actix system runs until the HTTP server has drained.
@@ -205,6 +214,21 @@ fn main() -> anyhow::Result<()> {
         .context("final flush")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit, so the node never runs out of
+/// descriptors before it reaches its connection limit; says so if even that is too few.
+fn raise_open_file_limit() {
+    let needed = (api::conn::CONNECTIONS_MAX + storage::CACHED_FILES_MAX + FILES_RESERVED) as u64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what the node's connection and storage limits need; raise its hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)"
+        ),
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -48,6 +48,9 @@ fn keyspace_options(memtable_bytes: u64) -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes * FJALL_ROTATION_FACTOR)
 }
 
+/// Most table files fjall keeps open (its descriptor cache; fjall's own default).
+pub const CACHED_FILES_MAX: usize = 900;
+
 /// Most write jobs one group commit takes; the rest wait for the next fsync.
 pub const GROUP_COMMIT_JOBS_MAX: usize = 256;
 
@@ -88,6 +91,7 @@ impl Storage {
         const MIB: u64 = 1024 * 1024;
         let db = Database::builder(path)
             .cache_size(limits.cache_mib * MIB)
+            .max_cached_files(Some(CACHED_FILES_MAX))
             .open()
             .with_context(|| format!("opening fjall database in {}", path.display()))?;
         let memtable_bytes = limits.memtable_mib * MIB;

@@ -23,8 +23,12 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The content type is not JSON or NDJSON.
     UnsupportedMediaType,
-    /// No such route, or no such method on it.
+    /// No such route.
     NoRoute,
+    /// The route exists, but not with this method (the answer's `Allow` lists those it has).
+    MethodNotAllowed,
+    /// The request's body stopped arriving before it was complete.
+    RequestTimeout,
     /// An event is not a JSON object.
     InvalidEvent,
     /// A field has a value it may not have.

@@ -3,7 +3,7 @@
 //! Parsing is field by field from a JSON object so that every error names its field, and
 //! one bad event in a batch is rejected alone.
 
-use crate::ids::{is_name, Identity, OneId, IDENTITY_KIND_BYTES_MAX, IDENTITY_VALUE_BYTES_MAX};
+use crate::ids::{abbreviate, check_identity, is_name, Identity, OneId};
 use crate::num::{literal_text, parse_decimal, Millis, Money};
 use crate::predicate::Value;
 use crate::ErrorCode;
@@ -262,17 +262,6 @@ impl Fields {
     }
 }
 
-fn abbreviate(text: &str) -> String {
-    if text.len() <= 40 {
-        return text.to_string();
-    }
-    let cut = (0..=40)
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0);
-    format!("{}...", &text[..cut])
-}
-
 /// Best-effort `event_id` of an event that failed to parse, for its result row.
 pub fn event_id_of(raw: &RawValue) -> String {
     #[derive(Deserialize)]
@@ -430,23 +419,10 @@ fn parse_identities(fields: &Fields) -> Result<Vec<Identity>, EventError> {
     }
     let mut identities = Vec::with_capacity(map.len());
     for (kind, value) in map {
-        let field = format!("identities.{}", abbreviate(&kind));
-        if !is_name(&kind, IDENTITY_KIND_BYTES_MAX) {
+        if let Err((_, message)) = check_identity(&kind, &value) {
             return Err(EventError::invalid(
-                &field,
-                format!(
-                    "identity kind must match [a-z0-9_]{{1,{IDENTITY_KIND_BYTES_MAX}}}, found {:?}",
-                    abbreviate(&kind)
-                ),
-            ));
-        }
-        if value.is_empty() || value.len() > IDENTITY_VALUE_BYTES_MAX {
-            return Err(EventError::invalid(
-                &field,
-                format!(
-                    "identity value must be 1 to {IDENTITY_VALUE_BYTES_MAX} bytes, found {}",
-                    value.len()
-                ),
+                &format!("identities.{}", abbreviate(&kind)),
+                message,
             ));
         }
         identities.push(Identity { kind, value });

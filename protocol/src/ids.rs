@@ -94,6 +94,49 @@ impl Identity {
     }
 }
 
+/// The part of an identity that [`check_identity`] found wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityPart {
+    Kind,
+    Value,
+}
+
+/// Checks an identity as events and lookups take it: a kind `[a-z0-9_]{1,32}` and a value of
+/// 1 to 256 bytes. The error names the part at fault and says what is wrong with it.
+pub fn check_identity(kind: &str, value: &str) -> Result<(), (IdentityPart, String)> {
+    if !is_name(kind, IDENTITY_KIND_BYTES_MAX) {
+        return Err((
+            IdentityPart::Kind,
+            format!(
+                "identity kind must match [a-z0-9_]{{1,{IDENTITY_KIND_BYTES_MAX}}}, found {:?}",
+                abbreviate(kind)
+            ),
+        ));
+    }
+    if value.is_empty() || value.len() > IDENTITY_VALUE_BYTES_MAX {
+        return Err((
+            IdentityPart::Value,
+            format!(
+                "identity value must be 1 to {IDENTITY_VALUE_BYTES_MAX} bytes, found {}",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `text`, cut to about 40 bytes (on a character boundary) for an error message.
+pub(crate) fn abbreviate(text: &str) -> String {
+    if text.len() <= 40 {
+        return text.to_string();
+    }
+    let cut = (0..=40)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}...", &text[..cut])
+}
+
 /// Whether `kind` is a valid identity kind or tag/channel-like name: `[a-z0-9_]{1,max}`.
 pub fn is_name(kind: &str, max: usize) -> bool {
     !kind.is_empty()

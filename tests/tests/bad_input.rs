@@ -346,19 +346,39 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
     assert!(closed, "the node closes the connection after a 413");
     assert_eq!(sent, 17 * 1024 * 1024, "the whole body went out");
 
-    // Routes.
+    // Routes: unknown ones, and known ones with a method they do not answer.
     for (method, path) in [
         ("GET", "/v1/nothing"),
         ("GET", "/"),
-        ("DELETE", "/v1/rules"),
-        ("GET", "/v1/events"),
-        ("POST", "/v1/profiles/lookup"),
         ("GET", "/v1/profiles/o0000000000000001/ledger/extra"),
     ] {
         assert_eq!(
             strip(error_of(port, method, path, None, b"").await),
             (404, ErrorCode::NoRoute, None),
             "{method} {path}"
+        );
+    }
+    for (method, path, allow) in [
+        ("DELETE", "/v1/rules", "GET, PUT"),
+        ("GET", "/v1/events", "POST"),
+        ("POST", "/v1/profiles/lookup", "GET"),
+        ("PUT", "/v1/profiles/o0000000000000001", "GET"),
+        ("GET", "/v1/admin/backup", "POST"),
+        ("POST", "/metrics", "GET"),
+    ] {
+        let answer = raw(port, method, path, None, b"").await;
+        assert_eq!(
+            strip(answer.error()),
+            (405, ErrorCode::MethodNotAllowed, None),
+            "{method} {path}"
+        );
+        assert!(
+            answer
+                .head
+                .lines()
+                .any(|l| l == format!("allow: {}", allow.to_ascii_lowercase())),
+            "{method} {path}: {}",
+            answer.head
         );
     }
     // Profiles and lookups.
@@ -393,6 +413,31 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
         strip(error_of(port, "GET", "/v1/profiles/lookup?kind=phone", None, b"").await),
         (400, ErrorCode::MissingField, field("value"))
     );
+    // Lookups check the identity as events do.
+    let long_value = "9".repeat(257);
+    for (query, name) in [
+        ("kind=Phone&value=1", "kind"),
+        ("kind=&value=1", "kind"),
+        ("kind=ph%20one&value=1", "kind"),
+        (&*format!("kind={}&value=1", "k".repeat(33)), "kind"),
+        ("kind=phone&value=", "value"),
+        (&*format!("kind=phone&value={long_value}"), "value"),
+    ] {
+        assert_eq!(
+            strip(
+                error_of(
+                    port,
+                    "GET",
+                    &format!("/v1/profiles/lookup?{query}"),
+                    None,
+                    b""
+                )
+                .await
+            ),
+            (400, ErrorCode::InvalidField, field(name)),
+            "{query}"
+        );
+    }
     assert_eq!(
         strip(
             error_of(

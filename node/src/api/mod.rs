@@ -1,13 +1,20 @@
 //! The HTTP API (hyper 1 on its own tokio runtime; the shard actors run on actix arbiters).
 //!
-//! Limits: at most [`CONNECTIONS_MAX`] connections (past it, accepting waits: the kernel's
-//! backlog holds the rest), bodies of at most `REQUEST_BODY_BYTES_MAX`, at most
-//! `EVENTS_PER_REQUEST_MAX` events per request. A body over the limit is read and discarded up
-//! to [`DISCARD_BYTES_MAX`] so that the client, still sending, reads the 413, then the
-//! connection is closed.
+//! # Layout
+//! - `conn`: accepting connections (at most `CONNECTIONS_MAX`) and the deadlines that keep a
+//!   connection from holding the server.
+//! - `body`: reading request bodies within their limits and the node's budget for bodies.
+//! - `events`: `POST /v1/events` (a JSON array or NDJSON), handed to the router.
+//! - this file: the routes (a known route with another method is answered 405 with `Allow`),
+//!   profile, identity and ledger reads (fjall reads, on blocking threads), rules, the cluster
+//!   view, health, metrics and backups, and how errors are answered.
 //!
 //! `POST /v1/admin/backup` copies a snapshot on a blocking thread of this runtime, one backup
 //! at a time (see `backup`).
+
+mod body;
+pub mod conn;
+mod events;
 
 use crate::backup::{BackupError, Backups};
 use crate::command::Command;
@@ -15,38 +22,26 @@ use crate::metrics::{Metrics, Route};
 use crate::router::Router;
 use crate::shard::{Query, QueryReply, ShardError};
 use crate::storage::StateReader;
+use body::{BodyBudget, Shape};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use oneid_protocol::api::{
-    ClusterView, ErrorBody, LedgerEntryDoc, LedgerPage, NodeView, ShardView,
-    EVENTS_PER_REQUEST_MAX, LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX, REQUEST_BODY_BYTES_MAX,
+    ClusterView, ErrorBody, LedgerEntryDoc, LedgerPage, NodeView, ShardView, LEDGER_PAGE_DEFAULT,
+    LEDGER_PAGE_MAX,
 };
-use oneid_protocol::event::{event_id_of, Event, EventError};
-use oneid_protocol::ids::{Identity, OneId, ShardId};
-use oneid_protocol::num::Millis;
+use oneid_protocol::event::EventError;
+use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
 use oneid_protocol::rules::RulesDoc;
 use oneid_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-
-/// Most connections served at once.
-pub const CONNECTIONS_MAX: usize = 1024;
-/// Most bytes of an oversized body read (and dropped) before answering 413 and closing.
-pub const DISCARD_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// How long a graceful shutdown waits for requests in flight.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub struct Api {
     pub router: Router,
@@ -58,6 +53,16 @@ pub struct Api {
     pub shutting_down: AtomicBool,
     /// Online backups, one at a time.
     pub backups: Arc<Backups>,
+    /// Request bodies in flight on the node, in bytes (`[api] body_budget_mib`).
+    pub budget: BodyBudget,
+    /// A body that stops arriving this long is abandoned (`[api] body_timeout_ms`).
+    pub body_timeout: Duration,
+}
+
+impl Api {
+    pub fn body_budget(bytes: usize) -> BodyBudget {
+        BodyBudget::new(bytes)
+    }
 }
 
 /// A request refused as a whole.
@@ -66,6 +71,8 @@ pub struct ApiError {
     error: EventError,
     /// Close the connection after answering (the body was not fully read).
     close: bool,
+    /// The methods the route answers, for a 405's `Allow`.
+    allow: Option<String>,
 }
 
 impl ApiError {
@@ -74,6 +81,7 @@ impl ApiError {
             status,
             error: EventError::new(code, message),
             close: false,
+            allow: None,
         }
     }
 
@@ -87,6 +95,7 @@ impl ApiError {
             status,
             error: EventError::field(code, field, message),
             close: false,
+            allow: None,
         }
     }
 
@@ -124,60 +133,85 @@ fn error_response(error: ApiError) -> Response<Full<Bytes>> {
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    if let Some(allow) = error.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        response.headers_mut().insert(ALLOW, allow);
+    }
     response
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets requests in flight
-/// finish (up to [`SHUTDOWN_GRACE`]).
+/// finish (up to `conn::SHUTDOWN_GRACE`); from that moment writes and new backups are refused.
 pub async fn serve(
     api: Arc<Api>,
     listener: TcpListener,
+    deadlines: conn::Deadlines,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let api = Arc::clone(&api);
-        let service = service_fn(move |request| {
-            let api = Arc::clone(&api);
-            async move { Ok::<_, std::convert::Infallible>(api.handle(request).await) }
-        });
-        let connection = http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(permit);
-        });
+    let handler = Arc::clone(&api);
+    let handle = move |request| {
+        let api = Arc::clone(&handler);
+        async move { api.handle(request).await }
+    };
+    let stopping = async {
+        shutdown.await;
+        api.shutting_down.store(true, Ordering::SeqCst);
+        // A backup in flight stops at its next batch rather than holding up the shutdown.
+        api.backups.cancel();
+    };
+    conn::serve(listener, deadlines, handle, stopping).await;
+}
+
+/// The routes, each with the methods it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Events,
+    Lookup,
+    Profile,
+    Ledger,
+    Rules,
+    Cluster,
+    Backup,
+    Health,
+    Metrics,
+}
+
+impl Endpoint {
+    /// The endpoint of a path (its segments), and the OneID segment when it has one.
+    fn of<'a>(segments: &[&'a str]) -> Option<(Endpoint, Option<&'a str>)> {
+        Some(match segments {
+            ["v1", "events"] => (Endpoint::Events, None),
+            ["v1", "profiles", "lookup"] => (Endpoint::Lookup, None),
+            ["v1", "profiles", oneid] => (Endpoint::Profile, Some(*oneid)),
+            ["v1", "profiles", oneid, "ledger"] => (Endpoint::Ledger, Some(*oneid)),
+            ["v1", "rules"] => (Endpoint::Rules, None),
+            ["v1", "cluster"] => (Endpoint::Cluster, None),
+            ["v1", "admin", "backup"] => (Endpoint::Backup, None),
+            ["healthz"] => (Endpoint::Health, None),
+            ["metrics"] => (Endpoint::Metrics, None),
+            _ => return None,
+        })
     }
-    drop(listener);
-    api.shutting_down.store(true, Ordering::SeqCst);
-    // A backup in flight stops at its next batch rather than holding up the shutdown.
-    api.backups.cancel();
-    tracing::info!("stopped accepting; finishing requests in flight");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after the grace period");
+
+    fn methods(self) -> &'static [Method] {
+        match self {
+            Endpoint::Events | Endpoint::Backup => &[Method::POST],
+            Endpoint::Rules => &[Method::GET, Method::PUT],
+            _ => &[Method::GET],
+        }
+    }
+
+    fn route(self) -> Route {
+        match self {
+            Endpoint::Events => Route::Events,
+            Endpoint::Lookup => Route::Lookup,
+            Endpoint::Profile => Route::Profile,
+            Endpoint::Ledger => Route::Ledger,
+            Endpoint::Rules => Route::Rules,
+            Endpoint::Cluster => Route::Cluster,
+            Endpoint::Backup => Route::Admin,
+            Endpoint::Health => Route::Health,
+            Endpoint::Metrics => Route::Metrics,
+        }
     }
 }
 
@@ -187,37 +221,38 @@ impl Api {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let (route, reply) = match (&method, segments.as_slice()) {
-            (&Method::POST, ["v1", "events"]) => (Route::Events, self.post_events(request).await),
-            (&Method::GET, ["v1", "profiles", "lookup"]) => {
-                (Route::Lookup, self.lookup(request.uri().query()).await)
-            }
-            (&Method::GET, ["v1", "profiles", oneid]) => {
-                (Route::Profile, self.get_profile(oneid).await)
-            }
-            (&Method::GET, ["v1", "profiles", oneid, "ledger"]) => (
-                Route::Ledger,
-                self.ledger(oneid, request.uri().query()).await,
-            ),
-            (&Method::GET, ["v1", "rules"]) => (Route::Rules, self.get_rules().await),
-            (&Method::PUT, ["v1", "rules"]) => (Route::Rules, self.put_rules(request).await),
-            (&Method::GET, ["v1", "cluster"]) => (
-                Route::Cluster,
-                self.cluster().await.map(|view| json(StatusCode::OK, &view)),
-            ),
-            (&Method::POST, ["v1", "admin", "backup"]) => {
-                (Route::Admin, self.backup(request).await)
-            }
-            (&Method::GET, ["healthz"]) => (Route::Health, self.healthz().await),
-            (&Method::GET, ["metrics"]) => (Route::Metrics, Ok(self.metrics_text())),
-            _ => (
+        let (route, reply) = match Endpoint::of(&segments) {
+            None => (
                 Route::Other,
                 Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     ErrorCode::NoRoute,
-                    format!("no route {method} {path}"),
+                    format!("no route {path}"),
                 )),
             ),
+            Some((endpoint, _)) if !endpoint.methods().contains(&method) => (
+                endpoint.route(),
+                Err(method_not_allowed(&method, &path, endpoint)),
+            ),
+            Some((endpoint, oneid)) => {
+                let oneid = oneid.unwrap_or_default();
+                let query = request.uri().query().map(str::to_string);
+                let reply = match (endpoint, method) {
+                    (Endpoint::Events, _) => self.post_events(request).await,
+                    (Endpoint::Lookup, _) => self.lookup(query.as_deref()).await,
+                    (Endpoint::Profile, _) => self.get_profile(oneid).await,
+                    (Endpoint::Ledger, _) => self.ledger(oneid, query.as_deref()).await,
+                    (Endpoint::Rules, Method::PUT) => self.put_rules(request).await,
+                    (Endpoint::Rules, _) => self.get_rules().await,
+                    (Endpoint::Cluster, _) => {
+                        self.cluster().await.map(|view| json(StatusCode::OK, &view))
+                    }
+                    (Endpoint::Backup, _) => self.backup(request).await,
+                    (Endpoint::Health, _) => self.healthz().await,
+                    (Endpoint::Metrics, _) => Ok(self.metrics_text()),
+                };
+                (endpoint.route(), reply)
+            }
         };
         let response = reply.unwrap_or_else(error_response);
         self.metrics
@@ -225,96 +260,22 @@ impl Api {
         response
     }
 
-    async fn post_events(&self, request: Request<Incoming>) -> Reply {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::unavailable("the node is shutting down"));
-        }
-        let received = Millis::now();
-        let content_type = request
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/json")
-            .to_string();
-        let mime = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        let ndjson = match mime.as_str() {
-            "application/x-ndjson" | "application/ndjson" => true,
-            "application/json" | "" => false,
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    ErrorCode::UnsupportedMediaType,
-                    format!("send application/json or application/x-ndjson, not {other}"),
-                ));
-            }
-        };
-        let body = read_body(request).await?;
-        let too_many = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::PayloadTooLarge,
-                format!("at most {EVENTS_PER_REQUEST_MAX} events per request"),
-            )
-        };
-        // Counted before (NDJSON) or while (JSON) the events are parsed, so a body of millions
-        // of tiny elements is refused without allocating them.
-        let raws: Vec<Result<Box<RawValue>, String>> = if ndjson {
-            let lines: Vec<(usize, &[u8])> = body
-                .split(|&b| b == b'\n')
-                .enumerate()
-                .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
-                .collect();
-            if lines.len() > EVENTS_PER_REQUEST_MAX {
-                return Err(too_many());
-            }
-            lines
-                .into_iter()
-                .map(|(n, line)| {
-                    serde_json::from_slice::<Box<RawValue>>(line)
-                        .map_err(|e| format!("line {} is not JSON: {e}", n + 1))
-                })
-                .collect()
-        } else {
-            let mut deserializer = serde_json::Deserializer::from_slice(&body);
-            let events = serde::Deserializer::deserialize_seq(&mut deserializer, BoundedEvents)
-                .and_then(|events| deserializer.end().map(|()| events))
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::BadRequest,
-                        format!("the body must be a JSON array of events: {e}"),
-                    )
-                })?;
-            events.ok_or_else(too_many)?.into_iter().map(Ok).collect()
-        };
-        let events = raws
-            .into_iter()
-            .map(|raw| match raw {
-                Ok(raw) => Event::parse(&raw, received).map_err(|error| (event_id_of(&raw), error)),
-                Err(message) => Err((
-                    String::new(),
-                    EventError::new(ErrorCode::InvalidEvent, message),
-                )),
-            })
-            .collect();
-        // Detached from the connection: a client that hangs up must not cancel the binds and
-        // links that follow the apply of events that are already durable.
-        let router = self.router.clone();
-        let response = tokio::spawn(async move { router.ingest(events).await })
+    /// Reads acknowledged state on a blocking thread: fjall reads may wait on the disk, and
+    /// the API's async workers must not.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&StateReader) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || read(&reader))
             .await
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::Internal,
-                    format!("ingest failed: {e}"),
+                    format!("the read failed: {e}"),
                 )
-            })?;
-        Ok(json(StatusCode::OK, &response))
+            })
     }
 
     fn parse_oneid(&self, text: &str) -> Result<OneId, ApiError> {
@@ -335,8 +296,8 @@ impl Api {
     async fn get_profile(&self, oneid: &str) -> Reply {
         let oneid = self.parse_oneid(oneid)?;
         let profile = self
-            .reader
-            .profile(oneid)
+            .read(move |reader| reader.profile(oneid))
+            .await?
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         Ok(json(StatusCode::OK, &profile.to_doc()))
     }
@@ -363,17 +324,26 @@ impl Api {
             kind: param("kind")?,
             value: param("value")?,
         };
-        let bound = self.reader.identity(&identity);
-        let oneid = bound.ok_or_else(|| {
-            not_found(format!(
-                "no profile has identity {}={:?}",
-                identity.kind, identity.value
-            ))
-        })?;
+        if let Err((part, message)) = check_identity(&identity.kind, &identity.value) {
+            let field = match part {
+                IdentityPart::Kind => "kind",
+                IdentityPart::Value => "value",
+            };
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidField,
+                field,
+                message,
+            ));
+        }
+        let (kind, value) = (identity.kind.clone(), identity.value.clone());
         let profile = self
-            .reader
-            .profile(oneid)
-            .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+            .read(move |reader| {
+                let oneid = reader.identity(&identity)?;
+                reader.profile(oneid)
+            })
+            .await?
+            .ok_or_else(|| not_found(format!("no profile has identity {kind}={value:?}")))?;
         Ok(json(StatusCode::OK, &profile.to_doc()))
     }
 
@@ -403,8 +373,8 @@ impl Api {
             }
         }
         let mut entries = self
-            .reader
-            .ledger(oneid, limit + 1, before)
+            .read(move |reader| reader.ledger(oneid, limit + 1, before))
+            .await?
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         let next = if entries.len() > limit {
             entries.truncate(limit);
@@ -438,7 +408,7 @@ impl Api {
     }
 
     async fn put_rules(&self, request: Request<Incoming>) -> Reply {
-        let body = read_body(request).await?;
+        let (body, _held) = self.read_body(request).await?;
         let doc: RulesDoc = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -470,7 +440,7 @@ impl Api {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
-        let body = read_body(request).await?;
+        let (body, _held) = self.read_body(request).await?;
         let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -499,6 +469,20 @@ impl Api {
             })?
             .map_err(backup_error)?;
         Ok(json(StatusCode::OK, &manifest))
+    }
+
+    /// Reads a JSON request body (rules, backups) within the body limits.
+    async fn read_body(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<(Vec<u8>, body::Held), ApiError> {
+        body::read(
+            request.into_body(),
+            Shape::Whole,
+            &self.budget,
+            self.body_timeout,
+        )
+        .await
     }
 
     async fn shard_views(&self) -> Result<Vec<ShardView>, ApiError> {
@@ -582,62 +566,13 @@ fn not_found(message: String) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
 }
 
-/// Reads a body of at most `REQUEST_BODY_BYTES_MAX`. Past it, reads and drops up to
-/// `DISCARD_BYTES_MAX` so the client gets to read the 413, which closes the connection.
-async fn read_body(request: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
-    let mut body = request.into_body();
-    let mut bytes = Vec::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("reading the body failed: {e}"),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        seen += data.len();
-        if seen <= REQUEST_BODY_BYTES_MAX {
-            bytes.extend_from_slice(&data);
-        } else if seen > DISCARD_BYTES_MAX {
-            break;
-        }
-    }
-    if seen > REQUEST_BODY_BYTES_MAX {
-        let mut error = ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::PayloadTooLarge,
-            format!("the body is over {REQUEST_BODY_BYTES_MAX} bytes"),
-        );
-        error.close = true;
-        return Err(error);
-    }
-    Ok(bytes)
-}
-
-/// Reads a JSON array of raw events, stopping (with `None`) past `EVENTS_PER_REQUEST_MAX`.
-struct BoundedEvents;
-
-impl<'de> serde::de::Visitor<'de> for BoundedEvents {
-    type Value = Option<Vec<Box<RawValue>>>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON array of events")
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut events = Vec::new();
-        while let Some(event) = seq.next_element::<Box<RawValue>>()? {
-            if events.len() == EVENTS_PER_REQUEST_MAX {
-                // Skip the rest without keeping it: the answer is 413 either way.
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                return Ok(None);
-            }
-            events.push(event);
-        }
-        Ok(Some(events))
-    }
+fn method_not_allowed(method: &Method, path: &str, endpoint: Endpoint) -> ApiError {
+    let allowed: Vec<&str> = endpoint.methods().iter().map(Method::as_str).collect();
+    let mut error = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        format!("{path} answers {}, not {method}", allowed.join(", ")),
+    );
+    error.allow = Some(allowed.join(", "));
+    error
 }

@@ -1,0 +1,252 @@
+//! Connections: accepting them (at most [`CONNECTIONS_MAX`] at once) and the deadlines that
+//! keep any one of them from holding the server.
+//!
+//! - A new connection must send a complete request head within `head_timeout` of opening,
+//!   whether it sends nothing or half a head.
+//! - Between requests a kept-alive connection may sit idle for `idle_timeout`; from the first
+//!   byte of its next head it has `head_timeout` to complete it.
+//! - While a request is being served no deadline runs here: a body that stops arriving is the
+//!   body reader's to abandon (`body.rs`), and the answer may take as long as the work does.
+//!
+//! hyper 1's own header timeout is not used: it is silently off without a timer, and its timer
+//! also runs while a kept-alive connection is idle. Instead each connection's I/O is wrapped to
+//! notice bytes arriving, the request handler marks when a request starts and ends, and a
+//! watchdog beside the connection closes it when the deadline of its phase passes.
+//!
+//! This module knows nothing of routes or bodies; it hands each request to the handler.
+
+use crate::config::ApiConfig;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+
+/// Most connections served at once; past it, accepting waits (the kernel's backlog holds the
+/// rest). The node raises its open-file limit to fit these beside its storage's files.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// How long a graceful shutdown waits for requests in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The phase of a connection, which decides its deadline.
+const HEAD: u8 = 0;
+const BUSY: u8 = 1;
+const IDLE: u8 = 2;
+
+/// What a connection's I/O, its requests and its watchdog share.
+struct Watch {
+    phase: AtomicU8,
+    /// Milliseconds after `opened` when the phase began (for `HEAD`: the connection opened, or
+    /// the first byte of the head arrived).
+    since_ms: AtomicU64,
+    opened: Instant,
+    /// Wakes the watchdog when the phase changes.
+    changed: Notify,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch {
+            phase: AtomicU8::new(HEAD),
+            since_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            changed: Notify::new(),
+        }
+    }
+
+    fn enter(&self, phase: u8) {
+        self.since_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::SeqCst);
+        self.phase.store(phase, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// Bytes arrived: on an idle connection they start the next head.
+    fn bytes_arrived(&self) {
+        if self.phase.load(Ordering::SeqCst) == IDLE {
+            self.enter(HEAD);
+        }
+    }
+
+    /// When the current phase ends the connection, if it does.
+    fn deadline(&self, limits: &Deadlines) -> Option<Instant> {
+        let limit = match self.phase.load(Ordering::SeqCst) {
+            HEAD => limits.head,
+            IDLE => limits.idle,
+            _ => return None,
+        };
+        let since = Duration::from_millis(self.since_ms.load(Ordering::SeqCst));
+        Some(self.opened + since + limit)
+    }
+}
+
+/// A connection's deadlines (see the module documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub head: Duration,
+    pub idle: Duration,
+}
+
+impl Deadlines {
+    pub fn from_config(config: &ApiConfig) -> Deadlines {
+        Deadlines {
+            head: Duration::from_millis(config.head_timeout_ms),
+            idle: Duration::from_millis(config.idle_timeout_ms),
+        }
+    }
+}
+
+/// A connection's socket, noticing when bytes arrive.
+struct WatchedIo {
+    stream: TcpStream,
+    watch: Arc<Watch>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.watch.bytes_arrived();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Serves connections from `listener` with `handle` until `shutdown` resolves, then lets
+/// requests in flight finish (up to [`SHUTDOWN_GRACE`]).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    deadlines: Deadlines,
+    handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, or a connection reset before it was accepted.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let watch = Arc::new(Watch::new());
+        let io = WatchedIo {
+            stream,
+            watch: Arc::clone(&watch),
+        };
+        let handle = handle.clone();
+        let requests = Arc::clone(&watch);
+        let service = service_fn(move |request| {
+            let (handle, watch) = (handle.clone(), Arc::clone(&requests));
+            async move {
+                watch.enter(BUSY);
+                let response = handle(request).await;
+                watch.enter(IDLE);
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let connection = http1::Builder::new()
+            .keep_alive(true)
+            // Deadlines are this module's (see above); hyper's would need a timer.
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(io), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            guard(connection, &watch, deadlines).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("stopped accepting; finishing requests in flight");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the grace period");
+    }
+}
+
+/// Runs `connection` until it ends, or until its phase's deadline passes: then it is dropped,
+/// which closes the socket.
+async fn guard(connection: impl Future, watch: &Watch, deadlines: Deadlines) {
+    tokio::pin!(connection);
+    loop {
+        let deadline = watch.deadline(&deadlines);
+        let expired = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut connection => return,
+            () = watch.changed.notified() => {}
+            () = expired => {
+                // The phase may have changed just now; only a deadline still passed closes.
+                if watch.deadline(&deadlines).is_some_and(|at| at <= Instant::now()) {
+                    tracing::debug!(idle = watch.phase.load(Ordering::SeqCst) == IDLE, "closing a connection past its deadline");
+                    return;
+                }
+            }
+        }
+    }
+}
