@@ -152,7 +152,12 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
-        out.push_str("# TYPE oneid_http_responses_total counter\n");
+        family(
+            &mut out,
+            "oneid_http_responses_total",
+            "counter",
+            "HTTP responses by route and status class.",
+        );
         for (route, metrics) in Route::ALL.iter().zip(&self.routes) {
             for (class, count) in ["2xx", "4xx", "5xx"].iter().zip(&metrics.responses) {
                 let _ = writeln!(
@@ -163,7 +168,12 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# TYPE oneid_http_request_seconds histogram\n");
+        family(
+            &mut out,
+            "oneid_http_request_seconds",
+            "histogram",
+            "Time from a request's head to its answer, by route.",
+        );
         for (route, metrics) in Route::ALL.iter().zip(&self.routes) {
             metrics.latency.render(
                 &mut out,
@@ -172,32 +182,99 @@ impl Metrics {
             );
         }
         let counters = [
-            ("oneid_events_applied_total", &self.events_applied),
-            ("oneid_events_duplicate_total", &self.events_duplicate),
-            ("oneid_events_rejected_total", &self.events_rejected),
-            ("oneid_proposals_total", &self.proposals),
-            ("oneid_proposals_failed_total", &self.proposals_failed),
-            ("oneid_fsyncs_total", &self.fsyncs),
-            ("oneid_write_jobs_total", &self.write_jobs),
-            ("oneid_activated_total", &self.activated),
-            ("oneid_passivated_total", &self.passivated),
-            ("oneid_due_processed_total", &self.due_processed),
-            ("oneid_follow_ups_swept_total", &self.follow_ups_swept),
+            (
+                "oneid_events_applied_total",
+                "Events answered applied.",
+                &self.events_applied,
+            ),
+            (
+                "oneid_events_duplicate_total",
+                "Events answered duplicate (applied before).",
+                &self.events_duplicate,
+            ),
+            (
+                "oneid_events_rejected_total",
+                "Events answered rejected.",
+                &self.events_rejected,
+            ),
+            (
+                "oneid_proposals_total",
+                "Commands proposed to the Raft log by leaders here.",
+                &self.proposals,
+            ),
+            (
+                "oneid_proposals_failed_total",
+                "Proposals refused (overloaded, or dropped by Raft).",
+                &self.proposals_failed,
+            ),
+            (
+                "oneid_fsyncs_total",
+                "Group commits made durable (one fdatasync each).",
+                &self.fsyncs,
+            ),
+            (
+                "oneid_write_jobs_total",
+                "Shard write jobs made durable; per fsync, the group-commit factor.",
+                &self.write_jobs,
+            ),
+            (
+                "oneid_activated_total",
+                "Profiles activated (loaded into memory).",
+                &self.activated,
+            ),
+            (
+                "oneid_passivated_total",
+                "Profiles passivated (dropped from memory by budget or idleness).",
+                &self.passivated,
+            ),
+            (
+                "oneid_due_processed_total",
+                "Due-time index keys processed by clock entries.",
+                &self.due_processed,
+            ),
+            (
+                "oneid_follow_ups_swept_total",
+                "Follow-ups finished by a shard leader's sweep rather than the router.",
+                &self.follow_ups_swept,
+            ),
         ];
-        for (name, value) in counters {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+        for (name, help, value) in counters {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# TYPE oneid_activations gauge\noneid_activations {}",
-            self.activations.load(Relaxed)
+        gauge(
+            &mut out,
+            "oneid_activations",
+            "Profiles held in memory (activations).",
+            self.activations.load(Relaxed),
         );
-        out.push_str("# TYPE oneid_fsync_seconds histogram\n");
+        family(
+            &mut out,
+            "oneid_fsync_seconds",
+            "histogram",
+            "Time of one group commit: batch write and fdatasync.",
+        );
         self.fsync_latency
             .render(&mut out, "oneid_fsync_seconds", "");
-        out.push_str("# TYPE oneid_clock_apply_seconds histogram\n");
+        family(
+            &mut out,
+            "oneid_clock_apply_seconds",
+            "histogram",
+            "Time to apply one clock entry (due work and evictions, bounded per entry).",
+        );
         self.clock_apply_latency
             .render(&mut out, "oneid_clock_apply_seconds", "");
         out
     }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes a gauge family of one unlabelled value.
+pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    family(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
 }

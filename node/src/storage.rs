@@ -165,7 +165,6 @@ impl Storage {
     /// (flushes, compactions) that frees it. `outstanding_flushes` and `active_compactions`
     /// are fjall's experimental API: if they change, these two gauges go, not the node.
     pub fn render_gauges(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let keyspaces = || {
             self.logs
                 .iter()
@@ -176,30 +175,39 @@ impl Storage {
         let gauges = [
             (
                 "oneid_storage_write_buffer_bytes",
+                "Bytes in fjall's memtables, active and sealed.",
                 self.db.write_buffer_size(),
             ),
             (
                 "oneid_storage_sealed_memtables",
+                "Sealed memtables waiting to be flushed.",
                 keyspaces()
                     .map(Keyspace::sealed_memtable_count)
                     .sum::<usize>() as u64,
             ),
             (
                 "oneid_storage_outstanding_flushes",
+                "Flushes queued for fjall's workers.",
                 self.db.outstanding_flushes() as u64,
             ),
             (
                 "oneid_storage_active_compactions",
+                "Compactions running.",
                 self.db.active_compactions() as u64,
             ),
-            ("oneid_storage_journals", self.db.journal_count() as u64),
+            (
+                "oneid_storage_journals",
+                "fjall journal files.",
+                self.db.journal_count() as u64,
+            ),
             (
                 "oneid_storage_tables",
+                "Table files in all keyspaces.",
                 keyspaces().map(Keyspace::table_count).sum::<usize>() as u64,
             ),
         ];
-        for (name, value) in gauges {
-            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+        for (name, help, value) in gauges {
+            crate::metrics::gauge(out, name, help, value);
         }
     }
 

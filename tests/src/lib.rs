@@ -54,6 +54,8 @@ pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub options: NodeOptions,
     pub port: u16,
+    /// The open-file limits (soft, hard) the process starts with, if not the test's own.
+    pub open_files: Option<(u64, u64)>,
     child: Option<Child>,
 }
 
@@ -112,6 +114,7 @@ impl TestNode {
             dir,
             options,
             port: free_port(),
+            open_files: None,
             child: None,
         };
         node.write_config();
@@ -126,6 +129,7 @@ impl TestNode {
             dir,
             options,
             port: free_port(),
+            open_files: None,
             child: None,
         };
         node.write_config();
@@ -211,16 +215,24 @@ impl TestNode {
             .count();
         let log = std::fs::File::create(self.dir.path().join(format!("node-{starts}.log")))
             .expect("log file");
-        Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .arg("--config")
             .arg(self.config_path())
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting oneid-node")
+            .stderr(log);
+        if let Some((soft, hard)) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec this only calls setrlimit, which is
+            // async-signal-safe and allocates nothing.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard));
+            }
+        }
+        command.spawn().expect("starting oneid-node")
     }
 
     /// Runs the process with `extra_args` when it is expected to refuse to start: waits for it

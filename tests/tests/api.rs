@@ -694,6 +694,71 @@ async fn cluster_view_and_health() {
     ] {
         assert!(text.contains(name), "no {name:?} in {text}");
     }
+    // Every family has its HELP and TYPE, once, before its samples; and promtool agrees.
+    let mut described: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(!described.contains(&name), "{name} described twice");
+            described.push(name);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            assert_eq!(
+                described.last(),
+                Some(&name),
+                "TYPE of {name} right after its HELP"
+            );
+        } else {
+            let sample = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| sample.strip_suffix(suffix))
+                .filter(|f| described.contains(f))
+                .unwrap_or(sample);
+            assert_eq!(described.last(), Some(&family), "{line} under its family");
+        }
+    }
+    let output = promtool_check(&text);
+    assert!(
+        output.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `promtool check metrics` on `text`: promtool from `PROMTOOL`, the one scripts/test unpacks
+/// into target/tools, or the path.
+fn promtool_check(text: &str) -> std::process::Output {
+    use std::io::Write;
+    let unpacked = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .expect("target/")
+        .join("tools/usr/bin/promtool");
+    let promtool = std::env::var_os("PROMTOOL")
+        .map(PathBuf::from)
+        .or_else(|| unpacked.exists().then_some(unpacked))
+        .unwrap_or_else(|| PathBuf::from("promtool"));
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} ({e}): scripts/test unpacks it into target/tools",
+                promtool.display()
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

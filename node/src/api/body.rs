@@ -1,18 +1,21 @@
 //! Request bodies: read within their limits, and within the node's memory budget for bodies.
 //!
 //! Limits, each with its answer:
-//! - a body over `REQUEST_BODY_BYTES_MAX` is answered 413 after reading and dropping up to
-//!   [`DISCARD_BYTES_MAX`] (so a client still sending reads the answer), then the connection
-//!   closes;
+//! - a body over `REQUEST_BODY_BYTES_MAX` is answered 413;
 //! - an NDJSON body is counted line by line as it arrives: past `EVENTS_PER_REQUEST_MAX` events
-//!   it is answered 413 at once, and the connection closes;
-//! - a body that stops arriving for `body_timeout` is answered 408 and its connection closes;
+//!   it is answered 413 without waiting for the rest;
+//! - a body that stops arriving for `body_timeout` is answered 408;
 //! - bodies in flight on the whole node (being read, parsed, or held by an ingest that goes on
 //!   after its client hung up) share [`BodyBudget`], counted in bytes as they arrive: a body
 //!   that finds the budget spent waits up to [`BUDGET_WAIT`] for other requests to finish,
 //!   then is answered 503 `unavailable`.
+//!
+//! A body refused before its end is drained first, without keeping it (up to
+//! [`DISCARD_BYTES_MAX`], for at most [`DRAIN_TIME_MAX`]), so that a client still sending reads
+//! the answer instead of a connection reset; then the connection closes.
 
 use super::ApiError;
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::StatusCode;
@@ -22,8 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Most bytes of an oversized body read (and dropped) before answering 413 and closing.
+/// Most bytes of a refused body read (and dropped) before answering and closing.
 pub const DISCARD_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Longest a refused body is drained before answering and closing.
+pub const DRAIN_TIME_MAX: Duration = Duration::from_secs(1);
 /// How long a body waits for budget before it is answered 503.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(5);
 
@@ -31,6 +36,7 @@ pub const BUDGET_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
+    total: usize,
 }
 
 /// Budget held by a body, given back when dropped (after its request's work is done).
@@ -44,7 +50,13 @@ impl BodyBudget {
         );
         BodyBudget {
             bytes: Arc::new(Semaphore::new(bytes)),
+            total: bytes,
         }
+    }
+
+    /// Bytes held by bodies now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
     }
 
     /// Takes `n` more bytes for `held`, waiting up to [`BUDGET_WAIT`].
@@ -57,11 +69,9 @@ impl BodyBudget {
         let permit = tokio::time::timeout(BUDGET_WAIT, acquire)
             .await
             .map_err(|_| {
-                let mut error = ApiError::unavailable(format!(
+                ApiError::unavailable(format!(
                     "the node holds its whole budget of request bodies and none was given back within {BUDGET_WAIT:?}; retry"
-                ));
-                error.close = true;
-                error
+                ))
             })?
             .expect("the budget is never closed");
         match &mut held.0 {
@@ -92,7 +102,38 @@ pub async fn read(
     let mut bytes = Vec::new();
     let mut held = Held(None);
     let mut lines = LineCount::default();
-    let mut seen = 0usize;
+    loop {
+        let data = match next_data(&mut body, stall).await {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok((bytes, held)),
+            Err(error) => return Err(error),
+        };
+        let refusal = if bytes.len() + data.len() > REQUEST_BODY_BYTES_MAX {
+            Some(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                format!("the body is over {REQUEST_BODY_BYTES_MAX} bytes"),
+            ))
+        } else if let Err(error) = budget.take(&mut held, data.len()).await {
+            Some(error)
+        } else if shape == Shape::Lines && lines.add(&data) > EVENTS_PER_REQUEST_MAX {
+            Some(too_many_events())
+        } else {
+            None
+        };
+        if let Some(mut error) = refusal {
+            drop((bytes, held));
+            drain(&mut body, data.len()).await;
+            error.close = true;
+            return Err(error);
+        }
+        bytes.extend_from_slice(&data);
+    }
+}
+
+/// The next piece of data of a body; `None` at its end. A body that sends nothing for
+/// `stall` is answered 408 (and its connection closed).
+async fn next_data(body: &mut Incoming, stall: Duration) -> Result<Option<Bytes>, ApiError> {
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => {
@@ -104,7 +145,7 @@ pub async fn read(
                 error.close = true;
                 return Err(error);
             }
-            Ok(None) => break,
+            Ok(None) => return Ok(None),
             Ok(Some(frame)) => frame.map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -113,32 +154,22 @@ pub async fn read(
                 )
             })?,
         };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        seen += data.len();
-        if seen <= REQUEST_BODY_BYTES_MAX {
-            budget.take(&mut held, data.len()).await?;
-            if shape == Shape::Lines && lines.add(&data) > EVENTS_PER_REQUEST_MAX {
-                let mut error = too_many_events();
-                error.close = true;
-                return Err(error);
-            }
-            bytes.extend_from_slice(&data);
-        } else if seen > DISCARD_BYTES_MAX {
-            break;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
         }
     }
-    if seen > REQUEST_BODY_BYTES_MAX {
-        let mut error = ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::PayloadTooLarge,
-            format!("the body is over {REQUEST_BODY_BYTES_MAX} bytes"),
-        );
-        error.close = true;
-        return Err(error);
+}
+
+/// Reads and drops what is left of a refused body (`seen` bytes of it already read), within
+/// [`DISCARD_BYTES_MAX`] and [`DRAIN_TIME_MAX`].
+async fn drain(body: &mut Incoming, mut seen: usize) {
+    let until = tokio::time::Instant::now() + DRAIN_TIME_MAX;
+    while seen < DISCARD_BYTES_MAX {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => seen += frame.data_ref().map_or(0, Bytes::len),
+            _ => return,
+        }
     }
-    Ok((bytes, held))
 }
 
 pub fn too_many_events() -> ApiError {

@@ -534,6 +534,12 @@ impl Api {
     fn metrics_text(&self) -> Response<Full<Bytes>> {
         let mut text = self.metrics.render();
         self.reader.storage().render_gauges(&mut text);
+        crate::metrics::gauge(
+            &mut text,
+            "oneid_api_body_bytes",
+            "Bytes of request bodies the node holds (read, parsed, or being applied).",
+            self.budget.in_use() as u64,
+        );
         let mut response = Response::new(Full::new(Bytes::from(text)));
         response.headers_mut().insert(
             CONTENT_TYPE,
