@@ -106,6 +106,13 @@ enum AdminCommand {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`oneid cluster status | head -1`)
+    // would panic; like any Unix filter, the CLI should just stop.
+    // SAFETY: sets a signal's disposition to the default before any other thread could
+    // depend on it; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let client = Client::new(&cli.server)?;
     match cli.command {
@@ -293,33 +300,35 @@ async fn send_file(
             oneid_protocol::api::EVENTS_PER_REQUEST_MAX
         );
     }
-    let (reader, size): (Box<dyn Read>, u64) = if file.as_os_str() == "-" {
-        (Box::new(std::io::stdin()), 0)
+    // Progress counts the bytes the reader took, whatever the line endings; standard input has
+    // no known size, so it gets a spinner.
+    let (reader, progress): (Box<dyn Read>, ProgressBar) = if file.as_os_str() == "-" {
+        let spinner = ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} {msg}").expect("a valid template"),
+        );
+        spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+        (Box::new(std::io::stdin()), spinner)
     } else {
         let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-        let size = f.metadata()?.len();
-        (Box::new(f), size)
+        let bar = ProgressBar::new(f.metadata()?.len()).with_style(
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
+                .expect("a valid template"),
+        );
+        (Box::new(f), bar)
     };
-    let progress = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(size)
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
-            .expect("a valid template"),
-    );
+    if json {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let reader = progress.wrap_read(reader);
     let (mut applied, mut duplicates, mut rejected) = (0u64, 0u64, 0u64);
     let mut problems: Vec<String> = Vec::new();
     let mut lines = BufReader::new(reader).lines();
     let mut line_no = 0usize;
     loop {
         let mut events = Vec::with_capacity(batch);
-        let mut bytes = 0u64;
         for line in lines.by_ref() {
             let line = line.context("reading events")?;
             line_no += 1;
-            bytes += line.len() as u64 + 1;
             if line.trim().is_empty() {
                 continue;
             }
@@ -353,7 +362,6 @@ async fn send_file(
                 problems.push(format!("{}: {:?} {}", r.event_id, e.code, e.message));
             }
         }
-        progress.inc(bytes);
         progress.set_message(format!(
             "applied {applied}, duplicates {duplicates}, rejected {rejected}"
         ));

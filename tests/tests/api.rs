@@ -912,4 +912,42 @@ async fn cli_lookup_cluster_status_and_events_send() {
             .unwrap();
         assert_eq!(doc.points.balance, n + 1);
     }
+    // A file with CRLF line ends reads the same.
+    std::fs::write(&file, lines.join("\r\n") + "\r\n").unwrap();
+    let (status, out) = cli(&node.base(), &["events", "send", path]).await;
+    assert!(status.success(), "{status}: {out}");
+    assert_eq!(out.trim_end(), "applied 0, duplicates 5, rejected 0");
+
+    // Its reader gone before it prints (`oneid cluster status | head -0`): the CLI stops, as
+    // Unix filters do, with no panic.
+    let base = node.base();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(cli_binary())
+            .args(["--server", &base, "cluster", "status"])
+            .env_remove("ONEID_SERVER")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running oneid");
+        drop(child.stdout.take());
+        child.wait_with_output().expect("waiting")
+    })
+    .await
+    .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        output.status.signal(),
+        Some(SIGPIPE),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
+
+/// SIGPIPE's number on Linux.
+const SIGPIPE: i32 = 13;
