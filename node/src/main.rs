@@ -208,10 +208,7 @@ fn main() -> anyhow::Result<()> {
     });
     // Every acknowledged write was fsynced before its answer; this last persist only covers
     // unacknowledged work (clock entries, writes whose answer was not sent).
-    storage
-        .db
-        .persist(fjall::PersistMode::SyncAll)
-        .context("final flush")?;
+    storage.sync_all().context("final flush")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -7,9 +7,10 @@
 //! had to wait for the fsync. Each shard keeps at most one job in flight, so the writer's
 //! queue is bounded by the number of shards, and one fsync covers the work of many shards.
 //!
-//! Reads (profiles, identities, ledger) are answered by the actor from its activation cache,
-//! the changes of the job in flight, and fjall, in that order: a read sees every write that was
-//! acknowledged before it.
+//! The actor answers no profile, identity or ledger read: those go to fjall directly
+//! (`storage::StateReader`), which holds every acknowledged write. It answers what only it
+//! knows (its Raft status, its rules), proposes clock entries as leader, and sweeps the
+//! follow-up records the router did not finish.
 
 use crate::command::{Command, FollowUp, Output, Retention};
 use crate::config::node_of_raft_id;
@@ -517,9 +518,10 @@ impl ShardActor {
         if self.leader && !self.sweeping && Instant::now() >= self.next_sweep {
             self.sweep_follow_ups(ctx);
         }
-        self.state
-            .activations
-            .passivate_idle(self.settings.passivate_idle);
+        let idle_ticks = (self.settings.passivate_idle.as_millis()
+            / self.settings.tick.as_millis().max(1)) as u64;
+        self.state.activations.tick();
+        self.state.activations.passivate_idle(idle_ticks.max(1));
         self.report_activations();
         self.drive(ctx);
     }

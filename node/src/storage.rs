@@ -1,12 +1,15 @@
 //! Durable storage: one fjall database per node, and the writer thread that group-commits it.
 //!
-//! Keyspaces: `meta` (each shard's Raft hard state and conf state), `log_NNNN` (a shard's Raft
-//! log, index → entry) and `state_NNNN` (a shard's applied state, see `state::keys`).
+//! Keyspaces: `meta` (each shard's Raft hard state, and the cluster's shard count and state
+//! format), `log_NNNN` (a shard's Raft log, index → entry) and `state_NNNN` (a shard's applied
+//! state, see `state::keys`). The Raft conf state is not stored: it is the one `cluster.toml`
+//! bootstraps.
 //!
 //! Every write goes through the [`Writer`]: a dedicated thread that takes all pending write
 //! jobs of all shards, commits them as one fjall batch and makes them durable with one
-//! `persist(SyncAll)`, then calls each job's completion. A failed write or fsync stops the
-//! process: nothing after it may be acknowledged.
+//! `persist(SyncData)` (an fdatasync of fjall's preallocated journal), then calls each job's
+//! completion. A failed write or fsync stops the process: nothing after it may be
+//! acknowledged.
 
 use crate::config::StorageConfig;
 use crate::metrics::Metrics;
@@ -159,6 +162,12 @@ impl Storage {
             }
         }
         Ok(())
+    }
+
+    /// Makes everything written so far durable, journals and their directory included (the
+    /// node's last act when it stops).
+    pub fn sync_all(&self) -> fjall::Result<()> {
+        self.db.persist(PersistMode::SyncAll)
     }
 
     /// fjall's gauges for `/metrics`: the memory its memtables hold and the background work

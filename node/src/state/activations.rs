@@ -2,18 +2,21 @@
 //!
 //! An activation is only a copy of persisted state (every apply writes the profile through),
 //! so dropping one, by budget or idleness, loses nothing: the next message reads it back.
+//! Idleness is counted in the shard's ticks ([`Activations::tick`]), not read from a clock:
+//! nothing in `state` reads time.
 
 use super::profile::Profile;
 use lru::LruCache;
 use oneid_protocol::ids::OneId;
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
-use std::time::{Duration, Instant};
 
 pub struct Activations {
     /// Most recently used last; each with the pair hash of its stored bytes (for the digest)
-    /// and the time it was last touched.
-    cache: LruCache<OneId, (Profile, u64, Instant)>,
+    /// and the tick it was last touched at.
+    cache: LruCache<OneId, (Profile, u64, u64)>,
+    /// Ticks so far (the shard's timer).
+    now: u64,
     /// Profiles taken out for the command being applied: each goes back (`insert`) or is
     /// dropped (`discard`) before the command ends.
     taken: HashSet<OneId>,
@@ -27,6 +30,7 @@ impl Activations {
         Activations {
             cache: LruCache::new(NonZeroUsize::new(budget.max(1)).expect("budget is at least 1")),
             taken: HashSet::new(),
+            now: 0,
             passivated: 0,
             activated: 0,
         }
@@ -34,8 +38,9 @@ impl Activations {
 
     #[cfg(test)]
     pub fn get(&mut self, oneid: OneId) -> Option<(&Profile, u64)> {
+        let now = self.now;
         let (profile, stored_hash, touched) = self.cache.get_mut(&oneid)?;
-        *touched = Instant::now();
+        *touched = now;
         Some((profile, *stored_hash))
     }
 
@@ -69,18 +74,22 @@ impl Activations {
         }
         if self
             .cache
-            .push(oneid, (profile, stored_hash, Instant::now()))
+            .push(oneid, (profile, stored_hash, self.now))
             .is_some_and(|(evicted, _)| evicted != oneid)
         {
             self.passivated += 1;
         }
     }
 
-    /// Passivates activations idle for longer than `idle`.
-    pub fn passivate_idle(&mut self, idle: Duration) {
-        let now = Instant::now();
+    /// One tick of the shard's timer passed.
+    pub fn tick(&mut self) {
+        self.now += 1;
+    }
+
+    /// Passivates activations not touched for `idle_ticks` ticks or more.
+    pub fn passivate_idle(&mut self, idle_ticks: u64) {
         while let Some((_, (_, _, touched))) = self.cache.peek_lru() {
-            if now.duration_since(*touched) < idle {
+            if self.now - *touched < idle_ticks {
                 break;
             }
             self.cache.pop_lru();
@@ -90,5 +99,32 @@ impl Activations {
 
     pub fn len(&self) -> usize {
         self.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{id, rules, PLAIN};
+    use oneid_protocol::num::Millis;
+
+    #[test]
+    fn activations_idle_for_the_given_ticks_are_passivated_and_touched_ones_kept() {
+        let mut activations = Activations::new(10);
+        let profile = |seq| Profile::new(id(seq), &rules(PLAIN), Millis(0));
+        activations.insert(profile(1), 11);
+        activations.insert(profile(2), 22);
+        activations.tick();
+        activations.tick();
+        // Profile 2 is used again; profile 1 has been idle two ticks.
+        let (taken, hash) = activations.take(id(2)).expect("activated");
+        activations.insert(taken, hash);
+        activations.passivate_idle(3);
+        assert_eq!(activations.len(), 2, "nothing idle for 3 ticks yet");
+        activations.tick();
+        activations.passivate_idle(3);
+        assert_eq!(activations.len(), 1);
+        assert!(activations.take(id(1)).is_none(), "profile 1 passivated");
+        assert_eq!(activations.passivated, 1);
     }
 }

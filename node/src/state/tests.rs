@@ -1778,6 +1778,28 @@ fn reloading_from_the_stored_state_after_every_entry_changes_nothing() {
 // ---- 11. Clock ----
 
 #[test]
+fn the_digest_covers_the_shard_record() {
+    let mut h = Harness::new(PLAIN);
+    let before = (h.state.meta.digest, h.state.record.clone());
+    // A clock entry with nothing due changes only the shard's clock and due floor.
+    h.apply(clock(1));
+    assert_eq!(
+        without_bookkeeping(&h.mem).len(),
+        1,
+        "only the rules besides"
+    );
+    assert_ne!(h.state.record, before.1);
+    assert_ne!(
+        h.state.meta.digest, before.0,
+        "replicas whose clocks differ differ"
+    );
+    // The same clock again changes nothing, digest included.
+    let digest = h.state.meta.digest;
+    h.apply(clock(1));
+    assert_eq!(h.state.meta.digest, digest);
+}
+
+#[test]
 fn clock_never_goes_back() {
     let mut h = Harness::new(PLAIN);
     h.apply(clock(3));
