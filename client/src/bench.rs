@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// What to measure: `standard` (ingest, lookups, ceiling), `profiles` (RSS and disk while
-    /// loading `--profiles` profiles), `expiry` (`--lots` points lots falling due at once).
+    /// loading `--profiles` profiles), `expiry` (`--lots` points lots falling due at once),
+    /// `chain` (a batch of `--chain` events each sharing a new identity with the next).
     #[arg(long, default_value = "standard")]
     pub(crate) scenario: String,
     /// The node's data directory, to report disk bytes.
@@ -42,6 +43,9 @@ pub struct BenchArgs {
     /// `expiry`: seconds from the start until the lots expire (loading must finish before).
     #[arg(long, default_value_t = 120)]
     pub(crate) expire_after: u64,
+    /// `chain`: events in the chain.
+    #[arg(long, default_value_t = 2_000)]
+    pub(crate) chain: usize,
     /// Customers to generate.
     #[arg(long, default_value_t = 20_000)]
     pub(crate) customers: usize,
@@ -242,7 +246,8 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         "standard" => {}
         "profiles" => return crate::bench_time::profiles(&client, &args, json_only).await,
         "expiry" => return crate::bench_time::expiry(&client, &args, json_only).await,
-        other => anyhow::bail!("unknown scenario {other:?}: standard, profiles or expiry"),
+        "chain" => return crate::bench_chain::chain(&client, &args, json_only).await,
+        other => anyhow::bail!("unknown scenario {other:?}: standard, profiles, expiry or chain"),
     }
 
     // Ingest.

@@ -239,7 +239,7 @@ pub async fn expiry(client: &Client, args: &BenchArgs, json_only: bool) -> anyho
     finish(args, &report, json_only)
 }
 
-fn finish(args: &BenchArgs, report: &Value, json_only: bool) -> anyhow::Result<()> {
+pub(crate) fn finish(args: &BenchArgs, report: &Value, json_only: bool) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(report)?;
     if json_only {
         println!("{text}");

@@ -1,6 +1,7 @@
 //! `oneid`: the command-line tool for OneID.
 
 mod bench;
+mod bench_chain;
 mod bench_time;
 
 use anyhow::{bail, Context};

@@ -19,6 +19,7 @@ mod config;
 mod follow_up;
 mod logging;
 mod metrics;
+mod read_pool;
 mod router;
 mod shard;
 mod state;

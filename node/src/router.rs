@@ -2,7 +2,7 @@
 //!
 //! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
 //! held by the shard its hash picks). The router:
-//! 1. resolves every identity of the batch once, at the start (on a blocking thread: the reads
+//! 1. resolves every identity of the batch once, at the start (on the read pool: the reads
 //!    go to fjall); an event whose identities (and oneid) are bound to two profiles is rejected
 //!    `identity_conflict`, unless it already applied to one of them: then it is a `duplicate`;
 //! 2. for each wave, proposes one `Events` entry per target shard, events in request order.
@@ -150,18 +150,17 @@ impl Router {
             .iter()
             .flat_map(|(_, event)| event.identities.iter().cloned())
             .collect();
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            identities
-                .into_iter()
-                .map(|identity| {
-                    let bound = reader.identity(&identity);
-                    (identity, bound)
-                })
-                .collect()
-        })
-        .await
-        .expect("resolving identities does not panic")
+        self.reader
+            .run(move |reader| {
+                identities
+                    .into_iter()
+                    .map(|identity| {
+                        let bound = reader.identity(&identity);
+                        (identity, bound)
+                    })
+                    .collect()
+            })
+            .await
     }
 
     fn respond(&self, answers: Vec<Option<Answer>>, ids: Vec<String>) -> EventsResponse {
@@ -314,25 +313,25 @@ impl Router {
         if conflicts.is_empty() {
             return Vec::new();
         }
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            conflicts
-                .into_iter()
-                .map(|(position, event_id, profiles)| {
-                    let answer = match profiles.iter().find(|p| reader.has_event(**p, &event_id)) {
-                        Some(&oneid) => Ok((EventStatus::Duplicate, oneid)),
-                        None => {
-                            let mut two = profiles.iter();
-                            let (a, b) = (two.next(), two.next());
-                            Err(conflict(*a.expect("two"), *b.expect("two")))
-                        }
-                    };
-                    (position, answer)
-                })
-                .collect()
-        })
-        .await
-        .expect("reading dedup records does not panic")
+        self.reader
+            .run(move |reader| {
+                conflicts
+                    .into_iter()
+                    .map(|(position, event_id, profiles)| {
+                        let answer =
+                            match profiles.iter().find(|p| reader.has_event(**p, &event_id)) {
+                                Some(&oneid) => Ok((EventStatus::Duplicate, oneid)),
+                                None => {
+                                    let mut two = profiles.iter();
+                                    let (a, b) = (two.next(), two.next());
+                                    Err(conflict(*a.expect("two"), *b.expect("two")))
+                                }
+                            };
+                        (position, answer)
+                    })
+                    .collect()
+            })
+            .await
     }
 
     /// An event's answer; an applied one also tells resolution that its identities held by

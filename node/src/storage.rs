@@ -13,6 +13,7 @@
 
 use crate::config::StorageConfig;
 use crate::metrics::Metrics;
+use crate::read_pool::ReadPool;
 use crate::state::keys;
 use crate::state::profile::Profile;
 use crate::state::store::StateRead;
@@ -432,11 +433,15 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 ///
 /// Identity bindings are cached: a binding is never changed or removed once made, so a cached
 /// one is never stale. Only found bindings are cached (an unbound identity may be bound next).
+///
+/// Async callers run their reads through [`StateReader::run`], on the read pool's threads: a
+/// fjall read may wait on the disk.
 #[derive(Clone)]
 pub struct StateReader {
     storage: Arc<Storage>,
     n_shards: u32,
     bindings: Arc<[Mutex<LruCache<Identity, OneId>>]>,
+    pool: ReadPool,
 }
 
 /// Identity bindings the reader keeps in memory, over all stripes.
@@ -455,7 +460,17 @@ impl StateReader {
             storage,
             n_shards,
             bindings,
+            pool: ReadPool::start(),
         }
+    }
+
+    /// Runs `read` on a thread of the read pool, off the async workers.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&StateReader) -> T + Send + 'static,
+    ) -> T {
+        let reader = self.clone();
+        self.pool.run(move || read(&reader)).await
     }
 
     fn shard(&self, shard: ShardId) -> FjallState<'_> {

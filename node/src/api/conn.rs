@@ -10,8 +10,11 @@
 //!
 //! hyper 1's own header timeout is not used: it is silently off without a timer, and its timer
 //! also runs while a kept-alive connection is idle. Instead each connection's I/O is wrapped to
-//! notice bytes arriving, the request handler marks when a request starts and ends, and a
-//! watchdog beside the connection closes it when the deadline of its phase passes.
+//! notice bytes arriving, the request handler marks when a request starts and ends (two atomic
+//! stores: nothing is woken), and a watchdog beside the connection closes it when the deadline
+//! of its phase passes. The watchdog wakes at the deadline it knows or after the shortest
+//! limit, whichever is first, so a phase change that brings the deadline closer (the first
+//! byte of a head on an idle connection) is still caught on time.
 //!
 //! This module knows nothing of routes or bodies; it hands each request to the handler.
 
@@ -29,7 +32,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Most connections served at once; past it, accepting waits (the kernel's backlog holds the
 /// rest). The node raises its open-file limit to fit these beside its storage's files.
@@ -49,8 +52,6 @@ struct Watch {
     /// the first byte of the head arrived).
     since_ms: AtomicU64,
     opened: Instant,
-    /// Wakes the watchdog when the phase changes.
-    changed: Notify,
 }
 
 impl Watch {
@@ -59,7 +60,6 @@ impl Watch {
             phase: AtomicU8::new(HEAD),
             since_ms: AtomicU64::new(0),
             opened: Instant::now(),
-            changed: Notify::new(),
         }
     }
 
@@ -67,7 +67,6 @@ impl Watch {
         self.since_ms
             .store(self.opened.elapsed().as_millis() as u64, Ordering::SeqCst);
         self.phase.store(phase, Ordering::SeqCst);
-        self.changed.notify_one();
     }
 
     /// Bytes arrived: on an idle connection they start the next head.
@@ -229,24 +228,23 @@ pub async fn serve<H, F>(
 /// which closes the socket.
 async fn guard(connection: impl Future, watch: &Watch, deadlines: Deadlines) {
     tokio::pin!(connection);
+    let period = deadlines.head.min(deadlines.idle);
     loop {
-        let deadline = watch.deadline(&deadlines);
-        let expired = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
+        let now = Instant::now();
+        let wake = match watch.deadline(&deadlines) {
+            Some(at) if at <= now => {
+                tracing::debug!(
+                    idle = watch.phase.load(Ordering::SeqCst) == IDLE,
+                    "closing a connection past its deadline"
+                );
+                return;
             }
+            Some(at) => at.min(now + period),
+            None => now + period,
         };
         tokio::select! {
             _ = &mut connection => return,
-            () = watch.changed.notified() => {}
-            () = expired => {
-                // The phase may have changed just now; only a deadline still passed closes.
-                if watch.deadline(&deadlines).is_some_and(|at| at <= Instant::now()) {
-                    tracing::debug!(idle = watch.phase.load(Ordering::SeqCst) == IDLE, "closing a connection past its deadline");
-                    return;
-                }
-            }
+            () = tokio::time::sleep_until(wake.into()) => {}
         }
     }
 }

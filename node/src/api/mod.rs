@@ -6,7 +6,7 @@
 //! - `body`: reading request bodies within their limits and the node's budget for bodies.
 //! - `events`: `POST /v1/events` (a JSON array or NDJSON), handed to the router.
 //! - this file: the routes (a known route with another method is answered 405 with `Allow`),
-//!   profile, identity and ledger reads (fjall reads, on blocking threads), rules, the cluster
+//!   profile, identity and ledger reads (fjall reads, on the read pool), rules, the cluster
 //!   view, health, metrics and backups, and how errors are answered.
 //!
 //! `POST /v1/admin/backup` copies a snapshot on a blocking thread of this runtime, one backup
@@ -260,24 +260,6 @@ impl Api {
         response
     }
 
-    /// Reads acknowledged state on a blocking thread: fjall reads may wait on the disk, and
-    /// the API's async workers must not.
-    async fn read<T: Send + 'static>(
-        &self,
-        read: impl FnOnce(&StateReader) -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || read(&reader))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::Internal,
-                    format!("the read failed: {e}"),
-                )
-            })
-    }
-
     fn parse_oneid(&self, text: &str) -> Result<OneId, ApiError> {
         let oneid: OneId = text.parse().map_err(|()| {
             ApiError::field(
@@ -296,8 +278,9 @@ impl Api {
     async fn get_profile(&self, oneid: &str) -> Reply {
         let oneid = self.parse_oneid(oneid)?;
         let profile = self
-            .read(move |reader| reader.profile(oneid))
-            .await?
+            .reader
+            .run(move |reader| reader.profile(oneid))
+            .await
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         Ok(json(StatusCode::OK, &profile.to_doc()))
     }
@@ -338,11 +321,12 @@ impl Api {
         }
         let (kind, value) = (identity.kind.clone(), identity.value.clone());
         let profile = self
-            .read(move |reader| {
+            .reader
+            .run(move |reader| {
                 let oneid = reader.identity(&identity)?;
                 reader.profile(oneid)
             })
-            .await?
+            .await
             .ok_or_else(|| not_found(format!("no profile has identity {kind}={value:?}")))?;
         Ok(json(StatusCode::OK, &profile.to_doc()))
     }
@@ -373,8 +357,9 @@ impl Api {
             }
         }
         let mut entries = self
-            .read(move |reader| reader.ledger(oneid, limit + 1, before))
-            .await?
+            .reader
+            .run(move |reader| reader.ledger(oneid, limit + 1, before))
+            .await
             .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         let next = if entries.len() > limit {
             entries.truncate(limit);
