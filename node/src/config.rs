@@ -45,6 +45,9 @@ pub struct ClusterConfig {
     pub ledger_retention_days: u32,
     /// Raft tick length; elections take 10 ticks, heartbeats 1.
     pub tick_ms: u64,
+    /// Applied log entries kept for followers that fall behind; one further behind needs a
+    /// snapshot.
+    pub log_retain_entries: u64,
 }
 
 impl Default for ClusterConfig {
@@ -58,6 +61,7 @@ impl Default for ClusterConfig {
             dedup_retention_days: 7,
             ledger_retention_days: 730,
             tick_ms: 100,
+            log_retain_entries: 100_000,
         }
     }
 }

@@ -16,7 +16,7 @@
 //! This module knows the shards only as addresses to propose to; it never reads storage.
 
 use crate::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
-use crate::shard::{per_shard, propose, ShardMap};
+use crate::shards::{per_shard, propose, ShardMap};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -20,15 +20,20 @@ mod follow_up;
 mod logging;
 mod metrics;
 mod read_pool;
+mod replica;
 mod router;
-mod shard;
+mod shards;
+#[cfg(test)]
+mod sim;
 mod state;
 mod storage;
 
 use anyhow::Context;
 use clap::Parser;
 use oneid_protocol::api::NodeView;
-use shard::{ShardActor, ShardMap, ShardSettings};
+use replica::actor::{ShardActor, ShardSettings};
+use replica::core::ReplicaConfig;
+use shards::ShardMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -43,6 +48,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Descriptors the node needs beside its connections and fjall's cached files: journals, the
 /// listener, logs, backups (and, with replication, peer connections).
 const FILES_RESERVED: usize = 256;
+
+/// A Raft election timeout, in ticks (raft-rs draws each from this to twice this).
+const ELECTION_TICKS: usize = 10;
+/// A leader's heartbeat interval, in ticks.
+const HEARTBEAT_TICKS: usize = 1;
 
 /// Actix arbiters (threads) the shard actors are spread over.
 const SHARD_ARBITERS: usize = 2;
@@ -116,24 +126,37 @@ fn main() -> anyhow::Result<()> {
     let system = actix::System::new();
     let arbiters: Vec<actix::Arbiter> =
         (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
+    let started_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64;
     let mut recovered = Vec::with_capacity(hosted.len());
     for &shard in &hosted {
+        let raft_id = config::raft_id(shard, node.id);
+        let voters = config.voters(shard);
         let settings = ShardSettings {
-            n_shards: c.shards,
-            raft_id: config::raft_id(shard, node.id),
-            voters: config.voters(shard),
-            tick: Duration::from_millis(c.tick_ms),
-            clock_interval: Duration::from_millis(c.clock_interval_ms),
-            retention: command::Retention {
-                dedup_days: c.dedup_retention_days,
-                ledger_days: c.ledger_retention_days,
+            replica: ReplicaConfig {
+                shard,
+                n_shards: c.shards,
+                raft_id,
+                campaign: voters == [raft_id],
+                bootstrap_voters: voters,
+                election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
+                heartbeat_ticks: HEARTBEAT_TICKS,
+                clock_interval_ms: c.clock_interval_ms as i64,
+                retention: command::Retention {
+                    dedup_days: c.dedup_retention_days,
+                    ledger_days: c.ledger_retention_days,
+                },
+                passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
+                activation_budget: budget_per_shard,
+                seed_rules: seed_rules.clone(),
+                log_retain_entries: c.log_retain_entries,
+                life: started_micros,
             },
-            passivate_idle: Duration::from_secs(c.passivate_idle_secs),
-            activation_budget: budget_per_shard,
-            seed_rules: seed_rules.clone(),
+            tick: Duration::from_millis(c.tick_ms),
         };
         let actor = ShardActor::recover(
-            shard,
             settings,
             Arc::clone(&storage),
             writer.clone(),

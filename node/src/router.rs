@@ -25,7 +25,8 @@
 use crate::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
 use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shard::{per_shard, propose, ShardError, ShardMap};
+use crate::replica::core::ShardError;
+use crate::shards::{per_shard, propose, ShardMap};
 use crate::storage::StateReader;
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};

@@ -36,8 +36,10 @@ use std::time::Instant;
 /// Format 4: the shard's bookkeeping (clock, sequences, cursors) in its own record under the
 /// digest; follow-up records on the profile's shard instead of outbox records on the
 /// identity's; points lots with a sequence (their due keys name it), merged within a minute of
-/// expiry and capped per profile.
-pub const STATE_FORMAT: u32 = 4;
+/// expiry and capped per profile. Format 5: the Raft log's own records (its conf state, where
+/// it was compacted and its terms) beside the hard state, and logs that keep entries for
+/// followers.
+pub const STATE_FORMAT: u32 = 5;
 
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;

@@ -19,8 +19,9 @@ mod events;
 use crate::backup::{BackupError, Backups};
 use crate::command::Command;
 use crate::metrics::{Metrics, Route};
+use crate::replica::actor::{Query, QueryReply};
+use crate::replica::core::ShardError;
 use crate::router::Router;
-use crate::shard::{Query, QueryReply, ShardError};
 use crate::storage::StateReader;
 use body::{BodyBudget, Shape};
 use bytes::Bytes;
@@ -478,7 +479,16 @@ impl Api {
             .into_iter()
             .enumerate()
             .map(|(i, answer)| match answer {
-                Ok(QueryReply::Status(view)) => Ok(view),
+                Ok(QueryReply::Status(view)) => Ok(ShardView {
+                    id: i as u32,
+                    leader: view.status.leader.map(crate::config::node_of_raft_id),
+                    term: view.status.term,
+                    commit_index: view.status.commit_index,
+                    applied_index: view.status.applied_index,
+                    digest: format!("{:016x}", view.status.digest),
+                    follow_ups_pending: view.follow_ups_pending,
+                    clock: view.clock.to_string(),
+                }),
                 _ => Err(ApiError::unavailable(format!(
                     "shard {} did not answer",
                     ShardId(i as u32)

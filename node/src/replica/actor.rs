@@ -1,0 +1,415 @@
+//! The shard actor: the shell around a replica core on a node.
+//!
+//! It feeds the [`Replica`] its inputs (proposals and reads from this node, Raft messages from
+//! peers, ticks of its timer with the wall clock, and the writer's word that a write is
+//! durable) and carries out its [`Effects`]: each write goes to the node's [`Writer`] (one in
+//! flight per shard, so the writer's queue is bounded by the number of shards, and one fsync
+//! covers the work of many shards), messages go to the peers, and answers go back to whoever
+//! asked. As leader it also sweeps the follow-up records the router did not finish.
+//!
+//! The actor answers no profile, identity or ledger read itself: those go to fjall directly
+//! (`storage::StateReader`), once the actor says the durable state is new enough
+//! ([`Read`]).
+
+use super::core::{Effects, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
+use super::log::LogSource;
+use crate::command::{Command, FollowUp, Output};
+use crate::follow_up;
+use crate::metrics::Metrics;
+use crate::shards::ShardMap;
+use crate::state::{decode, keys, FollowUpRecord};
+use crate::storage::{FjallState, Storage, WriteJob, Writer};
+use actix::prelude::*;
+use oneid_protocol::ids::ShardId;
+use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Rules;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Most messages waiting in a shard actor's mailbox; senders wait (backpressure).
+pub const SHARD_MAILBOX_MAX: usize = 1024;
+/// Most follow-up records one sweep drives.
+pub const FOLLOW_UP_SWEEP_RECORDS_MAX: usize = 1024;
+/// Follow-up records younger than this (by the shard clock) are left to the router, which
+/// drives them right after the apply that wrote them.
+const FOLLOW_UP_GRACE_MS: i64 = 2_000;
+/// How often the leader sweeps follow-up records (sooner while a sweep finds a full batch).
+const FOLLOW_UP_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+const _: () = assert!(
+    super::core::PROPOSALS_PENDING_MAX >= SHARD_MAILBOX_MAX,
+    "a full mailbox of proposals must fit the pending table"
+);
+
+/// A shard's log, as fjall holds it on this node.
+pub struct FjallLog {
+    storage: Arc<Storage>,
+    shard: ShardId,
+}
+
+impl LogSource for FjallLog {
+    fn entry(&self, index: u64) -> Option<Vec<u8>> {
+        self.storage
+            .log(self.shard)
+            .get(super::log::entry_key(index))
+            .unwrap_or_else(|e| panic!("reading the log failed: {e}"))
+            .map(|v| v.to_vec())
+    }
+
+    fn last_stored(&self) -> Option<u64> {
+        let (key, _) = self
+            .storage
+            .log(self.shard)
+            .last_key_value()
+            .map(|guard| guard.into_inner())
+            .transpose()
+            .unwrap_or_else(|e| panic!("reading the log failed: {e}"))?;
+        Some(u64::from_be_bytes(
+            key.as_ref().try_into().expect("log keys are indexes"),
+        ))
+    }
+
+    fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.storage
+            .meta
+            .get(key)
+            .unwrap_or_else(|e| panic!("reading meta failed: {e}"))
+            .map(|v| v.to_vec())
+    }
+}
+
+/// What the actor needs beyond the replica's own configuration.
+#[derive(Clone)]
+pub struct ShardSettings {
+    pub replica: ReplicaConfig,
+    pub tick: Duration,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
+
+pub struct ShardActor {
+    shard: ShardId,
+    settings: ShardSettings,
+    replica: Replica<FjallLog>,
+    storage: Arc<Storage>,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    shards: ShardMap,
+    next_token: Token,
+    proposals: BTreeMap<Token, Reply<Output>>,
+    reads: BTreeMap<Token, Reply<()>>,
+    /// A follow-up sweep is in flight (at most one at a time).
+    sweeping: bool,
+    next_sweep: Instant,
+    /// Every follow-up record up to this sequence is finished: the next sweep's scan starts
+    /// after it, so it does not walk the tombstones of finished records. In memory only (0
+    /// after a restart: one scan from the start).
+    follow_up_floor: u64,
+    reported_activations: (u64, u64, usize),
+}
+
+impl ShardActor {
+    /// Recovers a shard replica from disk.
+    pub fn recover(
+        settings: ShardSettings,
+        storage: Arc<Storage>,
+        writer: Writer,
+        metrics: Arc<Metrics>,
+        shards: ShardMap,
+    ) -> anyhow::Result<ShardActor> {
+        let shard = settings.replica.shard;
+        let source = FjallLog {
+            storage: Arc::clone(&storage),
+            shard,
+        };
+        let logger = crate::logging::raft_logger(shard);
+        let replica = Replica::recover(
+            settings.replica.clone(),
+            source,
+            &FjallState(storage.state(shard)),
+            &logger,
+        )?;
+        let status = replica.status();
+        tracing::info!(%shard, applied = status.applied_index, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
+        Ok(ShardActor {
+            shard,
+            settings,
+            replica,
+            storage,
+            writer,
+            metrics,
+            shards,
+            next_token: 0,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            sweeping: false,
+            next_sweep: Instant::now(),
+            follow_up_floor: 0,
+            reported_activations: (0, 0, 0),
+        })
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Runs the replica's Ready, and carries out everything it asks.
+    fn run(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
+        let storage = Arc::clone(&self.storage);
+        self.replica.advance(
+            &FjallState(storage.state(self.shard)),
+            Millis::now(),
+            &mut fx,
+        );
+        self.carry_out(fx, ctx);
+    }
+
+    fn carry_out(&mut self, fx: Effects, ctx: &mut Context<Self>) {
+        let Effects {
+            messages,
+            write,
+            replies,
+            reads,
+            clocks,
+            role,
+        } = fx;
+        // One-voter groups have no peers; messages to peers come with the transport.
+        assert!(
+            messages.is_empty(),
+            "shard {} has no peers to send {} messages to",
+            self.shard,
+            messages.len()
+        );
+        if let Some((role, term)) = role {
+            tracing::info!(shard = %self.shard, ?role, term, "role changed");
+        }
+        for (elapsed, due) in clocks {
+            self.metrics.clock_applied(elapsed, due);
+        }
+        if let Some(ops) = write {
+            let addr = ctx.address();
+            self.writer.submit(WriteJob {
+                ops,
+                done: Box::new(move || addr.do_send(Flushed)),
+            });
+        }
+        for (token, reply) in replies {
+            if reply.is_err() {
+                self.metrics.proposals_failed.fetch_add(1, Relaxed);
+            }
+            if let Some(sender) = self.proposals.remove(&token) {
+                let _ = sender.send(reply);
+            }
+        }
+        for (token, answer) in reads {
+            if let Some(sender) = self.reads.remove(&token) {
+                let _ = sender.send(answer);
+            }
+        }
+    }
+
+    fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        let mut fx = Effects::default();
+        self.replica.tick(Millis::now(), &mut fx);
+        if self.replica.is_leader() && !self.sweeping && Instant::now() >= self.next_sweep {
+            self.sweep_follow_ups(ctx);
+        }
+        self.report_activations();
+        self.run(fx, ctx);
+    }
+
+    fn report_activations(&mut self) {
+        let a = &self.replica.state.activations;
+        let (activated, passivated, len) = self.reported_activations;
+        self.metrics
+            .activated
+            .fetch_add(a.activated - activated, Relaxed);
+        self.metrics
+            .passivated
+            .fetch_add(a.passivated - passivated, Relaxed);
+        let now = a.len();
+        if now >= len {
+            self.metrics
+                .activations
+                .fetch_add((now - len) as u64, Relaxed);
+        } else {
+            self.metrics
+                .activations
+                .fetch_sub((len - now) as u64, Relaxed);
+        }
+        self.reported_activations = (a.activated, a.passivated, now);
+    }
+
+    /// Drives the follow-up records the router did not finish (it crashed, its client hung
+    /// up, the binding shard had no leader): the oldest first, at most
+    /// [`FOLLOW_UP_SWEEP_RECORDS_MAX`] at a time, each tried once per sweep.
+    fn sweep_follow_ups(&mut self, ctx: &mut Context<Self>) {
+        self.next_sweep = Instant::now() + FOLLOW_UP_SWEEP_INTERVAL;
+        let record = &self.replica.state.record;
+        if record.follow_ups_pending == 0 {
+            return;
+        }
+        let (horizon, follow_up_seq) = (record.clock.0 - FOLLOW_UP_GRACE_MS, record.follow_up_seq);
+        let storage = Arc::clone(&self.storage);
+        let base = FjallState(storage.state(self.shard));
+        let view = self.replica.view(&base);
+        let from = keys::follow_up(self.follow_up_floor);
+        let found = view.scan(
+            keys::FOLLOW_UP_PREFIX,
+            Some(&from),
+            false,
+            FOLLOW_UP_SWEEP_RECORDS_MAX,
+        );
+        self.follow_up_floor = found
+            .first()
+            .map_or(follow_up_seq, |(key, _)| keys::follow_up_seq(key) - 1);
+        let full = found.len() == FOLLOW_UP_SWEEP_RECORDS_MAX;
+        let mut follow_ups = Vec::with_capacity(found.len());
+        for (key, value) in found {
+            let record: FollowUpRecord = decode(&key, &value);
+            if record.at.0 > horizon {
+                break;
+            }
+            follow_ups.push(FollowUp {
+                seq: keys::follow_up_seq(&key),
+                oneid: record.oneid,
+                identity: record.identity,
+            });
+        }
+        if follow_ups.is_empty() {
+            return;
+        }
+        tracing::info!(shard = %self.shard, records = follow_ups.len(), "finishing follow-ups the router left");
+        self.sweeping = true;
+        let shards = Arc::clone(&self.shards);
+        let n_shards = self.settings.replica.n_shards;
+        let sweep = async move { follow_up::drive(&shards, n_shards, follow_ups, 1).await };
+        ctx.spawn(sweep.into_actor(self).map(move |report, actor, _| {
+            let finished = report.finished;
+            actor.sweeping = false;
+            actor
+                .metrics
+                .follow_ups_swept
+                .fetch_add(finished as u64, Relaxed);
+            if full && finished > 0 {
+                // More are waiting: sweep again at the next tick.
+                actor.next_sweep = Instant::now();
+            }
+        }));
+    }
+}
+
+impl Actor for ShardActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(SHARD_MAILBOX_MAX);
+        ctx.run_interval(self.settings.tick, |actor, ctx| actor.on_tick(ctx));
+        self.run(Effects::default(), ctx);
+    }
+}
+
+/// Proposes a command; answers once it is committed, applied and durable.
+#[derive(Message)]
+#[rtype(result = "Result<Output, ShardError>")]
+pub struct Propose(pub Command);
+
+impl Handler<Propose> for ShardActor {
+    type Result = ResponseFuture<Result<Output, ShardError>>;
+
+    fn handle(&mut self, Propose(command): Propose, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        let token = self.token();
+        self.proposals.insert(token, reply);
+        self.metrics.proposals.fetch_add(1, Relaxed);
+        let mut fx = Effects::default();
+        self.replica.propose(&command, Some(token), &mut fx);
+        self.run(fx, ctx);
+        let shard = self.shard;
+        // A reply dropped unanswered means the actor stopped: the proposal's fate is unknown.
+        Box::pin(async move { answer.await.unwrap_or(Err(ShardError::Dropped(shard))) })
+    }
+}
+
+/// Waits until this replica's durable state may serve a linearizable read (a ReadIndex
+/// round, then the apply catching up with it).
+#[derive(Message)]
+#[rtype(result = "Result<(), ShardError>")]
+pub struct Read;
+
+impl Handler<Read> for ShardActor {
+    type Result = ResponseFuture<Result<(), ShardError>>;
+
+    fn handle(&mut self, _: Read, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        let token = self.token();
+        self.reads.insert(token, reply);
+        let mut fx = Effects::default();
+        self.replica.read(token, &mut fx);
+        self.run(fx, ctx);
+        let shard = self.shard;
+        Box::pin(async move { answer.await.unwrap_or(Err(ShardError::Stopped(shard))) })
+    }
+}
+
+/// The writer made the write in flight durable.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flushed;
+
+impl Handler<Flushed> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
+        let mut fx = Effects::default();
+        self.replica.persisted(&mut fx);
+        self.run(fx, ctx);
+    }
+}
+
+/// Questions about the shard replica itself.
+#[derive(Message)]
+#[rtype(result = "QueryReply")]
+pub enum Query {
+    Status,
+    Rules,
+}
+
+pub enum QueryReply {
+    Status(Box<ShardReplicaView>),
+    Rules(Box<Rules>),
+}
+
+/// A replica's status and the shard record's figures operators see.
+pub struct ShardReplicaView {
+    pub status: ReplicaStatus,
+    pub follow_ups_pending: u64,
+    pub clock: Millis,
+}
+
+impl<A: Actor, M: Message<Result = QueryReply>> actix::dev::MessageResponse<A, M> for QueryReply {
+    fn handle(self, _: &mut A::Context, tx: Option<actix::dev::OneshotSender<QueryReply>>) {
+        if let Some(tx) = tx {
+            let _ = tx.send(self);
+        }
+    }
+}
+
+impl Handler<Query> for ShardActor {
+    type Result = QueryReply;
+
+    fn handle(&mut self, query: Query, _: &mut Context<Self>) -> QueryReply {
+        match query {
+            Query::Status => QueryReply::Status(Box::new(ShardReplicaView {
+                status: self.replica.status(),
+                follow_ups_pending: self.replica.state.record.follow_ups_pending,
+                clock: self.replica.state.record.clock,
+            })),
+            Query::Rules => QueryReply::Rules(Box::new(self.replica.state.rules().clone())),
+        }
+    }
+}

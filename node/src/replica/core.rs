@@ -1,0 +1,747 @@
+//! The replica core: one shard's Raft replica and its state machine, without I/O.
+//!
+//! [`Replica`] wraps raft-rs's `RawNode` over the shard's [`ShardLog`] and the shard's
+//! [`ShardState`]. Its shell (the actix actor on a node, the simulator in tests) feeds it
+//! inputs and carries out what it answers in [`Effects`]:
+//! - inputs: [`Replica::propose`], [`Replica::read`] (a linearizable read), [`Replica::step`]
+//!   (a Raft message from a peer), [`Replica::tick`] (with the shell's wall clock, the only
+//!   time that enters), [`Replica::persisted`] (the write handed out is durable),
+//!   [`Replica::unreachable`];
+//! - then [`Replica::advance`], which runs raft-rs's Ready once if no write is in flight;
+//! - effects: messages to send now, one write to make durable (then call `persisted`), replies
+//!   to proposals and reads that may be served now, each answered only once the write holding
+//!   what it depends on is durable.
+//!
+//! The order follows raft-rs's async-persist `Ready` contract: a leader's messages go out while
+//! it persists the same entries; committed entries (durable here already) are applied into the
+//! same write as the new entries and hard state; a follower's messages (its acks) go out only
+//! after that write is durable. One write is in flight at a time, so a node's writer queue is
+//! bounded by the number of replicas it hosts.
+//!
+//! Linearizable reads use ReadIndex, batched: reads arriving while one ReadIndex round is in
+//! flight wait for the next, one round at a time. raft-rs drops a ReadIndex until the leader
+//! has committed an entry of its term, so a round not answered within [`READ_RETRY_TICKS`] is
+//! asked again, and a read not answered within [`READ_TIMEOUT_TICKS`] fails `unavailable`. A
+//! read is served once this replica's durable applied index reaches the round's index: the
+//! state readers see is then at least as new as every write acknowledged before the read began.
+
+use super::log::{LogSource, ShardLog};
+use crate::command::{Command, Output, Retention};
+use crate::state::keys;
+use crate::state::store::{Layered, StateRead, WriteSet};
+use crate::state::ShardState;
+use crate::storage::WriteOp;
+use oneid_protocol::ids::ShardId;
+use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Rules;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Most proposals a replica holds waiting for commit; past it proposals fail `Overloaded`.
+pub const PROPOSALS_PENDING_MAX: usize = 4096;
+/// Most reads a replica holds waiting for their ReadIndex round; past it reads fail
+/// `Overloaded`.
+pub const READS_PENDING_MAX: usize = 4096;
+/// Most uncommitted bytes a leader accepts before dropping proposals.
+pub const UNCOMMITTED_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Most bytes of entries in one append message.
+pub const APPEND_BYTES_MAX: u64 = 1024 * 1024;
+/// Most append messages in flight to one follower.
+pub const APPENDS_IN_FLIGHT_MAX: usize = 256;
+/// Ticks a ReadIndex round may take before it is asked again.
+pub const READ_RETRY_TICKS: u64 = 3;
+/// Ticks a read may wait in all before it fails `unavailable`.
+pub const READ_TIMEOUT_TICKS: u64 = 10;
+/// Readies with nothing to persist that one `advance` runs before it yields.
+const READIES_PER_ADVANCE_MAX: usize = 16;
+/// The log is compacted once this many entries can go.
+const LOG_COMPACT_BATCH: u64 = 64;
+
+/// A caller's handle on a proposal or a read, chosen by the shell.
+pub type Token = u64;
+
+/// Why a proposal or read was not answered.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ShardError {
+    /// This replica is not the leader; `leader` is the node that is, if known.
+    #[error("shard {shard} has no leader here (leader: {leader:?})")]
+    NotLeader { shard: ShardId, leader: Option<u64> },
+    /// Leadership changed before the proposal committed; it may or may not have applied.
+    #[error("shard {0}: leadership changed before the proposal was applied; retry")]
+    Dropped(ShardId),
+    /// Too many proposals or reads are waiting.
+    #[error("shard {0} is overloaded; retry later")]
+    Overloaded(ShardId),
+    /// The shard's replica is not running here (the node is stopping, or does not host it).
+    #[error("shard {0} is not running")]
+    Stopped(ShardId),
+    /// No leader answered in time.
+    #[error("shard {0}: no leader answered in time; retry")]
+    Timeout(ShardId),
+}
+
+/// What a replica needs to know of its place and its limits.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub shard: ShardId,
+    pub n_shards: u32,
+    /// This replica's raft id (`shard << 32 | node`).
+    pub raft_id: u64,
+    /// The voters when the shard is first created (the cluster file's placement); later the
+    /// conf state stored with the log.
+    pub bootstrap_voters: Vec<u64>,
+    /// Election timeout in ticks, drawn from `min..max` by raft-rs (a simulation sets
+    /// `max = min + 1`, which makes it deterministic).
+    pub election_ticks: (usize, usize),
+    pub heartbeat_ticks: usize,
+    /// Campaign at once (the only voter, or the placed leader of a new shard).
+    pub campaign: bool,
+    pub clock_interval_ms: i64,
+    pub retention: Retention,
+    pub passivate_idle_ticks: u64,
+    pub activation_budget: usize,
+    pub seed_rules: Rules,
+    /// Applied entries kept for followers that fall behind (`[cluster] log_retain_entries`).
+    pub log_retain_entries: u64,
+    /// A number unique to this start of the replica (a node uses its wall clock at start, in
+    /// microseconds): it tells this life's ReadIndex rounds from earlier lives' ones.
+    pub life: u64,
+}
+
+/// What the shell must carry out. Fill one per call, then drain it.
+#[derive(Default)]
+pub struct Effects {
+    /// Raft messages to send now.
+    pub messages: Vec<Message>,
+    /// A write to make durable, then call [`Replica::persisted`].
+    pub write: Option<Vec<WriteOp>>,
+    /// Answers to proposals.
+    pub replies: Vec<(Token, Result<Output, ShardError>)>,
+    /// Reads that may be served now (the durable state covers them), or why not.
+    pub reads: Vec<(Token, Result<(), ShardError>)>,
+    /// Clock entries applied: the time each took and the due keys it processed (metrics).
+    pub clocks: Vec<(Duration, usize)>,
+    /// The replica became leader, or stopped being leader, with the term.
+    pub role: Option<(StateRole, u64)>,
+}
+
+/// The write in flight: what to do once it is durable.
+struct InFlight {
+    number: u64,
+    replies: Vec<(Token, Output)>,
+    /// A follower's messages, sent only after what they acknowledge is durable.
+    after: Vec<Message>,
+    /// The applied index the write brings to disk.
+    applied: u64,
+}
+
+/// A read waiting, with the tick it arrived at.
+type Waiting = (Token, u64);
+
+/// A ReadIndex round asked and not yet answered.
+struct Round {
+    ctx: u64,
+    reads: Vec<Waiting>,
+    /// The tick it was asked at.
+    asked: u64,
+}
+
+/// Linearizable reads waiting for ReadIndex rounds.
+#[derive(Default)]
+struct Reads {
+    next_ctx: u64,
+    /// Reads not yet in a round.
+    waiting: Vec<Waiting>,
+    round: Option<Round>,
+    /// Rounds answered, with their index, waiting for the durable applied index to reach it.
+    answered: Vec<(u64, Vec<Waiting>)>,
+}
+
+impl Reads {
+    fn len(&self) -> usize {
+        self.waiting.len()
+            + self.round.as_ref().map_or(0, |r| r.reads.len())
+            + self.answered.iter().map(|a| a.1.len()).sum::<usize>()
+    }
+}
+
+/// A snapshot of a replica, for `/v1/cluster`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaStatus {
+    pub role: StateRole,
+    /// The leader's raft id, if known.
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub digest: u64,
+    /// Raft ids of the voters and learners.
+    pub replicas: Vec<u64>,
+    /// Raft ids of followers that need entries this log no longer holds (a leader's view).
+    pub needs_snapshot: Vec<u64>,
+    /// Raft ids of followers that acknowledged every entry (a leader's view).
+    pub caught_up: Vec<u64>,
+    pub first_index: u64,
+}
+
+pub struct Replica<S: LogSource> {
+    config: ReplicaConfig,
+    raw: RawNode<ShardLog<S>>,
+    pub state: ShardState,
+    /// Changes of the write in flight: reads through [`Replica::view`] see them first.
+    pending: WriteSet,
+    in_flight: Option<InFlight>,
+    /// Proposals by log index, with the term they were proposed in.
+    proposals: BTreeMap<u64, (u64, Token)>,
+    reads: Reads,
+    role: StateRole,
+    /// The term this replica leads in, if it leads.
+    leader_term: Option<u64>,
+    ticks: u64,
+    /// The shell's wall clock at the last tick.
+    now: Millis,
+    /// When this leader last proposed a clock entry (`None`: not since it became leader).
+    last_clock: Option<Millis>,
+    /// The last clock entry applied left due work: propose the next one at the next tick.
+    due_backlog: bool,
+    /// The applied index of the last write made durable.
+    durable_applied: u64,
+    /// Writes to add to the next job (the bootstrap conf state, log compaction).
+    queued_ops: Vec<WriteOp>,
+}
+
+impl<S: LogSource> Replica<S> {
+    /// Recovers a replica from what `source` (its log) and `base` (its state) hold: the
+    /// applied state is where it starts; later log entries are applied again as Raft commits
+    /// them.
+    pub fn recover(
+        config: ReplicaConfig,
+        source: S,
+        base: &dyn StateRead,
+        logger: &slog::Logger,
+    ) -> Result<Replica<S>, raft::Error> {
+        let state = ShardState::load(
+            config.shard,
+            config.n_shards,
+            base,
+            config.activation_budget,
+        );
+        let applied = state.meta.applied_index;
+        let bootstrap = ConfState::from((config.bootstrap_voters.clone(), vec![]));
+        let (mut log, queued_ops) = ShardLog::recover(config.shard, source, bootstrap);
+        log.raise_commit(applied);
+        let raft_config = raft::Config {
+            id: config.raft_id,
+            election_tick: config.election_ticks.0,
+            min_election_tick: config.election_ticks.0,
+            max_election_tick: config.election_ticks.1,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: APPEND_BYTES_MAX,
+            max_inflight_msgs: APPENDS_IN_FLIGHT_MAX,
+            max_uncommitted_size: UNCOMMITTED_BYTES_MAX,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let mut raw = RawNode::new(&raft_config, log, logger)?;
+        if config.campaign {
+            raw.campaign()?;
+        }
+        Ok(Replica {
+            config,
+            raw,
+            state,
+            pending: WriteSet::default(),
+            in_flight: None,
+            proposals: BTreeMap::new(),
+            reads: Reads::default(),
+            role: StateRole::Follower,
+            leader_term: None,
+            ticks: 0,
+            now: Millis(0),
+            last_clock: None,
+            due_backlog: false,
+            durable_applied: applied,
+            queued_ops,
+        })
+    }
+
+    /// Whether this replica leads now (raft-rs's own state: it may have changed since the
+    /// last Ready).
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader's raft id, if this replica knows one.
+    pub fn leader(&self) -> Option<u64> {
+        let leader = self.raw.raft.leader_id;
+        (leader != raft::INVALID_ID).then_some(leader)
+    }
+
+    /// The applied index of the state the storage holds durably (what readers see).
+    // Used by the simulation; the peer transport (next) uses it on a node.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn durable_applied(&self) -> u64 {
+        self.durable_applied
+    }
+
+    /// The shard's state as apply sees it: `base` with the write in flight over it.
+    pub fn view<'a>(&'a self, base: &'a dyn StateRead) -> Layered<'a> {
+        Layered {
+            base,
+            writes: &self.pending,
+        }
+    }
+
+    fn not_leader(&self) -> ShardError {
+        ShardError::NotLeader {
+            shard: self.config.shard,
+            leader: self.leader().map(crate::config::node_of_raft_id),
+        }
+    }
+
+    /// Proposes a command; `token` (if any) gets its output once it is committed, applied and
+    /// durable here, or an error.
+    pub fn propose(&mut self, command: &Command, token: Option<Token>, fx: &mut Effects) {
+        let fail = |error, fx: &mut Effects| {
+            if let Some(token) = token {
+                fx.replies.push((token, Err(error)));
+            }
+        };
+        if !self.is_leader() {
+            return fail(self.not_leader(), fx);
+        }
+        if self.proposals.len() >= PROPOSALS_PENDING_MAX {
+            return fail(ShardError::Overloaded(self.config.shard), fx);
+        }
+        if self.raw.propose(vec![], command.encode()).is_err() {
+            // Dropped by raft-rs: over the uncommitted limit, or leadership is moving.
+            return fail(ShardError::Overloaded(self.config.shard), fx);
+        }
+        if let Some(token) = token {
+            let (index, term) = (self.raw.raft.raft_log.last_index(), self.raw.raft.term);
+            if let Some((older, stale)) = self.proposals.insert(index, (term, token)) {
+                // Leadership was lost and won again since the last Ready: the entry proposed
+                // at this index in the older term was overwritten.
+                assert!(
+                    older < term,
+                    "shard {}: two proposals at index {index} in term {term}",
+                    self.config.shard
+                );
+                fx.replies
+                    .push((stale, Err(ShardError::Dropped(self.config.shard))));
+            }
+        }
+    }
+
+    /// Asks for a linearizable read: `token` is answered in `Effects::reads` once the durable
+    /// state is at least as new as every write acknowledged before this call.
+    pub fn read(&mut self, token: Token, fx: &mut Effects) {
+        if self.leader().is_none() {
+            return fx.reads.push((token, Err(self.not_leader())));
+        }
+        if self.reads.len() >= READS_PENDING_MAX {
+            return fx
+                .reads
+                .push((token, Err(ShardError::Overloaded(self.config.shard))));
+        }
+        self.reads.waiting.push((token, self.ticks));
+        self.ask_read_index();
+    }
+
+    /// Starts a ReadIndex round for the waiting reads, if none is in flight. Never called
+    /// between `ready()` and `advance_append_async` (which `advance` does back to back).
+    fn ask_read_index(&mut self) {
+        if self.reads.round.is_some() || self.reads.waiting.is_empty() {
+            return;
+        }
+        self.reads.next_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        self.raw.read_index(self.read_ctx(ctx));
+        let reads = std::mem::take(&mut self.reads.waiting);
+        self.reads.round = Some(Round {
+            ctx,
+            reads,
+            asked: self.ticks,
+        });
+    }
+
+    /// The context of ReadIndex round `n`: unique to this start of the replica (`life`), so
+    /// the answer to a round asked before a restart (still pending at the leader, or late in
+    /// the network) is never taken for a round asked after it.
+    fn read_ctx(&self, n: u64) -> Vec<u8> {
+        let mut ctx = self.config.life.to_be_bytes().to_vec();
+        ctx.extend_from_slice(&n.to_be_bytes());
+        ctx
+    }
+
+    /// A Raft message from a peer.
+    // Used by the simulation; the peer transport (next) uses it on a node.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn step(&mut self, message: Message) {
+        if let Err(error) = self.raw.step(message) {
+            tracing::debug!(shard = %self.config.shard, %error, "message not taken");
+        }
+    }
+
+    /// A peer could not be reached: raft-rs probes it again instead of streaming to it.
+    // Used by the simulation; the peer transport (next) uses it on a node.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn unreachable(&mut self, raft_id: u64) {
+        self.raw.report_unreachable(raft_id);
+    }
+
+    /// One tick of the shard's timer, with the shell's wall clock.
+    pub fn tick(&mut self, now: Millis, fx: &mut Effects) {
+        self.ticks += 1;
+        self.now = self.now.max(now);
+        self.raw.tick();
+        self.state.activations.tick();
+        self.state
+            .activations
+            .passivate_idle(self.config.passivate_idle_ticks.max(1));
+        if self.is_leader() && self.clock_due() {
+            self.propose_clock(fx);
+        }
+        self.expire_reads(fx);
+    }
+
+    /// Whether the leader should propose a clock entry now: the last one applied left due work,
+    /// or the shard's clock is `clock_interval` behind the shell's and no clock entry was
+    /// proposed within that interval. Reckoned from the replicated clock, so a new leader (or a
+    /// restarted node) proposes one only when the shard's clock is really behind, and a shard
+    /// with nothing due and no writes keeps its state, digest included, unchanged.
+    fn clock_due(&self) -> bool {
+        let interval = self.config.clock_interval_ms;
+        let behind = self.now.0 - self.state.record.clock.0 >= interval;
+        self.due_backlog
+            || (behind
+                && self
+                    .last_clock
+                    .is_none_or(|at| self.now.0 - at.0 >= interval))
+    }
+
+    fn propose_clock(&mut self, fx: &mut Effects) {
+        self.due_backlog = false;
+        self.last_clock = Some(self.now);
+        let command = Command::Clock {
+            now: self.now,
+            retention: self.config.retention,
+        };
+        self.propose(&command, None, fx);
+    }
+
+    /// Asks a round again if it was not answered in time; fails reads that waited too long.
+    fn expire_reads(&mut self, fx: &mut Effects) {
+        let (ticks, shard) = (self.ticks, self.config.shard);
+        let fail = |reads: &mut Vec<Waiting>, fx: &mut Effects| {
+            reads.retain(|&(token, arrived)| {
+                let keep = ticks - arrived < READ_TIMEOUT_TICKS;
+                if !keep {
+                    fx.reads.push((token, Err(ShardError::Timeout(shard))));
+                }
+                keep
+            });
+        };
+        fail(&mut self.reads.waiting, fx);
+        for (_, reads) in &mut self.reads.answered {
+            fail(reads, fx);
+        }
+        self.reads.answered.retain(|(_, reads)| !reads.is_empty());
+        let late = self
+            .reads
+            .round
+            .as_ref()
+            .is_some_and(|round| ticks - round.asked >= READ_RETRY_TICKS);
+        if late {
+            let mut reads = self.reads.round.take().expect("a round").reads;
+            fail(&mut reads, fx);
+            reads.append(&mut self.reads.waiting);
+            self.reads.waiting = reads;
+        }
+        self.ask_read_index();
+    }
+
+    /// Runs raft-rs's Ready until it hands out a write or has nothing more to do (at most
+    /// [`READIES_PER_ADVANCE_MAX`] rounds of Readies with nothing to persist). `base` is the
+    /// shard's stored state (apply reads it under the write it builds); `now` the shell's wall
+    /// clock, for the clock entry a new leader proposes before anything else.
+    pub fn advance(&mut self, base: &dyn StateRead, now: Millis, fx: &mut Effects) {
+        self.now = self.now.max(now);
+        for _ in 0..READIES_PER_ADVANCE_MAX {
+            if self.in_flight.is_some() || !self.raw.has_ready() {
+                return;
+            }
+            self.advance_once(base, fx);
+        }
+    }
+
+    fn advance_once(&mut self, base: &dyn StateRead, fx: &mut Effects) {
+        let mut ready = self.raw.ready();
+        // Leadership is a (role, term): a replica may lose it and win it again between two
+        // Readies (the soft state then looks unchanged), and what waited on the old term
+        // will not commit in it.
+        let role = ready.ss().map_or(self.role, |soft| soft.raft_state);
+        let term = self.raw.raft.term;
+        let leads = (role == StateRole::Leader).then_some(term);
+        let mut became_leader = false;
+        if leads != self.leader_term {
+            if self.leader_term.is_some() {
+                self.fail_waiting(ShardError::Dropped(self.config.shard), fx);
+            }
+            became_leader = leads.is_some();
+            fx.role = Some((role, term));
+            self.leader_term = leads;
+        }
+        self.role = role;
+        for read_state in ready.take_read_states() {
+            if let Some(round) = &self.reads.round {
+                if read_state.request_ctx == self.read_ctx(round.ctx) {
+                    let reads = self.reads.round.take().expect("a round").reads;
+                    self.reads.answered.push((read_state.index, reads));
+                }
+            }
+        }
+        fx.messages.extend(ready.take_messages());
+        assert!(
+            ready.snapshot().is_empty(),
+            "shard {}: snapshots are not sent yet",
+            self.config.shard
+        );
+
+        let mut ops = std::mem::take(&mut self.queued_ops);
+        let mut writes = WriteSet::default();
+        let mut replies = Vec::new();
+        let mut applied = None;
+        for entry in ready.take_committed_entries() {
+            let (index, term) = (entry.index, entry.term);
+            let started = Instant::now();
+            let output = match entry.get_entry_type() {
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    let command = Command::decode(&entry.data).unwrap_or_else(|e| {
+                        panic!(
+                            "shard {}: committed entry {index} does not decode: {e}",
+                            self.config.shard
+                        )
+                    });
+                    self.state.apply(base, &mut writes, index, term, command)
+                }
+                EntryType::EntryNormal => self.state.apply_empty(&mut writes, index, term),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry, &mut ops);
+                    self.state.apply_empty(&mut writes, index, term)
+                }
+            };
+            applied = Some(index);
+            if let Output::Clock {
+                due_processed,
+                backlog,
+            } = output
+            {
+                self.due_backlog = backlog;
+                fx.clocks.push((started.elapsed(), due_processed));
+            }
+            if let Some((proposed_in, token)) = self.proposals.remove(&index) {
+                if proposed_in == term {
+                    replies.push((token, output));
+                } else {
+                    fx.replies
+                        .push((token, Err(ShardError::Dropped(self.config.shard))));
+                }
+            }
+        }
+        // Proposals at or below the applied index were overwritten by another leader's entries.
+        if let Some(applied) = applied {
+            let stale: Vec<u64> = self.proposals.range(..=applied).map(|(i, _)| *i).collect();
+            for index in stale {
+                let (_, token) = self.proposals.remove(&index).expect("listed above");
+                fx.replies
+                    .push((token, Err(ShardError::Dropped(self.config.shard))));
+            }
+        }
+        let store = self.raw.mut_store();
+        store.append(ready.entries(), &mut ops);
+        if let Some(hard_state) = ready.hs() {
+            store.set_hard_state(hard_state.clone(), &mut ops);
+        }
+        let after = ready.take_persisted_messages();
+        for (key, value) in &writes.changes {
+            ops.push(WriteOp {
+                space: crate::storage::Space::State(self.config.shard),
+                key: key.clone(),
+                value: value.clone(),
+            });
+        }
+        let number = ready.number();
+        self.raw.advance_append_async(ready);
+        if let Some(applied) = applied {
+            self.raw.advance_apply_to(applied);
+        }
+        if ops.is_empty() {
+            // Nothing to make durable (heartbeats and their answers): done at once.
+            self.raw.on_persist_ready(number);
+            fx.messages.extend(after);
+        } else {
+            self.pending = writes;
+            self.in_flight = Some(InFlight {
+                number,
+                replies,
+                after,
+                applied: self.state.meta.applied_index,
+            });
+            fx.write = Some(ops);
+        }
+        // Proposing (or reading) between `ready()` and `advance_append_async` would change the
+        // log under the Ready; what became possible waits until here.
+        if became_leader {
+            self.on_became_leader(base, fx);
+        }
+        self.ask_read_index();
+        self.serve_reads(fx);
+    }
+
+    /// Applies a committed membership change to raft-rs and stores the new conf state with it.
+    fn apply_conf_change(&mut self, entry: &raft::eraftpb::Entry, ops: &mut Vec<WriteOp>) {
+        let conf_state = if entry.get_entry_type() == EntryType::EntryConfChange {
+            let change = ConfChange::parse_from_bytes(&entry.data).expect("a conf change decodes");
+            self.raw.apply_conf_change(&change)
+        } else {
+            let change =
+                ConfChangeV2::parse_from_bytes(&entry.data).expect("a conf change decodes");
+            self.raw.apply_conf_change(&change)
+        }
+        .unwrap_or_else(|e| panic!("shard {}: conf change refused: {e}", self.config.shard));
+        self.raw.mut_store().set_conf_state(conf_state, ops);
+    }
+
+    /// A new leader's first proposals: the seed rules if the shard has none, and a clock entry
+    /// if the shard's clock is behind. A shard that never had a clock gets one before any
+    /// event, so no event is filed for retention at the epoch (the first clock entry would
+    /// evict its exactly-once record at once).
+    fn on_became_leader(&mut self, base: &dyn StateRead, fx: &mut Effects) {
+        self.last_clock = None;
+        if self.view(base).get(keys::RULES).is_none() {
+            let seed = Command::SeedRules(Box::new(self.config.seed_rules.clone()));
+            self.propose(&seed, None, fx);
+        }
+        if self.clock_due() {
+            self.propose_clock(fx);
+        }
+    }
+
+    /// Fails every waiting proposal and read: after a leader change they may or may not
+    /// commit, and the client's retry is made safe by exactly-once event ids.
+    fn fail_waiting(&mut self, error: ShardError, fx: &mut Effects) {
+        for (_, (_, token)) in std::mem::take(&mut self.proposals) {
+            fx.replies.push((token, Err(error.clone())));
+        }
+        let reads = std::mem::take(&mut self.reads);
+        let all = reads
+            .waiting
+            .into_iter()
+            .chain(reads.round.into_iter().flat_map(|r| r.reads))
+            .chain(reads.answered.into_iter().flat_map(|a| a.1));
+        for (token, _) in all {
+            fx.reads.push((token, Err(error.clone())));
+        }
+        self.reads.next_ctx = reads.next_ctx;
+    }
+
+    /// The write handed out is durable: answer what waited for it, then compact the log.
+    pub fn persisted(&mut self, fx: &mut Effects) {
+        let in_flight = self
+            .in_flight
+            .take()
+            .expect("persisted answers a write in flight");
+        self.raw.on_persist_ready(in_flight.number);
+        self.raw.mut_store().persisted();
+        self.pending = WriteSet::default();
+        self.durable_applied = in_flight.applied;
+        fx.replies
+            .extend(in_flight.replies.into_iter().map(|(t, o)| (t, Ok(o))));
+        fx.messages.extend(in_flight.after);
+        self.compact();
+        self.ask_read_index();
+        self.serve_reads(fx);
+    }
+
+    /// Answers the reads whose round's index the durable state reached.
+    fn serve_reads(&mut self, fx: &mut Effects) {
+        let durable = self.durable_applied;
+        self.reads.answered.retain(|(index, reads)| {
+            if *index > durable {
+                return true;
+            }
+            fx.reads
+                .extend(reads.iter().map(|(token, _)| (*token, Ok(()))));
+            false
+        });
+    }
+
+    /// Drops applied entries no live follower needs, keeping at most `log_retain_entries` of
+    /// them for followers that fall behind (those then need a snapshot).
+    fn compact(&mut self) {
+        let applied = self.durable_applied;
+        let retain_from = applied.saturating_sub(self.config.log_retain_entries);
+        let needed = if self.is_leader() {
+            let me = self.config.raft_id;
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(_, progress)| progress.matched + 1)
+                .min()
+                .unwrap_or(applied)
+        } else {
+            retain_from
+        };
+        let to = needed.min(applied).max(retain_from);
+        if to >= self.raw.store().first() + LOG_COMPACT_BATCH {
+            let mut ops = Vec::new();
+            self.raw.mut_store().compact(to, &mut ops);
+            self.queued_ops.extend(ops);
+        }
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let hard_state = self.raw.raft.hard_state();
+        let conf = self.raw.store().conf_state();
+        let first = self.raw.store().first();
+        let (mut needs_snapshot, mut caught_up) = (Vec::new(), Vec::new());
+        if self.is_leader() {
+            let last = self.raw.raft.raft_log.last_index();
+            for (id, progress) in self.raw.raft.prs().iter() {
+                if *id == self.config.raft_id {
+                    continue;
+                }
+                if progress.matched + 1 < first {
+                    needs_snapshot.push(*id);
+                }
+                if progress.matched == last {
+                    caught_up.push(*id);
+                }
+            }
+            needs_snapshot.sort_unstable();
+            caught_up.sort_unstable();
+        }
+        ReplicaStatus {
+            role: self.role,
+            leader: self.leader(),
+            term: hard_state.term,
+            commit_index: hard_state.commit,
+            applied_index: self.state.meta.applied_index,
+            digest: self.state.meta.digest,
+            replicas: conf.voters.iter().chain(&conf.learners).copied().collect(),
+            needs_snapshot,
+            caught_up,
+            first_index: first,
+        }
+    }
+}

@@ -1,0 +1,966 @@
+//! One simulated cluster, run from a seed: nodes hosting replica cores, in-memory disks that
+//! lose what was not fsynced when a node crashes, a network that delays, reorders, duplicates
+//! and drops messages and can be partitioned, and clients that earn points and read balances
+//! through any node. Everything happens in one thread, in the order of one event queue; the
+//! only randomness is the seeded generator, so a seed replays exactly.
+
+use super::check::{self, Op};
+use crate::command::{Command, EventOutcome, Output, Retention, Routed, Target};
+use crate::config::node_of_raft_id;
+use crate::replica::core::{Effects, Replica, ReplicaConfig, ShardError, Token};
+use crate::replica::log::LogSource;
+use crate::state::store::MemState;
+use crate::state::{decode, keys, LedgerKind, LedgerRecord};
+use crate::storage::{Space, WriteOp};
+use oneid_protocol::event::Event;
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Rules;
+use raft::eraftpb::Message;
+use raft::StateRole;
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::rc::Rc;
+
+/// The wall clock of the simulation at its start: 2026-01-01T00:00:00Z.
+const EPOCH_MS: i64 = 1_767_225_600_000;
+/// A node's tick, with up to this much jitter either way, drawn per tick.
+const TICK_MS: u64 = 100;
+const TICK_JITTER_MS: u64 = 20;
+/// How long faults are injected; then the cluster heals and must settle.
+const FAULTY_MS: u64 = 20_000;
+/// How long a healed cluster may take to settle.
+const SETTLE_MS: u64 = 60_000;
+/// How long a client waits for one attempt, and for one operation in all.
+const ATTEMPT_MS: u64 = 500;
+const OPERATION_MS: u64 = 4_000;
+
+/// A node's disk: what is durable. Writes land when their fsync completes (the writer's batch
+/// is atomic), so a crash loses exactly the writes whose fsync had not completed.
+#[derive(Default)]
+struct Disk {
+    meta: BTreeMap<Vec<u8>, Vec<u8>>,
+    logs: BTreeMap<ShardId, BTreeMap<u64, Vec<u8>>>,
+    states: BTreeMap<ShardId, MemState>,
+}
+
+impl Disk {
+    fn commit(&mut self, ops: Vec<WriteOp>) {
+        for op in ops {
+            match op.space {
+                Space::Meta => put(&mut self.meta, op.key, op.value),
+                Space::Log(shard) => {
+                    let index = u64::from_be_bytes(op.key.try_into().expect("log keys"));
+                    put(self.logs.entry(shard).or_default(), index, op.value);
+                }
+                Space::State(shard) => put(
+                    &mut self.states.entry(shard).or_default().0,
+                    op.key,
+                    op.value,
+                ),
+            }
+        }
+    }
+}
+
+fn put<K: Ord>(map: &mut BTreeMap<K, Vec<u8>>, key: K, value: Option<Vec<u8>>) {
+    match value {
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
+    };
+}
+
+/// One shard's log on a simulated disk.
+struct SimLog {
+    disk: Rc<RefCell<Disk>>,
+    shard: ShardId,
+}
+
+impl LogSource for SimLog {
+    fn entry(&self, index: u64) -> Option<Vec<u8>> {
+        self.disk
+            .borrow()
+            .logs
+            .get(&self.shard)?
+            .get(&index)
+            .cloned()
+    }
+
+    fn last_stored(&self) -> Option<u64> {
+        let disk = self.disk.borrow();
+        disk.logs.get(&self.shard)?.keys().next_back().copied()
+    }
+
+    fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.disk.borrow().meta.get(key).cloned()
+    }
+}
+
+struct Node {
+    up: bool,
+    /// Paused (as by SIGSTOP) until then: nothing it would do happens before.
+    paused_until: u64,
+    /// How far this node's wall clock is off the simulation's.
+    clock_offset_ms: i64,
+    /// Changes at every crash: what was scheduled for an earlier life is dropped.
+    life: u64,
+    disk: Rc<RefCell<Disk>>,
+    replicas: BTreeMap<ShardId, Replica<SimLog>>,
+}
+
+enum Happening {
+    Tick {
+        node: usize,
+        life: u64,
+    },
+    Deliver {
+        node: usize,
+        message: Message,
+    },
+    Fsync {
+        node: usize,
+        life: u64,
+        ops: Vec<WriteOp>,
+        shard: ShardId,
+    },
+    Persisted {
+        node: usize,
+        life: u64,
+        shard: ShardId,
+    },
+    Crash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Pause {
+        node: usize,
+    },
+    Partition,
+    Heal,
+    Client {
+        client: usize,
+    },
+    AttemptTimeout {
+        client: usize,
+        attempt: u64,
+    },
+}
+
+/// What a client does: earn on a profile, or read its balance.
+#[derive(Debug, Clone)]
+enum Kind {
+    Earn { event: String, points: u64 },
+    Read,
+}
+
+/// A client's operation in progress.
+struct Operation {
+    profile: usize,
+    kind: Kind,
+    invoked: u64,
+    /// The token of the current attempt (unique in the run): an answer to an earlier attempt,
+    /// of this operation or an earlier one, is ignored.
+    attempt: Token,
+}
+
+struct Client {
+    current: Option<Operation>,
+    done: usize,
+}
+
+/// What the seed chose.
+#[derive(Debug)]
+struct Shape {
+    nodes: usize,
+    shards: u32,
+    replication: usize,
+    profiles: usize,
+    clients: usize,
+    ops_per_client: usize,
+    drop_percent: u64,
+    duplicate_percent: u64,
+    faults: bool,
+}
+
+pub struct World {
+    rng: fastrand::Rng,
+    shape: Shape,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Happening>,
+    nodes: Vec<Node>,
+    /// The group each node is in while partitioned (messages cross no group).
+    groups: Option<Vec<usize>>,
+    faulty: bool,
+    clients: Vec<Client>,
+    /// Tokens this world handed out, to the client operation they stand for.
+    tokens: BTreeMap<(usize, Token), (usize, u64)>,
+    next_token: Token,
+    history: Vec<Vec<Op>>,
+    /// The leader of each (shard, term) seen.
+    leaders: BTreeMap<(ShardId, u64), u64>,
+    /// The digest of each (shard, applied index) some replica made durable.
+    digests: BTreeMap<(ShardId, u64), u64>,
+    /// Earn events acknowledged to their client.
+    acknowledged: Vec<(usize, String)>,
+    next_event: u64,
+}
+
+/// Runs the simulation of `seed`; an error says which invariant broke.
+pub fn run(seed: u64) -> Result<String, String> {
+    let mut world = World::new(seed);
+    world.start();
+    world.run_until(FAULTY_MS)?;
+    world.heal();
+    world.settle()?;
+    world.check()?;
+    let ops: Vec<&Op> = world.history.iter().flatten().collect();
+    let earns = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Earn { done: Some(_), .. }))
+        .count();
+    let unknown = ops
+        .iter()
+        .filter(|o| matches!(o, Op::Earn { done: None, .. }))
+        .count();
+    let reads = ops.len() - earns - unknown;
+    Ok(format!(
+        "{:?}: {} events; {earns} earns acknowledged, {unknown} unknown, {reads} reads; {} leader terms; settled at {} ms",
+        world.shape, world.seq, world.leaders.len(), world.now
+    ))
+}
+
+impl Happening {
+    /// The node that carries this out, if one does.
+    fn node(&self) -> Option<usize> {
+        match self {
+            Happening::Tick { node, .. }
+            | Happening::Deliver { node, .. }
+            | Happening::Fsync { node, .. }
+            | Happening::Persisted { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let nodes = rng.usize(3..=5);
+        let shape = Shape {
+            nodes,
+            shards: rng.u32(1..=3),
+            replication: 3,
+            profiles: rng.usize(2..=6),
+            clients: rng.usize(2..=4),
+            ops_per_client: rng.usize(20..=40),
+            drop_percent: rng.u64(0..=10),
+            duplicate_percent: rng.u64(0..=5),
+            faults: !seed.is_multiple_of(8),
+        };
+        let nodes = (0..shape.nodes)
+            .map(|_| Node {
+                up: true,
+                paused_until: 0,
+                clock_offset_ms: rng.i64(-2_000..=2_000),
+                life: 0,
+                disk: Rc::new(RefCell::new(Disk::default())),
+                replicas: BTreeMap::new(),
+            })
+            .collect();
+        let clients = (0..shape.clients)
+            .map(|_| Client {
+                current: None,
+                done: 0,
+            })
+            .collect();
+        World {
+            rng,
+            history: vec![Vec::new(); shape.profiles],
+            shape,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes,
+            groups: None,
+            faulty: true,
+            clients,
+            tokens: BTreeMap::new(),
+            next_token: 0,
+            leaders: BTreeMap::new(),
+            digests: BTreeMap::new(),
+            acknowledged: Vec::new(),
+            next_event: 0,
+        }
+    }
+
+    fn schedule(&mut self, after: u64, event: Happening) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + after, self.seq)));
+        self.events.insert(self.seq, event);
+    }
+
+    /// A node's wall clock.
+    fn millis(&self, node: usize) -> Millis {
+        Millis(EPOCH_MS + self.now as i64 + self.nodes[node].clock_offset_ms)
+    }
+
+    /// The nodes holding shard `s`: `(s + r) % nodes`, the first of them the placed leader.
+    fn placement(&self, shard: ShardId) -> Vec<usize> {
+        (0..self.shape.replication)
+            .map(|r| (shard.0 as usize + r) % self.shape.nodes)
+            .collect()
+    }
+
+    fn raft_id(shard: ShardId, node: usize) -> u64 {
+        crate::config::raft_id(shard, node as u64 + 1)
+    }
+
+    fn replica_config(&self, shard: ShardId, node: usize, campaign: bool) -> ReplicaConfig {
+        ReplicaConfig {
+            shard,
+            n_shards: self.shape.shards,
+            raft_id: World::raft_id(shard, node),
+            bootstrap_voters: self
+                .placement(shard)
+                .into_iter()
+                .map(|n| World::raft_id(shard, n))
+                .collect(),
+            // Deterministic timeouts; nodes differ by their tick jitter.
+            election_ticks: (10, 11),
+            heartbeat_ticks: 1,
+            campaign,
+            clock_interval_ms: 1_000,
+            retention: Retention {
+                dedup_days: 7,
+                ledger_days: 730,
+            },
+            passivate_idle_ticks: 50,
+            activation_budget: 16,
+            seed_rules: Rules::default(),
+            log_retain_entries: 200,
+            life: self.nodes[node].life,
+        }
+    }
+
+    /// Opens (or reopens, after a crash) a node's replicas from its disk.
+    fn open(&mut self, node: usize, first: bool) {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let shards: Vec<ShardId> = (0..self.shape.shards)
+            .map(ShardId)
+            .filter(|s| self.placement(*s).contains(&node))
+            .collect();
+        for shard in shards {
+            let campaign = first && self.placement(shard)[0] == node;
+            let config = self.replica_config(shard, node, campaign);
+            let disk = Rc::clone(&self.nodes[node].disk);
+            let source = SimLog {
+                disk: Rc::clone(&disk),
+                shard,
+            };
+            let replica = {
+                let disk = disk.borrow();
+                let empty = MemState::default();
+                let base = disk.states.get(&shard).unwrap_or(&empty);
+                Replica::recover(config, source, base, &logger).expect("a replica recovers")
+            };
+            self.nodes[node].replicas.insert(shard, replica);
+        }
+        let life = self.nodes[node].life;
+        let jitter = self.rng.u64(0..TICK_MS);
+        self.schedule(jitter, Happening::Tick { node, life });
+    }
+
+    fn start(&mut self) {
+        for node in 0..self.shape.nodes {
+            self.open(node, true);
+        }
+        for node in 0..self.shape.nodes {
+            let shards: Vec<ShardId> = self.nodes[node].replicas.keys().copied().collect();
+            for shard in shards {
+                self.advance(node, shard, Effects::default());
+            }
+        }
+        for client in 0..self.shape.clients {
+            let think = self.rng.u64(0..200);
+            self.schedule(think, Happening::Client { client });
+        }
+        if self.shape.faults {
+            let mut at = self.rng.u64(500..2_000);
+            while at < FAULTY_MS {
+                let node = self.rng.usize(0..self.shape.nodes);
+                let fault = match self.rng.u32(0..3) {
+                    0 => Happening::Crash { node },
+                    1 => Happening::Pause { node },
+                    _ => Happening::Partition,
+                };
+                self.schedule(at, fault);
+                at += self.rng.u64(1_000..4_000);
+            }
+        }
+    }
+
+    fn run_until(&mut self, until: u64) -> Result<(), String> {
+        while let Some(&Reverse((at, seq))) = self.queue.peek() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let event = self.events.remove(&seq).expect("scheduled");
+            // What a paused node would do waits until it runs again.
+            if let Some(node) = event.node() {
+                let until = self.nodes[node].paused_until;
+                if until > at {
+                    self.now = at;
+                    self.schedule(until - at, event);
+                    continue;
+                }
+            }
+            self.handle(event)?;
+        }
+        self.now = until;
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Happening) -> Result<(), String> {
+        match event {
+            Happening::Tick { node, life } => {
+                if !self.live(node, life) {
+                    return Ok(());
+                }
+                let shards: Vec<ShardId> = self.nodes[node].replicas.keys().copied().collect();
+                let now = self.millis(node);
+                for shard in shards {
+                    let mut fx = Effects::default();
+                    self.replica(node, shard).tick(now, &mut fx);
+                    self.advance(node, shard, fx);
+                }
+                let next = TICK_MS - TICK_JITTER_MS + self.rng.u64(0..=2 * TICK_JITTER_MS);
+                self.schedule(next, Happening::Tick { node, life });
+            }
+            Happening::Deliver { node, message } => {
+                if !self.nodes[node].up {
+                    return Ok(());
+                }
+                let shard = ShardId((message.to >> 32) as u32);
+                if self.nodes[node].replicas.contains_key(&shard) {
+                    self.replica(node, shard).step(message);
+                    self.advance(node, shard, Effects::default());
+                }
+            }
+            Happening::Fsync {
+                node,
+                life,
+                ops,
+                shard,
+            } => {
+                if !self.live(node, life) {
+                    return Ok(());
+                }
+                self.nodes[node].disk.borrow_mut().commit(ops);
+                // The writer's word reaches the replica a moment later: a crash may fall
+                // between the fsync and the acknowledgement.
+                let delay = self.rng.u64(0..3);
+                self.schedule(delay, Happening::Persisted { node, life, shard });
+            }
+            Happening::Persisted { node, life, shard } => {
+                if !self.live(node, life) {
+                    return Ok(());
+                }
+                let mut fx = Effects::default();
+                let replica = self.replica(node, shard);
+                replica.persisted(&mut fx);
+                let (index, digest) = (replica.durable_applied(), replica.state.meta.digest);
+                if index > 0 {
+                    match self.digests.insert((shard, index), digest) {
+                        Some(other) if other != digest => {
+                            return Err(format!(
+                                "shard {shard}: two digests at applied index {index}: {other:016x} and {digest:016x} (node {})",
+                                node + 1
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                self.advance(node, shard, fx);
+            }
+            Happening::Crash { node } => {
+                if self.nodes[node].up {
+                    let n = &mut self.nodes[node];
+                    n.up = false;
+                    n.life += 1;
+                    n.replicas.clear();
+                    let downtime = self.rng.u64(300..4_000);
+                    self.schedule(downtime, Happening::Restart { node });
+                }
+            }
+            Happening::Restart { node } => {
+                if !self.nodes[node].up {
+                    self.nodes[node].up = true;
+                    self.open(node, false);
+                }
+            }
+            Happening::Pause { node } => {
+                let lasts = self.rng.u64(500..4_000);
+                self.nodes[node].paused_until = self.now + lasts;
+            }
+            Happening::Partition => {
+                if self.groups.is_none() {
+                    let groups = (0..self.shape.nodes)
+                        .map(|_| self.rng.usize(0..2))
+                        .collect();
+                    self.groups = Some(groups);
+                    let lasts = self.rng.u64(300..4_000);
+                    self.schedule(lasts, Happening::Heal);
+                }
+            }
+            Happening::Heal => self.groups = None,
+            Happening::Client { client } => self.client_step(client),
+            Happening::AttemptTimeout { client, attempt } => {
+                let current = self.clients[client].current.as_ref();
+                if current.is_some_and(|op| op.attempt == attempt) {
+                    self.retry(client);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn live(&self, node: usize, life: u64) -> bool {
+        self.nodes[node].up && self.nodes[node].life == life
+    }
+
+    fn replica(&mut self, node: usize, shard: ShardId) -> &mut Replica<SimLog> {
+        self.nodes[node]
+            .replicas
+            .get_mut(&shard)
+            .expect("the node hosts the shard")
+    }
+
+    /// Runs a replica's Ready and carries out its effects.
+    fn advance(&mut self, node: usize, shard: ShardId, mut fx: Effects) {
+        let now = self.millis(node);
+        let disk = Rc::clone(&self.nodes[node].disk);
+        {
+            let disk = disk.borrow();
+            let empty = MemState::default();
+            let base = disk.states.get(&shard).unwrap_or(&empty);
+            self.replica(node, shard).advance(base, now, &mut fx);
+        }
+        self.carry_out(node, shard, fx);
+    }
+
+    fn carry_out(&mut self, node: usize, shard: ShardId, fx: Effects) {
+        let Effects {
+            messages,
+            write,
+            replies,
+            reads,
+            clocks: _,
+            role,
+        } = fx;
+        if let Some((StateRole::Leader, term)) = role {
+            let me = World::raft_id(shard, node);
+            if let Some(&other) = self.leaders.get(&(shard, term)) {
+                assert_eq!(
+                    other, me,
+                    "shard {shard}: two leaders in term {term}: {other:x} and {me:x}"
+                );
+            }
+            self.leaders.insert((shard, term), me);
+        }
+        for message in messages {
+            let to = message.to;
+            if !self.send(node, message) {
+                // As the transport does when a peer cannot be reached.
+                self.replica(node, shard).unreachable(to);
+            }
+        }
+        if let Some(ops) = write {
+            let latency = self.rng.u64(1..8);
+            let life = self.nodes[node].life;
+            self.schedule(
+                latency,
+                Happening::Fsync {
+                    node,
+                    life,
+                    ops,
+                    shard,
+                },
+            );
+        }
+        for (token, reply) in replies {
+            if let Some((client, attempt)) = self.tokens.remove(&(node, token)) {
+                self.earn_answered(client, attempt, reply);
+            }
+        }
+        for (token, answer) in reads {
+            if let Some((client, attempt)) = self.tokens.remove(&(node, token)) {
+                self.read_answered(client, attempt, node, answer);
+            }
+        }
+    }
+
+    /// Sends a message through the network; answers false if it could not leave (a partition
+    /// or a peer that is down), which a transport would tell its replica.
+    fn send(&mut self, from: usize, message: Message) -> bool {
+        let to = node_of_raft_id(message.to) as usize - 1;
+        let cut = self
+            .groups
+            .as_ref()
+            .is_some_and(|groups| groups[from] != groups[to]);
+        let dropped = self.faulty && self.rng.u64(0..100) < self.shape.drop_percent;
+        if cut || !self.nodes[to].up {
+            return false;
+        }
+        if dropped {
+            return true;
+        }
+        if self.faulty && self.rng.u64(0..100) < self.shape.duplicate_percent {
+            let later = self.rng.u64(1..30);
+            self.schedule(
+                later,
+                Happening::Deliver {
+                    node: to,
+                    message: message.clone(),
+                },
+            );
+        }
+        // Now and then a message is very late: it may arrive after an election or a restart.
+        let delay = if self.faulty && self.rng.u64(0..100) < 2 {
+            self.rng.u64(200..3_000)
+        } else {
+            self.rng.u64(1..12)
+        };
+        self.schedule(delay, Happening::Deliver { node: to, message });
+        true
+    }
+
+    /// Profile `p` is known by one phone, held by the shard that holds the profile (so an
+    /// event needs no other shard).
+    fn phone(&self, profile: usize) -> (Identity, ShardId) {
+        let identity = Identity {
+            kind: "phone".into(),
+            value: format!("p{profile}"),
+        };
+        let shard = identity.shard(self.shape.shards);
+        (identity, shard)
+    }
+
+    fn client_step(&mut self, client: usize) {
+        if self.clients[client].current.is_some() {
+            return;
+        }
+        if self.clients[client].done >= self.shape.ops_per_client {
+            return;
+        }
+        let profile = self.rng.usize(0..self.shape.profiles);
+        let kind = if self.rng.u64(0..100) < 60 {
+            self.next_event += 1;
+            // Distinct powers of two: a balance tells which earns it holds.
+            let points = 1u64 << (self.history[profile].len() % 36);
+            Kind::Earn {
+                event: format!("e{}", self.next_event),
+                points,
+            }
+        } else {
+            Kind::Read
+        };
+        self.clients[client].current = Some(Operation {
+            profile,
+            kind,
+            invoked: self.now,
+            attempt: 0,
+        });
+        self.retry(client);
+    }
+
+    /// Sends the client's operation (again) to some node, or gives up past its deadline.
+    fn retry(&mut self, client: usize) {
+        let op = self.clients[client].current.as_ref().expect("an operation");
+        if self.now - op.invoked >= OPERATION_MS {
+            let op = self.clients[client].current.take().expect("an operation");
+            if let Kind::Earn { points, .. } = op.kind {
+                self.history[op.profile].push(Op::Earn {
+                    points,
+                    invoked: op.invoked,
+                    done: None,
+                });
+            }
+            return self.finished(client);
+        }
+        let (profile, kind) = (op.profile, op.kind.clone());
+        let (identity, shard) = self.phone(profile);
+        self.next_token += 1;
+        let token = self.next_token;
+        self.clients[client]
+            .current
+            .as_mut()
+            .expect("an operation")
+            .attempt = token;
+        let attempt = token;
+        let hosts: Vec<usize> = self
+            .placement(shard)
+            .into_iter()
+            .filter(|n| self.nodes[*n].up)
+            .collect();
+        if hosts.is_empty() {
+            return self.schedule(50, Happening::AttemptTimeout { client, attempt });
+        }
+        let node = hosts[self.rng.usize(0..hosts.len())];
+        self.tokens.insert((node, token), (client, attempt));
+        self.schedule(ATTEMPT_MS, Happening::AttemptTimeout { client, attempt });
+        let mut fx = Effects::default();
+        match kind {
+            Kind::Earn { event, points } => {
+                let json = serde_json::json!({"event_id": event, "type": "points_earn",
+                    "identities": {"phone": identity.value}, "points": points,
+                    "expires_at": Millis(EPOCH_MS + 400 * 86_400_000).to_string()});
+                let raw = serde_json::value::to_raw_value(&json).expect("json");
+                let event = Event::parse(&raw, self.millis(node)).expect("a valid event");
+                let command = Command::Events(vec![Routed {
+                    event,
+                    target: Target::Claim,
+                    link_elsewhere: vec![],
+                    bound: vec![],
+                }]);
+                self.replica(node, shard)
+                    .propose(&command, Some(token), &mut fx);
+            }
+            Kind::Read => self.replica(node, shard).read(token, &mut fx),
+        }
+        self.advance(node, shard, fx);
+    }
+
+    fn current(&self, client: usize, attempt: u64) -> bool {
+        self.clients[client]
+            .current
+            .as_ref()
+            .is_some_and(|op| op.attempt == attempt)
+    }
+
+    fn earn_answered(&mut self, client: usize, attempt: u64, reply: Result<Output, ShardError>) {
+        if !self.current(client, attempt) {
+            return;
+        }
+        match reply {
+            Ok(Output::Events { outcomes, .. }) => match &outcomes[0] {
+                EventOutcome::Applied(_) | EventOutcome::Duplicate(_) => {
+                    let op = self.clients[client].current.take().expect("an operation");
+                    let Kind::Earn { event, points } = op.kind else {
+                        unreachable!("an earn")
+                    };
+                    self.history[op.profile].push(Op::Earn {
+                        points,
+                        invoked: op.invoked,
+                        done: Some(self.now),
+                    });
+                    self.acknowledged.push((op.profile, event));
+                    self.finished(client);
+                }
+                EventOutcome::Rejected(error) => {
+                    panic!("a simulated earn was rejected: {error:?}")
+                }
+            },
+            Ok(other) => panic!("an earn answered {other:?}"),
+            Err(_) => self.schedule(20, Happening::AttemptTimeout { client, attempt }),
+        }
+    }
+
+    fn read_answered(
+        &mut self,
+        client: usize,
+        attempt: u64,
+        node: usize,
+        answer: Result<(), ShardError>,
+    ) {
+        if !self.current(client, attempt) {
+            return;
+        }
+        if answer.is_err() {
+            return self.schedule(20, Happening::AttemptTimeout { client, attempt });
+        }
+        let op = self.clients[client].current.take().expect("an operation");
+        let balance = self.balance(node, op.profile);
+        self.history[op.profile].push(Op::Read {
+            balance,
+            invoked: op.invoked,
+            done: self.now,
+        });
+        self.finished(client);
+    }
+
+    fn finished(&mut self, client: usize) {
+        self.clients[client].done += 1;
+        // Spread over the faulty time, so operations meet the faults.
+        let think = self
+            .rng
+            .u64(0..2 * FAULTY_MS / self.shape.ops_per_client as u64);
+        self.schedule(think, Happening::Client { client });
+    }
+
+    /// A profile's balance in a node's stored state (0 if it has none yet).
+    fn balance(&self, node: usize, profile: usize) -> u64 {
+        let (identity, shard) = self.phone(profile);
+        let disk = self.nodes[node].disk.borrow();
+        let Some(state) = disk.states.get(&shard) else {
+            return 0;
+        };
+        let key = keys::identity(&identity);
+        let Some(bytes) = state.0.get(&key) else {
+            return 0;
+        };
+        let oneid: OneId = decode(&key, bytes);
+        let key = keys::profile(oneid);
+        let profile: crate::state::profile::Profile =
+            decode(&key, state.0.get(&key).expect("a bound profile exists"));
+        profile.balance as u64
+    }
+
+    fn heal(&mut self) {
+        self.faulty = false;
+        self.groups = None;
+        for node in 0..self.shape.nodes {
+            self.nodes[node].paused_until = self.now;
+            if !self.nodes[node].up {
+                self.nodes[node].up = true;
+                self.open(node, false);
+            }
+        }
+    }
+
+    /// Runs the healed cluster until every client is done and every shard's replicas agree
+    /// on their applied index with nothing in flight.
+    fn settle(&mut self) -> Result<(), String> {
+        let deadline = self.now + SETTLE_MS;
+        while self.now < deadline {
+            let step = self.now + 50;
+            self.run_until(step)?;
+            let clients_done = self.clients.iter().all(|c| c.current.is_none());
+            if clients_done && self.replicas_agree() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the healed cluster did not settle within {SETTLE_MS} ms: {}",
+            self.describe()
+        ))
+    }
+
+    fn replicas_agree(&self) -> bool {
+        (0..self.shape.shards).map(ShardId).all(|shard| {
+            let statuses: Vec<_> = self
+                .placement(shard)
+                .into_iter()
+                .map(|n| self.nodes[n].replicas[&shard].status())
+                .collect();
+            let leaders = statuses
+                .iter()
+                .filter(|s| s.role == StateRole::Leader)
+                .count();
+            leaders == 1
+                && statuses.iter().all(|s| {
+                    s.applied_index == statuses[0].applied_index
+                        && s.commit_index == s.applied_index
+                })
+                && self.placement(shard).into_iter().all(|n| {
+                    self.nodes[n].replicas[&shard].durable_applied() == statuses[0].applied_index
+                })
+        })
+    }
+
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for shard in (0..self.shape.shards).map(ShardId) {
+            for n in self.placement(shard) {
+                let s = self.nodes[n].replicas[&shard].status();
+                out.push_str(&format!(
+                    "\n  shard {shard} node {}: {:?} term {} commit {} applied {} durable {}",
+                    n + 1,
+                    s.role,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    self.nodes[n].replicas[&shard].durable_applied()
+                ));
+            }
+        }
+        out
+    }
+
+    /// The invariants of a settled run.
+    fn check(&mut self) -> Result<(), String> {
+        // Replicas of a shard hold the same state, digest included.
+        for shard in (0..self.shape.shards).map(ShardId) {
+            let hosts = self.placement(shard);
+            let states: Vec<_> = hosts
+                .iter()
+                .map(|n| self.nodes[*n].disk.borrow().states.get(&shard).cloned())
+                .collect();
+            let digests: Vec<u64> = hosts
+                .iter()
+                .map(|n| self.nodes[*n].replicas[&shard].state.meta.digest)
+                .collect();
+            if states.iter().any(|s| *s != states[0]) || digests.iter().any(|d| *d != digests[0]) {
+                return Err(format!("shard {shard}: replicas differ after settling"));
+            }
+        }
+        // A final read of every profile, at the end of its history.
+        let at = self.now;
+        for profile in 0..self.shape.profiles {
+            let (_, shard) = self.phone(profile);
+            let node = self.placement(shard)[0];
+            let balance = self.balance(node, profile);
+            self.history[profile].push(Op::Read {
+                balance,
+                invoked: at,
+                done: at,
+            });
+        }
+        for (profile, ops) in self.history.iter().enumerate() {
+            check::linearizable(ops).map_err(|e| format!("profile {profile}: {e}"))?;
+        }
+        // Every acknowledged earn is in the ledger exactly once; none is there twice.
+        let mut earned: BTreeMap<(usize, String), usize> = BTreeMap::new();
+        for profile in 0..self.shape.profiles {
+            let (identity, shard) = self.phone(profile);
+            let node = self.placement(shard)[0];
+            let disk = self.nodes[node].disk.borrow();
+            let Some(state) = disk.states.get(&shard) else {
+                continue;
+            };
+            let key = keys::identity(&identity);
+            let Some(bytes) = state.0.get(&key) else {
+                continue;
+            };
+            let oneid: OneId = decode(&key, bytes);
+            let prefix = keys::ledger_prefix(oneid);
+            for (key, value) in state.0.range(prefix.clone()..) {
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let record: LedgerRecord = decode(key, value);
+                if record.kind == LedgerKind::Earn {
+                    *earned.entry((profile, record.event_id)).or_default() += 1;
+                }
+            }
+        }
+        if let Some(((profile, event), n)) = earned.iter().find(|(_, n)| **n > 1) {
+            return Err(format!("profile {profile}: {event} earned {n} times"));
+        }
+        for (profile, event) in &self.acknowledged {
+            if !earned.contains_key(&(*profile, event.clone())) {
+                return Err(format!(
+                    "profile {profile}: acknowledged {event} is not in the ledger"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
