@@ -42,7 +42,7 @@ pub struct FollowUpAnswer {
 
 /// A follow-up an applied event left: bind `identity` to `oneid` at the identity's shard,
 /// then finish record `seq` with the answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FollowUp {
     pub seq: u64,
     pub oneid: OneId,
@@ -82,7 +82,7 @@ pub enum Target {
 }
 
 /// What applying a command answered.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Output {
     None,
     /// A clock entry: how many due keys it processed, and whether it left some for the next.
@@ -98,7 +98,7 @@ pub enum Output {
     Bind(Vec<BindOutcome>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EventOutcome {
     Applied(OneId),
     Duplicate(OneId),

@@ -1,5 +1,6 @@
 //! `cluster.toml`: the cluster's shape, its nodes, tuning, and the seed rules.
 
+use crate::storage::ClusterRecord;
 use anyhow::{bail, Context};
 use oneid_protocol::api::REQUEST_BODY_BYTES_MAX;
 use oneid_protocol::ids::{ShardId, SHARDS_MAX};
@@ -9,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 const MIB: usize = 1024 * 1024;
+/// The shortest cluster secret accepted.
+pub const SECRET_BYTES_MIN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +51,9 @@ pub struct ClusterConfig {
     /// Applied log entries kept for followers that fall behind; one further behind needs a
     /// snapshot.
     pub log_retain_entries: u64,
+    /// The secret peers prove they know when they connect (at least 16 bytes; required with
+    /// more than one node). `ONEID_CLUSTER_SECRET` in the environment wins over this.
+    pub secret: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -62,6 +68,7 @@ impl Default for ClusterConfig {
             ledger_retention_days: 730,
             tick_ms: 100,
             log_retain_entries: 100_000,
+            secret: None,
         }
     }
 }
@@ -155,16 +162,43 @@ impl Config {
                 c.replication
             );
         }
-        if self.nodes.len() > 1 {
-            bail!("this release runs one-node clusters; found {} [[nodes]] (multi-node replication is not implemented yet)", self.nodes.len());
-        }
         for (i, node) in self.nodes.iter().enumerate() {
-            if node.id == 0 {
-                bail!("nodes[{i}].id must be at least 1");
+            if node.id == 0 || node.id > u64::from(u32::MAX) {
+                bail!("nodes[{i}].id must be 1 to {}, found {}", u32::MAX, node.id);
             }
-            if self.nodes[..i].iter().any(|other| other.id == node.id) {
-                bail!("nodes[{i}].id {} appears twice", node.id);
+            for other in &self.nodes[..i] {
+                if other.id == node.id {
+                    bail!("nodes[{i}].id {} appears twice", node.id);
+                }
+                if other.peer == node.peer {
+                    bail!(
+                        "nodes {} and {} have the same peer address {}",
+                        other.id,
+                        node.id,
+                        node.peer
+                    );
+                }
+                if other.api == node.api {
+                    bail!(
+                        "nodes {} and {} have the same api address {}",
+                        other.id,
+                        node.id,
+                        node.api
+                    );
+                }
             }
+        }
+        if self.nodes.len() > 1 {
+            let secret = self.secret().context("cluster.secret (or ONEID_CLUSTER_SECRET) is required with more than one node: peers prove they know it when they connect")?;
+            if secret.len() < SECRET_BYTES_MIN {
+                bail!(
+                    "the cluster secret must be at least {SECRET_BYTES_MIN} bytes, found {}",
+                    secret.len()
+                );
+            }
+        }
+        if c.log_retain_entries == 0 {
+            bail!("cluster.log_retain_entries must be above 0");
         }
         if c.activation_budget == 0
             || c.clock_interval_ms == 0
@@ -191,6 +225,25 @@ impl Config {
         }
         self.seed_rules()?;
         Ok(())
+    }
+
+    /// The cluster secret: `ONEID_CLUSTER_SECRET` if set, else `[cluster] secret`.
+    pub fn secret(&self) -> Option<String> {
+        std::env::var("ONEID_CLUSTER_SECRET")
+            .ok()
+            .or_else(|| self.cluster.secret.clone())
+    }
+
+    /// What a data directory records of this cluster at first start.
+    pub fn record(&self) -> ClusterRecord {
+        ClusterRecord::new(
+            self.cluster.shards,
+            self.cluster.replication,
+            self.nodes
+                .iter()
+                .map(|n| (n.id, n.peer.to_string()))
+                .collect(),
+        )
     }
 
     /// The node this process runs: `--node`, or the only one.

@@ -16,7 +16,7 @@
 //! This module knows the shards only as addresses to propose to; it never reads storage.
 
 use crate::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
-use crate::shards::{per_shard, propose, ShardMap};
+use crate::shards::{per_shard, Shards};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,17 +36,12 @@ pub struct Report {
 
 /// Binds each follow-up's identity at its shard (up to `attempts` tries per shard, with
 /// backoff), then finishes the answered ones at their profiles' shards.
-pub async fn drive(
-    shards: &ShardMap,
-    n_shards: u32,
-    follow_ups: Vec<FollowUp>,
-    attempts: u32,
-) -> Report {
+pub async fn drive(shards: &Shards, follow_ups: Vec<FollowUp>, attempts: u32) -> Report {
     let mut report = Report::default();
     let mut to_bind: BTreeMap<ShardId, Vec<FollowUp>> = BTreeMap::new();
     for follow_up in follow_ups {
         to_bind
-            .entry(follow_up.identity.shard(n_shards))
+            .entry(follow_up.identity.shard(shards.n_shards))
             .or_default()
             .push(follow_up);
     }
@@ -66,7 +61,7 @@ pub async fn drive(
                     .iter()
                     .map(|f| (f.identity.clone(), f.oneid))
                     .collect();
-                let call = propose(shards, shard, Command::Bind(pairs));
+                let call = shards.propose(shard, Command::Bind(pairs));
                 (shard, async move { (follow_ups, call.await) })
             },
         ))
@@ -102,7 +97,7 @@ pub async fn drive(
     }
     let replies = per_shard(answers.into_iter().map(|(shard, answers)| {
         let n = answers.len();
-        let call = propose(shards, shard, Command::FinishFollowUps(answers));
+        let call = shards.propose(shard, Command::FinishFollowUps(answers));
         (shard, async move { (n, call.await) })
     }))
     .await;

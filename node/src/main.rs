@@ -27,16 +27,17 @@ mod shards;
 mod sim;
 mod state;
 mod storage;
+mod transport;
 
 use anyhow::Context;
 use clap::Parser;
 use oneid_protocol::api::NodeView;
 use replica::actor::{ShardActor, ShardSettings};
 use replica::core::ReplicaConfig;
-use shards::ShardMap;
+use shards::Shards;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// mimalloc: the node allocates and frees many small, short-lived buffers on several threads
@@ -78,6 +79,10 @@ struct Args {
     restore: Option<PathBuf>,
 }
 
+fn shard_id(shard: u32) -> oneid_protocol::ids::ShardId {
+    oneid_protocol::ids::ShardId(shard)
+}
+
 fn main() -> anyhow::Result<()> {
     logging::init();
     // A panic is a broken invariant or a failed read of state: no replica may go on applying
@@ -112,15 +117,25 @@ fn main() -> anyhow::Result<()> {
         &hosted,
         config.storage,
     )?);
-    storage.check_cluster(config.cluster.shards)?;
+    let cluster = storage.check_cluster(&config.record())?;
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(
         Arc::clone(&storage),
         Arc::clone(&metrics),
         hosted.len() + 16,
     );
-    let shards: ShardMap = Arc::new(OnceLock::new());
     let c = &config.cluster;
+    let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
+    let placement = (0..c.shards)
+        .map(|s| {
+            config
+                .voters(shard_id(s))
+                .into_iter()
+                .map(config::node_of_raft_id)
+                .collect()
+        })
+        .collect();
+    let shards = Arc::new(Shards::new(node.id, placement, reader.clone()));
     let budget_per_shard = c.activation_budget.div_ceil(hosted.len().max(1));
 
     let system = actix::System::new();
@@ -134,12 +149,14 @@ fn main() -> anyhow::Result<()> {
     for &shard in &hosted {
         let raft_id = config::raft_id(shard, node.id);
         let voters = config.voters(shard);
+        // A shard's placed leader (its first replica) campaigns when the shard is new, so
+        // leaders start spread evenly; the only voter of a shard campaigns at every start.
         let settings = ShardSettings {
             replica: ReplicaConfig {
                 shard,
                 n_shards: c.shards,
                 raft_id,
-                campaign: voters == [raft_id],
+                campaign: voters.first() == Some(&raft_id),
                 bootstrap_voters: voters,
                 election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
                 heartbeat_ticks: HEARTBEAT_TICKS,
@@ -173,22 +190,47 @@ fn main() -> anyhow::Result<()> {
         }
         backup::finish_restore(&node.data, manifest, &hosted)?;
     }
-    let mut addrs = Vec::with_capacity(hosted.len());
+    let mut addrs = vec![None; c.shards as usize];
     for (shard, actor) in recovered {
         let arbiter = &arbiters[shard.0 as usize % SHARD_ARBITERS];
-        addrs.push(actix::Actor::start_in_arbiter(
+        addrs[shard.0 as usize] = Some(actix::Actor::start_in_arbiter(
             &arbiter.handle(),
             move |_| actor,
         ));
     }
-    if shards.set(addrs).is_err() {
-        unreachable!("shards are set once");
+    shards.set_local(addrs);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(HTTP_WORKER_THREADS)
+        .thread_name("oneid-http")
+        .enable_all()
+        .build()?;
+    if config.nodes.len() > 1 {
+        let peers = config
+            .nodes
+            .iter()
+            .filter(|n| n.id != node.id)
+            .map(|n| (n.id, n.peer))
+            .collect();
+        let tcp = transport::tcp::TcpConfig {
+            me: node.id,
+            listen: node.peer,
+            peers,
+            secret: config.secret().expect("validated").into_bytes(),
+            cluster: transport::handshake::cluster_bytes(&cluster.id),
+            state_format: storage::STATE_FORMAT,
+        };
+        let inbound = Arc::new(shards::FromPeers(Arc::clone(&shards)));
+        let peers = runtime
+            .block_on(transport::tcp::Tcp::start(tcp, inbound))
+            .with_context(|| format!("binding the peer address {}", node.peer))?;
+        shards.set_peers(peers);
     }
 
-    let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
     let api = Arc::new(api::Api {
         backups: backup::Backups::new(Arc::clone(&storage), node.id, node.data.clone()),
-        reader: reader.clone(),
+        shards: Arc::clone(&shards),
+        cluster_id: cluster.id.clone(),
         router: router::Router {
             reader,
             shards: Arc::clone(&shards),
@@ -204,6 +246,7 @@ fn main() -> anyhow::Result<()> {
                 id: n.id,
                 api: n.api.to_string(),
                 peer: n.peer.to_string(),
+                up: false,
             })
             .collect(),
         shutting_down: AtomicBool::new(false),
@@ -211,11 +254,6 @@ fn main() -> anyhow::Result<()> {
         body_timeout: Duration::from_millis(config.api.body_timeout_ms),
     });
     let deadlines = api::conn::Deadlines::from_config(&config.api);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(HTTP_WORKER_THREADS)
-        .thread_name("oneid-http")
-        .enable_all()
-        .build()?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(node.api))
         .with_context(|| format!("binding the API to {}", node.api))?;

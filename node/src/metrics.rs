@@ -119,6 +119,8 @@ pub struct Metrics {
     pub due_processed: AtomicU64,
     /// Follow-up records finished by a leader's sweep rather than by the router.
     pub follow_ups_swept: AtomicU64,
+    /// Times a replica here became leader or stopped being one.
+    pub leader_changes: AtomicU64,
     pub activations: AtomicU64,
     pub activated: AtomicU64,
     pub passivated: AtomicU64,

@@ -2,9 +2,11 @@
 //!
 //! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
 //! held by the shard its hash picks). The router:
-//! 1. resolves every identity of the batch once, at the start (on the read pool: the reads
-//!    go to fjall); an event whose identities (and oneid) are bound to two profiles is rejected
-//!    `identity_conflict`, unless it already applied to one of them: then it is a `duplicate`;
+//! 1. resolves every identity of the batch once, at the start: a binding this node cached
+//!    needs no read (bindings never change); the others are read at their shards,
+//!    linearizably (a stale "unbound" would split a customer for good); an event whose
+//!    identities (and oneid) are bound to two profiles is rejected `identity_conflict`, unless
+//!    it already applied to one of them: then it is a `duplicate`;
 //! 2. for each wave, proposes one `Events` entry per target shard, events in request order.
 //!    An event with no known profile is a `Claim` at the shard of its *anchor* (its strongest
 //!    identity, see [`anchor`]), which binds the anchor and mints the OneID; so concurrent
@@ -26,8 +28,9 @@ use crate::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::replica::core::ShardError;
-use crate::shards::{per_shard, propose, ShardMap};
+use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::StateReader;
+use crate::storage::{Answer as StateAnswer, Query};
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
@@ -47,8 +50,10 @@ const BIND_ATTEMPTS: u32 = 5;
 
 #[derive(Clone)]
 pub struct Router {
-    pub shards: ShardMap,
-    /// Identity resolution reads acknowledged state directly; apply re-checks it.
+    pub shards: Arc<Shards>,
+    /// Its cache of bindings (found bindings never change, so they need no read); the rest of
+    /// resolution reads each identity's shard linearizably: a stale "unbound" would split a
+    /// customer in two for good.
     pub reader: StateReader,
     pub n_shards: u32,
     pub metrics: Arc<Metrics>,
@@ -125,7 +130,24 @@ impl Router {
                 }
             }
         }
-        let mut bindings = self.resolve(&todo).await;
+        let (mut bindings, unresolved) = self.resolve(&todo).await;
+        // Events with an identity whose shard could not be read wait for a retry.
+        let (todo_now, blocked): (Vec<Pending>, Vec<Pending>) =
+            todo.into_iter().partition(|(_, event)| {
+                event
+                    .identities
+                    .iter()
+                    .all(|id| !unresolved.contains_key(id))
+            });
+        for (position, event) in blocked {
+            let error = event
+                .identities
+                .iter()
+                .find_map(|id| unresolved.get(id))
+                .expect("blocked by one");
+            answers[position] = Some(Err(unavailable(error)));
+        }
+        let mut todo = todo_now;
         for _ in 0..WAVES_PER_REQUEST_MAX {
             if todo.is_empty() {
                 break;
@@ -145,23 +167,51 @@ impl Router {
         self.respond(answers, ids)
     }
 
-    /// Reads every identity of the batch once (bindings cached by the reader need no read).
-    async fn resolve(&self, todo: &[Pending]) -> Bindings {
-        let identities: BTreeSet<Identity> = todo
-            .iter()
-            .flat_map(|(_, event)| event.identities.iter().cloned())
-            .collect();
-        self.reader
-            .run(move |reader| {
-                identities
-                    .into_iter()
-                    .map(|identity| {
-                        let bound = reader.identity(&identity);
-                        (identity, bound)
-                    })
-                    .collect()
-            })
-            .await
+    /// Reads every identity of the batch once: cached bindings need no read; the others are
+    /// read at their shards, linearizably, one read per shard. Answers the bindings, and the
+    /// identities whose shard could not be read.
+    async fn resolve(&self, todo: &[Pending]) -> (Bindings, BTreeMap<Identity, ShardError>) {
+        let mut bindings = Bindings::new();
+        let mut to_read: BTreeMap<ShardId, Vec<Identity>> = BTreeMap::new();
+        let identities: BTreeSet<&Identity> =
+            todo.iter().flat_map(|(_, e)| &e.identities).collect();
+        for identity in identities {
+            match self.reader.cached_identity(identity) {
+                Some(oneid) => {
+                    bindings.insert(identity.clone(), Some(oneid));
+                }
+                None => to_read
+                    .entry(identity.shard(self.n_shards))
+                    .or_default()
+                    .push(identity.clone()),
+            }
+        }
+        let reads = per_shard(to_read.into_iter().map(|(shard, identities)| {
+            let query = Query::Identities(identities.clone());
+            let read = self.shards.read(shard, query, Consistency::Linearizable);
+            (shard, async move { (identities, read.await) })
+        }))
+        .await;
+        let mut unresolved = BTreeMap::new();
+        for (_, (identities, read)) in reads {
+            match read {
+                Ok((StateAnswer::Identities(found), _)) => {
+                    for (identity, oneid) in identities.into_iter().zip(found) {
+                        if let Some(oneid) = oneid {
+                            self.reader.cache_identity(&identity, oneid);
+                        }
+                        bindings.insert(identity, oneid);
+                    }
+                }
+                Ok(other) => panic!("an identity read answered {other:?}"),
+                Err(error) => {
+                    for identity in identities {
+                        unresolved.insert(identity, error.clone());
+                    }
+                }
+            }
+        }
+        (bindings, unresolved)
     }
 
     fn respond(&self, answers: Vec<Option<Answer>>, ids: Vec<String>) -> EventsResponse {
@@ -220,7 +270,7 @@ impl Router {
         let replies = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
             let identities: Vec<Vec<Identity>> =
                 routed.iter().map(|r| r.event.identities.clone()).collect();
-            let call = propose(&self.shards, shard, Command::Events(routed));
+            let call = self.shards.propose(shard, Command::Events(routed));
             (shard, async move { (positions, identities, call.await) })
         }))
         .await;
@@ -248,8 +298,7 @@ impl Router {
             // A crash here leaves applied events whose identities are not bound yet: the
             // follow-up records finish them (a test stops the node at this point).
             fail::fail_point!("router::before_follow_ups");
-            let report =
-                follow_up::drive(&self.shards, self.n_shards, follow_ups, BIND_ATTEMPTS).await;
+            let report = follow_up::drive(&self.shards, follow_ups, BIND_ATTEMPTS).await;
             for (identity, oneid) in report.bound {
                 bindings.insert(identity, Some(oneid));
             }
@@ -314,25 +363,55 @@ impl Router {
         if conflicts.is_empty() {
             return Vec::new();
         }
-        self.reader
-            .run(move |reader| {
-                conflicts
-                    .into_iter()
-                    .map(|(position, event_id, profiles)| {
-                        let answer =
-                            match profiles.iter().find(|p| reader.has_event(**p, &event_id)) {
-                                Some(&oneid) => Ok((EventStatus::Duplicate, oneid)),
-                                None => {
-                                    let mut two = profiles.iter();
-                                    let (a, b) = (two.next(), two.next());
-                                    Err(conflict(*a.expect("two"), *b.expect("two")))
-                                }
-                            };
-                        (position, answer)
-                    })
-                    .collect()
+        // Each candidate profile's exactly-once record, read at its shard.
+        let mut asked: BTreeMap<ShardId, Vec<(OneId, String)>> = BTreeMap::new();
+        for (_, event_id, profiles) in &conflicts {
+            for oneid in profiles {
+                asked
+                    .entry(oneid.shard())
+                    .or_default()
+                    .push((*oneid, event_id.clone()));
+            }
+        }
+        let reads = per_shard(asked.into_iter().map(|(shard, events)| {
+            let read = self.shards.read(
+                shard,
+                Query::Events(events.clone()),
+                Consistency::Linearizable,
+            );
+            (shard, async move { (events, read.await) })
+        }))
+        .await;
+        let mut applied: BTreeMap<(OneId, String), Result<bool, ShardError>> = BTreeMap::new();
+        for (_, (events, read)) in reads {
+            match read {
+                Ok((StateAnswer::Events(found), _)) => {
+                    applied.extend(events.into_iter().zip(found.into_iter().map(Ok)))
+                }
+                Ok(other) => panic!("an exactly-once read answered {other:?}"),
+                Err(error) => applied.extend(events.into_iter().map(|e| (e, Err(error.clone())))),
+            }
+        }
+        conflicts
+            .into_iter()
+            .map(|(position, event_id, profiles)| {
+                let checks: Vec<(OneId, &Result<bool, ShardError>)> = profiles
+                    .iter()
+                    .map(|p| (*p, &applied[&(*p, event_id.clone())]))
+                    .collect();
+                let answer =
+                    if let Some((oneid, _)) = checks.iter().find(|(_, r)| matches!(r, Ok(true))) {
+                        Ok((EventStatus::Duplicate, *oneid))
+                    } else if let Some((_, Err(error))) = checks.iter().find(|(_, r)| r.is_err()) {
+                        Err(unavailable(error))
+                    } else {
+                        let mut two = profiles.iter();
+                        let (a, b) = (two.next(), two.next());
+                        Err(conflict(*a.expect("two"), *b.expect("two")))
+                    };
+                (position, answer)
             })
-            .await
+            .collect()
     }
 
     /// An event's answer; an applied one also tells resolution that its identities held by
@@ -361,7 +440,7 @@ impl Router {
     /// Proposes a command on every shard (rules changes); the first error wins.
     pub async fn broadcast(&self, command: Command) -> Result<(), ShardError> {
         for shard in 0..self.n_shards {
-            propose(&self.shards, ShardId(shard), command.clone()).await?;
+            self.shards.propose(ShardId(shard), command.clone()).await?;
         }
         Ok(())
     }

@@ -1,35 +1,384 @@
-//! The shards as this node reaches them: proposals to a shard's replica, gathered answers.
+//! The shards as this node reaches them: its own replicas, the leaders it knows of, and the
+//! peers it forwards to. Any node answers any request: a proposal goes to the shard's leader
+//! (here, or forwarded over the peer transport), a read to a replica that can serve it.
 //!
-//! Every shard has a replica on this node today (one-node clusters); replication replaces
-//! this with a routing table of local replicas and leader hints.
+//! - **Proposals** go to the replica this node believes leads (a hint from its own replica,
+//!   a peer's ping, or a `NotLeader` answer), here or on a peer, and follow `NotLeader` hints.
+//!   A proposal to a peer waits at most [`FORWARD_TIMEOUT`] in all: a shard with no reachable
+//!   leader is answered `Timeout` (the router answers its events `unavailable`), never held
+//!   behind a dead or paused leader. Every command is idempotent (events by their ids), so a
+//!   proposal whose answer was lost may be sent again.
+//! - **Linearizable reads** go through a ReadIndex round on a replica of this node when it has
+//!   one (the round confirms with a quorum that the state it waits for is the newest), or are
+//!   forwarded to one that has; a one-voter shard here is its own quorum and reads at once.
+//!   **Stale reads** are served by any replica, at its applied index.
+//! - Peers' requests are carried out on this node's replicas only, never forwarded again.
 
 use crate::command::{Command, Output};
-use crate::replica::actor::{Propose, ShardActor};
+use crate::config::node_of_raft_id;
+use crate::replica::actor::{Propose, Read, ShardActor, Step};
 use crate::replica::core::ShardError;
+use crate::storage::{Answer, Query, StateReader};
+use crate::transport::tcp::{CallError, Inbound, Tcp};
+use crate::transport::Transport;
 use actix::Addr;
 use oneid_protocol::ids::ShardId;
+use protobuf::Message as _;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-/// Addresses of every shard's actor, set once all are started.
-pub type ShardMap = Arc<OnceLock<Vec<Addr<ShardActor>>>>;
+/// Longest a proposal or read forwarded to peers waits for an answer, retries included.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
+/// The wait before trying another replica when none answered as leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// A leader this node heard from within this long counts as known.
+pub const LEADER_FRESH: Duration = Duration::from_secs(2);
 
-/// Proposes `command` at `shard`; answers once it is committed, applied and durable.
-pub async fn propose(
-    shards: &ShardMap,
-    shard: ShardId,
-    command: Command,
-) -> Result<Output, ShardError> {
-    let addr = &shards
-        .get()
-        .expect("shards are started before anything proposes")[shard.0 as usize];
-    addr.send(Propose(command))
-        .await
-        .unwrap_or(Err(ShardError::Stopped(shard)))
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// Sees every write acknowledged before it began.
+    Linearizable,
+    /// What one replica holds now, at its applied index.
+    Stale,
+}
+
+/// What a peer asks of this node.
+#[derive(Debug, Serialize, Deserialize)]
+enum PeerRequest {
+    Propose {
+        shard: ShardId,
+        command: Command,
+    },
+    Read {
+        shard: ShardId,
+        query: Query,
+        consistency: Consistency,
+    },
+}
+
+/// A read's answer and the applied index of the replica that served it.
+pub type ReadAnswer = (Answer, u64);
+
+#[derive(Debug, Serialize, Deserialize)]
+enum PeerResponse {
+    Proposed(Result<Output, ShardError>),
+    Read(Result<ReadAnswer, ShardError>),
+}
+
+/// What this node last heard of a shard's leader.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hint {
+    leader: Option<u64>,
+    term: u64,
+    heard: Option<Instant>,
+}
+
+pub struct Shards {
+    pub me: u64,
+    pub n_shards: u32,
+    /// The node ids of each shard's replicas, the placed leader first.
+    placement: Vec<Vec<u64>>,
+    local: OnceLock<Vec<Option<Addr<ShardActor>>>>,
+    hints: Vec<Mutex<Hint>>,
+    peers: OnceLock<Arc<Tcp>>,
+    reader: StateReader,
+}
+
+impl Shards {
+    pub fn new(me: u64, placement: Vec<Vec<u64>>, reader: StateReader) -> Shards {
+        let n_shards = placement.len() as u32;
+        Shards {
+            me,
+            n_shards,
+            hints: (0..n_shards).map(|_| Mutex::new(Hint::default())).collect(),
+            placement,
+            local: OnceLock::new(),
+            peers: OnceLock::new(),
+            reader,
+        }
+    }
+
+    /// The actors of this node's replicas, by shard (`None` where it holds none).
+    pub fn set_local(&self, actors: Vec<Option<Addr<ShardActor>>>) {
+        assert_eq!(actors.len(), self.n_shards as usize);
+        if self.local.set(actors).is_err() {
+            unreachable!("local replicas are set once");
+        }
+    }
+
+    pub fn set_peers(&self, peers: Arc<Tcp>) {
+        if self.peers.set(peers).is_err() {
+            unreachable!("peers are set once");
+        }
+    }
+
+    pub fn peers(&self) -> Option<&Arc<Tcp>> {
+        self.peers.get()
+    }
+
+    pub fn placement(&self, shard: ShardId) -> &[u64] {
+        &self.placement[shard.0 as usize]
+    }
+
+    /// This node's replica of `shard`.
+    pub fn local(&self, shard: ShardId) -> Option<&Addr<ShardActor>> {
+        self.local.get()?.get(shard.0 as usize)?.as_ref()
+    }
+
+    /// The actors of this node's replicas.
+    pub fn locals(&self) -> impl Iterator<Item = (ShardId, &Addr<ShardActor>)> {
+        self.local
+            .get()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().map(|a| (ShardId(i as u32), a)))
+    }
+
+    /// Raft messages of a local replica for the replicas of other nodes; answers the raft
+    /// ids it could not reach.
+    pub fn send_raft(&self, shard: ShardId, messages: Vec<raft::eraftpb::Message>) -> Vec<u64> {
+        let mut by_node: BTreeMap<u64, (Vec<Vec<u8>>, Vec<u64>)> = BTreeMap::new();
+        for message in messages {
+            let entry = by_node.entry(node_of_raft_id(message.to)).or_default();
+            entry.1.push(message.to);
+            entry
+                .0
+                .push(message.write_to_bytes().expect("raft messages encode"));
+        }
+        let mut unreachable = Vec::new();
+        for (node, (bytes, to)) in by_node {
+            let sent = self
+                .peers
+                .get()
+                .is_some_and(|peers| peers.send_raft(node, shard.0, bytes));
+            if !sent {
+                unreachable.extend(to);
+            }
+        }
+        unreachable
+    }
+
+    /// What a local replica says of its leader: (leader node, term), each tick.
+    pub fn observe(&self, shard: ShardId, leader: Option<u64>, term: u64) {
+        let mut hint = self.hints[shard.0 as usize].lock().expect("hint lock");
+        if term >= hint.term {
+            *hint = Hint {
+                leader,
+                term,
+                heard: leader.map(|_| Instant::now()),
+            };
+        }
+    }
+
+    /// The leader this node heard from within [`LEADER_FRESH`] (itself, or a peer that is
+    /// up), if any.
+    pub fn leader(&self, shard: ShardId) -> Option<u64> {
+        let hint = *self.hints[shard.0 as usize].lock().expect("hint lock");
+        let leader = hint.leader?;
+        let fresh = hint.heard.is_some_and(|at| at.elapsed() <= LEADER_FRESH);
+        let reachable = leader == self.me || self.peers.get().is_some_and(|p| p.up(leader));
+        (fresh && reachable).then_some(leader)
+    }
+
+    /// Where to try next: the leader hint, else this node's replica, else the placed nodes in
+    /// turn.
+    fn candidate(&self, shard: ShardId, attempt: usize) -> u64 {
+        if attempt == 0 {
+            if let Some(leader) = self.hints[shard.0 as usize]
+                .lock()
+                .expect("hint lock")
+                .leader
+            {
+                return leader;
+            }
+            if self.local(shard).is_some() {
+                return self.me;
+            }
+        }
+        let placed = self.placement(shard);
+        placed[attempt % placed.len()]
+    }
+
+    fn heard(&self, shard: ShardId, error: &ShardError) {
+        if let ShardError::NotLeader {
+            leader: Some(leader),
+            ..
+        } = error
+        {
+            let mut hint = self.hints[shard.0 as usize].lock().expect("hint lock");
+            hint.leader = Some(*leader);
+            hint.heard = Some(Instant::now());
+        }
+    }
+
+    /// Proposes `command` at `shard`'s leader, wherever it is; answers once it is committed,
+    /// applied and durable there.
+    pub async fn propose(&self, shard: ShardId, command: Command) -> Result<Output, ShardError> {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            let target = self.candidate(shard, attempt);
+            let result = if target == self.me {
+                self.propose_here(shard, command.clone()).await
+            } else {
+                let request = PeerRequest::Propose {
+                    shard,
+                    command: command.clone(),
+                };
+                match self.call(target, &request, deadline).await {
+                    Ok(PeerResponse::Proposed(result)) => result,
+                    Ok(PeerResponse::Read(_)) => panic!("a proposal answered as a read"),
+                    Err(error) => Err(error),
+                }
+            };
+            match result {
+                Err(error) if retryable(&error) && Instant::now() + RETRY_PAUSE < deadline => {
+                    self.heard(shard, &error);
+                    if !matches!(
+                        error,
+                        ShardError::NotLeader {
+                            leader: Some(_),
+                            ..
+                        }
+                    ) {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes at this node's replica (no forwarding).
+    async fn propose_here(&self, shard: ShardId, command: Command) -> Result<Output, ShardError> {
+        let Some(addr) = self.local(shard) else {
+            return Err(ShardError::Stopped(shard));
+        };
+        addr.send(Propose(command))
+            .await
+            .unwrap_or(Err(ShardError::Stopped(shard)))
+    }
+
+    /// Reads `query` of `shard`'s state, as fresh as `consistency` asks, from a replica here
+    /// if this node has one (and it can answer), else from one on a peer.
+    pub async fn read(
+        &self,
+        shard: ShardId,
+        query: Query,
+        consistency: Consistency,
+    ) -> Result<ReadAnswer, ShardError> {
+        if self.local(shard).is_some() {
+            match self.read_here(shard, query.clone(), consistency).await {
+                // This replica knows no leader (cut off, or an election): a peer's may.
+                Err(ShardError::NotLeader { .. }) | Err(ShardError::Timeout(_))
+                    if self.peers.get().is_some() => {}
+                other => return other,
+            }
+        }
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let others: Vec<u64> = self
+            .placement(shard)
+            .iter()
+            .copied()
+            .filter(|n| *n != self.me)
+            .collect();
+        let mut attempt = 0;
+        loop {
+            let hinted = self.leader(shard).filter(|l| *l != self.me);
+            let target = match (attempt, hinted) {
+                (0, Some(leader)) => leader,
+                _ => others[attempt % others.len()],
+            };
+            let request = PeerRequest::Read {
+                shard,
+                query: query.clone(),
+                consistency,
+            };
+            let result = match self.call(target, &request, deadline).await {
+                Ok(PeerResponse::Read(result)) => result,
+                Ok(PeerResponse::Proposed(_)) => panic!("a read answered as a proposal"),
+                Err(error) => Err(error),
+            };
+            match result {
+                Err(error)
+                    if (retryable(&error) || matches!(error, ShardError::Timeout(_)))
+                        && Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    self.heard(shard, &error);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads at this node's replica (no forwarding). A linearizable read first waits for a
+    /// ReadIndex round, unless the replica is the shard's only voter (its own quorum: every
+    /// acknowledged write is already in its storage).
+    async fn read_here(
+        &self,
+        shard: ShardId,
+        query: Query,
+        consistency: Consistency,
+    ) -> Result<ReadAnswer, ShardError> {
+        let Some(addr) = self.local(shard) else {
+            return Err(ShardError::Stopped(shard));
+        };
+        let alone = self.placement(shard) == [self.me];
+        if consistency == Consistency::Linearizable && !alone {
+            addr.send(Read)
+                .await
+                .unwrap_or(Err(ShardError::Stopped(shard)))?;
+        }
+        Ok(self
+            .reader
+            .run(move |reader| {
+                let applied = reader.applied_index(shard);
+                (reader.answer(&query), applied)
+            })
+            .await)
+    }
+
+    async fn call(
+        &self,
+        to: u64,
+        request: &PeerRequest,
+        deadline: Instant,
+    ) -> Result<PeerResponse, ShardError> {
+        let shard = match request {
+            PeerRequest::Propose { shard, .. } | PeerRequest::Read { shard, .. } => *shard,
+        };
+        let Some(peers) = self.peers.get() else {
+            return Err(ShardError::Stopped(shard));
+        };
+        let body = postcard::to_stdvec(request).expect("requests encode");
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match peers.call(to, body, timeout).await {
+            Ok(body) => postcard::from_bytes(&body).map_err(|_| ShardError::Timeout(shard)),
+            Err(CallError::Unreachable(_)) => Err(ShardError::NotLeader {
+                shard,
+                leader: None,
+            }),
+            Err(CallError::Timeout(_)) => Err(ShardError::Timeout(shard)),
+        }
+    }
+}
+
+/// Whether another replica, or the same later, may answer what this one did not.
+fn retryable(error: &ShardError) -> bool {
+    matches!(error, ShardError::NotLeader { .. } | ShardError::Stopped(_))
 }
 
 /// Runs one future per shard, all at once, and collects their answers by shard.
-pub async fn per_shard<T, F: std::future::Future<Output = T>>(
+pub async fn per_shard<T, F: Future<Output = T>>(
     calls: impl IntoIterator<Item = (ShardId, F)>,
 ) -> BTreeMap<ShardId, T> {
     let (shards, futures): (Vec<ShardId>, Vec<F>) = calls.into_iter().unzip();
@@ -37,4 +386,75 @@ pub async fn per_shard<T, F: std::future::Future<Output = T>>(
         .into_iter()
         .zip(futures::future::join_all(futures).await)
         .collect()
+}
+
+/// What peers send this node, carried out on its own replicas.
+pub struct FromPeers(pub Arc<Shards>);
+
+impl Inbound for FromPeers {
+    fn raft(&self, from: u64, shard: u32, messages: Vec<Vec<u8>>) {
+        let shards = &self.0;
+        let Some(addr) = shards.local(ShardId(shard)) else {
+            return;
+        };
+        let mut decoded = Vec::with_capacity(messages.len());
+        for bytes in messages {
+            match raft::eraftpb::Message::parse_from_bytes(&bytes) {
+                // A peer speaks only for its own replicas, to this node's.
+                Ok(m)
+                    if node_of_raft_id(m.from) == from
+                        && node_of_raft_id(m.to) == shards.me
+                        && m.to >> 32 == u64::from(shard) =>
+                {
+                    decoded.push(m)
+                }
+                _ => tracing::warn!(
+                    peer = from,
+                    shard,
+                    "a raft message that is not the peer's to send; dropped"
+                ),
+            }
+        }
+        // A full mailbox drops them: raft-rs sends again.
+        let _ = addr.try_send(Step(decoded));
+    }
+
+    fn request(&self, _from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        let shards = Arc::clone(&self.0);
+        Box::pin(async move {
+            let response = match postcard::from_bytes::<PeerRequest>(&body) {
+                Ok(PeerRequest::Propose { shard, command }) => {
+                    PeerResponse::Proposed(shards.propose_here(shard, command).await)
+                }
+                Ok(PeerRequest::Read {
+                    shard,
+                    query,
+                    consistency,
+                }) => PeerResponse::Read(shards.read_here(shard, query, consistency).await),
+                Err(_) => PeerResponse::Read(Err(ShardError::Stopped(ShardId(0)))),
+            };
+            postcard::to_stdvec(&response).expect("responses encode")
+        })
+    }
+
+    fn leads(&self) -> Vec<(u32, u64)> {
+        let shards = &self.0;
+        shards
+            .hints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, hint)| {
+                let hint = hint.lock().expect("hint lock");
+                (hint.leader == Some(shards.me)).then_some((i as u32, hint.term))
+            })
+            .collect()
+    }
+
+    fn ping(&self, from: u64, leads: Vec<(u32, u64)>) {
+        for (shard, term) in leads {
+            if shard < self.0.n_shards {
+                self.0.observe(ShardId(shard), Some(from), term);
+            }
+        }
+    }
 }

@@ -41,6 +41,68 @@ use std::time::Instant;
 /// followers.
 pub const STATE_FORMAT: u32 = 5;
 
+/// What a data directory records of its cluster at first start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterRecord {
+    /// Derived from the rest at first start; the peer handshake names it.
+    pub id: String,
+    pub shards: u32,
+    pub replication: u32,
+    /// Each node's id and peer address, by id.
+    pub nodes: Vec<(u64, String)>,
+}
+
+impl ClusterRecord {
+    /// The record of a cluster of this shape; its id hashes the shape.
+    pub fn new(shards: u32, replication: u32, mut nodes: Vec<(u64, String)>) -> ClusterRecord {
+        nodes.sort();
+        let text = format!("oneid cluster|{shards}|{replication}|{nodes:?}");
+        let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()));
+        ClusterRecord {
+            id,
+            shards,
+            replication,
+            nodes,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("the cluster record encodes")
+    }
+
+    /// Refuses a config (`shape`) that contradicts this record, naming both values.
+    fn contradicted_by(&self, shape: &ClusterRecord) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.shards == shape.shards,
+            "this data directory belongs to a cluster of {} shards, but the config says {}: the shard count cannot change",
+            self.shards,
+            shape.shards
+        );
+        anyhow::ensure!(
+            self.replication == shape.replication,
+            "this data directory belongs to a cluster of replication {}, but the config says {}",
+            self.replication,
+            shape.replication
+        );
+        let ids = |nodes: &[(u64, String)]| nodes.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        anyhow::ensure!(
+            ids(&self.nodes) == ids(&shape.nodes),
+            "this data directory belongs to a cluster of nodes {:?}, but the config lists {:?}",
+            ids(&self.nodes),
+            ids(&shape.nodes)
+        );
+        if self.nodes.len() > 1 {
+            for ((id, recorded), (_, configured)) in self.nodes.iter().zip(&shape.nodes) {
+                anyhow::ensure!(
+                    recorded == configured,
+                    "node {id}'s peer address is {recorded} in this data directory, but {configured} in the config"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 
@@ -120,51 +182,58 @@ impl Storage {
         })
     }
 
-    /// Records the cluster's shard count and the state format on first start, and refuses a
-    /// data directory of another shard count (fixed for the life of a cluster: routing hashes
-    /// and OneIDs depend on it) or of another state format.
-    pub fn check_cluster(&self, n_shards: u32) -> anyhow::Result<()> {
-        const SHARDS: &[u8] = b"cluster/shards";
+    /// Records the cluster (its id, shard count, replication, nodes and their peer
+    /// addresses) and the state format on first start, and refuses a data directory of
+    /// another state format, or whose cluster the config contradicts: the shard count (routing
+    /// hashes and OneIDs depend on it), the replication, the node ids, a node's peer address.
+    /// A one-node cluster's peer address may change (a backup restored onto other ports), and
+    /// is recorded anew. Answers what is recorded.
+    pub fn check_cluster(&self, shape: &ClusterRecord) -> anyhow::Result<ClusterRecord> {
         const FORMAT: &[u8] = b"cluster/format";
-        let read = |key: &[u8]| -> anyhow::Result<Option<u32>> {
-            self.meta
-                .get(key)?
-                .map(|bytes| {
-                    let bytes: [u8; 4] = bytes.as_ref().try_into().with_context(|| {
-                        format!("corrupt {} record", String::from_utf8_lossy(key))
-                    })?;
-                    Ok(u32::from_be_bytes(bytes))
-                })
-                .transpose()
-        };
+        const RECORD: &[u8] = b"cluster/record";
+        let format = self
+            .meta
+            .get(FORMAT)?
+            .map(|bytes| {
+                let bytes: [u8; 4] = bytes
+                    .as_ref()
+                    .try_into()
+                    .context("corrupt cluster/format record")?;
+                anyhow::Ok(u32::from_be_bytes(bytes))
+            })
+            .transpose()?;
         // A shard writes its hard state (`hs/NNNN`) as soon as it starts: a directory with
         // none never served.
         let used = self.meta.prefix("hs/").next().is_some();
-        match read(SHARDS)? {
-            None if !used => {
-                // Both records in one batch: a crash leaves both or neither.
-                let mut batch = self.db.batch();
-                batch.insert(&self.meta, SHARDS, n_shards.to_be_bytes());
-                batch.insert(&self.meta, FORMAT, STATE_FORMAT.to_be_bytes());
-                batch.commit()?;
-                self.db.persist(PersistMode::SyncAll)?;
-            }
-            stored => {
-                // Directories from before the format record (or before the shard count
-                // record) hold format 1.
-                let format = read(FORMAT)?.unwrap_or(1);
-                anyhow::ensure!(
-                    format == STATE_FORMAT,
-                    "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it"
-                );
-                let stored = stored.context("no cluster/shards record beside the format")?;
-                anyhow::ensure!(
-                    stored == n_shards,
-                    "this data directory belongs to a cluster of {stored} shards, but the config says {n_shards}: the shard count cannot change"
-                );
-            }
+        if format.is_none() && !used {
+            // Both records in one batch: a crash leaves both or neither.
+            let mut batch = self.db.batch();
+            batch.insert(&self.meta, FORMAT, STATE_FORMAT.to_be_bytes());
+            batch.insert(&self.meta, RECORD, shape.encode());
+            batch.commit()?;
+            self.db.persist(PersistMode::SyncAll)?;
+            return Ok(shape.clone());
         }
-        Ok(())
+        // Directories from before the format record hold format 1.
+        let format = format.unwrap_or(1);
+        anyhow::ensure!(
+            format == STATE_FORMAT,
+            "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it"
+        );
+        let bytes = self
+            .meta
+            .get(RECORD)?
+            .context("no cluster/record beside the format")?;
+        let mut recorded: ClusterRecord =
+            postcard::from_bytes(&bytes).context("corrupt cluster/record")?;
+        recorded.contradicted_by(shape)?;
+        if recorded.nodes != shape.nodes {
+            // Only a one-node cluster's peer address may differ: record the new one.
+            recorded.nodes = shape.nodes.clone();
+            self.meta.insert(RECORD, recorded.encode())?;
+            self.db.persist(PersistMode::SyncAll)?;
+        }
+        Ok(recorded)
     }
 
     /// Makes everything written so far durable, journals and their directory included (the
@@ -446,6 +515,34 @@ pub struct StateReader {
     pool: ReadPool,
 }
 
+/// A read of one shard's state, by whichever node holds a replica of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Query {
+    /// The profiles these identities are bound to (all held by the shard).
+    Identities(Vec<Identity>),
+    /// Whether each event id applied to each profile (exactly-once records).
+    Events(Vec<(OneId, String)>),
+    Profile(OneId),
+    /// Up to `limit` ledger entries, newest first, older than sequence `before`.
+    Ledger {
+        oneid: OneId,
+        limit: usize,
+        before: Option<u64>,
+    },
+    /// The rules the shard applies.
+    Rules(ShardId),
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Answer {
+    Identities(Vec<Option<OneId>>),
+    Events(Vec<bool>),
+    Profile(Option<Box<Profile>>),
+    Ledger(Option<Vec<(u64, LedgerRecord)>>),
+    Rules(Box<oneid_protocol::rules::Rules>),
+}
+
 /// Identity bindings the reader keeps in memory, over all stripes.
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 256 * 1024;
 /// Stripes of the identity cache, each behind its own lock, so API threads rarely wait.
@@ -483,14 +580,71 @@ impl StateReader {
         &self.storage
     }
 
+    fn stripe(&self, key: &[u8]) -> &Mutex<LruCache<Identity, OneId>> {
+        &self.bindings[(xxhash_rust::xxh3::xxh3_64(key) % IDENTITY_CACHE_STRIPES as u64) as usize]
+    }
+
+    /// The profile an identity is bound to, if this node has seen the binding: bindings never
+    /// change, so a cached one needs no read (of this replica or of the shard's leader).
+    pub fn cached_identity(&self, identity: &Identity) -> Option<OneId> {
+        let key = keys::identity(identity);
+        self.stripe(&key)
+            .lock()
+            .expect("identity cache lock")
+            .get(identity)
+            .copied()
+    }
+
+    /// Remembers a binding learned from another node.
+    pub fn cache_identity(&self, identity: &Identity, oneid: OneId) {
+        let key = keys::identity(identity);
+        self.stripe(&key)
+            .lock()
+            .expect("identity cache lock")
+            .put(identity.clone(), oneid);
+    }
+
+    /// The applied index of the state this node's replica of `shard` holds.
+    pub fn applied_index(&self, shard: ShardId) -> u64 {
+        self.shard(shard).get(keys::META).map_or(0, |bytes| {
+            decode::<crate::state::ShardMeta>(keys::META, &bytes).applied_index
+        })
+    }
+
+    /// Answers a query of the shard's state as this node's replica holds it.
+    pub fn answer(&self, query: &Query) -> Answer {
+        match query {
+            Query::Identities(identities) => {
+                Answer::Identities(identities.iter().map(|i| self.identity(i)).collect())
+            }
+            Query::Events(events) => Answer::Events(
+                events
+                    .iter()
+                    .map(|(oneid, event_id)| self.has_event(*oneid, event_id))
+                    .collect(),
+            ),
+            Query::Profile(oneid) => Answer::Profile(self.profile(*oneid).map(Box::new)),
+            Query::Ledger {
+                oneid,
+                limit,
+                before,
+            } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
+            Query::Rules(shard) => Answer::Rules(Box::new(
+                self.shard(*shard)
+                    .get(keys::RULES)
+                    .map(|bytes| decode(keys::RULES, &bytes))
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
     /// The profile an identity is bound to.
     pub fn identity(&self, identity: &Identity) -> Option<OneId> {
-        let key = keys::identity(identity);
-        let stripe = &self.bindings
-            [(xxhash_rust::xxh3::xxh3_64(&key) % IDENTITY_CACHE_STRIPES as u64) as usize];
-        if let Some(oneid) = stripe.lock().expect("identity cache lock").get(identity) {
-            return Some(*oneid);
+        if let Some(oneid) = self.cached_identity(identity) {
+            return Some(oneid);
         }
+        let key = keys::identity(identity);
+        let stripe = self.stripe(&key);
         let oneid: OneId = self
             .shard(identity.shard(self.n_shards))
             .get(&key)
@@ -626,27 +780,66 @@ mod tests {
     }
 
     #[test]
-    fn a_data_directory_keeps_its_shard_count_and_format() {
+    fn a_data_directory_keeps_its_cluster_and_format() {
         let dir = TempDir::new("cluster");
-        open(&dir, 16).check_cluster(16).expect("a new directory");
-        open(&dir, 16).check_cluster(16).expect("the same cluster");
-        let error = open(&dir, 8).check_cluster(8).unwrap_err().to_string();
-        assert!(error.contains("cluster of 16 shards"), "{error}");
+        let nodes = |peers: &[&str]| {
+            peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64 + 1, p.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let three = ClusterRecord::new(16, 3, nodes(&["a:1", "b:1", "c:1"]));
+        let recorded = open(&dir, 16)
+            .check_cluster(&three)
+            .expect("a new directory");
+        assert_eq!(recorded, three);
+        assert_eq!(recorded.id.len(), 32);
+        open(&dir, 16)
+            .check_cluster(&three)
+            .expect("the same cluster");
+        let refused = |shape: ClusterRecord| {
+            open(&dir, 16)
+                .check_cluster(&shape)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(ClusterRecord::new(8, 3, nodes(&["a:1", "b:1", "c:1"]))),
+            "this data directory belongs to a cluster of 16 shards, but the config says 8: the shard count cannot change"
+        );
+        assert_eq!(
+            refused(ClusterRecord::new(16, 2, nodes(&["a:1", "b:1", "c:1"]))),
+            "this data directory belongs to a cluster of replication 3, but the config says 2"
+        );
+        assert_eq!(
+            refused(ClusterRecord::new(16, 3, nodes(&["a:1", "b:1"]))),
+            "this data directory belongs to a cluster of nodes [1, 2, 3], but the config lists [1, 2]"
+        );
+        assert_eq!(
+            refused(ClusterRecord::new(16, 3, nodes(&["a:1", "b:2", "c:1"]))),
+            "node 2's peer address is b:1 in this data directory, but b:2 in the config"
+        );
+
+        // A one-node cluster may move its peer address; the id stays.
+        let single = TempDir::new("cluster-single");
+        let first = open(&single, 4)
+            .check_cluster(&ClusterRecord::new(4, 1, nodes(&["a:1"])))
+            .expect("new");
+        let moved = open(&single, 4)
+            .check_cluster(&ClusterRecord::new(4, 1, nodes(&["a:2"])))
+            .expect("moved");
+        assert_eq!((moved.id, moved.nodes), (first.id, nodes(&["a:2"])));
 
         // A fresh directory whose first start stopped before the records: still fresh.
         let fresh = TempDir::new("cluster-fresh");
-        open(&fresh, 4).check_cluster(4).expect("fresh");
+        let one = ClusterRecord::new(4, 1, nodes(&["a:1"]));
+        open(&fresh, 4).check_cluster(&one).expect("fresh");
         // One that served (a shard wrote its hard state) without the records: format 1.
         let old = TempDir::new("cluster-old");
         let storage = open(&old, 4);
         storage.meta.insert(b"hs/0000", b"x").expect("inserting");
-        let error = storage.check_cluster(4).unwrap_err().to_string();
-        assert!(error.contains("holds state format 1"), "{error}");
-
-        // A directory from before the format record: format 1.
-        let storage = open(&dir, 16);
-        storage.meta.remove(b"cluster/format").expect("removing");
-        let error = storage.check_cluster(16).unwrap_err().to_string();
+        let error = storage.check_cluster(&one).unwrap_err().to_string();
         assert_eq!(
             error,
             format!("this data directory holds state format 1, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it")

@@ -169,8 +169,11 @@ fn is_zero(n: &i64) -> bool {
 /// `GET /v1/cluster`: this node's view of the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterView {
+    /// The node that answered.
     pub node: u64,
+    pub cluster_id: String,
     pub nodes: Vec<NodeView>,
+    /// The answering node's own replicas (so comparing the nodes' answers compares replicas).
     pub shards: Vec<ShardView>,
 }
 
@@ -179,18 +182,27 @@ pub struct NodeView {
     pub id: u64,
     pub api: String,
     pub peer: String,
+    /// A frame from that node arrived within the last 2 s (always true for the answering node).
+    pub up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardView {
     pub id: u32,
-    /// The leader's node id, if known.
+    /// The leader's node id, if this replica knows it.
     pub leader: Option<u64>,
     pub term: u64,
+    /// `leader`, `follower`, `candidate`, `pre_candidate`.
+    pub role: String,
     pub commit_index: u64,
     pub applied_index: u64,
-    /// Hash of the shard's applied state at `applied_index`, hex.
+    /// Hash of this replica's applied state at `applied_index`, hex.
     pub digest: String,
+    /// The node ids of the shard's replicas.
+    pub replicas: Vec<u64>,
+    /// Replicas (node ids) that need entries the leader's log no longer holds: they wait for a
+    /// snapshot. Known to the leader only.
+    pub needs_snapshot: Vec<u64>,
     /// Identities of applied events still to be bound on other shards (follow-ups).
     pub follow_ups_pending: u64,
     /// The shard's clock (RFC 3339): the latest clock entry applied.

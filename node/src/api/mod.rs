@@ -19,10 +19,11 @@ mod events;
 use crate::backup::{BackupError, Backups};
 use crate::command::Command;
 use crate::metrics::{Metrics, Route};
-use crate::replica::actor::{Query, QueryReply};
+use crate::replica::actor::Status;
 use crate::replica::core::ShardError;
 use crate::router::Router;
-use crate::storage::StateReader;
+use crate::shards::{Consistency, Shards};
+use crate::storage::{Answer, Query};
 use body::{BodyBudget, Shape};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -46,8 +47,9 @@ use tokio::net::TcpListener;
 
 pub struct Api {
     pub router: Router,
-    /// Profile, identity and ledger reads, straight from storage.
-    pub reader: StateReader,
+    /// The shards, here and on peers: profile, identity and ledger reads go through them.
+    pub shards: Arc<Shards>,
+    pub cluster_id: String,
     pub metrics: Arc<Metrics>,
     pub node_id: u64,
     pub nodes: Vec<NodeView>,
@@ -241,7 +243,7 @@ impl Api {
                 let reply = match (endpoint, method) {
                     (Endpoint::Events, _) => self.post_events(request).await,
                     (Endpoint::Lookup, _) => self.lookup(query.as_deref()).await,
-                    (Endpoint::Profile, _) => self.get_profile(oneid).await,
+                    (Endpoint::Profile, _) => self.get_profile(oneid, query.as_deref()).await,
                     (Endpoint::Ledger, _) => self.ledger(oneid, query.as_deref()).await,
                     (Endpoint::Rules, Method::PUT) => self.put_rules(request).await,
                     (Endpoint::Rules, _) => self.get_rules().await,
@@ -276,20 +278,40 @@ impl Api {
         Ok(oneid)
     }
 
-    async fn get_profile(&self, oneid: &str) -> Reply {
-        let oneid = self.parse_oneid(oneid)?;
-        let profile = self
-            .reader
-            .run(move |reader| reader.profile(oneid))
+    /// Reads `query` of `shard` through the routing table; a shard that cannot answer now
+    /// is 503 `unavailable`.
+    async fn read_state(
+        &self,
+        shard: ShardId,
+        query: Query,
+        consistency: Consistency,
+    ) -> Result<(Answer, u64), ApiError> {
+        self.shards
+            .read(shard, query, consistency)
             .await
-            .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
-        Ok(json(StatusCode::OK, &profile.to_doc()))
+            .map_err(ApiError::from)
+    }
+
+    async fn get_profile(&self, oneid: &str, query: Option<&str>) -> Reply {
+        let oneid = self.parse_oneid(oneid)?;
+        let consistency = consistency(&params(query))?;
+        let (answer, applied) = self
+            .read_state(oneid.shard(), Query::Profile(oneid), consistency)
+            .await?;
+        let Answer::Profile(profile) = answer else {
+            panic!("a profile read answered {answer:?}")
+        };
+        let profile =
+            profile.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        Ok(stamped(
+            json(StatusCode::OK, &profile.to_doc()),
+            consistency,
+            applied,
+        ))
     }
 
     async fn lookup(&self, query: Option<&str>) -> Reply {
-        let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
+        let params = params(query);
         let param = |name: &str| {
             params
                 .iter()
@@ -320,16 +342,38 @@ impl Api {
                 message,
             ));
         }
-        let (kind, value) = (identity.kind.clone(), identity.value.clone());
-        let profile = self
-            .reader
-            .run(move |reader| {
-                let oneid = reader.identity(&identity)?;
-                reader.profile(oneid)
-            })
-            .await
-            .ok_or_else(|| not_found(format!("no profile has identity {kind}={value:?}")))?;
-        Ok(json(StatusCode::OK, &profile.to_doc()))
+        let consistency = consistency(&params)?;
+        let missing = || {
+            not_found(format!(
+                "no profile has identity {}={:?}",
+                identity.kind, identity.value
+            ))
+        };
+        // A binding this node saw never changes: only "not found" needs a read.
+        let oneid = match self.router.reader.cached_identity(&identity) {
+            Some(oneid) => oneid,
+            None => {
+                let shard = identity.shard(self.shards.n_shards);
+                let query = Query::Identities(vec![identity.clone()]);
+                match self.read_state(shard, query, consistency).await? {
+                    (Answer::Identities(found), _) => {
+                        found.into_iter().next().flatten().ok_or_else(missing)?
+                    }
+                    (other, _) => panic!("an identity read answered {other:?}"),
+                }
+            }
+        };
+        let (answer, applied) = self
+            .read_state(oneid.shard(), Query::Profile(oneid), consistency)
+            .await?;
+        let Answer::Profile(Some(profile)) = answer else {
+            return Err(missing());
+        };
+        Ok(stamped(
+            json(StatusCode::OK, &profile.to_doc()),
+            consistency,
+            applied,
+        ))
     }
 
     async fn ledger(&self, oneid: &str, query: Option<&str>) -> Reply {
@@ -344,6 +388,7 @@ impl Api {
                     })?;
                     limit = limit.min(LEDGER_PAGE_MAX);
                 }
+                "consistency" => {}
                 "cursor" => {
                     before = Some(u64::from_str_radix(&value, 16).map_err(|_| {
                         ApiError::field(
@@ -357,11 +402,18 @@ impl Api {
                 _ => {}
             }
         }
-        let mut entries = self
-            .reader
-            .run(move |reader| reader.ledger(oneid, limit + 1, before))
-            .await
-            .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        let consistency = consistency(&params(query))?;
+        let ledger = Query::Ledger {
+            oneid,
+            limit: limit + 1,
+            before,
+        };
+        let (answer, applied) = self.read_state(oneid.shard(), ledger, consistency).await?;
+        let Answer::Ledger(entries) = answer else {
+            panic!("a ledger read answered {answer:?}")
+        };
+        let mut entries =
+            entries.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         let next = if entries.len() > limit {
             entries.truncate(limit);
             entries.last().map(|(seq, _)| format!("{seq:x}"))
@@ -380,17 +432,22 @@ impl Api {
                 shortfall: r.shortfall,
             })
             .collect();
-        Ok(json(StatusCode::OK, &LedgerPage { entries, next }))
+        Ok(stamped(
+            json(StatusCode::OK, &LedgerPage { entries, next }),
+            consistency,
+            applied,
+        ))
     }
 
     async fn get_rules(&self) -> Reply {
-        match self.router.shards.get().expect("started")[0]
-            .send(Query::Rules)
-            .await
-        {
-            Ok(QueryReply::Rules(rules)) => Ok(json(StatusCode::OK, &rules.to_doc())),
-            _ => Err(ApiError::unavailable("shard 0 did not answer")),
-        }
+        let shard = ShardId(0);
+        let (answer, _) = self
+            .read_state(shard, Query::Rules(shard), Consistency::Linearizable)
+            .await?;
+        let Answer::Rules(rules) = answer else {
+            panic!("a rules read answered {answer:?}")
+        };
+        Ok(json(StatusCode::OK, &rules.to_doc()))
     }
 
     async fn put_rules(&self, request: Request<Incoming>) -> Reply {
@@ -471,64 +528,83 @@ impl Api {
         .await
     }
 
+    /// This node's replicas, as each says of itself.
     async fn shard_views(&self) -> Result<Vec<ShardView>, ApiError> {
-        let shards = self.router.shards.get().expect("started");
+        let locals: Vec<_> = self.shards.locals().collect();
         let answers =
-            futures::future::join_all(shards.iter().map(|addr| addr.send(Query::Status))).await;
-        answers
-            .into_iter()
-            .enumerate()
-            .map(|(i, answer)| match answer {
-                Ok(QueryReply::Status(view)) => Ok(ShardView {
-                    id: i as u32,
-                    leader: view.status.leader.map(crate::config::node_of_raft_id),
-                    term: view.status.term,
-                    commit_index: view.status.commit_index,
-                    applied_index: view.status.applied_index,
-                    digest: format!("{:016x}", view.status.digest),
-                    follow_ups_pending: view.follow_ups_pending,
-                    clock: view.clock.to_string(),
-                }),
+            futures::future::join_all(locals.iter().map(|(_, addr)| addr.send(Status))).await;
+        let node = crate::config::node_of_raft_id;
+        locals
+            .iter()
+            .zip(answers)
+            .map(|((shard, _), answer)| match answer {
+                Ok(view) => {
+                    let s = &view.status;
+                    Ok(ShardView {
+                        id: shard.0,
+                        leader: s.leader.map(node),
+                        term: s.term,
+                        role: role_name(s.role).to_string(),
+                        commit_index: s.commit_index,
+                        applied_index: s.applied_index,
+                        digest: format!("{:016x}", s.digest),
+                        replicas: s.replicas.iter().map(|r| node(*r)).collect(),
+                        needs_snapshot: s.needs_snapshot.iter().map(|r| node(*r)).collect(),
+                        follow_ups_pending: view.follow_ups_pending,
+                        clock: view.clock.to_string(),
+                    })
+                }
                 _ => Err(ApiError::unavailable(format!(
-                    "shard {} did not answer",
-                    ShardId(i as u32)
+                    "shard {shard} did not answer"
                 ))),
             })
             .collect()
     }
 
     async fn cluster(&self) -> Result<ClusterView, ApiError> {
+        let peers = self.shards.peers();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|n| NodeView {
+                up: n.id == self.node_id || peers.is_some_and(|p| p.up(n.id)),
+                ..n.clone()
+            })
+            .collect();
         Ok(ClusterView {
             node: self.node_id,
-            nodes: self.nodes.clone(),
+            cluster_id: self.cluster_id.clone(),
+            nodes,
             shards: self.shard_views().await?,
         })
     }
 
+    /// 200 when every shard of the cluster has a leader this node heard from within 2 s (its
+    /// own replica, or a peer that is up), else 503 naming the shards.
     async fn healthz(&self) -> Reply {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
-        let views = self.shard_views().await?;
-        let leaderless: Vec<u32> = views
-            .iter()
-            .filter(|v| v.leader.is_none())
-            .map(|v| v.id)
+        let leaderless: Vec<u32> = (0..self.shards.n_shards)
+            .filter(|s| self.shards.leader(ShardId(*s)).is_none())
             .collect();
         if !leaderless.is_empty() {
             return Err(ApiError::unavailable(format!(
-                "shards without a leader: {leaderless:?}"
+                "shards without a leader heard from: {leaderless:?}"
             )));
         }
         Ok(json(
             StatusCode::OK,
-            &serde_json::json!({"status": "ok", "shards": views.len()}),
+            &serde_json::json!({"status": "ok", "shards": self.shards.n_shards}),
         ))
     }
 
     fn metrics_text(&self) -> Response<Full<Bytes>> {
         let mut text = self.metrics.render();
-        self.reader.storage().render_gauges(&mut text);
+        self.router.reader.storage().render_gauges(&mut text);
+        if let Some(peers) = self.shards.peers() {
+            peers.render_metrics(&mut text);
+        }
         crate::metrics::gauge(
             &mut text,
             "oneid_api_body_bytes",
@@ -565,6 +641,52 @@ fn backup_error(error: BackupError) -> ApiError {
 
 fn not_found(message: String) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+}
+
+/// A query string's parameters.
+fn params(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// The `consistency` parameter of a read: linearizable unless `stale`.
+fn consistency(params: &[(String, String)]) -> Result<Consistency, ApiError> {
+    match params.iter().find(|(k, _)| k == "consistency") {
+        None => Ok(Consistency::Linearizable),
+        Some((_, v)) if v == "linearizable" => Ok(Consistency::Linearizable),
+        Some((_, v)) if v == "stale" => Ok(Consistency::Stale),
+        Some((_, v)) => Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidField,
+            "consistency",
+            format!("consistency must be linearizable or stale, found {v:?}"),
+        )),
+    }
+}
+
+/// A stale read says which applied index of its shard's replica served it.
+fn stamped(
+    mut response: Response<Full<Bytes>>,
+    consistency: Consistency,
+    applied: u64,
+) -> Response<Full<Bytes>> {
+    if consistency == Consistency::Stale {
+        response.headers_mut().insert(
+            "x-oneid-applied-index",
+            HeaderValue::from_str(&applied.to_string()).expect("digits"),
+        );
+    }
+    response
+}
+
+fn role_name(role: raft::StateRole) -> &'static str {
+    match role {
+        raft::StateRole::Leader => "leader",
+        raft::StateRole::Follower => "follower",
+        raft::StateRole::Candidate => "candidate",
+        raft::StateRole::PreCandidate => "pre_candidate",
+    }
 }
 
 fn method_not_allowed(method: &Method, path: &str, endpoint: Endpoint) -> ApiError {

@@ -16,13 +16,12 @@ use super::log::LogSource;
 use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shards::ShardMap;
+use crate::shards::Shards;
 use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
-use oneid_protocol::rules::Rules;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -97,7 +96,7 @@ pub struct ShardActor {
     storage: Arc<Storage>,
     writer: Writer,
     metrics: Arc<Metrics>,
-    shards: ShardMap,
+    shards: Arc<Shards>,
     next_token: Token,
     proposals: BTreeMap<Token, Reply<Output>>,
     reads: BTreeMap<Token, Reply<()>>,
@@ -118,7 +117,7 @@ impl ShardActor {
         storage: Arc<Storage>,
         writer: Writer,
         metrics: Arc<Metrics>,
-        shards: ShardMap,
+        shards: Arc<Shards>,
     ) -> anyhow::Result<ShardActor> {
         let shard = settings.replica.shard;
         let source = FjallLog {
@@ -177,15 +176,14 @@ impl ShardActor {
             clocks,
             role,
         } = fx;
-        // One-voter groups have no peers; messages to peers come with the transport.
-        assert!(
-            messages.is_empty(),
-            "shard {} has no peers to send {} messages to",
-            self.shard,
-            messages.len()
-        );
+        if !messages.is_empty() {
+            for raft_id in self.shards.send_raft(self.shard, messages) {
+                self.replica.unreachable(raft_id);
+            }
+        }
         if let Some((role, term)) = role {
             tracing::info!(shard = %self.shard, ?role, term, "role changed");
+            self.metrics.leader_changes.fetch_add(1, Relaxed);
         }
         for (elapsed, due) in clocks {
             self.metrics.clock_applied(elapsed, due);
@@ -215,6 +213,12 @@ impl ShardActor {
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let mut fx = Effects::default();
         self.replica.tick(Millis::now(), &mut fx);
+        let status = self.replica.status();
+        self.shards.observe(
+            self.shard,
+            status.leader.map(crate::config::node_of_raft_id),
+            status.term,
+        );
         if self.replica.is_leader() && !self.sweeping && Instant::now() >= self.next_sweep {
             self.sweep_follow_ups(ctx);
         }
@@ -286,8 +290,7 @@ impl ShardActor {
         tracing::info!(shard = %self.shard, records = follow_ups.len(), "finishing follow-ups the router left");
         self.sweeping = true;
         let shards = Arc::clone(&self.shards);
-        let n_shards = self.settings.replica.n_shards;
-        let sweep = async move { follow_up::drive(&shards, n_shards, follow_ups, 1).await };
+        let sweep = async move { follow_up::drive(&shards, follow_ups, 1).await };
         ctx.spawn(sweep.into_actor(self).map(move |report, actor, _| {
             let finished = report.finished;
             actor.sweeping = false;
@@ -356,6 +359,22 @@ impl Handler<Read> for ShardActor {
     }
 }
 
+/// Raft messages from this shard's replicas on other nodes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Step(pub Vec<raft::eraftpb::Message>);
+
+impl Handler<Step> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, Step(messages): Step, ctx: &mut Context<Self>) {
+        for message in messages {
+            self.replica.step(message);
+        }
+        self.run(Effects::default(), ctx);
+    }
+}
+
 /// The writer made the write in flight durable.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -371,45 +390,34 @@ impl Handler<Flushed> for ShardActor {
     }
 }
 
-/// Questions about the shard replica itself.
+/// What the replica says of itself (for `/v1/cluster`).
 #[derive(Message)]
-#[rtype(result = "QueryReply")]
-pub enum Query {
-    Status,
-    Rules,
-}
-
-pub enum QueryReply {
-    Status(Box<ShardReplicaView>),
-    Rules(Box<Rules>),
-}
+#[rtype(result = "StatusReply")]
+pub struct Status;
 
 /// A replica's status and the shard record's figures operators see.
-pub struct ShardReplicaView {
+pub struct StatusReply {
     pub status: ReplicaStatus,
     pub follow_ups_pending: u64,
     pub clock: Millis,
 }
 
-impl<A: Actor, M: Message<Result = QueryReply>> actix::dev::MessageResponse<A, M> for QueryReply {
-    fn handle(self, _: &mut A::Context, tx: Option<actix::dev::OneshotSender<QueryReply>>) {
+impl<A: Actor, M: Message<Result = StatusReply>> actix::dev::MessageResponse<A, M> for StatusReply {
+    fn handle(self, _: &mut A::Context, tx: Option<actix::dev::OneshotSender<StatusReply>>) {
         if let Some(tx) = tx {
             let _ = tx.send(self);
         }
     }
 }
 
-impl Handler<Query> for ShardActor {
-    type Result = QueryReply;
+impl Handler<Status> for ShardActor {
+    type Result = StatusReply;
 
-    fn handle(&mut self, query: Query, _: &mut Context<Self>) -> QueryReply {
-        match query {
-            Query::Status => QueryReply::Status(Box::new(ShardReplicaView {
-                status: self.replica.status(),
-                follow_ups_pending: self.replica.state.record.follow_ups_pending,
-                clock: self.replica.state.record.clock,
-            })),
-            Query::Rules => QueryReply::Rules(Box::new(self.replica.state.rules().clone())),
+    fn handle(&mut self, _: Status, _: &mut Context<Self>) -> StatusReply {
+        StatusReply {
+            status: self.replica.status(),
+            follow_ups_pending: self.replica.state.record.follow_ups_pending,
+            clock: self.replica.state.record.clock,
         }
     }
 }

@@ -64,7 +64,7 @@ const LOG_COMPACT_BATCH: u64 = 64;
 pub type Token = u64;
 
 /// Why a proposal or read was not answered.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ShardError {
     /// This replica is not the leader; `leader` is the node that is, if known.
     #[error("shard {shard} has no leader here (leader: {leader:?})")]
@@ -97,7 +97,8 @@ pub struct ReplicaConfig {
     /// `max = min + 1`, which makes it deterministic).
     pub election_ticks: (usize, usize),
     pub heartbeat_ticks: usize,
-    /// Campaign at once (the only voter, or the placed leader of a new shard).
+    /// Campaign at once: at every start if it is the only voter, else only when the replica
+    /// is new (the placed leader of a new shard, so leaders start spread evenly).
     pub campaign: bool,
     pub clock_interval_ms: i64,
     pub retention: Retention,
@@ -250,7 +251,8 @@ impl<S: LogSource> Replica<S> {
         };
         raft_config.validate()?;
         let mut raw = RawNode::new(&raft_config, log, logger)?;
-        if config.campaign {
+        let alone = config.bootstrap_voters.len() == 1;
+        if config.campaign && (alone || raw.raft.term == 0) {
             raw.campaign()?;
         }
         Ok(Replica {
@@ -285,8 +287,7 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// The applied index of the state the storage holds durably (what readers see).
-    // Used by the simulation; the peer transport (next) uses it on a node.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub fn durable_applied(&self) -> u64 {
         self.durable_applied
     }
@@ -382,8 +383,6 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// A Raft message from a peer.
-    // Used by the simulation; the peer transport (next) uses it on a node.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn step(&mut self, message: Message) {
         if let Err(error) = self.raw.step(message) {
             tracing::debug!(shard = %self.config.shard, %error, "message not taken");
@@ -391,8 +390,6 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// A peer could not be reached: raft-rs probes it again instead of streaming to it.
-    // Used by the simulation; the peer transport (next) uses it on a node.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn unreachable(&mut self, raft_id: u64) {
         self.raw.report_unreachable(raft_id);
     }

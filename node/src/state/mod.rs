@@ -382,6 +382,7 @@ impl ShardState {
         self.rules = rules;
     }
 
+    #[cfg(test)]
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

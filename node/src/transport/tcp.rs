@@ -1,0 +1,559 @@
+//! Peer connections over TCP.
+//!
+//! Each node dials every peer and sends only on the connection it dialed; it receives on the
+//! connections its peers dialed. A dialed connection carries the frames of every shard,
+//! batched per write, from one queue per peer bounded in bytes ([`PEER_QUEUE_BYTES_MAX`]);
+//! while the peer is not connected nothing is queued for it, so a dead or slow peer never
+//! grows memory: its messages are refused, and raft-rs is told it is unreachable. A lost
+//! connection is dialed again with backoff ([`DIAL_BACKOFF_MAX`]).
+//!
+//! Every connection starts with the handshake (`handshake`); nothing on it is decoded before
+//! it succeeds. After it, a frame over [`super::FRAME_BYTES_MAX`] or one that does not decode
+//! cuts the connection off; so does a peer silent for [`PEER_SILENCE`] (peers ping every
+//! [`PING_INTERVAL`]). Refusals are logged and counted, and never disturb the node.
+
+use super::handshake::{self, Hello, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES};
+use super::{Frame, FrameError, Transport};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Most bytes of frames waiting for one peer's connection.
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most bytes one write to a peer gathers from its queue.
+const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// How often a node pings each peer.
+pub const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// A peer heard from within this long is up.
+pub const UP_WINDOW: Duration = Duration::from_secs(2);
+/// A connection silent this long (no frame, not even a ping) is closed.
+pub const PEER_SILENCE: Duration = Duration::from_secs(10);
+/// How long a handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a dial may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// The first wait before dialing a peer again, doubled up to [`DIAL_BACKOFF_MAX`].
+const DIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most connections accepted at once, handshaking or not (peers hold one each; the rest is
+/// room for reconnects and for strangers, each of which has `HANDSHAKE_TIMEOUT`).
+const ACCEPTED_MAX: usize = 64;
+
+/// What a node does with what its peers send.
+pub trait Inbound: Send + Sync + 'static {
+    /// Raft messages of one shard from peer `from` (authenticated).
+    fn raft(&self, from: u64, shard: u32, messages: Vec<Vec<u8>>);
+    /// A request from `from`; answers its response body.
+    fn request(&self, from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+    /// The shards this node leads (shard, term), for its pings.
+    fn leads(&self) -> Vec<(u32, u64)>;
+    /// A ping from `from`, with the shards it leads.
+    fn ping(&self, from: u64, leads: Vec<(u32, u64)>);
+}
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("node {0} is not connected")]
+    Unreachable(u64),
+    #[error("node {0} did not answer in time")]
+    Timeout(u64),
+}
+
+/// Where this node is and whom it talks to.
+pub struct TcpConfig {
+    pub me: u64,
+    pub listen: SocketAddr,
+    pub peers: Vec<(u64, SocketAddr)>,
+    pub secret: Vec<u8>,
+    pub cluster: [u8; 16],
+    pub state_format: u32,
+}
+
+/// A frame on its way, holding its share of the peer's queue budget.
+struct Outgoing {
+    bytes: Vec<u8>,
+    _budget: OwnedSemaphorePermit,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    queue: mpsc::UnboundedSender<Outgoing>,
+    budget: Arc<Semaphore>,
+    /// Whether its dialed connection is up (frames are refused while it is not).
+    connected: AtomicBool,
+    /// Milliseconds after `Tcp::started` of the last frame from it (0: none yet).
+    last_seen_ms: AtomicU64,
+    frames_sent: AtomicU64,
+    frames_dropped: AtomicU64,
+}
+
+/// The node's peer connections.
+pub struct Tcp {
+    me: u64,
+    peers: BTreeMap<u64, Peer>,
+    secret: Vec<u8>,
+    cluster: [u8; 16],
+    state_format: u32,
+    started: Instant,
+    calls: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
+    next_call: AtomicU64,
+    inbound: Arc<dyn Inbound>,
+    refused_handshakes: [AtomicU64; 6],
+    refused_frames: [AtomicU64; 2],
+}
+
+const REFUSALS: [Refusal; 6] = [
+    Refusal::Magic,
+    Refusal::Cluster,
+    Refusal::Format,
+    Refusal::UnknownNode,
+    Refusal::WrongNode,
+    Refusal::Proof,
+];
+
+impl Tcp {
+    /// Binds the peer address and starts the connections. Runs on the current tokio runtime.
+    pub async fn start(config: TcpConfig, inbound: Arc<dyn Inbound>) -> std::io::Result<Arc<Tcp>> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let mut receivers = Vec::new();
+        let peers = config
+            .peers
+            .iter()
+            .map(|&(id, addr)| {
+                let (queue, receiver) = mpsc::unbounded_channel();
+                receivers.push((id, receiver));
+                let peer = Peer {
+                    addr,
+                    queue,
+                    budget: Arc::new(Semaphore::new(PEER_QUEUE_BYTES_MAX)),
+                    connected: AtomicBool::new(false),
+                    last_seen_ms: AtomicU64::new(0),
+                    frames_sent: AtomicU64::new(0),
+                    frames_dropped: AtomicU64::new(0),
+                };
+                (id, peer)
+            })
+            .collect();
+        let tcp = Arc::new(Tcp {
+            me: config.me,
+            peers,
+            secret: config.secret,
+            cluster: config.cluster,
+            state_format: config.state_format,
+            started: Instant::now(),
+            calls: Mutex::new(BTreeMap::new()),
+            next_call: AtomicU64::new(1),
+            inbound,
+            refused_handshakes: Default::default(),
+            refused_frames: Default::default(),
+        });
+        tokio::spawn(Arc::clone(&tcp).accept(listener));
+        for (id, receiver) in receivers {
+            tokio::spawn(Arc::clone(&tcp).dial(id, receiver));
+        }
+        tokio::spawn(Arc::clone(&tcp).ping());
+        Ok(tcp)
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether a frame from `node` arrived within [`UP_WINDOW`].
+    pub fn up(&self, node: u64) -> bool {
+        self.peers.get(&node).is_some_and(|peer| {
+            let seen = peer.last_seen_ms.load(Ordering::Relaxed);
+            seen > 0 && self.elapsed_ms().saturating_sub(seen) <= UP_WINDOW.as_millis() as u64
+        })
+    }
+
+    /// Queues a frame for a connected peer; false if it cannot go now.
+    fn send(&self, to: u64, frame: &Frame) -> bool {
+        let Some(peer) = self.peers.get(&to) else {
+            return false;
+        };
+        if !peer.connected.load(Ordering::Relaxed) {
+            peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let mut bytes = Vec::new();
+        frame.encode_into(&mut bytes);
+        let Ok(budget) = Arc::clone(&peer.budget).try_acquire_many_owned(bytes.len() as u32) else {
+            peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let sent = peer
+            .queue
+            .send(Outgoing {
+                bytes,
+                _budget: budget,
+            })
+            .is_ok();
+        if !sent {
+            peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Sends a request to `to` and waits up to `timeout` for its answer.
+    pub async fn call(
+        &self,
+        to: u64,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        self.calls.lock().expect("calls lock").insert(id, reply);
+        if !self.send(to, &Frame::Request { id, body }) {
+            self.calls.lock().expect("calls lock").remove(&id);
+            return Err(CallError::Unreachable(to));
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(body)) => Ok(body),
+            _ => {
+                self.calls.lock().expect("calls lock").remove(&id);
+                Err(CallError::Timeout(to))
+            }
+        }
+    }
+
+    /// Keeps a connection to peer `id`, sending what its queue holds.
+    async fn dial(self: Arc<Self>, id: u64, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+        let peer = &self.peers[&id];
+        let mut backoff = DIAL_BACKOFF;
+        let mut failures = 0u32;
+        loop {
+            match self.connect(id, peer.addr).await {
+                Ok(stream) => {
+                    if failures > 0 {
+                        tracing::info!(peer = id, "connected to peer");
+                    }
+                    failures = 0;
+                    backoff = DIAL_BACKOFF;
+                    peer.connected.store(true, Ordering::Relaxed);
+                    let error = self.write_loop(peer, stream, &mut queue).await;
+                    peer.connected.store(false, Ordering::Relaxed);
+                    // What waited for the lost connection is stale by the next one.
+                    while queue.try_recv().is_ok() {}
+                    tracing::warn!(peer = id, %error, "connection to peer lost");
+                }
+                Err(error) => {
+                    // Said once, then every 30th try, while a peer stays unreachable.
+                    if failures.is_multiple_of(30) {
+                        tracing::warn!(peer = id, addr = %peer.addr, %error, "peer unreachable");
+                    }
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        }
+    }
+
+    /// Dials and handshakes as the dialer.
+    async fn connect(&self, id: u64, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let mut stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out"))??;
+        stream.set_nodelay(true)?;
+        let hello = Hello {
+            cluster: self.cluster,
+            from: self.me,
+            to: id,
+            state_format: self.state_format,
+            nonce: rand::random(),
+        }
+        .encode();
+        let exchange = async {
+            stream.write_all(&hello).await?;
+            let mut challenge = [0u8; CHALLENGE_BYTES];
+            stream.read_exact(&mut challenge).await?;
+            let (nonce, listener_proof) = handshake::read_challenge(&challenge)
+                .map_err(|r| std::io::Error::other(r.to_string()))?;
+            handshake::verify(&self.secret, "listener", &hello, &nonce, &listener_proof)
+                .map_err(|_| std::io::Error::other("the peer does not know the cluster secret"))?;
+            let proof = handshake::proof(&self.secret, "dialer", &hello, &nonce);
+            stream.write_all(&proof).await?;
+            std::io::Result::Ok(())
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
+            })??;
+        Ok(stream)
+    }
+
+    /// Writes queued frames, several per write, until the connection fails.
+    async fn write_loop(
+        &self,
+        peer: &Peer,
+        mut stream: TcpStream,
+        queue: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) -> std::io::Error {
+        let mut buffer = Vec::with_capacity(WRITE_BATCH_BYTES_MAX);
+        loop {
+            let Some(first) = queue.recv().await else {
+                return std::io::Error::other("the node is stopping");
+            };
+            let mut frames = vec![first];
+            let mut bytes = frames[0].bytes.len();
+            while bytes < WRITE_BATCH_BYTES_MAX {
+                match queue.try_recv() {
+                    Ok(next) => {
+                        bytes += next.bytes.len();
+                        frames.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            buffer.clear();
+            for frame in &frames {
+                buffer.extend_from_slice(&frame.bytes);
+            }
+            if let Err(error) = stream.write_all(&buffer).await {
+                return error;
+            }
+            peer.frames_sent
+                .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(ACCEPTED_MAX));
+        loop {
+            let slot = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            let (stream, addr) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a peer connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let tcp = Arc::clone(&self);
+            tokio::spawn(async move {
+                tcp.serve(stream, addr).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Handshakes as the listener, then reads frames until the connection ends.
+    async fn serve(&self, mut stream: TcpStream, addr: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let from = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.listen(&mut stream)).await {
+            Ok(Ok(from)) => from,
+            Ok(Err(Some(refusal))) => {
+                let i = REFUSALS.iter().position(|r| *r == refusal).expect("listed");
+                self.refused_handshakes[i].fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%addr, reason = %refusal, "peer connection refused");
+                return;
+            }
+            Ok(Err(None)) | Err(_) => {
+                tracing::debug!(%addr, "peer connection closed during the handshake");
+                return;
+            }
+        };
+        let peer = &self.peers[&from];
+        loop {
+            let frame = match self.read_frame(&mut stream).await {
+                Ok(frame) => frame,
+                Err(Some(error)) => {
+                    let i = usize::from(matches!(error, FrameError::Malformed));
+                    self.refused_frames[i].fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = from, %error, "peer connection cut off");
+                    return;
+                }
+                Err(None) => return,
+            };
+            peer.last_seen_ms
+                .store(self.elapsed_ms().max(1), Ordering::Relaxed);
+            self.dispatch(from, frame);
+        }
+    }
+
+    /// The listener's side of the handshake: the peer's node id, or why it was refused
+    /// (`None`: the connection ended or timed out).
+    async fn listen(&self, stream: &mut TcpStream) -> Result<u64, Option<Refusal>> {
+        let mut hello = [0u8; HELLO_BYTES];
+        stream.read_exact(&mut hello).await.map_err(|_| None)?;
+        let decoded = Hello::decode(&hello).map_err(Some)?;
+        decoded
+            .check(&self.cluster, self.me, self.state_format, |id| {
+                self.peers.contains_key(&id)
+            })
+            .map_err(Some)?;
+        let nonce: [u8; 32] = rand::random();
+        let proof = handshake::proof(&self.secret, "listener", &hello, &nonce);
+        stream
+            .write_all(&handshake::challenge(&nonce, &proof))
+            .await
+            .map_err(|_| None)?;
+        let mut claimed = [0u8; PROOF_BYTES];
+        stream.read_exact(&mut claimed).await.map_err(|_| None)?;
+        handshake::verify(&self.secret, "dialer", &hello, &nonce, &claimed).map_err(Some)?;
+        Ok(decoded.from)
+    }
+
+    /// The next frame; `Err(None)` when the connection ended or went silent.
+    async fn read_frame(&self, stream: &mut TcpStream) -> Result<Frame, Option<FrameError>> {
+        let mut prefix = [0u8; 4];
+        tokio::time::timeout(PEER_SILENCE, stream.read_exact(&mut prefix))
+            .await
+            .map_err(|_| None)?
+            .map_err(|_| None)?;
+        let length = Frame::length(prefix).map_err(Some)?;
+        let mut body = vec![0u8; length];
+        tokio::time::timeout(PEER_SILENCE, stream.read_exact(&mut body))
+            .await
+            .map_err(|_| None)?
+            .map_err(|_| None)?;
+        Frame::decode(&body).map_err(Some)
+    }
+
+    fn dispatch(&self, from: u64, frame: Frame) {
+        match frame {
+            Frame::Raft { shard, messages } => self.inbound.raft(from, shard, messages),
+            Frame::Ping { leads } => self.inbound.ping(from, leads),
+            Frame::Request { id, body } => {
+                let answer = self.inbound.request(from, body);
+                let peers = self.peer_sender(from);
+                tokio::spawn(async move {
+                    let body = answer.await;
+                    if let Some(send) = peers {
+                        send(Frame::Response { id, body });
+                    }
+                });
+            }
+            Frame::Response { id, body } => {
+                if let Some(reply) = self.calls.lock().expect("calls lock").remove(&id) {
+                    let _ = reply.send(body);
+                }
+            }
+        }
+    }
+
+    /// A function that queues a frame for `to` (for answers sent from other tasks).
+    fn peer_sender(&self, to: u64) -> Option<Box<dyn Fn(Frame) + Send>> {
+        let peer = self.peers.get(&to)?;
+        let (queue, budget) = (peer.queue.clone(), Arc::clone(&peer.budget));
+        Some(Box::new(move |frame: Frame| {
+            let mut bytes = Vec::new();
+            frame.encode_into(&mut bytes);
+            if let Ok(budget) = Arc::clone(&budget).try_acquire_many_owned(bytes.len() as u32) {
+                let _ = queue.send(Outgoing {
+                    bytes,
+                    _budget: budget,
+                });
+            }
+        }))
+    }
+
+    async fn ping(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(PING_INTERVAL);
+        loop {
+            interval.tick().await;
+            let leads = self.inbound.leads();
+            for &id in self.peers.keys() {
+                self.send(
+                    id,
+                    &Frame::Ping {
+                        leads: leads.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Prometheus text for the peers: up, frames sent and dropped per peer, refusals.
+    pub fn render_metrics(&self, out: &mut String) {
+        crate::metrics::family(
+            out,
+            "oneid_peer_up",
+            "gauge",
+            "1 if a frame from the peer arrived within 2 s.",
+        );
+        for &id in self.peers.keys() {
+            let _ = writeln!(
+                out,
+                "oneid_peer_up{{peer=\"{id}\"}} {}",
+                u8::from(self.up(id))
+            );
+        }
+        for (name, help, pick) in [
+            (
+                "oneid_peer_frames_sent_total",
+                "Frames written to the peer.",
+                0,
+            ),
+            (
+                "oneid_peer_frames_dropped_total",
+                "Frames not sent: the peer was not connected, or its queue was full.",
+                1,
+            ),
+        ] {
+            crate::metrics::family(out, name, "counter", help);
+            for (id, peer) in &self.peers {
+                let counter = if pick == 0 {
+                    &peer.frames_sent
+                } else {
+                    &peer.frames_dropped
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{peer=\"{id}\"}} {}",
+                    counter.load(Ordering::Relaxed)
+                );
+            }
+        }
+        crate::metrics::family(
+            out,
+            "oneid_peer_handshakes_refused_total",
+            "counter",
+            "Peer connections refused during the handshake, by reason.",
+        );
+        for (refusal, count) in REFUSALS.iter().zip(&self.refused_handshakes) {
+            let _ = writeln!(
+                out,
+                "oneid_peer_handshakes_refused_total{{reason=\"{}\"}} {}",
+                refusal.label(),
+                count.load(Ordering::Relaxed)
+            );
+        }
+        crate::metrics::family(
+            out,
+            "oneid_peer_frames_refused_total",
+            "counter",
+            "Peer connections cut off for a bad frame, by reason.",
+        );
+        let kinds = [FrameError::Oversized(0), FrameError::Malformed];
+        for (kind, count) in kinds.iter().zip(&self.refused_frames) {
+            let _ = writeln!(
+                out,
+                "oneid_peer_frames_refused_total{{reason=\"{}\"}} {}",
+                kind.label(),
+                count.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+impl Transport for Tcp {
+    fn send_raft(&self, to: u64, shard: u32, messages: Vec<Vec<u8>>) -> bool {
+        self.send(to, &Frame::Raft { shard, messages })
+    }
+}
