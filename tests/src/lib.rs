@@ -49,11 +49,16 @@ impl NodeOptions {
 /// The shard clock of a shard that never applied a clock entry.
 const CLOCK_UNSET: &str = "1970-01-01T00:00:00Z";
 
+pub mod cluster;
+
 /// A running node; killed (SIGKILL) when dropped if still running.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub options: NodeOptions,
     pub port: u16,
+    /// A node of a cluster: its id and the cluster's file (else the node writes its own
+    /// one-node `cluster.toml`).
+    pub member: Option<(u64, PathBuf)>,
     /// The open-file limits (soft, hard) the process starts with, if not the test's own.
     pub open_files: Option<(u64, u64)>,
     child: Option<Child>,
@@ -101,7 +106,7 @@ pub fn value_where(kind: &str, prefix: &str, shards: u32, wanted: impl Fn(u32) -
         .expect("some value lands on every shard")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     listener.local_addr().expect("local addr").port()
 }
@@ -114,6 +119,7 @@ impl TestNode {
             dir,
             options,
             port: free_port(),
+            member: None,
             open_files: None,
             child: None,
         };
@@ -129,6 +135,7 @@ impl TestNode {
             dir,
             options,
             port: free_port(),
+            member: None,
             open_files: None,
             child: None,
         };
@@ -146,7 +153,10 @@ impl TestNode {
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("cluster.toml")
+        match &self.member {
+            Some((_, config)) => config.clone(),
+            None => self.dir.path().join("cluster.toml"),
+        }
     }
 
     pub fn data_path(&self) -> PathBuf {
@@ -185,6 +195,18 @@ impl TestNode {
         assert!(self.child.is_none(), "the node is already running");
         let child = self.spawn(extra_args, env);
         self.child = Some(child);
+        self.wait_healthy().await;
+    }
+
+    /// Starts the process without waiting (a cluster's nodes start together).
+    pub fn spawn_only(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "the node is already running");
+        self.child = Some(self.spawn(&[], env));
+    }
+
+    /// Waits until the node answers `/healthz` 200 (up to [`START_TIMEOUT`]); panics if it
+    /// exits.
+    pub async fn wait_healthy(&mut self) {
         let client = self.client();
         let deadline = Instant::now() + START_TIMEOUT;
         while !client.healthy().await {
@@ -216,9 +238,11 @@ impl TestNode {
         let log = std::fs::File::create(self.dir.path().join(format!("node-{starts}.log")))
             .expect("log file");
         let mut command = Command::new(binary());
+        command.arg("--config").arg(self.config_path());
+        if let Some((id, _)) = &self.member {
+            command.arg("--node").arg(id.to_string());
+        }
         command
-            .arg("--config")
-            .arg(self.config_path())
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
@@ -314,6 +338,21 @@ impl TestNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Whether the process is running.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL: no flush, no goodbye.

@@ -1,0 +1,380 @@
+//! Replication on real processes: 3 nodes on loopback, replication 3, 8 shards. A leader
+//! killed during ingest, a follower killed and restarted, a node paused past the election
+//! timeout and read through at once, hostile peer connections, a contradicting config. After
+//! each: every acknowledged event is present exactly once, and replicas at equal applied
+//! indexes have equal digests.
+
+use oneid_client::Client;
+use oneid_protocol::api::{EventStatus, EventsResponse};
+use oneid_protocol::ErrorCode;
+use oneid_tests::cluster::{ClusterOptions, TestCluster};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CUSTOMERS: usize = 30;
+
+/// Event `n`: one point for customer `n % CUSTOMERS`.
+fn earn(n: usize) -> Value {
+    json!({"event_id": format!("r-{n}"), "type": "points_earn",
+        "identities": {"phone": format!("1370000{:04}", n % CUSTOMERS)}, "points": 1})
+}
+
+fn phone(customer: usize) -> String {
+    format!("1370000{customer:04}")
+}
+
+/// Sends `events` in batches of 20 to `nodes` in turn, once each (no retries); answers each
+/// batch's first event number, when it was sent, and the answer (`None`: the request failed).
+async fn send_through(
+    cluster: &TestCluster,
+    nodes: &[u64],
+    events: std::ops::Range<usize>,
+) -> Vec<(usize, Instant, Option<EventsResponse>)> {
+    let mut sent = Vec::new();
+    let batches: Vec<usize> = events.clone().step_by(20).collect();
+    for (i, first) in batches.into_iter().enumerate() {
+        let node = nodes[i % nodes.len()];
+        let batch: Vec<Value> = (first..(first + 20).min(events.end)).map(earn).collect();
+        let at = Instant::now();
+        let answer = cluster
+            .node(node)
+            .client_once()
+            .send_events(&batch)
+            .await
+            .ok();
+        sent.push((first, at, answer));
+    }
+    sent
+}
+
+/// Sends every event until each is applied or a duplicate (retrying what a leader change
+/// left `unavailable`); answers the statuses by event number.
+async fn send_all(client: &Client, events: std::ops::Range<usize>) -> BTreeMap<usize, EventStatus> {
+    let all: Vec<Value> = events.clone().map(earn).collect();
+    let mut statuses = BTreeMap::new();
+    for (chunk, first) in all.chunks(100).zip(events.step_by(100)) {
+        let answer = client.send_events(chunk).await.expect("send");
+        for (i, result) in answer.results.iter().enumerate() {
+            assert_ne!(result.status, EventStatus::Rejected, "{result:?}");
+            statuses.insert(first + i, result.status);
+        }
+    }
+    statuses
+}
+
+/// Every customer's balance is the number of its events: each applied exactly once.
+async fn assert_exactly_once(client: &Client, events: usize) {
+    for customer in 0..CUSTOMERS {
+        let expected = (0..events).filter(|n| n % CUSTOMERS == customer).count() as i64;
+        let profile = client
+            .lookup("phone", &phone(customer))
+            .await
+            .expect("lookup")
+            .expect("the customer exists");
+        assert_eq!(
+            profile.points.balance, expected,
+            "customer {customer}: each earn applied exactly once"
+        );
+    }
+}
+
+/// The node leading the most shards.
+async fn busiest_leader(cluster: &TestCluster) -> u64 {
+    let leaders = cluster.leaders().await;
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for node in leaders.values() {
+        *counts.entry(*node).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(node, n)| (*n, std::cmp::Reverse(*node)))
+        .expect("some leader")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_during_ingest_loses_nothing_and_rejoins() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    let before = send_through(&cluster, &[1, 2, 3], 0..300).await;
+    assert!(before
+        .iter()
+        .all(|(_, _, a)| a.as_ref().is_some_and(|a| a.applied == 20)));
+
+    let victim = busiest_leader(&cluster).await;
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != victim).collect();
+    cluster.node_mut(victim).kill9();
+    let killed = Instant::now();
+    // Keep writing through the survivors for 8 s.
+    let mut during = Vec::new();
+    let mut next = 300;
+    while killed.elapsed() < Duration::from_secs(8) {
+        during.extend(send_through(&cluster, &survivors, next..next + 40).await);
+        next += 40;
+    }
+    // From 3 s after the kill, every event sent to a survivor applies.
+    for (first, at, answer) in &during {
+        let answer = answer.as_ref().expect("a survivor always answers");
+        if at.duration_since(killed) >= Duration::from_secs(3) {
+            assert_eq!(
+                answer.applied,
+                20,
+                "events {first}.. sent {:?} after the kill: {:?}",
+                at.duration_since(killed),
+                answer
+                    .results
+                    .iter()
+                    .find(|r| r.status != EventStatus::Applied)
+            );
+        } else {
+            // Before that, an event is applied or answered `unavailable` (retried below).
+            for result in &answer.results {
+                let code = result.error.as_ref().map(|e| e.code);
+                assert!(
+                    result.status == EventStatus::Applied || code == Some(ErrorCode::Unavailable),
+                    "{result:?}"
+                );
+            }
+        }
+    }
+
+    // The killed node rejoins and catches up from the log.
+    cluster.node_mut(victim).restart().await;
+    cluster.settled().await;
+    // What was acknowledged is there once; what was not is sent again now.
+    let client = cluster.node(victim).client();
+    let statuses = send_all(&client, 0..next).await;
+    for (first, _, answer) in before.iter().chain(&during) {
+        if let Some(answer) = answer {
+            for (i, result) in answer.results.iter().enumerate() {
+                if result.status == EventStatus::Applied {
+                    assert_eq!(
+                        statuses[&(first + i)],
+                        EventStatus::Duplicate,
+                        "event {}",
+                        first + i
+                    );
+                }
+            }
+        }
+    }
+    assert_exactly_once(&client, next).await;
+    cluster.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_and_restarted_catches_up() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    send_all(&cluster.node(1).client(), 0..200).await;
+    // A node that leads nothing after its leaderships move away is killed: take node 3.
+    cluster.node_mut(3).kill9();
+    send_all(&cluster.node(1).client(), 200..600).await;
+    cluster.node_mut(3).restart().await;
+    let settled = cluster.settled().await;
+    assert_eq!(settled.len(), 8);
+    // Read through the restarted node: every event, exactly once.
+    assert_exactly_once(&cluster.node(3).client(), 600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_never_serves_an_old_value() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    send_all(&cluster.node(1).client(), 0..CUSTOMERS).await;
+    // Pause the node that leads customer 0's shard, past the election timeout, while its
+    // balance grows through another node.
+    let customer = phone(0);
+    let profile = cluster
+        .node(1)
+        .client()
+        .lookup("phone", &customer)
+        .await
+        .unwrap()
+        .unwrap();
+    let shard = profile
+        .oneid
+        .parse::<oneid_protocol::ids::OneId>()
+        .unwrap()
+        .shard()
+        .0;
+    let paused = cluster.leaders().await[&shard];
+    let other = (1..=3).find(|n| *n != paused).unwrap();
+    cluster.node(paused).signal("STOP");
+    let started = Instant::now();
+    let client = cluster.node(other).client();
+    let mut balance = 1;
+    while started.elapsed() < Duration::from_secs(4) {
+        let n = CUSTOMERS * balance as usize;
+        let answer = client.send_events(&[earn(n)]).await.expect("send");
+        if answer.applied == 1 {
+            balance += 1;
+        }
+    }
+    assert!(
+        balance > 2,
+        "writes went on while the old leader was paused"
+    );
+    cluster.node(paused).signal("CONT");
+    // At once, through the node that still believes it leads: the newest balance.
+    let reader = cluster.node(paused).client();
+    for _ in 0..5 {
+        let seen = reader
+            .lookup("phone", &customer)
+            .await
+            .expect("read")
+            .unwrap();
+        assert_eq!(
+            seen.points.balance, balance,
+            "a read through the resumed node"
+        );
+    }
+    let _ = &mut cluster;
+    cluster.settled().await;
+}
+
+/// A hello of the peer handshake (its fixed layout), with a fresh nonce.
+fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32) -> [u8; 76] {
+    let mut out = [0u8; 76];
+    out[..8].copy_from_slice(b"ONEIDP01");
+    out[8..24].copy_from_slice(&cluster);
+    out[24..32].copy_from_slice(&from.to_be_bytes());
+    out[32..40].copy_from_slice(&to.to_be_bytes());
+    out[40..44].copy_from_slice(&format.to_be_bytes());
+    out[44..].copy_from_slice(&[7u8; 32]);
+    out
+}
+
+fn hmac(secret: &[u8], role: &str, hello: &[u8], nonce: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(role.as_bytes());
+    mac.update(hello);
+    mac.update(nonce);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Connects to a peer port, writes `bytes`, and answers whether the node closed the
+/// connection within 10 s.
+async fn closed_after(peer: &str, bytes: &[u8]) -> bool {
+    let mut stream = tokio::net::TcpStream::connect(peer).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let view = cluster.node(1).client().cluster().await.unwrap();
+    let id = u128::from_str_radix(&view.cluster_id, 16)
+        .unwrap()
+        .to_be_bytes();
+    let peer = cluster.peers[0].clone();
+    let format = 5;
+    let writer = {
+        let client = cluster.node(2).client();
+        tokio::spawn(async move { send_all(&client, 0..400).await })
+    };
+
+    let refused =
+        |reason: &str| format!("oneid_peer_handshakes_refused_total{{reason=\"{reason}\"}}");
+    assert!(closed_after(&peer, &[0xAB; 76]).await);
+    assert!(closed_after(&peer, &hello([9; 16], 2, 1, format)).await);
+    assert!(closed_after(&peer, &hello(id, 9, 1, format)).await);
+    assert!(closed_after(&peer, &hello(id, 2, 3, format)).await);
+    assert!(closed_after(&peer, &hello(id, 2, 1, format + 1)).await);
+    // Right on every count but the proof: a stranger without the secret.
+    let greeting = hello(id, 2, 1, format);
+    let mut stream = tokio::net::TcpStream::connect(&peer).await.unwrap();
+    stream.write_all(&greeting).await.unwrap();
+    let mut challenge = [0u8; 72];
+    stream.read_exact(&mut challenge).await.unwrap();
+    let proof = hmac(
+        b"not the secret at all",
+        "dialer",
+        &greeting,
+        &challenge[8..40],
+    );
+    stream.write_all(&proof).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a wrong proof closes the connection");
+
+    // With the secret, past the handshake: an oversized frame, then one that does not decode.
+    for (frame, reason) in [
+        ((65u32 << 20).to_be_bytes().to_vec(), "oversized"),
+        (
+            [&3u32.to_be_bytes()[..], &[0xFF, 0xFF, 0xFF]].concat(),
+            "malformed",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&peer).await.unwrap();
+        let greeting = hello(id, 3, 1, format);
+        stream.write_all(&greeting).await.unwrap();
+        let mut challenge = [0u8; 72];
+        stream.read_exact(&mut challenge).await.unwrap();
+        let proof = hmac(
+            cluster.secret.as_bytes(),
+            "dialer",
+            &greeting,
+            &challenge[8..40],
+        );
+        stream.write_all(&proof).await.unwrap();
+        stream.write_all(&frame).await.unwrap();
+        let mut sink = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "a {reason} frame cuts the connection off");
+        let metric = format!("oneid_peer_frames_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(cluster.node(1).metric(&metric).await, 1);
+    }
+    let node = cluster.node(1);
+    for reason in [
+        "magic",
+        "cluster",
+        "unknown_node",
+        "wrong_node",
+        "format",
+        "proof",
+    ] {
+        assert_eq!(node.metric(&refused(reason)).await, 1, "{reason}");
+    }
+    // The cluster kept writing, and node 1 kept serving.
+    let statuses = writer.await.unwrap();
+    assert_eq!(statuses.len(), 400);
+    assert_exactly_once(&cluster.node(1).client(), 400).await;
+    cluster.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_with_a_contradicting_config_exits_1() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    assert!(cluster.node_mut(2).terminate().success());
+    let original = cluster.config_text();
+    for (wrong, named) in [
+        (
+            original.replace("replication = 3", "replication = 2"),
+            "replication 3",
+        ),
+        (
+            original.replace(&cluster.peers[2], "127.0.0.1:1"),
+            "node 3's peer address is",
+        ),
+        (original.replace("shards = 8", "shards = 16"), "8 shards"),
+    ] {
+        cluster.write_config(&wrong);
+        let status = cluster.node(2).run_expecting_exit(&[] as &[&OsStr]).await;
+        assert_eq!(status.code(), Some(1), "{named}");
+        assert!(
+            cluster.node(2).logs().contains(named),
+            "{named}: {}",
+            cluster.node(2).logs()
+        );
+    }
+    cluster.write_config(&original);
+    cluster.node_mut(2).restart().await;
+    cluster.settled().await;
+}
