@@ -3,6 +3,7 @@
 mod bench;
 mod bench_chain;
 mod bench_time;
+mod status;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -89,6 +90,8 @@ enum RulesCommand {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
+    /// Every node's view: nodes up, and per shard its leader, term, each replica's applied
+    /// index and lag, and whether replicas at equal indexes have equal digests.
     Status,
 }
 
@@ -176,33 +179,7 @@ async fn main() -> anyhow::Result<()> {
             let now = client.set_rules(&rules).await?;
             println!("{}", serde_json::to_string_pretty(&now)?);
         }
-        Command::Cluster(ClusterCommand::Status) => {
-            let view = client.cluster().await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                println!(
-                    "node {} of {}",
-                    view.node,
-                    view.nodes
-                        .iter()
-                        .map(|n| format!("{} (api {}, peer {})", n.id, n.api, n.peer))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                println!(
-                    "{:>5} {:>6} {:>5} {:>10} {:>10}  DIGEST",
-                    "SHARD", "LEADER", "TERM", "COMMIT", "APPLIED"
-                );
-                for s in &view.shards {
-                    let leader = s.leader.map_or("-".to_string(), |l| l.to_string());
-                    println!(
-                        "{:>5} {:>6} {:>5} {:>10} {:>10}  {}",
-                        s.id, leader, s.term, s.commit_index, s.applied_index, s.digest
-                    );
-                }
-            }
-        }
+        Command::Cluster(ClusterCommand::Status) => status::run(&client, cli.json).await?,
         Command::Admin(AdminCommand::Backup { dir }) => {
             let dir = std::path::absolute(&dir)
                 .with_context(|| format!("making {} absolute", dir.display()))?;

@@ -4,10 +4,12 @@ use oneid_protocol::ids::ShardId;
 use slog::{Drain, Level, OwnedKVList, Record, KV};
 use std::fmt::Write;
 
-/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), output to stderr.
+/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`: raft-rs then says why
+/// a replica stepped down or started an election, which happens only around leader changes),
+/// output to stderr.
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

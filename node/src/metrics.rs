@@ -116,6 +116,8 @@ pub struct Metrics {
     fsync_latency: Histogram,
     /// Time to apply one clock entry (what fell due, evictions): bounded per entry.
     clock_apply_latency: Histogram,
+    /// Time a linearizable read waits for its ReadIndex round and the apply to catch up.
+    pub read_index_latency: Histogram,
     pub due_processed: AtomicU64,
     /// Follow-up records finished by a leader's sweep rather than by the router.
     pub follow_ups_swept: AtomicU64,
@@ -266,6 +268,14 @@ impl Metrics {
         );
         self.clock_apply_latency
             .render(&mut out, "oneid_clock_apply_seconds", "");
+        family(
+            &mut out,
+            "oneid_read_index_seconds",
+            "histogram",
+            "Time a linearizable read on a replica here waited: its ReadIndex round, then the apply.",
+        );
+        self.read_index_latency
+            .render(&mut out, "oneid_read_index_seconds", "");
         out
     }
 }

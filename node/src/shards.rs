@@ -217,6 +217,35 @@ impl Shards {
         }
     }
 
+    /// Prometheus text: each local replica's term, and whether this node leads it.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        crate::metrics::family(
+            out,
+            "oneid_raft_term",
+            "gauge",
+            "The Raft term of each shard, as this node last heard it.",
+        );
+        for (i, hint) in self.hints.iter().enumerate() {
+            let term = hint.lock().expect("hint lock").term;
+            let _ = writeln!(out, "oneid_raft_term{{shard=\"{i}\"}} {term}");
+        }
+        crate::metrics::family(
+            out,
+            "oneid_raft_leader",
+            "gauge",
+            "1 for each shard this node leads.",
+        );
+        for (i, hint) in self.hints.iter().enumerate() {
+            let leads = hint.lock().expect("hint lock").leader == Some(self.me);
+            let _ = writeln!(
+                out,
+                "oneid_raft_leader{{shard=\"{i}\"}} {}",
+                u8::from(leads)
+            );
+        }
+    }
+
     /// Proposes `command` at `shard`'s leader, wherever it is; answers once it is committed,
     /// applied and durable there.
     pub async fn propose(&self, shard: ShardId, command: Command) -> Result<Output, ShardError> {

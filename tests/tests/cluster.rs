@@ -176,6 +176,31 @@ async fn a_follower_killed_and_restarted_catches_up() {
     assert_eq!(settled.len(), 8);
     // Read through the restarted node: every event, exactly once.
     assert_exactly_once(&cluster.node(3).client(), 600).await;
+    // `oneid cluster status` shows every node up and every shard's replicas agreeing.
+    let output = std::process::Command::new(oneid_tests::cli_binary())
+        .args(["--server", &cluster.node(2).base(), "cluster", "status"])
+        .env_remove("ONEID_SERVER")
+        .output()
+        .expect("oneid");
+    let out = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    for (i, line) in lines[2..5].iter().enumerate() {
+        assert!(
+            line.trim_start().starts_with(&(i + 1).to_string()) && line.ends_with("yes"),
+            "{out}"
+        );
+    }
+    for line in &lines[6..] {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            words.len(),
+            7,
+            "{line}: three replicas, no lag, and the digests"
+        );
+        assert_eq!(words[6], "agree", "{out}");
+    }
+    assert_eq!(lines.len(), 6 + 8, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

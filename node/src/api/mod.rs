@@ -602,6 +602,7 @@ impl Api {
     fn metrics_text(&self) -> Response<Full<Bytes>> {
         let mut text = self.metrics.render();
         self.router.reader.storage().render_gauges(&mut text);
+        self.shards.render_metrics(&mut text);
         if let Some(peers) = self.shards.peers() {
             peers.render_metrics(&mut text);
         }

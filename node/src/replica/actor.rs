@@ -354,8 +354,12 @@ impl Handler<Read> for ShardActor {
         let mut fx = Effects::default();
         self.replica.read(token, &mut fx);
         self.run(fx, ctx);
-        let shard = self.shard;
-        Box::pin(async move { answer.await.unwrap_or(Err(ShardError::Stopped(shard))) })
+        let (shard, metrics, asked) = (self.shard, Arc::clone(&self.metrics), Instant::now());
+        Box::pin(async move {
+            let answer = answer.await.unwrap_or(Err(ShardError::Stopped(shard)));
+            metrics.read_index_latency.observe(asked.elapsed());
+            answer
+        })
     }
 }
 

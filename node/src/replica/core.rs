@@ -55,6 +55,10 @@ pub const APPENDS_IN_FLIGHT_MAX: usize = 256;
 pub const READ_RETRY_TICKS: u64 = 3;
 /// Ticks a read may wait in all before it fails `unavailable`.
 pub const READ_TIMEOUT_TICKS: u64 = 10;
+/// Ticks a new leader waits before it hands leadership to the shard's placed leader.
+const LEAD_HOME_AFTER_TICKS: u64 = 30;
+/// Ticks between two such hand-overs of one replica.
+const LEAD_HOME_RETRY_TICKS: u64 = 100;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
 /// The log is compacted once this many entries can go.
@@ -208,6 +212,8 @@ pub struct Replica<S: LogSource> {
     last_clock: Option<Millis>,
     /// The last clock entry applied left due work: propose the next one at the next tick.
     due_backlog: bool,
+    /// The first tick at which this leader may hand leadership to the placed leader.
+    lead_home_at: u64,
     /// The applied index of the last write made durable.
     durable_applied: u64,
     /// Writes to add to the next job (the bootstrap conf state, log compaction).
@@ -269,6 +275,7 @@ impl<S: LogSource> Replica<S> {
             now: Millis(0),
             last_clock: None,
             due_backlog: false,
+            lead_home_at: 0,
             durable_applied: applied,
             queued_ops,
         })
@@ -406,7 +413,31 @@ impl<S: LogSource> Replica<S> {
         if self.is_leader() && self.clock_due() {
             self.propose_clock(fx);
         }
+        if self.is_leader() {
+            self.lead_home();
+        }
         self.expire_reads(fx);
+    }
+
+    /// Hands leadership back to the shard's placed leader (its first replica) once that
+    /// replica is up and has every entry, so leaders stay spread evenly over the nodes after
+    /// a failover. At most once per [`LEAD_HOME_RETRY_TICKS`].
+    fn lead_home(&mut self) {
+        let home = self.config.bootstrap_voters[0];
+        if home == self.config.raft_id || self.ticks < self.lead_home_at {
+            return;
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let ready = self
+            .raw
+            .raft
+            .prs()
+            .get(home)
+            .is_some_and(|p| p.matched == last && p.recent_active);
+        if ready {
+            self.lead_home_at = self.ticks + LEAD_HOME_RETRY_TICKS;
+            self.raw.transfer_leader(home);
+        }
     }
 
     /// Whether the leader should propose a clock entry now: the last one applied left due work,
@@ -623,6 +654,7 @@ impl<S: LogSource> Replica<S> {
     /// evict its exactly-once record at once).
     fn on_became_leader(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         self.last_clock = None;
+        self.lead_home_at = self.ticks + LEAD_HOME_AFTER_TICKS;
         if self.view(base).get(keys::RULES).is_none() {
             let seed = Command::SeedRules(Box::new(self.config.seed_rules.clone()));
             self.propose(&seed, None, fx);

@@ -12,16 +12,19 @@ use crate::replica::log::LogSource;
 use crate::state::store::MemState;
 use crate::state::{decode, keys, LedgerKind, LedgerRecord};
 use crate::storage::{Space, WriteOp};
+use crate::transport::Transport;
 use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
+use protobuf::Message as _;
 use raft::eraftpb::Message;
 use raft::StateRole;
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::rc::Rc;
+use std::sync::Mutex;
 
 /// The wall clock of the simulation at its start: 2026-01-01T00:00:00Z.
 const EPOCH_MS: i64 = 1_767_225_600_000;
@@ -114,9 +117,10 @@ enum Happening {
         node: usize,
         life: u64,
     },
+    /// A Raft message (protobuf) reaches a node.
     Deliver {
         node: usize,
-        message: Message,
+        message: Vec<u8>,
     },
     Fsync {
         node: usize,
@@ -185,8 +189,28 @@ struct Shape {
     faults: bool,
 }
 
+/// The simulation's transport: what a replica sends is queued here, encoded as the TCP
+/// transport's would be, and the world's network carries it (with its delays, drops and
+/// partitions).
+#[derive(Default)]
+struct MemTransport(Mutex<Vec<Sent>>);
+
+/// Messages sent: to which node, of which shard, encoded.
+type Sent = (u64, u32, Vec<Vec<u8>>);
+
+impl Transport for MemTransport {
+    fn send_raft(&self, to: u64, shard: u32, messages: Vec<Vec<u8>>) -> bool {
+        self.0
+            .lock()
+            .expect("transport lock")
+            .push((to, shard, messages));
+        true
+    }
+}
+
 pub struct World {
     rng: fastrand::Rng,
+    transport: MemTransport,
     shape: Shape,
     now: u64,
     seq: u64,
@@ -280,6 +304,7 @@ impl World {
             .collect();
         World {
             rng,
+            transport: MemTransport::default(),
             history: vec![Vec::new(); shape.profiles],
             shape,
             now: 0,
@@ -448,6 +473,7 @@ impl World {
                 if !self.nodes[node].up {
                     return Ok(());
                 }
+                let message = Message::parse_from_bytes(&message).expect("messages decode");
                 let shard = ShardId((message.to >> 32) as u32);
                 if self.nodes[node].replicas.contains_key(&shard) {
                     self.replica(node, shard).step(message);
@@ -575,11 +601,26 @@ impl World {
             }
             self.leaders.insert((shard, term), me);
         }
+        // Through the transport trait, encoded as on a node; then the network carries them.
+        let mut by_node: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
         for message in messages {
-            let to = message.to;
-            if !self.send(node, message) {
-                // As the transport does when a peer cannot be reached.
-                self.replica(node, shard).unreachable(to);
+            by_node
+                .entry(node_of_raft_id(message.to))
+                .or_default()
+                .push(message.write_to_bytes().expect("raft messages encode"));
+        }
+        for (to, bytes) in by_node {
+            self.transport.send_raft(to, shard.0, bytes);
+        }
+        let sent = std::mem::take(&mut *self.transport.0.lock().expect("transport lock"));
+        for (to, shard_id, messages) in sent {
+            let to = to as usize - 1;
+            for bytes in messages {
+                if !self.send(node, to, bytes) {
+                    // As the transport does when a peer cannot be reached.
+                    let raft_id = World::raft_id(ShardId(shard_id), to);
+                    self.replica(node, shard).unreachable(raft_id);
+                }
             }
         }
         if let Some(ops) = write {
@@ -607,10 +648,9 @@ impl World {
         }
     }
 
-    /// Sends a message through the network; answers false if it could not leave (a partition
-    /// or a peer that is down), which a transport would tell its replica.
-    fn send(&mut self, from: usize, message: Message) -> bool {
-        let to = node_of_raft_id(message.to) as usize - 1;
+    /// Carries a message through the network; answers false if it could not leave (a
+    /// partition or a peer that is down), which a transport would tell its replica.
+    fn send(&mut self, from: usize, to: usize, message: Vec<u8>) -> bool {
         let cut = self
             .groups
             .as_ref()

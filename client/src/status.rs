@@ -1,0 +1,126 @@
+//! `oneid cluster status`: the cluster at a glance, from every node's own view.
+//!
+//! It asks the given node for the cluster's nodes, then asks each node for its own replicas,
+//! and shows which nodes are up, and per shard its leader and term, each replica's applied
+//! index and how far it lags the leader's, and whether replicas at equal indexes have equal
+//! digests (replicas that differ there have diverged: a bug to report).
+
+use oneid_client::Client;
+use oneid_protocol::api::{ClusterView, ShardView};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// One node and what it said, if it answered.
+struct Answer {
+    id: u64,
+    api: String,
+    view: Option<ClusterView>,
+}
+
+pub async fn run(client: &Client, json_output: bool) -> anyhow::Result<()> {
+    let first = client.cluster().await?;
+    let mut answers = Vec::new();
+    for node in &first.nodes {
+        let view = if node.id == first.node {
+            Some(first.clone())
+        } else {
+            let other = Client::with_policy(
+                &format!("http://{}", node.api),
+                oneid_client::RetryPolicy {
+                    attempts: 1,
+                    timeout: std::time::Duration::from_secs(2),
+                    ..Default::default()
+                },
+            )?;
+            other.cluster().await.ok()
+        };
+        answers.push(Answer {
+            id: node.id,
+            api: node.api.clone(),
+            view,
+        });
+    }
+    let shards = by_shard(&answers);
+    if json_output {
+        let nodes: Vec<_> = answers
+            .iter()
+            .map(
+                |a| json!({"id": a.id, "api": a.api, "answered": a.view.is_some(), "view": a.view}),
+            )
+            .collect();
+        let report = json!({"cluster_id": first.cluster_id, "nodes": nodes,
+            "shards": shards.iter().map(|(id, r)| json!({"id": id, "digests": digests(r)})).collect::<Vec<_>>()});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("cluster {}", first.cluster_id);
+    println!("{:>4}  {:<22} UP", "NODE", "API");
+    for answer in &answers {
+        let up = match &answer.view {
+            Some(_) => "yes".to_string(),
+            None => "no (did not answer)".to_string(),
+        };
+        println!("{:>4}  {:<22} {up}", answer.id, answer.api);
+    }
+    println!(
+        "{:>5} {:>6} {:>5}  {:<28} DIGESTS",
+        "SHARD", "LEADER", "TERM", "APPLIED BY NODE (LAG)"
+    );
+    for (id, replicas) in &shards {
+        let leader = replicas.iter().find(|(_, s)| s.role == "leader");
+        let (leader_text, term, lead_applied) = match leader {
+            Some((node, s)) => (node.to_string(), s.term, Some(s.applied_index)),
+            None => (
+                "-".to_string(),
+                replicas.iter().map(|(_, s)| s.term).max().unwrap_or(0),
+                None,
+            ),
+        };
+        let applied: Vec<String> = replicas
+            .iter()
+            .map(|(node, s)| match lead_applied {
+                Some(lead) if lead > s.applied_index => {
+                    format!("{node}:{}(-{})", s.applied_index, lead - s.applied_index)
+                }
+                _ => format!("{node}:{}", s.applied_index),
+            })
+            .collect();
+        println!(
+            "{id:>5} {leader_text:>6} {term:>5}  {:<28} {}",
+            applied.join(" "),
+            digests(replicas)
+        );
+    }
+    Ok(())
+}
+
+/// Each shard's replicas, as the nodes that hold them said.
+fn by_shard(answers: &[Answer]) -> BTreeMap<u32, Vec<(u64, ShardView)>> {
+    let mut shards: BTreeMap<u32, Vec<(u64, ShardView)>> = BTreeMap::new();
+    for answer in answers {
+        for shard in answer.view.iter().flat_map(|v| &v.shards) {
+            shards
+                .entry(shard.id)
+                .or_default()
+                .push((answer.id, shard.clone()));
+        }
+    }
+    shards
+}
+
+/// `agree` if every two replicas at the same applied index have the same digest, `DIFFER
+/// at INDEX` if two do not, `-` if no two are at the same index.
+fn digests(replicas: &[(u64, ShardView)]) -> String {
+    let mut at: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    for (_, s) in replicas {
+        at.entry(s.applied_index).or_default().push(&s.digest);
+    }
+    if let Some((index, _)) = at.iter().find(|(_, d)| d.iter().any(|x| *x != d[0])) {
+        return format!("DIFFER at {index}");
+    }
+    if at.values().any(|d| d.len() > 1) {
+        "agree".to_string()
+    } else {
+        "-".to_string()
+    }
+}
