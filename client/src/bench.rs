@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 pub struct BenchArgs {
     /// What to measure: `standard` (ingest, lookups, ceiling), `profiles` (RSS and disk while
     /// loading `--profiles` profiles), `expiry` (`--lots` points lots falling due at once),
-    /// `chain` (a batch of `--chain` events each sharing a new identity with the next).
+    /// `chain` (a batch of `--chain` events each sharing a new identity with the next),
+    /// `replication` (batched ingest, single-event writes, linearizable and stale lookups,
+    /// spread over `--server` and `--also`).
     #[arg(long, default_value = "standard")]
     pub(crate) scenario: String,
     /// The node's data directory, to report disk bytes.
@@ -43,6 +45,13 @@ pub struct BenchArgs {
     /// `expiry`: seconds from the start until the lots expire (loading must finish before).
     #[arg(long, default_value_t = 120)]
     pub(crate) expire_after: u64,
+    /// `replication`: more nodes to spread the load over, beside `--server` (comma-separated
+    /// URLs).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) also: Vec<String>,
+    /// `replication`: concurrent single-event writers.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) writers: usize,
     /// `chain`: events in the chain.
     #[arg(long, default_value_t = 2_000)]
     pub(crate) chain: usize,
@@ -89,7 +98,7 @@ const CHANNELS: [(&str, &str); 5] = [
     ("store", "member_card"),
 ];
 
-fn phone(customer: usize) -> String {
+pub(crate) fn phone(customer: usize) -> String {
     format!("139{customer:08}")
 }
 
@@ -143,27 +152,32 @@ fn generate(args: &BenchArgs, sender: usize) -> (Vec<Value>, Vec<usize>) {
     (events, seen.into_iter().collect())
 }
 
-/// Lookups from `clients` concurrent keep-alive clients for `seconds`; latencies in µs.
-async fn lookup_load(
-    base: &str,
+/// Lookups from `clients` concurrent keep-alive clients for `seconds`, spread over `bases`
+/// (linearizable, or `stale`); latencies in µs.
+pub(crate) async fn lookup_load(
+    bases: &[String],
     customers: Arc<Vec<usize>>,
     clients: usize,
     seconds: u64,
+    stale: bool,
 ) -> anyhow::Result<(f64, Vec<u64>)> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let client = Client::new(base)?;
+        let client = Client::new(&bases[c % bases.len()])?;
         let customers = Arc::clone(&customers);
         tasks.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(c as u64);
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let at = Instant::now();
-                let found = client
-                    .lookup("phone", &phone(customers[rng.usize(..customers.len())]))
-                    .await?;
+                let phone = phone(customers[rng.usize(..customers.len())]);
+                let found = if stale {
+                    client.lookup_stale("phone", &phone).await?
+                } else {
+                    client.lookup("phone", &phone).await?
+                };
                 anyhow::ensure!(found.is_some(), "a generated customer was not found");
                 latencies.push(at.elapsed().as_micros() as u64);
             }
@@ -179,7 +193,7 @@ async fn lookup_load(
     Ok((rate, all))
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -228,6 +242,45 @@ pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The counts of an ingest: applied, duplicate, rejected.
+type Counts = (u64, u64, u64);
+
+/// Ingests the generated events from `args.senders` senders spread over `servers`, in batches
+/// of `args.batch`; answers the seconds it took, the events sent, the counts and the customers.
+pub(crate) async fn ingest(
+    servers: &[String],
+    args: &BenchArgs,
+) -> anyhow::Result<(f64, usize, Counts, Arc<Vec<usize>>)> {
+    let (batches, seen): (Vec<Vec<Value>>, Vec<Vec<usize>>) =
+        (0..args.senders).map(|s| generate(args, s)).unzip();
+    let customers = Arc::new(seen.into_iter().flatten().collect::<Vec<usize>>());
+    let total: usize = batches.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (sender, events) in batches.into_iter().enumerate() {
+        let client = Client::new(&servers[sender % servers.len()])?;
+        let batch = args.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut counts = (0u64, 0u64, 0u64);
+            for chunk in events.chunks(batch) {
+                let answer = client.send_events(chunk).await?;
+                counts.0 += answer.applied;
+                counts.1 += answer.duplicates;
+                counts.2 += answer.rejected;
+            }
+            Ok::<_, anyhow::Error>(counts)
+        }));
+    }
+    let mut counts = (0, 0, 0);
+    for task in tasks {
+        let (a, d, r) = task.await??;
+        counts.0 += a;
+        counts.1 += d;
+        counts.2 += r;
+    }
+    Ok((started.elapsed().as_secs_f64(), total, counts, customers))
+}
+
 pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Result<()> {
     if let Some(port) = args.serve_baseline {
         let body = std::io::read_to_string(std::io::stdin())?;
@@ -247,48 +300,33 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         "profiles" => return crate::bench_time::profiles(&client, &args, json_only).await,
         "expiry" => return crate::bench_time::expiry(&client, &args, json_only).await,
         "chain" => return crate::bench_chain::chain(&client, &args, json_only).await,
-        other => anyhow::bail!("unknown scenario {other:?}: standard, profiles, expiry or chain"),
+        "replication" => {
+            return crate::bench_replication::replication(server, &args, json_only).await
+        }
+        other => anyhow::bail!(
+            "unknown scenario {other:?}: standard, profiles, expiry, chain or replication"
+        ),
     }
 
-    // Ingest.
-    let (batches, seen): (Vec<Vec<Value>>, Vec<Vec<usize>>) =
-        (0..args.senders).map(|s| generate(&args, s)).unzip();
-    let customers = Arc::new(seen.into_iter().flatten().collect::<Vec<usize>>());
-    let total: usize = batches.iter().map(Vec::len).sum();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for events in batches {
-        let client = client.clone();
-        let batch = args.batch;
-        tasks.push(tokio::spawn(async move {
-            let mut counts = (0u64, 0u64, 0u64);
-            for chunk in events.chunks(batch) {
-                let answer = client.send_events(chunk).await?;
-                counts.0 += answer.applied;
-                counts.1 += answer.duplicates;
-                counts.2 += answer.rejected;
-            }
-            Ok::<_, anyhow::Error>(counts)
-        }));
-    }
-    let (mut applied, mut duplicates, mut rejected) = (0, 0, 0);
-    for task in tasks {
-        let (a, d, r) = task.await??;
-        applied += a;
-        duplicates += d;
-        rejected += r;
-    }
-    let ingest_secs = started.elapsed().as_secs_f64();
+    let servers = [server.to_string()];
+    let (ingest_secs, total, (applied, duplicates, rejected), customers) =
+        ingest(&servers, &args).await?;
     let ingest_rate = total as f64 / ingest_secs;
 
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     // Lookups against the node, then against the baseline serving one of its profiles.
-    let (node_rate, node_lat) =
-        lookup_load(server, Arc::clone(&customers), args.clients, args.seconds).await?;
+    let (node_rate, node_lat) = lookup_load(
+        &servers,
+        Arc::clone(&customers),
+        args.clients,
+        args.seconds,
+        false,
+    )
+    .await?;
     let sample = client
-        .lookup("phone", &phone(0))
+        .lookup("phone", &phone(customers[0]))
         .await?
-        .context("customer 0 exists")?;
+        .context("a generated customer exists")?;
     let sample = serde_json::to_string(&sample)?;
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -315,10 +353,11 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let baseline_result = lookup_load(
-        &base_url,
+        &[base_url],
         Arc::clone(&customers),
         args.clients,
         args.seconds,
+        false,
     )
     .await;
     let _ = baseline.kill();

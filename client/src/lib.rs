@@ -324,6 +324,17 @@ impl Client {
         .await
     }
 
+    /// The profile bound to an identity as one replica holds it now, without the quorum
+    /// round a linearizable read costs: it may miss the newest writes.
+    pub async fn lookup_stale(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
+        self.get_optional(&format!(
+            "/v1/profiles/lookup?kind={}&value={}&consistency=stale",
+            encode(kind),
+            encode(value)
+        ))
+        .await
+    }
+
     /// One page of a profile's ledger, newest first; pass the answer's `next` as `cursor`.
     pub async fn ledger(
         &self,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_chain;
+mod bench_replication;
 mod bench_time;
 mod status;
 
