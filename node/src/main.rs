@@ -32,7 +32,7 @@ mod transport;
 use anyhow::Context;
 use clap::Parser;
 use oneid_protocol::api::NodeView;
-use replica::actor::{ShardActor, ShardSettings};
+use replica::actor::ShardActor;
 use replica::core::ReplicaConfig;
 use shards::Shards;
 use std::path::PathBuf;
@@ -151,26 +151,24 @@ fn main() -> anyhow::Result<()> {
         let voters = config.voters(shard);
         // A shard's placed leader (its first replica) campaigns when the shard is new, so
         // leaders start spread evenly; the only voter of a shard campaigns at every start.
-        let settings = ShardSettings {
-            replica: ReplicaConfig {
-                shard,
-                n_shards: c.shards,
-                raft_id,
-                campaign: voters.first() == Some(&raft_id),
-                bootstrap_voters: voters,
-                election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
-                heartbeat_ticks: HEARTBEAT_TICKS,
-                clock_interval_ms: c.clock_interval_ms as i64,
-                retention: command::Retention {
-                    dedup_days: c.dedup_retention_days,
-                    ledger_days: c.ledger_retention_days,
-                },
-                passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
-                activation_budget: budget_per_shard,
-                seed_rules: seed_rules.clone(),
-                log_retain_entries: c.log_retain_entries,
-                life: started_micros,
+        let settings = ReplicaConfig {
+            shard,
+            n_shards: c.shards,
+            raft_id,
+            campaign: voters.first() == Some(&raft_id),
+            bootstrap_voters: voters,
+            election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
+            heartbeat_ticks: HEARTBEAT_TICKS,
+            clock_interval_ms: c.clock_interval_ms as i64,
+            retention: command::Retention {
+                dedup_days: c.dedup_retention_days,
+                ledger_days: c.ledger_retention_days,
             },
+            passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
+            activation_budget: budget_per_shard,
+            seed_rules: seed_rules.clone(),
+            log_retain_entries: c.log_retain_entries,
+            life: started_micros,
             tick: Duration::from_millis(c.tick_ms),
         };
         let actor = ShardActor::recover(

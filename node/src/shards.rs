@@ -8,10 +8,12 @@
 //!   leader is answered `Timeout` (the router answers its events `unavailable`), never held
 //!   behind a dead or paused leader. Every command is idempotent (events by their ids), so a
 //!   proposal whose answer was lost may be sent again.
-//! - **Linearizable reads** go through a ReadIndex round on a replica of this node when it has
-//!   one (the round confirms with a quorum that the state it waits for is the newest), or are
-//!   forwarded to one that has; a one-voter shard here is its own quorum and reads at once.
-//!   **Stale reads** are served by any replica, at its applied index.
+//! - **Linearizable reads** go to the shard's leader, here or forwarded, which serves them under
+//!   its lease (no other leader can exist until it ends) without a quorum round; a leader
+//!   without a lease, or a replica that is not the leader, first waits for a ReadIndex round
+//!   (which confirms with a quorum that the state it waits for is the newest). A one-voter
+//!   shard here is its own quorum and reads at once. **Stale reads** are served by any
+//!   replica, this node's first, at its applied index.
 //! - Peers' requests are carried out on this node's replicas only, never forwarded again.
 
 use crate::command::{Command, Output};
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -70,6 +73,35 @@ enum PeerResponse {
     Read(Result<ReadAnswer, ShardError>),
 }
 
+/// A leader's lease as its replica last published it: until `until` no other leader can be
+/// elected, and `commit` is at least every index any client was told of, so a linearizable
+/// read may be served without asking the replica once the durable state (`durable`) is there.
+/// A replica publishes its gate before anything it answers leaves (replies, messages): a
+/// write acknowledged, or a leadership transfer started, is never missed by a reader.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    pub until: Instant,
+    pub commit: u64,
+    pub durable: u64,
+}
+
+/// How linearizable reads were served, for `/metrics`.
+#[derive(Clone, Copy)]
+enum Served {
+    /// By this node's leader under its lease, without asking the replica.
+    Lease,
+    /// After asking this node's replica (a ReadIndex round, or its lease and the apply).
+    Replica,
+    /// By a peer.
+    Forwarded,
+}
+
+const SERVED: [(Served, &str); 3] = [
+    (Served::Lease, "lease"),
+    (Served::Replica, "replica"),
+    (Served::Forwarded, "forwarded"),
+];
+
 /// What this node last heard of a shard's leader.
 #[derive(Debug, Clone, Copy, Default)]
 struct Hint {
@@ -85,6 +117,8 @@ pub struct Shards {
     placement: Vec<Vec<u64>>,
     local: OnceLock<Vec<Option<Addr<ShardActor>>>>,
     hints: Vec<Mutex<Hint>>,
+    gates: Vec<Mutex<Option<Gate>>>,
+    reads_served: [AtomicU64; SERVED.len()],
     peers: OnceLock<Arc<Tcp>>,
     reader: StateReader,
 }
@@ -96,6 +130,8 @@ impl Shards {
             me,
             n_shards,
             hints: (0..n_shards).map(|_| Mutex::new(Hint::default())).collect(),
+            gates: (0..n_shards).map(|_| Mutex::new(None)).collect(),
+            reads_served: Default::default(),
             placement,
             local: OnceLock::new(),
             peers: OnceLock::new(),
@@ -244,44 +280,46 @@ impl Shards {
                 u8::from(leads)
             );
         }
+        crate::metrics::family(
+            out,
+            "oneid_linearizable_reads_total",
+            "counter",
+            "Linearizable reads this node took, by how: under its leader's lease, after asking its replica, or forwarded.",
+        );
+        for (served, label) in SERVED {
+            let n = self.reads_served[served as usize].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "oneid_linearizable_reads_total{{served=\"{label}\"}} {n}"
+            );
+        }
     }
 
     /// Proposes `command` at `shard`'s leader, wherever it is; answers once it is committed,
     /// applied and durable there.
     pub async fn propose(&self, shard: ShardId, command: Command) -> Result<Output, ShardError> {
-        let deadline = Instant::now() + FORWARD_TIMEOUT;
-        let mut attempt = 0;
-        loop {
-            let target = self.candidate(shard, attempt);
-            let result = if target == self.me {
-                self.propose_here(shard, command.clone()).await
-            } else {
-                let request = PeerRequest::Propose {
-                    shard,
-                    command: command.clone(),
-                };
-                match self.call(target, &request, deadline).await {
-                    Ok(PeerResponse::Proposed(result)) => result,
-                    Ok(PeerResponse::Read(_)) => panic!("a proposal answered as a read"),
-                    Err(error) => Err(error),
-                }
-            };
-            match result {
-                Err(error) if retryable(&error) && Instant::now() + RETRY_PAUSE < deadline => {
-                    self.heard(shard, &error);
-                    if !matches!(
-                        error,
-                        ShardError::NotLeader {
-                            leader: Some(_),
-                            ..
-                        }
-                    ) {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                    attempt += 1;
-                }
-                other => return other,
-            }
+        self.at_leader(shard, retryable, |target, deadline| {
+            self.propose_at(target, shard, command.clone(), deadline)
+        })
+        .await
+    }
+
+    async fn propose_at(
+        &self,
+        target: u64,
+        shard: ShardId,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<Output, ShardError> {
+        if target == self.me {
+            return self.propose_here(shard, command).await;
+        }
+        match self
+            .call(target, &PeerRequest::Propose { shard, command }, deadline)
+            .await?
+        {
+            PeerResponse::Proposed(result) => result,
+            PeerResponse::Read(_) => panic!("a proposal answered as a read"),
         }
     }
 
@@ -295,63 +333,90 @@ impl Shards {
             .unwrap_or(Err(ShardError::Stopped(shard)))
     }
 
-    /// Reads `query` of `shard`'s state, as fresh as `consistency` asks, from a replica here
-    /// if this node has one (and it can answer), else from one on a peer.
+    /// Reads `query` of `shard`'s state, as fresh as `consistency` asks. A stale read is served
+    /// by this node's replica if it has one. A linearizable read goes to the leader, here or
+    /// on a peer, which serves it under its lease without a ReadIndex round (a round trip to
+    /// the leader it would cost here anyway); failing that, to this node's replica (a ReadIndex
+    /// round through whichever leader it knows), then to the others.
     pub async fn read(
         &self,
         shard: ShardId,
         query: Query,
         consistency: Consistency,
     ) -> Result<ReadAnswer, ShardError> {
-        if self.local(shard).is_some() {
-            match self.read_here(shard, query.clone(), consistency).await {
-                // This replica knows no leader (cut off, or an election): a peer's may.
-                Err(ShardError::NotLeader { .. }) | Err(ShardError::Timeout(_))
-                    if self.peers.get().is_some() => {}
-                other => return other,
-            }
+        if consistency == Consistency::Stale && self.local(shard).is_some() {
+            return self.read_here(shard, query, consistency).await;
         }
+        let retry =
+            |error: &ShardError| retryable(error) || matches!(error, ShardError::Timeout(_));
+        self.at_leader(shard, retry, |target, deadline| {
+            self.read_at(target, shard, query.clone(), consistency, deadline)
+        })
+        .await
+    }
+
+    async fn read_at(
+        &self,
+        target: u64,
+        shard: ShardId,
+        query: Query,
+        consistency: Consistency,
+        deadline: Instant,
+    ) -> Result<ReadAnswer, ShardError> {
+        if target == self.me {
+            return self.read_here(shard, query, consistency).await;
+        }
+        self.reads_served[Served::Forwarded as usize].fetch_add(1, Ordering::Relaxed);
+        let request = PeerRequest::Read {
+            shard,
+            query,
+            consistency,
+        };
+        match self.call(target, &request, deadline).await? {
+            PeerResponse::Read(result) => result,
+            PeerResponse::Proposed(_) => panic!("a read answered as a proposal"),
+        }
+    }
+
+    /// Tries `attempt` at the node that leads `shard` as this node knows it, else at this
+    /// node's replica, else at the placed replicas in turn, following `NotLeader` hints, while
+    /// `retry` says another attempt may cure the error: at most [`FORWARD_TIMEOUT`] in all,
+    /// so a shard with no reachable leader is answered, never held behind a dead or paused one.
+    async fn at_leader<T, Fut: Future<Output = Result<T, ShardError>>>(
+        &self,
+        shard: ShardId,
+        retry: impl Fn(&ShardError) -> bool,
+        mut attempt: impl FnMut(u64, Instant) -> Fut,
+    ) -> Result<T, ShardError> {
         let deadline = Instant::now() + FORWARD_TIMEOUT;
-        let others: Vec<u64> = self
-            .placement(shard)
-            .iter()
-            .copied()
-            .filter(|n| *n != self.me)
-            .collect();
-        let mut attempt = 0;
+        let (mut n, mut hinted) = (0, None);
         loop {
-            let hinted = self.leader(shard).filter(|l| *l != self.me);
-            let target = match (attempt, hinted) {
-                (0, Some(leader)) => leader,
-                _ => others[attempt % others.len()],
-            };
-            let request = PeerRequest::Read {
-                shard,
-                query: query.clone(),
-                consistency,
-            };
-            let result = match self.call(target, &request, deadline).await {
-                Ok(PeerResponse::Read(result)) => result,
-                Ok(PeerResponse::Proposed(_)) => panic!("a read answered as a proposal"),
-                Err(error) => Err(error),
-            };
-            match result {
-                Err(error)
-                    if (retryable(&error) || matches!(error, ShardError::Timeout(_)))
-                        && Instant::now() + RETRY_PAUSE < deadline =>
-                {
+            let target = hinted.take().unwrap_or_else(|| self.candidate(shard, n));
+            match attempt(target, deadline).await {
+                Err(error) if retry(&error) && Instant::now() + RETRY_PAUSE < deadline => {
                     self.heard(shard, &error);
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    attempt += 1;
+                    // A hint is followed at once, but not from one hint to the next (two
+                    // replicas naming each other during an election or a transfer).
+                    let hint = match error {
+                        ShardError::NotLeader { leader, .. } => leader,
+                        _ => None,
+                    };
+                    if n > 0 || hint.is_none() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    hinted = hint;
+                    n += 1;
                 }
                 other => return other,
             }
         }
     }
 
-    /// Reads at this node's replica (no forwarding). A linearizable read first waits for a
-    /// ReadIndex round, unless the replica is the shard's only voter (its own quorum: every
-    /// acknowledged write is already in its storage).
+    /// Reads at this node's replica (no forwarding). A linearizable read is served at once by
+    /// a leader whose lease holds and whose durable state is at its commit index (see
+    /// [`Gate`]) or by the shard's only voter (its own quorum: every acknowledged write is
+    /// already in its storage); else it first waits for the replica (a ReadIndex round, or its
+    /// lease, then the apply catching up).
     async fn read_here(
         &self,
         shard: ShardId,
@@ -363,9 +428,14 @@ impl Shards {
         };
         let alone = self.placement(shard) == [self.me];
         if consistency == Consistency::Linearizable && !alone {
-            addr.send(Read)
-                .await
-                .unwrap_or(Err(ShardError::Stopped(shard)))?;
+            if self.gate_open(shard) {
+                self.reads_served[Served::Lease as usize].fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.reads_served[Served::Replica as usize].fetch_add(1, Ordering::Relaxed);
+                addr.send(Read)
+                    .await
+                    .unwrap_or(Err(ShardError::Stopped(shard)))?;
+            }
         }
         Ok(self
             .reader
@@ -374,6 +444,17 @@ impl Shards {
                 (reader.answer(&query), applied)
             })
             .await)
+    }
+
+    /// What a local replica says of its lease, after each of its steps and before anything
+    /// it answers leaves.
+    pub fn publish_gate(&self, shard: ShardId, gate: Option<Gate>) {
+        *self.gates[shard.0 as usize].lock().expect("gate lock") = gate;
+    }
+
+    fn gate_open(&self, shard: ShardId) -> bool {
+        let gate = *self.gates[shard.0 as usize].lock().expect("gate lock");
+        gate.is_some_and(|g| Instant::now() < g.until && g.durable >= g.commit)
     }
 
     async fn call(

@@ -11,12 +11,12 @@
 //! (`storage::StateReader`), once the actor says the durable state is new enough
 //! ([`Read`]).
 
-use super::core::{Effects, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
+use super::core::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use super::log::LogSource;
 use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shards::Shards;
+use crate::shards::{Gate, Shards};
 use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
@@ -80,18 +80,14 @@ impl LogSource for FjallLog {
     }
 }
 
-/// What the actor needs beyond the replica's own configuration.
-#[derive(Clone)]
-pub struct ShardSettings {
-    pub replica: ReplicaConfig,
-    pub tick: Duration,
-}
-
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
 pub struct ShardActor {
     shard: ShardId,
-    settings: ShardSettings,
+    /// The tick length.
+    tick: Duration,
+    /// When the replica started: its monotonic clock counts from here.
+    started: Instant,
     replica: Replica<FjallLog>,
     storage: Arc<Storage>,
     writer: Writer,
@@ -113,29 +109,26 @@ pub struct ShardActor {
 impl ShardActor {
     /// Recovers a shard replica from disk.
     pub fn recover(
-        settings: ShardSettings,
+        config: ReplicaConfig,
         storage: Arc<Storage>,
         writer: Writer,
         metrics: Arc<Metrics>,
         shards: Arc<Shards>,
     ) -> anyhow::Result<ShardActor> {
-        let shard = settings.replica.shard;
+        let shard = config.shard;
+        let tick = config.tick;
         let source = FjallLog {
             storage: Arc::clone(&storage),
             shard,
         };
         let logger = crate::logging::raft_logger(shard);
-        let replica = Replica::recover(
-            settings.replica.clone(),
-            source,
-            &FjallState(storage.state(shard)),
-            &logger,
-        )?;
+        let replica = Replica::recover(config, source, &FjallState(storage.state(shard)), &logger)?;
         let status = replica.status();
         tracing::info!(%shard, applied = status.applied_index, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
         Ok(ShardActor {
             shard,
-            settings,
+            tick,
+            started: Instant::now(),
             replica,
             storage,
             writer,
@@ -156,18 +149,31 @@ impl ShardActor {
         self.next_token
     }
 
+    fn now(&self) -> Now {
+        Now {
+            wall: Millis::now(),
+            since_start: self.started.elapsed(),
+        }
+    }
+
     /// Runs the replica's Ready, and carries out everything it asks.
     fn run(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
         let storage = Arc::clone(&self.storage);
-        self.replica.advance(
-            &FjallState(storage.state(self.shard)),
-            Millis::now(),
-            &mut fx,
-        );
+        let now = self.now();
+        self.replica
+            .advance(&FjallState(storage.state(self.shard)), now, &mut fx);
         self.carry_out(fx, ctx);
     }
 
     fn carry_out(&mut self, fx: Effects, ctx: &mut Context<Self>) {
+        // Before anything leaves: a reader must never find a lease this replica gave up, nor
+        // miss a write it acknowledges.
+        let gate = self.replica.lease_read().map(|(until, commit)| Gate {
+            until: self.started + until,
+            commit,
+            durable: self.replica.durable_applied(),
+        });
+        self.shards.publish_gate(self.shard, gate);
         let Effects {
             messages,
             write,
@@ -210,9 +216,18 @@ impl ShardActor {
         }
     }
 
+    /// Ticks one tick length after the last tick ran: never early, and never a burst of the
+    /// ticks a stall missed (an actix interval would catch up on them), which leases rely on.
+    fn schedule_tick(&self, ctx: &mut Context<Self>) {
+        ctx.run_later(self.tick, |actor, ctx| {
+            actor.on_tick(ctx);
+            actor.schedule_tick(ctx);
+        });
+    }
+
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let mut fx = Effects::default();
-        self.replica.tick(Millis::now(), &mut fx);
+        self.replica.tick(self.now(), &mut fx);
         let status = self.replica.status();
         self.shards.observe(
             self.shard,
@@ -311,7 +326,7 @@ impl Actor for ShardActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(SHARD_MAILBOX_MAX);
-        ctx.run_interval(self.settings.tick, |actor, ctx| actor.on_tick(ctx));
+        self.schedule_tick(ctx);
         self.run(Effects::default(), ctx);
     }
 }
@@ -352,7 +367,7 @@ impl Handler<Read> for ShardActor {
         let token = self.token();
         self.reads.insert(token, reply);
         let mut fx = Effects::default();
-        self.replica.read(token, &mut fx);
+        self.replica.read(token, self.now(), &mut fx);
         self.run(fx, ctx);
         let (shard, metrics, asked) = (self.shard, Arc::clone(&self.metrics), Instant::now());
         Box::pin(async move {
@@ -372,10 +387,11 @@ impl Handler<Step> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, Step(messages): Step, ctx: &mut Context<Self>) {
+        let (now, mut fx) = (self.now(), Effects::default());
         for message in messages {
-            self.replica.step(message);
+            self.replica.step(message, now, &mut fx);
         }
-        self.run(Effects::default(), ctx);
+        self.run(fx, ctx);
     }
 }
 

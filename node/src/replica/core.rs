@@ -4,9 +4,10 @@
 //! [`ShardState`]. Its shell (the actix actor on a node, the simulator in tests) feeds it
 //! inputs and carries out what it answers in [`Effects`]:
 //! - inputs: [`Replica::propose`], [`Replica::read`] (a linearizable read), [`Replica::step`]
-//!   (a Raft message from a peer), [`Replica::tick`] (with the shell's wall clock, the only
-//!   time that enters), [`Replica::persisted`] (the write handed out is durable),
-//!   [`Replica::unreachable`];
+//!   (a Raft message from a peer), [`Replica::tick`], [`Replica::persisted`] (the write handed
+//!   out is durable), [`Replica::unreachable`]; those that need the time get the shell's
+//!   clocks ([`Now`]: the wall clock, for shard clock entries, and a monotonic one, for
+//!   leases), the only time that enters;
 //! - then [`Replica::advance`], which runs raft-rs's Ready once if no write is in flight;
 //! - effects: messages to send now, one write to make durable (then call `persisted`), replies
 //!   to proposals and reads that may be served now, each answered only once the write holding
@@ -24,6 +25,28 @@
 //! asked again, and a read not answered within [`READ_TIMEOUT_TICKS`] fails `unavailable`. A
 //! read is served once this replica's durable applied index reaches the round's index: the
 //! state readers see is then at least as new as every write acknowledged before the read began.
+//!
+//! # Leader leases
+//!
+//! A leader whose own ReadIndex round, asked at monotonic time `t`, was confirmed by a quorum
+//! holds a lease until `t + lease` ([`Replica::lease`]): while it holds, it answers reads (its
+//! own, and ReadIndex requests from its followers) at its commit index without a round, and
+//! renews the lease with a round once half of it is gone. Why no other leader can exist
+//! before the lease ends:
+//! - every replica of the confirming quorum heard the round's heartbeat after `t`, and with
+//!   `check_quorum` raft-rs refuses (pre-)votes while it heard from a leader within the
+//!   minimum election timeout, counted in its ticks; the shell's ticks never come early or in a
+//!   burst (each is scheduled one tick length after the last ran), so that is at least
+//!   `(election_min - 1)` tick lengths of its monotonic clock after `t`. A new leader needs a
+//!   vote from one of them. The lease is `(election_min - 2)` tick lengths, of which it keeps
+//!   [`LEASE_PERCENT`]: room for clocks running at different rates;
+//! - a replica that restarts forgets what it heard, so it refuses (pre-)votes for one lease
+//!   after it starts;
+//! - a leadership transfer makes its target campaign at once, votes granted despite leases: a
+//!   leader that starts one holds no lease for the rest of its term;
+//! - a lease belongs to a term: stepping down (or a new term) ends it. Its clock is monotonic
+//!   and runs while the process is stopped (SIGSTOP), so a paused leader resumes with its
+//!   lease gone.
 
 use super::log::{LogSource, ShardLog};
 use crate::command::{Command, Output, Retention};
@@ -35,7 +58,7 @@ use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -63,6 +86,20 @@ const LEAD_HOME_RETRY_TICKS: u64 = 100;
 const READIES_PER_ADVANCE_MAX: usize = 16;
 /// The log is compacted once this many entries can go.
 const LOG_COMPACT_BATCH: u64 = 64;
+/// Of the time no other leader can be elected after a quorum confirmed a round (see the module
+/// documentation), the share a lease lasts; the rest allows for clocks running at different
+/// rates on different nodes.
+pub const LEASE_PERCENT: u32 = 80;
+
+/// The shell's clocks at an input.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// The wall clock: what a leader's shard clock entries carry.
+    pub wall: Millis,
+    /// Time since this replica started, on a clock that never goes back and runs on while the
+    /// process is stopped (`CLOCK_MONOTONIC`): what leases are measured with.
+    pub since_start: Duration,
+}
 
 /// A caller's handle on a proposal or a read, chosen by the shell.
 pub type Token = u64;
@@ -114,6 +151,9 @@ pub struct ReplicaConfig {
     /// A number unique to this start of the replica (a node uses its wall clock at start, in
     /// microseconds): it tells this life's ReadIndex rounds from earlier lives' ones.
     pub life: u64,
+    /// The length of a tick: the shell ticks at most once per tick length (never early, never
+    /// in a burst), which leases rely on.
+    pub tick: Duration,
 }
 
 /// What the shell must carry out. Fill one per call, then drain it.
@@ -152,6 +192,18 @@ struct Round {
     reads: Vec<Waiting>,
     /// The tick it was asked at.
     asked: u64,
+    /// The term this replica led when it asked, if it led: only such a round grants a lease.
+    led: Option<u64>,
+    /// The monotonic time it was asked at (no later than its heartbeats left): a leader's
+    /// lease runs from it.
+    asked_at: Duration,
+}
+
+/// A leader's lease: until `until` (monotonic) no other leader can be elected.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    term: u64,
+    until: Duration,
 }
 
 /// Linearizable reads waiting for ReadIndex rounds.
@@ -161,8 +213,15 @@ struct Reads {
     /// Reads not yet in a round.
     waiting: Vec<Waiting>,
     round: Option<Round>,
-    /// Rounds answered, with their index, waiting for the durable applied index to reach it.
+    /// Rounds answered (and reads served by the lease), with their index, waiting for the
+    /// durable applied index to reach it.
     answered: Vec<(u64, Vec<Waiting>)>,
+    /// A leader's lease, if it holds one.
+    lease: Option<Lease>,
+    /// Ask a round to renew the lease, even with no read waiting.
+    renew: bool,
+    /// The term in which this leader started a leadership transfer: no lease in it.
+    transferred_in: Option<u64>,
 }
 
 impl Reads {
@@ -206,8 +265,10 @@ pub struct Replica<S: LogSource> {
     /// The term this replica leads in, if it leads.
     leader_term: Option<u64>,
     ticks: u64,
-    /// The shell's wall clock at the last tick.
+    /// The shell's wall clock at the last input that brought it.
     now: Millis,
+    /// The shell's monotonic clock at the last input that brought it.
+    since_start: Duration,
     /// When this leader last proposed a clock entry (`None`: not since it became leader).
     last_clock: Option<Millis>,
     /// The last clock entry applied left due work: propose the next one at the next tick.
@@ -216,6 +277,9 @@ pub struct Replica<S: LogSource> {
     lead_home_at: u64,
     /// The applied index of the last write made durable.
     durable_applied: u64,
+    /// Refuse (pre-)votes for one lease after the start: this replica may have confirmed a
+    /// leader's lease before it restarted. `false` for a replica that never had a term.
+    hold_votes: bool,
     /// Writes to add to the next job (the bootstrap conf state, log compaction).
     queued_ops: Vec<WriteOp>,
 }
@@ -258,6 +322,7 @@ impl<S: LogSource> Replica<S> {
         raft_config.validate()?;
         let mut raw = RawNode::new(&raft_config, log, logger)?;
         let alone = config.bootstrap_voters.len() == 1;
+        let hold_votes = raw.raft.term > 0;
         if config.campaign && (alone || raw.raft.term == 0) {
             raw.campaign()?;
         }
@@ -273,10 +338,12 @@ impl<S: LogSource> Replica<S> {
             leader_term: None,
             ticks: 0,
             now: Millis(0),
+            since_start: Duration::ZERO,
             last_clock: None,
             due_backlog: false,
             lead_home_at: 0,
             durable_applied: applied,
+            hold_votes,
             queued_ops,
         })
     }
@@ -294,7 +361,6 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// The applied index of the state the storage holds durably (what readers see).
-    #[cfg(test)]
     pub fn durable_applied(&self) -> u64 {
         self.durable_applied
     }
@@ -328,8 +394,14 @@ impl<S: LogSource> Replica<S> {
         if self.proposals.len() >= PROPOSALS_PENDING_MAX {
             return fail(ShardError::Overloaded(self.config.shard), fx);
         }
+        if let Some(to) = self.raw.raft.lead_transferee {
+            // raft-rs drops proposals while leadership moves: the caller retries at the target.
+            let leader = Some(crate::config::node_of_raft_id(to));
+            let shard = self.config.shard;
+            return fail(ShardError::NotLeader { shard, leader }, fx);
+        }
         if self.raw.propose(vec![], command.encode()).is_err() {
-            // Dropped by raft-rs: over the uncommitted limit, or leadership is moving.
+            // Dropped by raft-rs: over the uncommitted limit.
             return fail(ShardError::Overloaded(self.config.shard), fx);
         }
         if let Some(token) = token {
@@ -350,7 +422,8 @@ impl<S: LogSource> Replica<S> {
 
     /// Asks for a linearizable read: `token` is answered in `Effects::reads` once the durable
     /// state is at least as new as every write acknowledged before this call.
-    pub fn read(&mut self, token: Token, fx: &mut Effects) {
+    pub fn read(&mut self, token: Token, now: Now, fx: &mut Effects) {
+        self.observe(now);
         if self.leader().is_none() {
             return fx.reads.push((token, Err(self.not_leader())));
         }
@@ -359,16 +432,82 @@ impl<S: LogSource> Replica<S> {
                 .reads
                 .push((token, Err(ShardError::Overloaded(self.config.shard))));
         }
-        self.reads.waiting.push((token, self.ticks));
+        if self.lease_holds(now) {
+            let index = self.raw.raft.raft_log.committed;
+            match self.reads.answered.last_mut() {
+                Some((last, reads)) if *last == index => reads.push((token, self.ticks)),
+                _ => self.reads.answered.push((index, vec![(token, self.ticks)])),
+            }
+            self.serve_reads(fx);
+        } else {
+            self.reads.waiting.push((token, self.ticks));
+        }
         self.ask_read_index();
     }
 
-    /// Starts a ReadIndex round for the waiting reads, if none is in flight. Never called
-    /// between `ready()` and `advance_append_async` (which `advance` does back to back).
+    /// How long a leader's lease lasts after the round that grants it was asked: see the
+    /// module documentation.
+    pub fn lease(&self) -> Duration {
+        let ticks = self.config.election_ticks.0.saturating_sub(2) as u32;
+        self.config.tick * ticks * LEASE_PERCENT / 100
+    }
+
+    /// While this replica leads with a lease: until when (its monotonic clock) and its commit
+    /// index, at least every index any client was told of. A reader that finds the time not
+    /// passed and the durable state at the index may serve a linearizable read without asking.
+    pub fn lease_read(&self) -> Option<(Duration, u64)> {
+        let lease = self.reads.lease?;
+        let raft = &self.raw.raft;
+        let holds = raft.state == StateRole::Leader
+            && raft.term == lease.term
+            && raft.lead_transferee.is_none();
+        holds.then_some((lease.until, raft.raft_log.committed))
+    }
+
+    /// Whether this replica holds a lease at `now`; once half of it is gone, the next round
+    /// (asked at once if none is in flight) renews it.
+    fn lease_holds(&mut self, now: Now) -> bool {
+        match self.lease_read() {
+            Some((until, _)) if now.since_start < until => {
+                if until - now.since_start < self.lease() / 2 {
+                    self.reads.renew = true;
+                }
+                true
+            }
+            _ => {
+                self.reads.lease = None;
+                false
+            }
+        }
+    }
+
+    /// A round of this replica's was confirmed: if it was asked by this leader in its term, it
+    /// grants a lease from the time it was asked.
+    fn grant_lease(&mut self, round: &Round) {
+        let raft = &self.raw.raft;
+        let term = raft.term;
+        let grants = raft.state == StateRole::Leader
+            && round.led == Some(term)
+            && raft.lead_transferee.is_none()
+            && self.reads.transferred_in != Some(term);
+        if grants {
+            let until = round.asked_at + self.lease();
+            let until = match self.reads.lease {
+                Some(lease) if lease.term == term => lease.until.max(until),
+                _ => until,
+            };
+            self.reads.lease = Some(Lease { term, until });
+        }
+    }
+
+    /// Starts a ReadIndex round for the waiting reads (or to renew the lease), if none is in
+    /// flight. Never called between `ready()` and `advance_append_async` (which `advance` does
+    /// back to back).
     fn ask_read_index(&mut self) {
-        if self.reads.round.is_some() || self.reads.waiting.is_empty() {
+        if self.reads.round.is_some() || (self.reads.waiting.is_empty() && !self.reads.renew) {
             return;
         }
+        self.reads.renew = false;
         self.reads.next_ctx += 1;
         let ctx = self.reads.next_ctx;
         self.raw.read_index(self.read_ctx(ctx));
@@ -377,7 +516,15 @@ impl<S: LogSource> Replica<S> {
             ctx,
             reads,
             asked: self.ticks,
+            led: self.is_leader().then_some(self.raw.raft.term),
+            asked_at: self.since_start,
         });
+    }
+
+    /// Takes the shell's clocks of an input.
+    fn observe(&mut self, now: Now) {
+        self.now = self.now.max(now.wall);
+        self.since_start = self.since_start.max(now.since_start);
     }
 
     /// The context of ReadIndex round `n`: unique to this start of the replica (`life`), so
@@ -389,8 +536,35 @@ impl<S: LogSource> Replica<S> {
         ctx
     }
 
-    /// A Raft message from a peer.
-    pub fn step(&mut self, message: Message) {
+    /// A Raft message from a peer. A leader holding a lease answers a follower's ReadIndex
+    /// request itself (as raft-rs would after a heartbeat round); a replica that started less
+    /// than a lease ago refuses (pre-)votes.
+    pub fn step(&mut self, message: Message, now: Now, fx: &mut Effects) {
+        self.observe(now);
+        match message.get_msg_type() {
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                if self.hold_votes && now.since_start < self.lease() =>
+            {
+                tracing::debug!(shard = %self.config.shard, from = message.from,
+                    "vote request refused: this replica started less than a lease ago");
+                return;
+            }
+            MessageType::MsgReadIndex
+                if message.from != self.config.raft_id && self.lease_holds(now) =>
+            {
+                let mut answer = Message::default();
+                answer.set_msg_type(MessageType::MsgReadIndexResp);
+                answer.to = message.from;
+                answer.from = self.config.raft_id;
+                answer.term = self.raw.raft.term;
+                answer.index = self.raw.raft.raft_log.committed;
+                answer.entries = message.entries;
+                fx.messages.push(answer);
+                self.ask_read_index();
+                return;
+            }
+            _ => {}
+        }
         if let Err(error) = self.raw.step(message) {
             tracing::debug!(shard = %self.config.shard, %error, "message not taken");
         }
@@ -401,10 +575,11 @@ impl<S: LogSource> Replica<S> {
         self.raw.report_unreachable(raft_id);
     }
 
-    /// One tick of the shard's timer, with the shell's wall clock.
-    pub fn tick(&mut self, now: Millis, fx: &mut Effects) {
+    /// One tick of the shard's timer: at most one per tick length, never early, never in a
+    /// burst after a stall (leases rely on it).
+    pub fn tick(&mut self, now: Now, fx: &mut Effects) {
         self.ticks += 1;
-        self.now = self.now.max(now);
+        self.observe(now);
         self.raw.tick();
         self.state.activations.tick();
         self.state
@@ -436,6 +611,9 @@ impl<S: LogSource> Replica<S> {
             .is_some_and(|p| p.matched == last && p.recent_active);
         if ready {
             self.lead_home_at = self.ticks + LEAD_HOME_RETRY_TICKS;
+            // Its target campaigns at once, granted votes despite leases: none in this term.
+            self.reads.lease = None;
+            self.reads.transferred_in = Some(self.raw.raft.term);
             self.raw.transfer_leader(home);
         }
     }
@@ -498,10 +676,10 @@ impl<S: LogSource> Replica<S> {
 
     /// Runs raft-rs's Ready until it hands out a write or has nothing more to do (at most
     /// [`READIES_PER_ADVANCE_MAX`] rounds of Readies with nothing to persist). `base` is the
-    /// shard's stored state (apply reads it under the write it builds); `now` the shell's wall
-    /// clock, for the clock entry a new leader proposes before anything else.
-    pub fn advance(&mut self, base: &dyn StateRead, now: Millis, fx: &mut Effects) {
-        self.now = self.now.max(now);
+    /// shard's stored state (apply reads it under the write it builds); `now` the shell's clocks
+    /// (the wall clock for the clock entry a new leader proposes before anything else).
+    pub fn advance(&mut self, base: &dyn StateRead, now: Now, fx: &mut Effects) {
+        self.observe(now);
         for _ in 0..READIES_PER_ADVANCE_MAX {
             if self.in_flight.is_some() || !self.raw.has_ready() {
                 return;
@@ -529,10 +707,16 @@ impl<S: LogSource> Replica<S> {
         }
         self.role = role;
         for read_state in ready.take_read_states() {
-            if let Some(round) = &self.reads.round {
-                if read_state.request_ctx == self.read_ctx(round.ctx) {
-                    let reads = self.reads.round.take().expect("a round").reads;
-                    self.reads.answered.push((read_state.index, reads));
+            let ours = self
+                .reads
+                .round
+                .as_ref()
+                .is_some_and(|round| read_state.request_ctx == self.read_ctx(round.ctx));
+            if ours {
+                let round = self.reads.round.take().expect("a round");
+                self.grant_lease(&round);
+                if !round.reads.is_empty() {
+                    self.reads.answered.push((read_state.index, round.reads));
                 }
             }
         }

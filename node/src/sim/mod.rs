@@ -4,10 +4,13 @@
 //! few shards (replication 3), and drives it in one thread from one event queue: ticks with
 //! jitter, in-memory disks whose writes land only when their fsync does (a crash loses the
 //! rest, and may fall between an fsync and its acknowledgement), a network that delays,
-//! reorders, duplicates and drops messages and is partitioned and healed, nodes that crash and
+//! reorders, duplicates and drops messages and is partitioned (into two groups, or one link
+//! cut while a third node talks to both) and healed, nodes that crash and
 //! restart, nodes paused (as by SIGSTOP) that resume with a backlog, wall clocks seconds
 //! apart, and clients that earn points and read balances through any replica, retrying
 //! elsewhere when a replica cannot answer. After the faults the cluster heals and must settle.
+//!
+//! [`lease`] tests each rule that makes leader leases safe, on replicas driven by hand.
 //!
 //! Invariants, on every run: at most one leader per term of a shard; replicas that made the
 //! same applied index durable have the same digest, and after settling the same state; every
@@ -20,6 +23,7 @@
 //! differ by the seeded jitter of their ticks.
 
 mod check;
+mod lease;
 mod world;
 
 fn seeds() -> Vec<u64> {

@@ -7,7 +7,7 @@
 use super::check::{self, Op};
 use crate::command::{Command, EventOutcome, Output, Retention, Routed, Target};
 use crate::config::node_of_raft_id;
-use crate::replica::core::{Effects, Replica, ReplicaConfig, ShardError, Token};
+use crate::replica::core::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
 use crate::replica::log::LogSource;
 use crate::state::store::MemState;
 use crate::state::{decode, keys, LedgerKind, LedgerRecord};
@@ -22,9 +22,10 @@ use raft::eraftpb::Message;
 use raft::StateRole;
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The wall clock of the simulation at its start: 2026-01-01T00:00:00Z.
 const EPOCH_MS: i64 = 1_767_225_600_000;
@@ -42,14 +43,14 @@ const OPERATION_MS: u64 = 4_000;
 /// A node's disk: what is durable. Writes land when their fsync completes (the writer's batch
 /// is atomic), so a crash loses exactly the writes whose fsync had not completed.
 #[derive(Default)]
-struct Disk {
+pub(super) struct Disk {
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
     logs: BTreeMap<ShardId, BTreeMap<u64, Vec<u8>>>,
-    states: BTreeMap<ShardId, MemState>,
+    pub(super) states: BTreeMap<ShardId, MemState>,
 }
 
 impl Disk {
-    fn commit(&mut self, ops: Vec<WriteOp>) {
+    pub(super) fn commit(&mut self, ops: Vec<WriteOp>) {
         for op in ops {
             match op.space {
                 Space::Meta => put(&mut self.meta, op.key, op.value),
@@ -75,9 +76,9 @@ fn put<K: Ord>(map: &mut BTreeMap<K, Vec<u8>>, key: K, value: Option<Vec<u8>>) {
 }
 
 /// One shard's log on a simulated disk.
-struct SimLog {
-    disk: Rc<RefCell<Disk>>,
-    shard: ShardId,
+pub(super) struct SimLog {
+    pub(super) disk: Rc<RefCell<Disk>>,
+    pub(super) shard: ShardId,
 }
 
 impl LogSource for SimLog {
@@ -108,6 +109,8 @@ struct Node {
     clock_offset_ms: i64,
     /// Changes at every crash: what was scheduled for an earlier life is dropped.
     life: u64,
+    /// When this life began.
+    started_at: u64,
     disk: Rc<RefCell<Disk>>,
     replicas: BTreeMap<ShardId, Replica<SimLog>>,
 }
@@ -142,7 +145,10 @@ enum Happening {
     Pause {
         node: usize,
     },
+    /// The nodes split into two groups that cannot talk.
     Partition,
+    /// One link cut.
+    CutLink,
     Heal,
     Client {
         client: usize,
@@ -217,8 +223,9 @@ pub struct World {
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Happening>,
     nodes: Vec<Node>,
-    /// The group each node is in while partitioned (messages cross no group).
-    groups: Option<Vec<usize>>,
+    /// The links cut (by a partition into two groups, or one link alone: its two nodes cannot
+    /// talk, while a third may talk to both), each as (lower node, higher node).
+    cut: BTreeSet<(usize, usize)>,
     faulty: bool,
     clients: Vec<Client>,
     /// Tokens this world handed out, to the client operation they stand for.
@@ -292,6 +299,7 @@ impl World {
                 paused_until: 0,
                 clock_offset_ms: rng.i64(-2_000..=2_000),
                 life: 0,
+                started_at: 0,
                 disk: Rc::new(RefCell::new(Disk::default())),
                 replicas: BTreeMap::new(),
             })
@@ -312,7 +320,7 @@ impl World {
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             nodes,
-            groups: None,
+            cut: BTreeSet::new(),
             faulty: true,
             clients,
             tokens: BTreeMap::new(),
@@ -333,6 +341,14 @@ impl World {
     /// A node's wall clock.
     fn millis(&self, node: usize) -> Millis {
         Millis(EPOCH_MS + self.now as i64 + self.nodes[node].clock_offset_ms)
+    }
+
+    /// A node's clocks: its wall clock (off by its offset) and the time since its life began.
+    fn clocks(&self, node: usize) -> Now {
+        Now {
+            wall: self.millis(node),
+            since_start: Duration::from_millis(self.now - self.nodes[node].started_at),
+        }
     }
 
     /// The nodes holding shard `s`: `(s + r) % nodes`, the first of them the placed leader.
@@ -370,11 +386,13 @@ impl World {
             seed_rules: Rules::default(),
             log_retain_entries: 200,
             life: self.nodes[node].life,
+            tick: Duration::from_millis(TICK_MS),
         }
     }
 
     /// Opens (or reopens, after a crash) a node's replicas from its disk.
     fn open(&mut self, node: usize, first: bool) {
+        self.nodes[node].started_at = self.now;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let shards: Vec<ShardId> = (0..self.shape.shards)
             .map(ShardId)
@@ -419,9 +437,10 @@ impl World {
             let mut at = self.rng.u64(500..2_000);
             while at < FAULTY_MS {
                 let node = self.rng.usize(0..self.shape.nodes);
-                let fault = match self.rng.u32(0..3) {
+                let fault = match self.rng.u32(0..4) {
                     0 => Happening::Crash { node },
                     1 => Happening::Pause { node },
+                    2 => Happening::CutLink,
                     _ => Happening::Partition,
                 };
                 self.schedule(at, fault);
@@ -460,7 +479,7 @@ impl World {
                     return Ok(());
                 }
                 let shards: Vec<ShardId> = self.nodes[node].replicas.keys().copied().collect();
-                let now = self.millis(node);
+                let now = self.clocks(node);
                 for shard in shards {
                     let mut fx = Effects::default();
                     self.replica(node, shard).tick(now, &mut fx);
@@ -476,8 +495,9 @@ impl World {
                 let message = Message::parse_from_bytes(&message).expect("messages decode");
                 let shard = ShardId((message.to >> 32) as u32);
                 if self.nodes[node].replicas.contains_key(&shard) {
-                    self.replica(node, shard).step(message);
-                    self.advance(node, shard, Effects::default());
+                    let (now, mut fx) = (self.clocks(node), Effects::default());
+                    self.replica(node, shard).step(message, now, &mut fx);
+                    self.advance(node, shard, fx);
                 }
             }
             Happening::Fsync {
@@ -536,17 +556,27 @@ impl World {
                 let lasts = self.rng.u64(500..4_000);
                 self.nodes[node].paused_until = self.now + lasts;
             }
-            Happening::Partition => {
-                if self.groups.is_none() {
-                    let groups = (0..self.shape.nodes)
-                        .map(|_| self.rng.usize(0..2))
-                        .collect();
-                    self.groups = Some(groups);
-                    let lasts = self.rng.u64(300..4_000);
-                    self.schedule(lasts, Happening::Heal);
+            Happening::Partition | Happening::CutLink if self.cut.is_empty() => {
+                let n = self.shape.nodes;
+                if matches!(event, Happening::Partition) {
+                    let groups: Vec<usize> = (0..n).map(|_| self.rng.usize(0..2)).collect();
+                    for a in 0..n {
+                        for b in a + 1..n {
+                            if groups[a] != groups[b] {
+                                self.cut.insert((a, b));
+                            }
+                        }
+                    }
+                } else {
+                    let a = self.rng.usize(0..n);
+                    let b = (a + self.rng.usize(1..n)) % n;
+                    self.cut.insert((a.min(b), a.max(b)));
                 }
+                let lasts = self.rng.u64(300..4_000);
+                self.schedule(lasts, Happening::Heal);
             }
-            Happening::Heal => self.groups = None,
+            Happening::Partition | Happening::CutLink => {}
+            Happening::Heal => self.cut.clear(),
             Happening::Client { client } => self.client_step(client),
             Happening::AttemptTimeout { client, attempt } => {
                 let current = self.clients[client].current.as_ref();
@@ -571,7 +601,7 @@ impl World {
 
     /// Runs a replica's Ready and carries out its effects.
     fn advance(&mut self, node: usize, shard: ShardId, mut fx: Effects) {
-        let now = self.millis(node);
+        let now = self.clocks(node);
         let disk = Rc::clone(&self.nodes[node].disk);
         {
             let disk = disk.borrow();
@@ -651,10 +681,7 @@ impl World {
     /// Carries a message through the network; answers false if it could not leave (a
     /// partition or a peer that is down), which a transport would tell its replica.
     fn send(&mut self, from: usize, to: usize, message: Vec<u8>) -> bool {
-        let cut = self
-            .groups
-            .as_ref()
-            .is_some_and(|groups| groups[from] != groups[to]);
+        let cut = self.cut.contains(&(from.min(to), from.max(to)));
         let dropped = self.faulty && self.rng.u64(0..100) < self.shape.drop_percent;
         if cut || !self.nodes[to].up {
             return false;
@@ -773,7 +800,10 @@ impl World {
                 self.replica(node, shard)
                     .propose(&command, Some(token), &mut fx);
             }
-            Kind::Read => self.replica(node, shard).read(token, &mut fx),
+            Kind::Read => {
+                let now = self.clocks(node);
+                self.replica(node, shard).read(token, now, &mut fx)
+            }
         }
         self.advance(node, shard, fx);
     }
@@ -865,7 +895,7 @@ impl World {
 
     fn heal(&mut self) {
         self.faulty = false;
-        self.groups = None;
+        self.cut.clear();
         for node in 0..self.shape.nodes {
             self.nodes[node].paused_until = self.now;
             if !self.nodes[node].up {
