@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::Response;
 use hyper_util::rt::TokioIo;
-use oneid_client::Client;
+use oneid_client::{Client, Consistency};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,13 +153,13 @@ fn generate(args: &BenchArgs, sender: usize) -> (Vec<Value>, Vec<usize>) {
 }
 
 /// Lookups from `clients` concurrent keep-alive clients for `seconds`, spread over `bases`
-/// (linearizable, or `stale`); latencies in µs.
+/// as fresh as `consistency` asks; latencies in µs.
 pub(crate) async fn lookup_load(
     bases: &[String],
     customers: Arc<Vec<usize>>,
     clients: usize,
     seconds: u64,
-    stale: bool,
+    consistency: Consistency,
 ) -> anyhow::Result<(f64, Vec<u64>)> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -173,11 +173,7 @@ pub(crate) async fn lookup_load(
             while Instant::now() < deadline {
                 let at = Instant::now();
                 let phone = phone(customers[rng.usize(..customers.len())]);
-                let found = if stale {
-                    client.lookup_stale("phone", &phone).await?
-                } else {
-                    client.lookup("phone", &phone).await?
-                };
+                let found = client.lookup_at("phone", &phone, consistency).await?;
                 anyhow::ensure!(found.is_some(), "a generated customer was not found");
                 latencies.push(at.elapsed().as_micros() as u64);
             }
@@ -320,7 +316,7 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         Arc::clone(&customers),
         args.clients,
         args.seconds,
-        false,
+        Consistency::Linearizable,
     )
     .await?;
     let sample = client
@@ -357,7 +353,7 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         Arc::clone(&customers),
         args.clients,
         args.seconds,
-        false,
+        Consistency::Linearizable,
     )
     .await;
     let _ = baseline.kill();

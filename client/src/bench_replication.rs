@@ -8,7 +8,7 @@
 //! prints the cluster's figures as ratios of the single node's.
 
 use crate::bench::{ingest, lookup_load, percentile, BenchArgs};
-use oneid_client::Client;
+use oneid_client::{Client, Consistency};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,11 +67,17 @@ pub async fn replication(server: &str, args: &BenchArgs, json_only: bool) -> any
         Arc::clone(&customers),
         args.clients,
         args.seconds,
-        false,
+        Consistency::Linearizable,
     )
     .await?;
-    let (stale, stale_lat) =
-        lookup_load(&servers, customers, args.clients, args.seconds, true).await?;
+    let (stale, stale_lat) = lookup_load(
+        &servers,
+        customers,
+        args.clients,
+        args.seconds,
+        Consistency::Stale,
+    )
+    .await?;
     let report = json!({
         "scenario": "replication", "nodes": servers.len(),
         "events": total, "applied": counts.0, "duplicates": counts.1, "rejected": counts.2,

@@ -101,6 +101,27 @@ impl Error {
     }
 }
 
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Sees every write acknowledged before it began, whichever node serves it (the default).
+    #[default]
+    Linearizable,
+    /// What the serving node's replica holds now, without a quorum round: it may miss the
+    /// newest writes.
+    Stale,
+}
+
+impl Consistency {
+    /// The query parameter, after `sep`; nothing for the default.
+    fn query(self, sep: char) -> String {
+        match self {
+            Consistency::Linearizable => String::new(),
+            Consistency::Stale => format!("{sep}consistency=stale"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
@@ -310,27 +331,40 @@ impl Client {
 
     /// The profile with this OneID, or `None`.
     pub async fn profile(&self, oneid: &str) -> Result<Option<ProfileDoc>, Error> {
-        self.get_optional(&format!("/v1/profiles/{}", encode(oneid)))
-            .await
+        self.profile_at(oneid, Consistency::Linearizable).await
     }
 
-    /// The profile bound to an identity, or `None`.
-    pub async fn lookup(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
+    /// The profile with this OneID, as fresh as `consistency` asks.
+    pub async fn profile_at(
+        &self,
+        oneid: &str,
+        consistency: Consistency,
+    ) -> Result<Option<ProfileDoc>, Error> {
         self.get_optional(&format!(
-            "/v1/profiles/lookup?kind={}&value={}",
-            encode(kind),
-            encode(value)
+            "/v1/profiles/{}{}",
+            encode(oneid),
+            consistency.query('?')
         ))
         .await
     }
 
-    /// The profile bound to an identity as one replica holds it now, without the quorum
-    /// round a linearizable read costs: it may miss the newest writes.
-    pub async fn lookup_stale(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
+    /// The profile bound to an identity, or `None`.
+    pub async fn lookup(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
+        self.lookup_at(kind, value, Consistency::Linearizable).await
+    }
+
+    /// The profile bound to an identity, as fresh as `consistency` asks.
+    pub async fn lookup_at(
+        &self,
+        kind: &str,
+        value: &str,
+        consistency: Consistency,
+    ) -> Result<Option<ProfileDoc>, Error> {
         self.get_optional(&format!(
-            "/v1/profiles/lookup?kind={}&value={}&consistency=stale",
+            "/v1/profiles/lookup?kind={}&value={}{}",
             encode(kind),
-            encode(value)
+            encode(value),
+            consistency.query('&')
         ))
         .await
     }

@@ -9,7 +9,7 @@ mod status;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use oneid_client::Client;
+use oneid_client::{Client, Consistency};
 use oneid_protocol::api::{BackupManifest, EventStatus, ProfileDoc};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -56,9 +56,22 @@ enum Command {
 #[derive(Subcommand)]
 enum ProfileCommand {
     /// A profile by OneID.
-    Get { oneid: String },
+    Get {
+        oneid: String,
+        /// Read this node's replica as it is, without a quorum round (may miss the newest
+        /// writes).
+        #[arg(long)]
+        stale: bool,
+    },
     /// A profile by one of its identities.
-    Lookup { kind: String, value: String },
+    Lookup {
+        kind: String,
+        value: String,
+        /// Read this node's replica as it is, without a quorum round (may miss the newest
+        /// writes).
+        #[arg(long)]
+        stale: bool,
+    },
     /// A profile's points ledger, newest first.
     Ledger {
         oneid: String,
@@ -121,16 +134,16 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(&cli.server)?;
     match cli.command {
-        Command::Profile(ProfileCommand::Get { oneid }) => {
+        Command::Profile(ProfileCommand::Get { oneid, stale }) => {
             let profile = client
-                .profile(&oneid)
+                .profile_at(&oneid, consistency(stale))
                 .await?
                 .with_context(|| format!("no profile {oneid}"))?;
             print_profile(&profile, cli.json)?;
         }
-        Command::Profile(ProfileCommand::Lookup { kind, value }) => {
+        Command::Profile(ProfileCommand::Lookup { kind, value, stale }) => {
             let profile = client
-                .lookup(&kind, &value)
+                .lookup_at(&kind, &value, consistency(stale))
                 .await?
                 .with_context(|| format!("no profile has {kind}={value}"))?;
             print_profile(&profile, cli.json)?;
@@ -215,6 +228,14 @@ fn print_manifest(dir: &str, manifest: &serde_json::Value) -> anyhow::Result<()>
         println!("{:>5} {:>10}  {}", s.id, s.applied_index, s.digest);
     }
     Ok(())
+}
+
+fn consistency(stale: bool) -> Consistency {
+    if stale {
+        Consistency::Stale
+    } else {
+        Consistency::Linearizable
+    }
 }
 
 fn print_profile(p: &ProfileDoc, json: bool) -> anyhow::Result<()> {

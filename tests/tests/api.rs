@@ -862,6 +862,14 @@ async fn cli_lookup_cluster_status_and_events_send() {
             .unwrap()
     );
 
+    let (status, out) = cli(
+        &node.base(),
+        &["--json", "profile", "get", &oneid, "--stale"],
+    )
+    .await;
+    assert!(status.success(), "{status}: {out}");
+    assert_eq!(serde_json::from_str::<ProfileDoc>(&out).unwrap(), printed);
+
     let (status, out) = cli(&node.base(), &["cluster", "status"]).await;
     assert!(status.success(), "{status}: {out}");
     let view = client.cluster().await.unwrap();

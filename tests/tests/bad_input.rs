@@ -473,6 +473,49 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
         );
     }
 
+    // Read consistency: linearizable or stale, on every read route.
+    for path in [
+        format!("/v1/profiles/{known}?consistency=eventual"),
+        format!(
+            "/v1/profiles/lookup?kind=phone&value={}&consistency=",
+            setup.phone
+        ),
+        format!("/v1/profiles/{known}/ledger?consistency=STALE"),
+    ] {
+        assert_eq!(
+            strip(error_of(port, "GET", &path, None, b"").await),
+            (400, ErrorCode::InvalidField, field("consistency")),
+            "{path}"
+        );
+    }
+    // A stale read names the applied index it was served at; a linearizable one does not.
+    let stale = raw(
+        port,
+        "GET",
+        &format!("/v1/profiles/{known}?consistency=stale"),
+        None,
+        b"",
+    )
+    .await;
+    assert_eq!(stale.status, 200);
+    let applied = setup.client.cluster().await.unwrap().shards
+        [OneId::shard(known.parse().unwrap()).0 as usize]
+        .applied_index;
+    assert!(
+        stale
+            .head
+            .contains(&format!("x-oneid-applied-index: {applied}\r\n")),
+        "{}",
+        stale.head
+    );
+    let linear = raw(port, "GET", &format!("/v1/profiles/{known}"), None, b"").await;
+    assert_eq!((linear.status, linear.body.clone()), (200, stale.body));
+    assert!(
+        !linear.head.contains("x-oneid-applied-index"),
+        "{}",
+        linear.head
+    );
+
     // Rules.
     let (status, code, rules_field, message) = error_of(
         port,
