@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most bytes one write to a peer gathers from its queue.
 const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// The read buffer of an accepted connection (frames larger than it are read through it).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often a node pings each peer.
 pub const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// A peer heard from within this long is up.
@@ -369,6 +371,8 @@ impl Tcp {
             }
         };
         let peer = &self.peers[&from];
+        // Frames come batched per write: one read takes in many.
+        let mut stream = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
         loop {
             let frame = match self.read_frame(&mut stream).await {
                 Ok(frame) => frame,
@@ -410,7 +414,10 @@ impl Tcp {
     }
 
     /// The next frame; `Err(None)` when the connection ended or went silent.
-    async fn read_frame(&self, stream: &mut TcpStream) -> Result<Frame, Option<FrameError>> {
+    async fn read_frame(
+        &self,
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Frame, Option<FrameError>> {
         let mut prefix = [0u8; 4];
         tokio::time::timeout(PEER_SILENCE, stream.read_exact(&mut prefix))
             .await
