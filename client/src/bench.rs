@@ -70,7 +70,8 @@ pub struct BenchArgs {
     /// Concurrent lookup clients.
     #[arg(long, default_value_t = 32)]
     pub(crate) clients: usize,
-    /// Seconds to wait after ingest, so background flushes settle before lookups are timed.
+    /// Seconds to wait after ingest (and then until no node flushes or compacts, for at most a
+    /// minute), so background work settles before the next workload is timed.
     #[arg(long, default_value_t = 3)]
     pub(crate) settle: u64,
     /// Seconds of lookups per target.
@@ -187,6 +188,32 @@ pub(crate) async fn lookup_load(
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
     all.sort_unstable();
     Ok((rate, all))
+}
+
+/// Waits `seconds`, then until no node of `servers` has a flush or a compaction running or
+/// waiting (as their `/metrics` say), for at most a minute more: what the workload before left
+/// to do in the background should not be timed with the next.
+pub(crate) async fn settle(servers: &[String], seconds: u64) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for server in servers {
+        let client = Client::new(server)?;
+        loop {
+            let text = client.metrics().await?;
+            let busy = [
+                "oneid_storage_outstanding_flushes",
+                "oneid_storage_active_compactions",
+                "oneid_storage_sealed_memtables",
+            ]
+            .iter()
+            .any(|name| crate::bench_time::counter(&text, name) > 0);
+            if !busy || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -309,7 +336,7 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         ingest(&servers, &args).await?;
     let ingest_rate = total as f64 / ingest_secs;
 
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    settle(&servers, args.settle).await?;
     // Lookups against the node, then against the baseline serving one of its profiles.
     let (node_rate, node_lat) = lookup_load(
         &servers,

@@ -7,7 +7,7 @@
 //! `scripts/bench --nodes 3` runs it on one node and on a 3-node cluster in the same run and
 //! prints the cluster's figures as ratios of the single node's.
 
-use crate::bench::{ingest, lookup_load, percentile, BenchArgs};
+use crate::bench::{ingest, lookup_load, percentile, settle, BenchArgs};
 use oneid_client::{Client, Consistency};
 use serde_json::json;
 use std::sync::Arc;
@@ -59,9 +59,10 @@ pub async fn replication(server: &str, args: &BenchArgs, json_only: bool) -> any
         .chain(args.also.iter().cloned())
         .collect();
     let (secs, total, counts, customers) = ingest(&servers, args).await?;
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    settle(&servers, args.settle).await?;
     let (writes, write_lat) =
         single_writes(&servers, args.writers, args.seconds, Arc::clone(&customers)).await?;
+    settle(&servers, 0).await?;
     let (linear, linear_lat) = lookup_load(
         &servers,
         Arc::clone(&customers),

@@ -125,7 +125,7 @@ fn histogram(text: &str, name: &str) -> Vec<(f64, u64)> {
         .collect()
 }
 
-fn counter(text: &str, name: &str) -> u64 {
+pub(crate) fn counter(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)

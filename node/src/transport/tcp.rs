@@ -13,7 +13,7 @@
 //! [`PING_INTERVAL`]). Refusals are logged and counted, and never disturb the node.
 
 use super::handshake::{self, Hello, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES};
-use super::{Frame, FrameError, Transport};
+use super::{Frame, FrameError, Transport, FRAME_BYTES_MAX};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -189,6 +189,17 @@ impl Tcp {
         }
         let mut bytes = Vec::new();
         frame.encode_into(&mut bytes);
+        if bytes.len() - 4 > FRAME_BYTES_MAX {
+            // The peer would cut the connection off: dropped, and the replica told the peer
+            // is unreachable (raft-rs then probes it with one bounded append at a time).
+            tracing::error!(
+                peer = to,
+                bytes = bytes.len(),
+                "a frame over the limit not sent"
+            );
+            peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         let Ok(budget) = Arc::clone(&peer.budget).try_acquire_many_owned(bytes.len() as u32) else {
             peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
