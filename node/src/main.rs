@@ -259,7 +259,19 @@ fn main() -> anyhow::Result<()> {
     let http = std::thread::Builder::new()
         .name("oneid-http-main".into())
         .spawn(move || {
-            runtime.block_on(api::serve(api, listener, deadlines, shutdown_signal()));
+            // Leadership leaves this node before it stops accepting: a rolling restart costs
+            // its clients no failover.
+            let shards = Arc::clone(&api.shards);
+            let leaving = Arc::clone(&shards);
+            let shutdown = async move {
+                shutdown_signal().await;
+                leaving.hand_off().await;
+            };
+            runtime.block_on(async move {
+                api::serve(api, listener, deadlines, shutdown).await;
+                // Peers that still took this node for a leader get their answers.
+                shards.finish_peer_requests().await;
+            });
         })?;
 
     // The actix system runs until the HTTP server has drained.

@@ -18,7 +18,7 @@
 
 use crate::command::{Command, Output};
 use crate::config::node_of_raft_id;
-use crate::replica::actor::{Propose, Read, ShardActor, Step};
+use crate::replica::actor::{Leave, Propose, Read, ShardActor, Step};
 use crate::replica::core::ShardError;
 use crate::storage::{Answer, Query, StateReader};
 use crate::transport::tcp::{CallError, Inbound, Tcp};
@@ -36,6 +36,11 @@ use std::time::{Duration, Instant};
 
 /// Longest a proposal or read forwarded to peers waits for an answer, retries included.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a node that shuts down waits for the shards it leads to take another leader
+/// before it stops anyway (those then fail over, as after a crash).
+pub const HAND_OFF_MAX: Duration = Duration::from_secs(3);
+/// How often a node that shuts down asks its replicas whether they still lead.
+const HAND_OFF_POLL: Duration = Duration::from_millis(20);
 /// The wait before trying another replica when none answered as leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// A leader this node heard from within this long counts as known.
@@ -159,6 +164,50 @@ impl Shards {
 
     pub fn placement(&self, shard: ShardId) -> &[u64] {
         &self.placement[shard.0 as usize]
+    }
+
+    /// The node shuts down: each of its replicas of a replicated shard hands leadership to an
+    /// up-to-date follower and takes none from now on. Waits until none leads, at most
+    /// [`HAND_OFF_MAX`]; requests meanwhile are served or forwarded as always.
+    pub async fn hand_off(&self) {
+        let Some(local) = self.local.get() else {
+            return;
+        };
+        let replicated: Vec<(ShardId, &Addr<ShardActor>)> = local
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, addr)| Some((ShardId(shard as u32), addr.as_ref()?)))
+            .filter(|(shard, _)| self.placement(*shard).len() > 1)
+            .collect();
+        let deadline = Instant::now() + HAND_OFF_MAX;
+        loop {
+            let mut leading = Vec::new();
+            for (shard, addr) in &replicated {
+                if addr.send(Leave).await.unwrap_or(false) {
+                    leading.push(shard.0);
+                }
+            }
+            if leading.is_empty() {
+                tracing::info!(shards = replicated.len(), "no shard led here any more");
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    ?leading,
+                    "shards still led here after the hand-off wait: they fail over"
+                );
+                return;
+            }
+            tokio::time::sleep(HAND_OFF_POLL).await;
+        }
+    }
+
+    /// The node stops: waits until what peers asked of it is answered and sent (at most
+    /// [`FORWARD_TIMEOUT`], past which their callers gave up anyway).
+    pub async fn finish_peer_requests(&self) {
+        if let Some(peers) = self.peers.get() {
+            peers.drain(FORWARD_TIMEOUT).await;
+        }
     }
 
     /// This node's replica of `shard`.
@@ -347,8 +396,10 @@ impl Shards {
         if consistency == Consistency::Stale && self.local(shard).is_some() {
             return self.read_here(shard, query, consistency).await;
         }
-        let retry =
-            |error: &ShardError| retryable(error) || matches!(error, ShardError::Timeout(_));
+        // A read changes nothing: any failure a new attempt may cure is retried.
+        let retry = |error: &ShardError| {
+            retryable(error) || matches!(error, ShardError::Timeout(_) | ShardError::Dropped(_))
+        };
         self.at_leader(shard, retry, |target, deadline| {
             self.read_at(target, shard, query.clone(), consistency, deadline)
         })

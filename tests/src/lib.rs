@@ -244,7 +244,11 @@ impl TestNode {
         }
         command
             .args(extra_args)
-            .env("RUST_LOG", "warn")
+            // ONEID_TEST_LOG (e.g. `info`) makes the nodes' logs say more.
+            .env(
+                "RUST_LOG",
+                std::env::var("ONEID_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);
@@ -338,6 +342,14 @@ impl TestNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The exit status if the process has ended (it is then no longer running), without
+    /// waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("waiting")?;
+        self.child = None;
+        Some(status)
     }
 
     /// Sends `signal` (`STOP`, `CONT`, ...) to the running process.

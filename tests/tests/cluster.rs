@@ -1,6 +1,7 @@
 //! Replication on real processes: 3 nodes on loopback, replication 3, 8 shards. A leader
-//! killed during ingest, a follower killed and restarted, a node paused past the election
-//! timeout and read through at once, hostile peer connections, a contradicting config. After
+//! killed during ingest, a follower killed and restarted, a rolling restart during ingest, a
+//! node paused past the election timeout and read through at once, hostile peer connections,
+//! a contradicting config. After
 //! each: every acknowledged event is present exactly once, and replicas at equal applied
 //! indexes have equal digests.
 
@@ -201,6 +202,79 @@ async fn a_follower_killed_and_restarted_catches_up() {
         assert_eq!(words[6], "agree", "{out}");
     }
     assert_eq!(lines.len(), 6 + 8, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_during_ingest_stalls_no_write_and_loses_nothing() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    send_all(&cluster.node(1).client(), 0..200).await;
+    let mut next = 200;
+    let mut sent = Vec::new();
+    for node in 1..=3 {
+        let others: Vec<u64> = (1..=3).filter(|n| *n != node).collect();
+        // SIGTERM while writes go on through the others, until it has exited.
+        cluster.node(node).signal("TERM");
+        let signalled = Instant::now();
+        let status = loop {
+            let started = Instant::now();
+            let batch = send_through(&cluster, &others, next..next + 20).await;
+            sent.push((
+                node,
+                "stopping",
+                signalled.elapsed(),
+                started.elapsed(),
+                batch,
+            ));
+            next += 20;
+            if let Some(status) = cluster.node_mut(node).exited() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(30),
+                "node {node} did not stop"
+            );
+        };
+        assert!(status.success(), "node {node} exited {status:?}");
+        // Back, and caught up (leadership of its placed shards comes home) while writes go on.
+        cluster.node_mut(node).restart().await;
+        let back = Instant::now();
+        while back.elapsed() < Duration::from_secs(4) {
+            let started = Instant::now();
+            let batch = send_through(&cluster, &others, next..next + 20).await;
+            sent.push((node, "back", back.elapsed(), started.elapsed(), batch));
+            next += 20;
+        }
+        cluster.settled().await;
+    }
+    // Every batch answered within 2 s, every event in it applied: the restarts were invisible.
+    let longest = sent
+        .iter()
+        .map(|(.., took, _)| *took)
+        .max()
+        .expect("batches");
+    assert!(
+        longest <= Duration::from_secs(2),
+        "a write stalled for {longest:?}"
+    );
+    for (restarted, phase, since, _, batches) in &sent {
+        for (first, _, answer) in batches {
+            let answer = answer.as_ref().expect("a running node answers");
+            assert_eq!(
+                answer.applied,
+                20,
+                "events {first}.. during the restart of node {restarted} ({phase}, {since:?}): {:?}",
+                answer
+                    .results
+                    .iter()
+                    .find(|r| r.status != EventStatus::Applied)
+            );
+        }
+    }
+    let client = cluster.node(1).client();
+    let statuses = send_all(&client, 0..next).await;
+    assert!(statuses.values().all(|s| *s == EventStatus::Duplicate));
+    assert_exactly_once(&client, next).await;
+    cluster.settled().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

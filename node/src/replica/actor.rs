@@ -395,6 +395,22 @@ impl Handler<Step> for ShardActor {
     }
 }
 
+/// The node shuts down: the replica hands leadership off (see [`Replica::leave`]). Answers
+/// whether it still leads.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Leave;
+
+impl Handler<Leave> for ShardActor {
+    type Result = bool;
+
+    fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) -> bool {
+        let leads = self.replica.leave();
+        self.run(Effects::default(), ctx);
+        leads
+    }
+}
+
 /// The writer made the write in flight durable.
 #[derive(Message)]
 #[rtype(result = "()")]

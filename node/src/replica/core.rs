@@ -5,7 +5,8 @@
 //! inputs and carries out what it answers in [`Effects`]:
 //! - inputs: [`Replica::propose`], [`Replica::read`] (a linearizable read), [`Replica::step`]
 //!   (a Raft message from a peer), [`Replica::tick`], [`Replica::persisted`] (the write handed
-//!   out is durable), [`Replica::unreachable`]; those that need the time get the shell's
+//!   out is durable), [`Replica::unreachable`], [`Replica::leave`] (the node shuts down:
+//!   hand leadership off); those that need the time get the shell's
 //!   clocks ([`Now`]: the wall clock, for shard clock entries, and a monotonic one, for
 //!   leases), the only time that enters;
 //! - then [`Replica::advance`], which runs raft-rs's Ready once if no write is in flight;
@@ -50,6 +51,7 @@
 
 use super::log::{LogSource, ShardLog};
 use crate::command::{Command, Output, Retention};
+use crate::config::node_of_raft_id;
 use crate::state::keys;
 use crate::state::store::{Layered, StateRead, WriteSet};
 use crate::state::ShardState;
@@ -81,6 +83,9 @@ pub const APPENDS_IN_FLIGHT_MAX: usize = 256;
 pub const READ_RETRY_TICKS: u64 = 3;
 /// Ticks a read may wait in all before it fails `unavailable`.
 pub const READ_TIMEOUT_TICKS: u64 = 10;
+/// How long proposals a leader took wait, after it stopped leading, for their entries to be
+/// applied (committed by the next leader); then they fail `Dropped` (fate unknown).
+const DEPOSED_PROPOSALS_TICKS: u64 = 10;
 /// Ticks a new leader waits before it hands leadership to the shard's placed leader.
 const LEAD_HOME_AFTER_TICKS: u64 = 30;
 /// Ticks between two such hand-overs of one replica.
@@ -113,8 +118,9 @@ pub enum ShardError {
     /// This replica is not the leader; `leader` is the node that is, if known.
     #[error("shard {shard} has no leader here (leader: {leader:?})")]
     NotLeader { shard: ShardId, leader: Option<u64> },
-    /// Leadership changed before the proposal committed; it may or may not have applied.
-    #[error("shard {0}: leadership changed before the proposal was applied; retry")]
+    /// Leadership changed and the proposal was not applied here soon after; it may or may not
+    /// apply (every command is idempotent: sending it again is safe).
+    #[error("shard {0}: leadership changed before the proposal was applied")]
     Dropped(ShardId),
     /// Too many proposals or reads are waiting.
     #[error("shard {0} is overloaded; retry later")]
@@ -123,7 +129,7 @@ pub enum ShardError {
     #[error("shard {0} is not running")]
     Stopped(ShardId),
     /// No leader answered in time.
-    #[error("shard {0}: no leader answered in time; retry")]
+    #[error("shard {0}: no leader answered in time")]
     Timeout(ShardId),
 }
 
@@ -285,6 +291,12 @@ pub struct Replica<S: LogSource> {
     hold_votes: bool,
     /// Writes to add to the next job (the bootstrap conf state, log compaction).
     queued_ops: Vec<WriteOp>,
+    /// The tick at which this replica last stopped leading, while proposals it took as
+    /// leader still wait for their entries to apply.
+    deposed_at: Option<u64>,
+    /// Its node is shutting down ([`Replica::leave`]): it hands leadership off and never
+    /// takes it (it neither campaigns nor answers a transfer), but still votes and follows.
+    leaving: bool,
 }
 
 impl<S: LogSource> Replica<S> {
@@ -351,6 +363,8 @@ impl<S: LogSource> Replica<S> {
             durable_applied: applied,
             hold_votes,
             queued_ops,
+            deposed_at: None,
+            leaving: false,
         })
     }
 
@@ -548,6 +562,15 @@ impl<S: LogSource> Replica<S> {
     pub fn step(&mut self, message: Message, now: Now, fx: &mut Effects) {
         self.observe(now);
         match message.get_msg_type() {
+            MessageType::MsgTimeoutNow if self.leaving => {
+                // Refused, and the leader told at once: a transfer request naming the leader
+                // itself makes it give up the transfer (and the proposals it refuses while
+                // one is pending) instead of waiting an election timeout.
+                tracing::info!(shard = %self.config.shard, from = node_of_raft_id(message.from),
+                    "leadership transfer refused: this node is shutting down");
+                self.raw.transfer_leader(message.from);
+                return;
+            }
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
                 if self.hold_votes && now.since_start < self.lease() =>
             {
@@ -586,7 +609,13 @@ impl<S: LogSource> Replica<S> {
     pub fn tick(&mut self, now: Now, fx: &mut Effects) {
         self.ticks += 1;
         self.observe(now);
-        self.raw.tick();
+        if self.leaving && !self.is_leader() {
+            // A tick of a follower without its campaign: the election timer still runs, so
+            // once the leader is silent for an election timeout it grants votes.
+            self.raw.raft.election_elapsed += 1;
+        } else {
+            self.raw.tick();
+        }
         self.state.activations.tick();
         self.state
             .activations
@@ -594,10 +623,67 @@ impl<S: LogSource> Replica<S> {
         if self.is_leader() && self.clock_due() {
             self.propose_clock(fx);
         }
+        let waited_out = self
+            .deposed_at
+            .is_some_and(|at| self.ticks - at >= DEPOSED_PROPOSALS_TICKS);
+        if waited_out && !self.is_leader() {
+            // Not applied since this replica stopped leading: their fate is unknown here.
+            self.deposed_at = None;
+            for (_, (_, token)) in std::mem::take(&mut self.proposals) {
+                fx.replies
+                    .push((token, Err(ShardError::Dropped(self.config.shard))));
+            }
+        }
         if self.is_leader() {
-            self.lead_home();
+            if self.leaving {
+                self.hand_off();
+            } else {
+                self.lead_home();
+            }
         }
         self.expire_reads(fx);
+    }
+
+    /// Its node is shutting down: a leader hands leadership to its most up-to-date follower
+    /// (raft-rs sends that one what it lacks first), again at each tick until one takes it;
+    /// from now on the replica never campaigns nor takes a transfer. Answers whether it still
+    /// leads.
+    pub fn leave(&mut self) -> bool {
+        if !self.leaving {
+            tracing::info!(shard = %self.config.shard, leads = self.is_leader(), "leaving");
+            self.leaving = true;
+            if self.is_leader() {
+                self.hand_off();
+            }
+        }
+        self.is_leader()
+    }
+
+    fn hand_off(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.lead_transferee.is_some() {
+            return;
+        }
+        let me = self.config.raft_id;
+        let voters = raft.prs().conf().voters();
+        let target = raft
+            .prs()
+            .iter()
+            .filter(|(id, p)| **id != me && p.recent_active && voters.contains(**id))
+            .max_by_key(|(id, p)| (p.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id);
+        if let Some(to) = target {
+            tracing::info!(shard = %self.config.shard, to = node_of_raft_id(to), "handing leadership off");
+            self.give_up_lease();
+            self.raw.transfer_leader(to);
+        }
+    }
+
+    /// Before a leadership transfer: its target campaigns at once, granted votes despite
+    /// leases, so this leader holds none for the rest of its term.
+    fn give_up_lease(&mut self) {
+        self.reads.lease = None;
+        self.reads.transferred_in = Some(self.raw.raft.term);
     }
 
     /// Hands leadership back to the shard's placed leader (its first replica) once that
@@ -617,9 +703,7 @@ impl<S: LogSource> Replica<S> {
             .is_some_and(|p| p.matched == last && p.recent_active);
         if ready {
             self.lead_home_at = self.ticks + LEAD_HOME_RETRY_TICKS;
-            // Its target campaigns at once, granted votes despite leases: none in this term.
-            self.reads.lease = None;
-            self.reads.transferred_in = Some(self.raw.raft.term);
+            self.give_up_lease();
             self.raw.transfer_leader(home);
         }
     }
@@ -697,15 +781,18 @@ impl<S: LogSource> Replica<S> {
     fn advance_once(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         let mut ready = self.raw.ready();
         // Leadership is a (role, term): a replica may lose it and win it again between two
-        // Readies (the soft state then looks unchanged), and what waited on the old term
-        // will not commit in it.
+        // Readies (the soft state then looks unchanged). Reads waiting on the old term fail
+        // (they are retried). Its proposals wait a while: their entries may still commit
+        // under the next leader (a transfer's target holds every one), and the apply answers
+        // each by its (term, index), whoever leads.
         let role = ready.ss().map_or(self.role, |soft| soft.raft_state);
         let term = self.raw.raft.term;
         let leads = (role == StateRole::Leader).then_some(term);
         let mut became_leader = false;
         if leads != self.leader_term {
             if self.leader_term.is_some() {
-                self.fail_waiting(ShardError::Dropped(self.config.shard), fx);
+                self.fail_reads(ShardError::Dropped(self.config.shard), fx);
+                self.deposed_at = Some(self.ticks);
             }
             became_leader = leads.is_some();
             fx.role = Some((role, term));
@@ -856,10 +943,7 @@ impl<S: LogSource> Replica<S> {
 
     /// Fails every waiting proposal and read: after a leader change they may or may not
     /// commit, and the client's retry is made safe by exactly-once event ids.
-    fn fail_waiting(&mut self, error: ShardError, fx: &mut Effects) {
-        for (_, (_, token)) in std::mem::take(&mut self.proposals) {
-            fx.replies.push((token, Err(error.clone())));
-        }
+    fn fail_reads(&mut self, error: ShardError, fx: &mut Effects) {
         let reads = std::mem::take(&mut self.reads);
         let all = reads
             .waiting

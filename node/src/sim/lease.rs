@@ -14,20 +14,20 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-const SHARD: ShardId = ShardId(0);
-const TICK: Duration = Duration::from_millis(100);
+pub(super) const SHARD: ShardId = ShardId(0);
+pub(super) const TICK: Duration = Duration::from_millis(100);
 
-fn raft_id(node: usize) -> u64 {
+pub(super) fn raft_id(node: usize) -> u64 {
     crate::config::raft_id(SHARD, node as u64 + 1)
 }
 
-struct Cluster {
+pub(super) struct Cluster {
     disks: Vec<Rc<RefCell<Disk>>>,
-    replicas: Vec<Replica<SimLog>>,
+    pub(super) replicas: Vec<Replica<SimLog>>,
     /// Every replica's monotonic clock (they all started together).
-    since_start: Duration,
+    pub(super) since_start: Duration,
     /// Messages that left, for the test to look at.
-    sent: Vec<Message>,
+    pub(super) sent: Vec<Message>,
     /// Reads answered: (node, token).
     served: Vec<(usize, Token)>,
 }
@@ -35,7 +35,7 @@ struct Cluster {
 impl Cluster {
     /// Three replicas; the one on `leader` campaigns, and a round (a read on it) confirms its
     /// leadership and grants it a lease.
-    fn new(leader: usize) -> Cluster {
+    pub(super) fn new(leader: usize) -> Cluster {
         let disks: Vec<_> = (0..3).map(|_| Rc::default()).collect();
         let mut cluster = Cluster {
             replicas: Vec::new(),
@@ -55,7 +55,7 @@ impl Cluster {
         cluster
     }
 
-    fn open(&self, node: usize, campaign: bool) -> Replica<SimLog> {
+    pub(super) fn open(&self, node: usize, campaign: bool) -> Replica<SimLog> {
         let config = ReplicaConfig {
             shard: SHARD,
             n_shards: 1,
@@ -87,7 +87,7 @@ impl Cluster {
         Replica::recover(config, source, base, &logger).expect("a replica recovers")
     }
 
-    fn now(&self) -> Now {
+    pub(super) fn now(&self) -> Now {
         Now {
             wall: Millis(1_700_000_000_000 + self.since_start.as_millis() as i64),
             since_start: self.since_start,
@@ -96,7 +96,7 @@ impl Cluster {
 
     /// Runs a replica's Readies, makes its writes durable and delivers its messages, until
     /// nothing moves.
-    fn carry_out(&mut self, node: usize, mut fx: Effects) {
+    pub(super) fn carry_out(&mut self, node: usize, mut fx: Effects) {
         let mut queue = vec![(node, std::mem::take(&mut fx))];
         while let Some((node, mut fx)) = queue.pop() {
             loop {
@@ -131,7 +131,7 @@ impl Cluster {
         }
     }
 
-    fn settle(&mut self) {
+    pub(super) fn settle(&mut self) {
         for _ in 0..3 {
             for node in 0..3 {
                 self.carry_out(node, Effects::default());
@@ -139,21 +139,21 @@ impl Cluster {
         }
     }
 
-    fn read(&mut self, node: usize, token: Token) {
+    pub(super) fn read(&mut self, node: usize, token: Token) {
         let mut fx = Effects::default();
         let now = self.now();
         self.replicas[node].read(token, now, &mut fx);
         self.carry_out(node, fx);
     }
 
-    fn tick(&mut self, node: usize) {
+    pub(super) fn tick(&mut self, node: usize) {
         let mut fx = Effects::default();
         let now = self.now();
         self.replicas[node].tick(now, &mut fx);
         self.carry_out(node, fx);
     }
 
-    fn sent_of(&self, kind: MessageType) -> usize {
+    pub(super) fn sent_of(&self, kind: MessageType) -> usize {
         self.sent
             .iter()
             .filter(|m| m.get_msg_type() == kind)

@@ -6,11 +6,13 @@
 //! rest, and may fall between an fsync and its acknowledgement), a network that delays,
 //! reorders, duplicates and drops messages and is partitioned (into two groups, or one link
 //! cut while a third node talks to both) and healed, nodes that crash and
+//! restart, nodes that stop gracefully (their replicas hand leadership off first) and
 //! restart, nodes paused (as by SIGSTOP) that resume with a backlog, wall clocks seconds
 //! apart, and clients that earn points and read balances through any replica, retrying
 //! elsewhere when a replica cannot answer. After the faults the cluster heals and must settle.
 //!
-//! [`lease`] tests each rule that makes leader leases safe, on replicas driven by hand.
+//! [`lease`] tests each rule that makes leader leases safe, on replicas driven by hand, and
+//! [`hand_off`] what a replica does while its node shuts down.
 //!
 //! Invariants, on every run: at most one leader per term of a shard; replicas that made the
 //! same applied index durable have the same digest, and after settling the same state; every
@@ -23,6 +25,7 @@
 //! differ by the seeded jitter of their ticks.
 
 mod check;
+mod hand_off;
 mod lease;
 mod world;
 

@@ -111,6 +111,8 @@ struct Node {
     life: u64,
     /// When this life began.
     started_at: u64,
+    /// Its replicas were told to leave: it stops soon, and restarts.
+    leaving: bool,
     disk: Rc<RefCell<Disk>>,
     replicas: BTreeMap<ShardId, Replica<SimLog>>,
 }
@@ -138,6 +140,16 @@ enum Happening {
     },
     Crash {
         node: usize,
+    },
+    /// A graceful stop: the node's replicas hand leadership off, then it stops (a crash a
+    /// moment later) and restarts.
+    Leave {
+        node: usize,
+    },
+    /// The end of a graceful stop, in the life the node left in.
+    Stop {
+        node: usize,
+        life: u64,
     },
     Restart {
         node: usize,
@@ -297,6 +309,7 @@ impl World {
             .map(|_| Node {
                 up: true,
                 paused_until: 0,
+                leaving: false,
                 clock_offset_ms: rng.i64(-2_000..=2_000),
                 life: 0,
                 started_at: 0,
@@ -393,6 +406,7 @@ impl World {
     /// Opens (or reopens, after a crash) a node's replicas from its disk.
     fn open(&mut self, node: usize, first: bool) {
         self.nodes[node].started_at = self.now;
+        self.nodes[node].leaving = false;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let shards: Vec<ShardId> = (0..self.shape.shards)
             .map(ShardId)
@@ -437,10 +451,11 @@ impl World {
             let mut at = self.rng.u64(500..2_000);
             while at < FAULTY_MS {
                 let node = self.rng.usize(0..self.shape.nodes);
-                let fault = match self.rng.u32(0..4) {
+                let fault = match self.rng.u32(0..5) {
                     0 => Happening::Crash { node },
                     1 => Happening::Pause { node },
                     2 => Happening::CutLink,
+                    3 => Happening::Leave { node },
                     _ => Happening::Partition,
                 };
                 self.schedule(at, fault);
@@ -538,12 +553,24 @@ impl World {
             }
             Happening::Crash { node } => {
                 if self.nodes[node].up {
-                    let n = &mut self.nodes[node];
-                    n.up = false;
-                    n.life += 1;
-                    n.replicas.clear();
-                    let downtime = self.rng.u64(300..4_000);
-                    self.schedule(downtime, Happening::Restart { node });
+                    self.stop(node);
+                }
+            }
+            Happening::Leave { node } => {
+                if self.nodes[node].up && !self.nodes[node].leaving {
+                    self.nodes[node].leaving = true;
+                    let shards: Vec<ShardId> = self.nodes[node].replicas.keys().copied().collect();
+                    for shard in shards {
+                        self.replica(node, shard).leave();
+                        self.advance(node, shard, Effects::default());
+                    }
+                    let (stops, life) = (self.rng.u64(50..1_500), self.nodes[node].life);
+                    self.schedule(stops, Happening::Stop { node, life });
+                }
+            }
+            Happening::Stop { node, life } => {
+                if self.live(node, life) {
+                    self.stop(node);
                 }
             }
             Happening::Restart { node } => {
@@ -586,6 +613,21 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// The node goes down, losing what was not fsynced.
+    fn down(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        n.up = false;
+        n.life += 1;
+        n.replicas.clear();
+    }
+
+    /// The node goes down, and restarts a while later.
+    fn stop(&mut self, node: usize) {
+        self.down(node);
+        let downtime = self.rng.u64(300..4_000);
+        self.schedule(downtime, Happening::Restart { node });
     }
 
     fn live(&self, node: usize, life: u64) -> bool {
@@ -898,6 +940,10 @@ impl World {
         self.cut.clear();
         for node in 0..self.shape.nodes {
             self.nodes[node].paused_until = self.now;
+            if self.nodes[node].leaving {
+                // Its stop completes now, and it comes back at once.
+                self.down(node);
+            }
             if !self.nodes[node].up {
                 self.nodes[node].up = true;
                 self.open(node, false);

@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -98,6 +98,9 @@ struct Peer {
     frames_dropped: AtomicU64,
 }
 
+/// A call waiting for its answer: the peer asked, and where the answer goes.
+type Waiting = (u64, oneshot::Sender<Vec<u8>>);
+
 /// The node's peer connections.
 pub struct Tcp {
     me: u64,
@@ -106,8 +109,11 @@ pub struct Tcp {
     cluster: [u8; 16],
     state_format: u32,
     started: Instant,
-    calls: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
+    /// Calls waiting for their answer, by id.
+    calls: Mutex<BTreeMap<u64, Waiting>>,
     next_call: AtomicU64,
+    /// Peers' requests being carried out here.
+    serving: Arc<AtomicUsize>,
     inbound: Arc<dyn Inbound>,
     refused_handshakes: [AtomicU64; 6],
     refused_frames: [AtomicU64; 2],
@@ -153,6 +159,7 @@ impl Tcp {
             state_format: config.state_format,
             started: Instant::now(),
             calls: Mutex::new(BTreeMap::new()),
+            serving: Arc::new(AtomicUsize::new(0)),
             next_call: AtomicU64::new(1),
             inbound,
             refused_handshakes: Default::default(),
@@ -226,17 +233,47 @@ impl Tcp {
     ) -> Result<Vec<u8>, CallError> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        self.calls.lock().expect("calls lock").insert(id, reply);
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .insert(id, (to, reply));
         if !self.send(to, &Frame::Request { id, body }) {
             self.calls.lock().expect("calls lock").remove(&id);
             return Err(CallError::Unreachable(to));
         }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(body)) => Ok(body),
-            _ => {
+            // The connection it went out on was lost: the peer may be gone.
+            Ok(Err(_)) => Err(CallError::Unreachable(to)),
+            Err(_) => {
                 self.calls.lock().expect("calls lock").remove(&id);
                 Err(CallError::Timeout(to))
             }
+        }
+    }
+
+    /// The connection to `to` was lost: its calls are answered `Unreachable` now (the caller
+    /// may try elsewhere) rather than at their timeout.
+    fn fail_calls(&self, to: u64) {
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .retain(|_, (peer, _)| *peer != to);
+    }
+
+    /// Before the node stops: waits until the peers' requests being carried out here are
+    /// answered and every answer has been written, at most `max`.
+    pub async fn drain(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        let idle = || {
+            self.serving.load(Ordering::SeqCst) == 0
+                && self
+                    .peers
+                    .values()
+                    .all(|p| p.budget.available_permits() == PEER_QUEUE_BYTES_MAX)
+        };
+        while !idle() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -258,6 +295,7 @@ impl Tcp {
                     peer.connected.store(false, Ordering::Relaxed);
                     // What waited for the lost connection is stale by the next one.
                     while queue.try_recv().is_ok() {}
+                    self.fail_calls(id);
                     tracing::warn!(peer = id, %error, "connection to peer lost");
                 }
                 Err(error) => {
@@ -450,15 +488,18 @@ impl Tcp {
             Frame::Request { id, body } => {
                 let answer = self.inbound.request(from, body);
                 let peers = self.peer_sender(from);
+                self.serving.fetch_add(1, Ordering::SeqCst);
+                let serving = Arc::clone(&self.serving);
                 tokio::spawn(async move {
                     let body = answer.await;
                     if let Some(send) = peers {
                         send(Frame::Response { id, body });
                     }
+                    serving.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Frame::Response { id, body } => {
-                if let Some(reply) = self.calls.lock().expect("calls lock").remove(&id) {
+                if let Some((_, reply)) = self.calls.lock().expect("calls lock").remove(&id) {
                     let _ = reply.send(body);
                 }
             }
