@@ -38,7 +38,8 @@ use shards::Shards;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use transport::handshake::Identity;
 
 /// mimalloc: the node allocates and frees many small, short-lived buffers on several threads
 /// (event bodies, keys, fjall's memtable entries); glibc's allocator spent about a fifth of the
@@ -59,6 +60,8 @@ const HEARTBEAT_TICKS: usize = 1;
 const SHARD_ARBITERS: usize = 2;
 /// Worker threads of the HTTP runtime.
 const HTTP_WORKER_THREADS: usize = 2;
+/// How often a node on an empty data directory says which peers it still waits for.
+const JOIN_WAIT_LOG: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -138,6 +141,48 @@ fn main() -> anyhow::Result<()> {
     let shards = Arc::new(Shards::new(node.id, placement, reader.clone()));
     let budget_per_shard = c.activation_budget.div_ceil(hosted.len().max(1));
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(HTTP_WORKER_THREADS)
+        .thread_name("oneid-http")
+        .enable_all()
+        .build()?;
+    let identity = storage.node_identity()?;
+    let initialized = storage.initialized();
+    if config.nodes.len() > 1 {
+        let peers = config
+            .nodes
+            .iter()
+            .filter(|n| n.id != node.id)
+            .map(|n| (n.id, n.peer))
+            .collect();
+        let learning = Arc::clone(&storage);
+        let tcp = transport::tcp::TcpConfig {
+            me: node.id,
+            listen: node.peer,
+            peers,
+            secret: config.secret().expect("validated").into_bytes(),
+            cluster: transport::handshake::cluster_bytes(&cluster.id),
+            state_format: storage::STATE_FORMAT,
+            identity,
+            initialized,
+            known: storage.known_peers()?,
+            learn: Box::new(move |peer, identity| {
+                if let Err(error) = learning.learn_peer(peer, identity) {
+                    tracing::error!(peer, %error, "recording a peer's identity failed");
+                }
+            }),
+        };
+        let inbound = Arc::new(shards::FromPeers(Arc::clone(&shards)));
+        let peers = runtime
+            .block_on(transport::tcp::Tcp::start(tcp, inbound))
+            .with_context(|| format!("binding the peer address {}", node.peer))?;
+        if !initialized {
+            runtime.block_on(join_a_new_cluster(&peers, identity))?;
+        }
+        peers.set_initialized();
+        shards.set_peers(peers);
+    }
+
     let system = actix::System::new();
     let arbiters: Vec<actix::Arbiter> =
         (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
@@ -198,33 +243,6 @@ fn main() -> anyhow::Result<()> {
     }
     shards.set_local(addrs);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(HTTP_WORKER_THREADS)
-        .thread_name("oneid-http")
-        .enable_all()
-        .build()?;
-    if config.nodes.len() > 1 {
-        let peers = config
-            .nodes
-            .iter()
-            .filter(|n| n.id != node.id)
-            .map(|n| (n.id, n.peer))
-            .collect();
-        let tcp = transport::tcp::TcpConfig {
-            me: node.id,
-            listen: node.peer,
-            peers,
-            secret: config.secret().expect("validated").into_bytes(),
-            cluster: transport::handshake::cluster_bytes(&cluster.id),
-            state_format: storage::STATE_FORMAT,
-        };
-        let inbound = Arc::new(shards::FromPeers(Arc::clone(&shards)));
-        let peers = runtime
-            .block_on(transport::tcp::Tcp::start(tcp, inbound))
-            .with_context(|| format!("binding the peer address {}", node.peer))?;
-        shards.set_peers(peers);
-    }
-
     let api = Arc::new(api::Api {
         backups: backup::Backups::new(Arc::clone(&storage), node.id, node.data.clone()),
         shards: Arc::clone(&shards),
@@ -248,6 +266,7 @@ fn main() -> anyhow::Result<()> {
             })
             .collect(),
         shutting_down: AtomicBool::new(false),
+        identity,
         budget: api::Api::body_budget(config.api.body_budget_mib as usize * 1024 * 1024),
         body_timeout: Duration::from_millis(config.api.body_timeout_ms),
     });
@@ -297,6 +316,49 @@ fn raise_open_file_limit() {
         ),
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
+}
+
+/// A node whose data directory holds no cluster creates its replicas only once every other
+/// node has answered the handshake either as empty too (a new cluster) or as initialized and
+/// knowing this node's identity (recorded when it bootstrapped with this node). Any other
+/// initialized peer means this directory is not the one the cluster knows (a wiped or
+/// replaced disk): creating replicas would let it vote as a replica whose log it lost.
+async fn join_a_new_cluster(peers: &transport::tcp::Tcp, identity: Identity) -> anyhow::Result<()> {
+    let mut said: Option<Instant> = None;
+    loop {
+        let answers = peers.answers();
+        for (peer, about) in &answers {
+            if about.initialized && about.knows_you != Some(identity) {
+                let how = match about.knows_you {
+                    Some(known) => format!(
+                        "knows this node by another identity ({})",
+                        transport::tcp::hex(&known)
+                    ),
+                    None => "does not know this node".to_string(),
+                };
+                anyhow::bail!(
+                    "this node's data directory is empty (identity {}), but node {peer} holds an initialized cluster and {how}: this is not the data directory the cluster knows for this node (a wiped or replaced disk?). Starting on it would let a node that lost its log vote as the replica it was, so it does not start. Restore this node's data directory, or (once membership changes exist) remove the node from the cluster and add it back",
+                    transport::tcp::hex(&identity)
+                );
+            }
+        }
+        let missing: Vec<u64> = peers
+            .peer_ids()
+            .filter(|p| !answers.contains_key(p))
+            .collect();
+        if missing.is_empty() {
+            tracing::info!("every peer answered: creating this node's replicas");
+            return Ok(());
+        }
+        if said.is_none_or(|at| at.elapsed() >= JOIN_WAIT_LOG) {
+            tracing::info!(
+                ?missing,
+                "new data directory: waiting for every peer to answer before creating replicas"
+            );
+            said = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -22,6 +22,7 @@ use anyhow::Context;
 use fjall::{AbstractTree as _, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::ops::Bound;
 use std::path::Path;
@@ -40,6 +41,8 @@ use std::time::Instant;
 /// it was compacted and its terms) beside the hard state, and logs that keep entries for
 /// followers.
 pub const STATE_FORMAT: u32 = 5;
+/// Meta keys `peer/identity/<node id, 8 bytes BE>`: the identity known for each peer.
+const PEER_IDENTITY: &[u8] = b"peer/identity/";
 
 /// What a data directory records of its cluster at first start.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,8 +207,7 @@ impl Storage {
             .transpose()?;
         // A shard writes its hard state (`hs/NNNN`) as soon as it starts: a directory with
         // none never served.
-        let used = self.meta.prefix("hs/").next().is_some();
-        if format.is_none() && !used {
+        if format.is_none() && !self.initialized() {
             // Both records in one batch: a crash leaves both or neither.
             let mut batch = self.db.batch();
             batch.insert(&self.meta, FORMAT, STATE_FORMAT.to_be_bytes());
@@ -234,6 +236,54 @@ impl Storage {
             self.db.persist(PersistMode::SyncAll)?;
         }
         Ok(recorded)
+    }
+
+    /// This node's identity: random, recorded (durably) the first time it is asked, before
+    /// any peer hears of it. A wiped data directory gets a new one, which peers that knew the
+    /// old one refuse.
+    pub fn node_identity(&self) -> anyhow::Result<[u8; 16]> {
+        const IDENTITY: &[u8] = b"node/identity";
+        if let Some(bytes) = self.meta.get(IDENTITY)? {
+            return bytes
+                .as_ref()
+                .try_into()
+                .context("corrupt node/identity record");
+        }
+        let identity: [u8; 16] = rand::random();
+        self.meta.insert(IDENTITY, identity)?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(identity)
+    }
+
+    /// Whether this directory holds an initialized cluster: its replicas were created (each
+    /// writes its hard state as it starts).
+    pub fn initialized(&self) -> bool {
+        self.meta.prefix("hs/").next().is_some()
+    }
+
+    /// The identities recorded for peers, by node id.
+    pub fn known_peers(&self) -> anyhow::Result<BTreeMap<u64, [u8; 16]>> {
+        let mut known = BTreeMap::new();
+        for entry in self.meta.prefix(PEER_IDENTITY) {
+            let (key, value) = entry.into_inner()?;
+            let id: [u8; 8] = key[PEER_IDENTITY.len()..]
+                .try_into()
+                .context("corrupt peer identity key")?;
+            let identity: [u8; 16] = value
+                .as_ref()
+                .try_into()
+                .context("corrupt peer identity record")?;
+            known.insert(u64::from_be_bytes(id), identity);
+        }
+        Ok(known)
+    }
+
+    /// Records (durably) the identity of peer `id`.
+    pub fn learn_peer(&self, id: u64, identity: [u8; 16]) -> anyhow::Result<()> {
+        let key = [PEER_IDENTITY, &id.to_be_bytes()[..]].concat();
+        self.meta.insert(key, identity)?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
     }
 
     /// Makes everything written so far durable, journals and their directory included (the

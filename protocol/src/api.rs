@@ -172,6 +172,9 @@ pub struct ClusterView {
     /// The node that answered.
     pub node: u64,
     pub cluster_id: String,
+    /// The answering node's identity (32 hex digits), random and recorded in its data
+    /// directory at first start: a node whose directory was replaced shows another one.
+    pub identity: String,
     pub nodes: Vec<NodeView>,
     /// The answering node's own replicas (so comparing the nodes' answers compares replicas).
     pub shards: Vec<ShardView>,

@@ -1,8 +1,7 @@
 //! Replication on real processes: 3 nodes on loopback, replication 3, 8 shards. A leader
 //! killed during ingest, a follower killed and restarted, a rolling restart during ingest, a
 //! node paused past the election timeout and read through at once, hostile peer connections,
-//! a contradicting config. After
-//! each: every acknowledged event is present exactly once, and replicas at equal applied
+//! a contradicting config, a node restarted on a wiped data directory. After each: every acknowledged event is present exactly once, and replicas at equal applied
 //! indexes have equal digests.
 
 use oneid_client::Client;
@@ -332,25 +331,56 @@ async fn a_paused_node_never_serves_an_old_value() {
     cluster.settled().await;
 }
 
-/// A hello of the peer handshake (its fixed layout), with a fresh nonce.
-fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32) -> [u8; 76] {
-    let mut out = [0u8; 76];
-    out[..8].copy_from_slice(b"ONEIDP01");
+/// A hello of the peer handshake (its fixed layout), with a fixed nonce, from a node of
+/// `identity` that holds an initialized cluster and knows no identity for the listener.
+fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32, identity: [u8; 16]) -> [u8; 109] {
+    let mut out = [0u8; 109];
+    out[..8].copy_from_slice(b"ONEIDP02");
     out[8..24].copy_from_slice(&cluster);
     out[24..32].copy_from_slice(&from.to_be_bytes());
     out[32..40].copy_from_slice(&to.to_be_bytes());
     out[40..44].copy_from_slice(&format.to_be_bytes());
-    out[44..].copy_from_slice(&[7u8; 32]);
+    out[44..60].copy_from_slice(&identity);
+    out[60] = 1;
+    out[77..].copy_from_slice(&[7u8; 32]);
     out
 }
 
-fn hmac(secret: &[u8], role: &str, hello: &[u8], nonce: &[u8]) -> Vec<u8> {
+/// The dialer's proof: HMAC over its role, its hello, and the listener's nonce and about
+/// (bytes 8..73 of the challenge).
+fn hmac(secret: &[u8], role: &str, hello: &[u8], challenge: &[u8]) -> Vec<u8> {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
     mac.update(role.as_bytes());
     mac.update(hello);
-    mac.update(nonce);
+    mac.update(&challenge[8..73]);
     mac.finalize().into_bytes().to_vec()
+}
+
+/// Handshakes with the peer port as node `from` of `identity`, proving `secret`; answers the
+/// stream.
+async fn handshake(peer: &str, greeting: &[u8; 109], secret: &[u8]) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(peer).await.unwrap();
+    stream.write_all(greeting).await.unwrap();
+    let mut challenge = [0u8; 105];
+    stream.read_exact(&mut challenge).await.unwrap();
+    let proof = hmac(secret, "dialer", greeting, &challenge);
+    stream.write_all(&proof).await.unwrap();
+    stream
+}
+
+/// Whether the node closes `stream` within 10 s.
+async fn closes(mut stream: tokio::net::TcpStream) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+fn identity_of(view: &oneid_protocol::api::ClusterView) -> [u8; 16] {
+    u128::from_str_radix(&view.identity, 16)
+        .unwrap()
+        .to_be_bytes()
 }
 
 /// Connects to a peer port, writes `bytes`, and answers whether the node closed the
@@ -380,29 +410,25 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
 
     let refused =
         |reason: &str| format!("oneid_peer_handshakes_refused_total{{reason=\"{reason}\"}}");
-    assert!(closed_after(&peer, &[0xAB; 76]).await);
-    assert!(closed_after(&peer, &hello([9; 16], 2, 1, format)).await);
-    assert!(closed_after(&peer, &hello(id, 9, 1, format)).await);
-    assert!(closed_after(&peer, &hello(id, 2, 3, format)).await);
-    assert!(closed_after(&peer, &hello(id, 2, 1, format + 1)).await);
+    let stranger = [0x5A; 16];
+    assert!(closed_after(&peer, &[0xAB; 109]).await);
+    assert!(closed_after(&peer, &hello([9; 16], 2, 1, format, stranger)).await);
+    assert!(closed_after(&peer, &hello(id, 9, 1, format, stranger)).await);
+    assert!(closed_after(&peer, &hello(id, 2, 3, format, stranger)).await);
+    assert!(closed_after(&peer, &hello(id, 2, 1, format + 1, stranger)).await);
     // Right on every count but the proof: a stranger without the secret.
-    let greeting = hello(id, 2, 1, format);
-    let mut stream = tokio::net::TcpStream::connect(&peer).await.unwrap();
-    stream.write_all(&greeting).await.unwrap();
-    let mut challenge = [0u8; 72];
-    stream.read_exact(&mut challenge).await.unwrap();
-    let proof = hmac(
-        b"not the secret at all",
-        "dialer",
-        &greeting,
-        &challenge[8..40],
+    let greeting = hello(id, 2, 1, format, stranger);
+    let stream = handshake(&peer, &greeting, b"not the secret at all").await;
+    assert!(closes(stream).await, "a wrong proof closes the connection");
+    // With the secret, but not node 2's identity: a node 2 whose data directory was replaced.
+    let stream = handshake(&peer, &greeting, cluster.secret.as_bytes()).await;
+    assert!(
+        closes(stream).await,
+        "another identity closes the connection"
     );
-    stream.write_all(&proof).await.unwrap();
-    let mut sink = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
-    assert!(closed.is_ok(), "a wrong proof closes the connection");
 
-    // With the secret, past the handshake: an oversized frame, then one that does not decode.
+    // As node 3 itself, past the handshake: an oversized frame, then one that does not decode.
+    let node_3 = identity_of(&cluster.node(3).client().cluster().await.unwrap());
     for (frame, reason) in [
         ((65u32 << 20).to_be_bytes().to_vec(), "oversized"),
         (
@@ -410,23 +436,13 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
             "malformed",
         ),
     ] {
-        let mut stream = tokio::net::TcpStream::connect(&peer).await.unwrap();
-        let greeting = hello(id, 3, 1, format);
-        stream.write_all(&greeting).await.unwrap();
-        let mut challenge = [0u8; 72];
-        stream.read_exact(&mut challenge).await.unwrap();
-        let proof = hmac(
-            cluster.secret.as_bytes(),
-            "dialer",
-            &greeting,
-            &challenge[8..40],
-        );
-        stream.write_all(&proof).await.unwrap();
+        let greeting = hello(id, 3, 1, format, node_3);
+        let mut stream = handshake(&peer, &greeting, cluster.secret.as_bytes()).await;
         stream.write_all(&frame).await.unwrap();
-        let mut sink = Vec::new();
-        let closed =
-            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
-        assert!(closed.is_ok(), "a {reason} frame cuts the connection off");
+        assert!(
+            closes(stream).await,
+            "a {reason} frame cuts the connection off"
+        );
         let metric = format!("oneid_peer_frames_refused_total{{reason=\"{reason}\"}}");
         assert_eq!(cluster.node(1).metric(&metric).await, 1);
     }
@@ -438,6 +454,7 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         "wrong_node",
         "format",
         "proof",
+        "identity",
     ] {
         assert_eq!(node.metric(&refused(reason)).await, 1, "{reason}");
     }
@@ -476,4 +493,25 @@ async fn a_node_started_with_a_contradicting_config_exits_1() {
     cluster.write_config(&original);
     cluster.node_mut(2).restart().await;
     cluster.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_a_wiped_data_directory_exits_1_and_never_votes() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    send_all(&cluster.node(1).client(), 0..100).await;
+    let known = cluster.node(3).client().cluster().await.unwrap().identity;
+    assert!(cluster.node_mut(3).terminate().success());
+    std::fs::remove_dir_all(cluster.node(3).data_path()).unwrap();
+    let status = cluster.node(3).run_expecting_exit(&[] as &[&OsStr]).await;
+    assert_eq!(status.code(), Some(1));
+    let logs = cluster.node(3).logs();
+    assert!(
+        logs.contains(&format!(
+            "holds an initialized cluster and knows this node by another identity ({known})"
+        )),
+        "{logs}"
+    );
+    // The other two go on, exactly once.
+    send_all(&cluster.node(2).client(), 100..200).await;
+    assert_exactly_once(&cluster.node(1).client(), 200).await;
 }

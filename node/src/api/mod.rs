@@ -54,6 +54,8 @@ pub struct Api {
     pub node_id: u64,
     pub nodes: Vec<NodeView>,
     pub shutting_down: AtomicBool,
+    /// This node's identity.
+    pub identity: crate::transport::handshake::Identity,
     /// Online backups, one at a time.
     pub backups: Arc<Backups>,
     /// Request bodies in flight on the node, in bytes (`[api] body_budget_mib`).
@@ -574,6 +576,7 @@ impl Api {
         Ok(ClusterView {
             node: self.node_id,
             cluster_id: self.cluster_id.clone(),
+            identity: crate::transport::tcp::hex(&self.identity),
             nodes,
             shards: self.shard_views().await?,
         })

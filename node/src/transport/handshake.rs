@@ -4,26 +4,67 @@
 //! Every message has a fixed layout read byte by byte (nothing goes through postcard or
 //! protobuf until the handshake succeeds):
 //!
-//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP01`, cluster id (16), the dialer's node
-//!    id (8), the node id it means to reach (8), its state format (4), a fresh nonce (32);
-//! 2. listener → dialer, `CHALLENGE_BYTES`: magic, the listener's nonce (32), and
-//!    HMAC-SHA256(secret, "listener" ‖ hello ‖ its nonce): proof it knows the secret;
+//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP02`, cluster id (16), the dialer's node
+//!    id (8), the node id it means to reach (8), its state format (4), an [`About`] of the
+//!    dialer (33), a fresh nonce (32);
+//! 2. listener → dialer, `CHALLENGE_BYTES`: magic, the listener's nonce (32), an [`About`] of
+//!    the listener (33), and HMAC-SHA256(secret, "listener" ‖ hello ‖ nonce ‖ about): proof
+//!    it knows the secret;
 //! 3. dialer → listener, `PROOF_BYTES`: HMAC-SHA256(secret, "dialer" ‖ hello ‖ the listener's
-//!    nonce).
+//!    nonce ‖ the listener's about).
 //!
 //! Fresh nonces on both sides make every proof good for one connection only. A listener
 //! refuses (and says why, for its log and metrics) a hello of another cluster, another state
-//! format, an unknown node, a node that is not the one it is, and a wrong proof.
+//! format, an unknown node, a node that is not the one it is, a wrong proof, and a node whose
+//! identity is not the one it knows for that id (its data directory was replaced: a wiped
+//! disk must never vote as the replica it was). The listener's answer still names the identity
+//! it knows for the dialer, so a node started on an empty directory learns why it is refused.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-const MAGIC: &[u8; 8] = b"ONEIDP01";
-pub const HELLO_BYTES: usize = 8 + 16 + 8 + 8 + 4 + 32;
-pub const CHALLENGE_BYTES: usize = 8 + 32 + 32;
+const MAGIC: &[u8; 8] = b"ONEIDP02";
+pub const ABOUT_BYTES: usize = 16 + 1 + 16;
+pub const HELLO_BYTES: usize = 8 + 16 + 8 + 8 + 4 + ABOUT_BYTES + 32;
+pub const CHALLENGE_BYTES: usize = 8 + 32 + ABOUT_BYTES + 32;
 pub const PROOF_BYTES: usize = 32;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// A node's random identity, recorded in its data directory at first start.
+pub type Identity = [u8; 16];
+
+/// What one side says of itself, and of the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct About {
+    /// Its identity.
+    pub identity: Identity,
+    /// Whether it holds an initialized cluster (it created its replicas).
+    pub initialized: bool,
+    /// The identity it knows for the other side, if it knows one.
+    pub knows_you: Option<Identity>,
+}
+
+impl About {
+    fn encode_into(&self, out: &mut [u8]) {
+        out[..16].copy_from_slice(&self.identity);
+        out[16] = u8::from(self.initialized);
+        out[17..33].copy_from_slice(&self.knows_you.unwrap_or_default());
+    }
+
+    fn decode(bytes: &[u8]) -> Result<About, Refusal> {
+        let known: Identity = bytes[17..33].try_into().expect("16");
+        Ok(About {
+            identity: bytes[..16].try_into().expect("16"),
+            initialized: match bytes[16] {
+                0 => false,
+                1 => true,
+                _ => return Err(Refusal::Magic),
+            },
+            knows_you: (known != Identity::default()).then_some(known),
+        })
+    }
+}
 
 /// Who is on each end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +73,7 @@ pub struct Hello {
     pub from: u64,
     pub to: u64,
     pub state_format: u32,
+    pub about: About,
     pub nonce: [u8; 32],
 }
 
@@ -50,6 +92,10 @@ pub enum Refusal {
     WrongNode,
     #[error("a wrong proof of the secret")]
     Proof,
+    #[error(
+        "another identity than the one known for its node id (its data directory was replaced)"
+    )]
+    Identity,
 }
 
 impl Refusal {
@@ -62,6 +108,7 @@ impl Refusal {
             Refusal::UnknownNode => "unknown_node",
             Refusal::WrongNode => "wrong_node",
             Refusal::Proof => "proof",
+            Refusal::Identity => "identity",
         }
     }
 }
@@ -74,7 +121,8 @@ impl Hello {
         out[24..32].copy_from_slice(&self.from.to_be_bytes());
         out[32..40].copy_from_slice(&self.to.to_be_bytes());
         out[40..44].copy_from_slice(&self.state_format.to_be_bytes());
-        out[44..].copy_from_slice(&self.nonce);
+        self.about.encode_into(&mut out[44..44 + ABOUT_BYTES]);
+        out[44 + ABOUT_BYTES..].copy_from_slice(&self.nonce);
         out
     }
 
@@ -88,7 +136,8 @@ impl Hello {
             from: u64_at(24),
             to: u64_at(32),
             state_format: u32::from_be_bytes(bytes[40..44].try_into().expect("4")),
-            nonce: bytes[44..].try_into().expect("32"),
+            about: About::decode(&bytes[44..44 + ABOUT_BYTES])?,
+            nonce: bytes[44 + ABOUT_BYTES..].try_into().expect("32"),
         })
     }
 
@@ -116,14 +165,19 @@ impl Hello {
     }
 }
 
-/// A proof that whoever made it knows `secret`, bound to `role`, the hello and the other
-/// side's nonce.
-pub fn proof(secret: &[u8], role: &str, hello: &[u8; HELLO_BYTES], nonce: &[u8; 32]) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any size");
-    mac.update(role.as_bytes());
-    mac.update(hello);
-    mac.update(nonce);
-    mac.finalize().into_bytes().into()
+/// A proof that whoever made it knows `secret`, bound to `role`, the hello, the other side's
+/// nonce and what the listener said of itself.
+pub fn proof(
+    secret: &[u8],
+    role: &str,
+    hello: &[u8; HELLO_BYTES],
+    nonce: &[u8; 32],
+    about: &About,
+) -> [u8; 32] {
+    mac(secret, role, hello, nonce, about)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Checks a proof in constant time.
@@ -132,32 +186,46 @@ pub fn verify(
     role: &str,
     hello: &[u8; HELLO_BYTES],
     nonce: &[u8; 32],
+    about: &About,
     claimed: &[u8; 32],
 ) -> Result<(), Refusal> {
+    mac(secret, role, hello, nonce, about)
+        .verify_slice(claimed)
+        .map_err(|_| Refusal::Proof)
+}
+
+fn mac(secret: &[u8], role: &str, hello: &[u8], nonce: &[u8], about: &About) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any size");
+    let mut about_bytes = [0u8; ABOUT_BYTES];
+    about.encode_into(&mut about_bytes);
     mac.update(role.as_bytes());
     mac.update(hello);
     mac.update(nonce);
-    mac.verify_slice(claimed).map_err(|_| Refusal::Proof)
+    mac.update(&about_bytes);
+    mac
 }
 
-/// The listener's answer: magic, its nonce, its proof.
-pub fn challenge(nonce: &[u8; 32], proof: &[u8; 32]) -> [u8; CHALLENGE_BYTES] {
+/// The listener's answer: magic, its nonce, what it says of itself, its proof.
+pub fn challenge(nonce: &[u8; 32], about: &About, proof: &[u8; 32]) -> [u8; CHALLENGE_BYTES] {
     let mut out = [0u8; CHALLENGE_BYTES];
     out[..8].copy_from_slice(MAGIC);
     out[8..40].copy_from_slice(nonce);
-    out[40..].copy_from_slice(proof);
+    about.encode_into(&mut out[40..40 + ABOUT_BYTES]);
+    out[40 + ABOUT_BYTES..].copy_from_slice(proof);
     out
 }
 
-/// The nonce and proof of a challenge.
-pub fn read_challenge(bytes: &[u8; CHALLENGE_BYTES]) -> Result<([u8; 32], [u8; 32]), Refusal> {
+/// The nonce, the listener's about and its proof of a challenge.
+pub fn read_challenge(
+    bytes: &[u8; CHALLENGE_BYTES],
+) -> Result<([u8; 32], About, [u8; 32]), Refusal> {
     if &bytes[..8] != MAGIC {
         return Err(Refusal::Magic);
     }
     Ok((
         bytes[8..40].try_into().expect("32"),
-        bytes[40..].try_into().expect("32"),
+        About::decode(&bytes[40..40 + ABOUT_BYTES])?,
+        bytes[40 + ABOUT_BYTES..].try_into().expect("32"),
     ))
 }
 
@@ -178,9 +246,16 @@ mod tests {
             from: 2,
             to: 1,
             state_format: 5,
+            about: ABOUT,
             nonce: [9; 32],
         }
     }
+
+    const ABOUT: About = About {
+        identity: [3; 16],
+        initialized: true,
+        knows_you: None,
+    };
 
     #[test]
     fn a_hello_round_trips_and_is_checked_field_by_field() {
@@ -204,19 +279,44 @@ mod tests {
     fn proofs_need_the_secret_the_role_and_the_nonce() {
         let hello = hello().encode();
         let secret = b"a secret of sixteen bytes";
-        let p = proof(secret, "dialer", &hello, &[1; 32]);
-        assert_eq!(verify(secret, "dialer", &hello, &[1; 32], &p), Ok(()));
+        let p = proof(secret, "dialer", &hello, &[1; 32], &ABOUT);
         assert_eq!(
-            verify(b"another secret!!", "dialer", &hello, &[1; 32], &p),
+            verify(secret, "dialer", &hello, &[1; 32], &ABOUT, &p),
+            Ok(())
+        );
+        assert_eq!(
+            verify(b"another secret!!", "dialer", &hello, &[1; 32], &ABOUT, &p),
             Err(Refusal::Proof)
         );
         assert_eq!(
-            verify(secret, "listener", &hello, &[1; 32], &p),
+            verify(secret, "listener", &hello, &[1; 32], &ABOUT, &p),
             Err(Refusal::Proof)
         );
         assert_eq!(
-            verify(secret, "dialer", &hello, &[2; 32], &p),
+            verify(secret, "dialer", &hello, &[2; 32], &ABOUT, &p),
             Err(Refusal::Proof)
         );
+        let other = About {
+            knows_you: Some([4; 16]),
+            ..ABOUT
+        };
+        assert_eq!(
+            verify(secret, "dialer", &hello, &[1; 32], &other, &p),
+            Err(Refusal::Proof)
+        );
+    }
+
+    #[test]
+    fn a_challenge_round_trips() {
+        let about = About {
+            identity: [5; 16],
+            initialized: false,
+            knows_you: Some([6; 16]),
+        };
+        let bytes = challenge(&[1; 32], &about, &[2; 32]);
+        assert_eq!(read_challenge(&bytes), Ok(([1; 32], about, [2; 32])));
+        let mut hello = hello();
+        hello.about = about;
+        assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
     }
 }

@@ -12,7 +12,9 @@
 //! cuts the connection off; so does a peer silent for [`PEER_SILENCE`] (peers ping every
 //! [`PING_INTERVAL`]). Refusals are logged and counted, and never disturb the node.
 
-use super::handshake::{self, Hello, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES};
+use super::handshake::{
+    self, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
+};
 use super::{Frame, FrameError, Transport, FRAME_BYTES_MAX};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -78,6 +80,13 @@ pub struct TcpConfig {
     pub secret: Vec<u8>,
     pub cluster: [u8; 16],
     pub state_format: u32,
+    /// This node's identity, and whether it holds an initialized cluster.
+    pub identity: Identity,
+    pub initialized: bool,
+    /// The identities this node knows for its peers.
+    pub known: BTreeMap<u64, Identity>,
+    /// Records (durably) the identity of a peer seen for the first time.
+    pub learn: Box<dyn Fn(u64, Identity) + Send + Sync>,
 }
 
 /// A frame on its way, holding its share of the peer's queue budget.
@@ -115,17 +124,24 @@ pub struct Tcp {
     /// Peers' requests being carried out here.
     serving: Arc<AtomicUsize>,
     inbound: Arc<dyn Inbound>,
-    refused_handshakes: [AtomicU64; 6],
+    identity: Identity,
+    initialized: AtomicBool,
+    known: Mutex<BTreeMap<u64, Identity>>,
+    learn: Box<dyn Fn(u64, Identity) + Send + Sync>,
+    /// What each peer said of itself when this node last dialed it.
+    answers: Mutex<BTreeMap<u64, About>>,
+    refused_handshakes: [AtomicU64; 7],
     refused_frames: [AtomicU64; 2],
 }
 
-const REFUSALS: [Refusal; 6] = [
+const REFUSALS: [Refusal; 7] = [
     Refusal::Magic,
     Refusal::Cluster,
     Refusal::Format,
     Refusal::UnknownNode,
     Refusal::WrongNode,
     Refusal::Proof,
+    Refusal::Identity,
 ];
 
 impl Tcp {
@@ -162,6 +178,11 @@ impl Tcp {
             serving: Arc::new(AtomicUsize::new(0)),
             next_call: AtomicU64::new(1),
             inbound,
+            identity: config.identity,
+            initialized: AtomicBool::new(config.initialized),
+            known: Mutex::new(config.known),
+            learn: config.learn,
+            answers: Mutex::new(BTreeMap::new()),
             refused_handshakes: Default::default(),
             refused_frames: Default::default(),
         });
@@ -322,6 +343,7 @@ impl Tcp {
             from: self.me,
             to: id,
             state_format: self.state_format,
+            about: self.about(id),
             nonce: rand::random(),
         }
         .encode();
@@ -329,11 +351,29 @@ impl Tcp {
             stream.write_all(&hello).await?;
             let mut challenge = [0u8; CHALLENGE_BYTES];
             stream.read_exact(&mut challenge).await?;
-            let (nonce, listener_proof) = handshake::read_challenge(&challenge)
+            let (nonce, theirs, listener_proof) = handshake::read_challenge(&challenge)
                 .map_err(|r| std::io::Error::other(r.to_string()))?;
-            handshake::verify(&self.secret, "listener", &hello, &nonce, &listener_proof)
-                .map_err(|_| std::io::Error::other("the peer does not know the cluster secret"))?;
-            let proof = handshake::proof(&self.secret, "dialer", &hello, &nonce);
+            handshake::verify(
+                &self.secret,
+                "listener",
+                &hello,
+                &nonce,
+                &theirs,
+                &listener_proof,
+            )
+            .map_err(|_| std::io::Error::other("the peer does not know the cluster secret"))?;
+            self.answers
+                .lock()
+                .expect("answers lock")
+                .insert(id, theirs);
+            if theirs.knows_you.is_some_and(|known| known != self.identity) {
+                return Err(std::io::Error::other(
+                    "the peer knows this node by another identity: this data directory is not the one the cluster knows",
+                ));
+            }
+            self.check_identity(id, theirs.identity)
+                .map_err(|r| std::io::Error::other(r.to_string()))?;
+            let proof = handshake::proof(&self.secret, "dialer", &hello, &nonce, &theirs);
             stream.write_all(&proof).await?;
             std::io::Result::Ok(())
         };
@@ -451,15 +491,66 @@ impl Tcp {
             })
             .map_err(Some)?;
         let nonce: [u8; 32] = rand::random();
-        let proof = handshake::proof(&self.secret, "listener", &hello, &nonce);
+        let about = self.about(decoded.from);
+        let proof = handshake::proof(&self.secret, "listener", &hello, &nonce, &about);
         stream
-            .write_all(&handshake::challenge(&nonce, &proof))
+            .write_all(&handshake::challenge(&nonce, &about, &proof))
             .await
             .map_err(|_| None)?;
         let mut claimed = [0u8; PROOF_BYTES];
         stream.read_exact(&mut claimed).await.map_err(|_| None)?;
-        handshake::verify(&self.secret, "dialer", &hello, &nonce, &claimed).map_err(Some)?;
+        handshake::verify(&self.secret, "dialer", &hello, &nonce, &about, &claimed)
+            .map_err(Some)?;
+        self.check_identity(decoded.from, decoded.about.identity)
+            .map_err(Some)?;
         Ok(decoded.from)
+    }
+
+    /// What this node says of itself to `peer`.
+    fn about(&self, peer: u64) -> About {
+        About {
+            identity: self.identity,
+            initialized: self.initialized.load(Ordering::SeqCst),
+            knows_you: self.known.lock().expect("known lock").get(&peer).copied(),
+        }
+    }
+
+    /// A proven peer's identity: refused if it is not the one known for its id; recorded if
+    /// none was known.
+    fn check_identity(&self, peer: u64, identity: Identity) -> Result<(), Refusal> {
+        let known = self.known.lock().expect("known lock").get(&peer).copied();
+        match known {
+            Some(known) if known != identity => {
+                tracing::error!(peer, presented = %hex(&identity), known = %hex(&known),
+                    "a peer presents another identity than the one this node knows for it: its data directory was replaced; refused");
+                Err(Refusal::Identity)
+            }
+            Some(_) => Ok(()),
+            None => {
+                (self.learn)(peer, identity);
+                self.known
+                    .lock()
+                    .expect("known lock")
+                    .insert(peer, identity);
+                tracing::info!(peer, identity = %hex(&identity), "a peer's identity recorded");
+                Ok(())
+            }
+        }
+    }
+
+    /// This node holds an initialized cluster from now on (it created its replicas).
+    pub fn set_initialized(&self) {
+        self.initialized.store(true, Ordering::SeqCst);
+    }
+
+    /// The node ids of the peers.
+    pub fn peer_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// What each peer said of itself when this node last dialed it.
+    pub fn answers(&self) -> BTreeMap<u64, About> {
+        self.answers.lock().expect("answers lock").clone()
     }
 
     /// The next frame; `Err(None)` when the connection ended or went silent.
@@ -615,4 +706,9 @@ impl Transport for Tcp {
     fn send_raft(&self, to: u64, shard: u32, messages: Vec<Vec<u8>>) -> bool {
         self.send(to, &Frame::Raft { shard, messages })
     }
+}
+
+/// An identity as operators see it, 32 hex digits.
+pub fn hex(identity: &Identity) -> String {
+    format!("{:032x}", u128::from_be_bytes(*identity))
 }
