@@ -1,9 +1,14 @@
 //! An async client for the OneID HTTP API.
 //!
-//! One [`Client`] keeps a pool of keep-alive connections and is cheap to clone. Transient
-//! failures (connection errors, `503 unavailable`) are retried with exponential backoff, and
-//! so are single events answered `unavailable` inside a batch: re-sending an event is safe
-//! because the node applies each `event_id` once per profile.
+//! One [`Client`] keeps a pool of keep-alive connections and is cheap to clone. It knows one
+//! or more nodes of a cluster (`"http://a:8080,http://b:8080"`): requests go to the node that
+//! last answered, and move to the next on a transient failure (a connection error, a timeout,
+//! `503 unavailable`), retried with exponential backoff once every node was tried. Single
+//! events answered `unavailable` inside a batch are sent again the same way (to the next
+//! node): re-sending an event is safe because the node applies each `event_id` once per
+//! profile. Reads of one profile by OneID go straight to the leader of its shard when the
+//! client knows it (learned from `/v1/cluster`, at most every [`LEADERS_TTL`]); batches go to
+//! any node (nodes forward).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), oneid_client::Error> {
@@ -27,11 +32,21 @@ use hyper_util::rt::TokioExecutor;
 use oneid_protocol::api::{
     ClusterView, ErrorBody, EventStatus, EventsResponse, LedgerPage, ProfileDoc,
 };
+use oneid_protocol::ids::OneId;
 use oneid_protocol::ErrorCode;
 use serde::de::DeserializeOwned;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use oneid_protocol as protocol;
+
+/// How long the shard leaders learned from `/v1/cluster` are trusted before asking again.
+pub const LEADERS_TTL: Duration = Duration::from_secs(5);
+/// Time limit of the `/v1/cluster` request that learns the leaders (a slow answer is not
+/// waited for: the read goes to any node instead).
+const LEADERS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Longest a backup request may take: a backup copies the whole database before it answers.
 pub const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 60 * 60);
@@ -124,9 +139,30 @@ impl Consistency {
 
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The nodes' base URLs, as given.
+    servers: Arc<[String]>,
+    /// The server tried first: the last one that answered.
+    current: Arc<AtomicUsize>,
+    leaders: Arc<Mutex<Leaders>>,
     http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
     policy: RetryPolicy,
+}
+
+/// The shard leaders the client knows of, as indexes into its servers.
+#[derive(Default)]
+struct Leaders {
+    by_shard: BTreeMap<u32, usize>,
+    /// When they were last asked for (`None`: never).
+    asked: Option<Instant>,
+}
+
+/// Where a request should go.
+#[derive(Clone, Copy)]
+enum Route {
+    /// Any node: the one that last answered.
+    Any,
+    /// The leader of this shard, if known.
+    Shard(u32),
 }
 
 /// A raw answer: status and body.
@@ -136,43 +172,119 @@ struct Answer {
 }
 
 impl Client {
-    /// A client of the node at `base` (`http://host:port`).
-    pub fn new(base: &str) -> Result<Client, Error> {
-        Client::with_policy(base, RetryPolicy::default())
+    /// A client of the nodes at `servers`: one base URL (`http://host:port`) or several,
+    /// comma-separated.
+    pub fn new(servers: &str) -> Result<Client, Error> {
+        Client::with_policy(servers, RetryPolicy::default())
     }
 
-    pub fn with_policy(base: &str, policy: RetryPolicy) -> Result<Client, Error> {
-        let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            return Err(Error::Address(format!("{base:?} must start with http://")));
+    pub fn with_policy(servers: &str, policy: RetryPolicy) -> Result<Client, Error> {
+        let servers: Vec<String> = servers
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(Error::Address("no server given".into()));
         }
-        base.parse::<hyper::Uri>()
-            .map_err(|e| Error::Address(format!("{base:?}: {e}")))?;
+        for base in &servers {
+            if !base.starts_with("http://") {
+                return Err(Error::Address(format!("{base:?} must start with http://")));
+            }
+            base.parse::<hyper::Uri>()
+                .map_err(|e| Error::Address(format!("{base:?}: {e}")))?;
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(Client { base, http, policy })
+        Ok(Client {
+            servers: servers.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            leaders: Arc::default(),
+            http,
+            policy,
+        })
     }
 
+    /// The first server given: where node-specific calls ([`Client::backup`],
+    /// [`Client::healthy`], [`Client::metrics`]) go.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.servers[0]
     }
 
-    async fn attempt(
-        &self,
-        method: &Method,
-        path: &str,
-        content_type: &str,
-        body: &Bytes,
-    ) -> Result<Answer, Error> {
-        self.attempt_within(method, path, content_type, body, self.policy.timeout)
-            .await
+    /// The servers given, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// After a transient failure at `server`: the next one is tried first from now on.
+    fn fail_over(&self, server: usize) {
+        let next = (server + 1) % self.servers.len();
+        let _ = self
+            .current
+            .compare_exchange(server, next, Ordering::Relaxed, Ordering::Relaxed);
+        if let Ok(mut leaders) = self.leaders.lock() {
+            if leaders.by_shard.values().any(|&i| i == server) {
+                // A leader there may have moved: ask again at the next by-OneID read.
+                leaders.asked = None;
+            }
+        }
+    }
+
+    /// The server that leads `shard`, if the client knows it: asks `/v1/cluster` (once per
+    /// [`LEADERS_TTL`]) when what it knows is older.
+    async fn leader_of(&self, shard: u32) -> Option<usize> {
+        if self.servers.len() < 2 {
+            return None;
+        }
+        let ask = {
+            let mut leaders = self.leaders.lock().ok()?;
+            let stale = leaders.asked.is_none_or(|at| at.elapsed() >= LEADERS_TTL);
+            if stale {
+                // Whoever finds them stale asks; the others use what is known meanwhile.
+                leaders.asked = Some(Instant::now());
+            }
+            stale
+        };
+        if ask {
+            let server = self.current.load(Ordering::Relaxed);
+            let view = self
+                .attempt_within(
+                    server,
+                    &Method::GET,
+                    "/v1/cluster",
+                    "application/json",
+                    &Bytes::new(),
+                    LEADERS_TIMEOUT,
+                )
+                .await
+                .and_then(api_error)
+                .and_then(|answer| decode::<ClusterView>(&answer.body));
+            if let Ok(view) = view {
+                let index_of = |node: u64| {
+                    let api = view.nodes.iter().find(|n| n.id == node)?.api.clone();
+                    self.servers
+                        .iter()
+                        .position(|s| s.strip_prefix("http://") == Some(api.as_str()))
+                };
+                let by_shard = view
+                    .shards
+                    .iter()
+                    .filter_map(|s| Some((s.id, index_of(s.leader?)?)))
+                    .collect();
+                if let Ok(mut leaders) = self.leaders.lock() {
+                    leaders.by_shard = by_shard;
+                }
+            }
+        }
+        self.leaders.lock().ok()?.by_shard.get(&shard).copied()
     }
 
     async fn attempt_within(
         &self,
+        server: usize,
         method: &Method,
         path: &str,
         content_type: &str,
@@ -181,7 +293,7 @@ impl Client {
     ) -> Result<Answer, Error> {
         let request = Request::builder()
             .method(method.clone())
-            .uri(format!("{}{path}", self.base))
+            .uri(format!("{}{path}", self.servers[server]))
             .header(CONTENT_TYPE, content_type)
             .body(Full::new(body.clone()))
             .map_err(|e| Error::Address(e.to_string()))?;
@@ -205,9 +317,11 @@ impl Client {
             .map_err(|_| Error::Timeout(timeout))?
     }
 
-    /// Sends a request, retrying transient failures; non-2xx answers become `Error::Api`.
+    /// Sends a request along `route`, moving to the next server on a transient failure and
+    /// backing off once every server was tried; non-2xx answers become `Error::Api`.
     async fn call(
         &self,
+        route: Route,
         method: Method,
         path: &str,
         content_type: &str,
@@ -216,14 +330,29 @@ impl Client {
         let mut wait = self.policy.backoff;
         let mut attempt = 1;
         loop {
+            let leader = match route {
+                Route::Shard(shard) if attempt == 1 => self.leader_of(shard).await,
+                _ => None,
+            };
+            let server = leader.unwrap_or_else(|| self.current.load(Ordering::Relaxed));
             let result = self
-                .attempt(&method, path, content_type, &body)
+                .attempt_within(
+                    server,
+                    &method,
+                    path,
+                    content_type,
+                    &body,
+                    self.policy.timeout,
+                )
                 .await
                 .and_then(api_error);
             match result {
                 Err(error) if error.is_transient() && attempt < self.policy.attempts => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(self.policy.backoff_max);
+                    self.fail_over(server);
+                    if attempt % self.servers.len() as u32 == 0 {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(self.policy.backoff_max);
+                    }
                     attempt += 1;
                 }
                 other => return other,
@@ -231,16 +360,20 @@ impl Client {
         }
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+    async fn get<T: DeserializeOwned>(&self, route: Route, path: &str) -> Result<T, Error> {
         let answer = self
-            .call(Method::GET, path, "application/json", Bytes::new())
+            .call(route, Method::GET, path, "application/json", Bytes::new())
             .await?;
         decode(&answer.body)
     }
 
     /// Like `get`, but `404 not_found` is `None`.
-    async fn get_optional<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, Error> {
-        match self.get(path).await {
+    async fn get_optional<T: DeserializeOwned>(
+        &self,
+        route: Route,
+        path: &str,
+    ) -> Result<Option<T>, Error> {
+        match self.get(route, path).await {
             Ok(value) => Ok(Some(value)),
             Err(Error::Api {
                 code: ErrorCode::NotFound,
@@ -269,6 +402,8 @@ impl Client {
                 break;
             }
             if unavailable {
+                // Another node may reach the shard's leader when this one cannot.
+                self.fail_over(self.current.load(Ordering::Relaxed));
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(self.policy.backoff_max);
                 attempt += 1;
@@ -307,7 +442,13 @@ impl Client {
     ) -> Result<T, Error> {
         let body = serde_json::to_vec(body).map_err(|e| Error::Decode(e.to_string()))?;
         let answer = self
-            .call(method, path, "application/json", Bytes::from(body))
+            .call(
+                Route::Any,
+                method,
+                path,
+                "application/json",
+                Bytes::from(body),
+            )
             .await?;
         decode(&answer.body)
     }
@@ -324,7 +465,7 @@ impl Client {
             "application/json"
         };
         let answer = self
-            .call(Method::POST, "/v1/events", content_type, body)
+            .call(Route::Any, Method::POST, "/v1/events", content_type, body)
             .await?;
         decode(&answer.body)
     }
@@ -340,11 +481,10 @@ impl Client {
         oneid: &str,
         consistency: Consistency,
     ) -> Result<Option<ProfileDoc>, Error> {
-        self.get_optional(&format!(
-            "/v1/profiles/{}{}",
-            encode(oneid),
-            consistency.query('?')
-        ))
+        self.get_optional(
+            shard_of(oneid),
+            &format!("/v1/profiles/{}{}", encode(oneid), consistency.query('?')),
+        )
         .await
     }
 
@@ -360,12 +500,15 @@ impl Client {
         value: &str,
         consistency: Consistency,
     ) -> Result<Option<ProfileDoc>, Error> {
-        self.get_optional(&format!(
-            "/v1/profiles/lookup?kind={}&value={}{}",
-            encode(kind),
-            encode(value),
-            consistency.query('&')
-        ))
+        self.get_optional(
+            Route::Any,
+            &format!(
+                "/v1/profiles/lookup?kind={}&value={}{}",
+                encode(kind),
+                encode(value),
+                consistency.query('&')
+            ),
+        )
         .await
     }
 
@@ -383,12 +526,12 @@ impl Client {
         if let Some(cursor) = cursor {
             path.push_str(&format!("cursor={}", encode(cursor)));
         }
-        self.get(&path).await
+        self.get(shard_of(oneid), &path).await
     }
 
     /// The rules document (as JSON: money and factors are decimal strings).
     pub async fn rules(&self) -> Result<serde_json::Value, Error> {
-        self.get("/v1/rules").await
+        self.get(Route::Any, "/v1/rules").await
     }
 
     /// Replaces the rules; answers the rules now in force.
@@ -396,11 +539,12 @@ impl Client {
         self.send_json(Method::PUT, "/v1/rules", rules).await
     }
 
+    /// The cluster as the node that answers sees it.
     pub async fn cluster(&self) -> Result<ClusterView, Error> {
-        self.get("/v1/cluster").await
+        self.get(Route::Any, "/v1/cluster").await
     }
 
-    /// Takes an online backup of the node into `dir`, an absolute path **on the node's
+    /// Takes an online backup of the first node into `dir`, an absolute path **on the node's
     /// machine** that is absent or empty; answers the backup's manifest (also written there as
     /// `backup.json`). Tried once, with up to [`BACKUP_TIMEOUT`]: a retry would find the
     /// directory no longer empty. A backup already running is answered `409 busy`.
@@ -409,6 +553,7 @@ impl Client {
             .map_err(|e| Error::Decode(e.to_string()))?;
         let answer = self
             .attempt_within(
+                0,
                 &Method::POST,
                 "/v1/admin/backup",
                 "application/json",
@@ -420,11 +565,18 @@ impl Client {
         decode(&answer.body)
     }
 
-    /// Whether the node is ready to serve (one attempt, no retries).
+    /// Whether the first node is ready to serve (one attempt, no retries).
     pub async fn healthy(&self) -> bool {
         matches!(
-            self.attempt(&Method::GET, "/healthz", "application/json", &Bytes::new())
-                .await,
+            self.attempt_within(
+                0,
+                &Method::GET,
+                "/healthz",
+                "application/json",
+                &Bytes::new(),
+                self.policy.timeout
+            )
+            .await,
             Ok(Answer {
                 status: StatusCode::OK,
                 ..
@@ -432,13 +584,28 @@ impl Client {
         )
     }
 
-    /// The Prometheus text of `/metrics`.
+    /// The Prometheus text of the first node's `/metrics`.
     pub async fn metrics(&self) -> Result<String, Error> {
         let answer = self
-            .call(Method::GET, "/metrics", "text/plain", Bytes::new())
-            .await?;
+            .attempt_within(
+                0,
+                &Method::GET,
+                "/metrics",
+                "text/plain",
+                &Bytes::new(),
+                self.policy.timeout,
+            )
+            .await
+            .and_then(api_error)?;
         String::from_utf8(answer.body.to_vec()).map_err(|e| Error::Decode(e.to_string()))
     }
+}
+
+/// A read of one profile goes to its shard's leader (a OneID carries its shard).
+fn shard_of(oneid: &str) -> Route {
+    oneid
+        .parse::<OneId>()
+        .map_or(Route::Any, |oneid| Route::Shard(oneid.shard().0))
 }
 
 /// The code of an event's rejection that a later attempt may change: `unavailable` (the node

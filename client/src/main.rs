@@ -17,7 +17,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(version, about = "Query and feed a OneID node.")]
 struct Cli {
-    /// The node's API address.
+    /// The API address of a node, or of several (comma-separated): requests fail over between
+    /// them, and reads of a profile by OneID go to its shard's leader.
     #[arg(
         long,
         global = true,

@@ -1,7 +1,8 @@
 //! Replication on real processes: 3 nodes on loopback, replication 3, 8 shards. A leader
 //! killed during ingest, a follower killed and restarted, a rolling restart during ingest, a
 //! node paused past the election timeout and read through at once, hostile peer connections,
-//! a contradicting config, a node restarted on a wiped data directory. After each: every acknowledged event is present exactly once, and replicas at equal applied
+//! a contradicting config, a node restarted on a wiped data directory, a client of the whole
+//! cluster. After each: every acknowledged event is present exactly once, and replicas at equal applied
 //! indexes have equal digests.
 
 use oneid_client::Client;
@@ -514,4 +515,63 @@ async fn a_node_on_a_wiped_data_directory_exits_1_and_never_votes() {
     // The other two go on, exactly once.
     send_all(&cluster.node(2).client(), 100..200).await;
     assert_exactly_once(&cluster.node(1).client(), 200).await;
+}
+
+/// Linearizable reads this node sent to a peer to serve.
+async fn forwarded(cluster: &TestCluster, node: u64) -> u64 {
+    cluster
+        .node(node)
+        .metric("oneid_linearizable_reads_total{served=\"forwarded\"}")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_cluster_reads_at_leaders_and_rides_through_a_nodes_death() {
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    let servers: Vec<String> = (1..=3).map(|n| cluster.node(n).base()).collect();
+    send_all(&cluster.node(1).client(), 0..100).await;
+    cluster.settled().await;
+    // Leadership settles (handed home after the first elections) before the client learns it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = cluster.leaders().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if before.len() == 8 && cluster.leaders().await == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leadership never settled");
+    }
+    let client = Client::new(&servers.join(",")).unwrap();
+    let mut oneids = Vec::new();
+    for customer in 0..CUSTOMERS {
+        let profile = client
+            .lookup("phone", &phone(customer))
+            .await
+            .unwrap()
+            .unwrap();
+        oneids.push(profile.oneid);
+    }
+    let mut before = 0;
+    for node in 1..=3 {
+        before += forwarded(&cluster, node).await;
+    }
+    // By OneID: straight to each shard's leader, so no node forwards one.
+    for (customer, oneid) in oneids.iter().enumerate() {
+        let profile = client.profile(oneid).await.unwrap().unwrap();
+        let expected = (0..100).filter(|n| n % CUSTOMERS == customer).count() as i64;
+        assert_eq!(profile.points.balance, expected);
+    }
+    let mut after = 0;
+    for node in 1..=3 {
+        after += forwarded(&cluster, node).await;
+    }
+    assert_eq!(after, before, "reads by OneID were forwarded");
+
+    // The first server dies: the client goes on through the others, exactly once.
+    cluster.node_mut(1).kill9();
+    send_all(&client, 100..200).await;
+    assert_exactly_once(&client, 200).await;
+    for oneid in &oneids {
+        assert!(client.profile(oneid).await.unwrap().is_some());
+    }
 }
