@@ -104,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     let node = config.node(args.node)?.clone();
     let hosted = config.shards_of(node.id);
     let seed_rules = config.seed_rules()?;
+    if args.restore.is_some() && config.nodes.len() > 1 {
+        anyhow::bail!(
+            "--restore restores a one-node cluster, and this file lists {} nodes: one node of a replicated cluster restored alone would bring back old replicas that its peers take for current. Restoring a whole cluster comes with membership changes; until then a node that lost its data catches up from its peers only with its own data directory",
+            config.nodes.len()
+        );
+    }
     let restored = match &args.restore {
         Some(dir) => Some(
             backup::restore(dir, &node.data, node.id)

@@ -225,7 +225,8 @@ pub struct BackupManifest {
     pub node: u64,
     /// When the backup's snapshot was taken (RFC 3339, UTC).
     pub created_at: String,
-    /// Every shard of the backup, by id, at the snapshot.
+    /// The node's replicas (every shard it hosts), by id, at the snapshot: in a cluster with
+    /// replication, the shards placed on this node.
     pub shards: Vec<BackupShard>,
     /// Every keyspace copied, by name.
     pub keyspaces: Vec<BackupKeyspace>,

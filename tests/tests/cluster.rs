@@ -2,7 +2,7 @@
 //! killed during ingest, a follower killed and restarted, a rolling restart during ingest, a
 //! node paused past the election timeout and read through at once, hostile peer connections,
 //! a contradicting config, a node restarted on a wiped data directory, a client of the whole
-//! cluster. After each: every acknowledged event is present exactly once, and replicas at equal applied
+//! cluster, a backup of one node's replicas (restore refused). After each: every acknowledged event is present exactly once, and replicas at equal applied
 //! indexes have equal digests.
 
 use oneid_client::Client;
@@ -574,4 +574,57 @@ async fn a_client_of_the_cluster_reads_at_leaders_and_rides_through_a_nodes_deat
     for oneid in &oneids {
         assert!(client.profile(oneid).await.unwrap().is_some());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
+    let mut cluster = TestCluster::start(ClusterOptions {
+        replication: 2,
+        ..ClusterOptions::default()
+    })
+    .await;
+    send_all(&cluster.node(1).client(), 0..100).await;
+    cluster.settled().await;
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().join("node-2");
+    let manifest = cluster
+        .node(2)
+        .client()
+        .backup(dir.to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(manifest["node"], 2);
+    let view = cluster.node(2).client().cluster().await.unwrap();
+    let backed_up: Vec<u64> = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap())
+        .collect();
+    let hosted: Vec<u64> = view.shards.iter().map(|s| u64::from(s.id)).collect();
+    assert_eq!(backed_up, hosted);
+    assert!(
+        hosted.len() < 8,
+        "replication 2 of 3 nodes: node 2 hosts some shards"
+    );
+    // Nothing changed since the cluster settled: the backup is at the replicas' state.
+    for (shard, view) in manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&view.shards)
+    {
+        assert_eq!(shard["applied_index"], view.applied_index);
+        assert_eq!(shard["digest"], view.digest.as_str());
+    }
+    assert!(cluster.node_mut(2).terminate().success());
+    let status = cluster
+        .node(2)
+        .run_expecting_exit(&[OsStr::new("--restore"), dir.as_os_str()])
+        .await;
+    assert_eq!(status.code(), Some(1));
+    assert!(cluster
+        .node(2)
+        .logs()
+        .contains("--restore restores a one-node cluster, and this file lists 3 nodes"));
 }
