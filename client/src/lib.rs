@@ -226,8 +226,10 @@ impl Client {
             .current
             .compare_exchange(server, next, Ordering::Relaxed, Ordering::Relaxed);
         if let Ok(mut leaders) = self.leaders.lock() {
-            if leaders.by_shard.values().any(|&i| i == server) {
-                // A leader there may have moved: ask again at the next by-OneID read.
+            let before = leaders.by_shard.len();
+            leaders.by_shard.retain(|_, i| *i != server);
+            if leaders.by_shard.len() != before {
+                // Its shards' leaders moved, or will: ask again at the next by-OneID read.
                 leaders.asked = None;
             }
         }
@@ -263,8 +265,14 @@ impl Client {
                 .and_then(api_error)
                 .and_then(|answer| decode::<ClusterView>(&answer.body));
             if let Ok(view) = view {
+                // Only nodes the answering one hears from (a leader it names on a node it
+                // lost may be gone).
                 let index_of = |node: u64| {
-                    let api = view.nodes.iter().find(|n| n.id == node)?.api.clone();
+                    let listed = view.nodes.iter().find(|n| n.id == node)?;
+                    if !listed.up && node != view.node {
+                        return None;
+                    }
+                    let api = listed.api.clone();
                     self.servers
                         .iter()
                         .position(|s| s.strip_prefix("http://") == Some(api.as_str()))

@@ -183,7 +183,9 @@ impl Shards {
         loop {
             let mut leading = Vec::new();
             for (shard, addr) in &replicated {
-                if addr.send(Leave).await.unwrap_or(false) {
+                // A replica that does not answer by the deadline counts as still leading.
+                let leads = tokio::time::timeout_at(deadline.into(), addr.send(Leave)).await;
+                if !matches!(leads, Ok(Ok(false))) {
                     leading.push(shard.0);
                 }
             }
@@ -549,6 +551,20 @@ pub async fn per_shard<T, F: Future<Output = T>>(
         .collect()
 }
 
+/// Whether node `from` may send `message` to this node's (`me`) replica of `shard`: a peer
+/// speaks only for its own replicas, to this node's, except for what raft-rs forwards on
+/// another replica's behalf: a ReadIndex request a follower passes on to the leader it knows,
+/// and a transfer request (a replica that refuses a transfer because it is leaving sends one
+/// naming the leader itself, which makes the leader give its transfer up; see
+/// `Replica::step`).
+pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &raft::eraftpb::Message) -> bool {
+    use raft::eraftpb::MessageType::{MsgReadIndex, MsgTransferLeader};
+    let ours = node_of_raft_id(message.to) == me && message.to >> 32 == u64::from(shard);
+    let forwarded = matches!(message.get_msg_type(), MsgReadIndex | MsgTransferLeader)
+        && message.from >> 32 == u64::from(shard);
+    ours && (node_of_raft_id(message.from) == from || forwarded)
+}
+
 /// What peers send this node, carried out on its own replicas.
 pub struct FromPeers(pub Arc<Shards>);
 
@@ -561,14 +577,7 @@ impl Inbound for FromPeers {
         let mut decoded = Vec::with_capacity(messages.len());
         for bytes in messages {
             match raft::eraftpb::Message::parse_from_bytes(&bytes) {
-                // A peer speaks only for its own replicas, to this node's.
-                Ok(m)
-                    if node_of_raft_id(m.from) == from
-                        && node_of_raft_id(m.to) == shards.me
-                        && m.to >> 32 == u64::from(shard) =>
-                {
-                    decoded.push(m)
-                }
+                Ok(m) if peer_may_send(from, shards.me, shard, &m) => decoded.push(m),
                 _ => tracing::warn!(
                     peer = from,
                     shard,

@@ -79,7 +79,12 @@ async fn binds_cut_off_by_a_crash_finish_after_restart_without_a_retry() {
         .into_iter()
         .collect()
     );
-    // Finished by the shard leader's sweep (two follow-ups), and nothing is left waiting.
+    // Finished by the shard leader's sweep (two follow-ups: the binds, then the records, which
+    // the sweep counts once they are gone), and nothing is left waiting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.metric("oneid_follow_ups_swept_total").await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(node.metric("oneid_follow_ups_swept_total").await, 2);
     let view = client.cluster().await.expect("cluster");
     assert!(

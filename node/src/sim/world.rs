@@ -122,9 +122,10 @@ enum Happening {
         node: usize,
         life: u64,
     },
-    /// A Raft message (protobuf) reaches a node.
+    /// A Raft message (protobuf) from node `from` reaches a node.
     Deliver {
         node: usize,
+        from: usize,
         message: Vec<u8>,
     },
     Fsync {
@@ -503,12 +504,28 @@ impl World {
                 let next = TICK_MS - TICK_JITTER_MS + self.rng.u64(0..=2 * TICK_JITTER_MS);
                 self.schedule(next, Happening::Tick { node, life });
             }
-            Happening::Deliver { node, message } => {
+            Happening::Deliver {
+                node,
+                from,
+                message,
+            } => {
                 if !self.nodes[node].up {
                     return Ok(());
                 }
                 let message = Message::parse_from_bytes(&message).expect("messages decode");
                 let shard = ShardId((message.to >> 32) as u32);
+                // What a node would refuse from a peer, no replica here may send.
+                assert!(
+                    crate::shards::peer_may_send(
+                        from as u64 + 1,
+                        node as u64 + 1,
+                        shard.0,
+                        &message
+                    ),
+                    "node {}: a message from node {} it would refuse: {message:?}",
+                    node + 1,
+                    from + 1
+                );
                 if self.nodes[node].replicas.contains_key(&shard) {
                     let (now, mut fx) = (self.clocks(node), Effects::default());
                     self.replica(node, shard).step(message, now, &mut fx);
@@ -737,6 +754,7 @@ impl World {
                 later,
                 Happening::Deliver {
                     node: to,
+                    from,
                     message: message.clone(),
                 },
             );
@@ -747,7 +765,14 @@ impl World {
         } else {
             self.rng.u64(1..12)
         };
-        self.schedule(delay, Happening::Deliver { node: to, message });
+        self.schedule(
+            delay,
+            Happening::Deliver {
+                node: to,
+                from,
+                message,
+            },
+        );
         true
     }
 

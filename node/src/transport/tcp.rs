@@ -362,19 +362,26 @@ impl Tcp {
                 &listener_proof,
             )
             .map_err(|_| std::io::Error::other("the peer does not know the cluster secret"))?;
-            self.answers
-                .lock()
-                .expect("answers lock")
-                .insert(id, theirs);
             if theirs.knows_you.is_some_and(|known| known != self.identity) {
+                // What it says is kept (a node on an empty directory learns why it is refused).
+                self.answers
+                    .lock()
+                    .expect("answers lock")
+                    .insert(id, theirs);
                 return Err(std::io::Error::other(
                     "the peer knows this node by another identity: this data directory is not the one the cluster knows",
                 ));
             }
-            self.check_identity(id, theirs.identity)
+            self.check_identity(id, &theirs)
                 .map_err(|r| std::io::Error::other(r.to_string()))?;
             let proof = handshake::proof(&self.secret, "dialer", &hello, &nonce, &theirs);
             stream.write_all(&proof).await?;
+            // Kept once its identity is known here and recorded: a node that bootstraps on
+            // these answers knows every peer's identity first.
+            self.answers
+                .lock()
+                .expect("answers lock")
+                .insert(id, theirs);
             std::io::Result::Ok(())
         };
         tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange)
@@ -501,7 +508,7 @@ impl Tcp {
         stream.read_exact(&mut claimed).await.map_err(|_| None)?;
         handshake::verify(&self.secret, "dialer", &hello, &nonce, &about, &claimed)
             .map_err(Some)?;
-        self.check_identity(decoded.from, decoded.about.identity)
+        self.check_identity(decoded.from, &decoded.about)
             .map_err(Some)?;
         Ok(decoded.from)
     }
@@ -515,27 +522,38 @@ impl Tcp {
         }
     }
 
-    /// A proven peer's identity: refused if it is not the one known for its id; recorded if
-    /// none was known.
-    fn check_identity(&self, peer: u64, identity: Identity) -> Result<(), Refusal> {
+    /// A proven peer's identity, as it says of itself in `about`. Refused if it is not the one
+    /// known for its id, unless this node holds no cluster yet (nothing depends on a peer's
+    /// identity before the bootstrap: a peer that restarted on a new directory meanwhile is
+    /// known by its new one). One not known is recorded, except by a node that holds a
+    /// cluster from a peer that holds none (a wiped node on its way out must not take the
+    /// place of the directory the cluster knows).
+    fn check_identity(&self, peer: u64, about: &About) -> Result<(), Refusal> {
+        let identity = about.identity;
+        let initialized = self.initialized.load(Ordering::SeqCst);
         let known = self.known.lock().expect("known lock").get(&peer).copied();
         match known {
-            Some(known) if known != identity => {
+            Some(known) if known == identity => return Ok(()),
+            Some(known) if initialized => {
                 tracing::error!(peer, presented = %hex(&identity), known = %hex(&known),
                     "a peer presents another identity than the one this node knows for it: its data directory was replaced; refused");
-                Err(Refusal::Identity)
+                return Err(Refusal::Identity);
             }
-            Some(_) => Ok(()),
-            None => {
-                (self.learn)(peer, identity);
-                self.known
-                    .lock()
-                    .expect("known lock")
-                    .insert(peer, identity);
-                tracing::info!(peer, identity = %hex(&identity), "a peer's identity recorded");
-                Ok(())
+            None if initialized && !about.initialized => {
+                tracing::warn!(peer, presented = %hex(&identity),
+                    "a peer this node holds no identity for starts on an empty directory while this node holds the cluster; refused");
+                return Err(Refusal::Identity);
             }
+            _ => {}
         }
+        // Recorded durably before anything is told of it.
+        (self.learn)(peer, identity);
+        self.known
+            .lock()
+            .expect("known lock")
+            .insert(peer, identity);
+        tracing::info!(peer, identity = %hex(&identity), "a peer's identity recorded");
+        Ok(())
     }
 
     /// This node holds an initialized cluster from now on (it created its replicas).
