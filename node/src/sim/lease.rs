@@ -116,15 +116,7 @@ impl Cluster {
                 for message in fx.messages.drain(..) {
                     self.sent.push(message.clone());
                     let to = (0..3).find(|n| raft_id(*n) == message.to).expect("a peer");
-                    assert!(
-                        crate::shards::peer_may_send(
-                            node as u64 + 1,
-                            to as u64 + 1,
-                            SHARD.0,
-                            &message
-                        ),
-                        "a message its peer would refuse: {message:?}"
-                    );
+                    super::assert_deliverable(node, to, SHARD.0, &message);
                     let mut peer_fx = Effects::default();
                     self.replicas[to].step(message, now, &mut peer_fx);
                     queue.push((to, peer_fx));

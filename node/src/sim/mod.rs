@@ -29,6 +29,17 @@ mod hand_off;
 mod lease;
 mod world;
 
+/// What a node would refuse from a peer (see `shards::peer_may_send`), no simulated replica
+/// may send: `from` and `to` are node indexes (from 0).
+fn assert_deliverable(from: usize, to: usize, shard: u32, message: &raft::eraftpb::Message) {
+    assert!(
+        crate::shards::peer_may_send(from as u64 + 1, to as u64 + 1, shard, message),
+        "node {}: a message from node {} it would refuse: {message:?}",
+        to + 1,
+        from + 1
+    );
+}
+
 fn seeds() -> Vec<u64> {
     let var = |name: &str| {
         std::env::var(name).ok().map(|v| {

@@ -514,18 +514,7 @@ impl World {
                 }
                 let message = Message::parse_from_bytes(&message).expect("messages decode");
                 let shard = ShardId((message.to >> 32) as u32);
-                // What a node would refuse from a peer, no replica here may send.
-                assert!(
-                    crate::shards::peer_may_send(
-                        from as u64 + 1,
-                        node as u64 + 1,
-                        shard.0,
-                        &message
-                    ),
-                    "node {}: a message from node {} it would refuse: {message:?}",
-                    node + 1,
-                    from + 1
-                );
+                super::assert_deliverable(from, node, shard.0, &message);
                 if self.nodes[node].replicas.contains_key(&shard) {
                     let (now, mut fx) = (self.clocks(node), Effects::default());
                     self.replica(node, shard).step(message, now, &mut fx);
