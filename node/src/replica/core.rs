@@ -90,6 +90,12 @@ const DEPOSED_PROPOSALS_TICKS: u64 = 10;
 const LEAD_HOME_AFTER_TICKS: u64 = 30;
 /// Ticks between two such hand-overs of one replica.
 const LEAD_HOME_RETRY_TICKS: u64 = 100;
+/// Ticks the placed leader must have kept up (acknowledged all but [`LEAD_HOME_LAG_MAX`]
+/// entries, every tick) before leadership is handed to it: a replica that just restarted is
+/// still catching up, and a transfer to it would refuse proposals until it answers.
+const LEAD_HOME_KEPT_UP_TICKS: u64 = 10;
+/// Most entries the placed leader may lack and still count as keeping up.
+const LEAD_HOME_LAG_MAX: u64 = 256;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
 /// The log is compacted once this many entries can go.
@@ -284,6 +290,8 @@ pub struct Replica<S: LogSource> {
     due_backlog: bool,
     /// The first tick at which this leader may hand leadership to the placed leader.
     lead_home_at: u64,
+    /// Since when (in ticks) the placed leader has kept up with this leader's log.
+    home_kept_up_since: Option<u64>,
     /// The applied index of the last write made durable.
     durable_applied: u64,
     /// Refuse (pre-)votes for one lease after the start: this replica may have confirmed a
@@ -360,6 +368,7 @@ impl<S: LogSource> Replica<S> {
             last_clock: None,
             due_backlog: false,
             lead_home_at: 0,
+            home_kept_up_since: None,
             durable_applied: applied,
             hold_votes,
             queued_ops,
@@ -687,21 +696,30 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// Hands leadership back to the shard's placed leader (its first replica) once that
-    /// replica is up and has every entry, so leaders stay spread evenly over the nodes after
-    /// a failover. At most once per [`LEAD_HOME_RETRY_TICKS`].
+    /// replica has kept up with the log for [`LEAD_HOME_KEPT_UP_TICKS`] (raft-rs sends it what
+    /// it still lacks before its `MsgTimeoutNow`), so leaders stay spread evenly over the nodes
+    /// after a failover. At most once per [`LEAD_HOME_RETRY_TICKS`]; called at every tick of a
+    /// leader.
     fn lead_home(&mut self) {
         let home = self.config.bootstrap_voters[0];
-        if home == self.config.raft_id || self.ticks < self.lead_home_at {
+        if home == self.config.raft_id {
             return;
         }
         let last = self.raw.raft.raft_log.last_index();
-        let ready = self
-            .raw
-            .raft
-            .prs()
-            .get(home)
-            .is_some_and(|p| p.matched == last && p.recent_active);
-        if ready {
+        let progress = self.raw.raft.prs().get(home);
+        let keeps_up = progress.is_some_and(|p| last - p.matched <= LEAD_HOME_LAG_MAX);
+        // raft-rs clears `recent_active` at each election timeout until the next answer: asked
+        // only when handing over, not for the streak.
+        let active = progress.is_some_and(|p| p.recent_active);
+        self.home_kept_up_since = match self.home_kept_up_since {
+            Some(since) if keeps_up => Some(since),
+            _ if keeps_up => Some(self.ticks),
+            _ => None,
+        };
+        let kept_up = self
+            .home_kept_up_since
+            .is_some_and(|since| self.ticks - since >= LEAD_HOME_KEPT_UP_TICKS);
+        if kept_up && active && self.ticks >= self.lead_home_at {
             self.lead_home_at = self.ticks + LEAD_HOME_RETRY_TICKS;
             self.give_up_lease();
             self.raw.transfer_leader(home);
@@ -932,6 +950,7 @@ impl<S: LogSource> Replica<S> {
     fn on_became_leader(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         self.last_clock = None;
         self.lead_home_at = self.ticks + LEAD_HOME_AFTER_TICKS;
+        self.home_kept_up_since = None;
         if self.view(base).get(keys::RULES).is_none() {
             let seed = Command::SeedRules(Box::new(self.config.seed_rules.clone()));
             self.propose(&seed, None, fx);
