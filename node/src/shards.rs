@@ -554,14 +554,17 @@ pub async fn per_shard<T, F: Future<Output = T>>(
 /// Whether node `from` may send `message` to this node's (`me`) replica of `shard`: a peer
 /// speaks only for its own replicas, to this node's, except for what raft-rs forwards on
 /// another replica's behalf: a ReadIndex request a follower passes on to the leader it knows,
-/// and a transfer request (a replica that refuses a transfer because it is leaving sends one
-/// naming the leader itself, which makes the leader give its transfer up; see
+/// and a transfer request naming the receiving replica itself (a replica that refuses a
+/// transfer because it is leaving sends one, which makes the leader give its transfer up; see
 /// `Replica::step`).
 pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &raft::eraftpb::Message) -> bool {
     use raft::eraftpb::MessageType::{MsgReadIndex, MsgTransferLeader};
     let ours = node_of_raft_id(message.to) == me && message.to >> 32 == u64::from(shard);
-    let forwarded = matches!(message.get_msg_type(), MsgReadIndex | MsgTransferLeader)
-        && message.from >> 32 == u64::from(shard);
+    let forwarded = match message.get_msg_type() {
+        MsgReadIndex => message.from >> 32 == u64::from(shard),
+        MsgTransferLeader => message.from == message.to,
+        _ => false,
+    };
     ours && (node_of_raft_id(message.from) == from || forwarded)
 }
 

@@ -577,7 +577,12 @@ impl<S: LogSource> Replica<S> {
                 // one is pending) instead of waiting an election timeout.
                 tracing::info!(shard = %self.config.shard, from = node_of_raft_id(message.from),
                     "leadership transfer refused: this node is shutting down");
-                self.raw.transfer_leader(message.from);
+                // Only to the leader this replica follows, in its term: raft-rs forwards the
+                // request to that leader, and one from an older leader is stale anyway.
+                let raft = &self.raw.raft;
+                if message.from == raft.leader_id && message.term == raft.term {
+                    self.raw.transfer_leader(message.from);
+                }
                 return;
             }
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
@@ -960,8 +965,7 @@ impl<S: LogSource> Replica<S> {
         }
     }
 
-    /// Fails every waiting proposal and read: after a leader change they may or may not
-    /// commit, and the client's retry is made safe by exactly-once event ids.
+    /// Fails every waiting read (after a leader change; reads are retried at the new leader).
     fn fail_reads(&mut self, error: ShardError, fx: &mut Effects) {
         let reads = std::mem::take(&mut self.reads);
         let all = reads
