@@ -247,16 +247,14 @@ fn copy_snapshot(
 ) -> Result<Manifest, BackupError> {
     let snapshot = storage.db.snapshot();
     let created_at = Millis::now().to_string();
-    let keyspaces = storage.keyspaces()?;
+    let keyspaces = storage.keyspaces();
     let target = Database::builder(dir)
         .open()
         .with_context(|| format!("creating the backup database in {}", dir.display()))?;
     let mut shards = Vec::new();
     let mut copied = Vec::new();
-    for (name, source) in &keyspaces {
-        let shard = name
-            .strip_prefix("state_")
-            .and_then(|n| n.parse::<u32>().ok());
+    for (name, shard, source) in &keyspaces {
+        let shard = shard.filter(|_| name.starts_with("state_")).map(|s| s.0);
         let destination = target
             .keyspace(name, || storage.keyspace_options())
             .with_context(|| format!("creating keyspace {name} in the backup"))?;
@@ -553,9 +551,9 @@ mod tests {
     use crate::storage::{Space, TempDir};
     use fjall::Keyspace;
 
-    fn keyspace(storage: &Storage, space: Space) -> &Keyspace {
+    fn keyspace(storage: &Storage, space: Space) -> Keyspace {
         match space {
-            Space::Meta => &storage.meta,
+            Space::Meta => storage.meta.clone(),
             Space::Log(shard) => storage.log(shard),
             Space::State(shard) => storage.state(shard),
         }

@@ -25,6 +25,7 @@ mod router;
 mod shards;
 #[cfg(test)]
 mod sim;
+mod snapshots;
 mod state;
 mod storage;
 mod transport;
@@ -219,6 +220,7 @@ fn main() -> anyhow::Result<()> {
             activation_budget: budget_per_shard,
             seed_rules: seed_rules.clone(),
             log_retain_entries: c.log_retain_entries,
+            log_compact_entries: replica::core::LOG_COMPACT_BATCH,
             life: started_micros,
             tick: Duration::from_millis(c.tick_ms),
         };

@@ -126,6 +126,9 @@ pub struct Metrics {
     pub activations: AtomicU64,
     pub activated: AtomicU64,
     pub passivated: AtomicU64,
+    /// Snapshots whose last chunk this node sent, and that its replicas installed.
+    pub snapshots_sent: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 impl Metrics {
@@ -240,6 +243,16 @@ impl Metrics {
                 "oneid_follow_ups_swept_total",
                 "Follow-ups finished by a shard leader's sweep rather than the router.",
                 &self.follow_ups_swept,
+            ),
+            (
+                "oneid_snapshots_sent_total",
+                "Snapshots of a shard's state sent in full to a follower behind the log.",
+                &self.snapshots_sent,
+            ),
+            (
+                "oneid_snapshots_installed_total",
+                "Snapshots installed by this node's replicas.",
+                &self.snapshots_installed,
             ),
         ];
         for (name, help, value) in counters {

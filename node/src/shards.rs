@@ -19,7 +19,9 @@
 use crate::command::{Command, Output};
 use crate::config::node_of_raft_id;
 use crate::replica::actor::{Leave, Propose, Read, ShardActor, Step};
+use crate::replica::core::snapshot::SnapshotRef;
 use crate::replica::core::ShardError;
+use crate::snapshots::{Chunk, ChunkError, Snapshots, Source, CHUNK_TIMEOUT};
 use crate::storage::{Answer, Query, StateReader};
 use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::Transport;
@@ -67,6 +69,25 @@ enum PeerRequest {
         query: Query,
         consistency: Consistency,
     },
+    /// The pairs of a snapshot this node holds, after a key.
+    SnapshotChunk {
+        snapshot: SnapshotRef,
+        after: Option<Vec<u8>>,
+    },
+    /// The follower gave the snapshot up.
+    SnapshotAbandon {
+        snapshot: SnapshotRef,
+    },
+}
+
+impl PeerRequest {
+    fn shard(&self) -> ShardId {
+        match self {
+            PeerRequest::Propose { shard, .. } | PeerRequest::Read { shard, .. } => *shard,
+            PeerRequest::SnapshotChunk { snapshot, .. }
+            | PeerRequest::SnapshotAbandon { snapshot } => snapshot.shard,
+        }
+    }
 }
 
 /// A read's answer and the applied index of the replica that served it.
@@ -76,6 +97,8 @@ pub type ReadAnswer = (Answer, u64);
 enum PeerResponse {
     Proposed(Result<Output, ShardError>),
     Read(Result<ReadAnswer, ShardError>),
+    Chunk(Result<Chunk, ChunkError>),
+    Abandoned,
 }
 
 /// A leader's lease as its replica last published it: until `until` no other leader can be
@@ -126,6 +149,8 @@ pub struct Shards {
     reads_served: [AtomicU64; SERVED.len()],
     peers: OnceLock<Arc<Tcp>>,
     reader: StateReader,
+    /// The snapshots this node holds for followers and fetches for its replicas.
+    pub snapshots: Snapshots,
 }
 
 impl Shards {
@@ -140,6 +165,7 @@ impl Shards {
             placement,
             local: OnceLock::new(),
             peers: OnceLock::new(),
+            snapshots: Snapshots::new(Arc::clone(reader.storage())),
             reader,
         }
     }
@@ -370,7 +396,7 @@ impl Shards {
             .await?
         {
             PeerResponse::Proposed(result) => result,
-            PeerResponse::Read(_) => panic!("a proposal answered as a read"),
+            other => panic!("a proposal answered {other:?}"),
         }
     }
 
@@ -427,7 +453,7 @@ impl Shards {
         };
         match self.call(target, &request, deadline).await? {
             PeerResponse::Read(result) => result,
-            PeerResponse::Proposed(_) => panic!("a read answered as a proposal"),
+            other => panic!("a read answered {other:?}"),
         }
     }
 
@@ -516,9 +542,7 @@ impl Shards {
         request: &PeerRequest,
         deadline: Instant,
     ) -> Result<PeerResponse, ShardError> {
-        let shard = match request {
-            PeerRequest::Propose { shard, .. } | PeerRequest::Read { shard, .. } => *shard,
-        };
+        let shard = request.shard();
         let Some(peers) = self.peers.get() else {
             return Err(ShardError::Stopped(shard));
         };
@@ -568,6 +592,35 @@ pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &raft::eraftpb::Me
     ours && (node_of_raft_id(message.from) == from || forwarded)
 }
 
+/// A snapshot's holder, reached over the peer transport.
+pub struct PeerSource(pub Arc<Shards>);
+
+impl Source for PeerSource {
+    async fn chunk(&self, snapshot: &SnapshotRef, after: Option<Vec<u8>>) -> anyhow::Result<Chunk> {
+        let request = PeerRequest::SnapshotChunk {
+            snapshot: snapshot.clone(),
+            after,
+        };
+        let deadline = Instant::now() + CHUNK_TIMEOUT;
+        match self.0.call(snapshot.node, &request, deadline).await {
+            Ok(PeerResponse::Chunk(chunk)) => Ok(chunk?),
+            Ok(other) => anyhow::bail!("a chunk answered {other:?}"),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    fn abandon(&self, snapshot: &SnapshotRef) {
+        let (shards, holder) = (Arc::clone(&self.0), snapshot.node);
+        let request = PeerRequest::SnapshotAbandon {
+            snapshot: snapshot.clone(),
+        };
+        tokio::spawn(async move {
+            let deadline = Instant::now() + FORWARD_TIMEOUT;
+            let _ = shards.call(holder, &request, deadline).await;
+        });
+    }
+}
+
 /// What peers send this node, carried out on its own replicas.
 pub struct FromPeers(pub Arc<Shards>);
 
@@ -604,6 +657,18 @@ impl Inbound for FromPeers {
                     query,
                     consistency,
                 }) => PeerResponse::Read(shards.read_here(shard, query, consistency).await),
+                Ok(PeerRequest::SnapshotChunk { snapshot, after }) => {
+                    let holder = Arc::clone(&shards);
+                    let chunk = shards
+                        .reader
+                        .run(move |_| holder.snapshots.chunk(&snapshot, after))
+                        .await;
+                    PeerResponse::Chunk(chunk)
+                }
+                Ok(PeerRequest::SnapshotAbandon { snapshot }) => {
+                    shards.snapshots.abandon(&snapshot);
+                    PeerResponse::Abandoned
+                }
                 Err(_) => PeerResponse::Read(Err(ShardError::Stopped(ShardId(0)))),
             };
             postcard::to_stdvec(&response).expect("responses encode")

@@ -1,9 +1,13 @@
 //! Durable storage: one fjall database per node, and the writer thread that group-commits it.
 //!
-//! Keyspaces: `meta` (each shard's Raft hard state, and the cluster's shard count and state
+//! Keyspaces: `meta` (each shard's Raft records, and the cluster's shard count and state
 //! format), `log_NNNN` (a shard's Raft log, index → entry) and `state_NNNN` (a shard's applied
-//! state, see `state::keys`). The Raft conf state is not stored: it is the one `cluster.toml`
-//! bootstraps.
+//! state, see `state::keys`). A shard's two keyspaces belong to a **generation** (`gen/NNNN` in
+//! `meta`, 0 when absent): generation `G > 0` names them `log_NNNN_gG` and `state_NNNN_gG`.
+//! A snapshot install writes the next generation's state beside the current one (fjall cannot
+//! rename a keyspace), then switches `gen/NNNN` in the same atomic batch as the shard's Raft
+//! records; the old generation is dropped after, and at open any generation that is not the
+//! recorded one (a switch that never happened, or a drop a crash cut short) is deleted.
 //!
 //! Every write goes through the [`Writer`]: a dedicated thread that takes all pending write
 //! jobs of all shards, commits them as one fjall batch and makes them durable with one
@@ -26,8 +30,9 @@ use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 /// The layout of the stored state: keys, value encodings, the Raft commands. A node refuses a
@@ -39,8 +44,9 @@ use std::time::Instant;
 /// identity's; points lots with a sequence (their due keys name it), merged within a minute of
 /// expiry and capped per profile. Format 5: the Raft log's own records (its conf state, where
 /// it was compacted and its terms) beside the hard state, and logs that keep entries for
-/// followers.
-pub const STATE_FORMAT: u32 = 5;
+/// followers. Format 6: a shard's keyspaces by generation (`gen/NNNN`), which snapshot
+/// installs switch.
+pub const STATE_FORMAT: u32 = 6;
 /// Meta keys `peer/identity/<node id, 8 bytes BE>`: the identity known for each peer.
 const PEER_IDENTITY: &[u8] = b"peer/identity/";
 
@@ -130,9 +136,49 @@ pub struct Storage {
     pub meta: Keyspace,
     /// The writer seals a keyspace's memtable once it holds this many bytes (`memtable_mib`).
     memtable_bytes: u64,
-    /// Indexed by shard id; `None` for shards not hosted here.
-    logs: Vec<Option<Keyspace>>,
-    states: Vec<Option<Keyspace>>,
+    /// Indexed by shard id; `None` for shards not hosted here. Replaced when a snapshot
+    /// install switches the shard's generation.
+    shards: Vec<Option<RwLock<Generation>>>,
+    /// The generation the next staging takes (above every one on disk at open).
+    next_generation: AtomicU64,
+}
+
+/// The keyspaces of a shard's current generation.
+#[derive(Clone)]
+struct Generation {
+    number: u64,
+    log: Keyspace,
+    state: Keyspace,
+}
+
+/// The meta key `gen/NNNN`: the generation of a shard's keyspaces (u64 big-endian).
+pub fn generation_key(shard: ShardId) -> Vec<u8> {
+    format!("gen/{:04}", shard.0).into_bytes()
+}
+
+/// The names of a shard's log and state keyspaces in `generation`.
+fn generation_names(shard: ShardId, generation: u64) -> (String, String) {
+    let suffix = match generation {
+        0 => String::new(),
+        g => format!("_g{g}"),
+    };
+    (
+        format!("log_{:04}{suffix}", shard.0),
+        format!("state_{:04}{suffix}", shard.0),
+    )
+}
+
+/// The shard and generation a keyspace name belongs to, if it is a shard's.
+fn parse_generation_name(name: &str) -> Option<(ShardId, u64)> {
+    let rest = name
+        .strip_prefix("state_")
+        .or_else(|| name.strip_prefix("log_"))?;
+    let (shard, generation) = match rest.split_once("_g") {
+        Some((shard, generation)) => (shard, generation.parse().ok()?),
+        None => (rest, 0),
+    };
+    (shard.len() == 4).then_some(())?;
+    Some((ShardId(shard.parse().ok()?), generation))
 }
 
 /// Where a write goes.
@@ -168,20 +214,45 @@ impl Storage {
         let memtable_bytes = limits.memtable_mib * MIB;
         let keyspace_options = || keyspace_options(memtable_bytes);
         let meta = db.keyspace("meta", keyspace_options)?;
-        let mut logs = vec![None; n_shards as usize];
-        let mut states = vec![None; n_shards as usize];
+        let mut shards: Vec<Option<RwLock<Generation>>> = (0..n_shards).map(|_| None).collect();
+        let mut current = BTreeMap::new();
         for &shard in hosted {
-            logs[shard.0 as usize] =
-                Some(db.keyspace(&format!("log_{:04}", shard.0), keyspace_options)?);
-            states[shard.0 as usize] =
-                Some(db.keyspace(&format!("state_{:04}", shard.0), keyspace_options)?);
+            let number = match meta.get(generation_key(shard))? {
+                Some(bytes) => {
+                    u64::from_be_bytes(bytes.as_ref().try_into().context("corrupt gen record")?)
+                }
+                None => 0,
+            };
+            let (log, state) = generation_names(shard, number);
+            let generation = Generation {
+                number,
+                log: db.keyspace(&log, keyspace_options)?,
+                state: db.keyspace(&state, keyspace_options)?,
+            };
+            current.insert(shard, number);
+            shards[shard.0 as usize] = Some(RwLock::new(generation));
+        }
+        // Generations that are not the recorded one: staged and never switched to, or
+        // switched from and not yet dropped.
+        let mut highest = 0;
+        for name in db.list_keyspace_names() {
+            let name = name.to_string();
+            let Some((shard, number)) = parse_generation_name(&name) else {
+                continue;
+            };
+            highest = highest.max(number);
+            if current.get(&shard).is_some_and(|&c| c != number) {
+                tracing::info!(keyspace = %name, "dropping a generation that is not the shard's");
+                let keyspace = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+                db.delete_keyspace(keyspace)?;
+            }
         }
         Ok(Storage {
             db,
             meta,
             memtable_bytes,
-            logs,
-            states,
+            shards,
+            next_generation: AtomicU64::new(highest + 1),
         })
     }
 
@@ -296,11 +367,11 @@ impl Storage {
     /// (flushes, compactions) that frees it. `outstanding_flushes` and `active_compactions`
     /// are fjall's experimental API: if they change, these two gauges go, not the node.
     pub fn render_gauges(&self, out: &mut String) {
+        let generations: Vec<Generation> = self.generations().collect();
         let keyspaces = || {
-            self.logs
+            generations
                 .iter()
-                .chain(&self.states)
-                .flatten()
+                .flat_map(|g| [&g.log, &g.state])
                 .chain([&self.meta])
         };
         let gauges = [
@@ -342,37 +413,104 @@ impl Storage {
         }
     }
 
-    pub fn log(&self, shard: ShardId) -> &Keyspace {
-        self.logs[shard.0 as usize]
+    fn generation(&self, shard: ShardId) -> Generation {
+        self.shards[shard.0 as usize]
             .as_ref()
             .expect("shard is hosted here")
+            .read()
+            .expect("generation lock")
+            .clone()
     }
 
-    pub fn state(&self, shard: ShardId) -> &Keyspace {
-        self.states[shard.0 as usize]
-            .as_ref()
-            .expect("shard is hosted here")
-    }
-
-    /// Every keyspace of the database (hosted shards' or not), sorted by name.
-    pub fn keyspaces(&self) -> anyhow::Result<Vec<(String, Keyspace)>> {
-        let mut names: Vec<String> = self
-            .db
-            .list_keyspace_names()
+    fn generations(&self) -> impl Iterator<Item = Generation> + '_ {
+        self.shards
             .iter()
-            .map(|name| name.to_string())
-            .collect();
-        names.sort();
-        names
-            .into_iter()
-            .map(|name| {
-                let keyspace = self
-                    .db
-                    .keyspace(&name, KeyspaceCreateOptions::default)
-                    .with_context(|| format!("opening keyspace {name}"))?;
-                Ok((name, keyspace))
-            })
-            .collect()
+            .flatten()
+            .map(|g| g.read().expect("generation lock").clone())
+    }
+
+    /// The shard's log keyspace, of its current generation.
+    pub fn log(&self, shard: ShardId) -> Keyspace {
+        self.generation(shard).log
+    }
+
+    /// The shard's state keyspace, of its current generation.
+    pub fn state(&self, shard: ShardId) -> Keyspace {
+        self.generation(shard).state
+    }
+
+    /// The shard's current generation.
+    pub fn generation_number(&self, shard: ShardId) -> u64 {
+        self.generation(shard).number
+    }
+
+    /// The keyspaces this node reads, sorted by name: `meta`, and each hosted shard's log and
+    /// state of its current generation (each with the shard it belongs to).
+    pub fn keyspaces(&self) -> Vec<(String, Option<ShardId>, Keyspace)> {
+        let mut all = vec![("meta".to_string(), None, self.meta.clone())];
+        for (shard, generation) in self.shards.iter().enumerate() {
+            let Some(generation) = generation else {
+                continue;
+            };
+            let g = generation.read().expect("generation lock").clone();
+            let shard = ShardId(shard as u32);
+            let (log, state) = generation_names(shard, g.number);
+            all.push((log, Some(shard), g.log));
+            all.push((state, Some(shard), g.state));
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Creates the keyspaces of a new generation of `shard`, empty, for a snapshot to be
+    /// written into: the shard goes on reading and writing its current one until
+    /// [`Storage::switch`]. Answers the generation and its state keyspace.
+    pub fn stage(&self, shard: ShardId) -> anyhow::Result<(u64, Keyspace)> {
+        let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (log, state) = generation_names(shard, number);
+        let options = || self.keyspace_options();
+        self.db.keyspace(&log, options)?;
+        Ok((number, self.db.keyspace(&state, options)?))
+    }
+
+    /// Drops a staged generation that will not be switched to.
+    pub fn discard(&self, shard: ShardId, number: u64) -> anyhow::Result<()> {
+        assert_ne!(
+            number,
+            self.generation_number(shard),
+            "shard {shard}: discarding its current generation"
+        );
+        let (log, state) = generation_names(shard, number);
+        for name in [log, state] {
+            let keyspace = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
+            self.db.delete_keyspace(keyspace)?;
+        }
+        Ok(())
+    }
+
+    /// The write recording generation `number` of `shard` is durable: reads and writes go to
+    /// its keyspaces from now on, and the old generation is dropped (its files go once the
+    /// last reader lets go of them). The caller has no write of the shard in flight.
+    pub fn switch(&self, shard: ShardId, number: u64) -> anyhow::Result<()> {
+        let (log, state) = generation_names(shard, number);
+        let options = || self.keyspace_options();
+        let new = Generation {
+            number,
+            log: self.db.keyspace(&log, options)?,
+            state: self.db.keyspace(&state, options)?,
+        };
+        let old = std::mem::replace(
+            &mut *self.shards[shard.0 as usize]
+                .as_ref()
+                .expect("shard is hosted here")
+                .write()
+                .expect("generation lock"),
+            new,
+        );
+        assert!(old.number < number, "shard {shard}: generations only go up");
+        self.db.delete_keyspace(old.log)?;
+        self.db.delete_keyspace(old.state)?;
+        Ok(())
     }
 
     /// Options for a keyspace of this node's database or of a backup of it.
@@ -389,9 +527,9 @@ impl Storage {
         Ok(())
     }
 
-    fn keyspace(&self, space: Space) -> &Keyspace {
+    fn keyspace(&self, space: Space) -> Keyspace {
         match space {
-            Space::Meta => &self.meta,
+            Space::Meta => self.meta.clone(),
             Space::Log(shard) => self.log(shard),
             Space::State(shard) => self.state(shard),
         }
@@ -444,12 +582,16 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         }
         let started = Instant::now();
         let mut batch = storage.db.batch();
-        let mut touched: Vec<Space> = Vec::new();
+        let mut touched: Vec<(Space, Keyspace)> = Vec::new();
         for op in jobs.iter_mut().flat_map(|job| job.ops.drain(..)) {
-            if !touched.contains(&op.space) {
-                touched.push(op.space);
-            }
-            let keyspace = storage.keyspace(op.space);
+            let at = match touched.iter().position(|(space, _)| *space == op.space) {
+                Some(at) => at,
+                None => {
+                    touched.push((op.space, storage.keyspace(op.space)));
+                    touched.len() - 1
+                }
+            };
+            let keyspace = &touched[at].1;
             match op.value {
                 Some(value) => batch.insert(keyspace, op.key, value),
                 None => batch.remove(keyspace, op.key),
@@ -470,8 +612,8 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         for job in jobs {
             (job.done)();
         }
-        for &space in &touched {
-            if let Err(error) = storage.seal_if_full(storage.keyspace(space)) {
+        for (_, keyspace) in &touched {
+            if let Err(error) = storage.seal_if_full(keyspace) {
                 stop("sealing a memtable", &error);
             }
         }
@@ -487,9 +629,9 @@ fn stop(what: &str, error: &fjall::Error) -> ! {
 
 /// A fjall keyspace as the state machine's read view. A read error is not deterministic:
 /// it stops the node rather than being answered.
-pub struct FjallState<'a>(pub &'a fjall::Keyspace);
+pub struct FjallState(pub fjall::Keyspace);
 
-impl StateRead for FjallState<'_> {
+impl StateRead for FjallState {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.0
             .get(key)
@@ -622,11 +764,11 @@ impl StateReader {
         self.pool.run(move || read(&reader)).await
     }
 
-    fn shard(&self, shard: ShardId) -> FjallState<'_> {
+    fn shard(&self, shard: ShardId) -> FjallState {
         FjallState(self.storage.state(shard))
     }
 
-    pub fn storage(&self) -> &Storage {
+    pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
     }
 
@@ -827,6 +969,49 @@ mod tests {
             state.tree.sealed_memtable_count() + state.tree.table_count() >= 2,
             "at least two memtables sealed"
         );
+    }
+
+    #[test]
+    fn a_generation_switch_survives_a_reopen_and_unswitched_ones_are_dropped() {
+        let dir = TempDir::new("generations");
+        let shard = ShardId(0);
+        let open =
+            || Storage::open(&dir.0, 1, &[shard], StorageConfig::default()).expect("opening");
+        let storage = open();
+        storage
+            .state(shard)
+            .insert("k", "gen 0")
+            .expect("inserting");
+        let (one, staged) = storage.stage(shard).expect("staging");
+        staged.insert("k", "gen 1").expect("inserting");
+        let (two, abandoned) = storage.stage(shard).expect("staging");
+        abandoned.insert("k", "gen 2").expect("inserting");
+        assert_eq!((one, two), (1, 2));
+        // The switch: the meta record first (as the install's write), then the handles.
+        storage
+            .meta
+            .insert(generation_key(shard), one.to_be_bytes())
+            .expect("inserting");
+        storage.switch(shard, one).expect("switching");
+        let value = |s: &Storage| s.state(shard).get("k").expect("reads").map(|v| v.to_vec());
+        assert_eq!(value(&storage), Some(b"gen 1".to_vec()));
+        storage.sync_all().expect("syncing");
+        drop((staged, abandoned, storage));
+        let reopened = open();
+        assert_eq!(reopened.generation_number(shard), 1);
+        assert_eq!(value(&reopened), Some(b"gen 1".to_vec()));
+        let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.0).collect();
+        assert_eq!(names, ["log_0000_g1", "meta", "state_0000_g1"]);
+        let mut on_disk: Vec<String> = reopened
+            .db
+            .list_keyspace_names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        on_disk.sort();
+        assert_eq!(on_disk, ["log_0000_g1", "meta", "state_0000_g1"]);
+        // The next staging takes a generation above every one seen.
+        assert_eq!(reopened.stage(shard).expect("staging").0, 3);
     }
 
     #[test]

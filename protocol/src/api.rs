@@ -178,6 +178,25 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     /// The answering node's own replicas (so comparing the nodes' answers compares replicas).
     pub shards: Vec<ShardView>,
+    /// Snapshots on their way between the answering node and others.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotView>,
+}
+
+/// A snapshot in flight: a shard's state streamed to a follower behind the leader's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub shard: u32,
+    /// The applied index of the state it carries.
+    pub index: u64,
+    /// `out` (this node holds it for a follower) or `in` (this node fetches it).
+    pub direction: String,
+    /// The other node: the follower's (`out`) or the holder's (`in`).
+    pub node: u64,
+    /// Bytes of pairs sent or received so far.
+    pub bytes: u64,
+    /// Since it was held, or its fetch began.
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

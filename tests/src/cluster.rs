@@ -15,6 +15,8 @@ pub struct ClusterOptions {
     pub replication: u32,
     /// Clock entries only at first start (see `NodeOptions::quiet`), so replicas settle.
     pub clock_interval_ms: u64,
+    /// `[cluster] log_retain_entries`, if not the default.
+    pub log_retain_entries: Option<u64>,
     /// Extra TOML for `[cluster]`-level tables appended to the file.
     pub extra: String,
 }
@@ -26,6 +28,7 @@ impl Default for ClusterOptions {
             shards: 8,
             replication: 3,
             clock_interval_ms: 3_600_000,
+            log_retain_entries: None,
             extra: String::new(),
         }
     }
@@ -87,6 +90,9 @@ impl TestCluster {
             "[cluster]\nshards = {}\nreplication = {}\nclock_interval_ms = {}\nsecret = \"{}\"\n\n",
             o.shards, o.replication, o.clock_interval_ms, self.secret
         );
+        if let Some(retain) = o.log_retain_entries {
+            text.insert_str(text.len() - 1, &format!("log_retain_entries = {retain}\n"));
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             text.push_str(&format!(
                 "[[nodes]]\nid = {}\napi = \"127.0.0.1:{}\"\npeer = \"{}\"\ndata = \"{}\"\n\n",

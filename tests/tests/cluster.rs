@@ -2,7 +2,8 @@
 //! killed during ingest, a follower killed and restarted, a rolling restart during ingest, a
 //! node paused past the election timeout and read through at once, hostile peer connections,
 //! a contradicting config, a node restarted on a wiped data directory, a client of the whole
-//! cluster, a backup of one node's replicas (restore refused). After each: every acknowledged event is present exactly once, and replicas at equal applied
+//! cluster, a backup of one node's replicas (restore refused), a node that fell behind the
+//! compacted log and catches up by snapshot. After each: every acknowledged event is present exactly once, and replicas at equal applied
 //! indexes have equal digests.
 
 use oneid_client::Client;
@@ -640,4 +641,76 @@ async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
         .node(2)
         .logs()
         .contains("--restore restores a one-node cluster, and this file lists 3 nodes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_compacted_log_catches_up_by_snapshot_and_serves_exact_totals() {
+    let mut cluster = TestCluster::start(ClusterOptions {
+        log_retain_entries: Some(50),
+        ..ClusterOptions::default()
+    })
+    .await;
+    send_all(&cluster.node(1).client(), 0..1_000).await;
+    cluster.node_mut(3).kill9();
+    // Batches of 20 events: each writes an entry on most of the 8 shards, so every shard's
+    // log moves well past the 50 entries it keeps (and the 64 it compacts at once).
+    let client = cluster.node(1).client();
+    for first in (1_000..9_000).step_by(20) {
+        send_all(&client, first..first + 20).await;
+    }
+    let lagging = cluster
+        .node(1)
+        .client()
+        .cluster()
+        .await
+        .expect("cluster view");
+    let needing = lagging
+        .shards
+        .iter()
+        .filter(|s| s.needs_snapshot.contains(&3))
+        .count();
+    assert!(
+        needing > 0,
+        "node 3 is behind some shard's compacted log: {lagging:?}"
+    );
+
+    cluster.node_mut(3).restart().await;
+    let settled = cluster.settled().await;
+    assert_eq!(settled.len(), 8, "every shard's digests agree: {settled:?}");
+    let installed = cluster
+        .node(3)
+        .metric("oneid_snapshots_installed_total")
+        .await;
+    assert!(
+        installed as usize >= needing,
+        "{installed} snapshots installed, {needing} needed"
+    );
+    let mut sent = 0;
+    for node in [1, 2] {
+        sent += cluster
+            .node(node)
+            .metric("oneid_snapshots_sent_total")
+            .await;
+    }
+    assert!(sent >= installed, "{sent} sent, {installed} installed");
+    eprintln!("{needing} shards needed a snapshot; {sent} sent, {installed} installed");
+    // Nobody waits for a snapshot any more, and none is in flight.
+    for (node, view) in cluster.views().await {
+        assert!(
+            view.snapshots.is_empty(),
+            "node {node}: {:?}",
+            view.snapshots
+        );
+        for shard in &view.shards {
+            assert!(shard.needs_snapshot.is_empty(), "node {node}: {shard:?}");
+        }
+    }
+
+    // With node 1 gone, node 3's installed replicas are in every quorum: writes and reads
+    // through it see exact totals.
+    cluster.node_mut(1).kill9();
+    let client = cluster.node(3).client();
+    send_all(&client, 9_000..9_300).await;
+    assert_exactly_once(&client, 9_300).await;
+    cluster.settled().await;
 }

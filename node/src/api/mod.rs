@@ -577,6 +577,7 @@ impl Api {
             node: self.node_id,
             cluster_id: self.cluster_id.clone(),
             identity: crate::transport::tcp::hex(&self.identity),
+            snapshots: self.shards.snapshots.in_flight(),
             nodes,
             shards: self.shard_views().await?,
         })

@@ -7,16 +7,24 @@
 //! covers the work of many shards), messages go to the peers, and answers go back to whoever
 //! asked. As leader it also sweeps the follow-up records the router did not finish.
 //!
+//! Snapshots (see `replica::core::snapshot`): as leader it holds what its replica prepares
+//! (`snapshots::Snapshots::hold`, before the next write goes out) and tells the replica how
+//! the transfers ended; as follower it fetches what its replica asks for, on the actor's
+//! runtime, and after an install's write is durable switches the shard's keyspaces to the new
+//! generation before the replica reloads from them.
+//!
 //! The actor answers no profile, identity or ledger read itself: those go to fjall directly
 //! (`storage::StateReader`), once the actor says the durable state is new enough
 //! ([`Read`]).
 
+use super::core::snapshot::SnapshotRef;
 use super::core::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use super::log::LogSource;
 use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shards::{Gate, Shards};
+use crate::shards::{Gate, PeerSource, Shards};
+use crate::snapshots::Ended;
 use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
@@ -104,6 +112,8 @@ pub struct ShardActor {
     /// after a restart: one scan from the start).
     follow_up_floor: u64,
     reported_activations: (u64, u64, usize),
+    /// The write in flight switches the shard to this generation.
+    switching: Option<u64>,
 }
 
 impl ShardActor {
@@ -123,8 +133,9 @@ impl ShardActor {
         };
         let logger = crate::logging::raft_logger(shard);
         let replica = Replica::recover(config, source, &FjallState(storage.state(shard)), &logger)?;
+        let generation = storage.generation_number(shard);
         let status = replica.status();
-        tracing::info!(%shard, applied = status.applied_index, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
+        tracing::info!(%shard, applied = status.applied_index, generation, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
         Ok(ShardActor {
             shard,
             tick,
@@ -141,6 +152,7 @@ impl ShardActor {
             next_sweep: Instant::now(),
             follow_up_floor: 0,
             reported_activations: (0, 0, 0),
+            switching: None,
         })
     }
 
@@ -165,7 +177,13 @@ impl ShardActor {
         self.carry_out(fx, ctx);
     }
 
-    fn carry_out(&mut self, fx: Effects, ctx: &mut Context<Self>) {
+    fn carry_out(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
+        // Before the write goes out: the state is still the durable one the snapshots are of.
+        for snapshot in std::mem::take(&mut fx.snapshots) {
+            if !self.shards.snapshots.hold(&snapshot) {
+                self.replica.snapshot_failed(&snapshot);
+            }
+        }
         // Before anything leaves: a reader must never find a lease this replica gave up, nor
         // miss a write it acknowledges.
         let gate = self.replica.lease_read().map(|(until, commit)| Gate {
@@ -181,6 +199,10 @@ impl ShardActor {
             reads,
             clocks,
             role,
+            snapshots: _,
+            fetch,
+            switch,
+            discard,
         } = fx;
         if !messages.is_empty() {
             for raft_id in self.shards.send_raft(self.shard, messages) {
@@ -194,7 +216,19 @@ impl ShardActor {
         for (elapsed, due) in clocks {
             self.metrics.clock_applied(elapsed, due);
         }
+        if let Some(snapshot) = fetch {
+            self.fetch(snapshot, ctx);
+        }
+        if let Some(generation) = discard {
+            let (storage, shard) = (Arc::clone(&self.storage), self.shard);
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = storage.discard(shard, generation) {
+                    tracing::warn!(%shard, generation, %error, "dropping a staged generation failed");
+                }
+            });
+        }
         if let Some(ops) = write {
+            self.switching = switch;
             let addr = ctx.address();
             self.writer.submit(WriteJob {
                 ops,
@@ -216,6 +250,23 @@ impl ShardActor {
         }
     }
 
+    /// Fetches a snapshot's state into a new generation, then tells the replica.
+    fn fetch(&mut self, snapshot: SnapshotRef, ctx: &mut Context<Self>) {
+        let shards = Arc::clone(&self.shards);
+        let wanted = snapshot.clone();
+        let task = async move {
+            let source = PeerSource(Arc::clone(&shards));
+            shards.snapshots.fetch(&source, &wanted).await.ok()
+        };
+        ctx.spawn(task.into_actor(self).map(move |generation, actor, ctx| {
+            let mut fx = Effects::default();
+            actor
+                .replica
+                .staged(&snapshot, generation, actor.now(), &mut fx);
+            actor.run(fx, ctx);
+        }));
+    }
+
     /// Ticks one tick length after the last tick ran: never early, and never a burst of the
     /// ticks a stall missed (an actix interval would catch up on them), which leases rely on.
     fn schedule_tick(&self, ctx: &mut Context<Self>) {
@@ -227,6 +278,15 @@ impl ShardActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let mut fx = Effects::default();
+        for ended in self.shards.snapshots.ended(self.shard) {
+            match ended {
+                Ended::Sent(snapshot) => {
+                    self.metrics.snapshots_sent.fetch_add(1, Relaxed);
+                    self.replica.snapshot_sent(&snapshot);
+                }
+                Ended::Failed(snapshot) => self.replica.snapshot_failed(&snapshot),
+            }
+        }
         self.replica.tick(self.now(), &mut fx);
         let status = self.replica.status();
         self.shards.observe(
@@ -420,8 +480,18 @@ impl Handler<Flushed> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
+        if let Some(generation) = self.switching.take() {
+            self.metrics.snapshots_installed.fetch_add(1, Relaxed);
+            tracing::info!(shard = %self.shard, generation, "switched to the installed snapshot's generation");
+            if let Err(error) = self.storage.switch(self.shard, generation) {
+                // The switch is durable; only the drop of the old generation failed, and the
+                // next start drops it.
+                tracing::warn!(shard = %self.shard, generation, %error, "dropping the old generation failed");
+            }
+        }
         let mut fx = Effects::default();
-        self.replica.persisted(&mut fx);
+        self.replica
+            .persisted(&FjallState(self.storage.state(self.shard)), &mut fx);
         self.run(fx, ctx);
     }
 }

@@ -6,7 +6,9 @@
 //! - inputs: [`Replica::propose`], [`Replica::read`] (a linearizable read), [`Replica::step`]
 //!   (a Raft message from a peer), [`Replica::tick`], [`Replica::persisted`] (the write handed
 //!   out is durable), [`Replica::unreachable`], [`Replica::leave`] (the node shuts down:
-//!   hand leadership off); those that need the time get the shell's
+//!   hand leadership off), and the snapshot steps of `replica::snapshot`
+//!   ([`Replica::staged`], [`Replica::snapshot_sent`], [`Replica::snapshot_failed`]); those
+//!   that need the time get the shell's
 //!   clocks ([`Now`]: the wall clock, for shard clock entries, and a monotonic one, for
 //!   leases), the only time that enters;
 //! - then [`Replica::advance`], which runs raft-rs's Ready once if no write is in flight;
@@ -49,6 +51,8 @@
 //!   and runs while the process is stopped (SIGSTOP), so a paused leader resumes with its
 //!   lease gone.
 
+pub mod snapshot;
+
 use super::log::{LogSource, ShardLog};
 use crate::command::{Command, Output, Retention};
 use crate::config::node_of_raft_id;
@@ -62,6 +66,7 @@ use oneid_protocol::rules::Rules;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole};
+use snapshot::{Incoming, Outgoing, SnapshotRef};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -98,8 +103,8 @@ const LEAD_HOME_KEPT_UP_TICKS: u64 = 10;
 const LEAD_HOME_LAG_MAX: u64 = 256;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
-/// The log is compacted once this many entries can go.
-const LOG_COMPACT_BATCH: u64 = 64;
+/// A node compacts a log once this many entries can go (`ReplicaConfig::log_compact_entries`).
+pub const LOG_COMPACT_BATCH: u64 = 64;
 /// Of the time no other leader can be elected after a quorum confirmed a round (see the module
 /// documentation), the share a lease lasts; the rest allows for clocks running at different
 /// rates on different nodes.
@@ -163,6 +168,9 @@ pub struct ReplicaConfig {
     pub seed_rules: Rules,
     /// Applied entries kept for followers that fall behind (`[cluster] log_retain_entries`).
     pub log_retain_entries: u64,
+    /// The log is compacted once this many entries can go ([`LOG_COMPACT_BATCH`] on a node;
+    /// a simulation compacts sooner, so that followers need snapshots more often).
+    pub log_compact_entries: u64,
     /// A number unique to this start of the replica (a node uses its wall clock at start, in
     /// microseconds): it tells this life's ReadIndex rounds from earlier lives' ones.
     pub life: u64,
@@ -186,6 +194,18 @@ pub struct Effects {
     pub clocks: Vec<(Duration, usize)>,
     /// The replica became leader, or stopped being leader, with the term.
     pub role: Option<(StateRole, u64)>,
+    /// Snapshots of the durable state to hold for followers (a leader's): emitted only while
+    /// no write is in flight, so the shell registers a read view of the state now, before
+    /// the next write goes out, or calls [`Replica::snapshot_failed`].
+    pub snapshots: Vec<SnapshotRef>,
+    /// A snapshot to fetch and stage in a new generation (a follower's); then call
+    /// [`Replica::staged`], whatever the outcome.
+    pub fetch: Option<SnapshotRef>,
+    /// The write switches the shard to this generation: once it is durable, switch to the
+    /// generation's keyspaces, then call [`Replica::persisted`] with the new state.
+    pub switch: Option<u64>,
+    /// A staged generation that will not be installed: drop it.
+    pub discard: Option<u64>,
 }
 
 /// The write in flight: what to do once it is durable.
@@ -196,6 +216,8 @@ struct InFlight {
     after: Vec<Message>,
     /// The applied index the write brings to disk.
     applied: u64,
+    /// The snapshot the write installs.
+    installs: Option<SnapshotRef>,
 }
 
 /// A read waiting, with the tick it arrived at.
@@ -264,6 +286,10 @@ pub struct ReplicaStatus {
     /// Raft ids of followers that acknowledged every entry (a leader's view).
     pub caught_up: Vec<u64>,
     pub first_index: u64,
+    /// Snapshots on their way out to followers: (raft id, index) (a leader's view).
+    pub snapshots_out: Vec<(u64, u64)>,
+    /// The index of the snapshot on its way in, being fetched or installed (a follower's).
+    pub snapshot_in: Option<u64>,
 }
 
 pub struct Replica<S: LogSource> {
@@ -305,6 +331,14 @@ pub struct Replica<S: LogSource> {
     /// Its node is shutting down ([`Replica::leave`]): it hands leadership off and never
     /// takes it (it neither campaigns nor answers a transfer), but still votes and follows.
     leaving: bool,
+    /// A leader's snapshots for followers, by raft id (at most one each).
+    outgoing: BTreeMap<u64, Outgoing>,
+    /// When a snapshot was last prepared for each follower (ticks).
+    prepared_at: BTreeMap<u64, u64>,
+    /// Snapshots prepared in this life: with the life, the next one's id.
+    snapshots_prepared: u64,
+    /// A follower's snapshot on its way in (at most one).
+    incoming: Option<Incoming>,
 }
 
 impl<S: LogSource> Replica<S> {
@@ -374,6 +408,10 @@ impl<S: LogSource> Replica<S> {
             queued_ops,
             deposed_at: None,
             leaving: false,
+            outgoing: BTreeMap::new(),
+            prepared_at: BTreeMap::new(),
+            snapshots_prepared: 0,
+            incoming: None,
         })
     }
 
@@ -606,6 +644,9 @@ impl<S: LogSource> Replica<S> {
                 self.ask_read_index();
                 return;
             }
+            MessageType::MsgSnapshot if self.needs_fetch(&message) => {
+                return self.fetch_snapshot(message, fx);
+            }
             _ => {}
         }
         if let Err(error) = self.raw.step(message) {
@@ -653,6 +694,10 @@ impl<S: LogSource> Replica<S> {
                 self.hand_off();
             } else {
                 self.lead_home();
+            }
+            self.expire_snapshots();
+            if self.in_flight.is_none() {
+                self.prepare_snapshots(fx);
             }
         }
         self.expire_reads(fx);
@@ -815,6 +860,7 @@ impl<S: LogSource> Replica<S> {
         if leads != self.leader_term {
             if self.leader_term.is_some() {
                 self.fail_reads(ShardError::Dropped(self.config.shard), fx);
+                self.forget_snapshots();
                 self.deposed_at = Some(self.ticks);
             }
             became_leader = leads.is_some();
@@ -837,13 +883,9 @@ impl<S: LogSource> Replica<S> {
             }
         }
         fx.messages.extend(ready.take_messages());
-        assert!(
-            ready.snapshot().is_empty(),
-            "shard {}: snapshots are not sent yet",
-            self.config.shard
-        );
-
         let mut ops = std::mem::take(&mut self.queued_ops);
+        let installs =
+            (!ready.snapshot().is_empty()).then(|| self.install(ready.snapshot(), &mut ops, fx));
         let mut writes = WriteSet::default();
         let mut replies = Vec::new();
         let mut applied = None;
@@ -884,8 +926,9 @@ impl<S: LogSource> Replica<S> {
                 }
             }
         }
-        // Proposals at or below the applied index were overwritten by another leader's entries.
-        if let Some(applied) = applied {
+        // Proposals at or below the applied index (or the installed snapshot's) were
+        // overwritten by another leader's entries.
+        if let Some(applied) = installs.as_ref().map(|s| s.index).or(applied) {
             let stale: Vec<u64> = self.proposals.range(..=applied).map(|(i, _)| *i).collect();
             for index in stale {
                 let (_, token) = self.proposals.remove(&index).expect("listed above");
@@ -921,7 +964,10 @@ impl<S: LogSource> Replica<S> {
                 number,
                 replies,
                 after,
-                applied: self.state.meta.applied_index,
+                applied: installs
+                    .as_ref()
+                    .map_or(self.state.meta.applied_index, |s| s.index),
+                installs,
             });
             fx.write = Some(ops);
         }
@@ -980,7 +1026,8 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// The write handed out is durable: answer what waited for it, then compact the log.
-    pub fn persisted(&mut self, fx: &mut Effects) {
+    /// `base` is the shard's stored state (after a snapshot install, the new generation's).
+    pub fn persisted(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         let in_flight = self
             .in_flight
             .take()
@@ -988,6 +1035,11 @@ impl<S: LogSource> Replica<S> {
         self.raw.on_persist_ready(in_flight.number);
         self.raw.mut_store().persisted();
         self.pending = WriteSet::default();
+        if let Some(snapshot) = in_flight.installs {
+            // raft-rs counts a snapshot applied only once it is persisted.
+            self.raw.advance_apply_to(snapshot.index);
+            self.installed(base, &snapshot);
+        }
         self.durable_applied = in_flight.applied;
         fx.replies
             .extend(in_flight.replies.into_iter().map(|(t, o)| (t, Ok(o))));
@@ -995,6 +1047,9 @@ impl<S: LogSource> Replica<S> {
         self.compact();
         self.ask_read_index();
         self.serve_reads(fx);
+        if self.is_leader() {
+            self.prepare_snapshots(fx);
+        }
     }
 
     /// Answers the reads whose round's index the durable state reached.
@@ -1028,8 +1083,13 @@ impl<S: LogSource> Replica<S> {
         } else {
             retain_from
         };
-        let to = needed.min(applied).max(retain_from);
-        if to >= self.raw.store().first() + LOG_COMPACT_BATCH {
+        // A follower being sent a snapshot goes on from the entry after it.
+        let held = self.outgoing.values().map(|o| o.snapshot.index + 1).min();
+        let to = needed
+            .min(applied)
+            .max(retain_from)
+            .min(held.unwrap_or(u64::MAX));
+        if to >= self.raw.store().first() + self.config.log_compact_entries.max(1) {
             let mut ops = Vec::new();
             self.raw.mut_store().compact(to, &mut ops);
             self.queued_ops.extend(ops);
@@ -1068,6 +1128,12 @@ impl<S: LogSource> Replica<S> {
             needs_snapshot,
             caught_up,
             first_index: first,
+            snapshots_out: self
+                .outgoing
+                .iter()
+                .map(|(to, o)| (*to, o.snapshot.index))
+                .collect(),
+            snapshot_in: self.incoming.as_ref().map(|i| i.snapshot().index),
         }
     }
 }

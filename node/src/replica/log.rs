@@ -7,17 +7,20 @@
 //! the terms of its entries as runs, so that `term()` never reads an entry. In the shard's log
 //! keyspace: the entry at each index (big-endian) → the entry (protobuf). A write of any of
 //! these goes in the same atomic batch as the others of its Ready, and as the apply of that
-//! Ready's committed entries.
+//! Ready's committed entries. A snapshot install ([`ShardLog::install`]) restarts the log after
+//! the snapshot in a new generation of the shard's keyspaces (`gen/NNNN`, see `storage`): the
+//! old log goes with the old generation, so the purge is part of the same atomic switch.
 //!
 //! This module knows raft-rs's types and the key layout; it never writes: it answers the
 //! [`WriteOp`]s for the writer.
 
-use crate::storage::{Space, WriteOp};
+use crate::storage::{generation_key, Space, WriteOp};
 use oneid_protocol::ids::ShardId;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 /// Reads of what the writer made durable (or at least committed) for one shard.
@@ -65,6 +68,8 @@ pub struct ShardLog<S> {
     last_index: u64,
     /// Entries handed to the writer in the job in flight: readable here until it is durable.
     staged: BTreeMap<u64, Entry>,
+    /// Snapshots prepared for followers, by raft id, until raft-rs takes them to send.
+    prepared: RefCell<BTreeMap<u64, Snapshot>>,
 }
 
 impl<S: LogSource> ShardLog<S> {
@@ -96,6 +101,7 @@ impl<S: LogSource> ShardLog<S> {
             meta,
             last_index,
             staged: BTreeMap::new(),
+            prepared: RefCell::default(),
         };
         (log, ops)
     }
@@ -208,6 +214,56 @@ impl<S: LogSource> ShardLog<S> {
         ops.push(self.log_meta_op());
     }
 
+    /// The log restarts after a snapshot, in the generation its state was staged in: the
+    /// compacted point becomes the snapshot's (index, term), with no entries, and the conf
+    /// state is the snapshot's. The write switches the shard's generation.
+    pub fn install(
+        &mut self,
+        snapshot: &SnapshotMetadata,
+        generation: u64,
+        ops: &mut Vec<WriteOp>,
+    ) {
+        assert!(
+            snapshot.index > self.meta.truncated.0,
+            "shard {}: a snapshot at {} behind the compacted log ({})",
+            self.shard,
+            snapshot.index,
+            self.meta.truncated.0
+        );
+        self.staged.clear();
+        self.meta = LogMeta {
+            truncated: (snapshot.index, snapshot.term),
+            runs: Vec::new(),
+        };
+        self.last_index = snapshot.index;
+        self.set_conf_state(snapshot.get_conf_state().clone(), ops);
+        ops.push(self.log_meta_op());
+        ops.push(meta_op(
+            generation_key(self.shard),
+            generation.to_be_bytes().to_vec(),
+        ));
+    }
+
+    /// Holds `snapshot` for raft-rs to send to follower `to` (replacing any other for it).
+    pub fn prepare(&mut self, to: u64, snapshot: Snapshot) {
+        self.prepared.get_mut().insert(to, snapshot);
+    }
+
+    /// Drops the snapshots prepared and not yet sent (for `to`, or all).
+    pub fn unprepare(&mut self, to: Option<u64>) {
+        match to {
+            Some(to) => {
+                self.prepared.get_mut().remove(&to);
+            }
+            None => self.prepared.get_mut().clear(),
+        }
+    }
+
+    /// Whether a snapshot prepared for `to` waits for raft-rs to send it.
+    pub fn is_prepared(&self, to: u64) -> bool {
+        self.prepared.borrow().contains_key(&to)
+    }
+
     /// The job that staged entries is durable: the source holds them now.
     pub fn persisted(&mut self) {
         self.staged.clear();
@@ -313,12 +369,16 @@ impl<S: LogSource> Storage for ShardLog<S> {
         Ok(self.last_index)
     }
 
-    /// Snapshots are not sent yet: a follower behind the compacted log waits (and is reported
-    /// as needing one).
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The snapshot the core prepared for `to` (taken: raft-rs sends it once), or not yet (the
+    /// core prepares one when it can: see `replica::snapshot`).
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut prepared = self.prepared.borrow_mut();
+        match prepared.remove(&to) {
+            Some(snapshot) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
+            _ => Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
     }
 }
 

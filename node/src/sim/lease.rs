@@ -73,6 +73,7 @@ impl Cluster {
             activation_budget: 16,
             seed_rules: Rules::default(),
             log_retain_entries: 200,
+            log_compact_entries: crate::replica::core::LOG_COMPACT_BATCH,
             life: node as u64,
             tick: TICK,
         };
@@ -124,7 +125,10 @@ impl Cluster {
                 match write {
                     Some(ops) => {
                         self.disks[node].borrow_mut().commit(ops);
-                        self.replicas[node].persisted(&mut fx);
+                        let disk = self.disks[node].borrow();
+                        let empty = MemState::default();
+                        let base = disk.states.get(&SHARD).unwrap_or(&empty);
+                        self.replicas[node].persisted(base, &mut fx);
                     }
                     None => break,
                 }

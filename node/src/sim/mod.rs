@@ -55,18 +55,45 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn simulated_clusters_keep_their_invariants() {
-    for seed in seeds() {
+    let (seeds, mut installs) = (seeds(), 0);
+    let mut coverage = std::collections::BTreeMap::new();
+    for &seed in &seeds {
         let run = std::panic::catch_unwind(|| world::run(seed))
             .unwrap_or_else(|panic| Err(format!("panicked: {panic:?}")));
         match run {
             Ok(summary) => {
+                installs += summary.installs;
+                for (step, n) in summary.coverage {
+                    *coverage.entry(step).or_insert(0) += n;
+                }
                 if std::env::var_os("ONEID_SIM_SEED").is_some() {
-                    eprintln!("seed {seed}: {summary}");
+                    eprintln!("seed {seed}: {}", summary.text);
                 }
             }
             Err(failure) => panic!(
                 "seed {seed} failed: {failure}\nreplay it: ONEID_SIM_SEED={seed} cargo test -p oneid-node simulated"
             ),
         }
+    }
+    // The runs must exercise snapshots: a change that made followers never need one (or
+    // never get one) would pass every invariant above.
+    if seeds.len() >= 100 {
+        assert!(
+            installs >= seeds.len() / 10,
+            "only {installs} snapshots installed in {} runs",
+            seeds.len()
+        );
+        for step in world::SNAPSHOT_FAULTS {
+            assert!(
+                coverage.get(step).is_some_and(|n| *n > 0),
+                "no run met the fault {step:?}: {coverage:?}"
+            );
+        }
+    }
+    if std::env::var_os("ONEID_SIM_SEED").is_none() {
+        eprintln!(
+            "{} runs, {installs} snapshots installed; snapshot steps faulted: {coverage:?}",
+            seeds.len()
+        );
     }
 }

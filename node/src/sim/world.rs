@@ -4,6 +4,8 @@
 //! through any node. Everything happens in one thread, in the order of one event queue; the
 //! only randomness is the seeded generator, so a seed replays exactly.
 
+mod transfer;
+
 use super::check::{self, Op};
 use crate::command::{Command, EventOutcome, Output, Retention, Routed, Target};
 use crate::config::node_of_raft_id;
@@ -47,6 +49,9 @@ pub(super) struct Disk {
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
     logs: BTreeMap<ShardId, BTreeMap<u64, Vec<u8>>>,
     pub(super) states: BTreeMap<ShardId, MemState>,
+    /// Snapshots' states staged in new generations, by (shard, generation): what a node's
+    /// staged keyspaces hold. Dropped when the node opens (never switched to).
+    staged: BTreeMap<(ShardId, u64), MemState>,
 }
 
 impl Disk {
@@ -65,6 +70,17 @@ impl Disk {
                 ),
             }
         }
+    }
+
+    /// The write that recorded `generation` for `shard` landed: its staged state is the
+    /// shard's, and its log starts empty (as the node's keyspaces of that generation).
+    fn switch(&mut self, shard: ShardId, generation: u64) {
+        let staged = self
+            .staged
+            .remove(&(shard, generation))
+            .expect("a switch to a staged generation");
+        self.states.insert(shard, staged);
+        self.logs.insert(shard, BTreeMap::new());
     }
 }
 
@@ -115,6 +131,15 @@ struct Node {
     leaving: bool,
     disk: Rc<RefCell<Disk>>,
     replicas: BTreeMap<ShardId, Replica<SimLog>>,
+    /// Snapshots held for followers, by (shard, id), in memory (gone at a crash).
+    held: BTreeMap<(ShardId, u64), transfer::Held>,
+    /// Snapshots being fetched, by shard.
+    fetches: BTreeMap<ShardId, transfer::Fetch>,
+    /// The generation the next staging takes.
+    next_generation: u64,
+    /// Shards whose install write is in flight: false until it lands, then true until the
+    /// replica hears it did.
+    installing: BTreeMap<ShardId, bool>,
 }
 
 enum Happening {
@@ -133,6 +158,8 @@ enum Happening {
         life: u64,
         ops: Vec<WriteOp>,
         shard: ShardId,
+        /// The write switches the shard to this generation.
+        switch: Option<u64>,
     },
     Persisted {
         node: usize,
@@ -170,6 +197,8 @@ enum Happening {
         client: usize,
         attempt: u64,
     },
+    /// A snapshot transfer's message reaches its node.
+    Transfer(transfer::Transfer),
 }
 
 /// What a client does: earn on a profile, or read its balance.
@@ -206,6 +235,9 @@ struct Shape {
     drop_percent: u64,
     duplicate_percent: u64,
     faults: bool,
+    /// Low values make followers that were down or cut off need snapshots.
+    log_retain_entries: u64,
+    log_compact_entries: u64,
 }
 
 /// The simulation's transport: what a replica sends is queued here, encoded as the TCP
@@ -252,10 +284,35 @@ pub struct World {
     /// Earn events acknowledged to their client.
     acknowledged: Vec<(usize, String)>,
     next_event: u64,
+    /// Snapshots installed (their switch landed on a disk).
+    installs: usize,
+    /// How often the snapshot steps met a fault, by step (see [`Summary::coverage`]).
+    coverage: BTreeMap<&'static str, usize>,
+}
+
+/// The faults at the steps of a snapshot's transfer and install that a run may meet.
+pub const SNAPSHOT_FAULTS: [&str; 6] = [
+    "holder crashed holding",
+    "follower crashed fetching",
+    "crashed before the install landed",
+    "crashed after the install landed",
+    "a fetch given up",
+    "a staged snapshot no longer needed",
+];
+
+/// What a run did.
+pub struct Summary {
+    pub text: String,
+    pub installs: usize,
+    /// How often each step of a snapshot's transfer and install met a fault: a crash of the
+    /// holder while it held one, of the follower while it fetched, with its install write in
+    /// flight, and between that write landing and the replica hearing of it; a fetch given
+    /// up; a staged snapshot no longer needed.
+    pub coverage: BTreeMap<&'static str, usize>,
 }
 
 /// Runs the simulation of `seed`; an error says which invariant broke.
-pub fn run(seed: u64) -> Result<String, String> {
+pub fn run(seed: u64) -> Result<Summary, String> {
     let mut world = World::new(seed);
     world.start();
     world.run_until(FAULTY_MS)?;
@@ -272,10 +329,15 @@ pub fn run(seed: u64) -> Result<String, String> {
         .filter(|o| matches!(o, Op::Earn { done: None, .. }))
         .count();
     let reads = ops.len() - earns - unknown;
-    Ok(format!(
-        "{:?}: {} events; {earns} earns acknowledged, {unknown} unknown, {reads} reads; {} leader terms; settled at {} ms",
-        world.shape, world.seq, world.leaders.len(), world.now
-    ))
+    let text = format!(
+        "{:?}: {} events; {earns} earns acknowledged, {unknown} unknown, {reads} reads; {} leader terms; {} snapshots installed; settled at {} ms",
+        world.shape, world.seq, world.leaders.len(), world.installs, world.now
+    );
+    Ok(Summary {
+        text,
+        installs: world.installs,
+        coverage: world.coverage,
+    })
 }
 
 impl Happening {
@@ -286,6 +348,7 @@ impl Happening {
             | Happening::Deliver { node, .. }
             | Happening::Fsync { node, .. }
             | Happening::Persisted { node, .. } => Some(*node),
+            Happening::Transfer(transfer) => Some(transfer.node()),
             _ => None,
         }
     }
@@ -305,6 +368,8 @@ impl World {
             drop_percent: rng.u64(0..=10),
             duplicate_percent: rng.u64(0..=5),
             faults: !seed.is_multiple_of(8),
+            log_retain_entries: [1, 5, 20, 200][rng.usize(0..4)],
+            log_compact_entries: [1, 4, 64][rng.usize(0..3)],
         };
         let nodes = (0..shape.nodes)
             .map(|_| Node {
@@ -316,6 +381,10 @@ impl World {
                 started_at: 0,
                 disk: Rc::new(RefCell::new(Disk::default())),
                 replicas: BTreeMap::new(),
+                held: BTreeMap::new(),
+                fetches: BTreeMap::new(),
+                next_generation: 1,
+                installing: BTreeMap::new(),
             })
             .collect();
         let clients = (0..shape.clients)
@@ -343,7 +412,13 @@ impl World {
             digests: BTreeMap::new(),
             acknowledged: Vec::new(),
             next_event: 0,
+            installs: 0,
+            coverage: BTreeMap::new(),
         }
+    }
+
+    fn cover(&mut self, step: &'static str) {
+        *self.coverage.entry(step).or_default() += 1;
     }
 
     fn schedule(&mut self, after: u64, event: Happening) {
@@ -398,7 +473,8 @@ impl World {
             passivate_idle_ticks: 50,
             activation_budget: 16,
             seed_rules: Rules::default(),
-            log_retain_entries: 200,
+            log_retain_entries: self.shape.log_retain_entries,
+            log_compact_entries: self.shape.log_compact_entries,
             life: self.nodes[node].life,
             tick: Duration::from_millis(TICK_MS),
         }
@@ -408,6 +484,8 @@ impl World {
     fn open(&mut self, node: usize, first: bool) {
         self.nodes[node].started_at = self.now;
         self.nodes[node].leaving = false;
+        // Staged generations never switched to are dropped at start.
+        self.nodes[node].disk.borrow_mut().staged.clear();
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let shards: Vec<ShardId> = (0..self.shape.shards)
             .map(ShardId)
@@ -496,6 +574,7 @@ impl World {
                 }
                 let shards: Vec<ShardId> = self.nodes[node].replicas.keys().copied().collect();
                 let now = self.clocks(node);
+                self.expire_held(node);
                 for shard in shards {
                     let mut fx = Effects::default();
                     self.replica(node, shard).tick(now, &mut fx);
@@ -526,11 +605,20 @@ impl World {
                 life,
                 ops,
                 shard,
+                switch,
             } => {
                 if !self.live(node, life) {
                     return Ok(());
                 }
-                self.nodes[node].disk.borrow_mut().commit(ops);
+                let n = &mut self.nodes[node];
+                let mut disk = n.disk.borrow_mut();
+                disk.commit(ops);
+                if let Some(generation) = switch {
+                    disk.switch(shard, generation);
+                    self.installs += 1;
+                    n.installing.insert(shard, true);
+                }
+                drop(disk);
                 // The writer's word reaches the replica a moment later: a crash may fall
                 // between the fsync and the acknowledgement.
                 let delay = self.rng.u64(0..3);
@@ -540,9 +628,15 @@ impl World {
                 if !self.live(node, life) {
                     return Ok(());
                 }
+                self.nodes[node].installing.remove(&shard);
                 let mut fx = Effects::default();
-                let replica = self.replica(node, shard);
-                replica.persisted(&mut fx);
+                let disk = Rc::clone(&self.nodes[node].disk);
+                let replica = self.nodes[node].replicas.get_mut(&shard).expect("hosted");
+                {
+                    let disk = disk.borrow();
+                    let empty = MemState::default();
+                    replica.persisted(disk.states.get(&shard).unwrap_or(&empty), &mut fx);
+                }
                 let (index, digest) = (replica.durable_applied(), replica.state.meta.digest);
                 if index > 0 {
                     match self.digests.insert((shard, index), digest) {
@@ -617,16 +711,38 @@ impl World {
                     self.retry(client);
                 }
             }
+            Happening::Transfer(transfer) => self.transfer(transfer),
         }
         Ok(())
     }
 
     /// The node goes down, losing what was not fsynced.
     fn down(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        let faults = [
+            ("holder crashed holding", !n.held.is_empty()),
+            ("follower crashed fetching", !n.fetches.is_empty()),
+            (
+                "crashed before the install landed",
+                n.installing.values().any(|l| !l),
+            ),
+            (
+                "crashed after the install landed",
+                n.installing.values().any(|l| *l),
+            ),
+        ];
+        for (step, hit) in faults {
+            if hit {
+                self.cover(step);
+            }
+        }
         let n = &mut self.nodes[node];
+        n.installing.clear();
         n.up = false;
         n.life += 1;
         n.replicas.clear();
+        n.held.clear();
+        n.fetches.clear();
     }
 
     /// The node goes down, and restarts a while later.
@@ -668,7 +784,20 @@ impl World {
             reads,
             clocks: _,
             role,
+            snapshots,
+            fetch,
+            switch,
+            discard,
         } = fx;
+        // Before the write is scheduled: the disk holds the durable state they are of.
+        for snapshot in snapshots {
+            self.hold(node, snapshot);
+        }
+        if let Some(generation) = discard {
+            self.cover("a staged snapshot no longer needed");
+            let mut disk = self.nodes[node].disk.borrow_mut();
+            disk.staged.remove(&(shard, generation));
+        }
         if let Some((StateRole::Leader, term)) = role {
             let me = World::raft_id(shard, node);
             if let Some(&other) = self.leaders.get(&(shard, term)) {
@@ -703,6 +832,15 @@ impl World {
         }
         if let Some(ops) = write {
             let latency = self.rng.u64(1..8);
+            if switch.is_some() {
+                self.nodes[node].installing.insert(shard, false);
+                // Made common, as rare paths should be: a crash before the install write
+                // lands, or between its landing and the replica hearing of it.
+                if self.faulty && self.rng.u64(0..100) < 30 {
+                    let at = self.rng.u64(0..latency + 3);
+                    self.schedule(at, Happening::Crash { node });
+                }
+            }
             let life = self.nodes[node].life;
             self.schedule(
                 latency,
@@ -711,8 +849,12 @@ impl World {
                     life,
                     ops,
                     shard,
+                    switch,
                 },
             );
+        }
+        if let Some(snapshot) = fetch {
+            self.start_fetch(node, snapshot);
         }
         for (token, reply) in replies {
             if let Some((client, attempt)) = self.tokens.remove(&(node, token)) {
@@ -729,6 +871,24 @@ impl World {
     /// Carries a message through the network; answers false if it could not leave (a
     /// partition or a peer that is down), which a transport would tell its replica.
     fn send(&mut self, from: usize, to: usize, message: Vec<u8>) -> bool {
+        let deliver = |message| Happening::Deliver {
+            node: to,
+            from,
+            message,
+        };
+        self.carry(from, to, message, deliver)
+    }
+
+    /// Carries `payload` from one node to another through the network (delayed, perhaps
+    /// dropped, duplicated or very late), as `happening` once there; false if it could not
+    /// leave (a partition, or a peer that is down).
+    fn carry<P: Clone>(
+        &mut self,
+        from: usize,
+        to: usize,
+        payload: P,
+        happening: impl Fn(P) -> Happening,
+    ) -> bool {
         let cut = self.cut.contains(&(from.min(to), from.max(to)));
         let dropped = self.faulty && self.rng.u64(0..100) < self.shape.drop_percent;
         if cut || !self.nodes[to].up {
@@ -739,14 +899,7 @@ impl World {
         }
         if self.faulty && self.rng.u64(0..100) < self.shape.duplicate_percent {
             let later = self.rng.u64(1..30);
-            self.schedule(
-                later,
-                Happening::Deliver {
-                    node: to,
-                    from,
-                    message: message.clone(),
-                },
-            );
+            self.schedule(later, happening(payload.clone()));
         }
         // Now and then a message is very late: it may arrive after an election or a restart.
         let delay = if self.faulty && self.rng.u64(0..100) < 2 {
@@ -754,14 +907,7 @@ impl World {
         } else {
             self.rng.u64(1..12)
         };
-        self.schedule(
-            delay,
-            Happening::Deliver {
-                node: to,
-                from,
-                message,
-            },
-        );
+        self.schedule(delay, happening(payload));
         true
     }
 

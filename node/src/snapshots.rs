@@ -1,0 +1,611 @@
+//! Snapshot transfer between nodes: the shell's half of `replica::core::snapshot`.
+//!
+//! A leader's shard actor **holds** each snapshot its replica prepares: a fjall snapshot (one
+//! sequence number: the state exactly as the durable applied index left it) registered here
+//! under the snapshot's ref. The follower's node **fetches** it chunk by chunk
+//! (`PeerRequest::SnapshotChunk`, at most [`SNAPSHOT_CHUNK_BYTES_MAX`] of pairs each, in key
+//! order, each after the last key it got), writes each chunk into a staged generation of the
+//! shard's keyspaces in one batch (sealing the staged keyspace's own memtables, as the writer
+//! does: fjall's flush queue never blocks on itself, and the group commit never waits for a
+//! snapshot), sums the pair hashes as they come, and at the end checks them against the
+//! digest the snapshot and its meta record name, then makes the staging durable. Memory is a
+//! chunk per transfer on either side, whatever the shard's size.
+//!
+//! Limits: a node holds at most [`SNAPSHOTS_HELD_MAX`] snapshots and fetches at most
+//! [`SNAPSHOTS_FETCHED_MAX`] at once (past either, the snapshot is refused and prepared again
+//! later); a held snapshot no chunk was asked of for [`SNAPSHOT_IDLE_MAX`], or held for
+//! [`SNAPSHOT_HOLD_MAX`], is dropped (fjall keeps the versions a snapshot sees until it goes).
+
+use crate::replica::core::snapshot::SnapshotRef;
+use crate::state::keys;
+use crate::state::store::pair_hash;
+use crate::state::{decode, ShardMeta};
+use crate::storage::Storage;
+use anyhow::{anyhow, ensure, Context as _};
+use fjall::{Keyspace, PersistMode, Readable as _};
+use oneid_protocol::api::SnapshotView;
+use oneid_protocol::ids::ShardId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most bytes of pairs in one chunk (a pair larger than this goes alone).
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1024 * 1024;
+/// Most snapshots a node holds for followers at once.
+pub const SNAPSHOTS_HELD_MAX: usize = 4;
+/// Most snapshots a node fetches at once.
+pub const SNAPSHOTS_FETCHED_MAX: usize = 2;
+/// A held snapshot no chunk was asked of for this long is dropped.
+pub const SNAPSHOT_IDLE_MAX: Duration = Duration::from_secs(20);
+/// Longest a snapshot is held, however its transfer goes.
+pub const SNAPSHOT_HOLD_MAX: Duration = Duration::from_secs(300);
+/// Longest one chunk's request may take, and how often it is tried.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
+const CHUNK_ATTEMPTS: u32 = 3;
+
+const _: () = assert!(
+    SNAPSHOT_CHUNK_BYTES_MAX * 4 <= crate::transport::FRAME_BYTES_MAX,
+    "a chunk fits a frame"
+);
+
+/// Pairs of a shard's state, in key order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// No pair follows.
+    pub last: bool,
+}
+
+/// Why a chunk was not served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ChunkError {
+    #[error("the snapshot is not held here (finished, expired, or this node restarted)")]
+    Unknown,
+}
+
+/// How a held snapshot ended, for its shard actor to tell the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Its last chunk was served.
+    Sent(SnapshotRef),
+    /// It expired, or the follower gave it up.
+    Failed(SnapshotRef),
+}
+
+struct Held {
+    snapshot: SnapshotRef,
+    view: fjall::Snapshot,
+    state: Keyspace,
+    since: Instant,
+    asked: Instant,
+    bytes: u64,
+}
+
+/// A snapshot being fetched: since when, and the bytes received so far.
+struct Coming {
+    snapshot: SnapshotRef,
+    since: Instant,
+    bytes: u64,
+}
+
+/// A fetch on its way, in the node's count of them.
+struct Fetching<'a>(&'a AtomicUsize);
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The snapshots a node holds and fetches.
+pub struct Snapshots {
+    storage: Arc<Storage>,
+    held: Mutex<BTreeMap<(ShardId, u64), Held>>,
+    ended: Mutex<Vec<Ended>>,
+    fetching: AtomicUsize,
+    /// What is coming in, by (shard, id).
+    incoming: Mutex<BTreeMap<(ShardId, u64), Coming>>,
+}
+
+/// What a fetch asks of the holder's node.
+pub trait Source {
+    /// The chunk of `snapshot` after `after` (from the start: `None`).
+    fn chunk(
+        &self,
+        snapshot: &SnapshotRef,
+        after: Option<Vec<u8>>,
+    ) -> impl std::future::Future<Output = anyhow::Result<Chunk>> + Send;
+    /// The fetch gave up: the holder may drop it now.
+    fn abandon(&self, snapshot: &SnapshotRef);
+}
+
+impl Snapshots {
+    pub fn new(storage: Arc<Storage>) -> Snapshots {
+        Snapshots {
+            storage,
+            held: Mutex::default(),
+            ended: Mutex::default(),
+            fetching: AtomicUsize::new(0),
+            incoming: Mutex::default(),
+        }
+    }
+
+    /// Holds a read view of the shard's state as it is now (the caller has no write of the
+    /// shard in flight, so it is the snapshot's index). False past [`SNAPSHOTS_HELD_MAX`].
+    pub fn hold(&self, snapshot: &SnapshotRef) -> bool {
+        let mut held = self.held.lock().expect("held lock");
+        if held.len() >= SNAPSHOTS_HELD_MAX {
+            tracing::info!(shard = %snapshot.shard, "a snapshot refused: this node holds its most");
+            return false;
+        }
+        let now = Instant::now();
+        let state = self.storage.state(snapshot.shard);
+        let view = self.storage.db.snapshot();
+        let at = view
+            .get(&state, keys::META)
+            .ok()
+            .flatten()
+            .map(|bytes| decode::<ShardMeta>(keys::META, &bytes));
+        assert_eq!(
+            at.map(|m| (m.applied_index, m.digest)),
+            Some((snapshot.index, snapshot.digest)),
+            "shard {}: a snapshot held at another index than its replica's durable one",
+            snapshot.shard
+        );
+        held.insert(
+            (snapshot.shard, snapshot.id),
+            Held {
+                snapshot: snapshot.clone(),
+                view,
+                state,
+                since: now,
+                asked: now,
+                bytes: 0,
+            },
+        );
+        true
+    }
+
+    /// The pairs of a held snapshot after `after`, up to [`SNAPSHOT_CHUNK_BYTES_MAX`]. Reads
+    /// fjall: run it on the read pool. The last chunk ends the hold.
+    pub fn chunk(
+        &self,
+        snapshot: &SnapshotRef,
+        after: Option<Vec<u8>>,
+    ) -> Result<Chunk, ChunkError> {
+        let key = (snapshot.shard, snapshot.id);
+        let (view, state) = {
+            let mut held = self.held.lock().expect("held lock");
+            let h = held
+                .get_mut(&key)
+                .filter(|h| h.snapshot == *snapshot)
+                .ok_or(ChunkError::Unknown)?;
+            h.asked = Instant::now();
+            (h.view.clone(), h.state.clone())
+        };
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut pairs = Vec::new();
+        let mut bytes = 0;
+        let mut last = true;
+        for guard in view.range::<Vec<u8>, _>(&state, (lower, Bound::Unbounded)) {
+            if bytes >= SNAPSHOT_CHUNK_BYTES_MAX {
+                last = false;
+                break;
+            }
+            let (k, v) = guard
+                .into_inner()
+                .unwrap_or_else(|e| panic!("reading a snapshot failed: {e}"));
+            bytes += k.len() + v.len();
+            pairs.push((k.to_vec(), v.to_vec()));
+        }
+        let mut held = self.held.lock().expect("held lock");
+        if last {
+            if let Some(h) = held.remove(&key) {
+                let bytes = h.bytes + bytes as u64;
+                tracing::info!(shard = %snapshot.shard, index = snapshot.index,
+                    to = crate::config::node_of_raft_id(snapshot.to), bytes,
+                    seconds = h.since.elapsed().as_secs_f64(), "snapshot sent");
+                self.ended
+                    .lock()
+                    .expect("ended lock")
+                    .push(Ended::Sent(h.snapshot));
+            }
+        } else if let Some(h) = held.get_mut(&key) {
+            h.bytes += bytes as u64;
+        }
+        Ok(Chunk { pairs, last })
+    }
+
+    /// The follower gave `snapshot` up.
+    pub fn abandon(&self, snapshot: &SnapshotRef) {
+        let removed = self
+            .held
+            .lock()
+            .expect("held lock")
+            .remove(&(snapshot.shard, snapshot.id));
+        if removed.is_some_and(|h| h.snapshot == *snapshot) {
+            self.ended
+                .lock()
+                .expect("ended lock")
+                .push(Ended::Failed(snapshot.clone()));
+        }
+    }
+
+    /// How the snapshots of `shard` held here ended since the last call (expiring those idle
+    /// or held too long first).
+    pub fn ended(&self, shard: ShardId) -> Vec<Ended> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.held.lock().expect("held lock").retain(|_, h| {
+            let keep = now - h.asked < SNAPSHOT_IDLE_MAX && now - h.since < SNAPSHOT_HOLD_MAX;
+            if !keep {
+                tracing::warn!(shard = %h.snapshot.shard, index = h.snapshot.index,
+                    "a held snapshot expired");
+                expired.push(Ended::Failed(h.snapshot.clone()));
+            }
+            keep
+        });
+        let mut ended = self.ended.lock().expect("ended lock");
+        ended.extend(expired);
+        let (ours, others) = std::mem::take(&mut *ended).into_iter().partition(|e| {
+            let (Ended::Sent(s) | Ended::Failed(s)) = e;
+            s.shard == shard
+        });
+        *ended = others;
+        ours
+    }
+
+    /// Fetches `snapshot` from `source` into a new generation of its shard, verified and
+    /// durable; answers the generation. Past [`SNAPSHOTS_FETCHED_MAX`] it fails at once. A
+    /// failed fetch drops what it staged and tells the holder.
+    pub async fn fetch(&self, source: &impl Source, snapshot: &SnapshotRef) -> anyhow::Result<u64> {
+        if self.fetching.fetch_add(1, Ordering::SeqCst) >= SNAPSHOTS_FETCHED_MAX {
+            self.fetching.fetch_sub(1, Ordering::SeqCst);
+            source.abandon(snapshot);
+            return Err(anyhow!("this node fetches its most snapshots at once"));
+        }
+        let _fetching = Fetching(&self.fetching);
+        let (shard, started) = (snapshot.shard, Instant::now());
+        let storage = Arc::clone(&self.storage);
+        let (generation, staged) = blocking(move || storage.stage(shard)).await?;
+        let key = (shard, snapshot.id);
+        self.incoming.lock().expect("incoming lock").insert(
+            key,
+            Coming {
+                snapshot: snapshot.clone(),
+                since: started,
+                bytes: 0,
+            },
+        );
+        let result = self.stage(source, snapshot, staged).await;
+        self.incoming.lock().expect("incoming lock").remove(&key);
+        match result {
+            Ok(bytes) => {
+                tracing::info!(%shard, index = snapshot.index, generation, bytes,
+                    seconds = started.elapsed().as_secs_f64(), "snapshot received and staged");
+                Ok(generation)
+            }
+            Err(error) => {
+                tracing::warn!(%shard, index = snapshot.index, %error, "fetching a snapshot failed");
+                source.abandon(snapshot);
+                let storage = Arc::clone(&self.storage);
+                blocking(move || storage.discard(shard, generation)).await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes every chunk into `staged`, checks the digest, and makes it durable. Answers
+    /// the bytes received.
+    async fn stage(
+        &self,
+        source: &impl Source,
+        snapshot: &SnapshotRef,
+        staged: Keyspace,
+    ) -> anyhow::Result<u64> {
+        let (mut after, mut verifier) = (None, Verifier::default());
+        loop {
+            let chunk = chunk_with_retries(source, snapshot, after.clone()).await?;
+            let last = chunk.last;
+            after = chunk.pairs.last().map(|(k, _)| k.clone()).or(after);
+            for (key, value) in &chunk.pairs {
+                verifier.add(key, value);
+            }
+            let (storage, keyspace) = (Arc::clone(&self.storage), staged.clone());
+            blocking(move || {
+                let mut batch = storage.db.batch();
+                for (key, value) in chunk.pairs {
+                    batch.insert(&keyspace, key, value);
+                }
+                batch.commit()?;
+                storage.seal_if_full(&keyspace)?;
+                anyhow::Ok(())
+            })
+            .await?;
+            if let Some(entry) = self
+                .incoming
+                .lock()
+                .expect("incoming lock")
+                .get_mut(&(snapshot.shard, snapshot.id))
+            {
+                entry.bytes = verifier.bytes;
+            }
+            if last {
+                break;
+            }
+        }
+        verifier.check(snapshot)?;
+        let storage = Arc::clone(&self.storage);
+        blocking(move || anyhow::Ok(storage.db.persist(PersistMode::SyncAll)?)).await?;
+        Ok(verifier.bytes)
+    }
+
+    /// The snapshots in flight on this node, held and fetched.
+    pub fn in_flight(&self) -> Vec<SnapshotView> {
+        let now = Instant::now();
+        let held = self.held.lock().expect("held lock");
+        let out = held.values().map(|h| SnapshotView {
+            shard: h.snapshot.shard.0,
+            index: h.snapshot.index,
+            node: crate::config::node_of_raft_id(h.snapshot.to),
+            direction: "out".to_string(),
+            bytes: h.bytes,
+            seconds: (now - h.since).as_secs_f64(),
+        });
+        let incoming = self.incoming.lock().expect("incoming lock");
+        let inward = incoming.values().map(|c| SnapshotView {
+            shard: c.snapshot.shard.0,
+            index: c.snapshot.index,
+            node: c.snapshot.node,
+            direction: "in".to_string(),
+            bytes: c.bytes,
+            seconds: (now - c.since).as_secs_f64(),
+        });
+        out.chain(inward).collect()
+    }
+}
+
+/// Checks a snapshot's pairs as they arrive: their hashes add up to the digest its meta record
+/// and its ref name, at its index.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    digest: u64,
+    meta: Option<ShardMeta>,
+    pub bytes: u64,
+}
+
+impl Verifier {
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes += (key.len() + value.len()) as u64;
+        if key == keys::META {
+            self.meta = Some(decode::<ShardMeta>(keys::META, value));
+        } else {
+            self.digest = self.digest.wrapping_add(pair_hash(key, value));
+        }
+    }
+
+    pub fn check(&self, snapshot: &SnapshotRef) -> anyhow::Result<()> {
+        let meta = self
+            .meta
+            .as_ref()
+            .context("the snapshot has no meta record")?;
+        ensure!(
+            (meta.applied_index, meta.digest, self.digest)
+                == (snapshot.index, snapshot.digest, snapshot.digest),
+            "the snapshot's pairs hash to {:016x} at applied index {}, its meta record says \
+             {:016x}, and the snapshot {:016x} at {}",
+            self.digest,
+            meta.applied_index,
+            meta.digest,
+            snapshot.digest,
+            snapshot.index
+        );
+        Ok(())
+    }
+}
+
+async fn chunk_with_retries(
+    source: &impl Source,
+    snapshot: &SnapshotRef,
+    after: Option<Vec<u8>>,
+) -> anyhow::Result<Chunk> {
+    let mut attempt = 1;
+    loop {
+        match source.chunk(snapshot, after.clone()).await {
+            Ok(chunk) => return Ok(chunk),
+            Err(error) if attempt >= CHUNK_ATTEMPTS => return Err(error),
+            Err(error) => {
+                tracing::debug!(shard = %snapshot.shard, %error, attempt, "a snapshot chunk failed; again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Runs fjall work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("a blocking task failed")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::storage::TempDir;
+
+    const SHARD: ShardId = ShardId(0);
+
+    /// A storage whose shard 0 holds `pairs` profiles-like pairs and the meta record that
+    /// sums them, at applied index 7.
+    fn populated(dir: &TempDir, pairs: u32) -> (Arc<Storage>, SnapshotRef) {
+        let storage = Arc::new(
+            Storage::open(&dir.0, 1, &[SHARD], StorageConfig::default()).expect("opening"),
+        );
+        let state = storage.state(SHARD);
+        let mut digest = 0u64;
+        for i in 0..pairs {
+            let (key, value) = (format!("p/{i:08}").into_bytes(), vec![i as u8; 300]);
+            digest = digest.wrapping_add(pair_hash(&key, &value));
+            state.insert(key, value).expect("inserting");
+        }
+        let meta = ShardMeta {
+            applied_index: 7,
+            digest,
+            ..ShardMeta::default()
+        };
+        state
+            .insert(keys::META, postcard::to_stdvec(&meta).expect("encodes"))
+            .expect("inserting");
+        let snapshot = SnapshotRef {
+            shard: SHARD,
+            node: 1,
+            id: 42,
+            to: crate::config::raft_id(SHARD, 2),
+            index: 7,
+            term: 2,
+            digest,
+        };
+        (storage, snapshot)
+    }
+
+    /// The holder on the same machine, its chunks passed through `tamper`.
+    struct Local<'a> {
+        holder: &'a Snapshots,
+        tamper: fn(&mut Chunk),
+        abandoned: Mutex<usize>,
+    }
+
+    impl Source for Local<'_> {
+        async fn chunk(
+            &self,
+            snapshot: &SnapshotRef,
+            after: Option<Vec<u8>>,
+        ) -> anyhow::Result<Chunk> {
+            let mut chunk = self.holder.chunk(snapshot, after)?;
+            (self.tamper)(&mut chunk);
+            Ok(chunk)
+        }
+
+        fn abandon(&self, snapshot: &SnapshotRef) {
+            *self.abandoned.lock().unwrap() += 1;
+            self.holder.abandon(snapshot);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_streams_in_chunks_into_a_new_generation_that_verifies() {
+        let (from, to) = (TempDir::new("snapshot-from"), TempDir::new("snapshot-to"));
+        // 12,000 pairs of ~310 bytes: about 3.6 MiB, four chunks.
+        let (source_storage, snapshot) = populated(&from, 12_000);
+        let holder = Snapshots::new(Arc::clone(&source_storage));
+        assert!(holder.hold(&snapshot));
+        // Written after the hold: not in the snapshot.
+        source_storage
+            .state(SHARD)
+            .insert("p/late", "x")
+            .expect("inserting");
+        let target =
+            Arc::new(Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening"));
+        target
+            .state(SHARD)
+            .insert("old", "state")
+            .expect("inserting");
+        let fetcher = Snapshots::new(Arc::clone(&target));
+        let source = Local {
+            holder: &holder,
+            tamper: |_| {},
+            abandoned: Mutex::new(0),
+        };
+        let generation = fetcher.fetch(&source, &snapshot).await.expect("fetched");
+        assert_eq!(generation, 1);
+        assert_eq!(holder.ended(SHARD), vec![Ended::Sent(snapshot.clone())]);
+        assert!(holder.in_flight().is_empty() && fetcher.in_flight().is_empty());
+        // Staged beside the current generation, which is untouched until the switch.
+        assert_eq!(target.generation_number(SHARD), 0);
+        assert!(target.state(SHARD).get("old").expect("reads").is_some());
+        target.switch(SHARD, generation).expect("switching");
+        let state = target.state(SHARD);
+        assert_eq!(state.len().expect("counts"), 12_001);
+        assert!(state.get("old").expect("reads").is_none());
+        assert!(state.get("p/late").expect("reads").is_none());
+        assert_eq!(
+            state.get("p/00011999").expect("reads").as_deref(),
+            Some(&[(11_999 % 256) as u8; 300][..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_add_up_is_refused_and_dropped() {
+        let (from, to) = (
+            TempDir::new("snapshot-bad-from"),
+            TempDir::new("snapshot-bad-to"),
+        );
+        let (source_storage, snapshot) = populated(&from, 5_000);
+        let holder = Snapshots::new(source_storage);
+        assert!(holder.hold(&snapshot));
+        let target =
+            Arc::new(Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening"));
+        let fetcher = Snapshots::new(Arc::clone(&target));
+        let source = Local {
+            holder: &holder,
+            tamper: |chunk| chunk.pairs[0].1[0] ^= 1,
+            abandoned: Mutex::new(0),
+        };
+        let error = fetcher.fetch(&source, &snapshot).await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("the snapshot's pairs hash to"),
+            "{error}"
+        );
+        assert_eq!(*source.abandoned.lock().unwrap(), 1);
+        // The staged generation is gone; a restart finds only the current one.
+        drop(fetcher);
+        drop(target);
+        let reopened =
+            Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening");
+        let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.0).collect();
+        assert_eq!(names, ["log_0000", "meta", "state_0000"]);
+    }
+
+    #[test]
+    fn a_node_holds_at_most_its_limit_and_drops_what_nobody_asks_for() {
+        let from = TempDir::new("snapshot-held");
+        let (storage, snapshot) = populated(&from, 10);
+        let holder = Snapshots::new(storage);
+        for id in 0..SNAPSHOTS_HELD_MAX as u64 {
+            assert!(holder.hold(&SnapshotRef {
+                id,
+                ..snapshot.clone()
+            }));
+        }
+        assert!(!holder.hold(&SnapshotRef {
+            id: 99,
+            ..snapshot.clone()
+        }));
+        assert_eq!(holder.in_flight().len(), SNAPSHOTS_HELD_MAX);
+        // A request naming another snapshot under a held id is refused.
+        let other = SnapshotRef {
+            index: 8,
+            ..snapshot.clone()
+        };
+        assert_eq!(holder.chunk(&other, None), Err(ChunkError::Unknown));
+        holder.abandon(&SnapshotRef {
+            id: 0,
+            ..snapshot.clone()
+        });
+        assert_eq!(
+            holder.ended(SHARD),
+            vec![Ended::Failed(SnapshotRef { id: 0, ..snapshot })]
+        );
+        assert_eq!(holder.in_flight().len(), SNAPSHOTS_HELD_MAX - 1);
+    }
+}
