@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use transport::handshake::Identity;
+use transport::handshake::{Identity, Join};
 
 /// mimalloc: the node allocates and frees many small, short-lived buffers on several threads
 /// (event bodies, keys, fjall's memtable entries); glibc's allocator spent about a fifth of the
@@ -335,36 +335,21 @@ fn raise_open_file_limit() {
 async fn join_a_new_cluster(peers: &transport::tcp::Tcp, identity: Identity) -> anyhow::Result<()> {
     let mut said: Option<Instant> = None;
     loop {
-        let answers = peers.answers();
-        for (peer, about) in &answers {
-            if about.initialized && about.knows_you != Some(identity) {
-                let how = match about.knows_you {
-                    Some(known) => format!(
-                        "knows this node by another identity ({})",
-                        transport::tcp::hex(&known)
-                    ),
-                    None => "does not know this node".to_string(),
-                };
-                anyhow::bail!(
-                    "this node's data directory is empty (identity {}), but node {peer} holds an initialized cluster and {how}: this is not the data directory the cluster knows for this node (a wiped or replaced disk?). Starting on it would let a node that lost its log vote as the replica it was, so it does not start. Restore this node's data directory, or (once membership changes exist) remove the node from the cluster and add it back",
-                    transport::tcp::hex(&identity)
-                );
+        match transport::handshake::may_join(identity, &peers.answers(), peers.peer_ids()) {
+            Join::Create => {
+                tracing::info!("every peer answered: creating this node's replicas");
+                return Ok(());
             }
-        }
-        let missing: Vec<u64> = peers
-            .peer_ids()
-            .filter(|p| !answers.contains_key(p))
-            .collect();
-        if missing.is_empty() {
-            tracing::info!("every peer answered: creating this node's replicas");
-            return Ok(());
-        }
-        if said.is_none_or(|at| at.elapsed() >= JOIN_WAIT_LOG) {
-            tracing::info!(
-                ?missing,
-                "new data directory: waiting for every peer to answer before creating replicas"
-            );
-            said = Some(Instant::now());
+            Join::Refused(why) => anyhow::bail!(why),
+            Join::Wait(missing) => {
+                if said.is_none_or(|at| at.elapsed() >= JOIN_WAIT_LOG) {
+                    tracing::info!(
+                        ?missing,
+                        "new data directory: waiting for every peer to answer before creating replicas"
+                    );
+                    said = Some(Instant::now());
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

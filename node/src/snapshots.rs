@@ -84,6 +84,16 @@ struct Held {
     bytes: u64,
 }
 
+/// A snapshot fetched and staged, durably.
+#[derive(Debug, Clone, Copy)]
+pub struct Staged {
+    pub generation: u64,
+    /// Bytes of keys and values received.
+    pub bytes: u64,
+    /// When the fetch began.
+    pub started: Instant,
+}
+
 /// A snapshot being fetched: since when, and the bytes received so far.
 struct Coming {
     snapshot: SnapshotRef,
@@ -259,9 +269,13 @@ impl Snapshots {
     }
 
     /// Fetches `snapshot` from `source` into a new generation of its shard, verified and
-    /// durable; answers the generation. Past [`SNAPSHOTS_FETCHED_MAX`] it fails at once. A
-    /// failed fetch drops what it staged and tells the holder.
-    pub async fn fetch(&self, source: &impl Source, snapshot: &SnapshotRef) -> anyhow::Result<u64> {
+    /// durable. Past [`SNAPSHOTS_FETCHED_MAX`] it fails at once. A failed fetch drops what it
+    /// staged and tells the holder.
+    pub async fn fetch(
+        &self,
+        source: &impl Source,
+        snapshot: &SnapshotRef,
+    ) -> anyhow::Result<Staged> {
         if self.fetching.fetch_add(1, Ordering::SeqCst) >= SNAPSHOTS_FETCHED_MAX {
             self.fetching.fetch_sub(1, Ordering::SeqCst);
             source.abandon(snapshot);
@@ -286,7 +300,11 @@ impl Snapshots {
             Ok(bytes) => {
                 tracing::info!(%shard, index = snapshot.index, generation, bytes,
                     seconds = started.elapsed().as_secs_f64(), "snapshot received and staged");
-                Ok(generation)
+                Ok(Staged {
+                    generation,
+                    bytes,
+                    started,
+                })
             }
             Err(error) => {
                 tracing::warn!(%shard, index = snapshot.index, %error, "fetching a snapshot failed");
@@ -524,7 +542,11 @@ mod tests {
             tamper: |_| {},
             abandoned: Mutex::new(0),
         };
-        let generation = fetcher.fetch(&source, &snapshot).await.expect("fetched");
+        let generation = fetcher
+            .fetch(&source, &snapshot)
+            .await
+            .expect("fetched")
+            .generation;
         assert_eq!(generation, 1);
         assert_eq!(holder.ended(SHARD), vec![Ended::Sent(snapshot.clone())]);
         assert!(holder.in_flight().is_empty() && fetcher.in_flight().is_empty());

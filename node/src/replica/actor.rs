@@ -24,7 +24,7 @@ use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::shards::{Gate, PeerSource, Shards};
-use crate::snapshots::Ended;
+use crate::snapshots::{Ended, Staged};
 use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
@@ -114,6 +114,8 @@ pub struct ShardActor {
     reported_activations: (u64, u64, usize),
     /// The write in flight switches the shard to this generation.
     switching: Option<u64>,
+    /// The snapshot staged last, and its index, until it is installed or dropped.
+    staged: Option<(u64, Staged)>,
 }
 
 impl ShardActor {
@@ -153,6 +155,7 @@ impl ShardActor {
             follow_up_floor: 0,
             reported_activations: (0, 0, 0),
             switching: None,
+            staged: None,
         })
     }
 
@@ -220,6 +223,7 @@ impl ShardActor {
             self.fetch(snapshot, ctx);
         }
         if let Some(generation) = discard {
+            self.staged = None;
             let (storage, shard) = (Arc::clone(&self.storage), self.shard);
             tokio::task::spawn_blocking(move || {
                 if let Err(error) = storage.discard(shard, generation) {
@@ -258,8 +262,10 @@ impl ShardActor {
             let source = PeerSource(Arc::clone(&shards));
             shards.snapshots.fetch(&source, &wanted).await.ok()
         };
-        ctx.spawn(task.into_actor(self).map(move |generation, actor, ctx| {
+        ctx.spawn(task.into_actor(self).map(move |staged, actor, ctx| {
             let mut fx = Effects::default();
+            actor.staged = staged.map(|s| (snapshot.index, s));
+            let generation = staged.map(|s| s.generation);
             actor
                 .replica
                 .staged(&snapshot, generation, actor.now(), &mut fx);
@@ -482,7 +488,11 @@ impl Handler<Flushed> for ShardActor {
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
         if let Some(generation) = self.switching.take() {
             self.metrics.snapshots_installed.fetch_add(1, Relaxed);
-            tracing::info!(shard = %self.shard, generation, "switched to the installed snapshot's generation");
+            if let Some((index, staged)) = self.staged.take() {
+                tracing::info!(shard = %self.shard, index, generation, bytes = staged.bytes,
+                    seconds = staged.started.elapsed().as_secs_f64(),
+                    "snapshot installed (seconds from the start of its fetch)");
+            }
             if let Err(error) = self.storage.switch(self.shard, generation) {
                 // The switch is durable; only the drop of the old generation failed, and the
                 // next start drops it.

@@ -72,6 +72,11 @@ impl Disk {
         }
     }
 
+    /// Whether it holds an initialized cluster (a replica wrote its hard state).
+    fn initialized(&self) -> bool {
+        self.meta.keys().any(|k| k.starts_with(b"hs/"))
+    }
+
     /// The write that recorded `generation` for `shard` landed: its staged state is the
     /// shard's, and its log starts empty (as the node's keyspaces of that generation).
     fn switch(&mut self, shard: ShardId, generation: u64) {
@@ -140,6 +145,10 @@ struct Node {
     /// Shards whose install write is in flight: false until it lands, then true until the
     /// replica hears it did.
     installing: BTreeMap<ShardId, bool>,
+    /// Its node identity (see `transport::handshake`): a wiped disk gets a new one.
+    identity: [u8; 16],
+    /// Its disk was wiped and its restart refused: it never runs again.
+    gone: bool,
 }
 
 enum Happening {
@@ -180,6 +189,10 @@ enum Happening {
         life: u64,
     },
     Restart {
+        node: usize,
+    },
+    /// The node crashes and its disk is wiped; it is started again on the empty disk.
+    Wipe {
         node: usize,
     },
     Pause {
@@ -286,12 +299,16 @@ pub struct World {
     next_event: u64,
     /// Snapshots installed (their switch landed on a disk).
     installs: usize,
-    /// How often the snapshot steps met a fault, by step (see [`Summary::coverage`]).
+    /// How often each of [`FAULTS_MET`] happened (see [`Summary::coverage`]).
     coverage: BTreeMap<&'static str, usize>,
+    /// Each node's identity at the start, which its peers record.
+    first_identities: Vec<[u8; 16]>,
 }
 
-/// The faults at the steps of a snapshot's transfer and install that a run may meet.
-pub const SNAPSHOT_FAULTS: [&str; 6] = [
+/// The rare faults that runs over 100 seeds or more must meet: a wiped disk, and one at each
+/// step of a snapshot's transfer and install.
+pub const FAULTS_MET: [&str; 7] = [
+    "a wiped node refused",
     "holder crashed holding",
     "follower crashed fetching",
     "crashed before the install landed",
@@ -304,10 +321,10 @@ pub const SNAPSHOT_FAULTS: [&str; 6] = [
 pub struct Summary {
     pub text: String,
     pub installs: usize,
-    /// How often each step of a snapshot's transfer and install met a fault: a crash of the
-    /// holder while it held one, of the follower while it fetched, with its install write in
-    /// flight, and between that write landing and the replica hearing of it; a fetch given
-    /// up; a staged snapshot no longer needed.
+    /// How often each of [`FAULTS_MET`] happened: a wiped node refused; a crash of a
+    /// snapshot's holder while it held one, of the follower while it fetched, with its install
+    /// write in flight, and between that write landing and the replica hearing of it; a fetch
+    /// given up; a staged snapshot no longer needed.
     pub coverage: BTreeMap<&'static str, usize>,
 }
 
@@ -371,7 +388,7 @@ impl World {
             log_retain_entries: [1, 5, 20, 200][rng.usize(0..4)],
             log_compact_entries: [1, 4, 64][rng.usize(0..3)],
         };
-        let nodes = (0..shape.nodes)
+        let nodes: Vec<Node> = (0..shape.nodes)
             .map(|_| Node {
                 up: true,
                 paused_until: 0,
@@ -385,8 +402,11 @@ impl World {
                 fetches: BTreeMap::new(),
                 next_generation: 1,
                 installing: BTreeMap::new(),
+                identity: rng.u128(..).to_be_bytes(),
+                gone: false,
             })
             .collect();
+        let first_identities = nodes.iter().map(|n: &Node| n.identity).collect();
         let clients = (0..shape.clients)
             .map(|_| Client {
                 current: None,
@@ -414,6 +434,7 @@ impl World {
             next_event: 0,
             installs: 0,
             coverage: BTreeMap::new(),
+            first_identities,
         }
     }
 
@@ -539,6 +560,14 @@ impl World {
                 };
                 self.schedule(at, fault);
                 at += self.rng.u64(1_000..4_000);
+            }
+            // In a quarter of the runs, one node's disk is wiped.
+            if self.rng.u64(0..4) == 0 {
+                let (at, node) = (
+                    self.rng.u64(1_000..FAULTY_MS),
+                    self.rng.usize(0..self.shape.nodes),
+                );
+                self.schedule(at, Happening::Wipe { node });
             }
         }
     }
@@ -674,9 +703,17 @@ impl World {
                 }
             }
             Happening::Restart { node } => {
-                if !self.nodes[node].up {
+                if !self.nodes[node].up && !self.nodes[node].gone && self.may_start(node) {
                     self.nodes[node].up = true;
                     self.open(node, false);
+                }
+            }
+            Happening::Wipe { node } => {
+                if self.nodes[node].up && self.nodes.iter().all(|n| !n.gone) {
+                    self.stop(node);
+                    let n = &mut self.nodes[node];
+                    n.disk = Rc::new(RefCell::new(Disk::default()));
+                    n.identity = self.rng.u128(..).to_be_bytes();
                 }
             }
             Happening::Pause { node } => {
@@ -750,6 +787,47 @@ impl World {
         self.down(node);
         let downtime = self.rng.u64(300..4_000);
         self.schedule(downtime, Happening::Restart { node });
+    }
+
+    /// Whether a node may start: one on a wiped disk (a new identity, no hard state) asks its
+    /// peers first, as a node on an empty data directory does
+    /// (`transport::handshake::may_join`), and its peers, which hold an initialized cluster
+    /// and know it by its first identity, refuse it: it never runs again. Until one answers it
+    /// waits.
+    fn may_start(&mut self, node: usize) -> bool {
+        let wiped = self.nodes[node].identity != self.first_identities[node];
+        if !wiped {
+            return true;
+        }
+        let answers: BTreeMap<u64, crate::transport::handshake::About> = (0..self.shape.nodes)
+            .filter(|&n| n != node && self.nodes[n].up)
+            .map(|n| {
+                let about = crate::transport::handshake::About {
+                    identity: self.nodes[n].identity,
+                    initialized: self.nodes[n].disk.borrow().initialized(),
+                    knows_you: Some(self.first_identities[node]),
+                };
+                (n as u64 + 1, about)
+            })
+            .collect();
+        let peers = (1..=self.shape.nodes as u64).filter(|&id| id != node as u64 + 1);
+        let identity = self.nodes[node].identity;
+        match crate::transport::handshake::may_join(identity, &answers, peers) {
+            crate::transport::handshake::Join::Refused(_) => {
+                self.cover("a wiped node refused");
+                self.nodes[node].gone = true;
+            }
+            crate::transport::handshake::Join::Wait(_) => {
+                self.schedule(500, Happening::Restart { node });
+            }
+            crate::transport::handshake::Join::Create => {
+                panic!(
+                    "node {}: a wiped disk would vote as the replica it was",
+                    node + 1
+                )
+            }
+        }
+        false
     }
 
     fn live(&self, node: usize, life: u64) -> bool {
@@ -1099,16 +1177,27 @@ impl World {
         self.faulty = false;
         self.cut.clear();
         for node in 0..self.shape.nodes {
+            if self.nodes[node].gone {
+                continue;
+            }
             self.nodes[node].paused_until = self.now;
             if self.nodes[node].leaving {
                 // Its stop completes now, and it comes back at once.
                 self.down(node);
             }
-            if !self.nodes[node].up {
+            if !self.nodes[node].up && self.may_start(node) {
                 self.nodes[node].up = true;
                 self.open(node, false);
             }
         }
+    }
+
+    /// The nodes holding shard `s` that still run (all but a node refused after a wipe).
+    fn hosts(&self, shard: ShardId) -> Vec<usize> {
+        self.placement(shard)
+            .into_iter()
+            .filter(|n| !self.nodes[*n].gone)
+            .collect()
     }
 
     /// Runs the healed cluster until every client is done and every shard's replicas agree
@@ -1132,7 +1221,7 @@ impl World {
     fn replicas_agree(&self) -> bool {
         (0..self.shape.shards).map(ShardId).all(|shard| {
             let statuses: Vec<_> = self
-                .placement(shard)
+                .hosts(shard)
                 .into_iter()
                 .map(|n| self.nodes[n].replicas[&shard].status())
                 .collect();
@@ -1145,7 +1234,7 @@ impl World {
                     s.applied_index == statuses[0].applied_index
                         && s.commit_index == s.applied_index
                 })
-                && self.placement(shard).into_iter().all(|n| {
+                && self.hosts(shard).into_iter().all(|n| {
                     self.nodes[n].replicas[&shard].durable_applied() == statuses[0].applied_index
                 })
         })
@@ -1154,7 +1243,7 @@ impl World {
     fn describe(&self) -> String {
         let mut out = String::new();
         for shard in (0..self.shape.shards).map(ShardId) {
-            for n in self.placement(shard) {
+            for n in self.hosts(shard) {
                 let s = self.nodes[n].replicas[&shard].status();
                 out.push_str(&format!(
                     "\n  shard {shard} node {}: {:?} term {} commit {} applied {} durable {}",
@@ -1174,7 +1263,7 @@ impl World {
     fn check(&mut self) -> Result<(), String> {
         // Replicas of a shard hold the same state, digest included.
         for shard in (0..self.shape.shards).map(ShardId) {
-            let hosts = self.placement(shard);
+            let hosts = self.hosts(shard);
             let states: Vec<_> = hosts
                 .iter()
                 .map(|n| self.nodes[*n].disk.borrow().states.get(&shard).cloned())
@@ -1191,7 +1280,7 @@ impl World {
         let at = self.now;
         for profile in 0..self.shape.profiles {
             let (_, shard) = self.phone(profile);
-            let node = self.placement(shard)[0];
+            let node = self.hosts(shard)[0];
             let balance = self.balance(node, profile);
             self.history[profile].push(Op::Read {
                 balance,
@@ -1206,7 +1295,7 @@ impl World {
         let mut earned: BTreeMap<(usize, String), usize> = BTreeMap::new();
         for profile in 0..self.shape.profiles {
             let (identity, shard) = self.phone(profile);
-            let node = self.placement(shard)[0];
+            let node = self.hosts(shard)[0];
             let disk = self.nodes[node].disk.borrow();
             let Some(state) = disk.states.get(&shard) else {
                 continue;

@@ -45,6 +45,51 @@ pub struct About {
     pub knows_you: Option<Identity>,
 }
 
+/// What a node on an empty data directory may do, from what its peers answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Join {
+    /// Every peer answered, each empty too or knowing this node's identity: create replicas.
+    Create,
+    /// These peers have not answered yet.
+    Wait(Vec<u64>),
+    /// A peer holds an initialized cluster and does not know this node by its identity (the
+    /// message says which, and what to do).
+    Refused(String),
+}
+
+/// Whether a node on an empty data directory, of identity `identity`, may create its
+/// replicas, given each peer's answer (`answers`, by node id) and the peers listed. Any
+/// initialized peer that does not know this identity means this directory is not the one the
+/// cluster knows (a wiped or replaced disk): creating replicas would let it vote as a
+/// replica whose log it lost.
+pub fn may_join(
+    identity: Identity,
+    answers: &std::collections::BTreeMap<u64, About>,
+    peers: impl Iterator<Item = u64>,
+) -> Join {
+    for (peer, about) in answers {
+        if about.initialized && about.knows_you != Some(identity) {
+            let how = match about.knows_you {
+                Some(known) => format!(
+                    "knows this node by another identity ({})",
+                    super::tcp::hex(&known)
+                ),
+                None => "does not know this node".to_string(),
+            };
+            return Join::Refused(format!(
+                "this node's data directory is empty (identity {}), but node {peer} holds an initialized cluster and {how}: this is not the data directory the cluster knows for this node (a wiped or replaced disk?). Starting on it would let a node that lost its log vote as the replica it was, so it does not start. Restore this node's data directory, or (once membership changes exist) remove the node from the cluster and add it back",
+                super::tcp::hex(&identity)
+            ));
+        }
+    }
+    let missing: Vec<u64> = peers.filter(|p| !answers.contains_key(p)).collect();
+    if missing.is_empty() {
+        Join::Create
+    } else {
+        Join::Wait(missing)
+    }
+}
+
 impl About {
     fn encode_into(&self, out: &mut [u8]) {
         out[..16].copy_from_slice(&self.identity);

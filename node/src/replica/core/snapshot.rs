@@ -218,7 +218,7 @@ impl<S: LogSource> Replica<S> {
             "shard {}: the installed state is not the snapshot's",
             self.config.shard
         );
-        tracing::info!(shard = %self.config.shard, index = snapshot.index, "snapshot installed");
+        tracing::debug!(shard = %self.config.shard, index = snapshot.index, "state reloaded from the installed snapshot");
     }
 
     /// Prepares a snapshot of the durable state for each recently active follower that needs
