@@ -197,7 +197,7 @@ def main():
     mib = (staged_bytes or 0) / 1048576
     print(f"snapshot of a shard of {args.profiles} profiles ({mib:.0f} MiB of pairs): fetched, "
           f"staged, verified and made durable in {staged_seconds:.1f} s, installed in "
-          f"{install_seconds:.2f} s more; node 3 caught up {caught_up:.1f} s after its restart "
+          f"{install_seconds:.3f} s more; node 3 caught up {caught_up:.1f} s after its restart "
           f"(which includes opening its own store after kill -9)")
     print(f"RSS during it: holder {min(holder):.0f}..{max(holder):.0f} MiB (at restart "
           f"{holder[0]:.0f}), receiver {min(receiver):.0f}..{max(receiver):.0f} MiB")

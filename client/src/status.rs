@@ -3,7 +3,8 @@
 //! It asks the given node for the cluster's nodes, then asks each node for its own replicas,
 //! and shows which nodes are up, and per shard its leader and term, each replica's applied
 //! index and how far it lags the leader's, and whether replicas at equal indexes have equal
-//! digests (replicas that differ there have diverged: a bug to report).
+//! digests (replicas that differ there have diverged: a bug to report); then the snapshots on
+//! their way from a leader's node to a follower behind its log.
 
 use oneid_client::Client;
 use oneid_protocol::api::{ClusterView, ShardView};
@@ -91,7 +92,40 @@ pub async fn run(client: &Client, json_output: bool) -> anyhow::Result<()> {
             digests(replicas)
         );
     }
+    let snapshots = snapshots(&answers);
+    if !snapshots.is_empty() {
+        println!("SNAPSHOTS IN FLIGHT");
+        println!(
+            "{:>5} {:>10} {:>4} {:>4} {:>9} {:>8}",
+            "SHARD", "INDEX", "FROM", "TO", "MIB", "SECONDS"
+        );
+        for ((shard, index, from, to), (bytes, seconds)) in snapshots {
+            let mib = bytes as f64 / 1_048_576.0;
+            println!("{shard:>5} {index:>10} {from:>4} {to:>4} {mib:>9.1} {seconds:>8.1}");
+        }
+    }
     Ok(())
+}
+
+/// The snapshots the nodes said are on their way, by (shard, index, holder, follower): the
+/// bytes received (or sent, if the follower did not say) and the seconds since it began.
+fn snapshots(answers: &[Answer]) -> BTreeMap<(u32, u64, u64, u64), (u64, f64)> {
+    let mut all = BTreeMap::new();
+    for answer in answers {
+        for s in answer.view.iter().flat_map(|v| &v.snapshots) {
+            let (from, to) = match s.direction.as_str() {
+                "in" => (s.node, answer.id),
+                _ => (answer.id, s.node),
+            };
+            let entry = all
+                .entry((s.shard, s.index, from, to))
+                .or_insert((s.bytes, s.seconds));
+            if s.direction == "in" {
+                *entry = (s.bytes, s.seconds);
+            }
+        }
+    }
+    all
 }
 
 /// Each shard's replicas, as the nodes that hold them said.

@@ -7,9 +7,10 @@
 //! order, each after the last key it got), writes each chunk into a staged generation of the
 //! shard's keyspaces in one batch (sealing the staged keyspace's own memtables, as the writer
 //! does: fjall's flush queue never blocks on itself, and the group commit never waits for a
-//! snapshot), sums the pair hashes as they come, and at the end checks them against the
-//! digest the snapshot and its meta record name, then makes the staging durable. Memory is a
-//! chunk per transfer on either side, whatever the shard's size.
+//! snapshot), asking for the next chunk while it writes one, sums the pair hashes as they
+//! come, and at the end checks them against the digest the snapshot and its meta record name,
+//! then makes the staging durable. Memory is two chunks per transfer on the fetching side and
+//! one being read on the holder's, whatever the shard's size.
 //!
 //! Limits: a node holds at most [`SNAPSHOTS_HELD_MAX`] snapshots and fetches at most
 //! [`SNAPSHOTS_FETCHED_MAX`] at once (past either, the snapshot is refused and prepared again
@@ -284,7 +285,13 @@ impl Snapshots {
         let _fetching = Fetching(&self.fetching);
         let (shard, started) = (snapshot.shard, Instant::now());
         let storage = Arc::clone(&self.storage);
-        let (generation, staged) = blocking(move || storage.stage(shard)).await?;
+        let (generation, staged) = match blocking(move || storage.stage(shard)).await {
+            Ok(staging) => staging,
+            Err(error) => {
+                source.abandon(snapshot);
+                return Err(error.context("creating a staged generation"));
+            }
+        };
         let key = (shard, snapshot.id);
         self.incoming.lock().expect("incoming lock").insert(
             key,
@@ -317,23 +324,24 @@ impl Snapshots {
     }
 
     /// Writes every chunk into `staged`, checks the digest, and makes it durable. Answers
-    /// the bytes received.
+    /// the bytes received. The next chunk is asked for while the last one is written: two
+    /// chunks at most are in memory.
     async fn stage(
         &self,
         source: &impl Source,
         snapshot: &SnapshotRef,
         staged: Keyspace,
     ) -> anyhow::Result<u64> {
-        let (mut after, mut verifier) = (None, Verifier::default());
+        let mut verifier = Verifier::default();
+        let mut chunk = chunk_with_retries(source, snapshot, None).await?;
         loop {
-            let chunk = chunk_with_retries(source, snapshot, after.clone()).await?;
-            let last = chunk.last;
-            after = chunk.pairs.last().map(|(k, _)| k.clone()).or(after);
             for (key, value) in &chunk.pairs {
                 verifier.add(key, value);
             }
+            let after = chunk.pairs.last().map(|(k, _)| k.clone());
+            let last = chunk.last;
             let (storage, keyspace) = (Arc::clone(&self.storage), staged.clone());
-            blocking(move || {
+            let write = blocking(move || {
                 let mut batch = storage.db.batch();
                 for (key, value) in chunk.pairs {
                     batch.insert(&keyspace, key, value);
@@ -341,8 +349,15 @@ impl Snapshots {
                 batch.commit()?;
                 storage.seal_if_full(&keyspace)?;
                 anyhow::Ok(())
-            })
-            .await?;
+            });
+            let next = async {
+                if last {
+                    return Ok(None);
+                }
+                chunk_with_retries(source, snapshot, after).await.map(Some)
+            };
+            let (written, next) = tokio::join!(write, next);
+            written?;
             if let Some(entry) = self
                 .incoming
                 .lock()
@@ -351,8 +366,9 @@ impl Snapshots {
             {
                 entry.bytes = verifier.bytes;
             }
-            if last {
-                break;
+            match next? {
+                Some(next) => chunk = next,
+                None => break,
             }
         }
         verifier.check(snapshot)?;

@@ -490,14 +490,20 @@ impl Storage {
 
     /// The write recording generation `number` of `shard` is durable: reads and writes go to
     /// its keyspaces from now on, and the old generation is dropped (its files go once the
-    /// last reader lets go of them). The caller has no write of the shard in flight.
+    /// last reader lets go of them; an error here leaves them for the next start to drop).
+    /// The caller has no write of the shard in flight. A node that cannot open the new
+    /// generation stops: its meta record already names it.
     pub fn switch(&self, shard: ShardId, number: u64) -> anyhow::Result<()> {
         let (log, state) = generation_names(shard, number);
-        let options = || self.keyspace_options();
+        let open = |name: &str| {
+            self.db
+                .keyspace(name, || self.keyspace_options())
+                .unwrap_or_else(|error| stop("opening a switched-to generation", &error))
+        };
         let new = Generation {
             number,
-            log: self.db.keyspace(&log, options)?,
-            state: self.db.keyspace(&state, options)?,
+            log: open(&log),
+            state: open(&state),
         };
         let old = std::mem::replace(
             &mut *self.shards[shard.0 as usize]

@@ -486,7 +486,7 @@ impl Handler<Flushed> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
-        if let Some(generation) = self.switching.take() {
+        if let Some(generation) = self.switching {
             self.metrics.snapshots_installed.fetch_add(1, Relaxed);
             if let Some((index, staged)) = self.staged.take() {
                 tracing::info!(shard = %self.shard, index, generation, bytes = staged.bytes,
@@ -499,9 +499,17 @@ impl Handler<Flushed> for ShardActor {
                 tracing::warn!(shard = %self.shard, generation, %error, "dropping the old generation failed");
             }
         }
+        let switched = self.switching.take().is_some();
         let mut fx = Effects::default();
         self.replica
             .persisted(&FjallState(self.storage.state(self.shard)), &mut fx);
+        if switched {
+            // What this actor derived from the old state: the follow-up records known
+            // finished, and the activation counters of the cache the replica dropped.
+            self.follow_up_floor = 0;
+            let (_, _, held) = self.reported_activations;
+            self.reported_activations = (0, 0, held);
+        }
         self.run(fx, ctx);
     }
 }
