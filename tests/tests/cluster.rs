@@ -417,7 +417,8 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         .unwrap()
         .to_be_bytes();
     let peer = cluster.peers[0].clone();
-    let format = 5;
+    // The node's state format (`STATE_FORMAT`), which the handshake names.
+    let format = 6;
     let writer = {
         let client = cluster.node(2).client();
         tokio::spawn(async move { send_all(&client, 0..400).await })
