@@ -17,7 +17,7 @@
 
 use crate::state::store::pair_hash;
 use crate::state::{keys, ShardMeta};
-use crate::storage::Storage;
+use crate::storage::{NamedKeyspace, Storage};
 use anyhow::{anyhow, bail, ensure, Context};
 use fjall::{Database, PersistMode, Readable};
 use oneid_protocol::api::{BackupKeyspace, BackupShard};
@@ -39,6 +39,8 @@ pub const RESTORE_MARKER: &str = "oneid-restore-in-progress";
 pub const BATCH_PAIRS_MAX: usize = 10_000;
 /// Most bytes (keys and values) in one write batch of a backup.
 pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Times a backup takes its snapshot again when a shard switched generations meanwhile.
+const SNAPSHOT_ATTEMPTS: usize = 3;
 
 /// Why a backup was not taken.
 #[derive(Debug)]
@@ -245,16 +247,39 @@ fn copy_snapshot(
     dir: &Path,
     cancelled: &AtomicBool,
 ) -> Result<Manifest, BackupError> {
-    let snapshot = storage.db.snapshot();
+    // The keyspaces, then one snapshot of them all: a snapshot install that switched a shard
+    // in between would leave the snapshot's meta naming another generation than the one
+    // listed, so that case is taken again.
+    let (snapshot, keyspaces) = (0..SNAPSHOT_ATTEMPTS)
+        .find_map(|_| {
+            let keyspaces = storage.keyspaces();
+            let snapshot = storage.db.snapshot();
+            let agree = keyspaces.iter().all(|k| {
+                k.shard
+                    .is_none_or(|(s, g)| storage.recorded_generation(&snapshot, s) == g)
+            });
+            agree.then_some((snapshot, keyspaces))
+        })
+        .ok_or_else(|| {
+            BackupError::Failed(anyhow!(
+                "a shard switched generations during each of {SNAPSHOT_ATTEMPTS} attempts"
+            ))
+        })?;
     let created_at = Millis::now().to_string();
-    let keyspaces = storage.keyspaces();
     let target = Database::builder(dir)
         .open()
         .with_context(|| format!("creating the backup database in {}", dir.display()))?;
     let mut shards = Vec::new();
     let mut copied = Vec::new();
-    for (name, shard, source) in &keyspaces {
-        let shard = shard.filter(|_| name.starts_with("state_")).map(|s| s.0);
+    for NamedKeyspace {
+        name,
+        shard,
+        keyspace: source,
+    } in &keyspaces
+    {
+        let shard = shard
+            .filter(|_| name.starts_with("state_"))
+            .map(|(s, _)| s.0);
         let destination = target
             .keyspace(name, || storage.keyspace_options())
             .with_context(|| format!("creating keyspace {name} in the backup"))?;

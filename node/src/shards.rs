@@ -74,9 +74,10 @@ enum PeerRequest {
         snapshot: SnapshotRef,
         after: Option<Vec<u8>>,
     },
-    /// The follower gave the snapshot up.
-    SnapshotAbandon {
+    /// The follower is done with the snapshot (`failed`: it gave it up).
+    SnapshotRelease {
         snapshot: SnapshotRef,
+        failed: bool,
     },
 }
 
@@ -85,7 +86,7 @@ impl PeerRequest {
         match self {
             PeerRequest::Propose { shard, .. } | PeerRequest::Read { shard, .. } => *shard,
             PeerRequest::SnapshotChunk { snapshot, .. }
-            | PeerRequest::SnapshotAbandon { snapshot } => snapshot.shard,
+            | PeerRequest::SnapshotRelease { snapshot, .. } => snapshot.shard,
         }
     }
 }
@@ -98,7 +99,7 @@ enum PeerResponse {
     Proposed(Result<Output, ShardError>),
     Read(Result<ReadAnswer, ShardError>),
     Chunk(Result<Chunk, ChunkError>),
-    Abandoned,
+    Released,
 }
 
 /// A leader's lease as its replica last published it: until `until` no other leader can be
@@ -609,10 +610,11 @@ impl Source for PeerSource {
         }
     }
 
-    fn abandon(&self, snapshot: &SnapshotRef) {
+    fn release(&self, snapshot: &SnapshotRef, failed: bool) {
         let (shards, holder) = (Arc::clone(&self.0), snapshot.node);
-        let request = PeerRequest::SnapshotAbandon {
+        let request = PeerRequest::SnapshotRelease {
             snapshot: snapshot.clone(),
+            failed,
         };
         tokio::spawn(async move {
             let deadline = Instant::now() + FORWARD_TIMEOUT;
@@ -665,9 +667,9 @@ impl Inbound for FromPeers {
                         .await;
                     PeerResponse::Chunk(chunk)
                 }
-                Ok(PeerRequest::SnapshotAbandon { snapshot }) => {
-                    shards.snapshots.abandon(&snapshot);
-                    PeerResponse::Abandoned
+                Ok(PeerRequest::SnapshotRelease { snapshot, failed }) => {
+                    shards.snapshots.release(&snapshot, failed);
+                    PeerResponse::Released
                 }
                 Err(_) => PeerResponse::Read(Err(ShardError::Stopped(ShardId(0)))),
             };

@@ -151,6 +151,13 @@ struct Generation {
     state: Keyspace,
 }
 
+/// A keyspace of the node, by name, with the shard and generation it belongs to (if a shard's).
+pub struct NamedKeyspace {
+    pub name: String,
+    pub shard: Option<(ShardId, u64)>,
+    pub keyspace: Keyspace,
+}
+
 /// The meta key `gen/NNNN`: the generation of a shard's keyspaces (u64 big-endian).
 pub fn generation_key(shard: ShardId) -> Vec<u8> {
     format!("gen/{:04}", shard.0).into_bytes()
@@ -444,10 +451,25 @@ impl Storage {
         self.generation(shard).number
     }
 
+    /// The generation `gen/NNNN` records for `shard` as `view` sees it.
+    pub fn recorded_generation(&self, view: &fjall::Snapshot, shard: ShardId) -> u64 {
+        use fjall::Readable as _;
+        view.get(&self.meta, generation_key(shard))
+            .unwrap_or_else(|e| panic!("reading meta failed: {e}"))
+            .map_or(0, |bytes| {
+                u64::from_be_bytes(bytes.as_ref().try_into().expect("a generation record"))
+            })
+    }
+
     /// The keyspaces this node reads, sorted by name: `meta`, and each hosted shard's log and
-    /// state of its current generation (each with the shard it belongs to).
-    pub fn keyspaces(&self) -> Vec<(String, Option<ShardId>, Keyspace)> {
-        let mut all = vec![("meta".to_string(), None, self.meta.clone())];
+    /// state of its current generation (each with the shard and generation it belongs to).
+    pub fn keyspaces(&self) -> Vec<NamedKeyspace> {
+        let named = |name: String, shard, keyspace| NamedKeyspace {
+            name,
+            shard,
+            keyspace,
+        };
+        let mut all = vec![named("meta".to_string(), None, self.meta.clone())];
         for (shard, generation) in self.shards.iter().enumerate() {
             let Some(generation) = generation else {
                 continue;
@@ -455,10 +477,10 @@ impl Storage {
             let g = generation.read().expect("generation lock").clone();
             let shard = ShardId(shard as u32);
             let (log, state) = generation_names(shard, g.number);
-            all.push((log, Some(shard), g.log));
-            all.push((state, Some(shard), g.state));
+            all.push(named(log, Some((shard, g.number)), g.log));
+            all.push(named(state, Some((shard, g.number)), g.state));
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
@@ -533,6 +555,23 @@ impl Storage {
         Ok(())
     }
 
+    /// The keyspace of `space` in generation `number` of its shard, which a job switching to
+    /// it writes (the shard still reads its current one until the job is durable).
+    fn switching_keyspace(&self, space: Space, number: u64) -> Keyspace {
+        let (Space::Log(shard) | Space::State(shard)) = space else {
+            unreachable!("only a shard's keyspaces have generations")
+        };
+        let (log, state) = generation_names(shard, number);
+        let name = if matches!(space, Space::Log(_)) {
+            log
+        } else {
+            state
+        };
+        self.db
+            .keyspace(&name, || self.keyspace_options())
+            .unwrap_or_else(|error| stop("opening a staged generation", &error))
+    }
+
     fn keyspace(&self, space: Space) -> Keyspace {
         match space {
             Space::Meta => self.meta.clone(),
@@ -545,6 +584,10 @@ impl Storage {
 /// A set of writes and what to do once they are durable.
 pub struct WriteJob {
     pub ops: Vec<WriteOp>,
+    /// The job switches this shard to this generation (a snapshot install, whose ops record
+    /// it): its log and state ops go to the new generation's keyspaces, and once it is
+    /// durable, before `done`, so do all reads and writes (see [`Storage::switch`]).
+    pub switch: Option<(ShardId, u64)>,
     pub done: Box<dyn FnOnce() + Send>,
 }
 
@@ -589,18 +632,29 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         let started = Instant::now();
         let mut batch = storage.db.batch();
         let mut touched: Vec<(Space, Keyspace)> = Vec::new();
-        for op in jobs.iter_mut().flat_map(|job| job.ops.drain(..)) {
-            let at = match touched.iter().position(|(space, _)| *space == op.space) {
-                Some(at) => at,
-                None => {
-                    touched.push((op.space, storage.keyspace(op.space)));
-                    touched.len() - 1
+        for job in &mut jobs {
+            let switch = job.switch;
+            for op in job.ops.drain(..) {
+                let at = match touched.iter().position(|(space, _)| *space == op.space) {
+                    Some(at) => at,
+                    None => {
+                        let keyspace = match (op.space, switch) {
+                            (Space::Log(s) | Space::State(s), Some((shard, number)))
+                                if s == shard =>
+                            {
+                                storage.switching_keyspace(op.space, number)
+                            }
+                            _ => storage.keyspace(op.space),
+                        };
+                        touched.push((op.space, keyspace));
+                        touched.len() - 1
+                    }
+                };
+                let keyspace = &touched[at].1;
+                match op.value {
+                    Some(value) => batch.insert(keyspace, op.key, value),
+                    None => batch.remove(keyspace, op.key),
                 }
-            };
-            let keyspace = &touched[at].1;
-            match op.value {
-                Some(value) => batch.insert(keyspace, op.key, value),
-                None => batch.remove(keyspace, op.key),
             }
         }
         // fdatasync, not fsync: fjall preallocates each journal file, fsyncs it when created
@@ -616,6 +670,12 @@ fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob
         }
         metrics.fsync(started.elapsed(), jobs.len());
         for job in jobs {
+            if let Some((shard, number)) = job.switch {
+                if let Err(error) = storage.switch(shard, number) {
+                    // Only the drop of the old generation failed: the next start drops it.
+                    tracing::warn!(%shard, number, %error, "dropping the old generation failed");
+                }
+            }
             (job.done)();
         }
         for (_, keyspace) in &touched {
@@ -947,6 +1007,7 @@ mod tests {
             let (done, finished) = std::sync::mpsc::channel();
             writer.submit(WriteJob {
                 ops,
+                switch: None,
                 done: Box::new(move || done.send(()).expect("the test waits")),
             });
             finished.recv().expect("the writer answers");
@@ -1006,7 +1067,7 @@ mod tests {
         let reopened = open();
         assert_eq!(reopened.generation_number(shard), 1);
         assert_eq!(value(&reopened), Some(b"gen 1".to_vec()));
-        let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.0).collect();
+        let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.name).collect();
         assert_eq!(names, ["log_0000_g1", "meta", "state_0000_g1"]);
         let mut on_disk: Vec<String> = reopened
             .db
@@ -1018,6 +1079,62 @@ mod tests {
         assert_eq!(on_disk, ["log_0000_g1", "meta", "state_0000_g1"]);
         // The next staging takes a generation above every one seen.
         assert_eq!(reopened.stage(shard).expect("staging").0, 3);
+    }
+
+    #[test]
+    fn a_switching_job_writes_the_new_generation_and_switches_before_it_answers() {
+        let dir = TempDir::new("switch-job");
+        let shard = ShardId(0);
+        let storage = Arc::new(
+            Storage::open(&dir.0, 1, &[shard], StorageConfig::default()).expect("opening"),
+        );
+        storage
+            .log(shard)
+            .insert(3u64.to_be_bytes(), "old entry")
+            .expect("inserting");
+        let (generation, staged) = storage.stage(shard).expect("staging");
+        staged.insert("k", "staged").expect("inserting");
+        let writer = Writer::start(Arc::clone(&storage), Arc::new(Metrics::default()), 4);
+        let (done, finished) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&storage);
+        writer.submit(WriteJob {
+            ops: vec![
+                WriteOp {
+                    space: Space::Meta,
+                    key: generation_key(shard),
+                    value: Some(generation.to_be_bytes().to_vec()),
+                },
+                // An entry after the snapshot, appended in the Ready that installs it.
+                WriteOp {
+                    space: Space::Log(shard),
+                    key: 8u64.to_be_bytes().to_vec(),
+                    value: Some(b"new entry".to_vec()),
+                },
+            ],
+            switch: Some((shard, generation)),
+            done: Box::new(move || {
+                let switched = reader.generation_number(shard);
+                done.send(switched).expect("the test waits");
+            }),
+        });
+        assert_eq!(
+            finished.recv().expect("answered"),
+            generation,
+            "switched before done"
+        );
+        let log = storage.log(shard);
+        assert_eq!(
+            log.get(8u64.to_be_bytes()).expect("reads").as_deref(),
+            Some(&b"new entry"[..])
+        );
+        assert!(
+            log.get(3u64.to_be_bytes()).expect("reads").is_none(),
+            "the old log is gone"
+        );
+        assert_eq!(
+            storage.state(shard).get("k").expect("reads").as_deref(),
+            Some(&b"staged"[..])
+        );
     }
 
     #[test]

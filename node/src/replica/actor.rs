@@ -24,7 +24,7 @@ use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::shards::{Gate, PeerSource, Shards};
-use crate::snapshots::{Ended, Staged};
+use crate::snapshots::{Report, Staged};
 use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
@@ -114,8 +114,9 @@ pub struct ShardActor {
     reported_activations: (u64, u64, usize),
     /// The write in flight switches the shard to this generation.
     switching: Option<u64>,
-    /// The snapshot staged last, and its index, until it is installed or dropped.
-    staged: Option<(u64, Staged)>,
+    /// Snapshots staged (by generation, with their index) until installed or dropped: one
+    /// being installed, and perhaps one fetched meanwhile.
+    staged: BTreeMap<u64, (u64, Staged)>,
 }
 
 impl ShardActor {
@@ -155,7 +156,7 @@ impl ShardActor {
             follow_up_floor: 0,
             reported_activations: (0, 0, 0),
             switching: None,
-            staged: None,
+            staged: BTreeMap::new(),
         })
     }
 
@@ -223,7 +224,7 @@ impl ShardActor {
             self.fetch(snapshot, ctx);
         }
         if let Some(generation) = discard {
-            self.staged = None;
+            self.staged.remove(&generation);
             let (storage, shard) = (Arc::clone(&self.storage), self.shard);
             tokio::task::spawn_blocking(move || {
                 if let Err(error) = storage.discard(shard, generation) {
@@ -236,6 +237,7 @@ impl ShardActor {
             let addr = ctx.address();
             self.writer.submit(WriteJob {
                 ops,
+                switch: switch.map(|generation| (self.shard, generation)),
                 done: Box::new(move || addr.do_send(Flushed)),
             });
         }
@@ -264,7 +266,11 @@ impl ShardActor {
         };
         ctx.spawn(task.into_actor(self).map(move |staged, actor, ctx| {
             let mut fx = Effects::default();
-            actor.staged = staged.map(|s| (snapshot.index, s));
+            if let Some(staged) = staged {
+                actor
+                    .staged
+                    .insert(staged.generation, (snapshot.index, staged));
+            }
             let generation = staged.map(|s| s.generation);
             actor
                 .replica
@@ -284,13 +290,14 @@ impl ShardActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let mut fx = Effects::default();
-        for ended in self.shards.snapshots.ended(self.shard) {
-            match ended {
-                Ended::Sent(snapshot) => {
+        for report in self.shards.snapshots.reports(self.shard) {
+            match report {
+                Report::Progressed(snapshot) => self.replica.snapshot_progressed(&snapshot),
+                Report::Sent(snapshot) => {
                     self.metrics.snapshots_sent.fetch_add(1, Relaxed);
-                    self.replica.snapshot_sent(&snapshot);
+                    self.replica.snapshot_progressed(&snapshot);
                 }
-                Ended::Failed(snapshot) => self.replica.snapshot_failed(&snapshot),
+                Report::Failed(snapshot) => self.replica.snapshot_failed(&snapshot),
             }
         }
         self.replica.tick(self.now(), &mut fx);
@@ -488,15 +495,10 @@ impl Handler<Flushed> for ShardActor {
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
         if let Some(generation) = self.switching {
             self.metrics.snapshots_installed.fetch_add(1, Relaxed);
-            if let Some((index, staged)) = self.staged.take() {
+            if let Some((index, staged)) = self.staged.remove(&generation) {
                 tracing::info!(shard = %self.shard, index, generation, bytes = staged.bytes,
                     seconds = staged.started.elapsed().as_secs_f64(),
                     "snapshot installed (seconds from the start of its fetch)");
-            }
-            if let Err(error) = self.storage.switch(self.shard, generation) {
-                // The switch is durable; only the drop of the old generation failed, and the
-                // next start drops it.
-                tracing::warn!(shard = %self.shard, generation, %error, "dropping the old generation failed");
             }
         }
         let switched = self.switching.take().is_some();

@@ -7,7 +7,7 @@
 //!   (a Raft message from a peer), [`Replica::tick`], [`Replica::persisted`] (the write handed
 //!   out is durable), [`Replica::unreachable`], [`Replica::leave`] (the node shuts down:
 //!   hand leadership off), and the snapshot steps of `replica::snapshot`
-//!   ([`Replica::staged`], [`Replica::snapshot_sent`], [`Replica::snapshot_failed`]); those
+//!   ([`Replica::staged`], [`Replica::snapshot_progressed`], [`Replica::snapshot_failed`]); those
 //!   that need the time get the shell's
 //!   clocks ([`Now`]: the wall clock, for shard clock entries, and a monotonic one, for
 //!   leases), the only time that enters;

@@ -505,8 +505,19 @@ impl World {
     fn open(&mut self, node: usize, first: bool) {
         self.nodes[node].started_at = self.now;
         self.nodes[node].leaving = false;
-        // Staged generations never switched to are dropped at start.
-        self.nodes[node].disk.borrow_mut().staged.clear();
+        // Staged generations never switched to are dropped at start, and the next staging
+        // takes a generation above every one on the disk (as `Storage::open` numbers them).
+        let mut disk = self.nodes[node].disk.borrow_mut();
+        let recorded = disk
+            .meta
+            .iter()
+            .filter(|(key, _)| key.starts_with(b"gen/"))
+            .map(|(_, value)| u64::from_be_bytes(value[..].try_into().expect("a generation")));
+        let staged = disk.staged.keys().map(|(_, generation)| *generation);
+        let highest = recorded.chain(staged).max().unwrap_or(0);
+        disk.staged.clear();
+        drop(disk);
+        self.nodes[node].next_generation = highest + 1;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let shards: Vec<ShardId> = (0..self.shape.shards)
             .map(ShardId)
@@ -641,12 +652,13 @@ impl World {
                 }
                 let n = &mut self.nodes[node];
                 let mut disk = n.disk.borrow_mut();
-                disk.commit(ops);
+                // As the writer: a switching job's log and state ops go to the new generation.
                 if let Some(generation) = switch {
                     disk.switch(shard, generation);
                     self.installs += 1;
                     n.installing.insert(shard, true);
                 }
+                disk.commit(ops);
                 drop(disk);
                 // The writer's word reaches the replica a moment later: a crash may fall
                 // between the fsync and the acknowledgement.

@@ -20,11 +20,12 @@
 //!    snapshot, atomically. Once it is durable the shell switches to the new keyspaces and the
 //!    core reloads its state from them (activation cache included).
 //! 4. **Leader, finish.** The follower's append answer takes raft-rs out of its snapshot state
-//!    for that follower. A transfer that stalls or fails is reported to raft-rs as failed
-//!    (after [`SNAPSHOT_TICKS_MAX`] at the latest), which then prepares another.
+//!    for that follower. A transfer that fails, or shows no progress for
+//!    [`SNAPSHOT_IDLE_TICKS`] (the shell reports each chunk served), is reported to raft-rs as
+//!    failed, and another is prepared.
 //!
 //! While a snapshot is out, the leader keeps the entries after its index, so the follower can
-//! go on from there however long the transfer takes (bounded by [`SNAPSHOT_TICKS_MAX`]).
+//! go on from there however long a transfer that progresses takes.
 //!
 //! A crash at any point leaves the old replica or the new one: staged generations that were
 //! never switched to are dropped at start, and the switch is one atomic write.
@@ -40,12 +41,10 @@ use raft::eraftpb::{Message, Snapshot};
 use raft::{ProgressState, SnapshotStatus, Storage as _};
 use serde::{Deserialize, Serialize};
 
-/// Ticks a follower may stay in raft-rs's snapshot state from its snapshot's preparation
-/// (transfer and install) before the leader reports the snapshot failed (5 minutes at
-/// 100 ms ticks).
-pub const SNAPSHOT_TICKS_MAX: u64 = 3_000;
-/// Ticks a follower has to install a snapshot once its transfer finished.
-pub const SNAPSHOT_INSTALL_TICKS: u64 = 300;
+/// Ticks a snapshot's transfer may go without progress (from its preparation to the first
+/// chunk, between chunks, from the last chunk to the install) before the leader reports it
+/// failed (30 s at 100 ms ticks).
+pub const SNAPSHOT_IDLE_TICKS: u64 = 300;
 /// Ticks between two snapshots prepared for one follower.
 pub const SNAPSHOT_RETRY_TICKS: u64 = 10;
 
@@ -276,7 +275,7 @@ impl<S: LogSource> Replica<S> {
                 to,
                 Outgoing {
                     snapshot: snapshot.clone(),
-                    deadline: ticks + SNAPSHOT_TICKS_MAX,
+                    deadline: ticks + SNAPSHOT_IDLE_TICKS,
                 },
             );
             self.prepared_at.insert(to, ticks);
@@ -314,12 +313,12 @@ impl<S: LogSource> Replica<S> {
         }
     }
 
-    /// The shell sent the last chunk of `snapshot`: the follower has
-    /// [`SNAPSHOT_INSTALL_TICKS`] to install it.
-    pub fn snapshot_sent(&mut self, snapshot: &SnapshotRef) {
+    /// The shell served chunks of `snapshot` (the last one, perhaps): its deadline moves on
+    /// to [`SNAPSHOT_IDLE_TICKS`] from now.
+    pub fn snapshot_progressed(&mut self, snapshot: &SnapshotRef) {
         if let Some(out) = self.outgoing.get_mut(&snapshot.to) {
             if out.snapshot == *snapshot {
-                out.deadline = out.deadline.min(self.ticks + SNAPSHOT_INSTALL_TICKS);
+                out.deadline = self.ticks + SNAPSHOT_IDLE_TICKS;
             }
         }
     }

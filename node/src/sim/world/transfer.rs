@@ -59,8 +59,12 @@ pub(in crate::sim) enum Transfer {
         ask: u64,
         chunk: Option<Chunk>,
     },
-    /// The follower gave the snapshot up.
-    Abandon { node: usize, snapshot: SnapshotRef },
+    /// The follower is done with the snapshot (`failed`: it gave it up).
+    Release {
+        node: usize,
+        snapshot: SnapshotRef,
+        failed: bool,
+    },
     /// No answer to chunk request `ask` came in time.
     Timeout {
         node: usize,
@@ -75,7 +79,7 @@ impl Transfer {
         match self {
             Transfer::Ask { node, .. }
             | Transfer::Answer { node, .. }
-            | Transfer::Abandon { node, .. }
+            | Transfer::Release { node, .. }
             | Transfer::Timeout { node, .. } => *node,
         }
     }
@@ -224,12 +228,19 @@ impl World {
                     }
                 }
             }
-            Transfer::Abandon { node, snapshot } => {
+            Transfer::Release {
+                node,
+                snapshot,
+                failed,
+            } => {
                 let key = (snapshot.shard, snapshot.id);
-                if self.nodes[node].up && self.nodes[node].held.contains_key(&key) {
+                let held = self.nodes[node].held.get(&key);
+                if self.nodes[node].up && held.is_some_and(|h| h.snapshot == snapshot) {
                     self.nodes[node].held.remove(&key);
-                    self.replica(node, snapshot.shard)
-                        .snapshot_failed(&snapshot);
+                    if failed {
+                        self.replica(node, snapshot.shard)
+                            .snapshot_failed(&snapshot);
+                    }
                 }
             }
             Transfer::Timeout {
@@ -280,9 +291,10 @@ impl World {
                 pairs.truncate(CHUNK_PAIRS);
                 Chunk { pairs, last }
             });
-        if chunk.as_ref().is_some_and(|c| c.last) {
-            self.nodes[node].held.remove(&key);
-            self.replica(node, snapshot.shard).snapshot_sent(&snapshot);
+        if chunk.is_some() {
+            // The node's actor reports progress at its next tick; here at once.
+            self.replica(node, snapshot.shard)
+                .snapshot_progressed(&snapshot);
         }
         let answer = Transfer::Answer {
             node: from,
@@ -321,6 +333,7 @@ impl World {
         if let Err(error) = fetch.verifier.check(&fetch.snapshot) {
             panic!("shard {shard}: a snapshot that does not verify: {error}");
         }
+        self.release(node, &fetch.snapshot, false);
         let mut fx = Effects::default();
         let now = self.clocks(node);
         self.replica(node, shard)
@@ -338,14 +351,20 @@ impl World {
         self.fetch_failed(node, fetch.snapshot);
     }
 
-    fn fetch_failed(&mut self, node: usize, snapshot: SnapshotRef) {
+    /// Tells the holder the fetch is over.
+    fn release(&mut self, node: usize, snapshot: &SnapshotRef, failed: bool) {
         let holder = snapshot.node as usize - 1;
-        let shard = snapshot.shard;
-        let abandon = Transfer::Abandon {
+        let release = Transfer::Release {
             node: holder,
             snapshot: snapshot.clone(),
+            failed,
         };
-        self.carry_transfer(node, holder, abandon);
+        self.carry_transfer(node, holder, release);
+    }
+
+    fn fetch_failed(&mut self, node: usize, snapshot: SnapshotRef) {
+        let shard = snapshot.shard;
+        self.release(node, &snapshot, true);
         let mut fx = Effects::default();
         let now = self.clocks(node);
         self.replica(node, shard)
