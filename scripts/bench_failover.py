@@ -23,32 +23,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
-TIMEOUT = 5.0
-
-
-def call(url, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, None
-    except (OSError, ValueError):
-        return None, None
+from benchlib import call, wait_for as wait
 
 
 def wait_for(what, predicate, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    sys.exit(f"bench_failover: {what} did not happen within {seconds} s")
+    return wait("bench_failover", what, predicate, seconds)
 
 
 class Cluster:

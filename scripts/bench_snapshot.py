@@ -21,26 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
-TIMEOUT = 5.0
-
-
-def call(url, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
-            raw = answer.read()
-            try:
-                return answer.status, json.loads(raw or b"null")
-            except ValueError:
-                return answer.status, raw.decode()
-    except urllib.error.HTTPError as error:
-        return error.code, None
-    except OSError:
-        return None, None
+from benchlib import call, wait_for as wait
 
 
 def free_port():
@@ -61,13 +43,7 @@ def rss_mib(pid):
 
 
 def wait_for(what, predicate, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    sys.exit(f"bench_snapshot: {what} did not happen within {seconds} s")
+    return wait("bench_snapshot", what, predicate, seconds)
 
 
 class Cluster:
