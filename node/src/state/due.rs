@@ -31,7 +31,7 @@ impl ShardState {
     pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> (usize, bool) {
         let now = self.record.clock;
         let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
-        let (cursor, ledger_full) = super::evict_queue(
+        let (cursor, ledger_full) = super::retention::evict_queue(
             tx,
             keys::LEDGER_EVICTION_PREFIX,
             self.record.ledger_evicted_to,

@@ -10,6 +10,7 @@ use super::tests::{
     at, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping, Harness, PLAIN,
 };
 use super::*;
+use crate::command::Retention;
 use serde_json::json;
 
 /// `days` after T0, plus `ms` milliseconds (negative: before).

@@ -16,16 +16,18 @@ pub mod activations;
 pub mod due;
 pub mod keys;
 pub mod profile;
+mod retention;
 pub mod store;
+mod tx;
 
 use crate::command::{
-    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Retention, Routed, Target,
+    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Routed, Target,
 };
 use activations::Activations;
 use keys::DueKind;
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
-use oneid_protocol::num::{Millis, Money, DAY_MS};
+use oneid_protocol::num::{Millis, Money};
 use oneid_protocol::predicate::Predicate;
 use oneid_protocol::predicate::TimeField;
 use oneid_protocol::rules::Rules;
@@ -34,11 +36,13 @@ use profile::{
     Profile, RuleView, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX,
     IDENTITIES_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
 };
+use retention::Retained;
 use rust_decimal::Decimal;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use store::{pair_hash, Layered, StateRead, WriteSet};
+use store::{pair_hash, StateRead, WriteSet};
+pub use tx::decode;
+use tx::{encode, reject, reject_field, EventWrites, Tx};
 
 /// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
 pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
@@ -161,177 +165,6 @@ pub struct ShardState {
     /// Keys the command being applied wrote that retention will evict: filed at the end of
     /// the command as one record per queue (see `file_retained`), not one per key.
     retained: Retained,
-}
-
-/// Dedup and ledger keys written by the command being applied, in write order.
-#[derive(Default)]
-struct Retained {
-    dedup: Vec<Vec<u8>>,
-    ledger: Vec<Vec<u8>>,
-}
-
-/// Reads through the pending write set, and writes into it keeping the digest.
-struct Tx<'a> {
-    base: &'a dyn StateRead,
-    writes: &'a mut WriteSet,
-    digest: &'a mut u64,
-}
-
-impl Tx<'_> {
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        match self.writes.changes.get(key) {
-            Some(value) => value.clone(),
-            None => self.base.get(key),
-        }
-    }
-
-    fn get_as<T: DeserializeOwned>(&self, key: &[u8]) -> Option<T> {
-        self.get(key).map(|bytes| decode(key, &bytes))
-    }
-
-    /// Up to `limit` pairs under `prefix` whose keys sort before `below`, in key order. Reads
-    /// in small chunks, so the work is bounded by what is returned, not by what is stored.
-    /// Starts after `after` when given: a cursor past records already processed, so the scan
-    /// does not wade through their tombstones again.
-    fn scan_below(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        below: &[u8],
-        limit: usize,
-    ) -> Vec<(Vec<u8>, Vec<u8>)> {
-        const CHUNK: usize = 64;
-        let view = Layered {
-            base: self.base,
-            writes: self.writes,
-        };
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        while out.len() < limit {
-            let from = out.last().map(|(key, _)| key.as_slice()).or(after);
-            let chunk = view.scan(prefix, from, false, CHUNK.min(limit - out.len()));
-            let exhausted = chunk.len() < CHUNK.min(limit - out.len());
-            for pair in chunk {
-                if pair.0.as_slice() >= below {
-                    return out;
-                }
-                out.push(pair);
-            }
-            if exhausted {
-                break;
-            }
-        }
-        out
-    }
-
-    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if key != keys::META {
-            if let Some(old) = self.get(&key) {
-                *self.digest = self.digest.wrapping_sub(pair_hash(&key, &old));
-            }
-            if let Some(new) = &value {
-                *self.digest = self.digest.wrapping_add(pair_hash(&key, new));
-            }
-        }
-        self.writes.changes.insert(key, value);
-    }
-
-    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        self.set(key, Some(encode(value)));
-    }
-
-    /// Writes `bytes` over a value whose pair hash is `old` (`None`: the key is new), without
-    /// reading the old value back: the caller already knows it.
-    fn put_known(&mut self, key: Vec<u8>, old: Option<u64>, bytes: Vec<u8>) {
-        debug_assert_eq!(
-            old,
-            self.get(&key).map(|b| pair_hash(&key, &b)),
-            "wrong old value for {key:?}"
-        );
-        if let Some(old) = old {
-            *self.digest = self.digest.wrapping_sub(old);
-        }
-        *self.digest = self.digest.wrapping_add(pair_hash(&key, &bytes));
-        self.writes.changes.insert(key, Some(bytes));
-    }
-
-    /// Writes a key known to be absent (a fresh sequence number, a key just read as absent).
-    fn put_new<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
-        self.put_known(key, None, encode(value));
-    }
-
-    fn delete(&mut self, key: Vec<u8>) {
-        self.set(key, None);
-    }
-
-    /// Deletes a key whose current value the caller just read (from a scan).
-    fn delete_known(&mut self, key: Vec<u8>, old: &[u8]) {
-        debug_assert_eq!(
-            self.get(&key).as_deref(),
-            Some(old),
-            "wrong old value for {key:?}"
-        );
-        *self.digest = self.digest.wrapping_sub(pair_hash(&key, old));
-        self.writes.changes.insert(key, None);
-    }
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("state records always encode")
-}
-
-/// Decodes a stored record. State that does not decode is corrupt: stop the node.
-pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> T {
-    postcard::from_bytes(bytes).unwrap_or_else(|e| panic!("corrupt state record {key:?}: {e}"))
-}
-
-fn reject(code: ErrorCode, message: impl Into<String>) -> EventError {
-    EventError::new(code, message)
-}
-
-fn reject_field(code: ErrorCode, field: &str, message: impl Into<String>) -> EventError {
-    EventError::field(code, field, message)
-}
-
-/// Writes one event makes, held back until the whole event is known to succeed; each with
-/// the pair hash of the value it replaces (`None` for a new key).
-#[derive(Default)]
-struct EventWrites {
-    changes: Vec<(Vec<u8>, Option<u64>, Vec<u8>)>,
-    /// Ledger keys among the changes, for the ledger retention queue.
-    ledger: Vec<Vec<u8>>,
-}
-
-impl EventWrites {
-    fn put<T: Serialize>(&mut self, key: Vec<u8>, old: Option<u64>, value: &T) {
-        self.changes.push((key, old, encode(value)));
-    }
-
-    /// Adds a due key (empty value) that may already exist, in the state or in this buffer.
-    fn put_due(&mut self, tx: &Tx<'_>, key: Vec<u8>) {
-        if self.changes.iter().any(|(k, _, _)| *k == key) {
-            return;
-        }
-        let old = tx.get(&key).map(|bytes| pair_hash(&key, &bytes));
-        self.changes.push((key, old, Vec::new()));
-    }
-
-    /// Adds a due key known to be new (it names an order, whose ids never repeat, or a unique
-    /// ledger sequence).
-    fn put_new_due(&mut self, key: Vec<u8>) {
-        self.changes.push((key, None, Vec::new()));
-    }
-
-    /// Writes the changes; a due key earlier than `due_floor` lowers it. The ledger keys go
-    /// to `retained` for the ledger retention queue.
-    fn commit(self, tx: &mut Tx<'_>, due_floor: &mut Millis, retained: &mut Vec<Vec<u8>>) {
-        retained.extend(self.ledger);
-        for (key, old, bytes) in self.changes {
-            if key.starts_with(keys::DUE_PREFIX) {
-                *due_floor = (*due_floor).min(keys::key_time(&key));
-            }
-            tx.put_known(key, old, bytes);
-        }
-    }
 }
 
 impl ShardState {
@@ -492,23 +325,6 @@ impl ShardState {
             .insert(keys::META.to_vec(), Some(encode(&self.meta)));
     }
 
-    /// Files the dedup and ledger keys the command wrote into their retention queues: one
-    /// record per queue holding them all (a command holds a bounded number of events), so
-    /// retention costs one key per entry rather than one per event.
-    fn file_retained(&mut self, tx: &mut Tx<'_>) {
-        let Retained { dedup, ledger } = std::mem::take(&mut self.retained);
-        for (prefix, written) in [
-            (keys::DEDUP_EVICTION_PREFIX, dedup),
-            (keys::LEDGER_EVICTION_PREFIX, ledger),
-        ] {
-            if !written.is_empty() {
-                self.record.queue_seq += 1;
-                let key = keys::retention_group(prefix, self.record.clock, self.record.queue_seq);
-                tx.put_new(key, &written);
-            }
-        }
-    }
-
     /// Applies an entry without a command (a new leader's empty entry): only the index moves.
     pub fn apply_empty(&mut self, writes: &mut WriteSet, index: u64, term: u64) -> Output {
         assert!(
@@ -524,7 +340,7 @@ impl ShardState {
     /// Reads a profile through the activation cache (the API reads storage directly; tests use
     /// this to check that activations equal what is stored).
     #[cfg(test)]
-    pub fn read_profile(&mut self, view: &Layered<'_>, oneid: OneId) -> Option<Profile> {
+    pub fn read_profile(&mut self, view: &store::Layered<'_>, oneid: OneId) -> Option<Profile> {
         if let Some((profile, _)) = self.activations.get(oneid) {
             return Some(profile.clone());
         }
@@ -555,27 +371,6 @@ impl ShardState {
         let stored_hash = pair_hash(&key, &bytes);
         tx.put_known(key, old, bytes);
         self.activations.insert(profile, stored_hash);
-    }
-
-    /// Advances the clock, evicts dedup records past retention, processes what fell due.
-    /// Returns how many due keys it processed.
-    /// Also answers whether any of its bounded batches was full (work left for the next entry).
-    fn apply_clock(&mut self, tx: &mut Tx<'_>, now: Millis, retention: Retention) -> (usize, bool) {
-        self.record.clock = self.record.clock.max(now);
-        let horizon = Millis(self.record.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
-        let (cursor, dedup_full) = evict_queue(
-            tx,
-            keys::DEDUP_EVICTION_PREFIX,
-            self.record.dedup_evicted_to,
-            horizon,
-            DEDUP_EVICTIONS_PER_CLOCK_MAX,
-        );
-        self.record.dedup_evicted_to = cursor;
-        let (due_processed, ledger_full) = self.process_due(tx, retention);
-        (
-            due_processed,
-            dedup_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,
-        )
     }
 
     fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
@@ -1185,48 +980,6 @@ impl ShardState {
         }
         profile.rule_tags = rule_tags;
     }
-}
-
-/// Evicts from a retention queue (records `prefix | clock | seq`, written in clock order, each
-/// holding the keys one entry wrote) the keys written before `horizon`, scanning after
-/// `cursor` (everything before it is gone), at most `limit` keys: a queue record larger than
-/// what is left of the batch loses its first keys and keeps the rest for the next entry.
-/// Returns the new cursor and whether the batch was full.
-fn evict_queue(
-    tx: &mut Tx<'_>,
-    prefix: &[u8],
-    cursor: Millis,
-    horizon: Millis,
-    limit: usize,
-) -> (Millis, bool) {
-    const CHUNK: usize = 64;
-    let below = keys::time_bound(prefix, horizon);
-    let mut from = keys::time_bound(prefix, cursor);
-    let mut budget = limit;
-    while budget > 0 {
-        let records = tx.scan_below(prefix, Some(&from), &below, CHUNK.min(budget));
-        if records.is_empty() {
-            break;
-        }
-        for (key, value) in records {
-            let mut written: Vec<Vec<u8>> = decode(&key, &value);
-            let rest = written.split_off(budget.min(written.len()));
-            budget -= written.len();
-            for record_key in written {
-                tx.delete(record_key);
-            }
-            if rest.is_empty() {
-                tx.delete_known(key.clone(), &value);
-            } else {
-                tx.put_known(key.clone(), Some(pair_hash(&key, &value)), encode(&rest));
-            }
-            if budget == 0 {
-                return (keys::key_time(&key), true);
-            }
-            from = key;
-        }
-    }
-    (cursor.max(horizon), false)
 }
 
 /// Refuses an event that would overflow one of the profile's totals (i64), before anything

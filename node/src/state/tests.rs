@@ -2,12 +2,14 @@
 //! exact expected values. No network, no threads, no sleeps.
 
 use super::*;
+use crate::command::Retention;
 use crate::state::profile::Lot;
+use oneid_protocol::num::DAY_MS;
 use oneid_protocol::predicate::Value;
 use oneid_protocol::rules::RulesDoc;
 use serde_json::{json, Value as Json};
 use std::collections::BTreeMap;
-use store::MemState;
+use store::{Layered, MemState};
 
 /// 2026-01-01T00:00:00Z: the shard clock at the start of every scenario.
 pub(super) const T0: i64 = 1_767_225_600_000;
