@@ -1265,13 +1265,13 @@ fn events_that_would_overflow_a_profiles_totals_are_refused() {
         amount: Money(10),
         store: None,
     };
-    let refused = super::check_totals(&profile, &order).unwrap_err();
+    let refused = super::event::check_totals(&profile, &order).unwrap_err();
     assert_eq!(
         (refused.code, refused.field.as_deref()),
         (ErrorCode::InvalidField, Some("amount"))
     );
     profile.total_spend = Money(0);
-    assert_eq!(super::check_totals(&profile, &order), Ok(()));
+    assert_eq!(super::event::check_totals(&profile, &order), Ok(()));
     profile.balance = i64::MAX - 1;
     let earn = EventBody::PointsEarn {
         points: 2,
@@ -1279,7 +1279,7 @@ fn events_that_would_overflow_a_profiles_totals_are_refused() {
         expires_at: None,
     };
     assert_eq!(
-        super::check_totals(&profile, &earn)
+        super::event::check_totals(&profile, &earn)
             .unwrap_err()
             .field
             .as_deref(),
@@ -1289,7 +1289,7 @@ fn events_that_would_overflow_a_profiles_totals_are_refused() {
         points: -5,
         reason: "r".into(),
     };
-    assert_eq!(super::check_totals(&profile, &adjust), Ok(()));
+    assert_eq!(super::event::check_totals(&profile, &adjust), Ok(()));
 }
 
 #[test]

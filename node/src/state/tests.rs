@@ -4,9 +4,11 @@
 use super::*;
 use crate::command::Retention;
 use crate::state::profile::Lot;
+use oneid_protocol::event::{Event, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::DAY_MS;
 use oneid_protocol::predicate::Value;
 use oneid_protocol::rules::RulesDoc;
+use rust_decimal::Decimal;
 use serde_json::{json, Value as Json};
 use std::collections::BTreeMap;
 use store::{Layered, MemState};

@@ -1,0 +1,165 @@
+//! What each event does to its profile: the body of [`ShardState::apply_event`], one room
+//! per kind of event. `apply_body` checks the totals it may move, then hands the event to
+//! [`Applying`], whose methods change the profile and collect the writes (held back in
+//! [`EventWrites`] until the whole event is known to succeed).
+//!
+//! # Layout
+//! - `order.rs`: orders and refunds, and the points an order earns;
+//! - `points.rs`: points earned, redeemed and adjusted;
+//! - `tags.rs`: manual tags and attributes.
+
+mod order;
+mod points;
+mod tags;
+
+use super::keys::{self, DueKind};
+use super::profile::Profile;
+use super::tx::{reject_field, EventWrites, Tx};
+use super::{LedgerKind, ShardState};
+use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
+use oneid_protocol::num::Millis;
+use oneid_protocol::ErrorCode;
+
+/// One event being applied to its profile: what its effects read besides the profile.
+pub(super) struct Applying<'a, 't> {
+    pub(super) state: &'a ShardState,
+    pub(super) tx: &'a Tx<'t>,
+    pub(super) event: &'a Event,
+    /// The shard clock.
+    pub(super) now: Millis,
+}
+
+impl ShardState {
+    /// Applies what the event's type does to `profile`; writes go to `writes`.
+    pub(super) fn apply_body(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        event: &Event,
+        writes: &mut EventWrites,
+    ) -> Result<(), EventError> {
+        check_totals(profile, &event.body)?;
+        let applying = Applying {
+            state: self,
+            tx,
+            event,
+            now: self.record.clock,
+        };
+        match &event.body {
+            EventBody::Order {
+                order_id,
+                amount,
+                store: _,
+            } => applying.order(profile, writes, order_id, amount),
+            EventBody::Refund { order_id, amount } => {
+                applying.refund(profile, writes, order_id, amount)
+            }
+            EventBody::PointsEarn {
+                points,
+                reason,
+                expires_at,
+            } => applying.earn_points(profile, writes, points, reason, expires_at),
+            EventBody::PointsRedeem { points, reason } => {
+                applying.redeem(profile, writes, points, reason)
+            }
+            EventBody::PointsAdjust { points, reason } => {
+                applying.adjust(profile, writes, points, reason)
+            }
+            EventBody::TagAdd { tag, expires_at } => {
+                applying.tag_add(profile, writes, tag, expires_at)
+            }
+            EventBody::TagRemove { tag } => {
+                profile.manual_tags.remove(tag);
+                Ok(())
+            }
+            EventBody::ProfileUpdate { attributes } => {
+                applying.update_attributes(profile, attributes)
+            }
+            EventBody::Identify | EventBody::Interaction { .. } => Ok(()),
+        }
+    }
+}
+
+impl Applying<'_, '_> {
+    /// Writes the event's ledger entry.
+    fn ledger(
+        &self,
+        writes: &mut EventWrites,
+        profile: &mut Profile,
+        kind: LedgerKind,
+        points: i64,
+        reason: Option<String>,
+        shortfall: i64,
+    ) {
+        let event = self.event;
+        self.state.write_ledger(
+            writes,
+            profile,
+            &event.event_id,
+            kind,
+            points,
+            event.ts,
+            reason,
+            shortfall,
+        );
+    }
+}
+
+/// Earned points join a lot, whose expiry goes into the due-time index. A new lot's identity is
+/// the ledger sequence of its earn (unique per profile), so its due key is always new, even
+/// when an event id earns again after its dedup record was evicted.
+fn earn(
+    writes: &mut EventWrites,
+    profile: &mut Profile,
+    points: i64,
+    expires_at: Millis,
+    event_id: &str,
+) {
+    let seq = profile.ledger_seq;
+    if let Some((lot, at)) = profile.add_points(points, expires_at, event_id, seq) {
+        writes.put_new_due(keys::due(
+            at,
+            profile.oneid,
+            DueKind::LotExpiry,
+            &lot.to_be_bytes(),
+        ));
+    }
+}
+
+/// Refuses an event that would overflow one of the profile's totals (i64), before anything
+/// changes: values a client controls must never reach an arithmetic overflow or an assertion
+/// in apply, where a panic would stop the node and replay into the same panic after restart.
+pub(super) fn check_totals(profile: &Profile, body: &EventBody) -> Result<(), EventError> {
+    let fits = |value: i64, add: i64| value.checked_add(add).is_some();
+    let (field, ok) = match body {
+        // An order earns at most POINTS_PER_EVENT_MAX points.
+        EventBody::Order { amount, .. } => (
+            "amount",
+            fits(profile.total_spend.0, amount.0)
+                && fits(profile.spend_365d.0, amount.0)
+                && fits(profile.balance, POINTS_PER_EVENT_MAX)
+                && fits(profile.lifetime_earned, POINTS_PER_EVENT_MAX),
+        ),
+        EventBody::PointsEarn { points, .. } => (
+            "points",
+            fits(profile.balance, *points) && fits(profile.lifetime_earned, *points),
+        ),
+        EventBody::PointsRedeem { points, .. } => {
+            ("points", fits(profile.lifetime_redeemed, *points))
+        }
+        EventBody::PointsAdjust { points, .. } => (
+            "points",
+            fits(profile.balance, *points) && fits(profile.debt, points.saturating_neg().max(0)),
+        ),
+        _ => return Ok(()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(reject_field(
+            ErrorCode::InvalidField,
+            field,
+            format!("this event would overflow the totals of {}", profile.oneid),
+        ))
+    }
+}
