@@ -26,6 +26,7 @@ use crate::command::{
 };
 use activations::Activations;
 
+use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::{Millis, Money};
 use oneid_protocol::predicate::Predicate;
@@ -455,7 +456,61 @@ impl ShardState {
             link_elsewhere,
             bound: known_bound,
         } = routed;
-        let local: Vec<(Identity, Option<OneId>)> = event
+        let local = self.local_identities(tx, &event, target, &known_bound);
+        let (mut profile, stored_hash) = match self.target_profile(tx, &event, target, &local) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
+        };
+        let oneid = profile.oneid;
+        let dedup_key = keys::dedup(oneid, &event.event_id);
+        if let Some(stored_hash) = stored_hash {
+            if tx.get(&dedup_key).is_some() {
+                self.activations.insert(profile, stored_hash);
+                return EventOutcome::Duplicate(oneid);
+            }
+        }
+        let mut writes = EventWrites::default();
+        let accepted = self
+            .apply_body(tx, &mut profile, &event, &mut writes)
+            .and_then(|()| self.take_identities(&mut profile, &local, link_elsewhere));
+        let (new_bindings, to_link) = match accepted {
+            Ok(identities) => identities,
+            Err(error) => {
+                self.activations.discard(oneid);
+                return EventOutcome::Rejected(error);
+            }
+        };
+        note_channel(&mut profile, &event);
+        profile.version += 1;
+        profile.updated_at = profile.updated_at.max(event.ts);
+
+        // Everything is accepted: write it.
+        if stored_hash.is_none() {
+            self.record.profile_seq += 1;
+        }
+        // Identities listed here were read as unbound, the dedup key as absent, and ledger and
+        // eviction keys carry fresh sequence numbers: no old values to read back.
+        for identity in new_bindings {
+            tx.put_new(keys::identity(identity), &oneid);
+        }
+        self.file_follow_ups(tx, oneid, to_link, follow_ups);
+        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
+        tx.put_new(dedup_key.clone(), &DedupRecord { index });
+        self.retained.dedup.push(dedup_key);
+        self.finish_profile(tx, profile, stored_hash);
+        EventOutcome::Applied(oneid)
+    }
+
+    /// The event's identities held by this shard, each with the profile it is bound to (the
+    /// router's word for those it found bound to the target, else read).
+    fn local_identities(
+        &self,
+        tx: &Tx<'_>,
+        event: &Event,
+        target: Target,
+        known_bound: &[bool],
+    ) -> Vec<(Identity, Option<OneId>)> {
+        event
             .identities
             .iter()
             .enumerate()
@@ -474,7 +529,19 @@ impl ShardState {
                 };
                 (identity.clone(), bound)
             })
-            .collect();
+            .collect()
+    }
+
+    /// The profile the event applies to, with the pair hash of its stored bytes (`None`: a new
+    /// profile, minted from the shard's counter), or the outcome that ends the event here: a
+    /// duplicate, identities of two profiles, a profile linked elsewhere meanwhile, or none.
+    fn target_profile(
+        &mut self,
+        tx: &Tx<'_>,
+        event: &Event,
+        target: Target,
+        local: &[(Identity, Option<OneId>)],
+    ) -> Result<(Profile, Option<u64>), EventOutcome> {
         let mut bound: BTreeSet<OneId> = local.iter().filter_map(|(_, oneid)| *oneid).collect();
         if let Target::Existing(oneid) = target {
             assert_eq!(oneid.shard(), self.shard, "event routed to the wrong shard");
@@ -487,65 +554,51 @@ impl ShardState {
                 oneid.shard() == self.shard
                     && tx.get(&keys::dedup(**oneid, &event.event_id)).is_some()
             }) {
-                return EventOutcome::Duplicate(oneid);
+                return Err(EventOutcome::Duplicate(oneid));
             }
         }
         let mut bound = bound.into_iter();
         let (first, second) = (bound.next(), bound.next());
         if let (Some(a), Some(b)) = (first, second) {
-            return EventOutcome::Rejected(reject_field(
+            return Err(EventOutcome::Rejected(reject_field(
                 ErrorCode::IdentityConflict,
                 "identities",
                 format!("the event's identities belong to two profiles, {a} and {b}"),
-            ));
+            )));
         }
-
-        let (mut profile, stored_hash) = match first {
-            Some(oneid) if oneid.shard() != self.shard => {
-                // Linked on another shard after the router resolved it: the retry routes there.
-                return EventOutcome::Rejected(reject(
-                    ErrorCode::Unavailable,
-                    format!("an identity of the event was just linked to {oneid}; retry"),
-                ));
-            }
+        match first {
+            // Linked on another shard after the router resolved it: the retry routes there.
+            Some(oneid) if oneid.shard() != self.shard => Err(EventOutcome::Rejected(reject(
+                ErrorCode::Unavailable,
+                format!("an identity of the event was just linked to {oneid}; retry"),
+            ))),
             Some(oneid) => match self.load_profile(tx, oneid) {
-                Some((profile, stored_hash)) => (profile, Some(stored_hash)),
-                None => {
-                    return EventOutcome::Rejected(reject_field(
-                        ErrorCode::NotFound,
-                        "oneid",
-                        format!("profile {oneid} does not exist"),
-                    ))
-                }
+                Some((profile, stored_hash)) => Ok((profile, Some(stored_hash))),
+                None => Err(EventOutcome::Rejected(reject_field(
+                    ErrorCode::NotFound,
+                    "oneid",
+                    format!("profile {oneid} does not exist"),
+                ))),
             },
             None => {
                 let oneid = OneId::mint(self.shard, self.record.profile_seq + 1);
-                (Profile::new(oneid, &self.rules, event.ts), None)
-            }
-        };
-        let created = stored_hash.is_none();
-        let oneid = profile.oneid;
-        let dedup_key = keys::dedup(oneid, &event.event_id);
-        if let Some(stored_hash) = stored_hash {
-            if tx.get(&dedup_key).is_some() {
-                self.activations.insert(profile, stored_hash);
-                return EventOutcome::Duplicate(oneid);
+                Ok((Profile::new(oneid, &self.rules, event.ts), None))
             }
         }
+    }
 
-        let mut writes = EventWrites::default();
-        if let Err(error) = self.apply_body(tx, &mut profile, &event, &mut writes) {
-            self.activations.discard(oneid);
-            return EventOutcome::Rejected(error);
-        }
-        // Identities: bind and list the unbound ones held here; those held by other shards are
-        // bound and listed after this event applies, but count against the limit now.
+    /// Lists the event's unbound identities held here on the profile (answered: those to
+    /// bind now), and answers those held by other shards and not listed yet (bound there
+    /// after this event applies, driven by follow-up records), within the profile's identity
+    /// limit and the shard's limit of follow-ups pending.
+    fn take_identities<'l>(
+        &self,
+        profile: &mut Profile,
+        local: &'l [(Identity, Option<OneId>)],
+        link_elsewhere: Vec<Identity>,
+    ) -> Result<(Vec<&'l Identity>, Vec<Identity>), EventError> {
         let mut new_bindings = Vec::new();
-        for identity in local
-            .iter()
-            .filter(|(_, bound)| bound.is_none())
-            .map(|(identity, _)| identity)
-        {
+        for (identity, _) in local.iter().filter(|(_, bound)| bound.is_none()) {
             if profile
                 .identities
                 .entry(identity.kind.clone())
@@ -555,8 +608,6 @@ impl ShardState {
                 new_bindings.push(identity);
             }
         }
-        // Identities held by other shards and not listed yet: bound there after this apply,
-        // driven by follow-up records written now.
         let to_link: Vec<Identity> = link_elsewhere
             .into_iter()
             .filter(|id| {
@@ -567,16 +618,14 @@ impl ShardState {
             })
             .collect();
         if profile.identity_count() + to_link.len() > IDENTITIES_PER_PROFILE_MAX {
-            self.activations.discard(oneid);
-            return EventOutcome::Rejected(reject_field(
+            return Err(reject_field(
                 ErrorCode::IdentityLimit,
                 "identities",
                 format!("a profile holds at most {IDENTITIES_PER_PROFILE_MAX} identity values"),
             ));
         }
         if self.record.follow_ups_pending + to_link.len() as u64 > FOLLOW_UPS_PENDING_MAX {
-            self.activations.discard(oneid);
-            return EventOutcome::Rejected(reject(
+            return Err(reject(
                 ErrorCode::Unavailable,
                 format!(
                     "shard {} has {FOLLOW_UPS_PENDING_MAX} identity bindings waiting for other shards; retry",
@@ -584,32 +633,17 @@ impl ShardState {
                 ),
             ));
         }
-        if let Some(channel) = &event.channel {
-            let seen = profile.channels.entry(channel.clone()).or_insert(event.ts);
-            *seen = (*seen).max(event.ts);
-            if profile.channels.len() > CHANNELS_PER_PROFILE_MAX {
-                let oldest = profile
-                    .channels
-                    .iter()
-                    .min_by_key(|(name, at)| (**at, (*name).clone()))
-                    .map(|(name, _)| name.clone());
-                profile
-                    .channels
-                    .remove(&oldest.expect("channels is not empty"));
-            }
-        }
-        profile.version += 1;
-        profile.updated_at = profile.updated_at.max(event.ts);
+        Ok((new_bindings, to_link))
+    }
 
-        // Everything is accepted: write it.
-        if created {
-            self.record.profile_seq += 1;
-        }
-        // Identities listed here were read as unbound, the dedup key as absent, and ledger and
-        // eviction keys carry fresh sequence numbers: no old values to read back.
-        for identity in new_bindings {
-            tx.put_new(keys::identity(identity), &oneid);
-        }
+    /// Writes a follow-up record for each identity to bind on another shard.
+    fn file_follow_ups(
+        &mut self,
+        tx: &mut Tx<'_>,
+        oneid: OneId,
+        to_link: Vec<Identity>,
+        follow_ups: &mut Vec<FollowUp>,
+    ) {
         for identity in to_link {
             self.record.follow_up_seq += 1;
             self.record.follow_ups_pending += 1;
@@ -626,11 +660,6 @@ impl ShardState {
                 identity: record.identity,
             });
         }
-        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
-        tx.put_new(dedup_key.clone(), &DedupRecord { index });
-        self.retained.dedup.push(dedup_key);
-        self.finish_profile(tx, profile, stored_hash);
-        EventOutcome::Applied(oneid)
     }
 
     pub(super) fn evaluate_rule_tags(&self, profile: &mut Profile) {
@@ -647,6 +676,26 @@ impl ShardState {
             }
         }
         profile.rule_tags = rule_tags;
+    }
+}
+
+/// The event's channel was seen at its time: the latest sighting is kept, for at most
+/// [`CHANNELS_PER_PROFILE_MAX`] channels (the one seen longest ago goes).
+fn note_channel(profile: &mut Profile, event: &Event) {
+    let Some(channel) = &event.channel else {
+        return;
+    };
+    let seen = profile.channels.entry(channel.clone()).or_insert(event.ts);
+    *seen = (*seen).max(event.ts);
+    if profile.channels.len() > CHANNELS_PER_PROFILE_MAX {
+        let oldest = profile
+            .channels
+            .iter()
+            .min_by_key(|(name, at)| (**at, (*name).clone()))
+            .map(|(name, _)| name.clone());
+        profile
+            .channels
+            .remove(&oldest.expect("channels is not empty"));
     }
 }
 
