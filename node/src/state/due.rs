@@ -12,10 +12,10 @@
 
 use super::keys::{self, DueKind};
 use super::profile::Profile;
-use super::{EventWrites, LedgerKind, LedgerRecord, OrderRecord, ShardState, Tx};
+use super::{EventWrites, LedgerKind, LedgerRecord, ShardState, Tx};
 use crate::command::Retention;
 use oneid_protocol::ids::OneId;
-use oneid_protocol::num::{Millis, Money, DAY_MS};
+use oneid_protocol::num::{Millis, DAY_MS};
 use oneid_protocol::predicate::TimeField;
 use std::collections::BTreeMap;
 
@@ -75,61 +75,7 @@ impl ShardState {
                 }
             };
             let profile = &mut entry.0;
-            let changed = match kind {
-                DueKind::LotExpiry => {
-                    let seq = u64::from_be_bytes(
-                        detail
-                            .try_into()
-                            .expect("a lot's due key holds its sequence"),
-                    );
-                    match profile.expire_lot(seq, at) {
-                        Some(lot) => {
-                            let reason = format!("points earned by {} expired", lot.earned_by());
-                            self.write_ledger(
-                                &mut writes,
-                                profile,
-                                &lot.event_id,
-                                LedgerKind::Expire,
-                                -lot.points,
-                                at,
-                                Some(reason),
-                                0,
-                            );
-                            true
-                        }
-                        None => false,
-                    }
-                }
-                DueKind::TagExpiry => {
-                    let tag = String::from_utf8_lossy(detail).into_owned();
-                    let current = profile.manual_tags.get(&tag) == Some(&Some(at));
-                    if current {
-                        profile.manual_tags.remove(&tag);
-                    }
-                    current
-                }
-                DueKind::WindowExit => self.exit_window(
-                    tx,
-                    profile,
-                    &String::from_utf8_lossy(detail),
-                    at,
-                    &mut writes,
-                ),
-                DueKind::TierReview => {
-                    let current = profile.tier_retained_until == Some(at);
-                    if current {
-                        self.set_tier(tx, profile, at, true, &mut writes);
-                    }
-                    current
-                }
-                DueKind::RuleReview => {
-                    let current = profile.rule_review_at == Some(at);
-                    if current {
-                        profile.rule_review_at = None;
-                    }
-                    current
-                }
-            };
+            let changed = self.process_key(tx, profile, kind, at, detail, &mut writes);
             if changed {
                 profile.updated_at = profile.updated_at.max(at);
             }
@@ -147,76 +93,67 @@ impl ShardState {
         (processed, ledger_full)
     }
 
-    /// An order leaves the spend window: `spend_365d` drops by what was not refunded.
-    fn exit_window(
+    /// What one due key does to its profile (loaded, changed in place); answers whether it
+    /// changed anything (a stale key, whose lot, tag, order or period changed since, does not).
+    fn process_key(
         &self,
         tx: &Tx<'_>,
         profile: &mut Profile,
-        order_id: &str,
+        kind: DueKind,
         at: Millis,
+        detail: &[u8],
         writes: &mut EventWrites,
     ) -> bool {
-        let key = keys::order(profile.oneid, order_id);
-        let stored = tx.get(&key).expect("window keys point at existing orders");
-        let mut order: OrderRecord = super::decode(&key, &stored);
-        if !order.in_window {
-            return false;
-        }
-        order.in_window = false;
-        profile.spend_365d.0 -= order.amount.0 - order.refunded.0;
-        assert!(
-            profile.spend_365d >= Money::ZERO,
-            "spend_365d went negative on {}",
-            profile.oneid
-        );
-        writes.put(
-            key.clone(),
-            Some(super::store::pair_hash(&key, &stored)),
-            &order,
-        );
-        // Due keys of one profile and instant are processed in kind order, window exits before
-        // tier reviews, so a review scheduled for this instant sees this order gone. A tier set
-        // at this very instant some other way (by an event dated `at`) counted this order,
-        // which no longer counts at `at`: review it again, or it would be kept a whole period.
-        let review = profile.tier_since == at;
-        self.set_tier(tx, profile, at, review, writes);
-        true
-    }
-
-    /// Moves the tier to the level 365-day spend reaches. An upgrade happens at once; a
-    /// downgrade only at a review (the retention period ended) or when retention is 0. A review
-    /// that keeps the level starts a new retention period. Each change of tier or period
-    /// schedules the next review.
-    pub(super) fn set_tier(
-        &self,
-        tx: &Tx<'_>,
-        profile: &mut Profile,
-        at: Millis,
-        review: bool,
-        writes: &mut EventWrites,
-    ) {
-        let reached = self.rules.level_for_spend(profile.spend_365d);
-        let retention = self.rules.retention_days;
-        let change = match self.rules.level_of(&profile.tier) {
-            None => true,
-            Some(current) => {
-                reached > current
-                    || (reached < current && (review || retention == 0))
-                    || (review && reached == current)
+        match kind {
+            DueKind::LotExpiry => {
+                let seq = u64::from_be_bytes(
+                    detail
+                        .try_into()
+                        .expect("a lot's due key holds its sequence"),
+                );
+                match profile.expire_lot(seq, at) {
+                    Some(lot) => {
+                        let reason = format!("points earned by {} expired", lot.earned_by());
+                        self.write_ledger(
+                            writes,
+                            profile,
+                            &lot.event_id,
+                            LedgerKind::Expire,
+                            -lot.points,
+                            at,
+                            Some(reason),
+                            0,
+                        );
+                        true
+                    }
+                    None => false,
+                }
             }
-        };
-        if !change {
-            return;
-        }
-        profile.tier = self.rules.levels[reached].name.clone();
-        profile.tier_since = at;
-        profile.tier_retained_until =
-            (reached > 0 && retention > 0).then(|| at.plus_days(retention));
-        if let Some(until) = profile.tier_retained_until {
-            writes.put_due(
-                tx,
-                keys::due(until, profile.oneid, DueKind::TierReview, &[]),
-            );
+            DueKind::TagExpiry => {
+                let tag = String::from_utf8_lossy(detail).into_owned();
+                let current = profile.manual_tags.get(&tag) == Some(&Some(at));
+                if current {
+                    profile.manual_tags.remove(&tag);
+                }
+                current
+            }
+            DueKind::WindowExit => {
+                self.exit_window(tx, profile, &String::from_utf8_lossy(detail), at, writes)
+            }
+            DueKind::TierReview => {
+                let current = profile.tier_retained_until == Some(at);
+                if current {
+                    self.set_tier(tx, profile, at, true, writes);
+                }
+                current
+            }
+            DueKind::RuleReview => {
+                let current = profile.rule_review_at == Some(at);
+                if current {
+                    profile.rule_review_at = None;
+                }
+                current
+            }
         }
     }
 

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod profile;
 mod retention;
 pub mod store;
+mod tier;
 mod tx;
 
 use crate::command::{
