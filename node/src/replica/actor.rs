@@ -10,8 +10,8 @@
 //! Snapshots (see `replica::core::snapshot`): as leader it holds what its replica prepares
 //! (`snapshots::Snapshots::hold`, before the next write goes out) and tells the replica how
 //! the transfers ended; as follower it fetches what its replica asks for, on the actor's
-//! runtime, and after an install's write is durable switches the shard's keyspaces to the new
-//! generation before the replica reloads from them.
+//! runtime, and hands an install's write to the writer as one that switches the shard's
+//! keyspaces to the new generation (`WriteJob::switch`) before the replica reloads from them.
 //!
 //! The actor answers no profile, identity or ledger read itself: those go to fjall directly
 //! (`storage::StateReader`), once the actor says the durable state is new enough

@@ -201,8 +201,9 @@ pub struct Effects {
     /// A snapshot to fetch and stage in a new generation (a follower's); then call
     /// [`Replica::staged`], whatever the outcome.
     pub fetch: Option<SnapshotRef>,
-    /// The write switches the shard to this generation: once it is durable, switch to the
-    /// generation's keyspaces, then call [`Replica::persisted`] with the new state.
+    /// The write switches the shard to this generation: its log and state writes go to the
+    /// generation's keyspaces, which the shard reads and writes once the write is durable;
+    /// then call [`Replica::persisted`] with the new state.
     pub switch: Option<u64>,
     /// A staged generation that will not be installed: drop it.
     pub discard: Option<u64>,
@@ -286,10 +287,6 @@ pub struct ReplicaStatus {
     /// Raft ids of followers that acknowledged every entry (a leader's view).
     pub caught_up: Vec<u64>,
     pub first_index: u64,
-    /// Snapshots on their way out to followers: (raft id, index) (a leader's view).
-    pub snapshots_out: Vec<(u64, u64)>,
-    /// The index of the snapshot on its way in, being fetched or installed (a follower's).
-    pub snapshot_in: Option<u64>,
 }
 
 pub struct Replica<S: LogSource> {
@@ -1128,12 +1125,6 @@ impl<S: LogSource> Replica<S> {
             needs_snapshot,
             caught_up,
             first_index: first,
-            snapshots_out: self
-                .outgoing
-                .iter()
-                .map(|(to, o)| (*to, o.snapshot.index))
-                .collect(),
-            snapshot_in: self.incoming.as_ref().map(|i| i.snapshot().index),
         }
     }
 }
