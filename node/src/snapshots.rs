@@ -354,8 +354,12 @@ impl Snapshots {
         let mut chunk = chunk_with_retries(source, snapshot, None).await?;
         loop {
             for (key, value) in &chunk.pairs {
-                verifier.add(key, value);
+                verifier.add(key, value)?;
             }
+            ensure!(
+                chunk.last || !chunk.pairs.is_empty(),
+                "an empty chunk that is not the last"
+            );
             let after = chunk.pairs.last().map(|(k, _)| k.clone());
             let last = chunk.last;
             let (storage, keyspace) = (Arc::clone(&self.storage), staged.clone());
@@ -420,30 +424,42 @@ impl Snapshots {
     }
 }
 
-/// Checks a snapshot's pairs as they arrive: their hashes add up to the digest its meta record
-/// and its ref name, at its index.
+/// Checks a snapshot's pairs as they arrive: in strictly increasing key order, and their
+/// hashes add up to the digest its meta record and its ref name, at its index. What a peer
+/// sends is checked, never trusted: a pair out of order or a meta record that does not decode
+/// fails the fetch, not the node.
 #[derive(Debug, Default)]
 pub struct Verifier {
     digest: u64,
-    meta: Option<ShardMeta>,
+    /// The meta record, `Some(None)` if it did not decode.
+    meta: Option<Option<ShardMeta>>,
+    last: Option<Vec<u8>>,
     pub bytes: u64,
 }
 
 impl Verifier {
-    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+    pub fn add(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        ensure!(
+            self.last.as_deref().is_none_or(|last| key > last),
+            "the snapshot's pairs are out of key order"
+        );
+        self.last = Some(key.to_vec());
         self.bytes += (key.len() + value.len()) as u64;
         if key == keys::META {
-            self.meta = Some(decode::<ShardMeta>(keys::META, value));
+            self.meta = Some(postcard::from_bytes::<ShardMeta>(value).ok());
         } else {
             self.digest = self.digest.wrapping_add(pair_hash(key, value));
         }
+        Ok(())
     }
 
     pub fn check(&self, snapshot: &SnapshotRef) -> anyhow::Result<()> {
         let meta = self
             .meta
             .as_ref()
-            .context("the snapshot has no meta record")?;
+            .context("the snapshot has no meta record")?
+            .as_ref()
+            .context("the snapshot's meta record does not decode")?;
         ensure!(
             (meta.applied_index, meta.digest, self.digest)
                 == (snapshot.index, snapshot.digest, snapshot.digest),
@@ -637,6 +653,46 @@ mod tests {
             Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening");
         let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.name).collect();
         assert_eq!(names, ["log_0000", "meta", "state_0000"]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_sending_pairs_out_of_order_or_a_bad_meta_record_fails_the_fetch_only() {
+        let from = TempDir::new("snapshot-hostile-from");
+        let (source_storage, snapshot) = populated(&from, 100);
+        let cases: [(fn(&mut Chunk), &str); 2] = [
+            (
+                |chunk| chunk.pairs.reverse(),
+                "the snapshot's pairs are out of key order",
+            ),
+            (
+                |chunk| {
+                    for (key, value) in &mut chunk.pairs {
+                        if key.as_slice() == keys::META {
+                            *value = vec![0xff; 3];
+                        }
+                    }
+                },
+                "the snapshot's meta record does not decode",
+            ),
+        ];
+        for (tamper, expected) in cases {
+            let holder = Snapshots::new(Arc::clone(&source_storage));
+            assert!(holder.hold(&snapshot));
+            let to = TempDir::new("snapshot-hostile-to");
+            let target = Arc::new(
+                Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening"),
+            );
+            let source = Local {
+                holder: &holder,
+                tamper,
+                released: Mutex::new(0),
+            };
+            let fetcher = Snapshots::new(Arc::clone(&target));
+            let error = fetcher.fetch(&source, &snapshot).await.unwrap_err();
+            assert_eq!(error.to_string(), expected);
+            assert_eq!(*source.released.lock().unwrap(), 1, "given up");
+            assert_eq!(target.generation_number(SHARD), 0);
+        }
     }
 
     #[test]

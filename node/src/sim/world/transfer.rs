@@ -316,7 +316,10 @@ impl World {
             .get_mut(&(shard, fetch.generation))
             .expect("staged while fetching");
         for (key, value) in &chunk.pairs {
-            fetch.verifier.add(key, value);
+            fetch
+                .verifier
+                .add(key, value)
+                .expect("a holder sends pairs in key order");
             staged.0.insert(key.clone(), value.clone());
         }
         drop(disk);
