@@ -659,7 +659,8 @@ mod tests {
     async fn a_peer_sending_pairs_out_of_order_or_a_bad_meta_record_fails_the_fetch_only() {
         let from = TempDir::new("snapshot-hostile-from");
         let (source_storage, snapshot) = populated(&from, 100);
-        let cases: [(fn(&mut Chunk), &str); 2] = [
+        type Tamper = fn(&mut Chunk);
+        let cases: [(Tamper, &str); 2] = [
             (
                 |chunk| chunk.pairs.reverse(),
                 "the snapshot's pairs are out of key order",
