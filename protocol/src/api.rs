@@ -222,8 +222,8 @@ pub struct ShardView {
     pub digest: String,
     /// The node ids of the shard's replicas.
     pub replicas: Vec<u64>,
-    /// Replicas (node ids) that need entries the leader's log no longer holds: they wait for a
-    /// snapshot. Known to the leader only.
+    /// Replicas (node ids) that need entries the leader's log no longer holds: they catch up
+    /// by snapshot (see `snapshots`). Known to the leader only.
     pub needs_snapshot: Vec<u64>,
     /// Identities of applied events still to be bound on other shards (follow-ups).
     pub follow_ups_pending: u64,
