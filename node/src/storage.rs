@@ -46,7 +46,7 @@ use std::time::Instant;
 /// it was compacted and its terms) beside the hard state, and logs that keep entries for
 /// followers. Format 6: a shard's keyspaces by generation (`gen/NNNN`), which snapshot
 /// installs switch.
-pub const STATE_FORMAT: u32 = 6;
+pub const STATE_FORMAT: u32 = 7;
 /// Meta keys `peer/identity/<node id, 8 bytes BE>`: the identity known for each peer.
 const PEER_IDENTITY: &[u8] = b"peer/identity/";
 

@@ -59,6 +59,14 @@ pub enum ErrorCode {
     AlreadyExpired,
     /// A rules document was refused.
     InvalidRules,
+    /// A segment's predicate does not parse or type-check (the message says where).
+    InvalidPredicate,
+    /// A new segment beyond `SEGMENTS_MAX`.
+    SegmentLimit,
+    /// A stream or members cursor that is not one this cluster wrote.
+    InvalidCursor,
+    /// A stream cursor older than the change log's retention: resume from a snapshot.
+    CursorExpired,
     /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
     Unavailable,
     /// The event waited behind more waves of its batch than one request runs (events sharing
@@ -117,6 +125,9 @@ pub struct ProfileDoc {
     pub tags: Vec<String>,
     pub metrics: MetricsView,
     pub channels: BTreeMap<String, String>,
+    /// The segments the profile is a member of, sorted by name.
+    #[serde(default)]
+    pub segments: Vec<String>,
     pub version: u64,
     pub created_at: String,
     pub updated_at: String,
@@ -132,6 +143,9 @@ pub struct PointsView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsView {
     pub order_count: u64,
+    /// Channel → the latest order on it.
+    #[serde(default)]
+    pub last_order_on: BTreeMap<String, String>,
     pub total_spend: String,
     pub spend_365d: String,
     pub first_order_at: Option<String>,

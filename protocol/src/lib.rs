@@ -7,6 +7,7 @@
 //! - [`event`]: the event wire format, its validation, and the validated `Event` of the log.
 //! - [`rules`]: loyalty rules (points, tiers, tag rules), wire and validated forms.
 //! - [`predicate`]: the predicate language of tag rules and segments.
+//! - [`segments`]: segment definitions, documents, members pages and stream changes.
 //! - [`api`]: request and response bodies, error codes, limits of the API.
 //!
 //! Architecture invariant: this crate knows nothing about transport, storage, Raft or async
@@ -18,5 +19,6 @@ pub mod ids;
 pub mod num;
 pub mod predicate;
 pub mod rules;
+pub mod segments;
 
 pub use api::ErrorCode;

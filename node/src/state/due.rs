@@ -16,7 +16,6 @@ use super::{EventWrites, LedgerKind, LedgerRecord, ShardState, Tx};
 use crate::command::Retention;
 use oneid_protocol::ids::OneId;
 use oneid_protocol::num::{Millis, DAY_MS};
-use oneid_protocol::predicate::TimeField;
 use std::collections::BTreeMap;
 
 /// Most due keys one clock entry processes.
@@ -183,12 +182,8 @@ impl ShardState {
         let now = self.record.clock;
         self.time_thresholds
             .iter()
-            .filter_map(|&(field, days)| {
-                let base = match field {
-                    TimeField::LastOrderAt => profile.last_order_at?,
-                    TimeField::FirstOrderAt => profile.first_order_at?,
-                    TimeField::CreatedAt => profile.created_at,
-                };
+            .filter_map(|(field, days)| {
+                let base = profile.time_of(field)?;
                 let at = Millis(base.0.checked_add(days.checked_mul(DAY_MS)?)?);
                 (at > now).then_some(at)
             })

@@ -27,7 +27,7 @@ use crate::command::{
 };
 use activations::Activations;
 
-use oneid_protocol::event::{Event, EventError};
+use oneid_protocol::event::{Event, EventBody, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::{Millis, Money};
 use oneid_protocol::predicate::Predicate;
@@ -680,23 +680,28 @@ impl ShardState {
     }
 }
 
-/// The event's channel was seen at its time: the latest sighting is kept, for at most
-/// [`CHANNELS_PER_PROFILE_MAX`] channels (the one seen longest ago goes).
+/// The event's channel was seen at its time (and, for an order, ordered on).
 fn note_channel(profile: &mut Profile, event: &Event) {
     let Some(channel) = &event.channel else {
         return;
     };
-    let seen = profile.channels.entry(channel.clone()).or_insert(event.ts);
-    *seen = (*seen).max(event.ts);
-    if profile.channels.len() > CHANNELS_PER_PROFILE_MAX {
-        let oldest = profile
-            .channels
+    note_latest(&mut profile.channels, channel, event.ts);
+    if matches!(event.body, EventBody::Order { .. }) {
+        note_latest(&mut profile.last_order_on, channel, event.ts);
+    }
+}
+
+/// Keeps the latest time per channel, for at most [`CHANNELS_PER_PROFILE_MAX`] channels (the
+/// one seen longest ago goes).
+fn note_latest(times: &mut BTreeMap<String, Millis>, channel: &str, at: Millis) {
+    let seen = times.entry(channel.to_string()).or_insert(at);
+    *seen = (*seen).max(at);
+    if times.len() > CHANNELS_PER_PROFILE_MAX {
+        let oldest = times
             .iter()
             .min_by_key(|(name, at)| (**at, (*name).clone()))
             .map(|(name, _)| name.clone());
-        profile
-            .channels
-            .remove(&oldest.expect("channels is not empty"));
+        times.remove(&oldest.expect("channels is not empty"));
     }
 }
 

@@ -58,7 +58,12 @@ pub struct Profile {
     pub spend_365d: Money,
     pub first_order_at: Option<Millis>,
     pub last_order_at: Option<Millis>,
+    /// Channel → the latest event seen on it; at most [`CHANNELS_PER_PROFILE_MAX`].
     pub channels: BTreeMap<String, Millis>,
+    /// Channel → the latest order on it; at most [`CHANNELS_PER_PROFILE_MAX`].
+    pub last_order_on: BTreeMap<String, Millis>,
+    /// The segments this profile is a member of (their member keys are written with it).
+    pub segments: BTreeSet<String>,
     pub version: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
@@ -115,10 +120,23 @@ impl Profile {
             first_order_at: None,
             last_order_at: None,
             channels: BTreeMap::new(),
+            last_order_on: BTreeMap::new(),
+            segments: BTreeSet::new(),
             version: 0,
             created_at: at,
             updated_at: at,
             ledger_seq: 0,
+        }
+    }
+
+    /// The time `days_since(field)` measures from, `None` if unset.
+    pub fn time_of(&self, field: &TimeField) -> Option<Millis> {
+        match field {
+            TimeField::LastOrderAt => self.last_order_at,
+            TimeField::FirstOrderAt => self.first_order_at,
+            TimeField::CreatedAt => Some(self.created_at),
+            TimeField::LastSeen(channel) => self.channels.get(channel).copied(),
+            TimeField::LastOrderOn(channel) => self.last_order_on.get(channel).copied(),
         }
     }
 
@@ -302,12 +320,18 @@ impl Profile {
                 spend_365d: self.spend_365d.to_string(),
                 first_order_at: self.first_order_at.map(|t| t.to_string()),
                 last_order_at: self.last_order_at.map(|t| t.to_string()),
+                last_order_on: self
+                    .last_order_on
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_string()))
+                    .collect(),
             },
             channels: self
                 .channels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),
+            segments: self.segments.iter().cloned().collect(),
             version: self.version,
             created_at: self.created_at.to_string(),
             updated_at: self.updated_at.to_string(),
@@ -369,12 +393,8 @@ impl PredicateContext for RuleView<'_> {
         self.profile.identities.contains_key(kind)
     }
 
-    fn days_since(&self, field: TimeField) -> Option<i64> {
-        let at = match field {
-            TimeField::LastOrderAt => self.profile.last_order_at?,
-            TimeField::FirstOrderAt => self.profile.first_order_at?,
-            TimeField::CreatedAt => self.profile.created_at,
-        };
+    fn days_since(&self, field: &TimeField) -> Option<i64> {
+        let at = self.profile.time_of(field)?;
         Some((self.now.0 - at.0).div_euclid(DAY_MS))
     }
 }

@@ -32,7 +32,7 @@ impl fmt::Display for Operand {
             Operand::Number(field) => f.write_str(field.name()),
             Operand::Tier => f.write_str("tier"),
             Operand::Attr(name) => write!(f, "attr.{name}"),
-            Operand::DaysSince(field) => write!(f, "days_since({})", field.name()),
+            Operand::DaysSince(field) => write!(f, "days_since({field})"),
         }
     }
 }

@@ -104,7 +104,7 @@ impl Operand {
             Operand::Tier => ctx.tier_level().map(Lhs::TierLevel),
             Operand::Attr(name) => ctx.attribute(name).map(Lhs::Value),
             Operand::DaysSince(field) => ctx
-                .days_since(*field)
+                .days_since(field)
                 .map(|days| Lhs::Value(Value::Number(Decimal::from(days)))),
         }
     }

@@ -24,6 +24,7 @@
 //! operand    := "points" | "tier" | "spend_365d" | "total_spend" | "order_count"
 //!             | "attr." NAME | "days_since" "(" TIMEFIELD ")"
 //! TIMEFIELD  := "last_order_at" | "first_order_at" | "created_at"
+//!             | "last_seen" "(" STRING ")" | "last_order_on" "(" STRING ")"
 //! call       := "has_tag" "(" STRING ")" | "channel" "(" STRING ")"
 //!             | "has_identity" "(" STRING ")"
 //! value      := NUMBER | STRING | "true" | "false"
@@ -84,6 +85,7 @@ mod lexer;
 mod parser;
 
 use std::collections::BTreeSet;
+use std::fmt;
 
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
@@ -208,7 +210,7 @@ impl NumberField {
 }
 
 /// A point in time of a profile, read through `days_since(..)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimeField {
     /// `last_order_at`: the latest order; unset before the first order.
     LastOrderAt,
@@ -216,17 +218,25 @@ pub enum TimeField {
     FirstOrderAt,
     /// `created_at`: when the profile was created.
     CreatedAt,
+    /// `last_seen("CHANNEL")`: the latest event on the channel; unset if never seen there.
+    LastSeen(String),
+    /// `last_order_on("CHANNEL")`: the latest order on the channel; unset before one.
+    LastOrderOn(String),
+}
+
+impl fmt::Display for TimeField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TimeField::LastOrderAt => f.write_str("last_order_at"),
+            TimeField::FirstOrderAt => f.write_str("first_order_at"),
+            TimeField::CreatedAt => f.write_str("created_at"),
+            TimeField::LastSeen(channel) => write!(f, "last_seen({channel:?})"),
+            TimeField::LastOrderOn(channel) => write!(f, "last_order_on({channel:?})"),
+        }
+    }
 }
 
 impl TimeField {
-    fn name(self) -> &'static str {
-        match self {
-            TimeField::LastOrderAt => "last_order_at",
-            TimeField::FirstOrderAt => "first_order_at",
-            TimeField::CreatedAt => "created_at",
-        }
-    }
-
     fn from_name(name: &str) -> Option<TimeField> {
         match name {
             "last_order_at" => Some(TimeField::LastOrderAt),
@@ -234,6 +244,39 @@ impl TimeField {
             "created_at" => Some(TimeField::CreatedAt),
             _ => None,
         }
+    }
+}
+
+/// Which parts of a profile a predicate reads, as a set of flags: the node re-evaluates a
+/// predicate after a change only when the change touched one of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Reads(u16);
+
+impl Reads {
+    pub const POINTS: Reads = Reads(1);
+    pub const TIER: Reads = Reads(1 << 1);
+    pub const SPEND_365D: Reads = Reads(1 << 2);
+    pub const TOTAL_SPEND: Reads = Reads(1 << 3);
+    pub const ORDER_COUNT: Reads = Reads(1 << 4);
+    pub const ATTRIBUTES: Reads = Reads(1 << 5);
+    /// Manual and rule tags.
+    pub const TAGS: Reads = Reads(1 << 6);
+    /// Which channels the profile was seen on.
+    pub const CHANNELS: Reads = Reads(1 << 7);
+    pub const IDENTITIES: Reads = Reads(1 << 8);
+    /// `days_since(..)`: the profile's times, and the clock.
+    pub const TIMES: Reads = Reads(1 << 9);
+    /// Everything: what a new profile, or a change of rules, may have changed.
+    pub const ALL: Reads = Reads((1 << 10) - 1);
+
+    /// Both sets together.
+    pub fn with(self, other: Reads) -> Reads {
+        Reads(self.0 | other.0)
+    }
+
+    /// Whether the sets share a part.
+    pub fn intersects(self, other: Reads) -> bool {
+        self.0 & other.0 != 0
     }
 }
 
@@ -258,7 +301,7 @@ pub trait PredicateContext {
     /// Whether the profile has an identity of this kind (phone, email, ...).
     fn has_identity(&self, kind: &str) -> bool;
     /// Whole days between the field's time and "now" (floor), None if the field is unset.
-    fn days_since(&self, field: TimeField) -> Option<i64>;
+    fn days_since(&self, field: &TimeField) -> Option<i64>;
 }
 
 impl Predicate {
@@ -325,12 +368,12 @@ impl Predicate {
     /// schedules re-evaluation there instead of re-evaluating every profile on every tick.
     pub fn day_thresholds(&self) -> Vec<(TimeField, i64)> {
         let mut thresholds = BTreeSet::new();
-        let mut add = |field: TimeField, value: &Value| {
+        let mut add = |field: &TimeField, value: &Value| {
             if let Value::Number(number) = value {
                 // `days OP number` over whole days flips at floor(number) or the day after.
                 if let Some(floor) = number.floor().to_i64() {
-                    thresholds.insert((field, floor));
-                    thresholds.insert((field, floor.saturating_add(1)));
+                    thresholds.insert((field.clone(), floor));
+                    thresholds.insert((field.clone(), floor.saturating_add(1)));
                 }
             }
         };
@@ -339,14 +382,38 @@ impl Predicate {
                 operand: Operand::DaysSince(field),
                 value,
                 ..
-            } => add(*field, value),
+            } => add(field, value),
             Expr::In {
                 operand: Operand::DaysSince(field),
                 values,
-            } => values.iter().for_each(|value| add(*field, value)),
+            } => values.iter().for_each(|value| add(field, value)),
             _ => {}
         });
         thresholds.into_iter().collect()
+    }
+
+    /// The parts of a profile this predicate reads.
+    pub fn reads(&self) -> Reads {
+        let mut reads = Reads::default();
+        self.root.walk(&mut |expr| {
+            let part = match expr {
+                Expr::Compare { operand, .. } | Expr::In { operand, .. } => match operand {
+                    Operand::Number(NumberField::Points) => Reads::POINTS,
+                    Operand::Number(NumberField::Spend365d) => Reads::SPEND_365D,
+                    Operand::Number(NumberField::TotalSpend) => Reads::TOTAL_SPEND,
+                    Operand::Number(NumberField::OrderCount) => Reads::ORDER_COUNT,
+                    Operand::Tier => Reads::TIER,
+                    Operand::Attr(_) => Reads::ATTRIBUTES,
+                    Operand::DaysSince(_) => Reads::TIMES,
+                },
+                Expr::HasTag(_) => Reads::TAGS,
+                Expr::Channel(_) => Reads::CHANNELS,
+                Expr::HasIdentity(_) => Reads::IDENTITIES,
+                Expr::Any(_) | Expr::All(_) | Expr::Not(_) => Reads::default(),
+            };
+            reads = reads.with(part);
+        });
+        reads
     }
 
     /// The tags this predicate reads through `has_tag` (sorted, deduplicated), so the node can

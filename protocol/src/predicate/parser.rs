@@ -167,19 +167,27 @@ impl<'a> Parser<'a> {
 
     /// `"(" TIMEFIELD ")"` after `days_since` (the current token).
     fn parse_time_field(&mut self) -> Result<TimeField, ParseError> {
-        const EXPECTED: &str = "last_order_at, first_order_at or created_at";
+        const EXPECTED: &str =
+            "last_order_at, first_order_at, created_at, last_seen(\"CHANNEL\") or last_order_on(\"CHANNEL\")";
         self.advance()?;
         self.expect(Tok::LParen, "\"(\"")?;
         let Tok::Word(name) = self.current.tok else {
             return Err(self.unexpected(&format!("a time field ({EXPECTED})")));
         };
-        let Some(field) = TimeField::from_name(name) else {
-            return Err(ParseError::at(
-                self.current.pos,
-                format!("unknown time field \"{name}\" (expected {EXPECTED})"),
-            ));
+        let field = match name {
+            "last_seen" => TimeField::LastSeen(self.parse_call_argument()?),
+            "last_order_on" => TimeField::LastOrderOn(self.parse_call_argument()?),
+            _ => {
+                let Some(field) = TimeField::from_name(name) else {
+                    return Err(ParseError::at(
+                        self.current.pos,
+                        format!("unknown time field \"{name}\" (expected {EXPECTED})"),
+                    ));
+                };
+                self.advance()?;
+                field
+            }
         };
-        self.advance()?;
         self.expect(Tok::RParen, "\")\"")?;
         Ok(field)
     }

@@ -44,8 +44,8 @@ impl PredicateContext for TestProfile {
     fn has_identity(&self, kind: &str) -> bool {
         self.identities.contains(&kind)
     }
-    fn days_since(&self, field: TimeField) -> Option<i64> {
-        self.days.iter().find(|(f, _)| *f == field).map(|(_, d)| *d)
+    fn days_since(&self, field: &TimeField) -> Option<i64> {
+        self.days.iter().find(|(f, _)| f == field).map(|(_, d)| *d)
     }
 }
 
@@ -257,7 +257,12 @@ fn in_lists_on_number_fields() {
 #[test]
 fn days_since_compares_whole_days() {
     let profile = TestProfile {
-        days: vec![(TimeField::LastOrderAt, 30), (TimeField::CreatedAt, 400)],
+        days: vec![
+            (TimeField::LastOrderAt, 30),
+            (TimeField::CreatedAt, 400),
+            (TimeField::LastSeen("douyin".into()), 3),
+            (TimeField::LastOrderOn("tmall".into()), 45),
+        ],
         ..TestProfile::default()
     };
     let cases = [
@@ -268,6 +273,11 @@ fn days_since_compares_whole_days() {
         ("days_since(last_order_at) > 29.5", true),
         ("days_since(created_at) >= 365", true),
         ("days_since( created_at ) in (400, 401)", true),
+        ("days_since(last_seen(\"douyin\")) <= 7", true),
+        ("days_since(last_seen(\"douyin\")) > 3", false),
+        ("days_since(last_seen(\"wechat\")) >= 0", false),
+        ("days_since(last_order_on(\"tmall\")) == 45", true),
+        ("days_since(last_order_on(\"douyin\")) < 1000", false),
         // No first order recorded: false whatever the operator.
         ("days_since(first_order_at) > 3", false),
         ("days_since(first_order_at) <= 3", false),
@@ -367,13 +377,15 @@ fn parse_errors_point_at_the_token() {
         ("has_tag \"vip\"", err(1, 9, "expected \"(\" but found string \"vip\"")),
         (
             "days_since(birthday) > 1",
-            err(1, 12, "unknown time field \"birthday\" (expected last_order_at, first_order_at or created_at)"),
+            err(1, 12, "unknown time field \"birthday\" (expected last_order_at, first_order_at, created_at, last_seen(\"CHANNEL\") or last_order_on(\"CHANNEL\"))"),
         ),
         (
             "days_since(\"created_at\") > 1",
-            err(1, 12, "expected a time field (last_order_at, first_order_at or created_at) but found string \"created_at\""),
+            err(1, 12, "expected a time field (last_order_at, first_order_at, created_at, last_seen(\"CHANNEL\") or last_order_on(\"CHANNEL\")) but found string \"created_at\""),
         ),
         ("days_since > 1", err(1, 12, "expected \"(\" but found \">\"")),
+        ("days_since(last_seen(douyin)) > 1", err(1, 22, "expected a string but found \"douyin\"")),
+        ("days_since(last_seen(\"douyin\") > 1", err(1, 32, "expected \")\" but found \">\"")),
         ("attr.City == 1", err(1, 1, "invalid attribute name \"City\" (1 to 64 of a-z, 0-9 and _)")),
         ("attr. == 1", err(1, 1, "expected an attribute name after \"attr.\"")),
         ("attr == 1", err(1, 1, "expected \"attr.\" followed by an attribute name")),
@@ -693,4 +705,29 @@ fn values_round_trip_through_serde() {
         r#"{"String":"02139"}"#
     );
     assert!(serde_json::from_str::<Value>(r#"{"Number":"12abc"}"#).is_err());
+}
+
+#[test]
+fn reads_names_every_part_a_predicate_reads() {
+    let reads = parse(
+        "tier >= \"gold\" and has_tag(\"coffee\") and days_since(last_order_on(\"douyin\")) <= 30",
+    )
+    .reads();
+    assert_eq!(reads, Reads::TIER.with(Reads::TAGS).with(Reads::TIMES));
+    assert!(!reads.intersects(Reads::POINTS.with(Reads::ATTRIBUTES)));
+    assert_eq!(
+        parse("attr.city == \"x\" or attr.zip == 1").reads(),
+        Reads::ATTRIBUTES
+    );
+    assert_eq!(
+        parse("points > 1 or spend_365d > 1 or total_spend > 1 or order_count > 1").reads(),
+        Reads::POINTS
+            .with(Reads::SPEND_365D)
+            .with(Reads::TOTAL_SPEND)
+            .with(Reads::ORDER_COUNT)
+    );
+    assert_eq!(
+        parse("channel(\"x\") and has_identity(\"phone\")").reads(),
+        Reads::CHANNELS.with(Reads::IDENTITIES)
+    );
 }
