@@ -30,6 +30,49 @@ pub enum Command {
     /// Follow-ups of this shard whose binds were answered: bound identities are listed on
     /// their profiles, and the records are deleted. Idempotent.
     FinishFollowUps(Vec<FollowUpAnswer>),
+    /// Defines, replaces or deletes a segment. Proposed to the registry shard
+    /// ([`REGISTRY_SHARD`]) only: it orders every definition (its `version`), enforces the
+    /// segment limit, and answers the definition that every shard then installs.
+    DefineSegment(SegmentDefine),
+    /// Installs a definition the registry shard ordered. A shard keeps, per name, the one of
+    /// the highest version, so installs arriving in any order (or twice) leave every shard
+    /// with the same definitions.
+    InstallSegment(SegmentDef),
+    /// Advances the shard's background work by one bounded batch: re-evaluating profiles
+    /// after a rules change, backfilling new or replaced segments, and taking the members out
+    /// of deleted ones. Proposed by the leader while there is some.
+    Backfill,
+}
+
+/// The shard that orders segment definitions.
+pub const REGISTRY_SHARD: u32 = 0;
+
+/// A segment definition as a client asked for it, before the registry shard ordered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDefine {
+    pub name: String,
+    /// The predicate's source (validated by the API; apply parses it again, deterministically).
+    /// `None` deletes the segment.
+    pub predicate: Option<String>,
+    pub description: String,
+    /// The proposer's wall clock: the definition's `created_at` / `updated_at`.
+    pub at: Millis,
+}
+
+/// A segment definition as the registry shard ordered it: what every shard installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDef {
+    pub name: String,
+    /// The predicate's source; empty once deleted.
+    pub predicate: String,
+    pub description: String,
+    /// Increases each time the predicate changes (a re-created segment continues it).
+    pub generation: u64,
+    /// The definition's place in the registry shard's order of definitions.
+    pub version: u64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub deleted: bool,
 }
 
 /// The answer of the bind a follow-up record asked for.
@@ -57,6 +100,10 @@ pub struct Retention {
     pub dedup_days: u32,
     /// Points ledger entries.
     pub ledger_days: u32,
+    /// Segment membership changes, by age...
+    pub change_log_hours: u32,
+    /// ...and by count, per shard.
+    pub change_log_entries_max: u64,
 }
 
 /// An event and how the router resolved its profile.
@@ -96,6 +143,13 @@ pub enum Output {
         follow_ups: Vec<FollowUp>,
     },
     Bind(Vec<BindOutcome>),
+    /// The definition the registry shard ordered, and whether it created the segment (no
+    /// live segment of that name before); or why it refused.
+    Segment(Result<(SegmentDef, bool), EventError>),
+    /// A backfill batch: whether background work is left for another.
+    Backfill {
+        more: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub segments: SegmentsConfig,
     pub nodes: Vec<NodeConfig>,
     /// Seed rules, written to the log on first start; later changes go through the API.
     #[serde(default)]
@@ -90,6 +92,27 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: 128,
             memtable_mib: 8,
+        }
+    }
+}
+
+/// The retention of each shard's change log of segment memberships: a stream cursor older
+/// than it is answered 410 (`cursor_expired`). Carried by clock entries, so replicas evict
+/// alike.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentsConfig {
+    /// Changes are kept this long...
+    pub change_log_retention_hours: u32,
+    /// ...and at most this many per shard.
+    pub change_log_entries_max: u64,
+}
+
+impl Default for SegmentsConfig {
+    fn default() -> SegmentsConfig {
+        SegmentsConfig {
+            change_log_retention_hours: 72,
+            change_log_entries_max: 1_000_000,
         }
     }
 }
@@ -207,6 +230,10 @@ impl Config {
             || c.ledger_retention_days == 0
         {
             bail!("cluster.activation_budget, clock_interval_ms, tick_ms, dedup_retention_days and ledger_retention_days must be above 0");
+        }
+        let g = &self.segments;
+        if g.change_log_retention_hours == 0 || g.change_log_entries_max == 0 {
+            bail!("segments.change_log_retention_hours and change_log_entries_max must be above 0, found {g:?}");
         }
         let s = &self.storage;
         if s.cache_mib == 0 || s.memtable_mib == 0 {

@@ -215,6 +215,8 @@ fn main() -> anyhow::Result<()> {
             retention: command::Retention {
                 dedup_days: c.dedup_retention_days,
                 ledger_days: c.ledger_retention_days,
+                change_log_hours: config.segments.change_log_retention_hours,
+                change_log_entries_max: config.segments.change_log_entries_max,
             },
             passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
             activation_budget: budget_per_shard,

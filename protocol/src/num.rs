@@ -89,6 +89,8 @@ pub struct Millis(pub i64);
 
 /// Milliseconds in a day.
 pub const DAY_MS: i64 = 86_400_000;
+/// Milliseconds in an hour.
+pub const HOUR_MS: i64 = 3_600_000;
 
 impl Millis {
     /// Parses an RFC 3339 timestamp (`2026-11-23T10:00:00Z`, `2026-11-23T18:00:00+08:00`).

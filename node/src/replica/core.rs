@@ -309,6 +309,9 @@ pub struct Replica<S: LogSource> {
     since_start: Duration,
     /// When this leader last proposed a clock entry (`None`: not since it became leader).
     last_clock: Option<Millis>,
+    /// The index of the last `Backfill` this leader proposed: the next is proposed once it
+    /// applied, so background work goes one bounded entry at a time, between client writes.
+    backfill_at: Option<u64>,
     /// The last clock entry applied left due work: propose the next one at the next tick.
     due_backlog: bool,
     /// The first tick at which this leader may hand leadership to the placed leader.
@@ -397,6 +400,7 @@ impl<S: LogSource> Replica<S> {
             now: Millis(0),
             since_start: Duration::ZERO,
             last_clock: None,
+            backfill_at: None,
             due_backlog: false,
             lead_home_at: 0,
             home_kept_up_since: None,
@@ -675,6 +679,7 @@ impl<S: LogSource> Replica<S> {
         if self.is_leader() && self.clock_due() {
             self.propose_clock(fx);
         }
+        self.propose_backfill(fx);
         let waited_out = self
             .deposed_at
             .is_some_and(|at| self.ticks - at >= DEPOSED_PROPOSALS_TICKS);
@@ -786,6 +791,21 @@ impl<S: LogSource> Replica<S> {
                 && self
                     .last_clock
                     .is_none_or(|at| self.now.0 - at.0 >= interval))
+    }
+
+    /// Proposes the next `Backfill` entry if this leader's shard has background work and the
+    /// last one it proposed has applied.
+    fn propose_backfill(&mut self, fx: &mut Effects) {
+        let applied = self.state.meta.applied_index;
+        if !self.is_leader()
+            || self.leaving
+            || !self.state.has_backfill()
+            || self.backfill_at.is_some_and(|at| at > applied)
+        {
+            return;
+        }
+        self.propose(&Command::Backfill, None, fx);
+        self.backfill_at = Some(self.raw.raft.raft_log.last_index());
     }
 
     fn propose_clock(&mut self, fx: &mut Effects) {
@@ -973,6 +993,7 @@ impl<S: LogSource> Replica<S> {
         if became_leader {
             self.on_became_leader(base, fx);
         }
+        self.propose_backfill(fx);
         self.ask_read_index();
         self.serve_reads(fx);
     }
@@ -997,6 +1018,7 @@ impl<S: LogSource> Replica<S> {
     /// evict its exactly-once record at once).
     fn on_became_leader(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         self.last_clock = None;
+        self.backfill_at = None;
         self.lead_home_at = self.ticks + LEAD_HOME_AFTER_TICKS;
         self.home_kept_up_since = None;
         if self.view(base).get(keys::RULES).is_none() {

@@ -53,6 +53,8 @@ fn a_leaving_replica_takes_no_transfer_and_never_campaigns() {
             retention: Retention {
                 dedup_days: 7,
                 ledger_days: 730,
+                change_log_hours: 72,
+                change_log_entries_max: 1_000_000,
             },
         };
         cluster.replicas[1].propose(&clock, Some(u64::from(n)), &mut fx);

@@ -490,6 +490,8 @@ impl World {
             retention: Retention {
                 dedup_days: 7,
                 ledger_days: 730,
+                change_log_hours: 72,
+                change_log_entries_max: 1_000_000,
             },
             passivate_idle_ticks: 50,
             activation_budget: 16,

@@ -12,6 +12,7 @@
 
 use super::keys::{self, DueKind};
 use super::profile::Profile;
+use super::segments::{Eval, Stamp};
 use super::{EventWrites, LedgerKind, LedgerRecord, ShardState, Tx};
 use crate::command::Retention;
 use oneid_protocol::ids::OneId;
@@ -54,7 +55,7 @@ impl ShardState {
             _ => self.record.due_floor.max(Millis(now.0 + 1)),
         };
         // Profiles touched by this entry: loaded once, written once.
-        let mut touched: BTreeMap<OneId, (Profile, u64, bool)> = BTreeMap::new();
+        let mut touched: BTreeMap<OneId, (Profile, u64, bool, Option<Stamp>)> = BTreeMap::new();
         for (key, value) in due {
             // Each key's writes are committed before the next key is deleted: a review can
             // re-schedule a due key that is later in this same batch (`put_due` records the old
@@ -70,7 +71,8 @@ impl ShardState {
                     let (profile, stored_hash) = self
                         .load_profile(tx, oneid)
                         .expect("due keys point at existing profiles");
-                    slot.insert((profile, stored_hash, false))
+                    let before = self.stamp(&profile);
+                    slot.insert((profile, stored_hash, false, before))
                 }
             };
             let profile = &mut entry.0;
@@ -81,10 +83,10 @@ impl ShardState {
             entry.2 |= changed;
             writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
         }
-        for (_, (mut profile, stored_hash, changed)) in touched {
+        for (_, (mut profile, stored_hash, changed, before)) in touched {
             if changed {
                 profile.version += 1;
-                self.finish_profile(tx, profile, Some(stored_hash));
+                self.finish_profile(tx, profile, Some(stored_hash), before.as_ref());
             } else {
                 self.activations.insert(profile, stored_hash);
             }
@@ -156,15 +158,25 @@ impl ShardState {
         }
     }
 
-    /// Rule tags at the shard's clock, and the next time a time-based rule can flip.
+    /// Settles a changed profile and writes it: `before` is its stamp before the change
+    /// (`None` for a new profile).
     pub(super) fn finish_profile(
         &mut self,
         tx: &mut Tx<'_>,
         mut profile: Profile,
         stored_hash: Option<u64>,
+        before: Option<&Stamp>,
     ) {
-        self.evaluate_rule_tags(&mut profile);
-        let next = self.next_rule_review(&profile);
+        self.settle(tx, &mut profile, Eval::Changed(before));
+        self.store_profile(tx, profile, stored_hash);
+    }
+
+    /// Rule tags and segment memberships at the shard's clock, and the next time a time-based
+    /// rule or segment can flip.
+    pub(super) fn settle(&mut self, tx: &mut Tx<'_>, profile: &mut Profile, eval: Eval<'_>) {
+        self.evaluate_rule_tags(profile);
+        self.evaluate_segments(tx, profile, eval);
+        let next = self.next_rule_review(profile);
         if next != profile.rule_review_at {
             profile.rule_review_at = next;
             if let Some(at) = next {
@@ -173,11 +185,10 @@ impl ShardState {
                 writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
             }
         }
-        self.store_profile(tx, profile, stored_hash);
     }
 
     /// The first time after the clock at which some `days_since` comparison of the tag rules
-    /// changes value for this profile.
+    /// or segments changes value for this profile.
     fn next_rule_review(&self, profile: &Profile) -> Option<Millis> {
         let now = self.record.clock;
         self.time_thresholds

@@ -25,6 +25,8 @@ fn clock_keeping(now: Millis, ledger_days: u32) -> Command {
         retention: Retention {
             dedup_days: 7,
             ledger_days,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     }
 }
@@ -1081,6 +1083,8 @@ fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
         retention: Retention {
             dedup_days: 1000,
             ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     };
     // A full eviction batch is a backlog too: the leader proposes the next clock entry sooner.
@@ -1131,6 +1135,8 @@ fn time_script() -> Vec<Command> {
         retention: Retention {
             dedup_days: 3,
             ledger_days,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     };
     vec![

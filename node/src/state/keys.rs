@@ -15,6 +15,9 @@
 //! | `f`    | `f seq`                               | `FollowUpRecord` |
 //! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
 //! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
+//! | `c`    | `c name`                              | `SegmentRecord` (a segment as this shard holds it) |
+//! | `n`    | `n name 0x00 oneid`                   | nothing (a member of the segment) |
+//! | `k`    | `k offset`                            | `ChangeRecord` (the membership change log) |
 
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
@@ -86,6 +89,58 @@ pub fn follow_up_seq(key: &[u8]) -> u64 {
             .try_into()
             .expect("follow-up keys hold a sequence"),
     )
+}
+
+pub const SEGMENT_PREFIX: &[u8] = b"c";
+
+pub fn segment(name: &str) -> Vec<u8> {
+    let mut key = SEGMENT_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// `n name 0x00`: where the member keys of a segment start (names never hold a 0 byte).
+pub fn members_prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + name.len() + 8);
+    key.push(b'n');
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key
+}
+
+/// Above every member key of a segment (the prefix with its 0 byte raised to 1).
+pub fn members_end(name: &str) -> Vec<u8> {
+    let mut key = members_prefix(name);
+    *key.last_mut().expect("the prefix ends in 0") = 1;
+    key
+}
+
+pub fn member(name: &str, oneid: OneId) -> Vec<u8> {
+    let mut key = members_prefix(name);
+    key.extend_from_slice(&oneid.0.to_be_bytes());
+    key
+}
+
+/// The profile at the end of a member key.
+pub fn member_oneid(key: &[u8]) -> OneId {
+    OneId(u64::from_be_bytes(
+        key[key.len() - 8..]
+            .try_into()
+            .expect("member keys end in a oneid"),
+    ))
+}
+
+pub const CHANGE_PREFIX: &[u8] = b"k";
+
+pub fn change(offset: u64) -> Vec<u8> {
+    let mut key = CHANGE_PREFIX.to_vec();
+    key.extend_from_slice(&offset.to_be_bytes());
+    key
+}
+
+/// The offset of a change-log key.
+pub fn change_offset(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[1..9].try_into().expect("change keys hold an offset"))
 }
 
 fn with_oneid(prefix: u8, oneid: OneId, rest: &[u8]) -> Vec<u8> {

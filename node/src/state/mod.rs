@@ -18,6 +18,7 @@ mod event;
 pub mod keys;
 pub mod profile;
 mod retention;
+pub mod segments;
 pub mod store;
 mod tier;
 mod tx;
@@ -79,6 +80,14 @@ pub struct ShardRecord {
     /// Dedup and ledger records written before these clocks were all evicted.
     pub dedup_evicted_to: Millis,
     pub ledger_evicted_to: Millis,
+    /// Segment definitions ordered so far (the registry shard only).
+    pub segment_version: u64,
+    /// The last offset of the change log (offsets start at 1).
+    pub change_seq: u64,
+    /// Change-log entries up to this offset were evicted.
+    pub changes_evicted: u64,
+    /// The re-evaluation of every profile a rules change started, until it is done.
+    pub rules_backfill: Option<segments::RulesBackfill>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,8 +166,9 @@ pub struct ShardState {
     record_stored: Option<Vec<u8>>,
     rules: Rules,
     tag_rules: Vec<(String, Predicate)>,
-    /// Where the tag rules' `days_since` comparisons can flip (see `due.rs`).
+    /// Where the `days_since` comparisons of tag rules and segments can flip (see `due.rs`).
     time_thresholds: Vec<(TimeField, i64)>,
+    segments: segments::Segments,
     pub activations: Activations,
     /// Keys the command being applied wrote that retention will evict: filed at the end of
     /// the command as one record per queue (see `file_retained`), not one per key.
@@ -195,6 +205,7 @@ impl ShardState {
             rules: Rules::default(),
             tag_rules: Vec::new(),
             time_thresholds: Vec::new(),
+            segments: segments::Segments::load(base),
             activations: Activations::new(activation_budget),
             retained: Retained::default(),
         };
@@ -204,13 +215,19 @@ impl ShardState {
 
     fn set_rules(&mut self, rules: Rules) {
         self.tag_rules = rules.compiled_tag_rules();
+        self.rules = rules;
+        self.refresh_thresholds();
+    }
+
+    /// Collects where the tag rules' and the segments' `days_since` comparisons can flip.
+    fn refresh_thresholds(&mut self) {
         let thresholds: BTreeSet<(TimeField, i64)> = self
             .tag_rules
             .iter()
             .flat_map(|(_, predicate)| predicate.day_thresholds())
+            .chain(self.segments.day_thresholds())
             .collect();
         self.time_thresholds = thresholds.into_iter().collect();
-        self.rules = rules;
     }
 
     #[cfg(test)]
@@ -257,6 +274,7 @@ impl ShardState {
             Command::SetRules(rules) => {
                 tx.put(keys::RULES.to_vec(), &*rules);
                 self.set_rules(*rules);
+                self.start_rules_backfill();
                 Output::None
             }
             Command::SeedRules(rules) => {
@@ -287,7 +305,16 @@ impl ShardState {
                 self.finish_follow_ups(&mut tx, answers);
                 Output::None
             }
+            Command::DefineSegment(define) => Output::Segment(self.define_segment(&mut tx, define)),
+            Command::InstallSegment(def) => {
+                self.install_segment(&mut tx, def);
+                Output::None
+            }
+            Command::Backfill => Output::Backfill {
+                more: self.backfill(&mut tx),
+            },
         };
+        self.write_dirty_segments(&mut tx);
         self.file_retained(&mut tx);
         assert!(
             self.activations.none_taken(),
@@ -364,11 +391,17 @@ impl ShardState {
 
     /// Writes a profile through and keeps it activated; `old` is the hash `load_profile` gave.
     fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile, old: Option<u64>) {
+        let stored_hash = self.write_profile(tx, &profile, old);
+        self.activations.insert(profile, stored_hash);
+    }
+
+    /// Writes a profile through; answers the pair hash of what it wrote.
+    fn write_profile(&self, tx: &mut Tx<'_>, profile: &Profile, old: Option<u64>) -> u64 {
         let key = keys::profile(profile.oneid);
-        let bytes = encode(&profile);
+        let bytes = encode(profile);
         let stored_hash = pair_hash(&key, &bytes);
         tx.put_known(key, old, bytes);
-        self.activations.insert(profile, stored_hash);
+        stored_hash
     }
 
     fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
@@ -423,6 +456,7 @@ impl ShardState {
         let Some((mut profile, stored_hash)) = self.load_profile(tx, oneid) else {
             return;
         };
+        let before = self.stamp(&profile);
         let mut changed = false;
         for identity in identities {
             if profile.identity_count() >= IDENTITIES_PER_PROFILE_MAX {
@@ -436,7 +470,7 @@ impl ShardState {
         }
         if changed {
             profile.version += 1;
-            self.finish_profile(tx, profile, Some(stored_hash));
+            self.finish_profile(tx, profile, Some(stored_hash), before.as_ref());
         } else {
             self.activations.insert(profile, stored_hash);
         }
@@ -470,6 +504,7 @@ impl ShardState {
                 return EventOutcome::Duplicate(oneid);
             }
         }
+        let before = stored_hash.and_then(|_| self.stamp(&profile));
         let mut writes = EventWrites::default();
         let accepted = self
             .apply_body(tx, &mut profile, &event, &mut writes)
@@ -498,7 +533,7 @@ impl ShardState {
         writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
         tx.put_new(dedup_key.clone(), &DedupRecord { index });
         self.retained.dedup.push(dedup_key);
-        self.finish_profile(tx, profile, stored_hash);
+        self.finish_profile(tx, profile, stored_hash, before.as_ref());
         EventOutcome::Applied(oneid)
     }
 
@@ -707,5 +742,7 @@ fn note_latest(times: &mut BTreeMap<String, Millis>, channel: &str, at: Millis) 
 
 #[cfg(test)]
 mod due_tests;
+#[cfg(test)]
+mod segment_tests;
 #[cfg(test)]
 mod tests;

@@ -53,10 +53,11 @@ impl ShardState {
             DEDUP_EVICTIONS_PER_CLOCK_MAX,
         );
         self.record.dedup_evicted_to = cursor;
+        let changes_full = self.evict_changes(tx, retention);
         let (due_processed, ledger_full) = self.process_due(tx, retention);
         (
             due_processed,
-            dedup_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,
+            dedup_full || changes_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,
         )
     }
 }

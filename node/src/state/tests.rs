@@ -89,6 +89,8 @@ pub(super) fn clock(days: i64) -> Command {
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     }
 }
@@ -1458,6 +1460,8 @@ fn dedup_records_expire_after_the_retention_window() {
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     });
     assert_eq!(h.keys_with_prefix(b"d"), 0);
@@ -1812,6 +1816,8 @@ fn clock_never_goes_back() {
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
         },
     });
     assert_eq!(h.state.record.clock, at(3));
