@@ -28,6 +28,7 @@ mod sim;
 mod snapshots;
 mod state;
 mod storage;
+mod streams;
 mod transport;
 
 use anyhow::Context;
@@ -258,7 +259,7 @@ fn main() -> anyhow::Result<()> {
         shards: Arc::clone(&shards),
         cluster_id: cluster.id.clone(),
         router: router::Router {
-            reader,
+            reader: reader.clone(),
             shards: Arc::clone(&shards),
             n_shards: c.shards,
             metrics: Arc::clone(&metrics),
@@ -279,6 +280,7 @@ fn main() -> anyhow::Result<()> {
         identity,
         budget: api::Api::body_budget(config.api.body_budget_mib as usize * 1024 * 1024),
         body_timeout: Duration::from_millis(config.api.body_timeout_ms),
+        streams: streams::Streams::new(reader, Arc::clone(&shards)),
     });
     let deadlines = api::conn::Deadlines::from_config(&config.api);
     let listener = runtime
@@ -297,6 +299,7 @@ fn main() -> anyhow::Result<()> {
                 leaving.hand_off().await;
             };
             runtime.block_on(async move {
+                api.streams.start();
                 api::serve(api, listener, deadlines, shutdown).await;
                 // Peers that still took this node for a leader get their answers.
                 shards.finish_peer_requests().await;
@@ -317,7 +320,10 @@ fn main() -> anyhow::Result<()> {
 /// Raises the open-file soft limit to the hard limit, so the node never runs out of
 /// descriptors before it reaches its connection limit; says so if even that is too few.
 fn raise_open_file_limit() {
-    let needed = (api::conn::CONNECTIONS_MAX + storage::CACHED_FILES_MAX + FILES_RESERVED) as u64;
+    let needed = (api::conn::CONNECTIONS_MAX
+        + streams::STREAMS_MAX
+        + storage::CACHED_FILES_MAX
+        + FILES_RESERVED) as u64;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => tracing::warn!(
             limit,

@@ -58,6 +58,8 @@ pub enum Route {
     Lookup,
     Ledger,
     Rules,
+    Segments,
+    Stream,
     Cluster,
     Health,
     Metrics,
@@ -66,12 +68,14 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 10] = [
+    const ALL: [Route; 12] = [
         Route::Events,
         Route::Profile,
         Route::Lookup,
         Route::Ledger,
         Route::Rules,
+        Route::Segments,
+        Route::Stream,
         Route::Cluster,
         Route::Health,
         Route::Metrics,
@@ -86,6 +90,8 @@ impl Route {
             Route::Lookup => "lookup",
             Route::Ledger => "ledger",
             Route::Rules => "rules",
+            Route::Segments => "segments",
+            Route::Stream => "stream",
             Route::Cluster => "cluster",
             Route::Health => "healthz",
             Route::Metrics => "metrics",
@@ -301,5 +307,11 @@ pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Writes a gauge family of one unlabelled value.
 pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     family(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// Writes a counter family of one unlabelled value.
+pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    family(out, name, "counter", help);
     let _ = writeln!(out, "{name} {value}");
 }

@@ -152,6 +152,9 @@ pub struct Shards {
     reader: StateReader,
     /// The snapshots this node holds for followers and fetches for its replicas.
     pub snapshots: Snapshots,
+    /// Bumped each time a local replica made a write durable (and readable): what the
+    /// segment streams' tailers wait on.
+    flushed: Vec<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Shards {
@@ -168,7 +171,20 @@ impl Shards {
             peers: OnceLock::new(),
             snapshots: Snapshots::new(Arc::clone(reader.storage())),
             reader,
+            flushed: (0..n_shards)
+                .map(|_| tokio::sync::watch::channel(0).0)
+                .collect(),
         }
+    }
+
+    /// A local replica of `shard` made a write durable.
+    pub fn flushed(&self, shard: ShardId) {
+        self.flushed[shard.0 as usize].send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes each time a local replica of `shard` makes a write durable.
+    pub fn watch_flushed(&self, shard: ShardId) -> tokio::sync::watch::Receiver<u64> {
+        self.flushed[shard.0 as usize].subscribe()
     }
 
     /// The actors of this node's replicas, by shard (`None` where it holds none).
@@ -298,6 +314,15 @@ impl Shards {
         let fresh = hint.heard.is_some_and(|at| at.elapsed() <= LEADER_FRESH);
         let reachable = leader == self.me || self.peers.get().is_some_and(|p| p.up(leader));
         (fresh && reachable).then_some(leader)
+    }
+
+    /// Whether this node heard from a leader of `shard` (itself, or a peer that is up)
+    /// within `within`.
+    pub fn leader_heard_within(&self, shard: ShardId, within: Duration) -> bool {
+        let hint = *self.hints[shard.0 as usize].lock().expect("hint lock");
+        let reachable =
+            |leader| leader == self.me || self.peers.get().is_some_and(|p| p.up(leader));
+        hint.leader.is_some_and(reachable) && hint.heard.is_some_and(|at| at.elapsed() <= within)
     }
 
     /// Where to try next: the leader hint, else this node's replica, else the placed nodes in

@@ -789,6 +789,18 @@ pub enum Query {
     },
     /// The rules the shard applies.
     Rules(ShardId),
+    /// The segments the shard holds (the one named, or all), as the shard holds them.
+    Segments {
+        shard: ShardId,
+        name: Option<String>,
+    },
+    /// Up to `limit` members of a segment held by the shard, in OneID order, after `after`.
+    Members {
+        shard: ShardId,
+        segment: String,
+        after: Option<OneId>,
+        limit: usize,
+    },
 }
 
 /// The answer to a [`Query`].
@@ -799,6 +811,8 @@ pub enum Answer {
     Profile(Option<Box<Profile>>),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
     Rules(Box<oneid_protocol::rules::Rules>),
+    Segments(Vec<crate::state::segments::SegmentRecord>),
+    Members(Vec<OneId>),
 }
 
 /// Identity bindings the reader keeps in memory, over all stripes.
@@ -830,7 +844,7 @@ impl StateReader {
         self.pool.run(move || read(&reader)).await
     }
 
-    fn shard(&self, shard: ShardId) -> FjallState {
+    pub(crate) fn shard(&self, shard: ShardId) -> FjallState {
         FjallState(self.storage.state(shard))
     }
 
@@ -893,6 +907,15 @@ impl StateReader {
                     .map(|bytes| decode(keys::RULES, &bytes))
                     .unwrap_or_default(),
             )),
+            Query::Segments { shard, name } => {
+                Answer::Segments(self.segments(*shard, name.as_deref()))
+            }
+            Query::Members {
+                shard,
+                segment,
+                after,
+                limit,
+            } => Answer::Members(self.members(*shard, segment, *after, *limit)),
         }
     }
 

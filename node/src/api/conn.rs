@@ -157,14 +157,20 @@ impl AsyncWrite for WatchedIo {
 
 /// Serves connections from `listener` with `handle` until `shutdown` resolves, then lets
 /// requests in flight finish (up to [`SHUTDOWN_GRACE`]).
-pub async fn serve<H, F>(
+///
+/// A response carrying [`Streaming`](super::segments::Streaming) is a stream: from then on its
+/// connection no longer counts against [`CONNECTIONS_MAX`] (streams have their own limit) and
+/// no deadline runs while the stream lasts; the stream's answer closes the connection after it.
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     deadlines: Deadlines,
     handle: H,
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -194,12 +200,22 @@ pub async fn serve<H, F>(
         };
         let handle = handle.clone();
         let requests = Arc::clone(&watch);
+        let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
+        let held = Arc::clone(&permit);
         let service = service_fn(move |request| {
-            let (handle, watch) = (handle.clone(), Arc::clone(&requests));
+            let (handle, watch, held) = (handle.clone(), Arc::clone(&requests), Arc::clone(&held));
             async move {
                 watch.enter(BUSY);
                 let response = handle(request).await;
-                watch.enter(IDLE);
+                if response
+                    .extensions()
+                    .get::<super::segments::Streaming>()
+                    .is_some()
+                {
+                    held.lock().expect("permit lock").take();
+                } else {
+                    watch.enter(IDLE);
+                }
                 Ok::<_, std::convert::Infallible>(response)
             }
         });

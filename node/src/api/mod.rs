@@ -5,6 +5,8 @@
 //!   connection from holding the server.
 //! - `body`: reading request bodies within their limits and the node's budget for bodies.
 //! - `events`: `POST /v1/events` (a JSON array or NDJSON), handed to the router.
+//! - `segments`: `/v1/segments`: definitions, documents, members, and the membership stream
+//!   (Server-Sent Events, served by `streams`).
 //! - this file: the routes (a known route with another method is answered 405 with `Allow`),
 //!   profile, identity and ledger reads (fjall reads, on the read pool), rules, the cluster
 //!   view, health, metrics and backups, and how errors are answered.
@@ -15,6 +17,7 @@
 mod body;
 pub mod conn;
 mod events;
+mod segments;
 
 use crate::backup::{BackupError, Backups};
 use crate::command::Command;
@@ -26,7 +29,7 @@ use crate::shards::{Consistency, Shards};
 use crate::storage::{Answer, Query};
 use body::{BodyBudget, Shape};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -62,7 +65,12 @@ pub struct Api {
     pub budget: BodyBudget,
     /// A body that stops arriving this long is abandoned (`[api] body_timeout_ms`).
     pub body_timeout: Duration,
+    /// Segment membership streams.
+    pub streams: Arc<crate::streams::Streams>,
 }
+
+/// The body of every response: whole, or a stream.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 impl Api {
     pub fn body_budget(bytes: usize) -> BodyBudget {
@@ -160,6 +168,7 @@ pub async fn serve(
     let stopping = async {
         shutdown.await;
         api.shutting_down.store(true, Ordering::SeqCst);
+        api.streams.stop();
         // A backup in flight stops at its next batch rather than holding up the shutdown.
         api.backups.cancel();
     };
@@ -174,6 +183,10 @@ enum Endpoint {
     Profile,
     Ledger,
     Rules,
+    Segments,
+    Segment,
+    Members,
+    Stream,
     Cluster,
     Backup,
     Health,
@@ -181,7 +194,7 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint of a path (its segments), and the OneID segment when it has one.
+    /// The endpoint of a path (its segments), and the OneID or segment name when it has one.
     fn of<'a>(segments: &[&'a str]) -> Option<(Endpoint, Option<&'a str>)> {
         Some(match segments {
             ["v1", "events"] => (Endpoint::Events, None),
@@ -189,6 +202,10 @@ impl Endpoint {
             ["v1", "profiles", oneid] => (Endpoint::Profile, Some(*oneid)),
             ["v1", "profiles", oneid, "ledger"] => (Endpoint::Ledger, Some(*oneid)),
             ["v1", "rules"] => (Endpoint::Rules, None),
+            ["v1", "segments"] => (Endpoint::Segments, None),
+            ["v1", "segments", name] => (Endpoint::Segment, Some(*name)),
+            ["v1", "segments", name, "members"] => (Endpoint::Members, Some(*name)),
+            ["v1", "segments", name, "stream"] => (Endpoint::Stream, Some(*name)),
             ["v1", "cluster"] => (Endpoint::Cluster, None),
             ["v1", "admin", "backup"] => (Endpoint::Backup, None),
             ["healthz"] => (Endpoint::Health, None),
@@ -201,6 +218,7 @@ impl Endpoint {
         match self {
             Endpoint::Events | Endpoint::Backup => &[Method::POST],
             Endpoint::Rules => &[Method::GET, Method::PUT],
+            Endpoint::Segment => &[Method::GET, Method::PUT, Method::DELETE],
             _ => &[Method::GET],
         }
     }
@@ -212,6 +230,8 @@ impl Endpoint {
             Endpoint::Profile => Route::Profile,
             Endpoint::Ledger => Route::Ledger,
             Endpoint::Rules => Route::Rules,
+            Endpoint::Segments | Endpoint::Segment | Endpoint::Members => Route::Segments,
+            Endpoint::Stream => Route::Stream,
             Endpoint::Cluster => Route::Cluster,
             Endpoint::Backup => Route::Admin,
             Endpoint::Health => Route::Health,
@@ -221,7 +241,7 @@ impl Endpoint {
 }
 
 impl Api {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
@@ -239,6 +259,15 @@ impl Api {
                 endpoint.route(),
                 Err(method_not_allowed(&method, &path, endpoint)),
             ),
+            Some((Endpoint::Stream, name)) => {
+                let name = name.unwrap_or_default().to_string();
+                let reply = self.stream(&name, &request).await;
+                let response =
+                    reply.unwrap_or_else(|error| error_response(error).map(BodyExt::boxed));
+                self.metrics
+                    .request(Route::Stream, response.status().as_u16(), started.elapsed());
+                return response;
+            }
             Some((endpoint, oneid)) => {
                 let oneid = oneid.unwrap_or_default();
                 let query = request.uri().query().map(str::to_string);
@@ -249,6 +278,12 @@ impl Api {
                     (Endpoint::Ledger, _) => self.ledger(oneid, query.as_deref()).await,
                     (Endpoint::Rules, Method::PUT) => self.put_rules(request).await,
                     (Endpoint::Rules, _) => self.get_rules().await,
+                    (Endpoint::Segments, _) => self.list_segments().await,
+                    (Endpoint::Segment, Method::PUT) => self.put_segment(oneid, request).await,
+                    (Endpoint::Segment, Method::DELETE) => self.delete_segment(oneid).await,
+                    (Endpoint::Segment, _) => self.get_segment(oneid).await,
+                    (Endpoint::Members, _) => self.members(oneid, query.as_deref()).await,
+                    (Endpoint::Stream, _) => unreachable!("streams are answered above"),
                     (Endpoint::Cluster, _) => {
                         self.cluster().await.map(|view| json(StatusCode::OK, &view))
                     }
@@ -262,7 +297,7 @@ impl Api {
         let response = reply.unwrap_or_else(error_response);
         self.metrics
             .request(route, response.status().as_u16(), started.elapsed());
-        response
+        response.map(BodyExt::boxed)
     }
 
     fn parse_oneid(&self, text: &str) -> Result<OneId, ApiError> {
@@ -607,6 +642,7 @@ impl Api {
         let mut text = self.metrics.render();
         self.router.reader.storage().render_gauges(&mut text);
         self.shards.render_metrics(&mut text);
+        self.streams.render_metrics(&mut text);
         if let Some(peers) = self.shards.peers() {
             peers.render_metrics(&mut text);
         }

@@ -502,6 +502,7 @@ impl Handler<Flushed> for ShardActor {
             }
         }
         let switched = self.switching.take().is_some();
+        self.shards.flushed(self.shard);
         let mut fx = Effects::default();
         self.replica
             .persisted(&FjallState(self.storage.state(self.shard)), &mut fx);

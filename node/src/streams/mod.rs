@@ -1,0 +1,217 @@
+//! Segment membership streams: the change logs of this node's replicas, fanned out to the
+//! subscribers of `GET /v1/segments/{name}/stream` as Server-Sent Events.
+//!
+//! The state machine knows nothing of this: it only appends to each shard's change log
+//! (`state::segments`). Here, one **tailer** per shard reads that log once for the whole node
+//! (woken when the shard's replica made a write durable, `Shards::watch_flushed`) and
+//! broadcasts what it read; every subscriber receives it from the broadcast ring, which is
+//! bounded ([`LIVE_BATCHES_MAX`]) and never waits for anyone. A subscriber is a task that
+//! turns changes into SSE frames into its own bounded buffer ([`SUBSCRIBER_FRAMES_MAX`]), which
+//! the connection drains. A subscriber that cannot keep up falls behind the ring and is
+//! closed; its client resumes by cursor. So a subscriber that stops reading never slows
+//! apply, the tailers or the other subscribers.
+//!
+//! A stream starts at a cursor (resume), at a snapshot of the members, or at the tail. A
+//! subscriber first subscribes to the broadcast, then reads what it lacks from the change logs
+//! themselves (catch-up), then follows the broadcast, skipping what it already delivered:
+//! nothing is missed between the two, nothing is delivered twice.
+//!
+//! # Layout
+//! - `cursor.rs`: the opaque cursor (per-shard offsets);
+//! - `sse.rs`: event framing;
+//! - `reads.rs`: segment, member and change-log reads of the local replicas;
+//! - `subscriber.rs`: one stream, from its start to its end.
+
+mod cursor;
+pub mod reads;
+mod sse;
+mod subscriber;
+
+pub use cursor::Cursor;
+
+use crate::shards::Shards;
+use crate::state::segments::ChangeRecord;
+use crate::storage::StateReader;
+use bytes::Bytes;
+use oneid_protocol::event::EventError;
+use oneid_protocol::ids::ShardId;
+use oneid_protocol::ErrorCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+
+/// Most streams a node serves at once (apart from the HTTP connection limit); past it a new
+/// one is answered 503.
+pub const STREAMS_MAX: usize = 2_000;
+/// Batches of changes the broadcast ring holds: a subscriber further behind is closed.
+pub const LIVE_BATCHES_MAX: usize = 4_096;
+/// SSE frames a subscriber's buffer holds before its connection takes them.
+pub const SUBSCRIBER_FRAMES_MAX: usize = 1_024;
+/// A stream sends its cursor (an id-only event) at least this often, so quiet segments
+/// still advance their clients' cursors.
+pub const ID_EVERY: Duration = Duration::from_secs(15);
+/// A stream with nothing else to send sends a comment this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A stream closes when this node has heard from no leader of some shard for this long: the
+/// client reconnects to another node.
+pub const LEADERLESS_CLOSE: Duration = Duration::from_secs(5);
+/// Members one read of a snapshot returns.
+pub const SNAPSHOT_PAGE: usize = 1_000;
+
+/// Changes of one shard's log, in offset order, as a tailer read them.
+pub struct Batch {
+    shard: ShardId,
+    changes: Vec<(u64, ChangeRecord)>,
+}
+
+/// Where a new stream starts.
+pub enum Start {
+    /// After this cursor.
+    Cursor(Cursor),
+    /// With every current member, then what follows.
+    Snapshot,
+    /// At the tail of the logs now.
+    Tail,
+}
+
+/// This node's streams.
+pub struct Streams {
+    reader: StateReader,
+    shards: Arc<Shards>,
+    permits: Arc<Semaphore>,
+    live: broadcast::Sender<Arc<Batch>>,
+    stopping: watch::Sender<bool>,
+    /// Streams closed because their subscriber fell behind the broadcast ring.
+    pub closed_behind: AtomicU64,
+}
+
+impl Streams {
+    pub fn new(reader: StateReader, shards: Arc<Shards>) -> Arc<Streams> {
+        Arc::new(Streams {
+            reader,
+            shards,
+            permits: Arc::new(Semaphore::new(STREAMS_MAX)),
+            live: broadcast::channel(LIVE_BATCHES_MAX).0,
+            stopping: watch::channel(false).0,
+            closed_behind: AtomicU64::new(0),
+        })
+    }
+
+    fn n_shards(&self) -> u32 {
+        self.shards.n_shards
+    }
+
+    /// Starts the tailers, on the calling runtime.
+    pub fn start(self: &Arc<Self>) {
+        for shard in 0..self.n_shards() {
+            tokio::spawn(Arc::clone(self).tail(ShardId(shard)));
+        }
+    }
+
+    /// Ends every stream (the node is shutting down).
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Streams open now.
+    pub fn open_count(&self) -> usize {
+        STREAMS_MAX - self.permits.available_permits()
+    }
+
+    /// Reads one shard's change log as it grows and broadcasts it.
+    async fn tail(self: Arc<Self>, shard: ShardId) {
+        let mut flushed = self.shards.watch_flushed(shard);
+        let mut stopping = self.stopping.subscribe();
+        let mut after = self.reader.run(move |r| r.log_bounds(shard).last).await;
+        loop {
+            tokio::select! {
+                _ = flushed.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopping.changed() => return,
+            }
+            if self.live.receiver_count() == 0 {
+                // Nobody listens: a subscriber reads what came before it from the log itself.
+                after = self.reader.run(move |r| r.log_bounds(shard).last).await;
+                continue;
+            }
+            loop {
+                let changes = self.reader.run(move |r| r.changes(shard, after)).await;
+                let Some(&(last, _)) = changes.last() else {
+                    break;
+                };
+                after = last;
+                let full = changes.len() == reads::CHANGES_PER_READ_MAX;
+                // No receiver left is fine: nobody needs this batch.
+                let _ = self.live.send(Arc::new(Batch { shard, changes }));
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Opens a stream of `segment` (at `generation`) from `start`: the frames to send, or why
+    /// not (`cursor_expired` for a cursor past retention, `unavailable` at the limit or
+    /// when this node lacks a replica of some shard).
+    pub async fn open(
+        self: &Arc<Self>,
+        segment: String,
+        generation: u64,
+        start: Start,
+    ) -> Result<mpsc::Receiver<Bytes>, EventError> {
+        if let Some(shard) = (0..self.n_shards()).find(|s| self.shards.local(ShardId(*s)).is_none())
+        {
+            return Err(EventError::new(
+                ErrorCode::Unavailable,
+                format!("this node holds no replica of shard {shard}: stream from a node that holds every shard"),
+            ));
+        }
+        if let Start::Cursor(cursor) = &start {
+            let n = self.n_shards();
+            let evicted = self
+                .reader
+                .run(move |r| {
+                    (0..n)
+                        .map(|s| r.log_bounds(ShardId(s)).evicted)
+                        .collect::<Vec<_>>()
+                })
+                .await;
+            if let Some(shard) = (0..n as usize).find(|&s| cursor.0[s] < evicted[s]) {
+                return Err(EventError::field(
+                    ErrorCode::CursorExpired,
+                    "cursor",
+                    format!(
+                        "the cursor is older than shard {shard}'s change log keeps (retention): start again with snapshot=true"
+                    ),
+                ));
+            }
+        }
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            EventError::new(
+                ErrorCode::Unavailable,
+                format!("this node serves {STREAMS_MAX} streams, the most it can; retry on another node"),
+            )
+        })?;
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_FRAMES_MAX);
+        let subscriber =
+            subscriber::Subscriber::new(Arc::clone(self), segment, generation, tx, permit);
+        tokio::spawn(subscriber.run(start));
+        Ok(rx)
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        crate::metrics::gauge(
+            out,
+            "oneid_streams_open",
+            "Segment streams this node serves.",
+            self.open_count() as u64,
+        );
+        crate::metrics::counter(
+            out,
+            "oneid_streams_closed_behind_total",
+            "Streams closed because their subscriber fell behind the broadcast ring.",
+            self.closed_behind.load(Ordering::Relaxed),
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! One stream, from its start (cursor, snapshot or tail) through catch-up to following the
+//! broadcast, until its client goes, its segment ends, it falls behind, or the node stops.
+
+use super::{sse, Batch, Cursor, Start, Streams};
+use super::{HEARTBEAT_EVERY, ID_EVERY, LEADERLESS_CLOSE, SNAPSHOT_PAGE};
+use crate::state::segments::{Change, ChangeRecord};
+use bytes::Bytes;
+use oneid_protocol::ids::{OneId, ShardId};
+use oneid_protocol::num::Millis;
+use oneid_protocol::segments::{ChangeKind, SegmentChange, SnapshotEnd};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+/// Why a stream ends.
+#[derive(Debug)]
+enum End {
+    /// The client went away.
+    Gone,
+    /// Its segment was deleted and every shard has taken out its members.
+    Ended,
+    /// It fell behind the broadcast ring, or retention evicted what it had not read.
+    Behind,
+    /// The node is stopping, or has heard from no leader of a shard for a while.
+    Closed,
+}
+
+pub(super) struct Subscriber {
+    streams: Arc<Streams>,
+    segment: String,
+    generation: u64,
+    /// For each shard, the last offset delivered (or skipped as another segment's).
+    cursor: Vec<u64>,
+    /// Shards whose log said the segment ended there.
+    ended: BTreeSet<u32>,
+    tx: mpsc::Sender<Bytes>,
+    /// When the cursor was last sent, and when anything was.
+    id_sent: Instant,
+    sent: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Subscriber {
+    pub(super) fn new(
+        streams: Arc<Streams>,
+        segment: String,
+        generation: u64,
+        tx: mpsc::Sender<Bytes>,
+        permit: OwnedSemaphorePermit,
+    ) -> Subscriber {
+        let n = streams.n_shards() as usize;
+        Subscriber {
+            streams,
+            segment,
+            generation,
+            cursor: vec![0; n],
+            ended: BTreeSet::new(),
+            tx,
+            id_sent: Instant::now(),
+            sent: Instant::now(),
+            _permit: permit,
+        }
+    }
+
+    pub(super) async fn run(mut self, start: Start) {
+        // Subscribed before anything is read from the logs: whatever is written after the
+        // catch-up reads arrives here.
+        let mut live = self.streams.live.subscribe();
+        let mut stopping = self.streams.stopping.subscribe();
+        let end = async {
+            match start {
+                Start::Cursor(cursor) => {
+                    self.cursor = cursor.0;
+                    self.send_id().await?;
+                }
+                Start::Tail => {
+                    let n = self.streams.n_shards();
+                    self.cursor = self
+                        .streams
+                        .reader
+                        .run(move |r| (0..n).map(|s| r.log_bounds(ShardId(s)).last).collect())
+                        .await;
+                    self.send_id().await?;
+                }
+                Start::Snapshot => self.snapshot().await?,
+            }
+            self.catch_up().await?;
+            self.follow(&mut live, &mut stopping).await
+        }
+        .await;
+        if matches!(end, Err(End::Behind)) {
+            self.streams.closed_behind.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(segment = %self.segment, ?end, "stream ended");
+    }
+
+    async fn send(&mut self, frame: Bytes) -> Result<(), End> {
+        self.tx.send(frame).await.map_err(|_| End::Gone)?;
+        self.sent = Instant::now();
+        Ok(())
+    }
+
+    /// An id-only event: the cursor, without a change.
+    async fn send_id(&mut self) -> Result<(), End> {
+        let id = Cursor(self.cursor.clone()).encode();
+        self.id_sent = Instant::now();
+        self.send(sse::event(Some(&id), None, None)).await
+    }
+
+    /// Every current member as an `enter` without an id, shard by shard, each at a point of
+    /// its log; then `snapshot_end` with the cursor of those points. No storage snapshot is
+    /// held: the members are read in pages while the log moves on, then corrected by what the
+    /// log says changed meanwhile.
+    async fn snapshot(&mut self) -> Result<(), End> {
+        let mut count = 0u64;
+        for shard in 0..self.streams.n_shards() {
+            let (members, clock) = self.members_at_a_point(ShardId(shard)).await?;
+            count += members.len() as u64;
+            for oneid in members {
+                let change =
+                    self.change_json(self.generation, oneid, ChangeKind::Enter, clock, None);
+                self.send(sse::event(None, None, Some(&change))).await?;
+            }
+        }
+        let id = Cursor(self.cursor.clone()).encode();
+        let end = serde_json::to_string(&SnapshotEnd {
+            segment: self.segment.clone(),
+            members: count,
+        })
+        .expect("encodes");
+        self.id_sent = Instant::now();
+        self.send(sse::event(Some(&id), Some("snapshot_end"), Some(&end)))
+            .await
+    }
+
+    /// One shard's members as of offset `cursor[shard]`, which this sets, and its clock.
+    async fn members_at_a_point(
+        &mut self,
+        shard: ShardId,
+    ) -> Result<(BTreeSet<OneId>, Millis), End> {
+        let reader = &self.streams.reader;
+        let before = reader.run(move |r| r.log_bounds(shard)).await;
+        let mut members = BTreeSet::new();
+        let mut after = None;
+        loop {
+            let segment = self.segment.clone();
+            let page = reader
+                .run(move |r| r.members(shard, &segment, after, SNAPSHOT_PAGE))
+                .await;
+            let Some(&last) = page.last() else {
+                break;
+            };
+            after = Some(last);
+            members.extend(page);
+        }
+        let point = reader.run(move |r| r.log_bounds(shard)).await;
+        // What changed while the pages were read decides the members it touched.
+        let mut offset = before.last;
+        while offset < point.last {
+            let changes = reader.run(move |r| r.changes(shard, offset)).await;
+            if changes
+                .first()
+                .is_none_or(|(first, _)| *first != offset + 1)
+            {
+                return Err(End::Behind);
+            }
+            for (at, record) in changes {
+                if at > point.last {
+                    break;
+                }
+                offset = at;
+                if record.segment == self.segment {
+                    match record.change {
+                        Change::Enter => {
+                            members.insert(record.oneid);
+                        }
+                        Change::Exit => {
+                            members.remove(&record.oneid);
+                        }
+                        Change::Ended => {
+                            self.ended.insert(shard.0);
+                        }
+                    }
+                }
+            }
+        }
+        self.cursor[shard.0 as usize] = point.last;
+        Ok((members, point.clock))
+    }
+
+    /// Delivers what each shard's log holds after the cursor, read from the log itself.
+    async fn catch_up(&mut self) -> Result<(), End> {
+        for shard in 0..self.streams.n_shards() {
+            let shard = ShardId(shard);
+            loop {
+                let after = self.cursor[shard.0 as usize];
+                let changes = self
+                    .streams
+                    .reader
+                    .run(move |r| r.changes(shard, after))
+                    .await;
+                if changes.is_empty() {
+                    break;
+                }
+                self.deliver(&Batch { shard, changes }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the broadcast until the stream ends.
+    async fn follow(
+        &mut self,
+        live: &mut tokio::sync::broadcast::Receiver<Arc<Batch>>,
+        stopping: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if *stopping.borrow() {
+                return Err(End::Closed);
+            }
+            tokio::select! {
+                batch = live.recv() => match batch {
+                    Ok(batch) => self.deliver(&batch).await?,
+                    Err(RecvError::Lagged(_)) => return Err(End::Behind),
+                    Err(RecvError::Closed) => return Err(End::Closed),
+                },
+                _ = tick.tick() => self.keep_alive().await?,
+                _ = stopping.changed() => return Err(End::Closed),
+            }
+        }
+    }
+
+    /// Once a second: closes a stream whose shards lost their leaders, sends the cursor every
+    /// [`ID_EVERY`] and a heartbeat after [`HEARTBEAT_EVERY`] of silence.
+    async fn keep_alive(&mut self) -> Result<(), End> {
+        let shards = &self.streams.shards;
+        if (0..shards.n_shards).any(|s| !shards.leader_heard_within(ShardId(s), LEADERLESS_CLOSE)) {
+            return Err(End::Closed);
+        }
+        if self.id_sent.elapsed() >= ID_EVERY {
+            self.send_id().await?;
+        } else if self.sent.elapsed() >= HEARTBEAT_EVERY {
+            self.send(sse::comment("heartbeat")).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers the changes of a batch after the cursor; a gap (entries evicted before they
+    /// were read) ends the stream, whose client resumes and learns its cursor expired.
+    async fn deliver(&mut self, batch: &Batch) -> Result<(), End> {
+        let shard = batch.shard.0 as usize;
+        for (offset, record) in &batch.changes {
+            if *offset <= self.cursor[shard] {
+                continue;
+            }
+            if *offset != self.cursor[shard] + 1 {
+                return Err(End::Behind);
+            }
+            self.cursor[shard] = *offset;
+            if record.segment != self.segment {
+                continue;
+            }
+            self.deliver_one(batch.shard, record).await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_one(&mut self, shard: ShardId, record: &ChangeRecord) -> Result<(), End> {
+        let Some(kind) = record.change.kind() else {
+            if record.generation >= self.generation {
+                self.ended.insert(shard.0);
+                if self.ended.len() == self.cursor.len() {
+                    self.send_id().await?;
+                    return Err(End::Ended);
+                }
+            }
+            return Ok(());
+        };
+        let id = Cursor(self.cursor.clone()).encode();
+        let data = self.change_json(record.generation, record.oneid, kind, record.at, Some(&id));
+        self.id_sent = Instant::now();
+        self.send(sse::event(Some(&id), None, Some(&data))).await
+    }
+
+    /// The `data:` of a change (`id`: the cursor after it; snapshot entries have none).
+    fn change_json(
+        &self,
+        generation: u64,
+        oneid: OneId,
+        kind: ChangeKind,
+        at: Millis,
+        id: Option<&str>,
+    ) -> String {
+        serde_json::to_string(&SegmentChange {
+            segment: self.segment.clone(),
+            generation,
+            oneid: oneid.to_string(),
+            change: kind,
+            at: at.to_string(),
+            cursor: id.map(str::to_string),
+        })
+        .expect("encodes")
+    }
+}
