@@ -41,6 +41,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use oneid_protocol as protocol;
+pub use segments::{SegmentEvent, WatchFrom};
+
+mod segments;
 
 /// How long the shard leaders learned from `/v1/cluster` are trusted before asking again.
 pub const LEADERS_TTL: Duration = Duration::from_secs(5);

@@ -4,6 +4,7 @@ mod bench;
 mod bench_chain;
 mod bench_replication;
 mod bench_time;
+mod segment_cli;
 mod status;
 
 use anyhow::{bail, Context};
@@ -44,6 +45,9 @@ enum Command {
     /// Read or replace the loyalty rules.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Define segments, read their members, watch their membership change.
+    #[command(subcommand)]
+    Segment(segment_cli::SegmentCommand),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -194,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
             let now = client.set_rules(&rules).await?;
             println!("{}", serde_json::to_string_pretty(&now)?);
         }
+        Command::Segment(command) => segment_cli::run(&client, command, cli.json).await?,
         Command::Cluster(ClusterCommand::Status) => status::run(&client, cli.json).await?,
         Command::Admin(AdminCommand::Backup { dir }) => {
             let dir = std::path::absolute(&dir)
@@ -266,6 +271,7 @@ fn print_profile(p: &ProfileDoc, json: bool) -> anyhow::Result<()> {
         p.points.balance, p.points.lifetime_earned, p.points.lifetime_redeemed
     );
     println!("tags        {}", p.tags.join(", "));
+    println!("segments    {}", p.segments.join(", "));
     println!("identities  {}", identities.join("; "));
     let m = &p.metrics;
     println!(

@@ -50,6 +50,7 @@ impl NodeOptions {
 const CLOCK_UNSET: &str = "1970-01-01T00:00:00Z";
 
 pub mod cluster;
+pub mod sse;
 
 /// A running node; killed (SIGKILL) when dropped if still running.
 pub struct TestNode {

@@ -37,6 +37,9 @@ use tokio::sync::Semaphore;
 /// Most connections served at once; past it, accepting waits (the kernel's backlog holds the
 /// rest). The node raises its open-file limit to fit these beside its storage's files.
 pub const CONNECTIONS_MAX: usize = 1024;
+/// The kernel send buffer of a connection that became a stream (Linux doubles it): without
+/// it, autotuning lets a client that stops reading park megabytes in the kernel per stream.
+pub const STREAM_SEND_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a graceful shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -193,6 +196,7 @@ pub async fn serve<H, F, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let watch = Arc::new(Watch::new());
         let io = WatchedIo {
             stream,
@@ -213,6 +217,11 @@ pub async fn serve<H, F, B>(
                     .is_some()
                 {
                     held.lock().expect("permit lock").take();
+                    // SAFETY: the service runs inside its connection, which owns the socket
+                    // until the connection ends, so the descriptor is open here.
+                    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    let _ = socket2::SockRef::from(&socket)
+                        .set_send_buffer_size(STREAM_SEND_BUFFER_BYTES);
                 } else {
                     watch.enter(IDLE);
                 }

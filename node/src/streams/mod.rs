@@ -7,7 +7,7 @@
 //! broadcasts what it read; every subscriber receives it from the broadcast ring, which is
 //! bounded ([`LIVE_BATCHES_MAX`]) and never waits for anyone. A subscriber is a task that
 //! turns changes into SSE frames into its own bounded buffer ([`SUBSCRIBER_FRAMES_MAX`]), which
-//! the connection drains. A subscriber that cannot keep up falls behind the ring and is
+//! the connection drains. A subscriber whose buffer is full, or that falls behind the ring, is
 //! closed; its client resumes by cursor. So a subscriber that stops reading never slows
 //! apply, the tailers or the other subscribers.
 //!

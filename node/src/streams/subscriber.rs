@@ -22,7 +22,8 @@ enum End {
     Gone,
     /// Its segment was deleted and every shard has taken out its members.
     Ended,
-    /// It fell behind the broadcast ring, or retention evicted what it had not read.
+    /// It fell behind: its buffer was full, it fell behind the broadcast ring, or retention
+    /// evicted what it had not read.
     Behind,
     /// The node is stopping, or has heard from no leader of a shard for a while.
     Closed,
@@ -37,6 +38,9 @@ pub(super) struct Subscriber {
     /// Shards whose log said the segment ended there.
     ended: BTreeSet<u32>,
     tx: mpsc::Sender<Bytes>,
+    /// Following the broadcast: a full buffer then closes the stream (before, while it reads
+    /// the logs at its own pace, it waits for room).
+    live: bool,
     /// When the cursor was last sent, and when anything was.
     id_sent: Instant,
     sent: Instant,
@@ -58,6 +62,7 @@ impl Subscriber {
             generation,
             cursor: vec![0; n],
             ended: BTreeSet::new(),
+            live: false,
             tx,
             id_sent: Instant::now(),
             sent: Instant::now(),
@@ -98,7 +103,14 @@ impl Subscriber {
     }
 
     async fn send(&mut self, frame: Bytes) -> Result<(), End> {
-        self.tx.send(frame).await.map_err(|_| End::Gone)?;
+        if self.live {
+            self.tx.try_send(frame).map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => End::Behind,
+                mpsc::error::TrySendError::Closed(_) => End::Gone,
+            })?;
+        } else {
+            self.tx.send(frame).await.map_err(|_| End::Gone)?;
+        }
         self.sent = Instant::now();
         Ok(())
     }
@@ -218,6 +230,7 @@ impl Subscriber {
         stopping: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), End> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        self.live = true;
         loop {
             if *stopping.borrow() {
                 return Err(End::Closed);

@@ -1,0 +1,775 @@
+//! Segments on real processes: definitions and their errors, members, backfills, and the
+//! membership stream: its framing, resuming after a disconnect and a restart with no gap and
+//! no duplicate, snapshot-then-stream against the members list, a time-based exit at its
+//! tick, retention (410), deletion (every exit, then the end), a subscriber that stops
+//! reading, and a shard leader killed mid-stream on a 3-node cluster.
+
+use futures::StreamExt;
+use oneid_client::{Client, SegmentEvent, WatchFrom};
+use oneid_protocol::num::{Millis, DAY_MS};
+use oneid_protocol::segments::ChangeKind;
+use oneid_protocol::ErrorCode;
+use oneid_tests::cluster::{ClusterOptions, TestCluster};
+use oneid_tests::sse::{exchange, request_small_window, SseEvent, SseStream};
+use oneid_tests::{NodeOptions, TestNode};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn earn(customer: &str, event_id: &str, points: i64) -> Value {
+    json!({"event_id": event_id, "type": "points_earn", "identities": {"phone": customer},
+        "points": points})
+}
+
+fn redeem(customer: &str, event_id: &str, points: i64) -> Value {
+    json!({"event_id": event_id, "type": "points_redeem", "identities": {"phone": customer},
+        "points": points})
+}
+
+fn addr(node: &TestNode) -> String {
+    format!("127.0.0.1:{}", node.port)
+}
+
+/// Sends events that must all apply; answers their OneIDs.
+async fn apply(client: &Client, events: &[Value]) -> Vec<String> {
+    let answer = client.send_events(events).await.expect("send");
+    assert_eq!(answer.applied as usize, events.len(), "{answer:?}");
+    answer
+        .results
+        .into_iter()
+        .map(|r| r.oneid.expect("applied"))
+        .collect()
+}
+
+/// (oneid, change) of a data event.
+fn change_of(event: &SseEvent) -> (String, String) {
+    let data = event.data.as_ref().expect("a change");
+    (
+        data["oneid"].as_str().expect("oneid").to_string(),
+        data["change"].as_str().expect("change").to_string(),
+    )
+}
+
+/// Reads `n` data events; their (oneid, change), and the id of the last.
+async fn read_changes(stream: &mut SseStream, n: usize) -> (Vec<(String, String)>, String) {
+    let mut changes = Vec::new();
+    let mut last = String::new();
+    while changes.len() < n {
+        let event = stream.next_data(WAIT).await.unwrap_or_else(|| {
+            panic!("only {} of {n} changes arrived: {changes:?}", changes.len())
+        });
+        assert_eq!(
+            event.data.as_ref().unwrap()["cursor"].as_str(),
+            event.id.as_deref()
+        );
+        last = event.id.clone().expect("a change has an id");
+        changes.push(change_of(&event));
+    }
+    (changes, last)
+}
+
+fn api_error(
+    result: Result<impl std::fmt::Debug, oneid_client::Error>,
+) -> (u16, ErrorCode, Option<String>, String) {
+    match result {
+        Err(oneid_client::Error::Api {
+            status,
+            code,
+            field,
+            message,
+        }) => (status, code, field, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_documents_members_and_their_errors() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client_once();
+    let (doc, created) = client
+        .put_segment("rich", "points >= 10", Some("ten points or more"))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(
+        (
+            doc.name.as_str(),
+            doc.predicate.as_str(),
+            doc.description.as_str(),
+            doc.generation,
+            doc.size
+        ),
+        ("rich", "points >= 10", "ten points or more", 1, 0)
+    );
+    assert_eq!(
+        (doc.backfill.state.as_str(), doc.backfill.profiles_total),
+        ("done", 0)
+    );
+    let (same, created) = client
+        .put_segment("rich", "points >= 10", Some("ten points or more"))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(same, doc, "an unchanged definition is answered as it is");
+    client
+        .put_segment("a-first", "has_tag(\"vip\")", None)
+        .await
+        .unwrap();
+    let names: Vec<String> = client
+        .segments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["a-first", "rich"]);
+
+    // Members, in pages, and the profile documents.
+    let customers: Vec<String> = (0..7).map(|i| format!("1390000000{i}")).collect();
+    let earns: Vec<Value> = customers
+        .iter()
+        .map(|c| earn(c, &format!("e-{c}"), 10))
+        .collect();
+    let mut oneids = apply(&client, &earns).await;
+    apply(&client, &[earn("13911111111", "poor", 9)]).await;
+    oneids.sort_by_key(|o| o.parse::<oneid_protocol::ids::OneId>().unwrap().0);
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client
+            .segment_members_page("rich", Some(3), cursor.as_deref())
+            .await
+            .unwrap();
+        assert!(page.members.len() <= 3);
+        paged.extend(page.members);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, oneids);
+    let all: Vec<String> = client
+        .segment_members("rich")
+        .map(|m| m.unwrap())
+        .collect()
+        .await;
+    assert_eq!(all, oneids);
+    assert_eq!(client.segment("rich").await.unwrap().unwrap().size, 7);
+    let profile = client.profile(&oneids[0]).await.unwrap().unwrap();
+    assert_eq!(profile.segments, ["rich"]);
+    let profile = client
+        .lookup("phone", &customers[0])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(profile.segments, ["rich"]);
+
+    // Errors: each with its status, code and field.
+    let long = "d".repeat(1025);
+    let cases = [
+        (
+            client
+                .put_segment("Rich", "points > 1", None)
+                .await
+                .map(|_| ()),
+            400,
+            ErrorCode::InvalidField,
+            Some("name"),
+        ),
+        (
+            client
+                .put_segment("bad", "points > \"x\"", None)
+                .await
+                .map(|_| ()),
+            400,
+            ErrorCode::InvalidPredicate,
+            Some("predicate"),
+        ),
+        (
+            client
+                .put_segment("bad", "points > 1", Some(&long))
+                .await
+                .map(|_| ()),
+            400,
+            ErrorCode::InvalidField,
+            Some("description"),
+        ),
+        (
+            client
+                .segment_members_page("nope", None, None)
+                .await
+                .map(|_| ()),
+            404,
+            ErrorCode::NotFound,
+            None,
+        ),
+        (
+            client
+                .segment_members_page("rich", Some(0), None)
+                .await
+                .map(|_| ()),
+            400,
+            ErrorCode::InvalidField,
+            Some("limit"),
+        ),
+        (
+            client
+                .segment_members_page("rich", None, Some("x"))
+                .await
+                .map(|_| ()),
+            400,
+            ErrorCode::InvalidCursor,
+            Some("cursor"),
+        ),
+    ];
+    for (i, (result, status, code, field)) in cases.into_iter().enumerate() {
+        let (got_status, got_code, got_field, _) = api_error(result);
+        assert_eq!(
+            (got_status, got_code, got_field.as_deref()),
+            (status, code, field),
+            "case {i}"
+        );
+    }
+    let (_, _, _, message) = api_error(client.put_segment("bad", "points >\n  and", None).await);
+    assert_eq!(
+        message,
+        "line 2, column 3: expected a value (a number, a string, true or false) but found \"and\""
+    );
+    assert!(client.segment("nope").await.unwrap().is_none());
+    assert!(!client.delete_segment("nope").await.unwrap());
+    let a = addr(&node);
+    let (status, _, body) = exchange(&a, "GET", "/v1/segments/rich/members?limit=x", "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"field\":\"limit\""), "{body}");
+    let (status, _, _) = exchange(&a, "GET", "/v1/segments/rich/members?limit=5000", "").await;
+    assert_eq!(status, 200, "above 1,000 is clamped");
+    let (status, head, _) = exchange(&a, "POST", "/v1/segments/rich", "{}").await;
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: get, put, delete"), "{head}");
+    let (status, _, body) = exchange(&a, "PUT", "/v1/segments/x", "{\"predicate\": 1}").await;
+    assert_eq!(
+        (status, body.contains("bad_request")),
+        (400, true),
+        "{body}"
+    );
+    for (path, status, code) in [
+        (
+            "/v1/segments/rich/stream?cursor=nonsense",
+            400,
+            "invalid_cursor",
+        ),
+        ("/v1/segments/nope/stream", 404, "not_found"),
+        (
+            "/v1/segments/rich/stream?snapshot=maybe",
+            400,
+            "invalid_field",
+        ),
+    ] {
+        let (got, body) = SseStream::open(&a, path, None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.contains(code), "{path}: {body}");
+    }
+    // The node keeps serving.
+    assert!(client.healthy().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumes_after_a_disconnect_and_a_restart_with_no_gap_and_no_duplicate() {
+    let mut node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let a = addr(&node);
+    let mut stream = SseStream::open(&a, "/v1/segments/rich/stream", None)
+        .await
+        .unwrap();
+    let first = stream.next(WAIT).await.expect("the start");
+    assert_eq!(
+        (first.event.as_deref(), first.data.as_ref()),
+        (None, None),
+        "an id-only event first"
+    );
+    let start = first.id.expect("the start cursor");
+
+    let customers: Vec<String> = (0..20).map(|i| format!("1380000{i:04}")).collect();
+    let earns: Vec<Value> = customers[..10]
+        .iter()
+        .map(|c| earn(c, &format!("a-{c}"), 10))
+        .collect();
+    apply(&client, &earns).await;
+    let (before, last) = read_changes(&mut stream, 4).await;
+    drop(stream);
+
+    let more: Vec<Value> = customers[10..]
+        .iter()
+        .map(|c| earn(c, &format!("b-{c}"), 10))
+        .collect();
+    apply(&client, &more).await;
+    let exits: Vec<Value> = customers[..3]
+        .iter()
+        .map(|c| redeem(c, &format!("r-{c}"), 5))
+        .collect();
+    apply(&client, &exits).await;
+    node.terminate();
+    node.restart().await;
+
+    let mut resumed = SseStream::open(&a, "/v1/segments/rich/stream?cursor=ignored", Some(&last))
+        .await
+        .unwrap();
+    let opened = resumed.next(WAIT).await.expect("the start");
+    assert_eq!(
+        opened.id.as_deref(),
+        Some(last.as_str()),
+        "Last-Event-ID wins over ?cursor="
+    );
+    let (after, _) = read_changes(&mut resumed, 6 + 10 + 3).await;
+    assert!(
+        resumed
+            .next_data(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing more"
+    );
+
+    // Everything from the start, read in one go, is the same changes.
+    let mut whole = SseStream::open(
+        &a,
+        &format!("/v1/segments/rich/stream?cursor={start}"),
+        None,
+    )
+    .await
+    .unwrap();
+    let (all, _) = read_changes(&mut whole, 23).await;
+    let mut seen: Vec<(String, String)> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(
+        seen.iter().collect::<BTreeSet<_>>().len(),
+        23,
+        "no duplicate"
+    );
+    seen.sort();
+    let mut all_sorted = all.clone();
+    all_sorted.sort();
+    assert_eq!(seen, all_sorted, "no gap");
+    assert_eq!(all.iter().filter(|(_, c)| c == "exit").count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_then_the_stream_equals_the_members_while_writes_go_on() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    let customers: Vec<String> = (0..300).map(|i| format!("1370000{i:04}")).collect();
+    let earns: Vec<Value> = customers
+        .iter()
+        .map(|c| earn(c, &format!("a-{c}"), 10))
+        .collect();
+    apply(&client, &earns).await;
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    // Writes go on while the snapshot is read: some leave, some enter.
+    let writer = {
+        let client = client.clone();
+        let customers = customers.clone();
+        tokio::spawn(async move {
+            for round in 0..10 {
+                let batch: Vec<Value> = (0..20)
+                    .map(|i| {
+                        let n = round * 20 + i;
+                        if n % 2 == 0 {
+                            redeem(&customers[n], &format!("r-{n}"), 5)
+                        } else {
+                            earn(&format!("1360000{n:04}"), &format!("n-{n}"), 10)
+                        }
+                    })
+                    .collect();
+                apply(&client, &batch).await;
+            }
+        })
+    };
+    let mut members: BTreeSet<String> = BTreeSet::new();
+    let mut watch = std::pin::pin!(client.watch_segment("rich", WatchFrom::Snapshot));
+    let mut snapshot_done = false;
+    let deadline = Instant::now() + WAIT * 3;
+    let mut writer = Some(writer);
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
+        match next {
+            Ok(Some(Ok(SegmentEvent::SnapshotStart))) => members.clear(),
+            Ok(Some(Ok(SegmentEvent::Member(m)))) => {
+                assert_eq!(m.change, ChangeKind::Enter);
+                members.insert(m.oneid);
+            }
+            Ok(Some(Ok(SegmentEvent::SnapshotEnd { members: count, .. }))) => {
+                assert_eq!(count as usize, members.len());
+                snapshot_done = true;
+            }
+            Ok(Some(Ok(SegmentEvent::Change(c)))) => {
+                assert!(snapshot_done);
+                match c.change {
+                    ChangeKind::Enter => assert!(members.insert(c.oneid), "entered twice"),
+                    ChangeKind::Exit => assert!(members.remove(&c.oneid), "left twice"),
+                }
+            }
+            Ok(other) => panic!("the watch answered {other:?}"),
+            Err(_) if snapshot_done && writer.as_ref().is_some_and(|w| w.is_finished()) => {
+                writer.take().unwrap().await.unwrap();
+                let listed: BTreeSet<String> = client
+                    .segment_members("rich")
+                    .map(|m| m.unwrap())
+                    .collect()
+                    .await;
+                if listed == members {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} kept, {} listed",
+                    members.len(),
+                    listed.len()
+                );
+            }
+            Err(_) => assert!(Instant::now() < deadline, "no progress"),
+        }
+    }
+    assert_eq!(members.len(), 300 - 100 + 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_evaluates_existing_profiles_and_a_rules_change_re_evaluates_them() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    let earns: Vec<Value> = (0..250)
+        .map(|i| {
+            earn(
+                &format!("1350000{i:04}"),
+                &format!("e-{i}"),
+                if i % 5 == 0 { 50 } else { 5 },
+            )
+        })
+        .collect();
+    apply(&client, &earns).await;
+    client
+        .put_segment("fifty", "points >= 50", None)
+        .await
+        .unwrap();
+    client
+        .put_segment("tagged", "has_tag(\"rich\")", None)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let doc = loop {
+        let doc = client.segment("fifty").await.unwrap().unwrap();
+        if doc.backfill.state == "done" {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "{doc:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (
+            doc.size,
+            doc.backfill.profiles_done,
+            doc.backfill.profiles_total
+        ),
+        (50, 250, 250)
+    );
+
+    let rules = json!({"tag_rules": [{"tag": "rich", "when": "points >= 5"}]});
+    client.set_rules(&rules).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let doc = client.segment("tagged").await.unwrap().unwrap();
+        if doc.size == 250 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rule tags re-evaluated in the background: {doc:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_based_exit_arrives_at_the_tick_that_crosses_its_threshold() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    client
+        .put_segment("today", "days_since(last_order_on(\"douyin\")) < 1", None)
+        .await
+        .unwrap();
+    let mut stream = SseStream::open(&addr(&node), "/v1/segments/today/stream", None)
+        .await
+        .unwrap();
+    // An order on Douyin a day ago, less 4 seconds: in now, out 4 seconds from now.
+    let ordered = Millis(Millis::now().0 - DAY_MS + 4_000);
+    let order = json!({"event_id": "o-1", "type": "order", "identities": {"phone": "13400000001"},
+        "order_id": "T1", "amount": "10.00", "channel": "douyin", "ts": ordered.to_string()});
+    apply(&client, &[order]).await;
+    let enter = stream.next_data(WAIT).await.expect("the enter");
+    assert_eq!(change_of(&enter).1, "enter");
+    let exit = stream
+        .next_data(WAIT)
+        .await
+        .expect("the exit, without any event");
+    assert_eq!(change_of(&exit).1, "exit");
+    let at = Millis::parse_rfc3339(exit.data.as_ref().unwrap()["at"].as_str().unwrap()).unwrap();
+    let due = Millis(ordered.0 + DAY_MS);
+    assert!(at >= due, "left at {at}, before its time {due}");
+    // Clock entries come every 200 ms: the exit is the first tick past the threshold.
+    assert!(at.0 - due.0 < 2_000, "left at {at}, long after {due}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_the_change_log_keeps_is_410() {
+    let node = TestNode::start(NodeOptions {
+        extra: "[segments]\nchange_log_entries_max = 5\n".into(),
+        ..NodeOptions::default()
+    })
+    .await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let a = addr(&node);
+    let mut stream = SseStream::open(&a, "/v1/segments/rich/stream", None)
+        .await
+        .unwrap();
+    let start = stream.next(WAIT).await.unwrap().id.unwrap();
+    drop(stream);
+    // Twelve changes on one shard: past its five, the oldest are evicted at the next tick.
+    let customers: Vec<String> = (0..12)
+        .map(|i| oneid_tests::value_where("phone", &format!("1330{i}"), 4, |s| s == 1))
+        .collect();
+    let earns: Vec<Value> = customers
+        .iter()
+        .map(|c| earn(c, &format!("e-{c}"), 10))
+        .collect();
+    apply(&client, &earns).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match SseStream::open(
+            &a,
+            &format!("/v1/segments/rich/stream?cursor={start}"),
+            None,
+        )
+        .await
+        {
+            Err((status, body)) => {
+                assert_eq!(status, 410, "{body}");
+                assert!(body.contains("cursor_expired"), "{body}");
+                break;
+            }
+            Ok(_) => assert!(Instant::now() < deadline, "never expired"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client's watch ends with the same error.
+    let mut watch = std::pin::pin!(client.watch_segment("rich", WatchFrom::Cursor(start)));
+    let (status, code, _, _) = api_error(watch.next().await.unwrap());
+    assert_eq!((status, code), (410, ErrorCode::CursorExpired));
+    assert!(watch.next().await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_segment_emits_every_exit_then_ends_its_streams() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let earns: Vec<Value> = (0..5)
+        .map(|i| earn(&format!("1320000000{i}"), &format!("e-{i}"), 10))
+        .collect();
+    let oneids: BTreeSet<String> = apply(&client, &earns).await.into_iter().collect();
+    let mut stream = SseStream::open(&addr(&node), "/v1/segments/rich/stream", None)
+        .await
+        .unwrap();
+    stream.next(WAIT).await.expect("the start");
+    assert!(client.delete_segment("rich").await.unwrap());
+    let (exits, _) = read_changes(&mut stream, 5).await;
+    let left: BTreeSet<String> = exits
+        .iter()
+        .map(|(o, c)| {
+            assert_eq!(c, "exit");
+            o.clone()
+        })
+        .collect();
+    assert_eq!(left, oneids);
+    while stream.next(WAIT).await.is_some() {}
+    assert!(stream.ended, "the stream ends after the last exit");
+    assert!(client.segment("rich").await.unwrap().is_none());
+    for oneid in &oneids {
+        assert!(client
+            .profile(oneid)
+            .await
+            .unwrap()
+            .unwrap()
+            .segments
+            .is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_slows_neither_apply_nor_the_others() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let a = addr(&node);
+    // Asks for the stream, and never reads a byte of it.
+    let _stalled = request_small_window(&a, "/v1/segments/rich/stream").await;
+    let mut reader = SseStream::open(&a, "/v1/segments/rich/stream", None)
+        .await
+        .unwrap();
+    reader.next(WAIT).await.expect("the start");
+    // More changes than a subscriber's buffer holds, in batches of a thousand.
+    const WRITES: usize = 12_000;
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for first in (0..WRITES).step_by(1_000) {
+                let batch: Vec<Value> = (first..first + 1_000)
+                    .map(|i| earn(&format!("131{i:08}"), &format!("e-{i}"), 10))
+                    .collect();
+                apply(&client, &batch).await;
+            }
+        })
+    };
+    let mut entered = BTreeSet::new();
+    while entered.len() < WRITES {
+        let event = reader
+            .next_data(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("the reading subscriber stalled at {}", entered.len()));
+        assert!(entered.insert(change_of(&event).0), "a duplicate");
+    }
+    writer.await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while node.metric("oneid_streams_closed_behind_total").await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        node.metric("oneid_streams_open").await,
+        1,
+        "the reader's stream is still open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
+    let mut cluster = TestCluster::start(ClusterOptions {
+        clock_interval_ms: 500,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let servers: Vec<String> = cluster.nodes.iter().map(|n| n.base()).collect();
+    let watcher = Client::new(&servers.join(",")).unwrap();
+    watcher
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let leaders = cluster.leaders().await;
+    let victim = 1;
+    assert!(
+        leaders.values().any(|l| *l == victim),
+        "node 1 leads a shard: {leaders:?}"
+    );
+    // The writer goes through the other nodes only.
+    let writer_client = Client::new(&servers[1..].join(",")).unwrap();
+    let mut watch = std::pin::pin!(watcher.watch_segment("rich", WatchFrom::Tail));
+    // The stream is open once a canary's enter comes through it.
+    let mut canaries = BTreeSet::new();
+    'open: for n in 0.. {
+        let canary = apply(
+            &writer_client,
+            &[earn(&format!("1399{n:07}"), &format!("c-{n}"), 10)],
+        )
+        .await;
+        canaries.extend(canary);
+        let until = Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(event)) = tokio::time::timeout_at(until.into(), watch.next()).await {
+            if let SegmentEvent::Change(change) = event.unwrap() {
+                assert!(canaries.contains(&change.oneid));
+                break 'open;
+            }
+        }
+        assert!(n < 30, "the stream never opened");
+    }
+    let writer = tokio::spawn(async move {
+        let mut oneids = BTreeSet::new();
+        for round in 0..40 {
+            let batch: Vec<Value> = (0..10)
+                .map(|i| {
+                    earn(
+                        &format!("1300{round:03}{i:04}"),
+                        &format!("e-{round}-{i}"),
+                        10,
+                    )
+                })
+                .collect();
+            oneids.extend(apply(&writer_client, &batch).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        oneids
+    });
+    let mut received: BTreeMap<String, usize> = BTreeMap::new();
+    let mut killed = false;
+    let deadline = Instant::now() + WAIT * 6;
+    let mut writer = Some(writer);
+    let mut expected = None;
+    loop {
+        if !killed && received.len() >= 60 {
+            cluster.node_mut(victim).kill9();
+            killed = true;
+        }
+        if let Some(done) = writer.as_ref().filter(|w| w.is_finished()) {
+            let _ = done;
+            expected = Some(writer.take().unwrap().await.unwrap());
+        }
+        if let Some(expected) = &expected {
+            if received.len() == expected.len() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} changes received",
+            received.len()
+        );
+        match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+            Ok(Some(Ok(SegmentEvent::Change(change)))) => {
+                assert_eq!(change.change, ChangeKind::Enter);
+                if !canaries.contains(&change.oneid) {
+                    *received.entry(change.oneid).or_default() += 1;
+                }
+            }
+            Ok(other) => panic!("the watch answered {other:?}"),
+            Err(_) => {}
+        }
+    }
+    assert!(killed);
+    let expected = expected.unwrap();
+    assert_eq!(
+        received.keys().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "no gap"
+    );
+    assert!(received.values().all(|n| *n == 1), "no duplicate");
+}
