@@ -24,7 +24,9 @@ pub struct BenchArgs {
     /// loading `--profiles` profiles), `expiry` (`--lots` points lots falling due at once),
     /// `chain` (a batch of `--chain` events each sharing a new identity with the next),
     /// `replication` (batched ingest, single-event writes, linearizable and stale lookups,
-    /// spread over `--server` and `--also`).
+    /// spread over `--server` and `--also`), `segments-ingest` (ingest with `--segments`
+    /// segments defined), `segments` (backfill, acknowledgement-to-stream latency, many
+    /// subscribers).
     #[arg(long, default_value = "standard")]
     pub(crate) scenario: String,
     /// The node's data directory, to report disk bytes.
@@ -86,6 +88,15 @@ pub struct BenchArgs {
     /// Seed of the event generator.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
+    /// `segments-ingest`: segments defined before the ingest.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) segments: usize,
+    /// `segments`: single-event writes timed from acknowledgement to stream.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) latency_writes: usize,
+    /// `segments`: concurrent stream subscribers.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) subscribers: usize,
     /// Internal: serve the baseline on this port (used by bench itself).
     #[arg(long, hide = true)]
     pub(crate) serve_baseline: Option<u16>,
@@ -326,8 +337,12 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         "replication" => {
             return crate::bench_replication::replication(server, &args, json_only).await
         }
+        "segments-ingest" => {
+            return crate::bench_segments::segments_ingest(server, &args, json_only).await
+        }
+        "segments" => return crate::bench_segments::segments(server, &args, json_only).await,
         other => anyhow::bail!(
-            "unknown scenario {other:?}: standard, profiles, expiry, chain or replication"
+            "unknown scenario {other:?}: standard, profiles, expiry, chain, replication, segments-ingest or segments"
         ),
     }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_chain;
 mod bench_replication;
+mod bench_segments;
 mod bench_time;
 mod segment_cli;
 mod status;

@@ -63,6 +63,9 @@ pub struct SegmentDefine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentDef {
     pub name: String,
+    /// The segment's number, given by the registry shard when the name is first defined (and
+    /// kept while any shard remembers the name): what profiles list their memberships by.
+    pub id: u64,
     /// The predicate's source; empty once deleted.
     pub predicate: String,
     pub description: String,

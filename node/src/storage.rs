@@ -770,6 +770,9 @@ pub struct StateReader {
     storage: Arc<Storage>,
     n_shards: u32,
     bindings: Arc<[Mutex<LruCache<Identity, OneId>>]>,
+    /// Segment names by (shard, number), for profile documents: a number names one segment
+    /// on its shard for good, so a cached name is never stale.
+    pub(crate) segment_names: Arc<Mutex<LruCache<(ShardId, u64), String>>>,
     pool: ReadPool,
 }
 
@@ -803,12 +806,25 @@ pub enum Query {
     },
 }
 
+/// A profile as read, with the names of its segments (sorted).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileRead {
+    pub profile: Profile,
+    pub segments: Vec<String>,
+}
+
+impl ProfileRead {
+    pub fn into_doc(self) -> oneid_protocol::api::ProfileDoc {
+        self.profile.to_doc(self.segments)
+    }
+}
+
 /// The answer to a [`Query`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Answer {
     Identities(Vec<Option<OneId>>),
     Events(Vec<bool>),
-    Profile(Option<Box<Profile>>),
+    Profile(Option<Box<ProfileRead>>),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
     Rules(Box<oneid_protocol::rules::Rules>),
     Segments(Vec<crate::state::segments::SegmentRecord>),
@@ -819,6 +835,8 @@ pub enum Answer {
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 256 * 1024;
 /// Stripes of the identity cache, each behind its own lock, so API threads rarely wait.
 const IDENTITY_CACHE_STRIPES: usize = 16;
+/// Segment names the reader keeps in memory (for profile documents).
+pub const SEGMENT_NAMES_CACHED_MAX: usize = 16 * 1024;
 
 impl StateReader {
     pub fn new(storage: Arc<Storage>, n_shards: u32) -> StateReader {
@@ -831,6 +849,9 @@ impl StateReader {
             storage,
             n_shards,
             bindings,
+            segment_names: Arc::new(Mutex::new(LruCache::new(
+                NonZeroUsize::new(SEGMENT_NAMES_CACHED_MAX).expect("above 0"),
+            ))),
             pool: ReadPool::start(),
         }
     }
@@ -895,7 +916,7 @@ impl StateReader {
                     .map(|(oneid, event_id)| self.has_event(*oneid, event_id))
                     .collect(),
             ),
-            Query::Profile(oneid) => Answer::Profile(self.profile(*oneid).map(Box::new)),
+            Query::Profile(oneid) => Answer::Profile(self.profile_read(*oneid).map(Box::new)),
             Query::Ledger {
                 oneid,
                 limit,

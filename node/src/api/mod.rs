@@ -341,7 +341,7 @@ impl Api {
         let profile =
             profile.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
         Ok(stamped(
-            json(StatusCode::OK, &profile.to_doc()),
+            json(StatusCode::OK, &profile.into_doc()),
             consistency,
             applied,
         ))
@@ -407,7 +407,7 @@ impl Api {
             return Err(missing());
         };
         Ok(stamped(
-            json(StatusCode::OK, &profile.to_doc()),
+            json(StatusCode::OK, &profile.into_doc()),
             consistency,
             applied,
         ))

@@ -9,7 +9,8 @@
 //! restart, nodes that stop gracefully (their replicas hand leadership off first) and
 //! restart, nodes paused (as by SIGSTOP) that resume with a backlog, wall clocks seconds
 //! apart, and clients that earn points and read balances through any replica, retrying
-//! elsewhere when a replica cannot answer. Logs are kept short (a few entries, compacted
+//! elsewhere when a replica cannot answer, and now and then install segment definitions
+//! (`world/segments.rs`), which the leaders then backfill. Logs are kept short (a few entries, compacted
 //! soon), so followers that were down or cut off catch up by snapshot, transferred over the
 //! same network in small chunks (`world/transfer.rs`), with crashes made common around the
 //! install's write; in a quarter of the runs one node's disk is wiped, and its restart is
@@ -22,7 +23,9 @@
 //! Invariants, on every run: at most one leader per term of a shard; replicas that made the
 //! same applied index durable have the same digest, and after settling the same state; every
 //! acknowledged earn is in the ledger exactly once and none is there twice; each profile's
-//! history of earns and reads is linearizable ([`check`]). Over 100 seeds or more, every
+//! history of earns and reads is linearizable ([`check`]); after settling, every replica's
+//! members of each backfilled segment equal a brute-force evaluation of its predicate over
+//! the shard's profiles. Over 100 seeds or more, every
 //! rare fault of [`world::FAULTS_MET`] must have happened (so a change that made snapshots
 //! never needed, say, cannot pass unnoticed).
 //!

@@ -4,6 +4,7 @@
 //! through any node. Everything happens in one thread, in the order of one event queue; the
 //! only randomness is the seeded generator, so a seed replays exactly.
 
+mod segments;
 mod transfer;
 
 use super::check::{self, Op};
@@ -297,6 +298,8 @@ pub struct World {
     /// Earn events acknowledged to their client.
     acknowledged: Vec<(usize, String)>,
     next_event: u64,
+    /// The version of the last segment definition a client installed.
+    segment_version: u64,
     /// Snapshots installed (their switch landed on a disk).
     installs: usize,
     /// How often each of [`FAULTS_MET`] happened (see [`Summary::coverage`]).
@@ -305,9 +308,11 @@ pub struct World {
     first_identities: Vec<[u8; 16]>,
 }
 
-/// The rare faults that runs over 100 seeds or more must meet: a wiped disk, and one at each
-/// step of a snapshot's transfer and install.
-pub const FAULTS_MET: [&str; 7] = [
+/// The rare faults that runs over 100 seeds or more must meet: a segment check that found
+/// members (so the check is not vacuous), a wiped disk, and one at each step of a snapshot's
+/// transfer and install.
+pub const FAULTS_MET: [&str; 8] = [
+    "segment members checked against brute force",
     "a wiped node refused",
     "holder crashed holding",
     "follower crashed fetching",
@@ -432,6 +437,7 @@ impl World {
             digests: BTreeMap::new(),
             acknowledged: Vec::new(),
             next_event: 0,
+            segment_version: 0,
             installs: 0,
             coverage: BTreeMap::new(),
             first_identities,
@@ -1021,6 +1027,9 @@ impl World {
         if self.clients[client].done >= self.shape.ops_per_client {
             return;
         }
+        if self.rng.u64(0..100) < 3 {
+            self.define_segment();
+        }
         let profile = self.rng.usize(0..self.shape.profiles);
         let kind = if self.rng.u64(0..100) < 60 {
             self.next_event += 1;
@@ -1330,6 +1339,7 @@ impl World {
                 }
             }
         }
+        self.check_segments()?;
         if let Some(((profile, event), n)) = earned.iter().find(|(_, n)| **n > 1) {
             return Err(format!("profile {profile}: {event} earned {n} times"));
         }

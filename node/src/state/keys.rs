@@ -17,7 +17,7 @@
 //! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
 //! | `c`    | `c name`                              | `SegmentRecord` (a segment as this shard holds it) |
 //! | `n`    | `n name 0x00 oneid`                   | nothing (a member of the segment) |
-//! | `k`    | `k offset`                            | `ChangeRecord` (the membership change log) |
+//! | `k`    | `k offset`                            | `Vec<ChangeRecord>` (the membership change log: one command's changes from this offset on) |
 
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;

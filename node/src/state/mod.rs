@@ -80,8 +80,9 @@ pub struct ShardRecord {
     /// Dedup and ledger records written before these clocks were all evicted.
     pub dedup_evicted_to: Millis,
     pub ledger_evicted_to: Millis,
-    /// Segment definitions ordered so far (the registry shard only).
+    /// Segment definitions ordered so far, and segment numbers given (the registry shard only).
     pub segment_version: u64,
+    pub segment_ids: u64,
     /// The last offset of the change log (offsets start at 1).
     pub change_seq: u64,
     /// Change-log entries up to this offset were evicted.
@@ -314,7 +315,7 @@ impl ShardState {
                 more: self.backfill(&mut tx),
             },
         };
-        self.write_dirty_segments(&mut tx);
+        self.finish_segments(&mut tx);
         self.file_retained(&mut tx);
         assert!(
             self.activations.none_taken(),

@@ -62,8 +62,9 @@ pub struct Profile {
     pub channels: BTreeMap<String, Millis>,
     /// Channel → the latest order on it; at most [`CHANNELS_PER_PROFILE_MAX`].
     pub last_order_on: BTreeMap<String, Millis>,
-    /// The segments this profile is a member of (their member keys are written with it).
-    pub segments: BTreeSet<String>,
+    /// The segments this profile is a member of, by number (`SegmentDef::id`; their member
+    /// keys are written with it).
+    pub segments: BTreeSet<u64>,
     pub version: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
@@ -291,8 +292,8 @@ impl Profile {
             .collect()
     }
 
-    /// The API document of this profile.
-    pub fn to_doc(&self) -> ProfileDoc {
+    /// The API document of this profile; `segments` are the names of its segments.
+    pub fn to_doc(&self, segments: Vec<String>) -> ProfileDoc {
         ProfileDoc {
             oneid: self.oneid.to_string(),
             identities: self
@@ -331,7 +332,7 @@ impl Profile {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),
-            segments: self.segments.iter().cloned().collect(),
+            segments,
             version: self.version,
             created_at: self.created_at.to_string(),
             updated_at: self.updated_at.to_string(),

@@ -67,8 +67,8 @@ fn changes(h: &Harness) -> Vec<(String, u64, Change)> {
     h.mem
         .scan(keys::CHANGE_PREFIX, None, false, usize::MAX)
         .into_iter()
-        .map(|(key, value)| {
-            let record: ChangeRecord = decode(&key, &value);
+        .flat_map(|(key, value)| decode::<Vec<ChangeRecord>>(&key, &value))
+        .map(|record| {
             let seq = record.oneid.0 & 0xFFFF_FFFF_FFFF;
             (record.segment, seq, record.change)
         })
@@ -116,17 +116,17 @@ fn membership_follows_each_event_in_the_same_apply() {
     let mut h = Harness::new(RULES);
     let (def, created) = define(&mut h, "spenders", SPENDERS);
     assert!(created);
-    assert_eq!((def.generation, def.version, def.deleted), (1, 1, false));
+    assert_eq!(
+        (def.id, def.generation, def.version, def.deleted),
+        (1, 1, 1, false)
+    );
     assert_eq!(backfill_all(&mut h), 0, "no profiles: nothing to backfill");
 
     let a = h.ok(order("1", "a1", "600", 0, "douyin"));
     assert!(members(&h, "spenders").is_empty());
     h.ok(order("1", "a2", "600", 0, "tmall"));
     assert_eq!(members(&h, "spenders"), vec![a]);
-    assert_eq!(
-        h.profile(a).segments,
-        BTreeSet::from(["spenders".to_string()])
-    );
+    assert_eq!(h.profile(a).segments, BTreeSet::from([def.id]));
     h.ok(claim(
         json!({"event_id": "r1", "type": "refund", "identities": {"phone": "1"},
         "order_id": "a2", "ts": ts(0)}),
@@ -157,7 +157,7 @@ fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
     let mut other = Harness::new(PLAIN);
     other.apply(Command::InstallSegment(second.clone()));
     let before = other.state.meta.digest;
-    other.apply(Command::InstallSegment(first));
+    other.apply(Command::InstallSegment(first.clone()));
     assert_eq!(
         other.state.meta.digest, before,
         "an older version changes nothing"
@@ -176,6 +176,12 @@ fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
     let (again, created) = define(&mut h, "s", "points > 20");
     assert!(created, "re-created after its deletion");
     assert_eq!((again.generation, again.version), (3, 4));
+    assert_eq!(
+        again.id, first.id,
+        "the name keeps its number while it is remembered"
+    );
+    let (other, _) = define(&mut h, "t", "points > 1");
+    assert_eq!(other.id, first.id + 1);
 }
 
 #[test]

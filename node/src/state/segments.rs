@@ -7,7 +7,7 @@
 //! of the highest version. A profile's memberships are in the profile itself (its
 //! `segments`, for its documents) and in member keys (`keys::member`, for paging through a
 //! segment); each change of membership also appends a [`ChangeRecord`] to the shard's change
-//! log at the next offset. All three are written in the same apply as the change that caused
+//! log at the next offset (the changes of one command go in one key). All three are written in the same apply as the change that caused
 //! them, through the digest.
 //!
 //! Membership is kept incrementally: after each apply that changes a profile, only the
@@ -41,8 +41,12 @@ pub const BACKFILL_PER_ENTRY: u64 = 1_000;
 /// Deleted segments whose name and version a shard remembers (so that a late install of an
 /// older definition cannot bring one back); past it the oldest finished deletion is forgotten.
 pub const SEGMENT_TOMBSTONES_MAX: usize = 1_000;
-/// Most change-log entries one clock entry evicts.
+/// Most change-log entries one clock entry evicts (in whole groups: it may pass this by the
+/// last group's size).
 pub const CHANGE_EVICTIONS_PER_CLOCK_MAX: u64 = 10_000;
+/// Most changes in one group of the change log: the changes of one command, written under
+/// one key (split past this).
+pub const CHANGES_PER_GROUP_MAX: usize = 4_096;
 
 /// A segment as a shard holds it, under `keys::segment`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +77,8 @@ impl SegmentRecord {
     }
 }
 
-/// What happened to a segment at one offset of the change log, under `keys::change`.
+/// What happened to a segment at one offset of the change log. The changes of a command are
+/// one group, a `Vec<ChangeRecord>` under `keys::change` of the first one's offset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeRecord {
     pub segment: String,
@@ -124,9 +129,14 @@ struct Segment {
 /// The segments a shard holds, by name (so every walk over them is in name order).
 #[derive(Default)]
 pub(super) struct Segments {
-    by_name: BTreeMap<String, Segment>,
+    /// By number: the order memberships are evaluated in.
+    by_id: BTreeMap<u64, Segment>,
+    /// Each held segment's number by name.
+    by_name: BTreeMap<String, u64>,
     /// Records changed by the command being applied, written at its end.
     dirty: BTreeSet<String>,
+    /// The change-log group the command being applied fills.
+    changes: Vec<ChangeRecord>,
 }
 
 impl Segments {
@@ -154,8 +164,12 @@ impl Segments {
                 .unwrap_or_else(|e| panic!("segment {} does not parse: {e}", record.def.name))
         });
         let reads = predicate.as_ref().map(Predicate::reads).unwrap_or_default();
-        self.by_name.insert(
-            record.def.name.clone(),
+        let id = record.def.id;
+        if let Some(old) = self.by_name.insert(record.def.name.clone(), id) {
+            self.by_id.remove(&old);
+        }
+        self.by_id.insert(
+            id,
             Segment {
                 record,
                 predicate,
@@ -165,13 +179,21 @@ impl Segments {
         );
     }
 
+    fn get(&self, name: &str) -> Option<&Segment> {
+        self.by_id.get(self.by_name.get(name)?)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Segment> {
+        self.by_id.get_mut(self.by_name.get(name)?)
+    }
+
     /// Whether any segment is live: only then is membership evaluated at all.
     pub(super) fn any_live(&self) -> bool {
-        self.by_name.values().any(|s| s.predicate.is_some())
+        self.by_id.values().any(|s| s.predicate.is_some())
     }
 
     fn live(&self) -> usize {
-        self.by_name
+        self.by_id
             .values()
             .filter(|s| s.predicate.is_some())
             .count()
@@ -179,24 +201,24 @@ impl Segments {
 
     /// The `days_since` thresholds of the live segments.
     pub(super) fn day_thresholds(&self) -> impl Iterator<Item = (TimeField, i64)> + '_ {
-        self.by_name
+        self.by_id
             .values()
             .filter_map(|s| s.predicate.as_ref())
             .flat_map(Predicate::day_thresholds)
     }
 
-    /// The first segment (by name) whose backfill is not done.
+    /// The first segment (by number) whose backfill is not done.
     fn next_job(&self) -> Option<String> {
-        self.by_name
-            .iter()
-            .find(|(_, s)| !s.record.backfill_done())
-            .map(|(name, _)| name.clone())
+        self.by_id
+            .values()
+            .find(|s| !s.record.backfill_done())
+            .map(|s| s.record.def.name.clone())
     }
 
-    /// Every record, in name order (tests and the API read them through storage).
+    /// Every record, in number order (tests; the API reads them through storage).
     #[cfg(test)]
     pub(super) fn records(&self) -> impl Iterator<Item = &SegmentRecord> {
-        self.by_name.values().map(|s| &s.record)
+        self.by_id.values().map(|s| &s.record)
     }
 }
 
@@ -279,11 +301,7 @@ impl ShardState {
             self.shard.0, REGISTRY_SHARD,
             "segments are defined on the registry shard"
         );
-        let current = self
-            .segments
-            .by_name
-            .get(&define.name)
-            .map(|s| &s.record.def);
+        let current = self.segments.get(&define.name).map(|s| &s.record.def);
         let live = current.filter(|def| !def.deleted);
         let def = match (&define.predicate, live) {
             (None, None) => {
@@ -321,8 +339,16 @@ impl ShardState {
                 let generation = current.map_or(1, |def| {
                     def.generation + u64::from(def.deleted || def.predicate != *predicate)
                 });
+                let id = match current {
+                    Some(def) => def.id,
+                    None => {
+                        self.record.segment_ids += 1;
+                        self.record.segment_ids
+                    }
+                };
                 SegmentDef {
                     name: define.name.clone(),
+                    id,
                     predicate: predicate.clone(),
                     description: define.description.clone(),
                     generation,
@@ -347,12 +373,19 @@ impl ShardState {
     /// high. A new predicate starts a backfill over the profiles there are; the members keep
     /// their membership until it reaches them. A deletion starts taking the members out.
     pub(super) fn install_segment(&mut self, tx: &mut Tx<'_>, def: SegmentDef) {
-        let previous = self.segments.by_name.get(&def.name);
+        let previous = self.segments.get(&def.name);
         if previous.is_some_and(|s| s.record.def.version >= def.version) {
             return;
         }
         let stored = previous.map(|s| s.stored);
         let size = previous.map_or(0, |s| s.record.size);
+        // A name this shard holds keeps its number here (the registry gives a new one to a
+        // name it forgot, which this shard may still hold members of): numbers only need to
+        // be unique within a shard, and the registry never gives one twice.
+        let def = SegmentDef {
+            id: previous.map_or(def.id, |s| s.record.def.id),
+            ..def
+        };
         let record = match previous.map(|s| &s.record) {
             Some(old) if old.def.deleted == def.deleted && old.def.predicate == def.predicate => {
                 SegmentRecord { def, ..old.clone() }
@@ -382,11 +415,7 @@ impl ShardState {
 
     /// Writes a segment's record now (`stored`: the pair hash it replaces, `None` if new).
     fn write_segment(&mut self, tx: &mut Tx<'_>, name: &str, stored: Option<u64>) {
-        let segment = self
-            .segments
-            .by_name
-            .get_mut(name)
-            .expect("writes a held segment");
+        let segment = self.segments.get_mut(name).expect("writes a held segment");
         let key = keys::segment(name);
         let bytes = encode(&segment.record);
         segment.stored = pair_hash(&key, &bytes);
@@ -394,10 +423,12 @@ impl ShardState {
         self.segments.dirty.remove(name);
     }
 
-    /// Writes the records the command changed (their sizes and backfill progress).
-    pub(super) fn write_dirty_segments(&mut self, tx: &mut Tx<'_>) {
+    /// At the end of a command: writes the records it changed (their sizes and backfill
+    /// progress) and its change-log group.
+    pub(super) fn finish_segments(&mut self, tx: &mut Tx<'_>) {
+        self.write_changes(tx);
         for name in std::mem::take(&mut self.segments.dirty) {
-            let stored = self.segments.by_name[&name].stored;
+            let stored = self.segments.get(&name).expect("held").stored;
             self.write_segment(tx, &name, Some(stored));
         }
     }
@@ -406,7 +437,7 @@ impl ShardState {
     fn forget_tombstones(&mut self, tx: &mut Tx<'_>) {
         let mut finished: Vec<(u64, String)> = self
             .segments
-            .by_name
+            .by_id
             .values()
             .filter(|s| s.record.def.deleted && s.record.size == 0)
             .map(|s| (s.record.def.version, s.record.def.name.clone()))
@@ -416,14 +447,16 @@ impl ShardState {
         }
         finished.sort();
         for (_, name) in &finished[..finished.len() - SEGMENT_TOMBSTONES_MAX] {
-            let segment = self.segments.by_name.remove(name).expect("listed above");
+            let id = self.segments.by_name.remove(name).expect("listed above");
+            let segment = self.segments.by_id.remove(&id).expect("held by number");
             self.segments.dirty.remove(name);
             let key = keys::segment(name);
             tx.delete_known(key, &encode(&segment.record));
         }
     }
 
-    /// Appends one change to the change log.
+    /// Appends one change to the change log: to the group the command is writing, which goes
+    /// out at the end of the command or once it holds [`CHANGES_PER_GROUP_MAX`].
     fn append_change(
         &mut self,
         tx: &mut Tx<'_>,
@@ -432,15 +465,26 @@ impl ShardState {
         oneid: OneId,
         change: Change,
     ) {
-        self.record.change_seq += 1;
-        let record = ChangeRecord {
+        self.segments.changes.push(ChangeRecord {
             segment: segment.to_string(),
             generation,
             oneid,
             change,
             at: self.record.clock,
-        };
-        tx.put_new(keys::change(self.record.change_seq), &record);
+        });
+        if self.segments.changes.len() == CHANGES_PER_GROUP_MAX {
+            self.write_changes(tx);
+        }
+    }
+
+    /// Writes the changes of the group being filled under the offset of its first.
+    fn write_changes(&mut self, tx: &mut Tx<'_>) {
+        let group = std::mem::take(&mut self.segments.changes);
+        if group.is_empty() {
+            return;
+        }
+        tx.put_new(keys::change(self.record.change_seq + 1), &group);
+        self.record.change_seq += group.len() as u64;
     }
 
     /// Evaluates the segments `eval` names for a settled profile (rule tags already set),
@@ -465,20 +509,26 @@ impl ShardState {
             now: self.record.clock,
             rule_tags: &profile.rule_tags,
         };
-        let flips: Vec<(String, u64, bool)> = self
-            .segments
-            .by_name
-            .iter()
-            .filter(|(name, segment)| match eval {
+        // Both the segments and the profile's memberships are in number order: one walk over
+        // both tells each segment's membership, without a lookup per segment.
+        let mut memberships = profile.segments.iter().copied().peekable();
+        let mut flips: Vec<(String, u64, bool)> = Vec::new();
+        for (&id, segment) in &self.segments.by_id {
+            let name = &segment.record.def.name;
+            while memberships.next_if(|m| *m < id).is_some() {}
+            let was = memberships.peek() == Some(&id);
+            let relevant = match eval {
                 Eval::Segment(only) => only == name.as_str(),
                 _ => segment.reads.intersects(changed),
-            })
-            .filter_map(|(name, segment)| {
-                let member = segment.predicate.as_ref()?.eval(&view);
-                (member != profile.segments.contains(name))
-                    .then(|| (name.clone(), segment.record.def.generation, member))
-            })
-            .collect();
+            };
+            let Some(predicate) = segment.predicate.as_ref().filter(|_| relevant) else {
+                continue;
+            };
+            let member = predicate.eval(&view);
+            if member != was {
+                flips.push((name.clone(), segment.record.def.generation, member));
+            }
+        }
         let any = !flips.is_empty();
         for (name, generation, member) in flips {
             self.set_member(tx, profile, &name, generation, member);
@@ -498,16 +548,16 @@ impl ShardState {
         let key = keys::member(name, profile.oneid);
         let segment = self
             .segments
-            .by_name
             .get_mut(name)
             .expect("members of held segments");
+        let id = segment.record.def.id;
         let change = if member {
-            profile.segments.insert(name.to_string());
+            profile.segments.insert(id);
             tx.put_new(key, &());
             segment.record.size += 1;
             Change::Enter
         } else {
-            profile.segments.remove(name);
+            profile.segments.remove(&id);
             tx.delete_known(key, &[]);
             segment.record.size -= 1;
             Change::Exit
@@ -538,7 +588,7 @@ impl ShardState {
                 total: job.total,
             });
         } else if let Some(name) = self.segments.next_job() {
-            let record = &self.segments.by_name[&name].record;
+            let record = &self.segments.get(&name).expect("held").record;
             if record.def.deleted {
                 self.take_out_members(tx, &name);
             } else {
@@ -547,7 +597,7 @@ impl ShardState {
                 for seq in next..=end {
                     self.refresh_profile(tx, OneId::mint(self.shard, seq), Eval::Segment(&name));
                 }
-                let segment = self.segments.by_name.get_mut(&name).expect("held");
+                let segment = self.segments.get_mut(&name).expect("held");
                 segment.record.backfill_next = end + 1;
                 self.segments.dirty.insert(name);
             }
@@ -563,7 +613,7 @@ impl ShardState {
             &keys::members_end(name),
             BACKFILL_PER_ENTRY as usize,
         );
-        let generation = self.segments.by_name[name].record.def.generation;
+        let generation = self.segments.get(name).expect("held").record.def.generation;
         for (key, _) in members {
             let oneid = keys::member_oneid(&key);
             let (mut profile, stored_hash) = self
@@ -625,17 +675,19 @@ impl ShardState {
         while self.record.changes_evicted < self.record.change_seq
             && evicted < CHANGE_EVICTIONS_PER_CLOCK_MAX
         {
-            let offset = self.record.changes_evicted + 1;
-            let key = keys::change(offset);
-            let bytes = tx.get(&key).expect("retained changes exist");
-            let record: ChangeRecord = decode(&key, &bytes);
-            if offset >= keep_from && record.at >= horizon {
+            // Groups are evicted whole: the next one starts right after the last evicted.
+            let first = self.record.changes_evicted + 1;
+            let key = keys::change(first);
+            let bytes = tx.get(&key).expect("change groups follow each other");
+            let group: Vec<ChangeRecord> = decode(&key, &bytes);
+            let last = first + group.len() as u64 - 1;
+            if last >= keep_from && group[0].at >= horizon {
                 break;
             }
             tx.delete_known(key, &bytes);
-            self.record.changes_evicted = offset;
-            evicted += 1;
+            self.record.changes_evicted = last;
+            evicted += group.len() as u64;
         }
-        evicted == CHANGE_EVICTIONS_PER_CLOCK_MAX
+        evicted >= CHANGE_EVICTIONS_PER_CLOCK_MAX
     }
 }

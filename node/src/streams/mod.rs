@@ -141,10 +141,10 @@ impl Streams {
                     break;
                 };
                 after = last;
-                let full = changes.len() == reads::CHANGES_PER_READ_MAX;
+                let more = changes.len() >= reads::CHANGES_PER_READ_MAX;
                 // No receiver left is fine: nobody needs this batch.
                 let _ = self.live.send(Arc::new(Batch { shard, changes }));
-                if !full {
+                if !more {
                     break;
                 }
             }

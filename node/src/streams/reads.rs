@@ -3,10 +3,10 @@
 
 use crate::state::segments::{ChangeRecord, SegmentRecord};
 use crate::state::{decode, keys, store::StateRead, ShardRecord};
-use crate::storage::StateReader;
+use crate::storage::{ProfileRead, StateReader};
 use oneid_protocol::ids::{OneId, ShardId};
 
-/// Change-log entries one read returns at most.
+/// Change-log entries one read gathers before it stops adding groups.
 pub const CHANGES_PER_READ_MAX: usize = 1_024;
 
 /// Where a replica's change log stands.
@@ -21,6 +21,34 @@ pub struct LogBounds {
 }
 
 impl StateReader {
+    /// A profile with the names of its segments (sorted).
+    pub fn profile_read(&self, oneid: OneId) -> Option<ProfileRead> {
+        let profile = self.profile(oneid)?;
+        let shard = oneid.shard();
+        let cached = |names: &mut lru::LruCache<(ShardId, u64), String>| {
+            profile
+                .segments
+                .iter()
+                .map(|id| names.get(&(shard, *id)).cloned())
+                .collect::<Option<Vec<String>>>()
+        };
+        let found = cached(&mut self.segment_names.lock().expect("names lock"));
+        let mut segments = match found {
+            Some(names) => names,
+            None => {
+                // A number not seen yet: learn the shard's segments.
+                let records = self.segments(shard, None);
+                let mut names = self.segment_names.lock().expect("names lock");
+                for record in records {
+                    names.put((shard, record.def.id), record.def.name);
+                }
+                cached(&mut names).expect("a profile's segments are held by its shard")
+            }
+        };
+        segments.sort();
+        Some(ProfileRead { profile, segments })
+    }
+
     /// The segments the shard holds: the one named, or all, in name order.
     pub fn segments(&self, shard: ShardId, name: Option<&str>) -> Vec<SegmentRecord> {
         let state = self.shard(shard);
@@ -78,19 +106,31 @@ impl StateReader {
         }
     }
 
-    /// Up to [`CHANGES_PER_READ_MAX`] change-log entries of the shard after offset `after`,
-    /// in offset order (fewer where retention evicted some meanwhile).
+    /// The change-log entries of the shard after offset `after`, in offset order: whole
+    /// groups, from the one holding `after + 1`, until they hold [`CHANGES_PER_READ_MAX`] or
+    /// more. Where retention evicted what follows `after`, the first offset answered is
+    /// later than `after + 1` (the reader sees the gap).
     pub fn changes(&self, shard: ShardId, after: u64) -> Vec<(u64, ChangeRecord)> {
-        let from = keys::change(after);
-        self.shard(shard)
-            .scan(
-                keys::CHANGE_PREFIX,
-                Some(&from),
-                false,
-                CHANGES_PER_READ_MAX,
-            )
-            .into_iter()
-            .map(|(key, bytes)| (keys::change_offset(&key), decode(&key, &bytes)))
-            .collect()
+        let state = self.shard(shard);
+        // The group holding `after + 1` is the last one starting before `after + 2`.
+        let mut groups = state.scan(keys::CHANGE_PREFIX, Some(&keys::change(after + 2)), true, 1);
+        if groups.is_empty() {
+            groups = state.scan(keys::CHANGE_PREFIX, None, false, 16);
+        }
+        let mut out = Vec::new();
+        loop {
+            let Some(last_key) = groups.last().map(|(key, _)| key.clone()) else {
+                return out;
+            };
+            for (key, bytes) in groups {
+                let group: Vec<ChangeRecord> = decode(&key, &bytes);
+                let first = keys::change_offset(&key);
+                out.extend((first..).zip(group).filter(|(offset, _)| *offset > after));
+            }
+            if out.len() >= CHANGES_PER_READ_MAX {
+                return out;
+            }
+            groups = state.scan(keys::CHANGE_PREFIX, Some(&last_key), false, 16);
+        }
     }
 }
