@@ -546,15 +546,12 @@ async fn a_cursor_older_than_the_change_log_keeps_is_410() {
         .unwrap();
     let start = stream.next(WAIT).await.unwrap().id.unwrap();
     drop(stream);
-    // Twelve changes on one shard: past its five, the oldest are evicted at the next tick.
-    let customers: Vec<String> = (0..12)
-        .map(|i| oneid_tests::value_where("phone", &format!("1330{i}"), 4, |s| s == 1))
-        .collect();
-    let earns: Vec<Value> = customers
-        .iter()
-        .map(|c| earn(c, &format!("e-{c}"), 10))
-        .collect();
-    apply(&client, &earns).await;
+    // Twelve changes on one shard, one request each (the log keeps a command's changes
+    // together): past its five, the oldest are evicted at the next tick.
+    for i in 0..12 {
+        let customer = oneid_tests::value_where("phone", &format!("1330{i}"), 4, |s| s == 1);
+        apply(&client, &[earn(&customer, &format!("e-{customer}"), 10)]).await;
+    }
     let deadline = Instant::now() + WAIT;
     loop {
         match SseStream::open(
