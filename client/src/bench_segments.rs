@@ -203,7 +203,7 @@ pub async fn segments(server: &str, args: &BenchArgs, json_only: bool) -> anyhow
     let from_send = since(|(sent, _)| *sent);
     let missing = from_ack.iter().filter(|l| **l == u64::MAX).count();
     let before_ack = from_ack.iter().filter(|l| **l == 0).count();
-    let p = |sorted: &[u64], q| crate::bench::percentile(sorted, q) / 1000.0;
+    let p = crate::bench::percentile;
     let (p50, p99) = (p(&from_ack, 0.5), p(&from_ack, 0.99));
     let (send_p50, send_p99) = (p(&from_send, 0.5), p(&from_send, 0.99));
     if !json_only {

@@ -530,13 +530,11 @@ impl Client {
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> Result<LedgerPage, Error> {
-        let mut path = format!("/v1/profiles/{}/ledger?", encode(oneid));
-        if let Some(limit) = limit {
-            path.push_str(&format!("limit={limit}&"));
-        }
-        if let Some(cursor) = cursor {
-            path.push_str(&format!("cursor={}", encode(cursor)));
-        }
+        let path = page_path(
+            format!("/v1/profiles/{}/ledger", encode(oneid)),
+            limit,
+            cursor,
+        );
         self.get(shard_of(oneid), &path).await
     }
 
@@ -654,6 +652,18 @@ fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
             String::from_utf8_lossy(&body[..body.len().min(200)])
         ))
     })
+}
+
+/// `path?limit=&cursor=` of a paged read (each only when given).
+fn page_path(path: String, limit: Option<usize>, cursor: Option<&str>) -> String {
+    let mut path = path + "?";
+    if let Some(limit) = limit {
+        path.push_str(&format!("limit={limit}&"));
+    }
+    if let Some(cursor) = cursor {
+        path.push_str(&format!("cursor={}", encode(cursor)));
+    }
+    path
 }
 
 fn encode(text: &str) -> String {

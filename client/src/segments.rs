@@ -1,7 +1,7 @@
 //! Segments: definitions, members in pages, and [`Client::watch_segment`], a stream of
 //! membership changes that reconnects and resumes by itself, on any node of the cluster.
 
-use super::{api_error, decode, encode, Client, Error, Route};
+use super::{api_error, decode, encode, page_path, Client, Error, Route};
 use bytes::Bytes;
 use futures::Stream;
 use http_body_util::{BodyExt, Full};
@@ -111,13 +111,11 @@ impl Client {
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> Result<MembersPage, Error> {
-        let mut path = format!("/v1/segments/{}/members?", encode(name));
-        if let Some(limit) = limit {
-            path.push_str(&format!("limit={limit}&"));
-        }
-        if let Some(cursor) = cursor {
-            path.push_str(&format!("cursor={}", encode(cursor)));
-        }
+        let path = page_path(
+            format!("/v1/segments/{}/members", encode(name)),
+            limit,
+            cursor,
+        );
         self.get(Route::Any, &path).await
     }
 

@@ -45,7 +45,9 @@ use std::time::Instant;
 /// expiry and capped per profile. Format 5: the Raft log's own records (its conf state, where
 /// it was compacted and its terms) beside the hard state, and logs that keep entries for
 /// followers. Format 6: a shard's keyspaces by generation (`gen/NNNN`), which snapshot
-/// installs switch.
+/// installs switch. Format 7: segments (definitions, member keys, the change log, the
+/// registry's sequences and the rules re-evaluation in the shard record, memberships in
+/// profiles), the last order per channel in profiles, and the segment and backfill commands.
 pub const STATE_FORMAT: u32 = 7;
 /// Meta keys `peer/identity/<node id, 8 bytes BE>`: the identity known for each peer.
 const PEER_IDENTITY: &[u8] = b"peer/identity/";

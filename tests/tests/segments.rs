@@ -168,70 +168,69 @@ async fn definitions_documents_members_and_their_errors() {
 
     // Errors: each with its status, code and field.
     let long = "d".repeat(1025);
-    let cases = [
-        (
-            client
-                .put_segment("Rich", "points > 1", None)
-                .await
-                .map(|_| ()),
-            400,
-            ErrorCode::InvalidField,
-            Some("name"),
-        ),
-        (
-            client
-                .put_segment("bad", "points > \"x\"", None)
-                .await
-                .map(|_| ()),
-            400,
-            ErrorCode::InvalidPredicate,
-            Some("predicate"),
-        ),
-        (
-            client
-                .put_segment("bad", "points > 1", Some(&long))
-                .await
-                .map(|_| ()),
-            400,
-            ErrorCode::InvalidField,
-            Some("description"),
-        ),
-        (
-            client
-                .segment_members_page("nope", None, None)
-                .await
-                .map(|_| ()),
-            404,
-            ErrorCode::NotFound,
-            None,
-        ),
-        (
-            client
-                .segment_members_page("rich", Some(0), None)
-                .await
-                .map(|_| ()),
-            400,
-            ErrorCode::InvalidField,
-            Some("limit"),
-        ),
-        (
-            client
-                .segment_members_page("rich", None, Some("x"))
-                .await
-                .map(|_| ()),
-            400,
-            ErrorCode::InvalidCursor,
-            Some("cursor"),
-        ),
-    ];
-    for (i, (result, status, code, field)) in cases.into_iter().enumerate() {
-        let (got_status, got_code, got_field, _) = api_error(result);
+    let refused = |result, status, code, field: Option<&str>| {
+        let (got_status, got_code, got_field, message) = api_error(result);
         assert_eq!(
             (got_status, got_code, got_field.as_deref()),
             (status, code, field),
-            "case {i}"
+            "{message}"
         );
-    }
+    };
+    let put = |name: &'static str, predicate: &'static str, description: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            client
+                .put_segment(name, predicate, description)
+                .await
+                .map(|_| ())
+        }
+    };
+    let page = |name: &'static str, limit, cursor: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            client
+                .segment_members_page(name, limit, cursor)
+                .await
+                .map(|_| ())
+        }
+    };
+    refused(
+        put("Rich", "points > 1", None).await,
+        400,
+        ErrorCode::InvalidField,
+        Some("name"),
+    );
+    refused(
+        put("bad", "points > \"x\"", None).await,
+        400,
+        ErrorCode::InvalidPredicate,
+        Some("predicate"),
+    );
+    let long: &'static str = long.leak();
+    refused(
+        put("bad", "points > 1", Some(long)).await,
+        400,
+        ErrorCode::InvalidField,
+        Some("description"),
+    );
+    refused(
+        page("nope", None, None).await,
+        404,
+        ErrorCode::NotFound,
+        None,
+    );
+    refused(
+        page("rich", Some(0), None).await,
+        400,
+        ErrorCode::InvalidField,
+        Some("limit"),
+    );
+    refused(
+        page("rich", None, Some("x")).await,
+        400,
+        ErrorCode::InvalidCursor,
+        Some("cursor"),
+    );
     let (_, _, _, message) = api_error(client.put_segment("bad", "points >\n  and", None).await);
     assert_eq!(
         message,

@@ -1075,11 +1075,7 @@ impl World {
             .expect("an operation")
             .attempt = token;
         let attempt = token;
-        let hosts: Vec<usize> = self
-            .placement(shard)
-            .into_iter()
-            .filter(|n| self.nodes[*n].up)
-            .collect();
+        let hosts = self.up_hosts(shard);
         if hosts.is_empty() {
             return self.schedule(50, Happening::AttemptTimeout { client, attempt });
         }
@@ -1213,6 +1209,14 @@ impl World {
                 self.open(node, false);
             }
         }
+    }
+
+    /// The nodes holding shard `s` that are up now.
+    fn up_hosts(&self, shard: ShardId) -> Vec<usize> {
+        self.placement(shard)
+            .into_iter()
+            .filter(|n| self.nodes[*n].up)
+            .collect()
     }
 
     /// The nodes holding shard `s` that still run (all but a node refused after a wipe).

@@ -30,11 +30,7 @@ impl World {
     /// above every earlier one; fire and forget (a replica that does not lead drops it).
     pub(super) fn define_segment(&mut self) {
         let shard = ShardId(self.rng.u32(0..self.shape.shards));
-        let hosts: Vec<usize> = self
-            .placement(shard)
-            .into_iter()
-            .filter(|n| self.nodes[*n].up)
-            .collect();
+        let hosts = self.up_hosts(shard);
         if hosts.is_empty() {
             return;
         }
