@@ -84,6 +84,24 @@ fn api_error(
     }
 }
 
+/// Defines `name` as `predicate` and opens its stream at the tail: the stream past its first
+/// event (id-only: the start cursor, answered too).
+async fn define_and_watch(node: &TestNode, name: &str, predicate: &str) -> (SseStream, String) {
+    node.client()
+        .put_segment(name, predicate, None)
+        .await
+        .unwrap();
+    let path = format!("/v1/segments/{name}/stream");
+    let mut stream = SseStream::open(&addr(node), &path, None).await.unwrap();
+    let first = stream.next(WAIT).await.expect("the start");
+    assert_eq!(
+        (first.event.as_deref(), first.data.as_ref()),
+        (None, None),
+        "an id-only event first"
+    );
+    (stream, first.id.expect("the start cursor"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_documents_members_and_their_errors() {
     let node = TestNode::start(NodeOptions::default()).await;
@@ -281,21 +299,8 @@ async fn definitions_documents_members_and_their_errors() {
 async fn a_stream_resumes_after_a_disconnect_and_a_restart_with_no_gap_and_no_duplicate() {
     let mut node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();
-    client
-        .put_segment("rich", "points >= 10", None)
-        .await
-        .unwrap();
     let a = addr(&node);
-    let mut stream = SseStream::open(&a, "/v1/segments/rich/stream", None)
-        .await
-        .unwrap();
-    let first = stream.next(WAIT).await.expect("the start");
-    assert_eq!(
-        (first.event.as_deref(), first.data.as_ref()),
-        (None, None),
-        "an id-only event first"
-    );
-    let start = first.id.expect("the start cursor");
+    let (mut stream, start) = define_and_watch(&node, "rich", "points >= 10").await;
 
     let customers: Vec<String> = (0..20).map(|i| format!("1380000{i:04}")).collect();
     let earns: Vec<Value> = customers[..10]
@@ -501,13 +506,8 @@ async fn a_backfill_evaluates_existing_profiles_and_a_rules_change_re_evaluates_
 async fn a_time_based_exit_arrives_at_the_tick_that_crosses_its_threshold() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();
-    client
-        .put_segment("today", "days_since(last_order_on(\"douyin\")) < 1", None)
-        .await
-        .unwrap();
-    let mut stream = SseStream::open(&addr(&node), "/v1/segments/today/stream", None)
-        .await
-        .unwrap();
+    let recent = "days_since(last_order_on(\"douyin\")) < 1";
+    let (mut stream, _) = define_and_watch(&node, "today", recent).await;
     // An order on Douyin a day ago, less 4 seconds: in now, out 4 seconds from now.
     let ordered = Millis(Millis::now().0 - DAY_MS + 4_000);
     let order = json!({"event_id": "o-1", "type": "order", "identities": {"phone": "13400000001"},
@@ -535,15 +535,8 @@ async fn a_cursor_older_than_the_change_log_keeps_is_410() {
     })
     .await;
     let client = node.client();
-    client
-        .put_segment("rich", "points >= 10", None)
-        .await
-        .unwrap();
     let a = addr(&node);
-    let mut stream = SseStream::open(&a, "/v1/segments/rich/stream", None)
-        .await
-        .unwrap();
-    let start = stream.next(WAIT).await.unwrap().id.unwrap();
+    let (stream, start) = define_and_watch(&node, "rich", "points >= 10").await;
     drop(stream);
     // Twelve changes on one shard, one request each (the log keeps a command's changes
     // together): past its five, the oldest are evicted at the next tick.
@@ -580,18 +573,13 @@ async fn a_cursor_older_than_the_change_log_keeps_is_410() {
 async fn deleting_a_segment_emits_every_exit_then_ends_its_streams() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();
-    client
-        .put_segment("rich", "points >= 10", None)
-        .await
-        .unwrap();
+    let (mut stream, _) = define_and_watch(&node, "rich", "points >= 10").await;
     let earns: Vec<Value> = (0..5)
         .map(|i| earn(&format!("1320000000{i}"), &format!("e-{i}"), 10))
         .collect();
     let oneids: BTreeSet<String> = apply(&client, &earns).await.into_iter().collect();
-    let mut stream = SseStream::open(&addr(&node), "/v1/segments/rich/stream", None)
-        .await
-        .unwrap();
-    stream.next(WAIT).await.expect("the start");
+    let (enters, _) = read_changes(&mut stream, 5).await;
+    assert!(enters.iter().all(|(_, c)| c == "enter"));
     assert!(client.delete_segment("rich").await.unwrap());
     let (exits, _) = read_changes(&mut stream, 5).await;
     let left: BTreeSet<String> = exits
@@ -620,17 +608,10 @@ async fn deleting_a_segment_emits_every_exit_then_ends_its_streams() {
 async fn a_subscriber_that_stops_reading_slows_neither_apply_nor_the_others() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();
-    client
-        .put_segment("rich", "points >= 10", None)
-        .await
-        .unwrap();
     let a = addr(&node);
+    let (mut reader, _) = define_and_watch(&node, "rich", "points >= 10").await;
     // Asks for the stream, and never reads a byte of it.
     let _stalled = request_small_window(&a, "/v1/segments/rich/stream").await;
-    let mut reader = SseStream::open(&a, "/v1/segments/rich/stream", None)
-        .await
-        .unwrap();
-    reader.next(WAIT).await.expect("the start");
     // More changes than a subscriber's buffer holds, in batches of a thousand.
     const WRITES: usize = 12_000;
     let writer = {
