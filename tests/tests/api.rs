@@ -197,8 +197,10 @@ async fn walk_through_with_exact_values() {
             "tier_retained_until": ts(1 + 365 * 24 * 60),
             "tags": [],
             "metrics": {"order_count": 1, "total_spend": "1999.90", "spend_365d": "1999.90",
-                        "first_order_at": ts(1), "last_order_at": ts(1)},
+                        "first_order_at": ts(1), "last_order_at": ts(1),
+                        "last_order_on": {"douyin": ts(1)}},
             "channels": {"douyin": ts(1)},
+            "segments": [],
             // 1: the order; 2: the unionid linked from its shard.
             "version": 2,
             "created_at": ts(1), "updated_at": ts(1)
@@ -229,8 +231,10 @@ async fn walk_through_with_exact_values() {
             "tier_retained_until": ts(1 + 365 * 24 * 60),
             "tags": ["big_spender"],
             "metrics": {"order_count": 2, "total_spend": "3499.90", "spend_365d": "3499.90",
-                        "first_order_at": ts(1), "last_order_at": ts(2)},
+                        "first_order_at": ts(1), "last_order_at": ts(2),
+                        "last_order_on": {"douyin": ts(1), "tmall": ts(2)}},
             "channels": {"douyin": ts(1), "tmall": ts(2)},
+            "segments": [],
             "version": 3,
             "created_at": ts(1), "updated_at": ts(2)
         })
@@ -448,8 +452,10 @@ async fn walk_through_with_exact_values() {
             "tier_retained_until": ts(1 + 365 * 24 * 60),
         "tags": ["newsletter"],
         "metrics": {"order_count": 2, "total_spend": "1500.00", "spend_365d": "1500.00",
-                    "first_order_at": ts(1), "last_order_at": ts(2)},
+                    "first_order_at": ts(1), "last_order_at": ts(2),
+                    "last_order_on": {"douyin": ts(1), "tmall": ts(2)}},
         "channels": {"douyin": ts(1), "tmall": ts(2)},
+        "segments": [],
         "version": 11,
         "created_at": ts(1), "updated_at": ts(11)
     });

@@ -418,7 +418,7 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         .to_be_bytes();
     let peer = cluster.peers[0].clone();
     // The node's state format (`STATE_FORMAT`), which the handshake names.
-    let format = 6;
+    let format = 7;
     let writer = {
         let client = cluster.node(2).client();
         tokio::spawn(async move { send_all(&client, 0..400).await })
@@ -599,6 +599,20 @@ async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
     })
     .await;
     send_all(&cluster.node(1).client(), 0..100).await;
+    // A node without a replica of every shard serves no segment stream (it reads the change
+    // logs of its own replicas): 503, and the client goes to another node.
+    let client = cluster.node(2).client();
+    client
+        .put_segment("some", "points > 0", None)
+        .await
+        .unwrap();
+    let addr = cluster.node(2).base().replace("http://", "");
+    let (status, body) = oneid_tests::sse::SseStream::open(&addr, "/v1/segments/some/stream", None)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("holds no replica of shard"), "{body}");
     cluster.settled().await;
     let backups = tempfile::tempdir().unwrap();
     let dir = backups.path().join("node-2");

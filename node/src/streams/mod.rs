@@ -102,10 +102,10 @@ impl Streams {
         self.shards.n_shards
     }
 
-    /// Starts the tailers, on the calling runtime.
+    /// Starts the tailers of this node's replicas, on the calling runtime.
     pub fn start(self: &Arc<Self>) {
-        for shard in 0..self.n_shards() {
-            tokio::spawn(Arc::clone(self).tail(ShardId(shard)));
+        for (shard, _) in self.shards.locals() {
+            tokio::spawn(Arc::clone(self).tail(shard));
         }
     }
 
