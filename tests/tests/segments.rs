@@ -399,6 +399,7 @@ async fn a_snapshot_then_the_stream_equals_the_members_while_writes_go_on() {
         })
     };
     let mut members: BTreeSet<String> = BTreeSet::new();
+    let mut seen: Vec<String> = Vec::new();
     let mut watch = std::pin::pin!(client.watch_segment("rich", WatchFrom::Snapshot));
     let mut snapshot_done = false;
     let deadline = Instant::now() + WAIT * 3;
@@ -417,10 +418,14 @@ async fn a_snapshot_then_the_stream_equals_the_members_while_writes_go_on() {
             }
             Ok(Some(Ok(SegmentEvent::Change(c)))) => {
                 assert!(snapshot_done);
-                match c.change {
-                    ChangeKind::Enter => assert!(members.insert(c.oneid), "entered twice"),
-                    ChangeKind::Exit => assert!(members.remove(&c.oneid), "left twice"),
-                }
+                seen.push(format!("{c:?}"));
+                let oneid = c.oneid.clone();
+                let fresh = match c.change {
+                    ChangeKind::Enter => members.insert(c.oneid),
+                    ChangeKind::Exit => members.remove(&c.oneid),
+                };
+                let history: Vec<&String> = seen.iter().filter(|l| l.contains(&oneid)).collect();
+                assert!(fresh, "{oneid} entered or left twice: {history:?}");
             }
             Ok(other) => panic!("the watch answered {other:?}"),
             Err(_) if snapshot_done && writer.as_ref().is_some_and(|w| w.is_finished()) => {

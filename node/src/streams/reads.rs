@@ -6,6 +6,17 @@ use crate::state::{decode, keys, store::StateRead, ShardRecord};
 use crate::storage::{ProfileRead, StateReader};
 use oneid_protocol::ids::{OneId, ShardId};
 
+/// The change log's bounds in a shard record as stored (none yet: the default).
+fn bounds_of(record: Option<Vec<u8>>) -> LogBounds {
+    let record: ShardRecord =
+        record.map_or_else(ShardRecord::default, |bytes| decode(keys::SHARD, &bytes));
+    LogBounds {
+        evicted: record.changes_evicted,
+        last: record.change_seq,
+        clock: record.clock,
+    }
+}
+
 /// Change-log entries one read gathers before it stops adding groups.
 pub const CHANGES_PER_READ_MAX: usize = 1_024;
 
@@ -95,15 +106,41 @@ impl StateReader {
 
     /// Where the shard's change log stands on this node's replica.
     pub fn log_bounds(&self, shard: ShardId) -> LogBounds {
-        let record: ShardRecord = self
-            .shard(shard)
-            .get(keys::SHARD)
-            .map_or_else(ShardRecord::default, |bytes| decode(keys::SHARD, &bytes));
-        LogBounds {
-            evicted: record.changes_evicted,
-            last: record.change_seq,
-            clock: record.clock,
-        }
+        bounds_of(self.shard(shard).get(keys::SHARD))
+    }
+
+    /// Up to `limit` members of a segment after `after`, and where the change log stood, read
+    /// from one storage snapshot: the page is the membership at exactly that offset (plain
+    /// reads may see a write batch half applied). The snapshot is dropped before this returns.
+    pub fn members_at(
+        &self,
+        shard: ShardId,
+        segment: &str,
+        after: Option<OneId>,
+        limit: usize,
+    ) -> (Vec<OneId>, LogBounds) {
+        use fjall::Readable;
+        use std::ops::Bound;
+        let keyspace = self.storage().state(shard);
+        let snapshot = self.storage().db.snapshot();
+        let failed = |e: fjall::Error| -> ! { panic!("reading state failed: {e}") };
+        let record = snapshot
+            .get(&keyspace, keys::SHARD)
+            .unwrap_or_else(|e| failed(e));
+        let lower = match after {
+            Some(oneid) => Bound::Excluded(keys::member(segment, oneid)),
+            None => Bound::Included(keys::members_prefix(segment)),
+        };
+        let upper = Bound::Excluded(keys::members_end(segment));
+        let members = snapshot
+            .range::<Vec<u8>, _>(&keyspace, (lower, upper))
+            .take(limit)
+            .map(|guard| {
+                let (key, _) = guard.into_inner().unwrap_or_else(|e| failed(e));
+                keys::member_oneid(&key)
+            })
+            .collect();
+        (members, bounds_of(record.map(|bytes| bytes.to_vec())))
     }
 
     /// The change-log entries of the shard after offset `after`, in offset order: whole

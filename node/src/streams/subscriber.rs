@@ -148,29 +148,41 @@ impl Subscriber {
             .await
     }
 
-    /// One shard's members as of offset `cursor[shard]`, which this sets, and its clock.
+    /// One shard's members at a point of its log (which becomes `cursor[shard]`), and its
+    /// clock. Each page is read from its own short storage snapshot, at the log offset that
+    /// snapshot holds; the pages are then brought to the last one's offset by what the log
+    /// says changed after each page's own.
     async fn members_at_a_point(
         &mut self,
         shard: ShardId,
     ) -> Result<(BTreeSet<OneId>, Millis), End> {
         let reader = &self.streams.reader;
-        let before = reader.run(move |r| r.log_bounds(shard)).await;
+        // (the page's last member, or `None` for the last page; its offset), in key order.
+        let mut pages: Vec<(Option<OneId>, u64)> = Vec::new();
         let mut members = BTreeSet::new();
         let mut after = None;
-        loop {
+        let point = loop {
             let segment = self.segment.clone();
-            let page = reader
-                .run(move |r| r.members(shard, &segment, after, SNAPSHOT_PAGE))
+            let (page, bounds) = reader
+                .run(move |r| r.members_at(shard, &segment, after, SNAPSHOT_PAGE))
                 .await;
-            let Some(&last) = page.last() else {
-                break;
-            };
-            after = Some(last);
+            let full = page.len() == SNAPSHOT_PAGE;
+            after = page.last().copied();
             members.extend(page);
-        }
-        let point = reader.run(move |r| r.log_bounds(shard)).await;
-        // What changed while the pages were read decides the members it touched.
-        let mut offset = before.last;
+            pages.push((after.filter(|_| full), bounds.last));
+            if !full {
+                break bounds;
+            }
+        };
+        // A change applies to a member if it came after the offset of the page that covers
+        // the member's key.
+        let offset_of = |oneid: OneId| {
+            pages
+                .iter()
+                .find(|(last, _)| last.is_none_or(|last| oneid <= last))
+                .map_or(point.last, |(_, offset)| *offset)
+        };
+        let mut offset = pages[0].1;
         while offset < point.last {
             let changes = reader.run(move |r| r.changes(shard, offset)).await;
             if changes
@@ -184,17 +196,19 @@ impl Subscriber {
                     break;
                 }
                 offset = at;
-                if record.segment == self.segment {
-                    match record.change {
-                        Change::Enter => {
-                            members.insert(record.oneid);
-                        }
-                        Change::Exit => {
-                            members.remove(&record.oneid);
-                        }
-                        Change::Ended => {
-                            self.ended.insert(shard.0);
-                        }
+                if record.segment != self.segment {
+                    continue;
+                }
+                match record.change {
+                    Change::Ended => {
+                        self.ended.insert(shard.0);
+                    }
+                    _ if at <= offset_of(record.oneid) => {}
+                    Change::Enter => {
+                        members.insert(record.oneid);
+                    }
+                    Change::Exit => {
+                        members.remove(&record.oneid);
                     }
                 }
             }
