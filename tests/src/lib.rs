@@ -216,7 +216,21 @@ impl TestNode {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("oneid-node exited during start: {status}");
+                let logs = self.logs();
+                // The last lines that are not a backtrace's.
+                let tail: Vec<&str> = logs
+                    .lines()
+                    .filter(|l| {
+                        let l = l.trim_start();
+                        !l.starts_with("at ") && !l.starts_with(|c: char| c.is_ascii_digit())
+                    })
+                    .rev()
+                    .take(15)
+                    .collect();
+                panic!(
+                    "oneid-node exited during start: {status}; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             assert!(
                 Instant::now() < deadline,
