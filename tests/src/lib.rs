@@ -52,6 +52,29 @@ const CLOCK_UNSET: &str = "1970-01-01T00:00:00Z";
 pub mod cluster;
 pub mod sse;
 
+/// How often [`eventually`] asks again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Asks `check` until it answers `Some` (every 50 ms), for at most `within`: its answer, or a
+/// panic saying what did not happen.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// A running node; killed (SIGKILL) when dropped if still running.
 pub struct TestNode {
     pub dir: tempfile::TempDir,

@@ -11,7 +11,7 @@ use oneid_protocol::segments::ChangeKind;
 use oneid_protocol::ErrorCode;
 use oneid_tests::cluster::{ClusterOptions, TestCluster};
 use oneid_tests::sse::{exchange, request_small_window, SseEvent, SseStream};
-use oneid_tests::{NodeOptions, TestNode};
+use oneid_tests::{eventually, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -473,15 +473,11 @@ async fn a_backfill_evaluates_existing_profiles_and_a_rules_change_re_evaluates_
         .put_segment("tagged", "has_tag(\"rich\")", None)
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let doc = loop {
+    let doc = eventually("the backfill", WAIT, || async {
         let doc = client.segment("fifty").await.unwrap().unwrap();
-        if doc.backfill.state == "done" {
-            break doc;
-        }
-        assert!(Instant::now() < deadline, "{doc:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (doc.backfill.state == "done").then_some(doc)
+    })
+    .await;
     assert_eq!(
         (
             doc.size,
@@ -493,18 +489,11 @@ async fn a_backfill_evaluates_existing_profiles_and_a_rules_change_re_evaluates_
 
     let rules = json!({"tag_rules": [{"tag": "rich", "when": "points >= 5"}]});
     client.set_rules(&rules).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually("rule tags re-evaluated in the background", WAIT, || async {
         let doc = client.segment("tagged").await.unwrap().unwrap();
-        if doc.size == 250 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rule tags re-evaluated in the background: {doc:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (doc.size == 250).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,24 +538,13 @@ async fn a_cursor_older_than_the_change_log_keeps_is_410() {
         let customer = oneid_tests::value_where("phone", &format!("1330{i}"), 4, |s| s == 1);
         apply(&client, &[earn(&customer, &format!("e-{customer}"), 10)]).await;
     }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match SseStream::open(
-            &a,
-            &format!("/v1/segments/rich/stream?cursor={start}"),
-            None,
-        )
-        .await
-        {
-            Err((status, body)) => {
-                assert_eq!(status, 410, "{body}");
-                assert!(body.contains("cursor_expired"), "{body}");
-                break;
-            }
-            Ok(_) => assert!(Instant::now() < deadline, "never expired"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let path = format!("/v1/segments/rich/stream?cursor={start}");
+    let (status, body) = eventually("the cursor's expiry", WAIT, || async {
+        SseStream::open(&a, &path, None).await.err()
+    })
+    .await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("cursor_expired"), "{body}");
     // The client's watch ends with the same error.
     let mut watch = std::pin::pin!(client.watch_segment("rich", WatchFrom::Cursor(start)));
     let (status, code, _, _) = api_error(watch.next().await.unwrap());
@@ -639,14 +617,12 @@ async fn a_subscriber_that_stops_reading_slows_neither_apply_nor_the_others() {
         assert!(entered.insert(change_of(&event).0), "a duplicate");
     }
     writer.await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    while node.metric("oneid_streams_closed_behind_total").await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the stalled stream was never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let closed = eventually("the stalled stream's close", WAIT, || async {
+        let n = node.metric("oneid_streams_closed_behind_total").await;
+        (n >= 1).then_some(n)
+    })
+    .await;
+    assert_eq!(closed, 1, "only the stalled stream fell behind");
     assert_eq!(
         node.metric("oneid_streams_open").await,
         1,
@@ -690,9 +666,14 @@ async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
         }
         assert!(n < 30, "the stream never opened");
     }
+    // Half the writes before the kill, half after it.
+    let (kill_done, mut after_kill) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(async move {
         let mut oneids = BTreeSet::new();
         for round in 0..40 {
+            if round == 20 {
+                after_kill.wait_for(|killed| *killed).await.unwrap();
+            }
             let batch: Vec<Value> = (0..10)
                 .map(|i| {
                     earn(
@@ -703,7 +684,6 @@ async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
                 })
                 .collect();
             oneids.extend(apply(&writer_client, &batch).await);
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         oneids
     });
@@ -716,6 +696,7 @@ async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
         if !killed && received.len() >= 60 {
             cluster.node_mut(victim).kill9();
             killed = true;
+            kill_done.send_replace(true);
         }
         if let Some(done) = writer.as_ref().filter(|w| w.is_finished()) {
             let _ = done;
