@@ -448,10 +448,11 @@ impl ShardState {
         finished.sort();
         for (_, name) in &finished[..finished.len() - SEGMENT_TOMBSTONES_MAX] {
             let id = self.segments.by_name.remove(name).expect("listed above");
-            let segment = self.segments.by_id.remove(&id).expect("held by number");
+            self.segments.by_id.remove(&id).expect("held by number");
             self.segments.dirty.remove(name);
             let key = keys::segment(name);
-            tx.delete_known(key, &encode(&segment.record));
+            // Read back, not assumed: the record may have changed in memory this command.
+            tx.delete(key);
         }
     }
 
