@@ -1,0 +1,98 @@
+//! Data outlives releases: a data directory written by an earlier release (a fixture made by
+//! `scripts/fixture` with that release, under `tests/fixtures/`) opens in this one and answers
+//! exactly the documents the earlier release answered.
+
+use oneid_client::Client;
+use oneid_tests::{NodeOptions, TestNode};
+use serde_json::Value;
+use std::path::Path;
+
+/// Unpacks `tests/fixtures/format-{format}.tar.gz` (its `data/` and `expected/`) into `dir`.
+fn unpack(format: u32, dir: &Path) {
+    let archive = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("format-{format}.tar.gz"));
+    let file = std::fs::File::open(&archive)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", archive.display()));
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .unpack(dir)
+        .unwrap_or_else(|e| panic!("unpacking {}: {e}", archive.display()));
+}
+
+fn expected(dir: &Path, name: &str) -> Value {
+    let path = dir.join("expected").join(format!("{name}.json"));
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_slice(&text).expect("expected documents are JSON")
+}
+
+fn json(value: impl serde::Serialize) -> Value {
+    serde_json::to_value(value).expect("documents serialize")
+}
+
+/// Every document `scripts/fixture` recorded, read again through `client`.
+async fn assert_documents(client: &Client, dir: &Path) {
+    for kind in ["phone", "wechat_unionid"] {
+        let want = expected(dir, &format!("profile-{kind}"));
+        let value = want["identities"][kind][0]
+            .as_str()
+            .expect("the fixture's identity");
+        let got = client.lookup(kind, value).await.expect("lookup");
+        assert_eq!(json(got), want, "the profile of {kind} {value}");
+    }
+    let phone = expected(dir, "profile-phone");
+    let oneid = phone["oneid"].as_str().expect("oneid");
+    let ledger = client.ledger(oneid, None, None).await.expect("ledger");
+    assert_eq!(json(ledger), expected(dir, "ledger-phone"));
+    assert_eq!(client.rules().await.expect("rules"), expected(dir, "rules"));
+    let segments = client.segments().await.expect("segments");
+    assert_eq!(json(segments), expected(dir, "segments")["segments"]);
+    for name in ["big-spenders", "newsletter"] {
+        let page = client.segment_members_page(name, None, None).await;
+        assert_eq!(
+            json(page.expect("members")),
+            expected(dir, &format!("members-{name}")),
+            "the members of {name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_7_data_directory_opens_and_answers_its_documents() {
+    let fixture = tempfile::tempdir().expect("temporary directory");
+    unpack(7, fixture.path());
+    let mut node = TestNode::create(NodeOptions::default());
+    std::fs::rename(fixture.path().join("data"), node.data_path()).expect("moving data/");
+    node.restart().await;
+    let client = node.client();
+    assert_documents(&client, fixture.path()).await;
+
+    // It goes on from there: a new event applies on top of the old state, and a restart
+    // answers the same documents again.
+    let phone = expected(fixture.path(), "profile-phone");
+    let answer = client
+        .send_events(&[serde_json::json!({
+            "event_id": "after-upgrade-1", "type": "points_earn",
+            "identities": {"phone": "13800138000"}, "points": 99,
+            "ts": "2026-12-01T00:00:00Z"})])
+        .await
+        .expect("events");
+    assert_eq!(
+        (answer.applied, answer.results[0].oneid.as_deref()),
+        (1, phone["oneid"].as_str())
+    );
+    let profile = client
+        .lookup("phone", "13800138000")
+        .await
+        .expect("lookup")
+        .expect("the profile");
+    assert_eq!(profile.points.balance, 3201 + 99);
+    node.terminate();
+    node.restart().await;
+    let profile = node
+        .client()
+        .lookup("phone", "13800138000")
+        .await
+        .expect("lookup")
+        .expect("the profile");
+    assert_eq!(profile.points.balance, 3201 + 99);
+}
