@@ -154,7 +154,7 @@ pub async fn expiry(client: &Client, args: &BenchArgs, json_only: bool) -> anyho
         args.lot_profiles >= 1 && args.lots >= args.lot_profiles,
         "need lots >= lot_profiles >= 1"
     );
-    let expires = Millis(Millis::now().0 + args.expire_after as i64 * 1000);
+    let expires = Millis(wall_now().0 + args.expire_after as i64 * 1000);
     let events: Vec<Value> = (0..args.lots)
         .map(|n| {
             json!({"event_id": format!("lot-{n}"), "type": "points_earn", "identities": {"phone": format!("16{:09}", n % args.lot_profiles)},
@@ -165,14 +165,14 @@ pub async fn expiry(client: &Client, args: &BenchArgs, json_only: bool) -> anyho
     load(client, events, args.batch, args.senders).await?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     anyhow::ensure!(
-        Millis::now() < expires,
+        wall_now() < expires,
         "loading took longer than --expire-after {}s: raise it",
         args.expire_after
     );
 
     let before = client.metrics().await?;
     let due_before = counter(&before, "oneid_due_processed_total");
-    let wait = Duration::from_millis((expires.0 - Millis::now().0).max(0) as u64);
+    let wait = Duration::from_millis((expires.0 - wall_now().0).max(0) as u64);
     tokio::time::sleep(wait).await;
     let drain_started = Instant::now();
     let deadline = drain_started + Duration::from_secs(600);
@@ -248,4 +248,8 @@ pub(crate) fn finish(args: &BenchArgs, report: &Value, json_only: bool) -> anyho
         std::fs::write(out, &text)?;
     }
     Ok(())
+}
+
+fn wall_now() -> Millis {
+    Millis::from_system_time(std::time::SystemTime::now())
 }

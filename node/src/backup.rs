@@ -15,14 +15,13 @@
 //! check passes, and a node does not start on a data directory that has one: an interrupted or
 //! failed restore is never served.
 
-use crate::state::store::pair_hash;
-use crate::state::{keys, ShardMeta};
 use crate::storage::{NamedKeyspace, Storage};
 use anyhow::{anyhow, bail, ensure, Context};
 use fjall::{Database, PersistMode, Readable};
 use oneid_protocol::api::{BackupKeyspace, BackupShard};
 use oneid_protocol::ids::ShardId;
-use oneid_protocol::num::Millis;
+use oneid_state::store::pair_hash;
+use oneid_state::{keys, ShardMeta};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -265,7 +264,7 @@ fn copy_snapshot(
                 "a shard switched generations during each of {SNAPSHOT_ATTEMPTS} attempts"
             ))
         })?;
-    let created_at = Millis::now().to_string();
+    let created_at = crate::clock::wall_now().to_string();
     let target = Database::builder(dir)
         .open()
         .with_context(|| format!("creating the backup database in {}", dir.display()))?;

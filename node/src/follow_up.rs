@@ -15,9 +15,9 @@
 //!
 //! This module knows the shards only as addresses to propose to; it never reads storage.
 
-use crate::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
 use crate::shards::{per_shard, Shards};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_state::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -14,7 +14,7 @@
 
 mod api;
 mod backup;
-mod command;
+mod clock;
 mod config;
 mod follow_up;
 mod logging;
@@ -26,7 +26,6 @@ mod shards;
 #[cfg(test)]
 mod sim;
 mod snapshots;
-mod state;
 mod storage;
 mod streams;
 mod transport;
@@ -213,7 +212,7 @@ fn main() -> anyhow::Result<()> {
             election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
             heartbeat_ticks: HEARTBEAT_TICKS,
             clock_interval_ms: c.clock_interval_ms as i64,
-            retention: command::Retention {
+            retention: oneid_state::command::Retention {
                 dedup_days: c.dedup_retention_days,
                 ledger_days: c.ledger_retention_days,
                 change_log_hours: config.segments.change_log_retention_hours,

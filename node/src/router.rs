@@ -24,7 +24,6 @@
 //! next wave, so resolution reads each identity once per request. At most
 //! [`WAVES_PER_REQUEST_MAX`] waves run; events past them are answered `too_many_waves`.
 
-use crate::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::replica::core::ShardError;
@@ -35,6 +34,7 @@ use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::ErrorCode;
+use oneid_state::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

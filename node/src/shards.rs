@@ -16,7 +16,6 @@
 //!   replica, this node's first, at its applied index.
 //! - Peers' requests are carried out on this node's replicas only, never forwarded again.
 
-use crate::command::{Command, Output};
 use crate::config::node_of_raft_id;
 use crate::replica::actor::{Leave, Propose, Read, ShardActor, Step};
 use crate::replica::core::snapshot::SnapshotRef;
@@ -27,6 +26,7 @@ use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::Transport;
 use actix::Addr;
 use oneid_protocol::ids::ShardId;
+use oneid_state::command::{Command, Output};
 use protobuf::Message as _;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -24,14 +24,14 @@
 //! [`SNAPSHOT_HOLD_MAX`], is dropped (fjall keeps the versions a snapshot sees until it goes).
 
 use crate::replica::core::snapshot::SnapshotRef;
-use crate::state::keys;
-use crate::state::store::pair_hash;
-use crate::state::{decode, ShardMeta};
 use crate::storage::Storage;
 use anyhow::{anyhow, ensure, Context as _};
 use fjall::{Keyspace, PersistMode, Readable as _};
 use oneid_protocol::api::SnapshotView;
 use oneid_protocol::ids::ShardId;
+use oneid_state::keys;
+use oneid_state::store::pair_hash;
+use oneid_state::{decode, ShardMeta};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;

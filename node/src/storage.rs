@@ -18,14 +18,14 @@
 use crate::config::StorageConfig;
 use crate::metrics::Metrics;
 use crate::read_pool::ReadPool;
-use crate::state::keys;
-use crate::state::profile::Profile;
-use crate::state::store::StateRead;
-use crate::state::{decode, LedgerRecord};
 use anyhow::Context;
 use fjall::{AbstractTree as _, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_state::keys;
+use oneid_state::profile::Profile;
+use oneid_state::store::StateRead;
+use oneid_state::{decode, LedgerRecord};
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::ops::Bound;
@@ -829,7 +829,7 @@ pub enum Answer {
     Profile(Option<Box<ProfileRead>>),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
     Rules(Box<oneid_protocol::rules::Rules>),
-    Segments(Vec<crate::state::segments::SegmentRecord>),
+    Segments(Vec<oneid_state::segments::SegmentRecord>),
     Members(Vec<OneId>),
 }
 
@@ -902,7 +902,7 @@ impl StateReader {
     /// The applied index of the state this node's replica of `shard` holds.
     pub fn applied_index(&self, shard: ShardId) -> u64 {
         self.shard(shard).get(keys::META).map_or(0, |bytes| {
-            decode::<crate::state::ShardMeta>(keys::META, &bytes).applied_index
+            decode::<oneid_state::ShardMeta>(keys::META, &bytes).applied_index
         })
     }
 

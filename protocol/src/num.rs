@@ -110,10 +110,14 @@ impl Millis {
         Millis(self.0 + i64::from(days) * DAY_MS)
     }
 
-    /// The current wall-clock time. Only the API layer and the leader's clock proposals may
-    /// call this; apply never does.
-    pub fn now() -> Millis {
-        Millis((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
+    /// A wall-clock reading as milliseconds since the epoch (before the epoch: 0). `protocol`
+    /// reads no clock itself: the shells that may (the node's API and clock proposals, the
+    /// client) read `SystemTime::now()` and convert it here.
+    pub fn from_system_time(time: std::time::SystemTime) -> Millis {
+        let since_epoch = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Millis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
     }
 }
 

@@ -503,7 +503,7 @@ async fn a_time_based_exit_arrives_at_the_tick_that_crosses_its_threshold() {
     let recent = "days_since(last_order_on(\"douyin\")) < 1";
     let (mut stream, _) = define_and_watch(&node, "today", recent).await;
     // An order on Douyin a day ago, less 4 seconds: in now, out 4 seconds from now.
-    let ordered = Millis(Millis::now().0 - DAY_MS + 4_000);
+    let ordered = Millis(Millis::from_system_time(std::time::SystemTime::now()).0 - DAY_MS + 4_000);
     let order = json!({"event_id": "o-1", "type": "order", "identities": {"phone": "13400000001"},
         "order_id": "T1", "amount": "10.00", "channel": "douyin", "ts": ordered.to_string()});
     apply(&client, &[order]).await;

@@ -26,7 +26,7 @@ impl Api {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
-        let received = Millis::now();
+        let received = crate::clock::wall_now();
         let shape = body_shape(&request)?;
         let (body, held) =
             body::read(request.into_body(), shape, &self.budget, self.body_timeout).await?;

@@ -20,7 +20,6 @@ mod events;
 mod segments;
 
 use crate::backup::{BackupError, Backups};
-use crate::command::Command;
 use crate::metrics::{Metrics, Route};
 use crate::replica::actor::Status;
 use crate::replica::core::ShardError;
@@ -41,6 +40,7 @@ use oneid_protocol::event::EventError;
 use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
 use oneid_protocol::rules::RulesDoc;
 use oneid_protocol::ErrorCode;
+use oneid_state::command::Command;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

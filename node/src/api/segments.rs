@@ -3,9 +3,7 @@
 //! members in pages, and the membership stream (handed to `streams`).
 
 use super::{consistency, json, not_found, params, Api, ApiError, Body, Reply};
-use crate::command::{Command, Output, SegmentDefine, REGISTRY_SHARD};
 use crate::shards::{per_shard, Consistency};
-use crate::state::segments::SegmentRecord;
 use crate::storage::{Answer, Query};
 use crate::streams::{Cursor, Start};
 use bytes::Bytes;
@@ -20,6 +18,8 @@ use oneid_protocol::segments::{
     MEMBERS_PAGE_DEFAULT, MEMBERS_PAGE_MAX,
 };
 use oneid_protocol::ErrorCode;
+use oneid_state::command::{Command, Output, SegmentDefine, REGISTRY_SHARD};
+use oneid_state::segments::SegmentRecord;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 
@@ -67,7 +67,7 @@ impl Api {
             name: spec.name,
             predicate: Some(spec.predicate.source().to_string()),
             description: spec.description,
-            at: oneid_protocol::num::Millis::now(),
+            at: crate::clock::wall_now(),
         };
         let created = self.define(define).await?;
         let doc = self.segment_doc(name).await?;
@@ -86,7 +86,7 @@ impl Api {
             name: name.to_string(),
             predicate: None,
             description: String::new(),
-            at: oneid_protocol::num::Millis::now(),
+            at: crate::clock::wall_now(),
         };
         self.define(define).await?;
         let mut response = Response::new(http_body_util::Full::new(Bytes::new()));

@@ -20,16 +20,16 @@
 use super::core::snapshot::SnapshotRef;
 use super::core::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use super::log::LogSource;
-use crate::command::{Command, FollowUp, Output};
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::shards::{Gate, PeerSource, Shards};
 use crate::snapshots::{Report, Staged};
-use crate::state::{decode, keys, FollowUpRecord};
 use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
+use oneid_state::command::{Command, FollowUp, Output};
+use oneid_state::{decode, keys, FollowUpRecord};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -167,7 +167,7 @@ impl ShardActor {
 
     fn now(&self) -> Now {
         Now {
-            wall: Millis::now(),
+            wall: crate::clock::wall_now(),
             since_start: self.started.elapsed(),
         }
     }
@@ -323,7 +323,7 @@ impl ShardActor {
         self.metrics
             .passivated
             .fetch_add(a.passivated - passivated, Relaxed);
-        let now = a.len();
+        let now = a.active();
         if now >= len {
             self.metrics
                 .activations

@@ -54,15 +54,15 @@
 pub mod snapshot;
 
 use super::log::{LogSource, ShardLog};
-use crate::command::{Command, Output, Retention};
 use crate::config::node_of_raft_id;
-use crate::state::keys;
-use crate::state::store::{Layered, StateRead, WriteSet};
-use crate::state::ShardState;
 use crate::storage::WriteOp;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
+use oneid_state::command::{Command, Output, Retention};
+use oneid_state::keys;
+use oneid_state::store::{Layered, StateRead, WriteSet};
+use oneid_state::ShardState;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole};

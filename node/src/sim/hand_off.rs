@@ -4,8 +4,8 @@
 //! [`Replica::leave`]: crate::replica::core::Replica::leave
 
 use super::lease::{raft_id, Cluster, TICK};
-use crate::command::{Command, Retention};
 use crate::replica::core::Effects;
+use oneid_state::command::{Command, Retention};
 use raft::eraftpb::MessageType;
 use raft::StateRole;
 

@@ -3,12 +3,12 @@
 //! write durable at once, the time set by the test).
 
 use super::world::{Disk, SimLog};
-use crate::command::Retention;
 use crate::replica::core::{Effects, Now, Replica, ReplicaConfig, Token};
-use crate::state::store::MemState;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
+use oneid_state::command::Retention;
+use oneid_state::store::MemState;
 use raft::eraftpb::{Message, MessageType};
 use std::cell::RefCell;
 use std::rc::Rc;

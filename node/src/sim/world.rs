@@ -8,18 +8,18 @@ mod segments;
 mod transfer;
 
 use super::check::{self, Op};
-use crate::command::{Command, EventOutcome, Output, Retention, Routed, Target};
 use crate::config::node_of_raft_id;
 use crate::replica::core::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
 use crate::replica::log::LogSource;
-use crate::state::store::MemState;
-use crate::state::{decode, keys, LedgerKind, LedgerRecord};
 use crate::storage::{Space, WriteOp};
 use crate::transport::Transport;
 use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
+use oneid_state::command::{Command, EventOutcome, Output, Retention, Routed, Target};
+use oneid_state::store::MemState;
+use oneid_state::{decode, keys, LedgerKind, LedgerRecord};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use raft::StateRole;
@@ -1187,7 +1187,7 @@ impl World {
         };
         let oneid: OneId = decode(&key, bytes);
         let key = keys::profile(oneid);
-        let profile: crate::state::profile::Profile =
+        let profile: oneid_state::profile::Profile =
             decode(&key, state.0.get(&key).expect("a bound profile exists"));
         profile.balance as u64
     }

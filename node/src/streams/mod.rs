@@ -30,12 +30,12 @@ mod subscriber;
 pub use cursor::Cursor;
 
 use crate::shards::Shards;
-use crate::state::segments::ChangeRecord;
 use crate::storage::StateReader;
 use bytes::Bytes;
 use oneid_protocol::event::EventError;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::ErrorCode;
+use oneid_state::segments::ChangeRecord;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,10 +1,10 @@
 //! Reads of segment state from this node's replicas, straight from fjall: definitions with
 //! their sizes and backfill progress, members, and the change log.
 
-use crate::state::segments::{ChangeRecord, SegmentRecord};
-use crate::state::{decode, keys, store::StateRead, ShardRecord};
 use crate::storage::{ProfileRead, StateReader};
 use oneid_protocol::ids::{OneId, ShardId};
+use oneid_state::segments::{ChangeRecord, SegmentRecord};
+use oneid_state::{decode, keys, store::StateRead, ShardRecord};
 
 /// The change log's bounds in a shard record as stored (none yet: the default).
 fn bounds_of(record: Option<Vec<u8>>) -> LogBounds {

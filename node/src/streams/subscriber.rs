@@ -3,11 +3,11 @@
 
 use super::{sse, Batch, Cursor, Start, Streams};
 use super::{HEARTBEAT_EVERY, ID_EVERY, LEADERLESS_CLOSE, SNAPSHOT_PAGE};
-use crate::state::segments::{Change, ChangeRecord};
 use bytes::Bytes;
 use oneid_protocol::ids::{OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::segments::{ChangeKind, SegmentChange, SnapshotEnd};
+use oneid_state::segments::{Change, ChangeRecord};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

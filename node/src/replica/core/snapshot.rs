@@ -33,10 +33,10 @@
 use super::{Effects, Now, Replica};
 use crate::config::node_of_raft_id;
 use crate::replica::log::LogSource;
-use crate::state::store::StateRead;
-use crate::state::ShardState;
 use crate::storage::WriteOp;
 use oneid_protocol::ids::ShardId;
+use oneid_state::store::StateRead;
+use oneid_state::ShardState;
 use raft::eraftpb::{Message, Snapshot};
 use raft::{ProgressState, SnapshotStatus, Storage as _};
 use serde::{Deserialize, Serialize};

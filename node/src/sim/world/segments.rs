@@ -5,15 +5,15 @@
 //! profile of the shard.
 
 use super::World;
-use crate::command::{Command, SegmentDef};
 use crate::replica::core::Effects;
-use crate::state::profile::{Profile, RuleView};
-use crate::state::segments::SegmentRecord;
-use crate::state::{decode, keys, store::MemState};
 use oneid_protocol::ids::{OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::predicate::Predicate;
 use oneid_protocol::rules::Rules;
+use oneid_state::command::{Command, SegmentDef};
+use oneid_state::profile::{Profile, RuleView};
+use oneid_state::segments::SegmentRecord;
+use oneid_state::{decode, keys, store::MemState};
 use std::collections::BTreeSet;
 
 /// What the simulated profiles can differ by: their balances (sums of distinct powers of two).
@@ -98,7 +98,7 @@ fn check_replica(state: &MemState, shard: ShardId, node: usize) -> Result<usize,
         .get(keys::RULES)
         .map(|b| decode(keys::RULES, b))
         .unwrap_or_default();
-    let record: crate::state::ShardRecord = state
+    let record: oneid_state::ShardRecord = state
         .0
         .get(keys::SHARD)
         .map(|b| decode(keys::SHARD, b))

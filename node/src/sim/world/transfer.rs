@@ -9,9 +9,9 @@ use crate::replica::core::Effects;
 use crate::snapshots::{
     Chunk, Verifier, SNAPSHOTS_FETCHED_MAX, SNAPSHOTS_HELD_MAX, SNAPSHOT_IDLE_MAX,
 };
-use crate::state::store::MemState;
-use crate::state::{decode, keys, ShardMeta};
 use oneid_protocol::ids::ShardId;
+use oneid_state::store::MemState;
+use oneid_state::{decode, keys, ShardMeta};
 use std::ops::Bound;
 
 /// Pairs per chunk: few, so that a transfer takes many round trips for faults to fall between.

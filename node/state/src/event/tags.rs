@@ -1,9 +1,9 @@
 //! Manual tags and attributes.
 
 use super::Applying;
-use crate::state::keys::{self, DueKind};
-use crate::state::profile::{Profile, ATTRIBUTES_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX};
-use crate::state::tx::{reject_field, EventWrites};
+use crate::keys::{self, DueKind};
+use crate::profile::{Profile, ATTRIBUTES_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX};
+use crate::tx::{reject_field, EventWrites};
 use oneid_protocol::event::EventError;
 use oneid_protocol::num::Millis;
 use oneid_protocol::predicate::Value;

@@ -2,11 +2,11 @@
 //! pro-rata reversal.
 
 use super::{earn, Applying};
-use crate::state::keys::{self, DueKind};
-use crate::state::profile::Profile;
-use crate::state::store::pair_hash;
-use crate::state::tx::{reject_field, EventWrites};
-use crate::state::{decode, LedgerKind, OrderRecord, ShardState};
+use crate::keys::{self, DueKind};
+use crate::profile::Profile;
+use crate::store::pair_hash;
+use crate::tx::{reject_field, EventWrites};
+use crate::{decode, LedgerKind, OrderRecord, ShardState};
 use oneid_protocol::event::{EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::Money;
 use oneid_protocol::ErrorCode;

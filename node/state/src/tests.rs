@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::command::Retention;
-use crate::state::profile::Lot;
+use crate::profile::Lot;
 use oneid_protocol::event::{Event, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::DAY_MS;
 use oneid_protocol::predicate::Value;

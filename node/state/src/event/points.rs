@@ -1,9 +1,9 @@
 //! Points earned, redeemed and adjusted outside orders.
 
 use super::{earn, Applying};
-use crate::state::profile::Profile;
-use crate::state::tx::{reject_field, EventWrites};
-use crate::state::LedgerKind;
+use crate::profile::Profile;
+use crate::tx::{reject_field, EventWrites};
+use crate::LedgerKind;
 use oneid_protocol::event::EventError;
 use oneid_protocol::num::Millis;
 use oneid_protocol::ErrorCode;

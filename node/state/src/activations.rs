@@ -97,7 +97,8 @@ impl Activations {
         }
     }
 
-    pub fn len(&self) -> usize {
+    /// How many profiles are in memory now.
+    pub fn active(&self) -> usize {
         self.cache.len()
     }
 }
@@ -105,7 +106,7 @@ impl Activations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{id, rules, PLAIN};
+    use crate::tests::{id, rules, PLAIN};
     use oneid_protocol::num::Millis;
 
     #[test]
@@ -120,10 +121,10 @@ mod tests {
         let (taken, hash) = activations.take(id(2)).expect("activated");
         activations.insert(taken, hash);
         activations.passivate_idle(3);
-        assert_eq!(activations.len(), 2, "nothing idle for 3 ticks yet");
+        assert_eq!(activations.active(), 2, "nothing idle for 3 ticks yet");
         activations.tick();
         activations.passivate_idle(3);
-        assert_eq!(activations.len(), 1);
+        assert_eq!(activations.active(), 1);
         assert!(activations.take(id(1)).is_none(), "profile 1 passivated");
         assert_eq!(activations.passivated, 1);
     }

@@ -13,6 +13,7 @@
 //! so passivation never loses anything.
 
 pub mod activations;
+pub mod command;
 pub mod due;
 mod event;
 pub mod keys;
@@ -699,7 +700,7 @@ impl ShardState {
         }
     }
 
-    pub(super) fn evaluate_rule_tags(&self, profile: &mut Profile) {
+    pub(crate) fn evaluate_rule_tags(&self, profile: &mut Profile) {
         let mut rule_tags = BTreeSet::new();
         for (tag, predicate) in &self.tag_rules {
             let view = RuleView {

@@ -24,11 +24,9 @@ pub trait StateRead {
 }
 
 /// A state held in memory: the state of unit tests, and the model of the fjall one.
-#[cfg(test)]
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct MemState(pub BTreeMap<Vec<u8>, Vec<u8>>);
 
-#[cfg(test)]
 impl StateRead for MemState {
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.0.get(key).cloned()
@@ -53,7 +51,6 @@ impl StateRead for MemState {
     }
 }
 
-#[cfg(test)]
 impl MemState {
     /// Applies a write set's changes.
     pub fn commit(&mut self, writes: WriteSet) {
