@@ -572,8 +572,9 @@ pub fn check_no_unfinished_restore(data_dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::config::StorageConfig;
-    use crate::storage::{Space, TempDir};
+    use crate::storage::TempDir;
     use fjall::Keyspace;
+    use oneid_replica::write::Space;
 
     fn keyspace(storage: &Storage, space: Space) -> Keyspace {
         match space {

@@ -328,3 +328,8 @@ pub fn raft_id(shard: ShardId, node: u64) -> u64 {
 pub fn node_of_raft_id(raft_id: u64) -> u64 {
     raft_id & 0xffff_ffff
 }
+
+/// The shard in a raft id.
+pub fn shard_of_raft_id(raft_id: u64) -> ShardId {
+    ShardId((raft_id >> 32) as u32)
+}

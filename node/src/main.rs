@@ -1,16 +1,21 @@
-//! `oneid-node`: one node of a OneID cluster.
+//! `oneid-node`: one node of a OneID cluster: the shells around the two I/O-free cores, the
+//! state machine (`oneid_state`, `node/state`) and the replica core (`oneid_replica`,
+//! `node/replica`).
 //!
 //! # Layout
-//! - `config`: `cluster.toml`.
-//! - `storage`: the fjall database and the group-commit writer thread.
-//! - `state`: the I/O-free shard state machine (apply), profiles, the activation cache.
-//! - `command`: what the Raft log holds.
-//! - `shard`: the shard actor (actix) driving raft-rs, hosting the profiles.
+//! - `config`: `cluster.toml`, shard placement, raft ids.
+//! - `storage`: the fjall database and the group-commit writer thread; `read_pool` the
+//!   threads that run fjall reads for async code.
+//! - `replica`: the shard actor (actix), the replica core's shell on this node.
+//! - `shards`: the routing table: this node's replicas, the leaders it heard of, forwarding.
+//! - `transport`: the peer transport (TCP, handshake, frames).
+//! - `snapshots`: the shell's half of snapshots (holding, serving, fetching).
 //! - `router`: takes events to the shards of their profiles and identities.
 //! - `follow_up`: finishing the binds an applied event implies on other shards.
-//! - `api`: the HTTP API (hyper): connections, bodies, routes.
+//! - `api`: the HTTP API (hyper): connections, bodies, routes; `streams` the segment streams.
 //! - `backup`: online backups, and restoring one into an empty data directory.
-//! - `metrics`, `logging`: observability.
+//! - `metrics`, `logging`, `clock`: observability, and the wall clock the shells read.
+//! - `sim` (tests): the seeded simulation of whole clusters over the replica core.
 
 mod api;
 mod backup;
@@ -33,8 +38,8 @@ mod transport;
 use anyhow::Context;
 use clap::Parser;
 use oneid_protocol::api::NodeView;
+use oneid_replica::ReplicaConfig;
 use replica::actor::ShardActor;
-use replica::core::ReplicaConfig;
 use shards::Shards;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -206,9 +211,13 @@ fn main() -> anyhow::Result<()> {
         let settings = ReplicaConfig {
             shard,
             n_shards: c.shards,
-            raft_id,
-            campaign: voters.first() == Some(&raft_id),
-            bootstrap_voters: voters,
+            id: raft_id,
+            campaign: voters[0] == raft_id,
+            placed_leader: voters[0],
+            replicas: voters
+                .iter()
+                .map(|&id| (id, config::node_of_raft_id(id)))
+                .collect(),
             election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
             heartbeat_ticks: HEARTBEAT_TICKS,
             clock_interval_ms: c.clock_interval_ms as i64,
@@ -222,7 +231,7 @@ fn main() -> anyhow::Result<()> {
             activation_budget: budget_per_shard,
             seed_rules: seed_rules.clone(),
             log_retain_entries: c.log_retain_entries,
-            log_compact_entries: replica::core::LOG_COMPACT_BATCH,
+            log_compact_entries: oneid_replica::LOG_COMPACT_BATCH,
             life: started_micros,
             tick: Duration::from_millis(c.tick_ms),
         };

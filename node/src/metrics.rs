@@ -283,7 +283,7 @@ impl Metrics {
             &mut out,
             "oneid_clock_apply_seconds",
             "histogram",
-            "Time to apply one clock entry (due work and evictions, bounded per entry).",
+            "Time of an apply round that held a clock entry (its due work and evictions, bounded per entry, and the round's other entries).",
         );
         self.clock_apply_latency
             .render(&mut out, "oneid_clock_apply_seconds", "");

@@ -26,7 +26,6 @@
 
 use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::replica::core::ShardError;
 use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::StateReader;
 use crate::storage::{Answer as StateAnswer, Query};
@@ -34,6 +33,7 @@ use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::ErrorCode;
+use oneid_replica::ShardError;
 use oneid_state::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;

@@ -18,16 +18,16 @@
 
 use crate::config::node_of_raft_id;
 use crate::replica::actor::{Leave, Propose, Read, ShardActor, Step};
-use crate::replica::core::snapshot::SnapshotRef;
-use crate::replica::core::ShardError;
 use crate::snapshots::{Chunk, ChunkError, Snapshots, Source, CHUNK_TIMEOUT};
 use crate::storage::{Answer, Query, StateReader};
 use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::Transport;
 use actix::Addr;
 use oneid_protocol::ids::ShardId;
+use oneid_replica::message::{Message, MessageKind};
+use oneid_replica::snapshot::SnapshotRef;
+use oneid_replica::ShardError;
 use oneid_state::command::{Command, Output};
-use protobuf::Message as _;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -272,14 +272,14 @@ impl Shards {
 
     /// Raft messages of a local replica for the replicas of other nodes; answers the raft
     /// ids it could not reach.
-    pub fn send_raft(&self, shard: ShardId, messages: Vec<raft::eraftpb::Message>) -> Vec<u64> {
+    pub fn send_raft(&self, shard: ShardId, messages: Vec<Message>) -> Vec<u64> {
         let mut by_node: BTreeMap<u64, (Vec<Vec<u8>>, Vec<u64>)> = BTreeMap::new();
         for message in messages {
-            let entry = by_node.entry(node_of_raft_id(message.to)).or_default();
-            entry.1.push(message.to);
-            entry
-                .0
-                .push(message.write_to_bytes().expect("raft messages encode"));
+            let entry = by_node
+                .entry(node_of_raft_id(message.receiver()))
+                .or_default();
+            entry.1.push(message.receiver());
+            entry.0.push(message.encode());
         }
         let mut unreachable = Vec::new();
         for (node, (bytes, to)) in by_node {
@@ -607,15 +607,16 @@ pub async fn per_shard<T, F: Future<Output = T>>(
 /// and a transfer request naming the receiving replica itself (a replica that refuses a
 /// transfer because it is leaving sends one, which makes the leader give its transfer up; see
 /// `Replica::step`).
-pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &raft::eraftpb::Message) -> bool {
-    use raft::eraftpb::MessageType::{MsgReadIndex, MsgTransferLeader};
-    let ours = node_of_raft_id(message.to) == me && message.to >> 32 == u64::from(shard);
-    let forwarded = match message.get_msg_type() {
-        MsgReadIndex => message.from >> 32 == u64::from(shard),
-        MsgTransferLeader => message.from == message.to,
+pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &Message) -> bool {
+    let (sender, receiver) = (message.sender(), message.receiver());
+    let of_shard = |id: u64| crate::config::shard_of_raft_id(id) == ShardId(shard);
+    let ours = node_of_raft_id(receiver) == me && of_shard(receiver);
+    let forwarded = match message.kind() {
+        MessageKind::ReadIndex => of_shard(sender),
+        MessageKind::TransferLeader => sender == receiver,
         _ => false,
     };
-    ours && (node_of_raft_id(message.from) == from || forwarded)
+    ours && (node_of_raft_id(sender) == from || forwarded)
 }
 
 /// A snapshot's holder, reached over the peer transport.
@@ -659,7 +660,7 @@ impl Inbound for FromPeers {
         };
         let mut decoded = Vec::with_capacity(messages.len());
         for bytes in messages {
-            match raft::eraftpb::Message::parse_from_bytes(&bytes) {
+            match Message::decode(&bytes) {
                 Ok(m) if peer_may_send(from, shards.me, shard, &m) => decoded.push(m),
                 _ => tracing::warn!(
                     peer = from,

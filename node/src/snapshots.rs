@@ -23,12 +23,12 @@
 //! later); a held snapshot no chunk was asked of for [`SNAPSHOT_IDLE_MAX`], or held for
 //! [`SNAPSHOT_HOLD_MAX`], is dropped (fjall keeps the versions a snapshot sees until it goes).
 
-use crate::replica::core::snapshot::SnapshotRef;
 use crate::storage::Storage;
 use anyhow::{anyhow, ensure, Context as _};
 use fjall::{Keyspace, PersistMode, Readable as _};
 use oneid_protocol::api::SnapshotView;
 use oneid_protocol::ids::ShardId;
+use oneid_replica::snapshot::SnapshotRef;
 use oneid_state::keys;
 use oneid_state::store::pair_hash;
 use oneid_state::{decode, ShardMeta};

@@ -22,6 +22,8 @@ use anyhow::Context;
 use fjall::{AbstractTree as _, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_replica::log::generation_key;
+use oneid_replica::write::{Space, WriteOp};
 use oneid_state::keys;
 use oneid_state::profile::Profile;
 use oneid_state::store::StateRead;
@@ -160,11 +162,6 @@ pub struct NamedKeyspace {
     pub keyspace: Keyspace,
 }
 
-/// The meta key `gen/NNNN`: the generation of a shard's keyspaces (u64 big-endian).
-pub fn generation_key(shard: ShardId) -> Vec<u8> {
-    format!("gen/{:04}", shard.0).into_bytes()
-}
-
 /// The names of a shard's log and state keyspaces in `generation`.
 fn generation_names(shard: ShardId, generation: u64) -> (String, String) {
     let suffix = match generation {
@@ -188,21 +185,6 @@ fn parse_generation_name(name: &str) -> Option<(ShardId, u64)> {
     };
     (shard.len() == 4).then_some(())?;
     Some((ShardId(shard.parse().ok()?), generation))
-}
-
-/// Where a write goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Space {
-    Meta,
-    Log(ShardId),
-    State(ShardId),
-}
-
-pub struct WriteOp {
-    pub space: Space,
-    pub key: Vec<u8>,
-    /// `None` deletes.
-    pub value: Option<Vec<u8>>,
 }
 
 impl Storage {

@@ -22,7 +22,6 @@ mod segments;
 use crate::backup::{BackupError, Backups};
 use crate::metrics::{Metrics, Route};
 use crate::replica::actor::Status;
-use crate::replica::core::ShardError;
 use crate::router::Router;
 use crate::shards::{Consistency, Shards};
 use crate::storage::{Answer, Query};
@@ -40,6 +39,7 @@ use oneid_protocol::event::EventError;
 use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
 use oneid_protocol::rules::RulesDoc;
 use oneid_protocol::ErrorCode;
+use oneid_replica::ShardError;
 use oneid_state::command::Command;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -581,7 +581,7 @@ impl Api {
                         id: shard.0,
                         leader: s.leader.map(node),
                         term: s.term,
-                        role: role_name(s.role).to_string(),
+                        role: s.role.name().to_string(),
                         commit_index: s.commit_index,
                         applied_index: s.applied_index,
                         digest: format!("{:016x}", s.digest),
@@ -719,15 +719,6 @@ fn stamped(
         );
     }
     response
-}
-
-fn role_name(role: raft::StateRole) -> &'static str {
-    match role {
-        raft::StateRole::Leader => "leader",
-        raft::StateRole::Follower => "follower",
-        raft::StateRole::Candidate => "candidate",
-        raft::StateRole::PreCandidate => "pre_candidate",
-    }
 }
 
 fn method_not_allowed(method: &Method, path: &str, endpoint: Endpoint) -> ApiError {

@@ -17,9 +17,6 @@
 //! (`storage::StateReader`), once the actor says the durable state is new enough
 //! ([`Read`]).
 
-use super::core::snapshot::SnapshotRef;
-use super::core::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
-use super::log::LogSource;
 use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::shards::{Gate, PeerSource, Shards};
@@ -28,6 +25,9 @@ use crate::storage::{FjallState, Storage, WriteJob, Writer};
 use actix::prelude::*;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
+use oneid_replica::log::LogSource;
+use oneid_replica::snapshot::SnapshotRef;
+use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use oneid_state::command::{Command, FollowUp, Output};
 use oneid_state::{decode, keys, FollowUpRecord};
 use std::collections::BTreeMap;
@@ -47,7 +47,7 @@ const FOLLOW_UP_GRACE_MS: i64 = 2_000;
 const FOLLOW_UP_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 const _: () = assert!(
-    super::core::PROPOSALS_PENDING_MAX >= SHARD_MAILBOX_MAX,
+    oneid_replica::PROPOSALS_PENDING_MAX >= SHARD_MAILBOX_MAX,
     "a full mailbox of proposals must fit the pending table"
 );
 
@@ -61,7 +61,7 @@ impl LogSource for FjallLog {
     fn entry(&self, index: u64) -> Option<Vec<u8>> {
         self.storage
             .log(self.shard)
-            .get(super::log::entry_key(index))
+            .get(oneid_replica::log::entry_key(index))
             .unwrap_or_else(|e| panic!("reading the log failed: {e}"))
             .map(|v| v.to_vec())
     }
@@ -134,8 +134,7 @@ impl ShardActor {
             storage: Arc::clone(&storage),
             shard,
         };
-        let logger = crate::logging::raft_logger(shard);
-        let replica = Replica::recover(config, source, &FjallState(storage.state(shard)), &logger)?;
+        let replica = Replica::recover(config, source, &FjallState(storage.state(shard)))?;
         let generation = storage.generation_number(shard);
         let status = replica.status();
         tracing::info!(%shard, applied = status.applied_index, generation, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
@@ -176,8 +175,15 @@ impl ShardActor {
     fn run(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
         let storage = Arc::clone(&self.storage);
         let now = self.now();
+        let started = Instant::now();
         self.replica
             .advance(&FjallState(storage.state(self.shard)), now, &mut fx);
+        let clocks = std::mem::take(&mut fx.clocks);
+        if !clocks.is_empty() {
+            // The core reads no clock: the shell times the apply round a clock entry was in.
+            self.metrics
+                .clock_applied(started.elapsed(), clocks.iter().sum());
+        }
         self.carry_out(fx, ctx);
     }
 
@@ -201,7 +207,8 @@ impl ShardActor {
             write,
             replies,
             reads,
-            clocks,
+            // Taken by `run`, which times the apply round that had them.
+            clocks: _,
             role,
             snapshots: _,
             fetch,
@@ -216,9 +223,6 @@ impl ShardActor {
         if let Some((role, term)) = role {
             tracing::info!(shard = %self.shard, ?role, term, "role changed");
             self.metrics.leader_changes.fetch_add(1, Relaxed);
-        }
-        for (elapsed, due) in clocks {
-            self.metrics.clock_applied(elapsed, due);
         }
         if let Some(snapshot) = fetch {
             self.fetch(snapshot, ctx);
@@ -454,7 +458,7 @@ impl Handler<Read> for ShardActor {
 /// Raft messages from this shard's replicas on other nodes.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Step(pub Vec<raft::eraftpb::Message>);
+pub struct Step(pub Vec<oneid_replica::message::Message>);
 
 impl Handler<Step> for ShardActor {
     type Result = ();

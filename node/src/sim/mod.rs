@@ -17,8 +17,8 @@
 //! refused as a node's is (`transport::handshake::may_join`), leaving its shards two
 //! replicas. After the faults the cluster heals and must settle.
 //!
-//! [`lease`] tests each rule that makes leader leases safe, on replicas driven by hand, and
-//! [`hand_off`] what a replica does while its node shuts down.
+//! The directed tests of leases and hand-offs, on replicas driven by hand, are the replica
+//! crate's own (`node/replica/src/tests`).
 //!
 //! Invariants, on every run: at most one leader per term of a shard; replicas that made the
 //! same applied index durable have the same digest, and after settling the same state; every
@@ -35,13 +35,16 @@
 //! differ by the seeded jitter of their ticks.
 
 mod check;
-mod hand_off;
-mod lease;
 mod world;
 
 /// What a node would refuse from a peer (see `shards::peer_may_send`), no simulated replica
 /// may send: `from` and `to` are node indexes (from 0).
-fn assert_deliverable(from: usize, to: usize, shard: u32, message: &raft::eraftpb::Message) {
+fn assert_deliverable(
+    from: usize,
+    to: usize,
+    shard: u32,
+    message: &oneid_replica::message::Message,
+) {
     assert!(
         crate::shards::peer_may_send(from as u64 + 1, to as u64 + 1, shard, message),
         "node {}: a message from node {} it would refuse: {message:?}",

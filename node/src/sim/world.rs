@@ -9,20 +9,19 @@ mod transfer;
 
 use super::check::{self, Op};
 use crate::config::node_of_raft_id;
-use crate::replica::core::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
-use crate::replica::log::LogSource;
-use crate::storage::{Space, WriteOp};
 use crate::transport::Transport;
 use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
+use oneid_replica::log::LogSource;
+use oneid_replica::message::Message;
+use oneid_replica::write::{Space, WriteOp};
+use oneid_replica::Role;
+use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
 use oneid_state::command::{Command, EventOutcome, Output, Retention, Routed, Target};
 use oneid_state::store::MemState;
 use oneid_state::{decode, keys, LedgerKind, LedgerRecord};
-use protobuf::Message as _;
-use raft::eraftpb::Message;
-use raft::StateRole;
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -482,12 +481,13 @@ impl World {
         ReplicaConfig {
             shard,
             n_shards: self.shape.shards,
-            raft_id: World::raft_id(shard, node),
-            bootstrap_voters: self
+            id: World::raft_id(shard, node),
+            replicas: self
                 .placement(shard)
                 .into_iter()
-                .map(|n| World::raft_id(shard, n))
+                .map(|n| (World::raft_id(shard, n), n as u64 + 1))
                 .collect(),
+            placed_leader: World::raft_id(shard, self.placement(shard)[0]),
             // Deterministic timeouts; nodes differ by their tick jitter.
             election_ticks: (10, 11),
             heartbeat_ticks: 1,
@@ -526,7 +526,6 @@ impl World {
         disk.staged.clear();
         drop(disk);
         self.nodes[node].next_generation = highest + 1;
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
         let shards: Vec<ShardId> = (0..self.shape.shards)
             .map(ShardId)
             .filter(|s| self.placement(*s).contains(&node))
@@ -543,7 +542,7 @@ impl World {
                 let disk = disk.borrow();
                 let empty = MemState::default();
                 let base = disk.states.get(&shard).unwrap_or(&empty);
-                Replica::recover(config, source, base, &logger).expect("a replica recovers")
+                Replica::recover(config, source, base).expect("a replica recovers")
             };
             self.nodes[node].replicas.insert(shard, replica);
         }
@@ -639,8 +638,8 @@ impl World {
                 if !self.nodes[node].up {
                     return Ok(());
                 }
-                let message = Message::parse_from_bytes(&message).expect("messages decode");
-                let shard = ShardId((message.to >> 32) as u32);
+                let message = Message::decode(&message).expect("messages decode");
+                let shard = crate::config::shard_of_raft_id(message.receiver());
                 super::assert_deliverable(from, node, shard.0, &message);
                 if self.nodes[node].replicas.contains_key(&shard) {
                     let (now, mut fx) = (self.clocks(node), Effects::default());
@@ -896,7 +895,7 @@ impl World {
             let mut disk = self.nodes[node].disk.borrow_mut();
             disk.staged.remove(&(shard, generation));
         }
-        if let Some((StateRole::Leader, term)) = role {
+        if let Some((Role::Leader, term)) = role {
             let me = World::raft_id(shard, node);
             if let Some(&other) = self.leaders.get(&(shard, term)) {
                 assert_eq!(
@@ -910,9 +909,9 @@ impl World {
         let mut by_node: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
         for message in messages {
             by_node
-                .entry(node_of_raft_id(message.to))
+                .entry(node_of_raft_id(message.receiver()))
                 .or_default()
-                .push(message.write_to_bytes().expect("raft messages encode"));
+                .push(message.encode());
         }
         for (to, bytes) in by_node {
             self.transport.send_raft(to, shard.0, bytes);
@@ -1252,10 +1251,7 @@ impl World {
                 .into_iter()
                 .map(|n| self.nodes[n].replicas[&shard].status())
                 .collect();
-            let leaders = statuses
-                .iter()
-                .filter(|s| s.role == StateRole::Leader)
-                .count();
+            let leaders = statuses.iter().filter(|s| s.role == Role::Leader).count();
             leaders == 1
                 && statuses.iter().all(|s| {
                     s.applied_index == statuses[0].applied_index

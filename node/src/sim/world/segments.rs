@@ -5,11 +5,11 @@
 //! profile of the shard.
 
 use super::World;
-use crate::replica::core::Effects;
 use oneid_protocol::ids::{OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::predicate::Predicate;
 use oneid_protocol::rules::Rules;
+use oneid_replica::Effects;
 use oneid_state::command::{Command, SegmentDef};
 use oneid_state::profile::{Profile, RuleView};
 use oneid_state::segments::SegmentRecord;

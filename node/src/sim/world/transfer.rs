@@ -4,12 +4,12 @@
 //! messages fall between every step of a transfer and its install.
 
 use super::{Happening, World};
-use crate::replica::core::snapshot::SnapshotRef;
-use crate::replica::core::Effects;
 use crate::snapshots::{
     Chunk, Verifier, SNAPSHOTS_FETCHED_MAX, SNAPSHOTS_HELD_MAX, SNAPSHOT_IDLE_MAX,
 };
 use oneid_protocol::ids::ShardId;
+use oneid_replica::snapshot::SnapshotRef;
+use oneid_replica::Effects;
 use oneid_state::store::MemState;
 use oneid_state::{decode, keys, ShardMeta};
 use std::ops::Bound;

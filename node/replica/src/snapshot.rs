@@ -31,9 +31,8 @@
 //! never switched to are dropped at start, and the switch is one atomic write.
 
 use super::{Effects, Now, Replica};
-use crate::config::node_of_raft_id;
-use crate::replica::log::LogSource;
-use crate::storage::WriteOp;
+use crate::log::LogSource;
+use crate::write::WriteOp;
 use oneid_protocol::ids::ShardId;
 use oneid_state::store::StateRead;
 use oneid_state::ShardState;
@@ -120,7 +119,7 @@ impl<S: LogSource> Replica<S> {
         let metadata = message.get_snapshot().get_metadata();
         let snapshot = SnapshotRef::decode(&message.get_snapshot().data).filter(|s| {
             (s.shard, s.to, s.index, s.term)
-                == (shard, self.config.raft_id, metadata.index, metadata.term)
+                == (shard, self.config.id, metadata.index, metadata.term)
         });
         let Some(snapshot) = snapshot else {
             tracing::warn!(%shard, from = message.from, "a snapshot message whose data is not its own; dropped");
@@ -224,7 +223,7 @@ impl<S: LogSource> Replica<S> {
     /// entries the log no longer holds. Call only with no write in flight.
     pub(super) fn prepare_snapshots(&mut self, fx: &mut Effects) {
         assert!(self.in_flight.is_none(), "a snapshot of the durable state");
-        let (me, ticks, first) = (self.config.raft_id, self.ticks, self.raw.store().first());
+        let (me, ticks, first) = (self.config.id, self.ticks, self.raw.store().first());
         let wanting: Vec<u64> = self
             .raw
             .raft
@@ -254,7 +253,10 @@ impl<S: LogSource> Replica<S> {
             self.snapshots_prepared += 1;
             let snapshot = SnapshotRef {
                 shard: self.config.shard,
-                node: node_of_raft_id(me),
+                node: self
+                    .config
+                    .node_of(me)
+                    .expect("this replica is one of the shard's"),
                 id: self.config.life.rotate_left(24) ^ self.snapshots_prepared,
                 to,
                 index,
@@ -269,7 +271,7 @@ impl<S: LogSource> Replica<S> {
             (metadata.index, metadata.term) = (index, term);
             metadata.set_conf_state(self.raw.store().conf_state().clone());
             self.raw.mut_store().prepare(to, message);
-            tracing::info!(shard = %self.config.shard, to = node_of_raft_id(to), index,
+            tracing::info!(shard = %self.config.shard, to = ?self.config.node_of(to), index,
                 "preparing a snapshot for a follower behind the log");
             self.outgoing.insert(
                 to,
@@ -304,7 +306,7 @@ impl<S: LogSource> Replica<S> {
             let out = self.outgoing.remove(&to).expect("listed above");
             self.raw.mut_store().unprepare(Some(to));
             if expired {
-                tracing::warn!(shard = %self.config.shard, to = node_of_raft_id(to),
+                tracing::warn!(shard = %self.config.shard, to = ?self.config.node_of(to),
                     index = out.snapshot.index, "a snapshot took too long; given up");
             }
             if sending {

@@ -1,5 +1,19 @@
 //! The replica core: one shard's Raft replica and its state machine, without I/O.
 //!
+//! This crate is the only one that knows raft-rs, and it does no I/O: it never sees a disk,
+//! a socket, an async runtime or a clock. Its shells (the node's shard actor, the simulation)
+//! feed it inputs, with the time as a value, and carry out what it answers.
+//!
+//! # Layout
+//! - this file: [`Replica`], raft-rs's `RawNode` with proposals, ReadIndex rounds, leases,
+//!   the apply of committed entries into the shard's state machine (`oneid_state`), and the
+//!   [`Effects`] the shell must carry out;
+//! - [`snapshot`]: the core's half of snapshots;
+//! - [`log`]: the Raft log over a key-value [`log::LogSource`] (raft-rs's `Storage`), and the
+//!   meta keys of a shard's replica;
+//! - [`message`]: the messages replicas send each other, opaque to the shells;
+//! - [`write`]: the writes a replica hands its shell to make durable.
+//!
 //! [`Replica`] wraps raft-rs's `RawNode` over the shard's [`ShardLog`] and the shard's
 //! [`ShardState`]. Its shell (the actix actor on a node, the simulator in tests) feeds it
 //! inputs and carries out what it answers in [`Effects`]:
@@ -51,11 +65,15 @@
 //!   and runs while the process is stopped (SIGSTOP), so a paused leader resumes with its
 //!   lease gone.
 
+pub mod log;
+mod logging;
+pub mod message;
 pub mod snapshot;
+pub mod write;
 
-use super::log::{LogSource, ShardLog};
-use crate::config::node_of_raft_id;
-use crate::storage::WriteOp;
+use crate::log::{LogSource, ShardLog};
+use crate::write::WriteOp;
+use message::Message;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
@@ -64,11 +82,11 @@ use oneid_state::keys;
 use oneid_state::store::{Layered, StateRead, WriteSet};
 use oneid_state::ShardState;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, Message, MessageType};
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, EntryType, MessageType};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use snapshot::{Incoming, Outgoing, SnapshotRef};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Most proposals a replica holds waiting for commit; past it proposals fail `Overloaded`.
 pub const PROPOSALS_PENDING_MAX: usize = 4096;
@@ -149,11 +167,16 @@ pub enum ShardError {
 pub struct ReplicaConfig {
     pub shard: ShardId,
     pub n_shards: u32,
-    /// This replica's raft id (`shard << 32 | node`).
-    pub raft_id: u64,
-    /// The voters when the shard is first created (the cluster file's placement); later the
-    /// conf state stored with the log.
-    pub bootstrap_voters: Vec<u64>,
+    /// This replica's id: unique in the cluster, chosen by the shell (this crate never derives
+    /// anything from it).
+    pub id: u64,
+    /// The shard's replicas, by replica id, with the node that hosts each: the voters when the
+    /// shard is first created (later the conf state stored with the log holds the voters),
+    /// and how a replica's node is named (a leader in `NotLeader`, a snapshot's holder).
+    pub replicas: BTreeMap<u64, u64>,
+    /// The replica that leads when all are well (the cluster file's placement spreads them
+    /// over the nodes): a leader elected elsewhere hands leadership back to it.
+    pub placed_leader: u64,
     /// Election timeout in ticks, drawn from `min..max` by raft-rs (a simulation sets
     /// `max = min + 1`, which makes it deterministic).
     pub election_ticks: (usize, usize),
@@ -190,10 +213,10 @@ pub struct Effects {
     pub replies: Vec<(Token, Result<Output, ShardError>)>,
     /// Reads that may be served now (the durable state covers them), or why not.
     pub reads: Vec<(Token, Result<(), ShardError>)>,
-    /// Clock entries applied: the time each took and the due keys it processed (metrics).
-    pub clocks: Vec<(Duration, usize)>,
+    /// Clock entries applied: the due keys each processed (metrics; the shell times the call).
+    pub clocks: Vec<usize>,
     /// The replica became leader, or stopped being leader, with the term.
-    pub role: Option<(StateRole, u64)>,
+    pub role: Option<(Role, u64)>,
     /// Snapshots of the durable state to hold for followers (a leader's): emitted only while
     /// no write is in flight, so the shell registers a read view of the state now, before
     /// the next write goes out, or calls [`Replica::snapshot_failed`].
@@ -270,21 +293,52 @@ impl Reads {
     }
 }
 
+/// A replica's part in its Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    /// Asking for pre-votes: whether it could win an election, before it starts one.
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl Role {
+    fn of(role: StateRole) -> Role {
+        match role {
+            StateRole::Follower => Role::Follower,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::Leader => Role::Leader,
+        }
+    }
+
+    /// Its name in documents: `leader`, `follower`, `candidate`, `pre_candidate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::PreCandidate => "pre_candidate",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
 /// A snapshot of a replica, for `/v1/cluster`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaStatus {
-    pub role: StateRole,
-    /// The leader's raft id, if known.
+    pub role: Role,
+    /// The leader's replica id, if known.
     pub leader: Option<u64>,
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
     pub digest: u64,
-    /// Raft ids of the voters and learners.
+    /// Replica ids of the voters and learners.
     pub replicas: Vec<u64>,
-    /// Raft ids of followers that need entries this log no longer holds (a leader's view).
+    /// Replica ids of followers that need entries this log no longer holds (a leader's view).
     pub needs_snapshot: Vec<u64>,
-    /// Raft ids of followers that acknowledged every entry (a leader's view).
+    /// Replica ids of followers that acknowledged every entry (a leader's view).
     pub caught_up: Vec<u64>,
     pub first_index: u64,
 }
@@ -341,6 +395,13 @@ pub struct Replica<S: LogSource> {
     incoming: Option<Incoming>,
 }
 
+impl ReplicaConfig {
+    /// The node that hosts replica `id`, if it is one of the shard's.
+    pub fn node_of(&self, id: u64) -> Option<u64> {
+        self.replicas.get(&id).copied()
+    }
+}
+
 impl<S: LogSource> Replica<S> {
     /// Recovers a replica from what `source` (its log) and `base` (its state) hold: the
     /// applied state is where it starts; later log entries are applied again as Raft commits
@@ -349,7 +410,6 @@ impl<S: LogSource> Replica<S> {
         config: ReplicaConfig,
         source: S,
         base: &dyn StateRead,
-        logger: &slog::Logger,
     ) -> Result<Replica<S>, raft::Error> {
         let state = ShardState::load(
             config.shard,
@@ -358,11 +418,20 @@ impl<S: LogSource> Replica<S> {
             config.activation_budget,
         );
         let applied = state.meta.applied_index;
-        let bootstrap = ConfState::from((config.bootstrap_voters.clone(), vec![]));
+        assert!(
+            config.replicas.contains_key(&config.id),
+            "shard {}: replica {} is not one of the shard's replicas {:?}",
+            config.shard,
+            config.id,
+            config.replicas
+        );
+        let voters = config.replicas.keys().copied().collect::<Vec<_>>();
+        let alone = voters.len() == 1;
+        let bootstrap = ConfState::from((voters, vec![]));
         let (mut log, queued_ops) = ShardLog::recover(config.shard, source, bootstrap);
         log.raise_commit(applied);
         let raft_config = raft::Config {
-            id: config.raft_id,
+            id: config.id,
             election_tick: config.election_ticks.0,
             min_election_tick: config.election_ticks.0,
             max_election_tick: config.election_ticks.1,
@@ -380,8 +449,8 @@ impl<S: LogSource> Replica<S> {
             ..Default::default()
         };
         raft_config.validate()?;
-        let mut raw = RawNode::new(&raft_config, log, logger)?;
-        let alone = config.bootstrap_voters.len() == 1;
+        let logger = logging::raft_logger(config.shard);
+        let mut raw = RawNode::new(&raft_config, log, &logger)?;
         let hold_votes = raw.raft.term > 0;
         if config.campaign && (alone || raw.raft.term == 0) {
             raw.campaign()?;
@@ -444,7 +513,7 @@ impl<S: LogSource> Replica<S> {
     fn not_leader(&self) -> ShardError {
         ShardError::NotLeader {
             shard: self.config.shard,
-            leader: self.leader().map(crate::config::node_of_raft_id),
+            leader: self.leader().and_then(|id| self.config.node_of(id)),
         }
     }
 
@@ -464,7 +533,7 @@ impl<S: LogSource> Replica<S> {
         }
         if let Some(to) = self.raw.raft.lead_transferee {
             // raft-rs drops proposals while leadership moves: the caller retries at the target.
-            let leader = Some(crate::config::node_of_raft_id(to));
+            let leader = self.config.node_of(to);
             let shard = self.config.shard;
             return fail(ShardError::NotLeader { shard, leader }, fx);
         }
@@ -608,13 +677,14 @@ impl<S: LogSource> Replica<S> {
     /// request itself (as raft-rs would after a heartbeat round); a replica that started less
     /// than a lease ago refuses (pre-)votes.
     pub fn step(&mut self, message: Message, now: Now, fx: &mut Effects) {
+        let Message(message) = message;
         self.observe(now);
         match message.get_msg_type() {
             MessageType::MsgTimeoutNow if self.leaving => {
                 // Refused, and the leader told at once: a transfer request naming the leader
                 // itself makes it give up the transfer (and the proposals it refuses while
                 // one is pending) instead of waiting an election timeout.
-                tracing::info!(shard = %self.config.shard, from = node_of_raft_id(message.from),
+                tracing::info!(shard = %self.config.shard, from = ?self.config.node_of(message.from),
                     "leadership transfer refused: this node is shutting down");
                 // Only to the leader this replica follows, in its term: raft-rs forwards the
                 // request to that leader, and one from an older leader is stale anyway.
@@ -632,16 +702,16 @@ impl<S: LogSource> Replica<S> {
                 return;
             }
             MessageType::MsgReadIndex
-                if message.from != self.config.raft_id && self.lease_holds(now) =>
+                if message.from != self.config.id && self.lease_holds(now) =>
             {
-                let mut answer = Message::default();
+                let mut answer = raft::eraftpb::Message::default();
                 answer.set_msg_type(MessageType::MsgReadIndexResp);
                 answer.to = message.from;
-                answer.from = self.config.raft_id;
+                answer.from = self.config.id;
                 answer.term = self.raw.raft.term;
                 answer.index = self.raw.raft.raft_log.committed;
                 answer.entries = message.entries;
-                fx.messages.push(answer);
+                fx.messages.push(Message(answer));
                 self.ask_read_index();
                 return;
             }
@@ -725,7 +795,7 @@ impl<S: LogSource> Replica<S> {
         if raft.lead_transferee.is_some() {
             return;
         }
-        let me = self.config.raft_id;
+        let me = self.config.id;
         let voters = raft.prs().conf().voters();
         let target = raft
             .prs()
@@ -734,7 +804,7 @@ impl<S: LogSource> Replica<S> {
             .max_by_key(|(id, p)| (p.matched, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id);
         if let Some(to) = target {
-            tracing::info!(shard = %self.config.shard, to = node_of_raft_id(to), "handing leadership off");
+            tracing::info!(shard = %self.config.shard, to = ?self.config.node_of(to), "handing leadership off");
             self.give_up_lease();
             self.raw.transfer_leader(to);
         }
@@ -753,8 +823,8 @@ impl<S: LogSource> Replica<S> {
     /// after a failover. At most once per [`LEAD_HOME_RETRY_TICKS`]; called at every tick of a
     /// leader.
     fn lead_home(&mut self) {
-        let home = self.config.bootstrap_voters[0];
-        if home == self.config.raft_id {
+        let home = self.config.placed_leader;
+        if home == self.config.id {
             return;
         }
         let last = self.raw.raft.raft_log.last_index();
@@ -881,7 +951,7 @@ impl<S: LogSource> Replica<S> {
                 self.deposed_at = Some(self.ticks);
             }
             became_leader = leads.is_some();
-            fx.role = Some((role, term));
+            fx.role = Some((Role::of(role), term));
             self.leader_term = leads;
         }
         self.role = role;
@@ -899,7 +969,8 @@ impl<S: LogSource> Replica<S> {
                 }
             }
         }
-        fx.messages.extend(ready.take_messages());
+        fx.messages
+            .extend(ready.take_messages().into_iter().map(Message));
         let mut ops = std::mem::take(&mut self.queued_ops);
         let installs =
             (!ready.snapshot().is_empty()).then(|| self.install(ready.snapshot(), &mut ops, fx));
@@ -908,7 +979,6 @@ impl<S: LogSource> Replica<S> {
         let mut applied = None;
         for entry in ready.take_committed_entries() {
             let (index, term) = (entry.index, entry.term);
-            let started = Instant::now();
             let output = match entry.get_entry_type() {
                 EntryType::EntryNormal if !entry.data.is_empty() => {
                     let command = Command::decode(&entry.data).unwrap_or_else(|e| {
@@ -932,7 +1002,7 @@ impl<S: LogSource> Replica<S> {
             } = output
             {
                 self.due_backlog = backlog;
-                fx.clocks.push((started.elapsed(), due_processed));
+                fx.clocks.push(due_processed);
             }
             if let Some((proposed_in, token)) = self.proposals.remove(&index) {
                 if proposed_in == term {
@@ -958,10 +1028,14 @@ impl<S: LogSource> Replica<S> {
         if let Some(hard_state) = ready.hs() {
             store.set_hard_state(hard_state.clone(), &mut ops);
         }
-        let after = ready.take_persisted_messages();
+        let after: Vec<Message> = ready
+            .take_persisted_messages()
+            .into_iter()
+            .map(Message)
+            .collect();
         for (key, value) in &writes.changes {
             ops.push(WriteOp {
-                space: crate::storage::Space::State(self.config.shard),
+                space: crate::write::Space::State(self.config.shard),
                 key: key.clone(),
                 value: value.clone(),
             });
@@ -1090,7 +1164,7 @@ impl<S: LogSource> Replica<S> {
         let applied = self.durable_applied;
         let retain_from = applied.saturating_sub(self.config.log_retain_entries);
         let needed = if self.is_leader() {
-            let me = self.config.raft_id;
+            let me = self.config.id;
             self.raw
                 .raft
                 .prs()
@@ -1123,7 +1197,7 @@ impl<S: LogSource> Replica<S> {
         if self.is_leader() {
             let last = self.raw.raft.raft_log.last_index();
             for (id, progress) in self.raw.raft.prs().iter() {
-                if *id == self.config.raft_id {
+                if *id == self.config.id {
                     continue;
                 }
                 if progress.matched + 1 < first {
@@ -1137,7 +1211,7 @@ impl<S: LogSource> Replica<S> {
             caught_up.sort_unstable();
         }
         ReplicaStatus {
-            role: self.role,
+            role: Role::of(self.role),
             leader: self.leader(),
             term: hard_state.term,
             commit_index: hard_state.commit,
@@ -1150,3 +1224,6 @@ impl<S: LogSource> Replica<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

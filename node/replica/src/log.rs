@@ -14,7 +14,7 @@
 //! This module knows raft-rs's types and the key layout; it never writes: it answers the
 //! [`WriteOp`]s for the writer.
 
-use crate::storage::{generation_key, Space, WriteOp};
+use crate::write::{Space, WriteOp};
 use oneid_protocol::ids::ShardId;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -39,6 +39,13 @@ pub fn hard_state_key(shard: ShardId) -> Vec<u8> {
 
 pub fn conf_state_key(shard: ShardId) -> Vec<u8> {
     format!("cs/{:04}", shard.0).into_bytes()
+}
+
+/// The meta key `gen/NNNN`: the generation of a shard's keyspaces (u64 big-endian). The shell
+/// keeps a shard's log and state in the keyspaces of that generation; an install moves them to
+/// the next (see [`ShardLog::install`]).
+pub fn generation_key(shard: ShardId) -> Vec<u8> {
+    format!("gen/{:04}", shard.0).into_bytes()
 }
 
 fn log_meta_key(shard: ShardId) -> Vec<u8> {

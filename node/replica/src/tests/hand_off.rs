@@ -1,13 +1,11 @@
 //! Directed tests of a replica whose node shuts down ([`Replica::leave`]): leadership leaves
 //! it at once, and never comes back while it is leaving.
 //!
-//! [`Replica::leave`]: crate::replica::core::Replica::leave
+//! [`Replica::leave`]: crate::Replica::leave
 
-use super::lease::{raft_id, Cluster, TICK};
-use crate::replica::core::Effects;
-use oneid_state::command::{Command, Retention};
-use raft::eraftpb::MessageType;
-use raft::StateRole;
+use super::*;
+use crate::Role;
+use oneid_state::command::Command;
 
 #[test]
 fn a_leaving_leader_hands_off_to_a_follower_without_an_election() {
@@ -24,15 +22,15 @@ fn a_leaving_leader_hands_off_to_a_follower_without_an_election() {
     );
     cluster.settle();
     assert!(!cluster.replicas[0].leave());
-    assert_eq!(cluster.replicas[0].status().role, StateRole::Follower);
+    assert_eq!(cluster.replicas[0].status().role, Role::Follower);
     // One of the two followers leads, one term on: a transfer, no election timeout waited.
     let leaders: Vec<usize> = (1..3)
         .filter(|n| cluster.replicas[*n].is_leader())
         .collect();
     assert_eq!(leaders.len(), 1);
     assert_eq!(cluster.replicas[leaders[0]].status().term, term + 1);
-    assert_eq!(cluster.sent_of(MessageType::MsgTimeoutNow), 1);
-    assert_eq!(cluster.sent_of(MessageType::MsgRequestPreVote), 0);
+    assert_eq!(cluster.sent_of(MessageKind::TimeoutNow), 1);
+    assert_eq!(cluster.sent_of(MessageKind::RequestPreVote), 0);
 }
 
 #[test]
@@ -66,7 +64,7 @@ fn a_leaving_replica_takes_no_transfer_and_never_campaigns() {
         cluster
             .sent
             .iter()
-            .any(|m| m.get_msg_type() == MessageType::MsgTimeoutNow && m.to == raft_id(0)),
+            .any(|m| m.kind() == MessageKind::TimeoutNow && m.receiver() == replica_id(0)),
         "node 1 tried to hand leadership home"
     );
     // With node 1 gone silent, node 2 campaigns and wins with node 0's vote; node 0 never
@@ -76,13 +74,13 @@ fn a_leaving_replica_takes_no_transfer_and_never_campaigns() {
         cluster.since_start = TICK * n;
         cluster.tick(0);
         cluster.tick(2);
-        assert_ne!(cluster.replicas[0].status().role, StateRole::PreCandidate);
-        assert_ne!(cluster.replicas[0].status().role, StateRole::Candidate);
+        assert_ne!(cluster.replicas[0].status().role, Role::PreCandidate);
+        assert_ne!(cluster.replicas[0].status().role, Role::Candidate);
     }
     assert!(cluster.replicas[2].is_leader());
-    assert!(cluster.sent.iter().all(|m| m.from != raft_id(0)
+    assert!(cluster.sent.iter().all(|m| m.sender() != replica_id(0)
         || !matches!(
-            m.get_msg_type(),
-            MessageType::MsgRequestPreVote | MessageType::MsgRequestVote
+            m.kind(),
+            MessageKind::RequestPreVote | MessageKind::RequestVote
         )));
 }
