@@ -15,13 +15,10 @@
 //! check passes, and a node does not start on a data directory that has one: an interrupted or
 //! failed restore is never served.
 
-use crate::storage::{NamedKeyspace, Storage};
+use crate::storage::{ShardDigest, Storage};
 use anyhow::{anyhow, bail, ensure, Context};
-use fjall::{Database, PersistMode, Readable};
 use oneid_protocol::api::{BackupKeyspace, BackupShard};
 use oneid_protocol::ids::ShardId;
-use oneid_state::store::pair_hash;
-use oneid_state::{keys, ShardMeta};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,12 +31,6 @@ pub use oneid_protocol::api::BackupManifest as Manifest;
 pub const MANIFEST_FILE: &str = "backup.json";
 /// The file that marks a data directory as holding a restore not yet verified.
 pub const RESTORE_MARKER: &str = "oneid-restore-in-progress";
-/// Most pairs in one write batch of a backup.
-pub const BATCH_PAIRS_MAX: usize = 10_000;
-/// Most bytes (keys and values) in one write batch of a backup.
-pub const BATCH_BYTES_MAX: usize = 32 * 1024 * 1024;
-/// Times a backup takes its snapshot again when a shard switched generations meanwhile.
-const SNAPSHOT_ATTEMPTS: usize = 3;
 
 /// Why a backup was not taken.
 #[derive(Debug)]
@@ -239,130 +230,52 @@ fn remove_partial(dir: &Path, created: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies every keyspace at one snapshot into a new database in `dir`, then writes the manifest.
+/// Copies every keyspace at one snapshot into a new database in `dir`, checks each shard's
+/// pairs against its recorded digest, then writes the manifest.
 fn copy_snapshot(
     storage: &Storage,
     node_id: u64,
     dir: &Path,
     cancelled: &AtomicBool,
 ) -> Result<Manifest, BackupError> {
-    // The keyspaces, then one snapshot of them all: a snapshot install that switched a shard
-    // in between would leave the snapshot's meta naming another generation than the one
-    // listed, so that case is taken again.
-    let (snapshot, keyspaces) = (0..SNAPSHOT_ATTEMPTS)
-        .find_map(|_| {
-            let keyspaces = storage.keyspaces();
-            let snapshot = storage.db.snapshot();
-            let agree = keyspaces.iter().all(|k| {
-                k.shard
-                    .is_none_or(|(s, g)| storage.recorded_generation(&snapshot, s) == g)
-            });
-            agree.then_some((snapshot, keyspaces))
-        })
-        .ok_or_else(|| {
-            BackupError::Failed(anyhow!(
-                "a shard switched generations during each of {SNAPSHOT_ATTEMPTS} attempts"
-            ))
-        })?;
     let created_at = crate::clock::wall_now().to_string();
-    let target = Database::builder(dir)
-        .open()
-        .with_context(|| format!("creating the backup database in {}", dir.display()))?;
+    let copied = storage
+        .copy_to(dir, cancelled)?
+        .ok_or(BackupError::ShuttingDown)?;
     let mut shards = Vec::new();
-    let mut copied = Vec::new();
-    for NamedKeyspace {
-        name,
-        shard,
-        keyspace: source,
-    } in &keyspaces
-    {
-        let shard = shard
-            .filter(|_| name.starts_with("state_"))
-            .map(|(s, _)| s.0);
-        let destination = target
-            .keyspace(name, || storage.keyspace_options())
-            .with_context(|| format!("creating keyspace {name} in the backup"))?;
-        let mut batch = target.batch();
-        let (mut batch_pairs, mut batch_bytes) = (0usize, 0usize);
-        let (mut pairs, mut bytes) = (0u64, 0u64);
-        let mut digest = 0u64;
-        let mut meta = None;
-        for guard in snapshot.iter(source) {
-            let (key, value) = guard
-                .into_inner()
-                .with_context(|| format!("reading keyspace {name}"))?;
-            if shard.is_some() {
-                if key.as_ref() == keys::META {
-                    meta = Some(
-                        postcard::from_bytes::<ShardMeta>(&value)
-                            .with_context(|| format!("decoding the meta record of {name}"))?,
-                    );
-                } else {
-                    digest = digest.wrapping_add(pair_hash(&key, &value));
-                }
-            }
-            let size = key.len() + value.len();
-            pairs += 1;
-            bytes += size as u64;
-            batch_pairs += 1;
-            batch_bytes += size;
-            batch.insert(&destination, key, value);
-            if batch_pairs >= BATCH_PAIRS_MAX || batch_bytes >= BATCH_BYTES_MAX {
-                std::mem::replace(&mut batch, target.batch())
-                    .commit()
-                    .and_then(|()| storage.seal_if_full(&destination))
-                    .with_context(|| format!("writing keyspace {name} to the backup"))?;
-                (batch_pairs, batch_bytes) = (0, 0);
-                if cancelled.load(Ordering::SeqCst) {
-                    return Err(BackupError::ShuttingDown);
-                }
-            }
+    for (shard, digest) in copied.iter().filter_map(|k| k.shard.as_ref()) {
+        let ShardDigest { meta, recomputed } = digest;
+        if *recomputed != meta.digest {
+            return Err(BackupError::Failed(anyhow!(
+                "shard {shard}: its pairs in the snapshot hash to {recomputed:016x}, but its \
+                 state records digest {:016x} at applied index {}",
+                meta.digest,
+                meta.applied_index
+            )));
         }
-        batch
-            .commit()
-            .with_context(|| format!("writing keyspace {name} to the backup"))?;
-        if let Some(id) = shard {
-            // A shard that never applied an entry has no meta record (and no pairs).
-            let meta = meta.unwrap_or_default();
-            if digest != meta.digest {
-                return Err(BackupError::Failed(anyhow!(
-                    "shard {id}: its pairs in the snapshot hash to {digest:016x}, but its state \
-                     records digest {:016x} at applied index {}",
-                    meta.digest,
-                    meta.applied_index
-                )));
-            }
-            shards.push(BackupShard {
-                id,
-                applied_index: meta.applied_index,
-                digest: format!("{:016x}", meta.digest),
-            });
-        }
-        copied.push(BackupKeyspace {
-            name: name.clone(),
-            pairs,
-            bytes,
+        shards.push(BackupShard {
+            id: shard.0,
+            applied_index: meta.applied_index,
+            digest: format!("{:016x}", meta.digest),
         });
-        if cancelled.load(Ordering::SeqCst) {
-            return Err(BackupError::ShuttingDown);
-        }
     }
-    target
-        .persist(PersistMode::SyncAll)
-        .context("making the backup durable")?;
-    // Closing waits for fjall's background work on the backup; the snapshot goes with it.
-    drop(target);
-    drop(keyspaces);
-    drop(snapshot);
+    let keyspaces: Vec<BackupKeyspace> = copied
+        .into_iter()
+        .map(|k| BackupKeyspace {
+            name: k.name,
+            pairs: k.pairs,
+            bytes: k.bytes,
+        })
+        .collect();
     let manifest = Manifest {
         format: Manifest::FORMAT,
         state_format: crate::storage::STATE_FORMAT,
         node: node_id,
         created_at,
         shards,
-        pairs: copied.iter().map(|k| k.pairs).sum(),
-        bytes: copied.iter().map(|k| k.bytes).sum(),
-        keyspaces: copied,
+        pairs: keyspaces.iter().map(|k| k.pairs).sum(),
+        bytes: keyspaces.iter().map(|k| k.bytes).sum(),
+        keyspaces,
     };
     write_manifest(dir, &manifest)?;
     Ok(manifest)
@@ -499,19 +412,11 @@ pub fn verify_shard(storage: &Storage, shard: ShardId, manifest: &Manifest) -> a
         .iter()
         .find(|s| s.id == shard.0)
         .ok_or_else(|| anyhow!("this node hosts shard {shard}, which the backup does not have"))?;
-    let keyspace = storage.state(shard);
-    let mut meta = ShardMeta::default();
-    let mut digest = 0u64;
-    for guard in keyspace.iter() {
-        let (key, value) = guard.into_inner()?;
-        if key.as_ref() == keys::META {
-            meta = postcard::from_bytes(&value)
-                .with_context(|| format!("decoding the meta record of shard {shard}"))?;
-        } else {
-            digest = digest.wrapping_add(pair_hash(&key, &value));
-        }
-    }
-    let (recorded, recomputed) = (format!("{:016x}", meta.digest), format!("{digest:016x}"));
+    let ShardDigest { meta, recomputed } = storage.state_digest(shard)?;
+    let (recorded, recomputed) = (
+        format!("{:016x}", meta.digest),
+        format!("{recomputed:016x}"),
+    );
     ensure!(
         meta.applied_index == expected.applied_index
             && recorded == expected.digest
@@ -573,14 +478,15 @@ mod tests {
     use super::*;
     use crate::config::StorageConfig;
     use crate::storage::TempDir;
-    use fjall::Keyspace;
-    use oneid_replica::write::Space;
+    use oneid_replica::write::{Space, WriteOp};
+    use oneid_state::store::pair_hash;
+    use oneid_state::{keys, ShardMeta};
 
-    fn keyspace(storage: &Storage, space: Space) -> Keyspace {
-        match space {
-            Space::Meta => storage.meta.clone(),
-            Space::Log(shard) => storage.log(shard),
-            Space::State(shard) => storage.state(shard),
+    fn put(space: Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
+        WriteOp {
+            space,
+            key: key.into(),
+            value: Some(value.into()),
         }
     }
 
@@ -589,32 +495,25 @@ mod tests {
         let hosted = [ShardId(0), ShardId(1)];
         let storage =
             Storage::open(path, 2, &hosted, StorageConfig::default()).expect("opening storage");
+        let mut ops = vec![put(Space::Meta, "hs/0000", "hard")];
         for &shard in &hosted {
             let mut digest = 0u64;
             for n in 0..25_000u32 {
                 let key = format!("p{n:08}").into_bytes();
                 let value = format!("value {n} of shard {shard}").into_bytes();
                 digest = digest.wrapping_add(pair_hash(&key, &value));
-                keyspace(&storage, Space::State(shard))
-                    .insert(key, value)
-                    .expect("insert");
+                ops.push(put(Space::State(shard), key, value));
             }
             let meta = ShardMeta {
                 applied_index: 40 + u64::from(shard.0),
                 digest,
                 ..ShardMeta::default()
             };
-            keyspace(&storage, Space::State(shard))
-                .insert(keys::META, postcard::to_stdvec(&meta).expect("encode"))
-                .expect("insert");
-            keyspace(&storage, Space::Log(shard))
-                .insert(7u64.to_be_bytes(), b"entry".to_vec())
-                .expect("insert");
+            let meta = postcard::to_stdvec(&meta).expect("encode");
+            ops.push(put(Space::State(shard), keys::META, meta));
+            ops.push(put(Space::Log(shard), 7u64.to_be_bytes(), "entry"));
         }
-        storage
-            .meta
-            .insert("hs/0000", b"hard".to_vec())
-            .expect("insert");
+        storage.write_for_test(ops);
         storage
     }
 

@@ -1,6 +1,5 @@
 //! `cluster.toml`: the cluster's shape, its nodes, tuning, and the seed rules.
 
-use crate::storage::ClusterRecord;
 use anyhow::{bail, Context};
 use oneid_protocol::api::REQUEST_BODY_BYTES_MAX;
 use oneid_protocol::ids::{ShardId, SHARDS_MAX};
@@ -332,4 +331,62 @@ pub fn node_of_raft_id(raft_id: u64) -> u64 {
 /// The shard in a raft id.
 pub fn shard_of_raft_id(raft_id: u64) -> ShardId {
     ShardId((raft_id >> 32) as u32)
+}
+
+/// What a data directory records of its cluster at first start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterRecord {
+    /// Derived from the rest at first start; the peer handshake names it.
+    pub id: String,
+    pub shards: u32,
+    pub replication: u32,
+    /// Each node's id and peer address, by id.
+    pub nodes: Vec<(u64, String)>,
+}
+
+impl ClusterRecord {
+    /// The record of a cluster of this shape; its id hashes the shape.
+    pub fn new(shards: u32, replication: u32, mut nodes: Vec<(u64, String)>) -> ClusterRecord {
+        nodes.sort();
+        let text = format!("oneid cluster|{shards}|{replication}|{nodes:?}");
+        let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()));
+        ClusterRecord {
+            id,
+            shards,
+            replication,
+            nodes,
+        }
+    }
+
+    /// Refuses a config (`shape`) that contradicts this record, naming both values.
+    pub fn contradicted_by(&self, shape: &ClusterRecord) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.shards == shape.shards,
+            "this data directory belongs to a cluster of {} shards, but the config says {}: the shard count cannot change",
+            self.shards,
+            shape.shards
+        );
+        anyhow::ensure!(
+            self.replication == shape.replication,
+            "this data directory belongs to a cluster of replication {}, but the config says {}",
+            self.replication,
+            shape.replication
+        );
+        let ids = |nodes: &[(u64, String)]| nodes.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        anyhow::ensure!(
+            ids(&self.nodes) == ids(&shape.nodes),
+            "this data directory belongs to a cluster of nodes {:?}, but the config lists {:?}",
+            ids(&self.nodes),
+            ids(&shape.nodes)
+        );
+        if self.nodes.len() > 1 {
+            for ((id, recorded), (_, configured)) in self.nodes.iter().zip(&shape.nodes) {
+                anyhow::ensure!(
+                    recorded == configured,
+                    "node {id}'s peer address is {recorded} in this data directory, but {configured} in the config"
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -23,18 +23,16 @@
 //! later); a held snapshot no chunk was asked of for [`SNAPSHOT_IDLE_MAX`], or held for
 //! [`SNAPSHOT_HOLD_MAX`], is dropped (fjall keeps the versions a snapshot sees until it goes).
 
-use crate::storage::Storage;
+use crate::storage::{StagedState, StateView, Storage};
 use anyhow::{anyhow, ensure, Context as _};
-use fjall::{Keyspace, PersistMode, Readable as _};
 use oneid_protocol::api::SnapshotView;
 use oneid_protocol::ids::ShardId;
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_state::keys;
-use oneid_state::store::pair_hash;
+use oneid_state::store::{pair_hash, StateRead as _};
 use oneid_state::{decode, ShardMeta};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,8 +85,7 @@ pub enum Report {
 
 struct Held {
     snapshot: SnapshotRef,
-    view: fjall::Snapshot,
-    state: Keyspace,
+    view: StateView,
     since: Instant,
     asked: Instant,
     /// Bytes served, counting each chunk once.
@@ -168,12 +165,9 @@ impl Snapshots {
             return false;
         }
         let now = Instant::now();
-        let state = self.storage.state(snapshot.shard);
-        let view = self.storage.db.snapshot();
+        let view = self.storage.state_view(snapshot.shard);
         let at = view
-            .get(&state, keys::META)
-            .ok()
-            .flatten()
+            .get(keys::META)
             .map(|bytes| decode::<ShardMeta>(keys::META, &bytes));
         assert_eq!(
             at.map(|m| (m.applied_index, m.digest)),
@@ -186,7 +180,6 @@ impl Snapshots {
             Held {
                 snapshot: snapshot.clone(),
                 view,
-                state,
                 since: now,
                 asked: now,
                 bytes: 0,
@@ -205,30 +198,17 @@ impl Snapshots {
         after: Option<Vec<u8>>,
     ) -> Result<Chunk, ChunkError> {
         let key = (snapshot.shard, snapshot.id);
-        let (view, state) = {
+        let view = {
             let mut held = self.held.lock().expect("held lock");
             let h = held
                 .get_mut(&key)
                 .filter(|h| h.snapshot == *snapshot)
                 .ok_or(ChunkError::Unknown)?;
             h.asked = Instant::now();
-            (h.view.clone(), h.state.clone())
+            h.view.clone()
         };
-        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut pairs = Vec::new();
-        let mut bytes = 0;
-        let mut last = true;
-        for guard in view.range::<Vec<u8>, _>(&state, (lower, Bound::Unbounded)) {
-            if bytes >= SNAPSHOT_CHUNK_BYTES_MAX {
-                last = false;
-                break;
-            }
-            let (k, v) = guard
-                .into_inner()
-                .unwrap_or_else(|e| panic!("reading a snapshot failed: {e}"));
-            bytes += k.len() + v.len();
-            pairs.push((k.to_vec(), v.to_vec()));
-        }
+        let (pairs, last) = view.pairs_after(after, SNAPSHOT_CHUNK_BYTES_MAX);
+        let bytes: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
         let mut held = self.held.lock().expect("held lock");
         if let Some(h) = held.get_mut(&key).filter(|h| !h.sent) {
             h.bytes += bytes as u64;
@@ -348,7 +328,7 @@ impl Snapshots {
         &self,
         source: &impl Source,
         snapshot: &SnapshotRef,
-        staged: Keyspace,
+        staged: StagedState,
     ) -> anyhow::Result<u64> {
         let mut verifier = Verifier::default();
         let mut chunk = chunk_with_retries(source, snapshot, None).await?;
@@ -362,16 +342,8 @@ impl Snapshots {
             );
             let after = chunk.pairs.last().map(|(k, _)| k.clone());
             let last = chunk.last;
-            let (storage, keyspace) = (Arc::clone(&self.storage), staged.clone());
-            let write = blocking(move || {
-                let mut batch = storage.db.batch();
-                for (key, value) in chunk.pairs {
-                    batch.insert(&keyspace, key, value);
-                }
-                batch.commit()?;
-                storage.seal_if_full(&keyspace)?;
-                anyhow::Ok(())
-            });
+            let (storage, staged) = (Arc::clone(&self.storage), staged.clone());
+            let write = blocking(move || storage.write_staged(&staged, chunk.pairs));
             let next = async {
                 if last {
                     return Ok(None);
@@ -395,7 +367,7 @@ impl Snapshots {
         }
         verifier.check(snapshot)?;
         let storage = Arc::clone(&self.storage);
-        blocking(move || anyhow::Ok(storage.db.persist(PersistMode::SyncAll)?)).await?;
+        blocking(move || storage.sync_all()).await?;
         Ok(verifier.bytes)
     }
 
@@ -511,8 +483,18 @@ mod tests {
     use super::*;
     use crate::config::StorageConfig;
     use crate::storage::TempDir;
+    use oneid_replica::write::{Space, WriteOp};
 
     const SHARD: ShardId = ShardId(0);
+
+    /// A write of `key` in shard 0's state.
+    fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
+        WriteOp {
+            space: Space::State(SHARD),
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
 
     /// A storage whose shard 0 holds `pairs` profiles-like pairs and the meta record that
     /// sums them, at applied index 7.
@@ -520,21 +502,23 @@ mod tests {
         let storage = Arc::new(
             Storage::open(&dir.0, 1, &[SHARD], StorageConfig::default()).expect("opening"),
         );
-        let state = storage.state(SHARD);
+        let mut ops = Vec::new();
         let mut digest = 0u64;
         for i in 0..pairs {
             let (key, value) = (format!("p/{i:08}").into_bytes(), vec![i as u8; 300]);
             digest = digest.wrapping_add(pair_hash(&key, &value));
-            state.insert(key, value).expect("inserting");
+            ops.push(put(key, value));
         }
         let meta = ShardMeta {
             applied_index: 7,
             digest,
             ..ShardMeta::default()
         };
-        state
-            .insert(keys::META, postcard::to_stdvec(&meta).expect("encodes"))
-            .expect("inserting");
+        ops.push(put(
+            keys::META,
+            postcard::to_stdvec(&meta).expect("encodes"),
+        ));
+        storage.write_for_test(ops);
         let snapshot = SnapshotRef {
             shard: SHARD,
             node: 1,
@@ -579,16 +563,10 @@ mod tests {
         let holder = Snapshots::new(Arc::clone(&source_storage));
         assert!(holder.hold(&snapshot));
         // Written after the hold: not in the snapshot.
-        source_storage
-            .state(SHARD)
-            .insert("p/late", "x")
-            .expect("inserting");
+        source_storage.write_for_test(vec![put("p/late", "x")]);
         let target =
             Arc::new(Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening"));
-        target
-            .state(SHARD)
-            .insert("old", "state")
-            .expect("inserting");
+        target.write_for_test(vec![put("old", "state")]);
         let fetcher = Snapshots::new(Arc::clone(&target));
         let source = Local {
             holder: &holder,
@@ -609,15 +587,18 @@ mod tests {
         assert!(holder.in_flight().is_empty() && fetcher.in_flight().is_empty());
         // Staged beside the current generation, which is untouched until the switch.
         assert_eq!(target.generation_number(SHARD), 0);
-        assert!(target.state(SHARD).get("old").expect("reads").is_some());
-        target.switch(SHARD, generation).expect("switching");
-        let state = target.state(SHARD);
-        assert_eq!(state.len().expect("counts"), 12_001);
-        assert!(state.get("old").expect("reads").is_none());
-        assert!(state.get("p/late").expect("reads").is_none());
         assert_eq!(
-            state.get("p/00011999").expect("reads").as_deref(),
-            Some(&[(11_999 % 256) as u8; 300][..])
+            target.state_read(SHARD).get(b"old"),
+            Some(b"state".to_vec())
+        );
+        target.switch(SHARD, generation).expect("switching");
+        let state = target.state_read(SHARD);
+        assert_eq!(state.scan(b"", None, false, usize::MAX).len(), 12_001);
+        assert_eq!(state.get(b"old"), None);
+        assert_eq!(state.get(b"p/late"), None);
+        assert_eq!(
+            state.get(b"p/00011999"),
+            Some(vec![(11_999 % 256) as u8; 300])
         );
     }
 
@@ -651,7 +632,7 @@ mod tests {
         drop(target);
         let reopened =
             Storage::open(&to.0, 1, &[SHARD], StorageConfig::default()).expect("opening");
-        let names: Vec<String> = reopened.keyspaces().into_iter().map(|k| k.name).collect();
+        let names: Vec<String> = reopened.keyspace_names();
         assert_eq!(names, ["log_0000", "meta", "state_0000"]);
     }
 

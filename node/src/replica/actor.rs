@@ -21,11 +21,10 @@ use crate::follow_up;
 use crate::metrics::Metrics;
 use crate::shards::{Gate, PeerSource, Shards};
 use crate::snapshots::{Report, Staged};
-use crate::storage::{FjallState, Storage, WriteJob, Writer};
+use crate::storage::{FjallLog, Storage, WriteJob, Writer};
 use actix::prelude::*;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
-use oneid_replica::log::LogSource;
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use oneid_state::command::{Command, FollowUp, Output};
@@ -50,43 +49,6 @@ const _: () = assert!(
     oneid_replica::PROPOSALS_PENDING_MAX >= SHARD_MAILBOX_MAX,
     "a full mailbox of proposals must fit the pending table"
 );
-
-/// A shard's log, as fjall holds it on this node.
-pub struct FjallLog {
-    storage: Arc<Storage>,
-    shard: ShardId,
-}
-
-impl LogSource for FjallLog {
-    fn entry(&self, index: u64) -> Option<Vec<u8>> {
-        self.storage
-            .log(self.shard)
-            .get(oneid_replica::log::entry_key(index))
-            .unwrap_or_else(|e| panic!("reading the log failed: {e}"))
-            .map(|v| v.to_vec())
-    }
-
-    fn last_stored(&self) -> Option<u64> {
-        let (key, _) = self
-            .storage
-            .log(self.shard)
-            .last_key_value()
-            .map(|guard| guard.into_inner())
-            .transpose()
-            .unwrap_or_else(|e| panic!("reading the log failed: {e}"))?;
-        Some(u64::from_be_bytes(
-            key.as_ref().try_into().expect("log keys are indexes"),
-        ))
-    }
-
-    fn meta(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.storage
-            .meta
-            .get(key)
-            .unwrap_or_else(|e| panic!("reading meta failed: {e}"))
-            .map(|v| v.to_vec())
-    }
-}
 
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
@@ -130,11 +92,8 @@ impl ShardActor {
     ) -> anyhow::Result<ShardActor> {
         let shard = config.shard;
         let tick = config.tick;
-        let source = FjallLog {
-            storage: Arc::clone(&storage),
-            shard,
-        };
-        let replica = Replica::recover(config, source, &FjallState(storage.state(shard)))?;
+        let source = FjallLog::new(Arc::clone(&storage), shard);
+        let replica = Replica::recover(config, source, &storage.state_read(shard))?;
         let generation = storage.generation_number(shard);
         let status = replica.status();
         tracing::info!(%shard, applied = status.applied_index, generation, log = %format!("{}..={}", status.first_index, status.commit_index.max(status.applied_index)), "shard recovered");
@@ -177,7 +136,7 @@ impl ShardActor {
         let now = self.now();
         let started = Instant::now();
         self.replica
-            .advance(&FjallState(storage.state(self.shard)), now, &mut fx);
+            .advance(&storage.state_read(self.shard), now, &mut fx);
         let clocks = std::mem::take(&mut fx.clocks);
         if !clocks.is_empty() {
             // The core reads no clock: the shell times the apply round a clock entry was in.
@@ -351,7 +310,7 @@ impl ShardActor {
         }
         let (horizon, follow_up_seq) = (record.clock.0 - FOLLOW_UP_GRACE_MS, record.follow_up_seq);
         let storage = Arc::clone(&self.storage);
-        let base = FjallState(storage.state(self.shard));
+        let base = storage.state_read(self.shard);
         let view = self.replica.view(&base);
         let from = keys::follow_up(self.follow_up_floor);
         let found = view.scan(
@@ -509,7 +468,7 @@ impl Handler<Flushed> for ShardActor {
         self.shards.flushed(self.shard);
         let mut fx = Effects::default();
         self.replica
-            .persisted(&FjallState(self.storage.state(self.shard)), &mut fx);
+            .persisted(&self.storage.state_read(self.shard), &mut fx);
         if switched {
             // What this actor derived from the old state: the follow-up records known
             // finished, and the activation counters of the cache the replica dropped.

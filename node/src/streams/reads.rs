@@ -119,28 +119,20 @@ impl StateReader {
         after: Option<OneId>,
         limit: usize,
     ) -> (Vec<OneId>, LogBounds) {
-        use fjall::Readable;
-        use std::ops::Bound;
-        let keyspace = self.storage().state(shard);
-        let snapshot = self.storage().db.snapshot();
-        let failed = |e: fjall::Error| -> ! { panic!("reading state failed: {e}") };
-        let record = snapshot
-            .get(&keyspace, keys::SHARD)
-            .unwrap_or_else(|e| failed(e));
-        let lower = match after {
-            Some(oneid) => Bound::Excluded(keys::member(segment, oneid)),
-            None => Bound::Included(keys::members_prefix(segment)),
-        };
-        let upper = Bound::Excluded(keys::members_end(segment));
-        let members = snapshot
-            .range::<Vec<u8>, _>(&keyspace, (lower, upper))
-            .take(limit)
-            .map(|guard| {
-                let (key, _) = guard.into_inner().unwrap_or_else(|e| failed(e));
-                keys::member_oneid(&key)
-            })
+        let view = self.storage().state_view(shard);
+        let from = after.map(|oneid| keys::member(segment, oneid));
+        let members = view
+            .scan(
+                &keys::members_prefix(segment),
+                from.as_deref(),
+                false,
+                limit,
+            )
+            .into_iter()
+            .map(|(key, _)| keys::member_oneid(&key))
             .collect();
-        (members, bounds_of(record.map(|bytes| bytes.to_vec())))
+        let record = view.get(keys::SHARD);
+        (members, bounds_of(record))
     }
 
     /// The change-log entries of the shard after offset `after`, in offset order: whole

@@ -1,0 +1,418 @@
+//! Reads of the applied state straight from fjall: the state machine's read view of a
+//! keyspace ([`FjallState`]), and the [`StateReader`] the API and router read through, with its
+//! cache of identity bindings.
+
+use super::Storage;
+use crate::read_pool::ReadPool;
+use fjall::{Keyspace, Readable as _};
+use lru::LruCache;
+use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_state::keys;
+use oneid_state::profile::Profile;
+use oneid_state::store::StateRead;
+use oneid_state::{decode, LedgerRecord};
+use std::num::NonZeroUsize;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+
+/// A fjall keyspace as the state machine's read view. A read error is not deterministic:
+/// it stops the node rather than being answered.
+pub struct FjallState(Keyspace);
+
+impl Storage {
+    /// The shard's state as apply and the shard's readers see it: each read the newest.
+    pub fn state_read(&self, shard: ShardId) -> FjallState {
+        FjallState(self.state(shard))
+    }
+
+    /// The shard's state as of now, for good: every read of the view sees one sequence
+    /// number, so a write batch is wholly in it or not at all (plain reads may see one half
+    /// applied). Holding it keeps what it sees from being compacted away: drop it soon.
+    pub fn state_view(&self, shard: ShardId) -> StateView {
+        StateView {
+            state: self.state(shard),
+            view: self.db.snapshot(),
+        }
+    }
+}
+
+impl StateRead for FjallState {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0
+            .get(key)
+            .unwrap_or_else(|e| panic!("reading state failed: {e}"))
+            .map(|v| v.to_vec())
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let range = self
+            .0
+            .range::<Vec<u8>, _>(scan_bounds(prefix, from, reverse));
+        collect_scan(range, prefix, reverse, limit)
+    }
+}
+
+/// A shard's state at one instant (see [`Storage::state_view`]).
+#[derive(Clone)]
+pub struct StateView {
+    state: Keyspace,
+    view: fjall::Snapshot,
+}
+
+impl StateView {
+    /// The pairs after `after` (from the first without it), in key order, until they hold
+    /// `bytes_max` bytes of keys and values or more; and whether they reach the last pair.
+    pub fn pairs_after(&self, after: Option<Vec<u8>>, bytes_max: usize) -> (Vec<Pair>, bool) {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut pairs = Vec::new();
+        let mut bytes = 0;
+        for guard in self
+            .view
+            .range::<Vec<u8>, _>(&self.state, (lower, Bound::Unbounded))
+        {
+            if bytes >= bytes_max {
+                return (pairs, false);
+            }
+            let (k, v) = read(guard);
+            bytes += k.len() + v.len();
+            pairs.push((k, v));
+        }
+        (pairs, true)
+    }
+}
+
+impl StateRead for StateView {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.view
+            .get(&self.state, key)
+            .unwrap_or_else(|e| panic!("reading state failed: {e}"))
+            .map(|v| v.to_vec())
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let range = self
+            .view
+            .range::<Vec<u8>, _>(&self.state, scan_bounds(prefix, from, reverse));
+        collect_scan(range, prefix, reverse, limit)
+    }
+}
+
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
+/// The range a [`StateRead::scan`] reads: the keys with `prefix`, after `from` (before it,
+/// `reverse`).
+fn scan_bounds(
+    prefix: &[u8],
+    from: Option<&[u8]>,
+    reverse: bool,
+) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let lower = match (from, reverse) {
+        (Some(from), false) => Bound::Excluded(from.to_vec()),
+        _ => Bound::Included(prefix.to_vec()),
+    };
+    let upper = match (from, reverse) {
+        (Some(from), true) => Bound::Excluded(from.to_vec()),
+        _ => prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded),
+    };
+    (lower, upper)
+}
+
+/// The first `limit` pairs of a scan's range (the last, `reverse`) that start with `prefix`.
+fn collect_scan(
+    range: impl DoubleEndedIterator<Item = fjall::Guard>,
+    prefix: &[u8],
+    reverse: bool,
+    limit: usize,
+) -> Vec<Pair> {
+    let ordered: Box<dyn Iterator<Item = fjall::Guard>> = if reverse {
+        Box::new(range.rev())
+    } else {
+        Box::new(range)
+    };
+    ordered
+        .take(limit)
+        .map(read)
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect()
+}
+
+/// A pair fjall read; a read error stops the node (it is not deterministic).
+fn read(guard: fjall::Guard) -> Pair {
+    let (k, v) = guard
+        .into_inner()
+        .unwrap_or_else(|e| panic!("reading state failed: {e}"));
+    (k.to_vec(), v.to_vec())
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Reads of acknowledged state straight from fjall, on the caller's thread (the API's), without
+/// a round trip through the shard actors. A proposal is acknowledged only after the writer has
+/// committed its changes to fjall, so these reads see every acknowledged write. They may also
+/// see applied changes a moment before their fsync; those are re-derived from the fsynced log
+/// after a crash, so nothing seen here can be lost.
+///
+/// Identity bindings are cached: a binding is never changed or removed once made, so a cached
+/// one is never stale. Only found bindings are cached (an unbound identity may be bound next).
+///
+/// Async callers run their reads through [`StateReader::run`], on the read pool's threads: a
+/// fjall read may wait on the disk.
+#[derive(Clone)]
+pub struct StateReader {
+    storage: Arc<Storage>,
+    n_shards: u32,
+    bindings: Arc<[Mutex<LruCache<Identity, OneId>>]>,
+    /// Segment names by (shard, number), for profile documents: a number names one segment
+    /// on its shard for good, so a cached name is never stale.
+    pub(crate) segment_names: Arc<Mutex<LruCache<(ShardId, u64), String>>>,
+    pool: ReadPool,
+}
+
+/// A read of one shard's state, by whichever node holds a replica of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Query {
+    /// The profiles these identities are bound to (all held by the shard).
+    Identities(Vec<Identity>),
+    /// Whether each event id applied to each profile (exactly-once records).
+    Events(Vec<(OneId, String)>),
+    Profile(OneId),
+    /// Up to `limit` ledger entries, newest first, older than sequence `before`.
+    Ledger {
+        oneid: OneId,
+        limit: usize,
+        before: Option<u64>,
+    },
+    /// The rules the shard applies.
+    Rules(ShardId),
+    /// The segments the shard holds (the one named, or all), as the shard holds them.
+    Segments {
+        shard: ShardId,
+        name: Option<String>,
+    },
+    /// Up to `limit` members of a segment held by the shard, in OneID order, after `after`.
+    Members {
+        shard: ShardId,
+        segment: String,
+        after: Option<OneId>,
+        limit: usize,
+    },
+}
+
+/// A profile as read, with the names of its segments (sorted).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileRead {
+    pub profile: Profile,
+    pub segments: Vec<String>,
+}
+
+impl ProfileRead {
+    pub fn into_doc(self) -> oneid_protocol::api::ProfileDoc {
+        self.profile.to_doc(self.segments)
+    }
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Answer {
+    Identities(Vec<Option<OneId>>),
+    Events(Vec<bool>),
+    Profile(Option<Box<ProfileRead>>),
+    Ledger(Option<Vec<(u64, LedgerRecord)>>),
+    Rules(Box<oneid_protocol::rules::Rules>),
+    Segments(Vec<oneid_state::segments::SegmentRecord>),
+    Members(Vec<OneId>),
+}
+
+/// Identity bindings the reader keeps in memory, over all stripes.
+pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 256 * 1024;
+/// Stripes of the identity cache, each behind its own lock, so API threads rarely wait.
+const IDENTITY_CACHE_STRIPES: usize = 16;
+/// Segment names the reader keeps in memory (for profile documents).
+pub const SEGMENT_NAMES_CACHED_MAX: usize = 16 * 1024;
+
+impl StateReader {
+    pub fn new(storage: Arc<Storage>, n_shards: u32) -> StateReader {
+        let per_stripe = NonZeroUsize::new(IDENTITY_CACHE_ENTRIES_MAX / IDENTITY_CACHE_STRIPES)
+            .expect("stripes hold entries");
+        let bindings = (0..IDENTITY_CACHE_STRIPES)
+            .map(|_| Mutex::new(LruCache::new(per_stripe)))
+            .collect();
+        StateReader {
+            storage,
+            n_shards,
+            bindings,
+            segment_names: Arc::new(Mutex::new(LruCache::new(
+                NonZeroUsize::new(SEGMENT_NAMES_CACHED_MAX).expect("above 0"),
+            ))),
+            pool: ReadPool::start(),
+        }
+    }
+
+    /// Runs `read` on a thread of the read pool, off the async workers.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&StateReader) -> T + Send + 'static,
+    ) -> T {
+        let reader = self.clone();
+        self.pool.run(move || read(&reader)).await
+    }
+
+    pub(crate) fn shard(&self, shard: ShardId) -> FjallState {
+        FjallState(self.storage.state(shard))
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    fn stripe(&self, key: &[u8]) -> &Mutex<LruCache<Identity, OneId>> {
+        &self.bindings[(xxhash_rust::xxh3::xxh3_64(key) % IDENTITY_CACHE_STRIPES as u64) as usize]
+    }
+
+    /// The profile an identity is bound to, if this node has seen the binding: bindings never
+    /// change, so a cached one needs no read (of this replica or of the shard's leader).
+    pub fn cached_identity(&self, identity: &Identity) -> Option<OneId> {
+        let key = keys::identity(identity);
+        self.stripe(&key)
+            .lock()
+            .expect("identity cache lock")
+            .get(identity)
+            .copied()
+    }
+
+    /// Remembers a binding learned from another node.
+    pub fn cache_identity(&self, identity: &Identity, oneid: OneId) {
+        let key = keys::identity(identity);
+        self.stripe(&key)
+            .lock()
+            .expect("identity cache lock")
+            .put(identity.clone(), oneid);
+    }
+
+    /// The applied index of the state this node's replica of `shard` holds.
+    pub fn applied_index(&self, shard: ShardId) -> u64 {
+        self.shard(shard).get(keys::META).map_or(0, |bytes| {
+            decode::<oneid_state::ShardMeta>(keys::META, &bytes).applied_index
+        })
+    }
+
+    /// Answers a query of the shard's state as this node's replica holds it.
+    pub fn answer(&self, query: &Query) -> Answer {
+        match query {
+            Query::Identities(identities) => {
+                Answer::Identities(identities.iter().map(|i| self.identity(i)).collect())
+            }
+            Query::Events(events) => Answer::Events(
+                events
+                    .iter()
+                    .map(|(oneid, event_id)| self.has_event(*oneid, event_id))
+                    .collect(),
+            ),
+            Query::Profile(oneid) => Answer::Profile(self.profile_read(*oneid).map(Box::new)),
+            Query::Ledger {
+                oneid,
+                limit,
+                before,
+            } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
+            Query::Rules(shard) => Answer::Rules(Box::new(
+                self.shard(*shard)
+                    .get(keys::RULES)
+                    .map(|bytes| decode(keys::RULES, &bytes))
+                    .unwrap_or_default(),
+            )),
+            Query::Segments { shard, name } => {
+                Answer::Segments(self.segments(*shard, name.as_deref()))
+            }
+            Query::Members {
+                shard,
+                segment,
+                after,
+                limit,
+            } => Answer::Members(self.members(*shard, segment, *after, *limit)),
+        }
+    }
+
+    /// The profile an identity is bound to.
+    pub fn identity(&self, identity: &Identity) -> Option<OneId> {
+        if let Some(oneid) = self.cached_identity(identity) {
+            return Some(oneid);
+        }
+        let key = keys::identity(identity);
+        let stripe = self.stripe(&key);
+        let oneid: OneId = self
+            .shard(identity.shard(self.n_shards))
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))?;
+        stripe
+            .lock()
+            .expect("identity cache lock")
+            .put(identity.clone(), oneid);
+        Some(oneid)
+    }
+
+    /// Whether `event_id` applied to the profile (and its dedup record is not yet evicted).
+    pub fn has_event(&self, oneid: OneId, event_id: &str) -> bool {
+        oneid.shard().0 < self.n_shards
+            && self
+                .shard(oneid.shard())
+                .get(&keys::dedup(oneid, event_id))
+                .is_some()
+    }
+
+    pub fn profile(&self, oneid: OneId) -> Option<Profile> {
+        if oneid.shard().0 >= self.n_shards {
+            return None;
+        }
+        let key = keys::profile(oneid);
+        self.shard(oneid.shard())
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))
+    }
+
+    /// Up to `limit` ledger entries of a profile, newest first, older than sequence `before`;
+    /// `None` if the profile does not exist.
+    pub fn ledger(
+        &self,
+        oneid: OneId,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Option<Vec<(u64, LedgerRecord)>> {
+        self.profile(oneid)?;
+        let from = before.map(|seq| keys::ledger(oneid, seq));
+        let entries = self.shard(oneid.shard()).scan(
+            &keys::ledger_prefix(oneid),
+            from.as_deref(),
+            true,
+            limit,
+        );
+        Some(
+            entries
+                .into_iter()
+                .map(|(key, value)| (keys::ledger_seq(&key), decode(&key, &value)))
+                .collect(),
+        )
+    }
+}
