@@ -240,7 +240,7 @@ fn main() -> anyhow::Result<()> {
             Arc::clone(&storage),
             writer.clone(),
             Arc::clone(&metrics),
-            Arc::clone(&shards),
+            Arc::clone(&shards) as Arc<dyn replica::actor::Host>,
         )
         .with_context(|| format!("recovering shard {shard}"))?;
         recovered.push((shard, actor));

@@ -17,16 +17,22 @@
 //! - Peers' requests are carried out on this node's replicas only, never forwarded again.
 
 use crate::config::node_of_raft_id;
-use crate::replica::actor::{Leave, Propose, Read, ShardActor, Step};
+use crate::follow_up;
+use crate::replica::actor::{
+    Gate, Host, Leave, Propose, Read, ShardActor, Status, StatusReply, Step,
+};
+use crate::snapshots::Staged;
 use crate::snapshots::{Chunk, ChunkError, Snapshots, Source, CHUNK_TIMEOUT};
 use crate::storage::{Answer, Query, StateReader};
 use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::Transport;
 use actix::Addr;
+use futures::future::BoxFuture;
 use oneid_protocol::ids::ShardId;
 use oneid_replica::message::{Message, MessageKind};
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::ShardError;
+use oneid_state::command::FollowUp;
 use oneid_state::command::{Command, Output};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -100,18 +106,6 @@ enum PeerResponse {
     Read(Result<ReadAnswer, ShardError>),
     Chunk(Result<Chunk, ChunkError>),
     Released,
-}
-
-/// A leader's lease as its replica last published it: until `until` no other leader can be
-/// elected, and `commit` is at least every index any client was told of, so a linearizable
-/// read may be served without asking the replica once the durable state (`durable`) is there.
-/// A replica publishes its gate before anything it answers leaves (replies, messages): a
-/// write acknowledged, or a leadership transfer started, is never missed by a reader.
-#[derive(Debug, Clone, Copy)]
-pub struct Gate {
-    pub until: Instant,
-    pub commit: u64,
-    pub durable: u64,
 }
 
 /// How linearizable reads were served, for `/metrics`.
@@ -258,6 +252,17 @@ impl Shards {
     /// This node's replica of `shard`.
     pub fn local(&self, shard: ShardId) -> Option<&Addr<ShardActor>> {
         self.local.get()?.get(shard.0 as usize)?.as_ref()
+    }
+
+    /// What each of this node's replicas says of itself (`None`: it did not answer, as while
+    /// the node stops).
+    pub async fn statuses(&self) -> Vec<(ShardId, Option<StatusReply>)> {
+        let locals: Vec<_> = self.locals().collect();
+        let answers = futures::future::join_all(locals.iter().map(|(_, addr)| addr.send(Status)));
+        let shards = locals.iter().map(|(shard, _)| *shard);
+        shards
+            .zip(answers.await.into_iter().map(Result::ok))
+            .collect()
     }
 
     /// The actors of this node's replicas.
@@ -722,5 +727,42 @@ impl Inbound for FromPeers {
                 self.0.observe(ShardId(shard), Some(from), term);
             }
         }
+    }
+}
+
+/// The shard actors' view of their node: the routing table carries out what they need of it.
+impl Host for Shards {
+    fn send_raft(&self, shard: ShardId, messages: Vec<Message>) -> Vec<u64> {
+        Shards::send_raft(self, shard, messages)
+    }
+
+    fn publish_gate(&self, shard: ShardId, gate: Option<Gate>) {
+        Shards::publish_gate(self, shard, gate);
+    }
+
+    fn observe(&self, shard: ShardId, leader: Option<u64>, term: u64) {
+        Shards::observe(self, shard, leader, term);
+    }
+
+    fn flushed(&self, shard: ShardId) {
+        Shards::flushed(self, shard);
+    }
+
+    fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
+    }
+
+    fn fetch_snapshot(
+        self: Arc<Self>,
+        snapshot: SnapshotRef,
+    ) -> BoxFuture<'static, Option<Staged>> {
+        Box::pin(async move {
+            let source = PeerSource(Arc::clone(&self));
+            self.snapshots.fetch(&source, &snapshot).await.ok()
+        })
+    }
+
+    fn drive_follow_ups(self: Arc<Self>, follow_ups: Vec<FollowUp>) -> BoxFuture<'static, usize> {
+        Box::pin(async move { follow_up::drive(&self, follow_ups, 1).await.finished })
     }
 }

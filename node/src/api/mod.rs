@@ -21,7 +21,6 @@ mod segments;
 
 use crate::backup::{BackupError, Backups};
 use crate::metrics::{Metrics, Route};
-use crate::replica::actor::Status;
 use crate::router::Router;
 use crate::shards::{Consistency, Shards};
 use crate::storage::{Answer, Query};
@@ -567,15 +566,13 @@ impl Api {
 
     /// This node's replicas, as each says of itself.
     async fn shard_views(&self) -> Result<Vec<ShardView>, ApiError> {
-        let locals: Vec<_> = self.shards.locals().collect();
-        let answers =
-            futures::future::join_all(locals.iter().map(|(_, addr)| addr.send(Status))).await;
         let node = crate::config::node_of_raft_id;
-        locals
-            .iter()
-            .zip(answers)
-            .map(|((shard, _), answer)| match answer {
-                Ok(view) => {
+        self.shards
+            .statuses()
+            .await
+            .into_iter()
+            .map(|(shard, answer)| match answer {
+                Some(view) => {
                     let s = &view.status;
                     Ok(ShardView {
                         id: shard.0,
@@ -591,7 +588,7 @@ impl Api {
                         clock: view.clock.to_string(),
                     })
                 }
-                _ => Err(ApiError::unavailable(format!(
+                None => Err(ApiError::unavailable(format!(
                     "shard {shard} did not answer"
                 ))),
             })
@@ -611,7 +608,7 @@ impl Api {
         Ok(ClusterView {
             node: self.node_id,
             cluster_id: self.cluster_id.clone(),
-            identity: crate::transport::tcp::hex(&self.identity),
+            identity: crate::transport::handshake::hex(&self.identity),
             snapshots: self.shards.snapshots.in_flight(),
             nodes,
             shards: self.shard_views().await?,

@@ -4,10 +4,12 @@
 //! peers, ticks of its timer with the wall clock, and the writer's word that a write is
 //! durable) and carries out its [`Effects`]: each write goes to the node's [`Writer`] (one in
 //! flight per shard, so the writer's queue is bounded by the number of shards, and one fsync
-//! covers the work of many shards), messages go to the peers, and answers go back to whoever
-//! asked. As leader it also sweeps the follow-up records the router did not finish.
+//! covers the work of many shards), messages go to the peers through its [`Host`], and answers
+//! go back to whoever asked. As leader it also sweeps the follow-up records the router did
+//! not finish (driven by its host). It is given its [`Host`] (the node's routing table) and
+//! never imports the routing table or the follow-up driver, which know it.
 //!
-//! Snapshots (see `replica::core::snapshot`): as leader it holds what its replica prepares
+//! Snapshots (see `oneid_replica::snapshot`): as leader it holds what its replica prepares
 //! (`snapshots::Snapshots::hold`, before the next write goes out) and tells the replica how
 //! the transfers ended; as follower it fetches what its replica asks for, on the actor's
 //! runtime, and hands an install's write to the writer as one that switches the shard's
@@ -17,14 +19,14 @@
 //! (`storage::StateReader`), once the actor says the durable state is new enough
 //! ([`Read`]).
 
-use crate::follow_up;
 use crate::metrics::Metrics;
-use crate::shards::{Gate, PeerSource, Shards};
-use crate::snapshots::{Report, Staged};
+use crate::snapshots::{Report, Snapshots, Staged};
 use crate::storage::{FjallLog, Storage, WriteJob, Writer};
 use actix::prelude::*;
+use futures::future::BoxFuture;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
+use oneid_replica::message::Message as RaftMessage;
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use oneid_state::command::{Command, FollowUp, Output};
@@ -50,6 +52,41 @@ const _: () = assert!(
     "a full mailbox of proposals must fit the pending table"
 );
 
+/// A leader's lease as its replica last published it: until `until` no other leader can be
+/// elected, and `commit` is at least every index any client was told of, so a linearizable
+/// read may be served without asking the replica once the durable state (`durable`) is there.
+/// A replica publishes its gate before anything it answers leaves (replies, messages): a
+/// write acknowledged, or a leadership transfer started, is never missed by a reader.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    pub until: Instant,
+    pub commit: u64,
+    pub durable: u64,
+}
+
+/// What a shard actor needs of the node around it. It is given one (the node's routing table,
+/// `shards::Shards`) instead of importing it: the routing table and the follow-up driver know
+/// the actor; the actor knows only this.
+pub trait Host: Send + Sync + 'static {
+    /// Sends a local replica's messages to the replicas of other nodes; answers the replica
+    /// ids it could not reach.
+    fn send_raft(&self, shard: ShardId, messages: Vec<RaftMessage>) -> Vec<u64>;
+    /// Publishes the replica's lease gate (`None`: it holds no lease).
+    fn publish_gate(&self, shard: ShardId, gate: Option<Gate>);
+    /// What the replica says of its leader (node) and term, each tick.
+    fn observe(&self, shard: ShardId, leader: Option<u64>, term: u64);
+    /// A write of the shard is durable.
+    fn flushed(&self, shard: ShardId);
+    /// The node's snapshots: those held for followers, and the fetches in flight.
+    fn snapshots(&self) -> &Snapshots;
+    /// Fetches a snapshot from its holder into a staged generation (`None`: it failed).
+    fn fetch_snapshot(self: Arc<Self>, snapshot: SnapshotRef)
+        -> BoxFuture<'static, Option<Staged>>;
+    /// Drives follow-up records to their end (the binds at other shards, then the finish at
+    /// this one); answers how many finished.
+    fn drive_follow_ups(self: Arc<Self>, follow_ups: Vec<FollowUp>) -> BoxFuture<'static, usize>;
+}
+
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
 
 pub struct ShardActor {
@@ -62,7 +99,7 @@ pub struct ShardActor {
     storage: Arc<Storage>,
     writer: Writer,
     metrics: Arc<Metrics>,
-    shards: Arc<Shards>,
+    host: Arc<dyn Host>,
     next_token: Token,
     proposals: BTreeMap<Token, Reply<Output>>,
     reads: BTreeMap<Token, Reply<()>>,
@@ -88,7 +125,7 @@ impl ShardActor {
         storage: Arc<Storage>,
         writer: Writer,
         metrics: Arc<Metrics>,
-        shards: Arc<Shards>,
+        host: Arc<dyn Host>,
     ) -> anyhow::Result<ShardActor> {
         let shard = config.shard;
         let tick = config.tick;
@@ -105,7 +142,7 @@ impl ShardActor {
             storage,
             writer,
             metrics,
-            shards,
+            host,
             next_token: 0,
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -149,7 +186,7 @@ impl ShardActor {
     fn carry_out(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
         // Before the write goes out: the state is still the durable one the snapshots are of.
         for snapshot in std::mem::take(&mut fx.snapshots) {
-            if !self.shards.snapshots.hold(&snapshot) {
+            if !self.host.snapshots().hold(&snapshot) {
                 self.replica.snapshot_failed(&snapshot);
             }
         }
@@ -160,7 +197,7 @@ impl ShardActor {
             commit,
             durable: self.replica.durable_applied(),
         });
-        self.shards.publish_gate(self.shard, gate);
+        self.host.publish_gate(self.shard, gate);
         let Effects {
             messages,
             write,
@@ -175,7 +212,7 @@ impl ShardActor {
             discard,
         } = fx;
         if !messages.is_empty() {
-            for raft_id in self.shards.send_raft(self.shard, messages) {
+            for raft_id in self.host.send_raft(self.shard, messages) {
                 self.replica.unreachable(raft_id);
             }
         }
@@ -221,12 +258,7 @@ impl ShardActor {
 
     /// Fetches a snapshot's state into a new generation, then tells the replica.
     fn fetch(&mut self, snapshot: SnapshotRef, ctx: &mut Context<Self>) {
-        let shards = Arc::clone(&self.shards);
-        let wanted = snapshot.clone();
-        let task = async move {
-            let source = PeerSource(Arc::clone(&shards));
-            shards.snapshots.fetch(&source, &wanted).await.ok()
-        };
+        let task = Arc::clone(&self.host).fetch_snapshot(snapshot.clone());
         ctx.spawn(task.into_actor(self).map(move |staged, actor, ctx| {
             let mut fx = Effects::default();
             if let Some(staged) = staged {
@@ -253,7 +285,7 @@ impl ShardActor {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let mut fx = Effects::default();
-        for report in self.shards.snapshots.reports(self.shard) {
+        for report in self.host.snapshots().reports(self.shard) {
             match report {
                 Report::Progressed(snapshot) => self.replica.snapshot_progressed(&snapshot),
                 Report::Sent(snapshot) => {
@@ -265,7 +297,7 @@ impl ShardActor {
         }
         self.replica.tick(self.now(), &mut fx);
         let status = self.replica.status();
-        self.shards.observe(
+        self.host.observe(
             self.shard,
             status.leader.map(crate::config::node_of_raft_id),
             status.term,
@@ -340,10 +372,8 @@ impl ShardActor {
         }
         tracing::info!(shard = %self.shard, records = follow_ups.len(), "finishing follow-ups the router left");
         self.sweeping = true;
-        let shards = Arc::clone(&self.shards);
-        let sweep = async move { follow_up::drive(&shards, follow_ups, 1).await };
-        ctx.spawn(sweep.into_actor(self).map(move |report, actor, _| {
-            let finished = report.finished;
+        let sweep = Arc::clone(&self.host).drive_follow_ups(follow_ups);
+        ctx.spawn(sweep.into_actor(self).map(move |finished, actor, _| {
             actor.sweeping = false;
             actor
                 .metrics
@@ -417,7 +447,7 @@ impl Handler<Read> for ShardActor {
 /// Raft messages from this shard's replicas on other nodes.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Step(pub Vec<oneid_replica::message::Message>);
+pub struct Step(pub Vec<RaftMessage>);
 
 impl Handler<Step> for ShardActor {
     type Result = ();
@@ -465,7 +495,7 @@ impl Handler<Flushed> for ShardActor {
             }
         }
         let switched = self.switching.take().is_some();
-        self.shards.flushed(self.shard);
+        self.host.flushed(self.shard);
         let mut fx = Effects::default();
         self.replica
             .persisted(&self.storage.state_read(self.shard), &mut fx);

@@ -34,6 +34,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// A node's random identity, recorded in its data directory at first start.
 pub type Identity = [u8; 16];
 
+/// An identity as operators see it, 32 hex digits.
+pub fn hex(identity: &Identity) -> String {
+    format!("{:032x}", u128::from_be_bytes(*identity))
+}
+
 /// What one side says of itself, and of the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct About {
@@ -70,15 +75,12 @@ pub fn may_join(
     for (peer, about) in answers {
         if about.initialized && about.knows_you != Some(identity) {
             let how = match about.knows_you {
-                Some(known) => format!(
-                    "knows this node by another identity ({})",
-                    super::tcp::hex(&known)
-                ),
+                Some(known) => format!("knows this node by another identity ({})", hex(&known)),
                 None => "does not know this node".to_string(),
             };
             return Join::Refused(format!(
                 "this node's data directory is empty (identity {}), but node {peer} holds an initialized cluster and {how}: this is not the data directory the cluster knows for this node (a wiped or replaced disk?). Starting on it would let a node that lost its log vote as the replica it was, so it does not start. Restore this node's data directory, or (once membership changes exist) remove the node from the cluster and add it back",
-                super::tcp::hex(&identity)
+                hex(&identity)
             ));
         }
     }

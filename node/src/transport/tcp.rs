@@ -13,7 +13,7 @@
 //! [`PING_INTERVAL`]). Refusals are logged and counted, and never disturb the node.
 
 use super::handshake::{
-    self, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
+    self, hex, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
 };
 use super::{Frame, FrameError, Transport, FRAME_BYTES_MAX};
 use std::collections::BTreeMap;
@@ -724,9 +724,4 @@ impl Transport for Tcp {
     fn send_raft(&self, to: u64, shard: u32, messages: Vec<Vec<u8>>) -> bool {
         self.send(to, &Frame::Raft { shard, messages })
     }
-}
-
-/// An identity as operators see it, 32 hex digits.
-pub fn hex(identity: &Identity) -> String {
-    format!("{:032x}", u128::from_be_bytes(*identity))
 }

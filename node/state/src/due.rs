@@ -14,32 +14,18 @@ use super::keys::{self, DueKind};
 use super::profile::Profile;
 use super::segments::{Eval, Stamp};
 use super::{EventWrites, LedgerKind, LedgerRecord, ShardState, Tx};
-use crate::command::Retention;
 use oneid_protocol::ids::OneId;
 use oneid_protocol::num::{Millis, DAY_MS};
 use std::collections::BTreeMap;
 
 /// Most due keys one clock entry processes.
 pub const DUE_PER_CLOCK_MAX: usize = 1_024;
-/// Most ledger entries one clock entry evicts.
-pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 
 impl ShardState {
-    /// Processes what fell due by the shard's clock and evicts ledger entries past retention.
-    /// Returns how many due keys it processed (at most `DUE_PER_CLOCK_MAX`), and whether the
-    /// ledger eviction batch was full.
-    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>, retention: Retention) -> (usize, bool) {
+    /// Processes what fell due by the shard's clock. Returns how many due keys it processed
+    /// (at most `DUE_PER_CLOCK_MAX`).
+    pub(super) fn process_due(&mut self, tx: &mut Tx<'_>) -> usize {
         let now = self.record.clock;
-        let horizon = Millis(now.0 - i64::from(retention.ledger_days) * DAY_MS);
-        let (cursor, ledger_full) = super::retention::evict_queue(
-            tx,
-            keys::LEDGER_EVICTION_PREFIX,
-            self.record.ledger_evicted_to,
-            horizon,
-            LEDGER_EVICTIONS_PER_CLOCK_MAX,
-        );
-        self.record.ledger_evicted_to = cursor;
-
         let after = keys::due_bound(self.record.due_floor);
         let due = tx.scan_below(
             keys::DUE_PREFIX,
@@ -91,7 +77,7 @@ impl ShardState {
                 self.activations.insert(profile, stored_hash);
             }
         }
-        (processed, ledger_full)
+        processed
     }
 
     /// What one due key does to its profile (loaded, changed in place); answers whether it

@@ -2,9 +2,10 @@
 //! entries do about lots, tags, the spend window, tier retention, time-based rule tags and
 //! ledger retention. Clock entries are driven by hand to the millisecond; no sleeps.
 
-use super::due::{DUE_PER_CLOCK_MAX, LEDGER_EVICTIONS_PER_CLOCK_MAX};
+use super::due::DUE_PER_CLOCK_MAX;
 use super::keys::{self, DueKind};
 use super::profile::{Lot, LOTS_PER_PROFILE_MAX, LOT_MERGE_MS};
+use super::retention::LEDGER_EVICTIONS_PER_CLOCK_MAX;
 use super::store::MemState;
 use super::tests::{
     at, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping, Harness, PLAIN,

@@ -44,8 +44,6 @@ use store::{pair_hash, StateRead, WriteSet};
 pub use tx::decode;
 use tx::{encode, reject, reject_field, EventWrites, Tx};
 
-/// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
-pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 /// Most follow-up records a shard holds unfinished. An event that would add more is answered
 /// `unavailable` (retry): binds on another shard are not keeping up (it has no leader, or is
 /// overloaded), and waiting work must not grow without bound.

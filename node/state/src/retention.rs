@@ -5,7 +5,12 @@
 use super::keys;
 use super::store::pair_hash;
 use super::tx::{encode, Tx};
-use super::{decode, due, ShardState, DEDUP_EVICTIONS_PER_CLOCK_MAX};
+use super::{decode, due, ShardState};
+
+/// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
+pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
+/// Most ledger entries one clock entry evicts.
+pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 use crate::command::Retention;
 use oneid_protocol::num::{Millis, DAY_MS};
 
@@ -54,7 +59,16 @@ impl ShardState {
         );
         self.record.dedup_evicted_to = cursor;
         let changes_full = self.evict_changes(tx, retention);
-        let (due_processed, ledger_full) = self.process_due(tx, retention);
+        let horizon = Millis(self.record.clock.0 - i64::from(retention.ledger_days) * DAY_MS);
+        let (cursor, ledger_full) = evict_queue(
+            tx,
+            keys::LEDGER_EVICTION_PREFIX,
+            self.record.ledger_evicted_to,
+            horizon,
+            LEDGER_EVICTIONS_PER_CLOCK_MAX,
+        );
+        self.record.ledger_evicted_to = cursor;
+        let due_processed = self.process_due(tx);
         (
             due_processed,
             dedup_full || changes_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,

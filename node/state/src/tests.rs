@@ -1,6 +1,7 @@
 //! Unit tests of the shard state machine: lists of commands folded over a `MemState`, with
 //! exact expected values. No network, no threads, no sleeps.
 
+use super::retention::DEDUP_EVICTIONS_PER_CLOCK_MAX;
 use super::*;
 use crate::command::Retention;
 use crate::profile::Lot;
