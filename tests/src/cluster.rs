@@ -1,11 +1,10 @@
 //! A cluster of real `oneid-node` processes on loopback: one `cluster.toml` for all of them
 //! (with a fresh secret), each node with its own data directory, API and peer ports.
 
-use crate::{free_port, NodeOptions, TestNode, START_TIMEOUT};
+use crate::{eventually, free_port, NodeOptions, TestNode, START_TIMEOUT};
 use oneid_protocol::api::{ClusterView, ShardView};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 /// The shape of a test cluster.
 #[derive(Clone)]
@@ -158,31 +157,35 @@ impl TestCluster {
     /// (each equal to its commit index, one leader); answers each shard's (applied index,
     /// digest), and panics if two replicas at that index differ.
     pub async fn settled(&self) -> BTreeMap<u32, (u64, String)> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let views = self.views().await;
-            let mut by_shard: BTreeMap<u32, Vec<(u64, ShardView)>> = BTreeMap::new();
-            for (node, view) in &views {
-                for shard in &view.shards {
-                    by_shard
-                        .entry(shard.id)
-                        .or_default()
-                        .push((*node, shard.clone()));
+        eventually(
+            "every shard's replicas agreeing on their applied index",
+            START_TIMEOUT,
+            async || {
+                let views = self.views().await;
+                let mut by_shard: BTreeMap<u32, Vec<(u64, ShardView)>> = BTreeMap::new();
+                for (node, view) in &views {
+                    for shard in &view.shards {
+                        by_shard
+                            .entry(shard.id)
+                            .or_default()
+                            .push((*node, shard.clone()));
+                    }
                 }
-            }
-            let running = self.running().len();
-            let expected = (self.options.replication as usize).min(running);
-            let agree = views.len() == running
-                && by_shard.len() == self.options.shards as usize
-                && by_shard.values().all(|replicas| {
-                    replicas.len() >= expected
-                        && replicas.iter().filter(|(_, s)| s.role == "leader").count() == 1
-                        && replicas.iter().all(|(_, s)| {
-                            s.applied_index == replicas[0].1.applied_index
-                                && s.commit_index == s.applied_index
-                        })
-                });
-            if agree {
+                let running = self.running().len();
+                let expected = (self.options.replication as usize).min(running);
+                let agree = views.len() == running
+                    && by_shard.len() == self.options.shards as usize
+                    && by_shard.values().all(|replicas| {
+                        replicas.len() >= expected
+                            && replicas.iter().filter(|(_, s)| s.role == "leader").count() == 1
+                            && replicas.iter().all(|(_, s)| {
+                                s.applied_index == replicas[0].1.applied_index
+                                    && s.commit_index == s.applied_index
+                            })
+                    });
+                if !agree {
+                    return Err(by_shard);
+                }
                 let mut settled = BTreeMap::new();
                 for (shard, replicas) in by_shard {
                     let (node, first) = &replicas[0];
@@ -195,14 +198,10 @@ impl TestCluster {
                     }
                     settled.insert(shard, (first.applied_index, first.digest.clone()));
                 }
-                return settled;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not settle in {START_TIMEOUT:?}: {by_shard:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                Ok(settled)
+            },
+        )
+        .await
     }
 }
 

@@ -55,23 +55,64 @@ pub mod sse;
 /// How often [`eventually`] asks again.
 const POLL: Duration = Duration::from_millis(50);
 
-/// Asks `check` until it answers `Some` (every 50 ms), for at most `within`: its answer, or a
-/// panic saying what did not happen.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
+/// What a check of [`eventually`] answers: `Some(value)` or `Ok(value)` once what is awaited
+/// has happened; until then `None`, or `Err` with what it saw instead, which the panic shows
+/// if the deadline passes.
+pub trait Outcome {
+    type Value;
+    /// The value, or what was seen instead (`None`: nothing worth showing).
+    fn into_result(self) -> Result<Self::Value, Option<String>>;
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn into_result(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T, E: std::fmt::Debug> Outcome for Result<T, E> {
+    type Value = T;
+    fn into_result(self) -> Result<T, Option<String>> {
+        self.map_err(|seen| Some(format!("{seen:#?}")))
+    }
+}
+
+/// Asks `check` until it answers `Some` or `Ok` (every 50 ms), for at most `within`: its
+/// answer, or a panic saying what did not happen and, if `check` answered `Err`, what it saw
+/// last. `check` is an async closure, so it may change what it captures (a stream it reads, a
+/// counter).
+pub async fn eventually<O: Outcome>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> O,
+) -> O::Value {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(value) = check().await {
-            return value;
+        match check().await.into_result() {
+            Ok(value) => return value,
+            Err(seen) if Instant::now() >= deadline => match seen {
+                Some(seen) => panic!("{what} did not happen within {within:?}; last seen: {seen}"),
+                None => panic!("{what} did not happen within {within:?}"),
+            },
+            Err(_) => tokio::time::sleep(POLL).await,
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {within:?}"
-        );
-        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Reads `stream` until its peer closes it: everything the peer sent, or the kind of the
+/// error that ended the read instead (a reset, say), or `TimedOut` if it is still open after
+/// `limit`.
+pub async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Result<Vec<u8>, std::io::ErrorKind> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    match tokio::time::timeout(limit, stream.read_to_end(&mut bytes)).await {
+        Ok(Ok(_)) => Ok(bytes),
+        Ok(Err(error)) => Err(error.kind()),
+        Err(_) => Err(std::io::ErrorKind::TimedOut),
     }
 }
 
@@ -232,8 +273,10 @@ impl TestNode {
     /// exits.
     pub async fn wait_healthy(&mut self) {
         let client = self.client();
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !client.healthy().await {
+        eventually("oneid-node becoming healthy", START_TIMEOUT, async || {
+            if client.healthy().await {
+                return Some(());
+            }
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -255,12 +298,9 @@ impl TestNode {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "oneid-node did not become healthy in {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            None
+        })
+        .await;
     }
 
     fn spawn(&self, extra_args: &[&OsStr], env: &[(&str, &str)]) -> Child {
@@ -445,23 +485,23 @@ impl TestNode {
     /// settled digests taken at different times are equal exactly when no write changed state.
     pub async fn settled_digests(&self) -> Vec<String> {
         let client = self.client();
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let view = client.cluster().await.expect("cluster view");
-            if view
-                .shards
-                .iter()
-                .all(|s| s.clock != CLOCK_UNSET && s.applied_index == s.commit_index)
-            {
-                return view.shards.into_iter().map(|s| s.digest).collect();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the node did not settle in {START_TIMEOUT:?}: {:?}",
-                view.shards
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            "every shard applying a clock entry and all it committed",
+            START_TIMEOUT,
+            async || {
+                let view = client.cluster().await.expect("cluster view");
+                if view
+                    .shards
+                    .iter()
+                    .all(|s| s.clock != CLOCK_UNSET && s.applied_index == s.commit_index)
+                {
+                    Ok(view.shards.into_iter().map(|s| s.digest).collect())
+                } else {
+                    Err(view.shards)
+                }
+            },
+        )
+        .await
     }
 
     /// The value of an unlabelled counter in `/metrics`.

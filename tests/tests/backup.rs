@@ -6,12 +6,12 @@
 use oneid_client::Error;
 use oneid_protocol::api::{BackupManifest, EventStatus};
 use oneid_protocol::ErrorCode;
-use oneid_tests::{cli_binary, NodeOptions, TestNode};
+use oneid_tests::{cli_binary, eventually, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CUSTOMERS: usize = 60;
 
@@ -117,11 +117,12 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acknowledged.lock().expect("lock").len() < BATCH * 10 {
-        assert!(Instant::now() < deadline, "ingest made no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the acknowledgement of 10 batches",
+        Duration::from_secs(60),
+        async || (acknowledged.lock().expect("lock").len() >= BATCH * 10).then_some(()),
+    )
+    .await;
     // Acknowledged before the backup request is sent: the backup must hold all of these.
     let before: Vec<usize> = acknowledged.lock().expect("lock").clone();
     assert!(

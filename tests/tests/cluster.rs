@@ -10,6 +10,7 @@ use oneid_client::Client;
 use oneid_protocol::api::{EventStatus, EventsResponse};
 use oneid_protocol::ErrorCode;
 use oneid_tests::cluster::{ClusterOptions, TestCluster};
+use oneid_tests::{eventually, read_until_closed};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -384,12 +385,9 @@ async fn handshake(peer: &str, greeting: &[u8; 109], secret: &[u8]) -> tokio::ne
     stream
 }
 
-/// Whether the node closes `stream` within 10 s.
-async fn closes(mut stream: tokio::net::TcpStream) -> bool {
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
-        .await
-        .is_ok()
+/// What the node sends on `stream` until it closes it (up to 10 s; see `read_until_closed`).
+async fn closes(mut stream: tokio::net::TcpStream) -> Result<Vec<u8>, std::io::ErrorKind> {
+    read_until_closed(&mut stream, Duration::from_secs(10)).await
 }
 
 fn identity_of(view: &oneid_protocol::api::ClusterView) -> [u8; 16] {
@@ -398,15 +396,12 @@ fn identity_of(view: &oneid_protocol::api::ClusterView) -> [u8; 16] {
         .to_be_bytes()
 }
 
-/// Connects to a peer port, writes `bytes`, and answers whether the node closed the
-/// connection within 10 s.
-async fn closed_after(peer: &str, bytes: &[u8]) -> bool {
+/// Connects to a peer port, writes `bytes`, and answers what the node sent until it closed
+/// the connection (up to 10 s; see `read_until_closed`).
+async fn closed_after(peer: &str, bytes: &[u8]) -> Result<Vec<u8>, std::io::ErrorKind> {
     let mut stream = tokio::net::TcpStream::connect(peer).await.expect("connect");
     stream.write_all(bytes).await.expect("write");
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
-        .await
-        .is_ok()
+    closes(stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,19 +422,48 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
     let refused =
         |reason: &str| format!("oneid_peer_handshakes_refused_total{{reason=\"{reason}\"}}");
     let stranger = [0x5A; 16];
-    assert!(closed_after(&peer, &[0xAB; 109]).await);
-    assert!(closed_after(&peer, &hello([9; 16], 2, 1, format, stranger)).await);
-    assert!(closed_after(&peer, &hello(id, 9, 1, format, stranger)).await);
-    assert!(closed_after(&peer, &hello(id, 2, 3, format, stranger)).await);
-    assert!(closed_after(&peer, &hello(id, 2, 1, format + 1, stranger)).await);
+    // Each refusal is a clean close once the node has read what was sent: a hello refused
+    // before the node's challenge gets nothing back, and one refused after it (which the
+    // handshake read) gets nothing more.
+    let nothing = Ok(Vec::new());
+    assert_eq!(
+        closed_after(&peer, &[0xAB; 109]).await,
+        nothing,
+        "not a hello (no magic)"
+    );
+    assert_eq!(
+        closed_after(&peer, &hello([9; 16], 2, 1, format, stranger)).await,
+        nothing,
+        "another cluster"
+    );
+    assert_eq!(
+        closed_after(&peer, &hello(id, 9, 1, format, stranger)).await,
+        nothing,
+        "an unknown node"
+    );
+    assert_eq!(
+        closed_after(&peer, &hello(id, 2, 3, format, stranger)).await,
+        nothing,
+        "a hello to another node"
+    );
+    assert_eq!(
+        closed_after(&peer, &hello(id, 2, 1, format + 1, stranger)).await,
+        nothing,
+        "another state format"
+    );
     // Right on every count but the proof: a stranger without the secret.
     let greeting = hello(id, 2, 1, format, stranger);
     let stream = handshake(&peer, &greeting, b"not the secret at all").await;
-    assert!(closes(stream).await, "a wrong proof closes the connection");
+    assert_eq!(
+        closes(stream).await,
+        nothing,
+        "a wrong proof closes the connection"
+    );
     // With the secret, but not node 2's identity: a node 2 whose data directory was replaced.
     let stream = handshake(&peer, &greeting, cluster.secret.as_bytes()).await;
-    assert!(
+    assert_eq!(
         closes(stream).await,
+        nothing,
         "another identity closes the connection"
     );
 
@@ -455,8 +479,9 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         let greeting = hello(id, 3, 1, format, node_3);
         let mut stream = handshake(&peer, &greeting, cluster.secret.as_bytes()).await;
         stream.write_all(&frame).await.unwrap();
-        assert!(
+        assert_eq!(
             closes(stream).await,
+            nothing,
             "a {reason} frame cuts the connection off"
         );
         let metric = format!("oneid_peer_frames_refused_total{{reason=\"{reason}\"}}");
@@ -546,16 +571,19 @@ async fn a_client_of_the_cluster_reads_at_leaders_and_rides_through_a_nodes_deat
     let servers: Vec<String> = (1..=3).map(|n| cluster.node(n).base()).collect();
     send_all(&cluster.node(1).client(), 0..100).await;
     cluster.settled().await;
-    // Leadership settles (handed home after the first elections) before the client learns it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    // Leadership settles (handed home after the first elections) before the client learns it:
+    // every shard has a leader, and the same one a second later.
+    eventually("leadership settling", Duration::from_secs(30), async || {
         let before = cluster.leaders().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if before.len() == 8 && cluster.leaders().await == before {
-            break;
+        let after = cluster.leaders().await;
+        if before.len() == 8 && after == before {
+            Ok(())
+        } else {
+            Err((before, after))
         }
-        assert!(Instant::now() < deadline, "leadership never settled");
-    }
+    })
+    .await;
     let client = Client::new(&servers.join(",")).unwrap();
     let mut oneids = Vec::new();
     for customer in 0..CUSTOMERS {

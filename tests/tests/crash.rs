@@ -2,7 +2,7 @@
 //! nothing.
 
 use oneid_protocol::api::EventStatus;
-use oneid_tests::{NodeOptions, TestNode};
+use oneid_tests::{eventually, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,14 +58,12 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     });
     // Wait until some batches are acknowledged (to the client: the node's applied count runs
     // ahead of the answers), then kill.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while answered.load(Ordering::SeqCst) < BATCH * 8 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ingest made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the acknowledgement of 8 batches",
+        Duration::from_secs(60),
+        async || (answered.load(Ordering::SeqCst) >= BATCH * 8).then_some(()),
+    )
+    .await;
     node.kill9();
     let acknowledged = sender.await.unwrap();
     assert!(

@@ -402,52 +402,65 @@ async fn a_snapshot_then_the_stream_equals_the_members_while_writes_go_on() {
     let mut seen: Vec<String> = Vec::new();
     let mut watch = std::pin::pin!(client.watch_segment("rich", WatchFrom::Snapshot));
     let mut snapshot_done = false;
-    let deadline = Instant::now() + WAIT * 3;
     let mut writer = Some(writer);
-    loop {
-        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
-        match next {
-            Ok(Some(Ok(SegmentEvent::SnapshotStart))) => members.clear(),
-            Ok(Some(Ok(SegmentEvent::Member(m)))) => {
-                assert_eq!(m.change, ChangeKind::Enter);
-                members.insert(m.oneid);
-            }
-            Ok(Some(Ok(SegmentEvent::SnapshotEnd { members: count, .. }))) => {
-                assert_eq!(count as usize, members.len());
-                snapshot_done = true;
-            }
-            Ok(Some(Ok(SegmentEvent::Change(c)))) => {
-                assert!(snapshot_done);
-                seen.push(format!("{c:?}"));
-                let oneid = c.oneid.clone();
-                let fresh = match c.change {
-                    ChangeKind::Enter => members.insert(c.oneid),
-                    ChangeKind::Exit => members.remove(&c.oneid),
-                };
-                let history: Vec<&String> = seen.iter().filter(|l| l.contains(&oneid)).collect();
-                assert!(fresh, "{oneid} entered or left twice: {history:?}");
-            }
-            Ok(other) => panic!("the watch answered {other:?}"),
-            Err(_) if snapshot_done && writer.as_ref().is_some_and(|w| w.is_finished()) => {
-                writer.take().unwrap().await.unwrap();
-                let listed: BTreeSet<String> = client
-                    .segment_members("rich")
-                    .map(|m| m.unwrap())
-                    .collect()
-                    .await;
-                if listed == members {
-                    break;
+    // The members kept from the watch equal the listed ones once the snapshot has ended, the
+    // writes have stopped and the watch has caught up with them: each check reads what the
+    // watch has until it is quiet for 500 ms, then compares.
+    eventually(
+        "the watched members equalling the listed ones",
+        WAIT * 3,
+        async || {
+            while let Ok(next) =
+                tokio::time::timeout(Duration::from_millis(500), watch.next()).await
+            {
+                match next {
+                    Some(Ok(SegmentEvent::SnapshotStart)) => members.clear(),
+                    Some(Ok(SegmentEvent::Member(m))) => {
+                        assert_eq!(m.change, ChangeKind::Enter);
+                        members.insert(m.oneid);
+                    }
+                    Some(Ok(SegmentEvent::SnapshotEnd { members: count, .. })) => {
+                        assert_eq!(count as usize, members.len());
+                        snapshot_done = true;
+                    }
+                    Some(Ok(SegmentEvent::Change(c))) => {
+                        assert!(snapshot_done);
+                        seen.push(format!("{c:?}"));
+                        let oneid = c.oneid.clone();
+                        let fresh = match c.change {
+                            ChangeKind::Enter => members.insert(c.oneid),
+                            ChangeKind::Exit => members.remove(&c.oneid),
+                        };
+                        let history: Vec<&String> =
+                            seen.iter().filter(|l| l.contains(&oneid)).collect();
+                        assert!(fresh, "{oneid} entered or left twice: {history:?}");
+                    }
+                    other => panic!("the watch answered {other:?}"),
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} kept, {} listed",
-                    members.len(),
-                    listed.len()
-                );
             }
-            Err(_) => assert!(Instant::now() < deadline, "no progress"),
-        }
-    }
+            // A writer that failed fails the test here, with its own message.
+            if let Some(done) = writer.take_if(|w| w.is_finished()) {
+                done.await.unwrap();
+            }
+            if !snapshot_done || writer.is_some() {
+                return Err(format!(
+                    "snapshot ended: {snapshot_done}, writes done: {}",
+                    writer.is_none()
+                ));
+            }
+            let listed: BTreeSet<String> = client
+                .segment_members("rich")
+                .map(|m| m.unwrap())
+                .collect()
+                .await;
+            if listed == members {
+                Ok(())
+            } else {
+                Err(format!("{} kept, {} listed", members.len(), listed.len()))
+            }
+        },
+    )
+    .await;
     assert_eq!(members.len(), 300 - 100 + 100);
 }
 
@@ -648,24 +661,32 @@ async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
         .unwrap();
     let writer_client = Client::new(&others.join(",")).unwrap();
     let mut watch = std::pin::pin!(watcher.watch_segment("rich", WatchFrom::Tail));
-    // The stream is open once a canary's enter comes through it.
+    // The stream is open once a canary's enter comes through it: each check sends a canary
+    // and reads the watch for a second.
     let mut canaries = BTreeSet::new();
-    'open: for n in 0.. {
-        let canary = apply(
-            &writer_client,
-            &[earn(&format!("1399{n:07}"), &format!("c-{n}"), 10)],
-        )
-        .await;
-        canaries.extend(canary);
-        let until = Instant::now() + Duration::from_secs(1);
-        while let Ok(Some(event)) = tokio::time::timeout_at(until.into(), watch.next()).await {
-            if let SegmentEvent::Change(change) = event.unwrap() {
-                assert!(canaries.contains(&change.oneid));
-                break 'open;
+    let mut n = 0;
+    eventually(
+        "the opening of the watch's stream",
+        Duration::from_secs(60),
+        async || {
+            let canary = apply(
+                &writer_client,
+                &[earn(&format!("1399{n:07}"), &format!("c-{n}"), 10)],
+            )
+            .await;
+            n += 1;
+            canaries.extend(canary);
+            let until = Instant::now() + Duration::from_secs(1);
+            while let Ok(Some(event)) = tokio::time::timeout_at(until.into(), watch.next()).await {
+                if let SegmentEvent::Change(change) = event.unwrap() {
+                    assert!(canaries.contains(&change.oneid));
+                    return Some(());
+                }
             }
-        }
-        assert!(n < 30, "the stream never opened");
-    }
+            None
+        },
+    )
+    .await;
     // Half the writes before the kill, half after it.
     let (kill_done, mut after_kill) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(async move {

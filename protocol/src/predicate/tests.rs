@@ -80,6 +80,14 @@ fn tagged(tags: &[&'static str]) -> TestProfile {
     }
 }
 
+/// What `predicate` answers on a profile tagged "a" and on one without tags.
+fn with_and_without_a(predicate: &Predicate) -> (bool, bool) {
+    (
+        predicate.eval(&tagged(&["a"])),
+        predicate.eval(&tagged(&[])),
+    )
+}
+
 #[test]
 fn every_operator_on_every_number_field() {
     let fields = [
@@ -482,8 +490,20 @@ fn attribute_names() {
 
 #[test]
 fn in_lists_hold_at_most_256_values() {
-    let ok = vec!["1"; PREDICATE_IN_VALUES_MAX].join(",");
-    assert!(Predicate::parse(&format!("points in ({ok})")).is_ok());
+    // 256 different values: every one is kept, the last as much as the first.
+    let full: Vec<String> = (1..=PREDICATE_IN_VALUES_MAX)
+        .map(|n| n.to_string())
+        .collect();
+    let full = parse(&format!("points in ({})", full.join(",")));
+    assert_eq!(full.reads(), Reads::POINTS);
+    let points = |n: &str| TestProfile {
+        numbers: vec![(NumberField::Points, dec(n))],
+        ..TestProfile::default()
+    };
+    assert_eq!(
+        ["1", "256", "0", "257"].map(|n| full.eval(&points(n))),
+        [true, true, false, false]
+    );
     // "points in (" is 11 characters, each "1," two more: the 257th value is at 11 + 2 * 256 + 1.
     let too_many = vec!["1"; PREDICATE_IN_VALUES_MAX + 1].join(",");
     assert_eq!(
@@ -509,11 +529,12 @@ fn nesting_is_bounded() {
     );
     assert_eq!(error(&nots(PREDICATE_DEPTH_MAX + 1)), err(1, 129, message));
     assert_eq!(error(&"not ".repeat(1000)), err(1, 129, message));
-    // Mixed, and levels are released when a group closes.
+    // Mixed (16 nots, an even number, and 16 groups: 32 levels), and levels are released when
+    // a group closes.
     let mixed = format!("{} {a}{}", "not (".repeat(16), ")".repeat(16));
-    assert!(Predicate::parse(&mixed).is_ok());
+    assert_eq!(with_and_without_a(&parse(&mixed)), (true, false));
     let siblings = vec![nested(PREDICATE_DEPTH_MAX); 3].join(" and ");
-    assert!(Predicate::parse(&siblings).is_ok());
+    assert_eq!(with_and_without_a(&parse(&siblings)), (true, false));
     // Long flat chains are not nesting.
     let chain = vec![a; 200].join(" or ");
     assert!(parse(&chain).eval(&tagged(&["a"])));
@@ -524,7 +545,9 @@ fn source_size_is_bounded() {
     let a = "has_tag(\"a\")";
     let padded = format!("{a}{}", " ".repeat(PREDICATE_SOURCE_BYTES_MAX - a.len()));
     assert_eq!(padded.len(), PREDICATE_SOURCE_BYTES_MAX);
-    assert!(Predicate::parse(&padded).is_ok());
+    let at_the_limit = parse(&padded);
+    assert_eq!(at_the_limit.source(), padded, "kept whole, spaces and all");
+    assert_eq!(with_and_without_a(&at_the_limit), (true, false));
     let over = format!("{padded} ");
     assert_eq!(
         error(&over),
@@ -626,7 +649,30 @@ fn malformed_input_never_panics() {
     // Every prefix of a valid predicate, cut at each character.
     let valid = "not (tier >= \"gold\" or attr.city in (\"Köln\", \"a\\\"b\")) and \
                  days_since(last_order_at) <= -30.5 or has_identity(\"phone\")";
-    assert!(Predicate::parse(valid).is_ok());
+    let parsed = parse(valid);
+    assert_eq!(
+        parsed.reads(),
+        Reads::TIER
+            .with(Reads::ATTRIBUTES)
+            .with(Reads::TIMES)
+            .with(Reads::IDENTITIES)
+    );
+    assert_eq!(
+        parsed.day_thresholds(),
+        vec![(TimeField::LastOrderAt, -31), (TimeField::LastOrderAt, -30)]
+    );
+    // A silver customer whose last order is dated 31 days ahead: the city decides, and the
+    // escaped quote is read as a quote.
+    let in_city = |city: &str| TestProfile {
+        tier: Some(1),
+        attributes: vec![("city", Value::String(city.to_owned()))],
+        days: vec![(TimeField::LastOrderAt, -31)],
+        ..TestProfile::default()
+    };
+    assert_eq!(
+        ["x", "Köln", "a\"b"].map(|city| parsed.eval(&in_city(city))),
+        [true, false, false]
+    );
     for (end, _) in valid.char_indices() {
         let _ = Predicate::parse(&valid[..end]);
     }
@@ -704,7 +750,12 @@ fn values_round_trip_through_serde() {
         serde_json::to_string(&Value::String("02139".into())).unwrap(),
         r#"{"String":"02139"}"#
     );
-    assert!(serde_json::from_str::<Value>(r#"{"Number":"12abc"}"#).is_err());
+    assert_eq!(
+        serde_json::from_str::<Value>(r#"{"Number":"12abc"}"#)
+            .unwrap_err()
+            .to_string(),
+        "invalid value: string \"12abc\", expected a decimal number as text at line 1 column 17"
+    );
 }
 
 #[test]
