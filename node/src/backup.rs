@@ -15,7 +15,7 @@
 //! check passes, and a node does not start on a data directory that has one: an interrupted or
 //! failed restore is never served.
 
-use crate::storage::{ShardDigest, Storage};
+use crate::storage::{ShardDigest, Storage, OLDEST_MIGRATED_FORMAT, STATE_FORMAT};
 use anyhow::{anyhow, bail, ensure, Context};
 use oneid_protocol::api::{BackupKeyspace, BackupShard};
 use oneid_protocol::ids::ShardId;
@@ -336,12 +336,12 @@ pub fn restore(backup_dir: &Path, data_dir: &Path, node_id: u64) -> anyhow::Resu
         backup_dir.display(),
         manifest.node
     );
+    let formats = OLDEST_MIGRATED_FORMAT..=STATE_FORMAT;
     ensure!(
-        manifest.state_format == crate::storage::STATE_FORMAT,
-        "the backup in {} holds state format {}, but this oneid-node reads format {}: restore it with the version that made it",
+        formats.contains(&manifest.state_format),
+        "the backup in {} holds state format {}, but this oneid-node reads format {STATE_FORMAT} and migrates formats {OLDEST_MIGRATED_FORMAT} and later: restore it with the version that made it",
         backup_dir.display(),
         manifest.state_format,
-        crate::storage::STATE_FORMAT
     );
     match std::fs::read_dir(data_dir) {
         Ok(mut entries) => ensure!(

@@ -132,7 +132,18 @@ fn main() -> anyhow::Result<()> {
         &hosted,
         config.storage,
     )?);
+    if let Some(manifest) = &restored {
+        // Before anything reads it, and before a migration rewrites it: the restored state
+        // must be the backup's, exactly.
+        for &shard in &hosted {
+            backup::verify_shard(&storage, shard, manifest)?;
+        }
+    }
+    // Refuses a directory of another cluster or an unknown format; migrates an older one.
     let cluster = storage.check_cluster(&config.record())?;
+    if let Some(manifest) = &restored {
+        backup::finish_restore(&node.data, manifest, &hosted)?;
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(
         Arc::clone(&storage),
@@ -244,13 +255,6 @@ fn main() -> anyhow::Result<()> {
         )
         .with_context(|| format!("recovering shard {shard}"))?;
         recovered.push((shard, actor));
-    }
-    if let Some(manifest) = &restored {
-        // Before any shard runs: the recovered state must be the backup's, exactly.
-        for &shard in &hosted {
-            backup::verify_shard(&storage, shard, manifest)?;
-        }
-        backup::finish_restore(&node.data, manifest, &hosted)?;
     }
     let mut addrs = vec![None; c.shards as usize];
     for (shard, actor) in recovered {

@@ -14,10 +14,11 @@
 //! This module knows raft-rs's types and the key layout; it never writes: it answers the
 //! [`WriteOp`]s for the writer.
 
+use crate::message::DecodeError;
 use crate::write::{Space, WriteOp};
 use oneid_protocol::ids::ShardId;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -54,6 +55,37 @@ fn log_meta_key(shard: ShardId) -> Vec<u8> {
 
 pub fn entry_key(index: u64) -> Vec<u8> {
     index.to_be_bytes().to_vec()
+}
+
+/// A stored entry as an upgrade rewrites it: its command (the payload of a normal entry)
+/// passed through `rewrite`; entries without one (empty, configuration changes) stay as they
+/// are. Index and term never change.
+pub fn rewrite_entry(
+    bytes: &[u8],
+    rewrite: impl Fn(&[u8]) -> Vec<u8>,
+) -> Result<Vec<u8>, DecodeError> {
+    let mut entry = Entry::parse_from_bytes(bytes).map_err(DecodeError::of)?;
+    if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+        entry.data = rewrite(&entry.data).into();
+    }
+    Ok(pb(&entry))
+}
+
+/// The stored form of a normal entry holding `command` (tools and tests that write a log).
+pub fn entry_bytes(index: u64, term: u64, command: &[u8]) -> Vec<u8> {
+    pb(&Entry {
+        index,
+        term,
+        data: command.to_vec().into(),
+        ..Entry::default()
+    })
+}
+
+/// The command a stored normal entry holds (`None` for an empty or configuration entry).
+pub fn entry_command(bytes: &[u8]) -> Result<Option<Vec<u8>>, DecodeError> {
+    let entry = Entry::parse_from_bytes(bytes).map_err(DecodeError::of)?;
+    let normal = entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty();
+    Ok(normal.then(|| entry.data.to_vec()))
 }
 
 /// Where the log starts, and the term of every index it holds.

@@ -9,10 +9,16 @@ use raft::eraftpb::{self, MessageType};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message(pub(crate) eraftpb::Message);
 
-/// A message's bytes that are not a Raft message.
+/// Bytes that are not the Raft message or log entry they should be.
 #[derive(Debug, thiserror::Error)]
-#[error("not a raft message: {0}")]
+#[error("not a raft record: {0}")]
 pub struct DecodeError(String);
+
+impl DecodeError {
+    pub(crate) fn of(error: protobuf::ProtobufError) -> DecodeError {
+        DecodeError(error.to_string())
+    }
+}
 
 /// What a message asks or answers, as far as a shell needs to tell (the transport's check of
 /// what a peer may send, the simulation's counts).
@@ -45,7 +51,7 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         eraftpb::Message::parse_from_bytes(bytes)
             .map(Message)
-            .map_err(|e| DecodeError(e.to_string()))
+            .map_err(DecodeError::of)
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -138,13 +138,27 @@ impl Storage {
     /// Writes `pairs` into a staged state in one batch of their own (not the writer's), then
     /// seals its memtable if full, as the writer does. Not durable until [`Storage::sync_all`].
     pub fn write_staged(&self, staged: &StagedState, pairs: Vec<Pair>) -> anyhow::Result<()> {
+        self.write_pairs(&staged.0, pairs)
+    }
+
+    /// Writes `pairs` into `keyspace` in one batch of their own, then seals its memtable if
+    /// full (as the writer does, so fjall's flush workers never wait on their own queue).
+    pub(super) fn write_pairs(&self, keyspace: &Keyspace, pairs: Vec<Pair>) -> anyhow::Result<()> {
         let mut batch = self.db.batch();
         for (key, value) in pairs {
-            batch.insert(&staged.0, key, value);
+            batch.insert(keyspace, key, value);
         }
         batch.commit()?;
-        self.seal_if_full(&staged.0)?;
+        self.seal_if_full(keyspace)?;
         Ok(())
+    }
+
+    /// The shards this node hosts, in order.
+    pub(super) fn hosted(&self) -> Vec<ShardId> {
+        (0..self.shards.len() as u32)
+            .map(ShardId)
+            .filter(|s| self.shards[s.0 as usize].is_some())
+            .collect()
     }
 
     /// Drops a staged generation that will not be switched to.

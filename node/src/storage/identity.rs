@@ -1,6 +1,7 @@
 //! The records a data directory keeps of who it is: the state format and the cluster it
 //! belongs to (checked at every start), this node's identity, and the identities of its peers.
 
+use super::migrate::{FORMAT_KEY, MIGRATIONS, OLDEST_MIGRATED_FORMAT};
 use super::{Storage, STATE_FORMAT};
 use crate::config::ClusterRecord;
 use anyhow::Context;
@@ -23,11 +24,10 @@ impl Storage {
     /// A one-node cluster's peer address may change (a backup restored onto other ports), and
     /// is recorded anew. Answers what is recorded.
     pub fn check_cluster(&self, shape: &ClusterRecord) -> anyhow::Result<ClusterRecord> {
-        const FORMAT: &[u8] = b"cluster/format";
         const RECORD: &[u8] = b"cluster/record";
         let format = self
             .meta
-            .get(FORMAT)?
+            .get(FORMAT_KEY)?
             .map(|bytes| {
                 let bytes: [u8; 4] = bytes
                     .as_ref()
@@ -41,7 +41,7 @@ impl Storage {
         if format.is_none() && !self.initialized() {
             // Both records in one batch: a crash leaves both or neither.
             let mut batch = self.db.batch();
-            batch.insert(&self.meta, FORMAT, STATE_FORMAT.to_be_bytes());
+            batch.insert(&self.meta, FORMAT_KEY, STATE_FORMAT.to_be_bytes());
             batch.insert(&self.meta, RECORD, encode(shape));
             batch.commit()?;
             self.db.persist(PersistMode::SyncAll)?;
@@ -50,9 +50,14 @@ impl Storage {
         // Directories from before the format record hold format 1.
         let format = format.unwrap_or(1);
         anyhow::ensure!(
-            format == STATE_FORMAT,
-            "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it"
+            format <= STATE_FORMAT,
+            "this data directory holds state format {format}, written by a newer release than this one (format {STATE_FORMAT}): start that release; a data directory is never migrated back"
         );
+        anyhow::ensure!(
+            format >= OLDEST_MIGRATED_FORMAT,
+            "this data directory holds state format {format}, but this oneid-node reads format {STATE_FORMAT} and migrates formats {OLDEST_MIGRATED_FORMAT} and later: start the version that wrote it, or upgrade through a release that migrates it"
+        );
+        self.migrate(format, STATE_FORMAT, MIGRATIONS)?;
         let bytes = self
             .meta
             .get(RECORD)?
@@ -188,7 +193,20 @@ mod tests {
         let error = storage.check_cluster(&one).unwrap_err().to_string();
         assert_eq!(
             error,
-            format!("this data directory holds state format 1, but this oneid-node reads format {STATE_FORMAT}: start the version that wrote it")
+            format!("this data directory holds state format 1, but this oneid-node reads format {STATE_FORMAT} and migrates formats {OLDEST_MIGRATED_FORMAT} and later: start the version that wrote it, or upgrade through a release that migrates it")
+        );
+        // One written by a newer release: never migrated back.
+        let newer = TempDir::new("cluster-newer");
+        let storage = Storage::open_for_test(&newer, 4);
+        storage.check_cluster(&one).expect("fresh");
+        storage
+            .meta
+            .insert(FORMAT_KEY, (STATE_FORMAT + 1).to_be_bytes())
+            .expect("inserting");
+        let error = storage.check_cluster(&one).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("this data directory holds state format {}, written by a newer release than this one (format {STATE_FORMAT}): start that release; a data directory is never migrated back", STATE_FORMAT + 1)
         );
     }
 }

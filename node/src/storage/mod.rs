@@ -34,12 +34,14 @@ mod copy;
 mod generations;
 mod identity;
 mod log;
+mod migrate;
 mod reader;
 mod writer;
 
 pub use copy::ShardDigest;
 pub use generations::StagedState;
 pub use log::FjallLog;
+pub use migrate::OLDEST_MIGRATED_FORMAT;
 pub use reader::{Answer, Pair, ProfileRead, Query, StateReader, StateView};
 pub use writer::{WriteJob, Writer};
 
