@@ -138,6 +138,15 @@ impl EventError {
     fn invalid(field: &str, message: impl Into<String>) -> EventError {
         EventError::field(ErrorCode::InvalidField, field, message)
     }
+
+    /// The error of a required field that is absent (or null), the same for every field.
+    fn missing(field: &str) -> EventError {
+        EventError::field(
+            ErrorCode::MissingField,
+            field,
+            format!("{field} is required"),
+        )
+    }
 }
 
 /// The fields every event may carry, and those each type adds.
@@ -163,6 +172,20 @@ fn type_fields(event_type: &str) -> Option<&'static [&'static str]> {
 struct Fields(BTreeMap<String, Box<RawValue>>);
 
 impl Fields {
+    /// Splits an event into its fields, refusing anything but a JSON object: the rest of the
+    /// parse reads field by field so that every later error can name its field.
+    fn parse(raw: &RawValue) -> Result<Fields, EventError> {
+        serde_json::from_str(raw.get()).map(Fields).map_err(|_| {
+            EventError::new(
+                ErrorCode::InvalidEvent,
+                format!(
+                    "an event must be a JSON object, found {}",
+                    abbreviate(raw.get())
+                ),
+            )
+        })
+    }
+
     fn raw(&self, name: &str) -> Option<&RawValue> {
         self.0
             .get(name)
@@ -183,9 +206,8 @@ impl Fields {
     }
 
     fn required<T: DeserializeOwned>(&self, name: &str, what: &str) -> Result<T, EventError> {
-        self.get(name, what)?.ok_or_else(|| {
-            EventError::field(ErrorCode::MissingField, name, format!("{name} is required"))
-        })
+        self.get(name, what)?
+            .ok_or_else(|| EventError::missing(name))
     }
 
     fn text(&self, name: &str, max: usize) -> Result<Option<String>, EventError> {
@@ -208,9 +230,8 @@ impl Fields {
     }
 
     fn required_text(&self, name: &str, max: usize) -> Result<String, EventError> {
-        self.text(name, max)?.ok_or_else(|| {
-            EventError::field(ErrorCode::MissingField, name, format!("{name} is required"))
-        })
+        self.text(name, max)?
+            .ok_or_else(|| EventError::missing(name))
     }
 
     fn money(&self, name: &str) -> Result<Option<Money>, EventError> {
@@ -276,48 +297,15 @@ pub fn event_id_of(raw: &RawValue) -> String {
 
 impl Event {
     /// Parses and validates one event. `received` is the node's receive time, the default `ts`.
+    ///
+    /// The fields every event shares are read first, then the body of the event's type. The
+    /// steps run in a fixed order and each stops at its first error, so when several fields
+    /// are wrong the same one is always reported.
     pub fn parse(raw: &RawValue, received: Millis) -> Result<Event, EventError> {
-        let fields: BTreeMap<String, Box<RawValue>> =
-            serde_json::from_str(raw.get()).map_err(|_| {
-                EventError::new(
-                    ErrorCode::InvalidEvent,
-                    format!(
-                        "an event must be a JSON object, found {}",
-                        abbreviate(raw.get())
-                    ),
-                )
-            })?;
-        let fields = Fields(fields);
-
+        let fields = Fields::parse(raw)?;
         let event_id = fields.required_text("event_id", EVENT_ID_BYTES_MAX)?;
-        let event_type: String = fields.required("type", "a string")?;
-        let Some(allowed) = type_fields(&event_type) else {
-            return Err(EventError::invalid(
-                "type",
-                format!("unknown event type {event_type:?}"),
-            ));
-        };
-        if let Some(unknown) = fields
-            .0
-            .keys()
-            .find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
-        {
-            return Err(EventError::field(
-                ErrorCode::UnknownField,
-                unknown,
-                format!("{unknown} is not a field of a {event_type} event"),
-            ));
-        }
-
-        let oneid = match fields.get::<String>("oneid", "a OneID string")? {
-            None => None,
-            Some(text) => Some(text.parse::<OneId>().map_err(|()| {
-                EventError::invalid(
-                    "oneid",
-                    format!("oneid {:?} is not a OneID", abbreviate(&text)),
-                )
-            })?),
-        };
+        let event_type = parse_type(&fields)?;
+        let oneid = parse_oneid(&fields)?;
         let identities = parse_identities(&fields)?;
         if oneid.is_none() && identities.is_empty() {
             return Err(EventError::field(
@@ -327,70 +315,8 @@ impl Event {
             ));
         }
         let ts = fields.time("ts")?.unwrap_or(received);
-        let channel = match fields.get::<String>("channel", "a string")? {
-            Some(channel) if !is_name(&channel, CHANNEL_BYTES_MAX) => {
-                return Err(EventError::invalid(
-                    "channel",
-                    format!(
-                        "channel must match [a-z0-9_]{{1,{CHANNEL_BYTES_MAX}}}, found {:?}",
-                        abbreviate(&channel)
-                    ),
-                ));
-            }
-            channel => channel,
-        };
-
-        let body = match event_type.as_str() {
-            "order" => EventBody::Order {
-                order_id: fields.required_text("order_id", TEXT_BYTES_MAX)?,
-                amount: fields.money("amount")?.ok_or_else(|| {
-                    EventError::field(ErrorCode::MissingField, "amount", "amount is required")
-                })?,
-                store: fields.text("store", TEXT_BYTES_MAX)?,
-            },
-            "refund" => EventBody::Refund {
-                order_id: fields.required_text("order_id", TEXT_BYTES_MAX)?,
-                amount: fields.money("amount")?,
-            },
-            "points_earn" => EventBody::PointsEarn {
-                points: fields.points(false)?,
-                reason: fields.text("reason", TEXT_BYTES_MAX)?,
-                expires_at: fields.time("expires_at")?,
-            },
-            "points_redeem" => EventBody::PointsRedeem {
-                points: fields.points(false)?,
-                reason: fields.text("reason", TEXT_BYTES_MAX)?,
-            },
-            "points_adjust" => EventBody::PointsAdjust {
-                points: fields.points(true)?,
-                reason: fields.required_text("reason", TEXT_BYTES_MAX)?,
-            },
-            "tag_add" => EventBody::TagAdd {
-                tag: fields.required_text("tag", TAG_BYTES_MAX)?,
-                expires_at: fields.time("expires_at")?,
-            },
-            "tag_remove" => EventBody::TagRemove {
-                tag: fields.required_text("tag", TAG_BYTES_MAX)?,
-            },
-            "profile_update" => EventBody::ProfileUpdate {
-                attributes: parse_attributes(&fields)?,
-            },
-            "identify" => {
-                if identities.is_empty() {
-                    return Err(EventError::field(
-                        ErrorCode::MissingField,
-                        "identities",
-                        "an identify event needs identities",
-                    ));
-                }
-                EventBody::Identify
-            }
-            "interaction" => EventBody::Interaction {
-                name: fields.required_text("name", TEXT_BYTES_MAX)?,
-                properties: parse_properties(&fields)?,
-            },
-            _ => unreachable!("type_fields accepted {event_type}"),
-        };
+        let channel = parse_channel(&fields)?;
+        let body = parse_body(&event_type, &fields, &identities)?;
         Ok(Event {
             event_id,
             oneid,
@@ -400,6 +326,120 @@ impl Event {
             body,
         })
     }
+}
+
+/// Reads the event's `type` and refuses fields that are neither common nor of that type.
+///
+/// The type decides which fields are allowed, so it is read before the other fields are
+/// parsed; a misspelt field is refused rather than ignored, so the mistake cannot go unnoticed.
+fn parse_type(fields: &Fields) -> Result<String, EventError> {
+    let event_type: String = fields.required("type", "a string")?;
+    let Some(allowed) = type_fields(&event_type) else {
+        return Err(EventError::invalid(
+            "type",
+            format!("unknown event type {event_type:?}"),
+        ));
+    };
+    if let Some(unknown) = fields
+        .0
+        .keys()
+        .find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
+    {
+        return Err(EventError::field(
+            ErrorCode::UnknownField,
+            unknown,
+            format!("{unknown} is not a field of a {event_type} event"),
+        ));
+    }
+    Ok(event_type)
+}
+
+/// Reads the optional `oneid`, the profile the event names directly.
+fn parse_oneid(fields: &Fields) -> Result<Option<OneId>, EventError> {
+    let Some(text) = fields.get::<String>("oneid", "a OneID string")? else {
+        return Ok(None);
+    };
+    text.parse::<OneId>().map(Some).map_err(|()| {
+        EventError::invalid(
+            "oneid",
+            format!("oneid {:?} is not a OneID", abbreviate(&text)),
+        )
+    })
+}
+
+/// Reads the optional `channel`. A channel must be a name (`[a-z0-9_]`) because it keys the
+/// rules' channel multipliers and a profile's per-channel times.
+fn parse_channel(fields: &Fields) -> Result<Option<String>, EventError> {
+    match fields.get::<String>("channel", "a string")? {
+        Some(channel) if !is_name(&channel, CHANNEL_BYTES_MAX) => Err(EventError::invalid(
+            "channel",
+            format!(
+                "channel must match [a-z0-9_]{{1,{CHANNEL_BYTES_MAX}}}, found {:?}",
+                abbreviate(&channel)
+            ),
+        )),
+        channel => Ok(channel),
+    }
+}
+
+/// Reads the fields of the event's own type into its body. `event_type` was accepted by
+/// [`parse_type`]; `identities` are the event's, which an `identify` event cannot do without.
+fn parse_body(
+    event_type: &str,
+    fields: &Fields,
+    identities: &[Identity],
+) -> Result<EventBody, EventError> {
+    Ok(match event_type {
+        "order" => EventBody::Order {
+            order_id: fields.required_text("order_id", TEXT_BYTES_MAX)?,
+            amount: fields
+                .money("amount")?
+                .ok_or_else(|| EventError::missing("amount"))?,
+            store: fields.text("store", TEXT_BYTES_MAX)?,
+        },
+        "refund" => EventBody::Refund {
+            order_id: fields.required_text("order_id", TEXT_BYTES_MAX)?,
+            amount: fields.money("amount")?,
+        },
+        "points_earn" => EventBody::PointsEarn {
+            points: fields.points(false)?,
+            reason: fields.text("reason", TEXT_BYTES_MAX)?,
+            expires_at: fields.time("expires_at")?,
+        },
+        "points_redeem" => EventBody::PointsRedeem {
+            points: fields.points(false)?,
+            reason: fields.text("reason", TEXT_BYTES_MAX)?,
+        },
+        "points_adjust" => EventBody::PointsAdjust {
+            points: fields.points(true)?,
+            reason: fields.required_text("reason", TEXT_BYTES_MAX)?,
+        },
+        "tag_add" => EventBody::TagAdd {
+            tag: fields.required_text("tag", TAG_BYTES_MAX)?,
+            expires_at: fields.time("expires_at")?,
+        },
+        "tag_remove" => EventBody::TagRemove {
+            tag: fields.required_text("tag", TAG_BYTES_MAX)?,
+        },
+        "profile_update" => EventBody::ProfileUpdate {
+            attributes: parse_attributes(fields)?,
+        },
+        "identify" => {
+            if identities.is_empty() {
+                return Err(EventError::field(
+                    ErrorCode::MissingField,
+                    "identities",
+                    "an identify event needs identities",
+                ));
+            }
+            EventBody::Identify
+        }
+        "interaction" => EventBody::Interaction {
+            name: fields.required_text("name", TEXT_BYTES_MAX)?,
+            properties: parse_properties(fields)?,
+        },
+        _ => unreachable!("type_fields accepted {event_type}"),
+    })
 }
 
 fn parse_identities(fields: &Fields) -> Result<Vec<Identity>, EventError> {

@@ -245,134 +245,33 @@ fn days(field: &str, value: Option<u32>, default: u32, min: u32) -> Result<u32, 
 
 impl RulesDoc {
     /// Validates the document; on error nothing is changed and the error names the field.
+    ///
+    /// The checks run in a fixed order (levels, multipliers, tag rules, then the day counts)
+    /// so that when several parts are wrong, the same one is always reported.
     pub fn validate(&self) -> Result<Rules, RulesError> {
         let defaults = Rules::default();
         let levels = match &self.tiers.levels {
             None => defaults.levels,
-            Some(levels) => {
-                if levels.is_empty() || levels.len() > TIER_LEVELS_MAX {
-                    return Err(refuse(
-                        "tiers.levels",
-                        format!(
-                            "must have 1 to {TIER_LEVELS_MAX} levels, found {}",
-                            levels.len()
-                        ),
-                    ));
-                }
-                let mut out: Vec<TierLevel> = Vec::with_capacity(levels.len());
-                for (i, level) in levels.iter().enumerate() {
-                    let field = format!("tiers.levels[{i}]");
-                    if !is_name(&level.name, 32) {
-                        return Err(refuse(
-                            format!("{field}.name"),
-                            format!("must match [a-z0-9_]{{1,32}}, found {:?}", level.name),
-                        ));
-                    }
-                    if out.iter().any(|l| l.name == level.name) {
-                        return Err(refuse(
-                            format!("{field}.name"),
-                            format!("level {:?} appears twice", level.name),
-                        ));
-                    }
-                    let min_spend = literal_text(&level.min_spend)
-                        .and_then(|t| Money::parse(&t))
-                        .map_err(|e| refuse(format!("{field}.min_spend"), e))?;
-                    match out.last() {
-                        None if min_spend != Money::ZERO => {
-                            return Err(refuse(
-                                format!("{field}.min_spend"),
-                                format!(
-                                    "the lowest level must have min_spend 0, found {min_spend}"
-                                ),
-                            ))
-                        }
-                        Some(prev) if min_spend <= prev.min_spend => {
-                            return Err(refuse(
-                                format!("{field}.min_spend"),
-                                format!(
-                                    "must be above the previous level's {}, found {min_spend}",
-                                    prev.min_spend
-                                ),
-                            ));
-                        }
-                        _ => {}
-                    }
-                    out.push(TierLevel {
-                        name: level.name.clone(),
-                        min_spend,
-                    });
-                }
-                out
-            }
+            Some(levels) => validate_levels(levels)?,
         };
         let per_currency_unit = match &self.points.per_currency_unit {
             None => defaults.per_currency_unit,
             Some(raw) => factor("points.per_currency_unit", raw, true)?,
         };
-        let mut tier_multipliers = BTreeMap::new();
-        for (tier, raw) in &self.points.tier_multipliers {
-            let field = format!("points.tier_multipliers.{tier}");
-            if !levels.iter().any(|l| &l.name == tier) {
-                return Err(refuse(field, format!("{tier:?} is not a tier level")));
-            }
-            tier_multipliers.insert(tier.clone(), factor(&field, raw, false)?);
-        }
-        let mut channel_multipliers = BTreeMap::new();
-        for (channel, raw) in &self.points.channel_multipliers {
-            let field = format!("points.channel_multipliers.{channel}");
-            if !is_name(channel, crate::event::CHANNEL_BYTES_MAX) {
-                return Err(refuse(field, "a channel must match [a-z0-9_]{1,32}"));
-            }
-            channel_multipliers.insert(channel.clone(), factor(&field, raw, false)?);
-        }
-        if self.tag_rules.len() > TAG_RULES_MAX {
-            return Err(refuse(
-                "tag_rules",
-                format!(
-                    "at most {TAG_RULES_MAX} rules, found {}",
-                    self.tag_rules.len()
-                ),
-            ));
-        }
-        let mut tag_rules: Vec<TagRule> = Vec::with_capacity(self.tag_rules.len());
-        for (i, rule) in self.tag_rules.iter().enumerate() {
-            let field = format!("tag_rules[{i}]");
-            if rule.tag.is_empty()
-                || rule.tag.len() > crate::event::TAG_BYTES_MAX
-                || rule.tag.chars().any(char::is_control)
-            {
-                return Err(refuse(
-                    format!("{field}.tag"),
-                    format!(
-                        "must be 1 to {} bytes without control characters",
-                        crate::event::TAG_BYTES_MAX
-                    ),
-                ));
-            }
-            if tag_rules.iter().any(|r| r.tag == rule.tag) {
-                return Err(refuse(
-                    format!("{field}.tag"),
-                    format!("tag {:?} has two rules", rule.tag),
-                ));
-            }
-            let predicate = Predicate::parse(&rule.when)
-                .map_err(|e| refuse(format!("{field}.when"), e.to_string()))?;
-            // A rule may read earlier rules' tags, never its own or a later one's: no cycles.
-            if let Some(later) = predicate
-                .tags_read()
-                .into_iter()
-                .find(|t| self.tag_rules[i..].iter().any(|r| &r.tag == t))
-            {
-                return Err(refuse(
-                    format!("{field}.when"),
-                    format!("reads rule tag {later:?}, which is not defined by an earlier rule"),
-                ));
-            }
-            tag_rules.push(TagRule {
-                tag: rule.tag.clone(),
-                when: rule.when.clone(),
-            });
-        }
+        let tier_multipliers =
+            validate_multipliers("tier_multipliers", &self.points.tier_multipliers, |tier| {
+                (!levels.iter().any(|l| l.name == tier))
+                    .then(|| format!("{tier:?} is not a tier level"))
+            })?;
+        let channel_multipliers = validate_multipliers(
+            "channel_multipliers",
+            &self.points.channel_multipliers,
+            |channel| {
+                (!is_name(channel, crate::event::CHANNEL_BYTES_MAX))
+                    .then(|| "a channel must match [a-z0-9_]{1,32}".to_string())
+            },
+        )?;
+        let tag_rules = validate_tag_rules(&self.tag_rules)?;
         Ok(Rules {
             per_currency_unit,
             tier_multipliers,
@@ -399,6 +298,162 @@ impl RulesDoc {
             tag_rules,
         })
     }
+}
+
+/// Validates the tier levels as a whole: their count, then each level in order.
+///
+/// Levels are read lowest first because each one is checked against those before it.
+fn validate_levels(levels: &[LevelDoc]) -> Result<Vec<TierLevel>, RulesError> {
+    if levels.is_empty() || levels.len() > TIER_LEVELS_MAX {
+        return Err(refuse(
+            "tiers.levels",
+            format!(
+                "must have 1 to {TIER_LEVELS_MAX} levels, found {}",
+                levels.len()
+            ),
+        ));
+    }
+    let mut out: Vec<TierLevel> = Vec::with_capacity(levels.len());
+    for (i, level) in levels.iter().enumerate() {
+        let checked = validate_level(&format!("tiers.levels[{i}]"), level, &out)?;
+        out.push(checked);
+    }
+    Ok(out)
+}
+
+/// Validates one tier level against the levels before it (`earlier`).
+///
+/// Names must be unique so that multipliers and predicates can name a level, and spends must
+/// start at 0 and rise strictly so that every spend reaches exactly one level.
+fn validate_level(
+    field: &str,
+    level: &LevelDoc,
+    earlier: &[TierLevel],
+) -> Result<TierLevel, RulesError> {
+    if !is_name(&level.name, 32) {
+        return Err(refuse(
+            format!("{field}.name"),
+            format!("must match [a-z0-9_]{{1,32}}, found {:?}", level.name),
+        ));
+    }
+    if earlier.iter().any(|l| l.name == level.name) {
+        return Err(refuse(
+            format!("{field}.name"),
+            format!("level {:?} appears twice", level.name),
+        ));
+    }
+    let min_spend = literal_text(&level.min_spend)
+        .and_then(|t| Money::parse(&t))
+        .map_err(|e| refuse(format!("{field}.min_spend"), e))?;
+    match earlier.last() {
+        None if min_spend != Money::ZERO => {
+            return Err(refuse(
+                format!("{field}.min_spend"),
+                format!("the lowest level must have min_spend 0, found {min_spend}"),
+            ))
+        }
+        Some(prev) if min_spend <= prev.min_spend => {
+            return Err(refuse(
+                format!("{field}.min_spend"),
+                format!(
+                    "must be above the previous level's {}, found {min_spend}",
+                    prev.min_spend
+                ),
+            ));
+        }
+        _ => {}
+    }
+    Ok(TierLevel {
+        name: level.name.clone(),
+        min_spend,
+    })
+}
+
+/// Validates one map of multipliers under `points.{section}`, tier or channel alike.
+///
+/// Both maps have the same shape, a key and a factor above 0, and differ only in what makes
+/// a key acceptable: `bad_key` returns the message for a refused key. Keys are checked before
+/// their factor, so an unknown key is reported even when its factor is also wrong.
+fn validate_multipliers(
+    section: &str,
+    raw_factors: &BTreeMap<String, Box<RawValue>>,
+    bad_key: impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, Decimal>, RulesError> {
+    let mut multipliers = BTreeMap::new();
+    for (key, raw) in raw_factors {
+        let field = format!("points.{section}.{key}");
+        if let Some(message) = bad_key(key) {
+            return Err(refuse(field, message));
+        }
+        multipliers.insert(key.clone(), factor(&field, raw, false)?);
+    }
+    Ok(multipliers)
+}
+
+/// Validates the tag rules as a whole: their count, then each rule in order.
+///
+/// Rules are read in order because a rule may only depend on the tags of earlier rules.
+fn validate_tag_rules(rules: &[TagRuleDoc]) -> Result<Vec<TagRule>, RulesError> {
+    if rules.len() > TAG_RULES_MAX {
+        return Err(refuse(
+            "tag_rules",
+            format!("at most {TAG_RULES_MAX} rules, found {}", rules.len()),
+        ));
+    }
+    let mut out: Vec<TagRule> = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        validate_tag_rule(&format!("tag_rules[{i}]"), rule, &out, &rules[i..])?;
+        out.push(TagRule {
+            tag: rule.tag.clone(),
+            when: rule.when.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Validates one tag rule, given the rules already accepted (`earlier`) and the rule itself
+/// with those after it (`rest`).
+///
+/// Each tag has one rule so that its value is never ambiguous, and a rule's predicate may
+/// read only the tags of earlier rules so that evaluation in order has no cycles.
+fn validate_tag_rule(
+    field: &str,
+    rule: &TagRuleDoc,
+    earlier: &[TagRule],
+    rest: &[TagRuleDoc],
+) -> Result<(), RulesError> {
+    if rule.tag.is_empty()
+        || rule.tag.len() > crate::event::TAG_BYTES_MAX
+        || rule.tag.chars().any(char::is_control)
+    {
+        return Err(refuse(
+            format!("{field}.tag"),
+            format!(
+                "must be 1 to {} bytes without control characters",
+                crate::event::TAG_BYTES_MAX
+            ),
+        ));
+    }
+    if earlier.iter().any(|r| r.tag == rule.tag) {
+        return Err(refuse(
+            format!("{field}.tag"),
+            format!("tag {:?} has two rules", rule.tag),
+        ));
+    }
+    let predicate =
+        Predicate::parse(&rule.when).map_err(|e| refuse(format!("{field}.when"), e.to_string()))?;
+    // A rule may read earlier rules' tags, never its own or a later one's: no cycles.
+    if let Some(later) = predicate
+        .tags_read()
+        .into_iter()
+        .find(|t| rest.iter().any(|r| &r.tag == t))
+    {
+        return Err(refuse(
+            format!("{field}.when"),
+            format!("reads rule tag {later:?}, which is not defined by an earlier rule"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

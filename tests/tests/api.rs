@@ -141,6 +141,7 @@ async fn all_pages(client: &Client, oneid: &str, limit: usize) -> Vec<LedgerEntr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn walk_through_with_exact_values() {
     let node = TestNode::start(options()).await;
     let client = node.client_once();
@@ -508,6 +509,7 @@ fn seeded_rules_doc() -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn rules_are_read_replaced_and_applied_to_later_orders() {
     let node = TestNode::start(options()).await;
     let client = node.client_once();
@@ -642,6 +644,7 @@ async fn raw_get(port: u16, path: &str) -> (u16, Vec<u8>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn cluster_view_and_health() {
     let node = TestNode::start(options()).await;
     let client = node.client_once();
@@ -837,6 +840,7 @@ async fn cli(server: &str, args: &[&str]) -> (std::process::ExitStatus, String) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn cli_lookup_cluster_status_and_events_send() {
     let node = TestNode::start(options()).await;
     let client = node.client_once();

@@ -94,6 +94,7 @@ fn assert_invalid_dir(outcome: Result<Value, Error>, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
     const BATCHES: usize = 150;
     const BATCH: usize = 40;

@@ -240,6 +240,7 @@ async fn send_huge_body(port: u16, size: usize) -> (Raw, usize, bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn bad_requests_are_refused_whole_and_change_nothing() {
     let setup = Setup::start().await;
     let port = setup.port();
@@ -589,6 +590,7 @@ fn result_error(result: &EventResult) -> (EventStatus, Option<&str>, ErrorCode, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn bad_events_are_rejected_alone() {
     let setup = Setup::start().await;
     let before = setup.snapshot().await;

@@ -207,6 +207,7 @@ async fn a_follower_killed_and_restarted_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn a_rolling_restart_during_ingest_stalls_no_write_and_loses_nothing() {
     let mut cluster = TestCluster::start(ClusterOptions::default()).await;
     send_all(&cluster.node(1).client(), 0..200).await;
@@ -405,6 +406,7 @@ async fn closed_after(peer: &str, bytes: &[u8]) -> Result<Vec<u8>, std::io::Erro
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
     let cluster = TestCluster::start(ClusterOptions::default()).await;
     let view = cluster.node(1).client().cluster().await.unwrap();

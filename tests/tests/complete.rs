@@ -13,6 +13,7 @@ const SHARDS: u32 = 4;
 const BEFORE_FOLLOW_UPS: &str = "router::before_follow_ups=panic";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn binds_cut_off_by_a_crash_finish_after_restart_without_a_retry() {
     let mut node = TestNode::create(NodeOptions::default());
     // The phone anchors the new profile; the nick and the openid are held by other shards.

@@ -27,6 +27,7 @@ fn event(n: usize) -> (usize, Value, i64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn acknowledged_events_survive_kill_9_exactly_once() {
     let mut node = TestNode::start(NodeOptions::quiet()).await;
     let all: Vec<(usize, Value, i64, u64)> = (0..BATCHES * BATCH).map(event).collect();

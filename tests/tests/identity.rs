@@ -266,6 +266,7 @@ async fn each_customer_keeps_request_order_across_waves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn identify_links_identities_held_by_every_shard() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client_once();
@@ -476,6 +477,7 @@ async fn identity_limit_leaves_a_refused_value_of_another_shard_unbound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn identities_resolve_after_kill_9_and_restart() {
     let mut node = TestNode::start(NodeOptions::default()).await;
     let client = node.client_once();

@@ -103,6 +103,7 @@ async fn define_and_watch(node: &TestNode, name: &str, predicate: &str) -> (SseS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn definitions_documents_members_and_their_errors() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client_once();
@@ -365,6 +366,7 @@ async fn a_stream_resumes_after_a_disconnect_and_a_restart_with_no_gap_and_no_du
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn a_snapshot_then_the_stream_equals_the_members_while_writes_go_on() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();
@@ -608,13 +610,16 @@ async fn a_subscriber_that_stops_reading_slows_neither_apply_nor_the_others() {
     let (mut reader, _) = define_and_watch(&node, "rich", "points >= 10").await;
     // Asks for the stream, and never reads a byte of it.
     let _stalled = request_small_window(&a, "/v1/segments/rich/stream").await;
-    // More changes than a subscriber's buffer holds, in batches of a thousand.
+    // More changes than a subscriber's buffer holds (SUBSCRIBER_FRAMES_MAX, 1,024), in
+    // batches of a hundred: a burst the reading subscriber takes in one go, however loaded the
+    // machine, while the stalled one's buffer fills all the same.
     const WRITES: usize = 12_000;
+    const BATCH: usize = 100;
     let writer = {
         let client = client.clone();
         tokio::spawn(async move {
-            for first in (0..WRITES).step_by(1_000) {
-                let batch: Vec<Value> = (first..first + 1_000)
+            for first in (0..WRITES).step_by(BATCH) {
+                let batch: Vec<Value> = (first..first + BATCH)
                     .map(|i| earn(&format!("131{i:08}"), &format!("e-{i}"), 10))
                     .collect();
                 apply(&client, &batch).await;
@@ -644,6 +649,7 @@ async fn a_subscriber_that_stops_reading_slows_neither_apply_nor_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
     let mut cluster = TestCluster::start(ClusterOptions {
         clock_interval_ms: 500,

@@ -8,6 +8,7 @@ use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn points_and_tags_expire_on_the_clock() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client();

@@ -4,9 +4,8 @@ use rust_decimal::Decimal;
 
 use super::eval::CmpOp;
 use super::ParseError;
-
-/// The longest attribute name after `attr.`, in bytes (names are ASCII).
-const ATTRIBUTE_NAME_BYTES_MAX: usize = 64;
+// The longest attribute name after `attr.`: the one an event may set.
+use crate::event::ATTRIBUTE_NAME_BYTES_MAX;
 
 /// A 1-based position in the source; the column counts characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -341,6 +341,7 @@ fn precedence_and_parentheses() {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)]
 fn parse_errors_point_at_the_token() {
     let cases = [
         ("pointz > 1", err(1, 1, "unknown field \"pointz\"")),
@@ -587,6 +588,7 @@ fn source_time_dependence_and_tags_read() {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)]
 fn malformed_input_never_panics() {
     let malformed = [
         "",
