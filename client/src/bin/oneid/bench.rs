@@ -330,30 +330,61 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         "the node at {server} is not healthy"
     );
     match args.scenario.as_str() {
-        "standard" => {}
-        "profiles" => return crate::bench_time::profiles(&client, &args, json_only).await,
-        "expiry" => return crate::bench_time::expiry(&client, &args, json_only).await,
-        "chain" => return crate::bench_chain::chain(&client, &args, json_only).await,
-        "replication" => {
-            return crate::bench_replication::replication(server, &args, json_only).await
-        }
+        "standard" => standard(&client, server, &args, json_only).await,
+        "profiles" => crate::bench_time::profiles(&client, &args, json_only).await,
+        "expiry" => crate::bench_time::expiry(&client, &args, json_only).await,
+        "chain" => crate::bench_chain::chain(&client, &args, json_only).await,
+        "replication" => crate::bench_replication::replication(server, &args, json_only).await,
         "segments-ingest" => {
-            return crate::bench_segments::segments_ingest(server, &args, json_only).await
+            crate::bench_segments::segments_ingest(server, &args, json_only).await
         }
-        "segments" => return crate::bench_segments::segments(server, &args, json_only).await,
+        "segments" => crate::bench_segments::segments(server, &args, json_only).await,
         other => anyhow::bail!(
             "unknown scenario {other:?}: standard, profiles, expiry, chain, replication, segments-ingest or segments"
         ),
     }
+}
 
+/// What the `standard` scenario measured, handed from the measuring to the reporting.
+struct StandardResult {
+    /// Events sent, and the node's counts of them.
+    events: usize,
+    counts: Counts,
+    ingest_seconds: f64,
+    /// Lookups per second against the node, and their latencies in µs, sorted.
+    node_rate: f64,
+    node_latencies: Vec<u64>,
+    /// The same against the minimal server (see [`measure_ceiling`]).
+    ceiling_rate: f64,
+    ceiling_latencies: Vec<u64>,
+    node_peak_rss_kib: Option<u64>,
+}
+
+impl StandardResult {
+    fn ingest_rate(&self) -> f64 {
+        self.events as f64 / self.ingest_seconds
+    }
+
+    /// The figure the benchmark is judged by: the node's lookup rate as a share of what any
+    /// HTTP server could do on this machine with the same client.
+    fn lookup_ratio_of_ceiling(&self) -> f64 {
+        self.node_rate / self.ceiling_rate
+    }
+}
+
+/// The `standard` scenario: ingest, let the node settle, lookups against the node, then the
+/// same lookups against the ceiling; then the report.
+async fn standard(
+    client: &Client,
+    server: &str,
+    args: &BenchArgs,
+    json_only: bool,
+) -> anyhow::Result<()> {
     let servers = [server.to_string()];
-    let (ingest_secs, total, (applied, duplicates, rejected), customers) =
-        ingest(&servers, &args).await?;
-    let ingest_rate = total as f64 / ingest_secs;
-
+    let (ingest_seconds, events, counts, customers) = ingest(&servers, args).await?;
     settle(&servers, args.settle).await?;
     // Lookups against the node, then against the baseline serving one of its profiles.
-    let (node_rate, node_lat) = lookup_load(
+    let (node_rate, node_latencies) = lookup_load(
         &servers,
         Arc::clone(&customers),
         args.clients,
@@ -361,11 +392,57 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         Consistency::Linearizable,
     )
     .await?;
+    let (ceiling_rate, ceiling_latencies) = measure_ceiling(client, &customers, args).await?;
+    let result = StandardResult {
+        events,
+        counts,
+        ingest_seconds,
+        node_rate,
+        node_latencies,
+        ceiling_rate,
+        ceiling_latencies,
+        node_peak_rss_kib: args.node_pid.and_then(peak_rss_kib),
+    };
+    let report = standard_report(&result, args);
+    if !json_only {
+        print_standard(&result);
+    }
+    write_report(&report, args, json_only)
+}
+
+/// The lookup load against a minimal server in a child process that answers one of the node's
+/// real profiles from memory: the ceiling the node's lookups are compared with. The child is
+/// stopped once measured, whether the load succeeded or not.
+async fn measure_ceiling(
+    client: &Client,
+    customers: &Arc<Vec<usize>>,
+    args: &BenchArgs,
+) -> anyhow::Result<(f64, Vec<u64>)> {
     let sample = client
         .lookup("phone", &phone(customers[0]))
         .await?
         .context("a generated customer exists")?;
     let sample = serde_json::to_string(&sample)?;
+    let (mut baseline, base_url) = start_baseline(&sample)?;
+    wait_for_baseline(&base_url).await?;
+    let baseline_result = lookup_load(
+        &[base_url],
+        Arc::clone(customers),
+        args.clients,
+        args.seconds,
+        Consistency::Linearizable,
+    )
+    .await;
+    let _ = baseline.kill();
+    let _ = baseline.wait();
+    baseline_result
+}
+
+/// Starts this executable as the baseline server (`bench --serve-baseline PORT`) on a free
+/// port, and gives it `body` to serve; answers the child and its URL. The body goes through
+/// standard input, which is closed at once, because the child reads it to the end before it
+/// serves.
+fn start_baseline(body: &str) -> anyhow::Result<(std::process::Child, String)> {
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         probe.local_addr()?.port()
@@ -378,10 +455,15 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
     {
         use std::io::Write;
         let mut stdin = baseline.stdin.take().context("baseline stdin")?;
-        stdin.write_all(sample.as_bytes())?;
+        stdin.write_all(body.as_bytes())?;
     }
-    let base_url = format!("http://127.0.0.1:{port}");
-    let probe = Client::new(&base_url)?;
+    Ok((baseline, format!("http://127.0.0.1:{port}")))
+}
+
+/// Waits until the baseline server answers, for at most 10 seconds, so that its start-up is
+/// not counted in its lookup rate.
+async fn wait_for_baseline(base_url: &str) -> anyhow::Result<()> {
+    let probe = Client::new(base_url)?;
     let ready_by = Instant::now() + Duration::from_secs(10);
     while probe.lookup("phone", "0").await.is_err() {
         anyhow::ensure!(
@@ -390,70 +472,73 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let baseline_result = lookup_load(
-        &[base_url],
-        Arc::clone(&customers),
-        args.clients,
-        args.seconds,
-        Consistency::Linearizable,
-    )
-    .await;
-    let _ = baseline.kill();
-    let _ = baseline.wait();
-    let (ceiling_rate, ceiling_lat) = baseline_result?;
+    Ok(())
+}
 
-    let rss = args.node_pid.and_then(peak_rss_kib);
-    let report = json!({
-        "events": total, "applied": applied, "duplicates": duplicates, "rejected": rejected,
-        "ingest_seconds": ingest_secs, "ingest_events_per_second": ingest_rate, "batch": args.batch, "senders": args.senders,
+/// The `standard` scenario's JSON report (printed with `--json`, written to `--out`).
+fn standard_report(result: &StandardResult, args: &BenchArgs) -> Value {
+    let (applied, duplicates, rejected) = result.counts;
+    let (node_lat, ceiling_lat) = (&result.node_latencies, &result.ceiling_latencies);
+    json!({
+        "events": result.events, "applied": applied, "duplicates": duplicates, "rejected": rejected,
+        "ingest_seconds": result.ingest_seconds, "ingest_events_per_second": result.ingest_rate(), "batch": args.batch, "senders": args.senders,
         "lookup_clients": args.clients,
-        "lookups_per_second": node_rate, "lookup_p50_ms": percentile(&node_lat, 0.5), "lookup_p99_ms": percentile(&node_lat, 0.99),
-        "ceiling_lookups_per_second": ceiling_rate, "ceiling_p50_ms": percentile(&ceiling_lat, 0.5), "ceiling_p99_ms": percentile(&ceiling_lat, 0.99),
-        "lookup_ratio_of_ceiling": node_rate / ceiling_rate,
-        "node_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
-    });
-    if !json_only {
-        println!("{:<34} {:>14}", "measure", "value");
-        println!("{:<34} {:>14}", "events sent", total);
-        println!(
-            "{:<34} {:>14}",
-            "  applied / duplicate / rejected",
-            format!("{applied}/{duplicates}/{rejected}")
-        );
-        println!("{:<34} {:>14.0}", "ingest events/s", ingest_rate);
-        println!("{:<34} {:>14.0}", "lookups/s (oneid)", node_rate);
-        println!(
-            "{:<34} {:>14}",
-            "lookup p50/p99 ms (oneid)",
-            format!(
-                "{:.2}/{:.2}",
-                percentile(&node_lat, 0.5),
-                percentile(&node_lat, 0.99)
-            )
-        );
-        println!(
-            "{:<34} {:>14.0}",
-            "lookups/s (minimal hyper ceiling)", ceiling_rate
-        );
-        println!(
-            "{:<34} {:>14}",
-            "p50/p99 ms (ceiling)",
-            format!(
-                "{:.2}/{:.2}",
-                percentile(&ceiling_lat, 0.5),
-                percentile(&ceiling_lat, 0.99)
-            )
-        );
-        println!(
-            "{:<34} {:>14.2}",
-            "lookup ratio of ceiling (>= 0.5)",
-            node_rate / ceiling_rate
-        );
-        if let Some(rss) = rss {
-            println!("{:<34} {:>14.1}", "node peak RSS MiB", rss as f64 / 1024.0);
-        }
+        "lookups_per_second": result.node_rate, "lookup_p50_ms": percentile(node_lat, 0.5), "lookup_p99_ms": percentile(node_lat, 0.99),
+        "ceiling_lookups_per_second": result.ceiling_rate, "ceiling_p50_ms": percentile(ceiling_lat, 0.5), "ceiling_p99_ms": percentile(ceiling_lat, 0.99),
+        "lookup_ratio_of_ceiling": result.lookup_ratio_of_ceiling(),
+        "node_peak_rss_mib": result.node_peak_rss_kib.map(|k| k as f64 / 1024.0),
+    })
+}
+
+/// The `standard` scenario's table, for a person.
+fn print_standard(result: &StandardResult) {
+    let (applied, duplicates, rejected) = result.counts;
+    println!("{:<34} {:>14}", "measure", "value");
+    println!("{:<34} {:>14}", "events sent", result.events);
+    println!(
+        "{:<34} {:>14}",
+        "  applied / duplicate / rejected",
+        format!("{applied}/{duplicates}/{rejected}")
+    );
+    println!("{:<34} {:>14.0}", "ingest events/s", result.ingest_rate());
+    println!("{:<34} {:>14.0}", "lookups/s (oneid)", result.node_rate);
+    println!(
+        "{:<34} {:>14}",
+        "lookup p50/p99 ms (oneid)",
+        p50_p99_ms(&result.node_latencies)
+    );
+    println!(
+        "{:<34} {:>14.0}",
+        "lookups/s (minimal hyper ceiling)", result.ceiling_rate
+    );
+    println!(
+        "{:<34} {:>14}",
+        "p50/p99 ms (ceiling)",
+        p50_p99_ms(&result.ceiling_latencies)
+    );
+    println!(
+        "{:<34} {:>14.2}",
+        "lookup ratio of ceiling (>= 0.5)",
+        result.lookup_ratio_of_ceiling()
+    );
+    if let Some(rss) = result.node_peak_rss_kib {
+        println!("{:<34} {:>14.1}", "node peak RSS MiB", rss as f64 / 1024.0);
     }
-    let text = serde_json::to_string_pretty(&report)?;
+}
+
+/// Sorted latencies in µs as `P50/P99` in milliseconds with two decimals, the way every
+/// benchmark table shows a latency.
+pub(crate) fn p50_p99_ms(sorted: &[u64]) -> String {
+    format!(
+        "{:.2}/{:.2}",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99)
+    )
+}
+
+/// Prints the report as pretty JSON with `--json`, and writes it to `--out` if given.
+fn write_report(report: &Value, args: &BenchArgs, json_only: bool) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
     if json_only {
         println!("{text}");
     }

@@ -7,7 +7,7 @@
 //! `scripts/bench --nodes 3` runs it on one node and on a 3-node cluster in the same run and
 //! prints the cluster's figures as ratios of the single node's.
 
-use crate::bench::{ingest, lookup_load, percentile, settle, BenchArgs};
+use crate::bench::{ingest, lookup_load, p50_p99_ms, percentile, settle, BenchArgs};
 use oneid_client::{Client, Consistency};
 use serde_json::json;
 use std::sync::Arc;
@@ -109,10 +109,7 @@ pub async fn replication(server: &str, args: &BenchArgs, json_only: bool) -> any
             ("linearizable lookup p50/p99 ms", &linear_lat),
             ("stale lookup p50/p99 ms", &stale_lat),
         ] {
-            println!(
-                "{name:<40} {:>12}",
-                format!("{:.2}/{:.2}", percentile(lat, 0.5), percentile(lat, 0.99))
-            );
+            println!("{name:<40} {:>12}", p50_p99_ms(lat));
         }
     }
     crate::bench_time::finish(args, &report, json_only)

@@ -12,9 +12,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use oneid_client::{Client, Consistency};
-use oneid_protocol::api::{BackupManifest, EventStatus, ProfileDoc};
+use oneid_protocol::api::{BackupManifest, EventStatus, EventsResponse, LedgerPage, ProfileDoc};
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(version, about = "Query and feed a OneID node.")]
@@ -140,58 +140,86 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(&cli.server)?;
     match cli.command {
-        Command::Profile(ProfileCommand::Get { oneid, stale }) => {
+        Command::Profile(command) => run_profile(&client, command, cli.json).await?,
+        Command::Events(EventsCommand::Send { file, batch }) => {
+            send_file(&client, &file, batch, cli.json).await?
+        }
+        Command::Rules(command) => run_rules(&client, command).await?,
+        Command::Segment(command) => segment_cli::run(&client, command, cli.json).await?,
+        Command::Cluster(ClusterCommand::Status) => status::run(&client, cli.json).await?,
+        Command::Admin(AdminCommand::Backup { dir }) => run_backup(&client, &dir, cli.json).await?,
+        Command::Bench(args) => bench::run(&cli.server, args, cli.json).await?,
+    }
+    Ok(())
+}
+
+/// `profile get|lookup|ledger`. A profile that does not exist is an error rather than empty
+/// output, so that a script sees it in the exit code.
+async fn run_profile(client: &Client, command: ProfileCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        ProfileCommand::Get { oneid, stale } => {
             let profile = client
                 .profile_at(&oneid, consistency(stale))
                 .await?
                 .with_context(|| format!("no profile {oneid}"))?;
-            print_profile(&profile, cli.json)?;
+            print_profile(&profile, json)
         }
-        Command::Profile(ProfileCommand::Lookup { kind, value, stale }) => {
+        ProfileCommand::Lookup { kind, value, stale } => {
             let profile = client
                 .lookup_at(&kind, &value, consistency(stale))
                 .await?
                 .with_context(|| format!("no profile has {kind}={value}"))?;
-            print_profile(&profile, cli.json)?;
+            print_profile(&profile, json)
         }
-        Command::Profile(ProfileCommand::Ledger {
+        ProfileCommand::Ledger {
             oneid,
             limit,
             cursor,
-        }) => {
+        } => {
             let page = client
                 .ledger(&oneid, Some(limit), cursor.as_deref())
                 .await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
-            } else {
-                println!(
-                    "{:<24} {:<8} {:>10} {:>12}  {:<25} REASON",
-                    "EVENT", "KIND", "POINTS", "BALANCE", "AT"
-                );
-                for e in &page.entries {
-                    println!(
-                        "{:<24} {:<8} {:>10} {:>12}  {:<25} {}",
-                        e.event_id,
-                        e.kind,
-                        e.points,
-                        e.balance_after,
-                        e.at,
-                        e.reason.as_deref().unwrap_or("")
-                    );
-                }
-                if let Some(next) = page.next {
-                    println!("more: --cursor {next}");
-                }
-            }
+            print_ledger(&page, json)
         }
-        Command::Events(EventsCommand::Send { file, batch }) => {
-            send_file(&client, &file, batch, cli.json).await?
-        }
-        Command::Rules(RulesCommand::Get) => {
+    }
+}
+
+/// One page of a ledger as a table, with the `--cursor` to pass for the next page if there is
+/// one, so a person can page through without reading JSON.
+fn print_ledger(page: &LedgerPage, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(page)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<8} {:>10} {:>12}  {:<25} REASON",
+        "EVENT", "KIND", "POINTS", "BALANCE", "AT"
+    );
+    for e in &page.entries {
+        println!(
+            "{:<24} {:<8} {:>10} {:>12}  {:<25} {}",
+            e.event_id,
+            e.kind,
+            e.points,
+            e.balance_after,
+            e.at,
+            e.reason.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(next) = &page.next {
+        println!("more: --cursor {next}");
+    }
+    Ok(())
+}
+
+/// `rules get|set`. Both print the rules in force as the node answers them (always JSON: the
+/// rules are a JSON document), so `set` shows what the node made of the file.
+async fn run_rules(client: &Client, command: RulesCommand) -> anyhow::Result<()> {
+    match command {
+        RulesCommand::Get => {
             println!("{}", serde_json::to_string_pretty(&client.rules().await?)?)
         }
-        Command::Rules(RulesCommand::Set { file }) => {
+        RulesCommand::Set { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let rules: serde_json::Value = serde_json::from_str(&text)
@@ -199,22 +227,24 @@ async fn main() -> anyhow::Result<()> {
             let now = client.set_rules(&rules).await?;
             println!("{}", serde_json::to_string_pretty(&now)?);
         }
-        Command::Segment(command) => segment_cli::run(&client, command, cli.json).await?,
-        Command::Cluster(ClusterCommand::Status) => status::run(&client, cli.json).await?,
-        Command::Admin(AdminCommand::Backup { dir }) => {
-            let dir = std::path::absolute(&dir)
-                .with_context(|| format!("making {} absolute", dir.display()))?;
-            let dir = dir
-                .to_str()
-                .with_context(|| format!("{} is not UTF-8", dir.display()))?;
-            let manifest = client.backup(dir).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&manifest)?);
-            } else {
-                print_manifest(dir, &manifest)?;
-            }
-        }
-        Command::Bench(args) => bench::run(&cli.server, args, cli.json).await?,
+    }
+    Ok(())
+}
+
+/// `admin backup DIR`. The node writes the backup itself and takes only an absolute path, so a
+/// relative DIR is made absolute against this shell's current directory (right only when the
+/// CLI runs on the node's machine, as the subcommand's help says).
+async fn run_backup(client: &Client, dir: &Path, json: bool) -> anyhow::Result<()> {
+    let dir =
+        std::path::absolute(dir).with_context(|| format!("making {} absolute", dir.display()))?;
+    let dir = dir
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", dir.display()))?;
+    let manifest = client.backup(dir).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        print_manifest(dir, &manifest)?;
     }
     Ok(())
 }
@@ -296,20 +326,39 @@ fn print_profile(p: &ProfileDoc, json: bool) -> anyhow::Result<()> {
 const PROBLEMS_KEPT_MAX: usize = 1000;
 
 /// Streams an NDJSON file in batches; events answered `unavailable` are retried by the client.
-async fn send_file(
-    client: &Client,
-    file: &PathBuf,
-    batch: usize,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn send_file(client: &Client, file: &Path, batch: usize, json: bool) -> anyhow::Result<()> {
     if !(1..=oneid_protocol::api::EVENTS_PER_REQUEST_MAX).contains(&batch) {
         bail!(
             "--batch must be 1 to {}",
             oneid_protocol::api::EVENTS_PER_REQUEST_MAX
         );
     }
-    // Progress counts the bytes the reader took, whatever the line endings; standard input has
-    // no known size, so it gets a spinner.
+    let (reader, progress) = open_events(file, json)?;
+    let reader = progress.wrap_read(reader);
+    let mut lines = EventLines {
+        lines: BufReader::new(reader).lines(),
+        line_no: 0,
+    };
+    let mut tally = SendTally::default();
+    loop {
+        let events = lines.next_batch(batch, &mut tally)?;
+        if events.is_empty() {
+            break;
+        }
+        let answer = client.send_events(&events).await?;
+        tally.add_answer(&answer);
+        progress.set_message(tally.summary());
+    }
+    progress.finish_and_clear();
+    print_send_report(&tally, json);
+    Ok(())
+}
+
+/// Opens the events file (`-` for standard input) and the progress display that goes with it.
+/// Progress counts the bytes the reader took, whatever the line endings; standard input has no
+/// known size, so it gets a spinner. With `--json` the display is hidden, so that standard
+/// output and standard error carry nothing but the final JSON.
+fn open_events(file: &Path, json: bool) -> anyhow::Result<(Box<dyn Read>, ProgressBar)> {
     let (reader, progress): (Box<dyn Read>, ProgressBar) = if file.as_os_str() == "-" {
         let spinner = ProgressBar::new_spinner().with_style(
             ProgressStyle::with_template("{spinner} {bytes} {msg}").expect("a valid template"),
@@ -327,67 +376,109 @@ async fn send_file(
     if json {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let reader = progress.wrap_read(reader);
-    let (mut applied, mut duplicates, mut rejected) = (0u64, 0u64, 0u64);
-    let mut problems: Vec<String> = Vec::new();
-    let mut lines = BufReader::new(reader).lines();
-    let mut line_no = 0usize;
-    loop {
+    Ok((reader, progress))
+}
+
+/// The lines of an NDJSON input, numbered from 1 across batches so that a line that is not
+/// JSON can be reported by its line number in the file.
+struct EventLines<R> {
+    lines: std::io::Lines<R>,
+    line_no: usize,
+}
+
+impl<R: BufRead> EventLines<R> {
+    /// The next `batch` events, or fewer at the end of the input (none once it is exhausted).
+    /// Blank lines are skipped; a line that is not JSON never reaches the node, so it is
+    /// counted as rejected in `tally` here.
+    fn next_batch(
+        &mut self,
+        batch: usize,
+        tally: &mut SendTally,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
         let mut events = Vec::with_capacity(batch);
-        for line in lines.by_ref() {
+        for line in self.lines.by_ref() {
             let line = line.context("reading events")?;
-            line_no += 1;
+            self.line_no += 1;
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str::<serde_json::Value>(&line) {
                 Ok(event) => events.push(event),
-                Err(e) => {
-                    rejected += 1;
-                    if problems.len() < PROBLEMS_KEPT_MAX {
-                        problems.push(format!("line {line_no}: not JSON: {e}"));
-                    }
-                }
+                Err(e) => tally.reject_line(self.line_no, &e),
             }
             if events.len() == batch {
                 break;
             }
         }
-        if events.is_empty() {
-            break;
+        Ok(events)
+    }
+}
+
+/// What `events send` has counted so far, and the first rejection messages (at most
+/// [`PROBLEMS_KEPT_MAX`], so that a file of bad events cannot fill memory).
+#[derive(Default)]
+struct SendTally {
+    applied: u64,
+    duplicates: u64,
+    rejected: u64,
+    problems: Vec<String>,
+}
+
+impl SendTally {
+    /// Counts a line that is not JSON as a rejected event.
+    fn reject_line(&mut self, line_no: usize, error: &serde_json::Error) {
+        self.rejected += 1;
+        if self.problems.len() < PROBLEMS_KEPT_MAX {
+            self.problems
+                .push(format!("line {line_no}: not JSON: {error}"));
         }
-        let answer = client.send_events(&events).await?;
-        applied += answer.applied;
-        duplicates += answer.duplicates;
-        rejected += answer.rejected;
+    }
+
+    /// Adds the node's answer to one batch: its counts, and its rejection messages while
+    /// there is room for them.
+    fn add_answer(&mut self, answer: &EventsResponse) {
+        self.applied += answer.applied;
+        self.duplicates += answer.duplicates;
+        self.rejected += answer.rejected;
+        let room = PROBLEMS_KEPT_MAX.saturating_sub(self.problems.len());
         for r in answer
             .results
             .iter()
             .filter(|r| r.status == EventStatus::Rejected)
-            .take(PROBLEMS_KEPT_MAX.saturating_sub(problems.len()))
+            .take(room)
         {
             if let Some(e) = &r.error {
-                problems.push(format!("{}: {:?} {}", r.event_id, e.code, e.message));
+                self.problems
+                    .push(format!("{}: {:?} {}", r.event_id, e.code, e.message));
             }
         }
-        progress.set_message(format!(
-            "applied {applied}, duplicates {duplicates}, rejected {rejected}"
-        ));
     }
-    progress.finish_and_clear();
+
+    /// The counts in one line: the progress message while sending, and the first line of the
+    /// final report, so the two always read the same.
+    fn summary(&self) -> String {
+        format!(
+            "applied {}, duplicates {}, rejected {}",
+            self.applied, self.duplicates, self.rejected
+        )
+    }
+}
+
+/// The outcome of `events send`: the counts and every kept problem as JSON for scripts, or
+/// the counts and the first 20 problems for a person.
+fn print_send_report(tally: &SendTally, json: bool) {
     if json {
         println!(
             "{}",
-            serde_json::json!({"applied": applied, "duplicates": duplicates, "rejected": rejected, "problems": problems})
+            serde_json::json!({"applied": tally.applied, "duplicates": tally.duplicates, "rejected": tally.rejected, "problems": tally.problems})
         );
     } else {
-        println!("applied {applied}, duplicates {duplicates}, rejected {rejected}");
-        for problem in problems.iter().take(20) {
+        println!("{}", tally.summary());
+        for problem in tally.problems.iter().take(20) {
             println!("  {problem}");
         }
-        if rejected > 20 {
-            println!("  ... and {} more", rejected - 20);
+        if tally.rejected > 20 {
+            println!("  ... and {} more", tally.rejected - 20);
         }
     }
-    Ok(())
 }

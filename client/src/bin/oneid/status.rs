@@ -20,6 +20,23 @@ struct Answer {
 
 pub async fn run(client: &Client, json_output: bool) -> anyhow::Result<()> {
     let first = client.cluster().await?;
+    let answers = ask_every_node(&first).await?;
+    let shards = by_shard(&answers);
+    if json_output {
+        return print_json(&first, &answers, &shards);
+    }
+    println!("cluster {}", first.cluster_id);
+    print_nodes(&answers);
+    print_shards(&shards);
+    print_snapshots(snapshots(&answers));
+    Ok(())
+}
+
+/// Asks every node that `first` lists for its own view, one after the other. The node that
+/// gave `first` is not asked again. A node that does not answer within one short attempt is
+/// recorded as down rather than failing the command, since finding such nodes is what the
+/// command is for.
+async fn ask_every_node(first: &ClusterView) -> anyhow::Result<Vec<Answer>> {
     let mut answers = Vec::new();
     for node in &first.nodes {
         let view = if node.id == first.node {
@@ -41,70 +58,93 @@ pub async fn run(client: &Client, json_output: bool) -> anyhow::Result<()> {
             view,
         });
     }
-    let shards = by_shard(&answers);
-    if json_output {
-        let nodes: Vec<_> = answers
-            .iter()
-            .map(
-                |a| json!({"id": a.id, "api": a.api, "answered": a.view.is_some(), "view": a.view}),
-            )
-            .collect();
-        let report = json!({"cluster_id": first.cluster_id, "nodes": nodes,
-            "shards": shards.iter().map(|(id, r)| json!({"id": id, "digests": digests(r)})).collect::<Vec<_>>()});
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!("cluster {}", first.cluster_id);
+    Ok(answers)
+}
+
+/// The whole report as one JSON document for scripts: every node's full view as it answered,
+/// and each shard's digest verdict.
+fn print_json(
+    first: &ClusterView,
+    answers: &[Answer],
+    shards: &BTreeMap<u32, Vec<(u64, ShardView)>>,
+) -> anyhow::Result<()> {
+    let nodes: Vec<_> = answers
+        .iter()
+        .map(|a| json!({"id": a.id, "api": a.api, "answered": a.view.is_some(), "view": a.view}))
+        .collect();
+    let report = json!({"cluster_id": first.cluster_id, "nodes": nodes,
+        "shards": shards.iter().map(|(id, r)| json!({"id": id, "digests": digests(r)})).collect::<Vec<_>>()});
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// The table of nodes: which ones answered.
+fn print_nodes(answers: &[Answer]) {
     println!("{:>4}  {:<22} UP", "NODE", "API");
-    for answer in &answers {
+    for answer in answers {
         let up = match &answer.view {
             Some(_) => "yes".to_string(),
             None => "no (did not answer)".to_string(),
         };
         println!("{:>4}  {:<22} {up}", answer.id, answer.api);
     }
+}
+
+/// The table of shards, one row each (see [`shard_row`]).
+fn print_shards(shards: &BTreeMap<u32, Vec<(u64, ShardView)>>) {
     println!(
         "{:>5} {:>6} {:>5}  {:<28} DIGESTS",
         "SHARD", "LEADER", "TERM", "APPLIED BY NODE (LAG)"
     );
-    for (id, replicas) in &shards {
-        let leader = replicas.iter().find(|(_, s)| s.role == "leader");
-        let (leader_text, term, lead_applied) = match leader {
-            Some((node, s)) => (node.to_string(), s.term, Some(s.applied_index)),
-            None => (
-                "-".to_string(),
-                replicas.iter().map(|(_, s)| s.term).max().unwrap_or(0),
-                None,
-            ),
-        };
-        let applied: Vec<String> = replicas
-            .iter()
-            .map(|(node, s)| match lead_applied {
-                Some(lead) if lead > s.applied_index => {
-                    format!("{node}:{}(-{})", s.applied_index, lead - s.applied_index)
-                }
-                _ => format!("{node}:{}", s.applied_index),
-            })
-            .collect();
-        println!(
-            "{id:>5} {leader_text:>6} {term:>5}  {:<28} {}",
-            applied.join(" "),
-            digests(replicas)
-        );
+    for (id, replicas) in shards {
+        println!("{}", shard_row(*id, replicas));
     }
-    let snapshots = snapshots(&answers);
-    if !snapshots.is_empty() {
-        println!("SNAPSHOTS IN FLIGHT");
-        println!(
-            "{:>5} {:>10} {:>4} {:>4} {:>9} {:>8}",
-            "SHARD", "INDEX", "FROM", "TO", "MIB", "SECONDS"
-        );
-        for ((shard, index, from, to), (bytes, seconds)) in snapshots {
-            let mib = bytes as f64 / 1_048_576.0;
-            println!("{shard:>5} {index:>10} {from:>4} {to:>4} {mib:>9.1} {seconds:>8.1}");
-        }
+}
+
+/// One shard's row: its leader and term, each replica's applied index with its lag behind the
+/// leader's, and the digest verdict. With no leader in sight there is no lag to show, and the
+/// term is the highest any replica reported, as the closest to the shard's current one.
+fn shard_row(id: u32, replicas: &[(u64, ShardView)]) -> String {
+    let leader = replicas.iter().find(|(_, s)| s.role == "leader");
+    let (leader_text, term, lead_applied) = match leader {
+        Some((node, s)) => (node.to_string(), s.term, Some(s.applied_index)),
+        None => (
+            "-".to_string(),
+            replicas.iter().map(|(_, s)| s.term).max().unwrap_or(0),
+            None,
+        ),
+    };
+    let applied: Vec<String> = replicas
+        .iter()
+        .map(|(node, s)| match lead_applied {
+            Some(lead) if lead > s.applied_index => {
+                format!("{node}:{}(-{})", s.applied_index, lead - s.applied_index)
+            }
+            _ => format!("{node}:{}", s.applied_index),
+        })
+        .collect();
+    format!(
+        "{id:>5} {leader_text:>6} {term:>5}  {:<28} {}",
+        applied.join(" "),
+        digests(replicas)
+    )
+}
+
+/// The table of snapshots in flight, left out entirely when there are none, since that is the
+/// usual case.
+fn print_snapshots(snapshots: BTreeMap<(u32, u64, u64, u64), (u64, f64)>) {
+    if snapshots.is_empty() {
+        return;
     }
-    Ok(())
+    println!("SNAPSHOTS IN FLIGHT");
+    println!(
+        "{:>5} {:>10} {:>4} {:>4} {:>9} {:>8}",
+        "SHARD", "INDEX", "FROM", "TO", "MIB", "SECONDS"
+    );
+    for ((shard, index, from, to), (bytes, seconds)) in snapshots {
+        let mib = bytes as f64 / 1_048_576.0;
+        println!("{shard:>5} {index:>10} {from:>4} {to:>4} {mib:>9.1} {seconds:>8.1}");
+    }
 }
 
 /// The snapshots the nodes said are on their way, by (shard, index, holder, follower): the
