@@ -518,6 +518,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)]
     fn a_backup_restores_into_an_empty_directory_and_verifies() {
         let (data, backups, restored) = (
             TempDir::new("data"),

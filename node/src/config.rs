@@ -166,7 +166,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Refuses a file whose values contradict each other or the limits, naming them.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_nodes()?;
+        self.validate_limits()?;
+        self.seed_rules()?;
+        Ok(())
+    }
+
+    /// The shard count, the replication, and the nodes: ids and addresses each once, and a
+    /// secret for a cluster of several.
+    fn validate_nodes(&self) -> anyhow::Result<()> {
         let c = &self.cluster;
         if !(1..=SHARDS_MAX).contains(&c.shards) {
             bail!(
@@ -219,6 +229,12 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Every period, retention and budget is above 0, and the body budget fits a body.
+    fn validate_limits(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
         if c.log_retain_entries == 0 {
             bail!("cluster.log_retain_entries must be above 0");
         }
@@ -249,7 +265,6 @@ impl Config {
                 a.body_budget_mib
             );
         }
-        self.seed_rules()?;
         Ok(())
     }
 
@@ -319,18 +334,23 @@ impl Config {
     }
 }
 
+/// A raft id is `shard << RAFT_ID_NODE_BITS | node`: node ids are below `u32::MAX` (checked
+/// by `validate`). The replica core never derives anything from an id; membership changes
+/// will allocate them instead.
+const RAFT_ID_NODE_BITS: u32 = 32;
+
 pub fn raft_id(shard: ShardId, node: u64) -> u64 {
-    (u64::from(shard.0) << 32) | node
+    (u64::from(shard.0) << RAFT_ID_NODE_BITS) | node
 }
 
 /// The node id in a raft id.
 pub fn node_of_raft_id(raft_id: u64) -> u64 {
-    raft_id & 0xffff_ffff
+    raft_id & ((1 << RAFT_ID_NODE_BITS) - 1)
 }
 
 /// The shard in a raft id.
 pub fn shard_of_raft_id(raft_id: u64) -> ShardId {
-    ShardId((raft_id >> 32) as u32)
+    ShardId((raft_id >> RAFT_ID_NODE_BITS) as u32)
 }
 
 /// What a data directory records of its cluster at first start.

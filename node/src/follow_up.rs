@@ -38,6 +38,32 @@ pub struct Report {
 /// backoff), then finishes the answered ones at their profiles' shards.
 pub async fn drive(shards: &Shards, follow_ups: Vec<FollowUp>, attempts: u32) -> Report {
     let mut report = Report::default();
+    let answers = bind(shards, follow_ups, attempts, &mut report).await;
+    let replies = per_shard(answers.into_iter().map(|(shard, answers)| {
+        let n = answers.len();
+        let call = shards.propose(shard, Command::FinishFollowUps(answers));
+        (shard, async move { (n, call.await) })
+    }))
+    .await;
+    for (shard, (n, reply)) in replies {
+        match reply {
+            Ok(_) => report.finished += n,
+            Err(error) => {
+                tracing::warn!(%shard, %error, "follow-ups not finished now; the shard's leader will finish them");
+            }
+        }
+    }
+    report
+}
+
+/// Proposes the binds, one `Bind` per identity shard, retrying the shards that failed: each
+/// answered follow-up's answer, by the shard of its profile (where it is finished).
+async fn bind(
+    shards: &Shards,
+    follow_ups: Vec<FollowUp>,
+    attempts: u32,
+    report: &mut Report,
+) -> BTreeMap<ShardId, Vec<FollowUpAnswer>> {
     let mut to_bind: BTreeMap<ShardId, Vec<FollowUp>> = BTreeMap::new();
     for follow_up in follow_ups {
         to_bind
@@ -95,19 +121,5 @@ pub async fn drive(shards: &Shards, follow_ups: Vec<FollowUp>, attempts: u32) ->
             }
         }
     }
-    let replies = per_shard(answers.into_iter().map(|(shard, answers)| {
-        let n = answers.len();
-        let call = shards.propose(shard, Command::FinishFollowUps(answers));
-        (shard, async move { (n, call.await) })
-    }))
-    .await;
-    for (shard, (n, reply)) in replies {
-        match reply {
-            Ok(_) => report.finished += n,
-            Err(error) => {
-                tracing::warn!(%shard, %error, "follow-ups not finished now; the shard's leader will finish them");
-            }
-        }
-    }
-    report
+    answers
 }

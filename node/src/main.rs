@@ -68,6 +68,8 @@ const SHARD_ARBITERS: usize = 2;
 const HTTP_WORKER_THREADS: usize = 2;
 /// How often a node on an empty data directory says which peers it still waits for.
 const JOIN_WAIT_LOG: Duration = Duration::from_secs(5);
+/// How often it looks at its peers' answers meanwhile.
+const JOIN_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Parser)]
 #[command(
@@ -105,11 +107,118 @@ fn main() -> anyhow::Result<()> {
     raise_open_file_limit();
     // Failpoints for crash tests (FAILPOINTS=name=action); compiled in only with the
     // `failpoints` feature, which scripts/test enables and release builds never do.
+    #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let config = config::Config::load(&args.config)?;
     let node = config.node(args.node)?.clone();
     let hosted = config.shards_of(node.id);
-    let seed_rules = config.seed_rules()?;
+    let (storage, cluster) = open_storage(&args, &config, &node, &hosted)?;
+    let c = &config.cluster;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let writer = storage::Writer::start(
+        Arc::clone(&storage),
+        Arc::clone(&metrics),
+        hosted.len() + 16,
+    );
+    let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
+    let placement = (0..c.shards)
+        .map(|s| {
+            config
+                .voters(shard_id(s))
+                .into_iter()
+                .map(config::node_of_raft_id)
+                .collect()
+        })
+        .collect();
+    let shards = Arc::new(Shards::new(node.id, placement, reader.clone()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(HTTP_WORKER_THREADS)
+        .thread_name("oneid-http")
+        .enable_all()
+        .build()?;
+    let identity = storage.node_identity()?;
+    if config.nodes.len() > 1 {
+        let cluster_bytes = transport::handshake::cluster_bytes(&cluster.id);
+        connect_peers(
+            &runtime,
+            &config,
+            &node,
+            &storage,
+            cluster_bytes,
+            identity,
+            &shards,
+        )?;
+    }
+    let system = actix::System::new();
+    let parts = Parts {
+        config: &config,
+        node: &node,
+        storage: &storage,
+        writer: &writer,
+        metrics: &metrics,
+        shards: &shards,
+    };
+    let _arbiters = start_shards(&parts, &hosted)?;
+    let api = build_api(&parts, &cluster, reader, identity);
+    serve(runtime, system, api, &config, &node, hosted.len())?;
+    // Every acknowledged write was fsynced before its answer; this last persist only covers
+    // unacknowledged work (clock entries, writes whose answer was not sent).
+    storage.sync_all().context("final flush")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What starting the shards needs of the node.
+struct Parts<'a> {
+    config: &'a config::Config,
+    node: &'a config::NodeConfig,
+    storage: &'a Arc<storage::Storage>,
+    writer: &'a storage::Writer,
+    metrics: &'a Arc<metrics::Metrics>,
+    shards: &'a Arc<Shards>,
+}
+
+/// The HTTP API over this node's shards.
+fn build_api(
+    parts: &Parts<'_>,
+    cluster: &config::ClusterRecord,
+    reader: storage::StateReader,
+    identity: Identity,
+) -> Arc<api::Api> {
+    Arc::new(api::Api {
+        backups: backup::Backups::new(
+            Arc::clone(parts.storage),
+            parts.node.id,
+            parts.node.data.clone(),
+        ),
+        shards: Arc::clone(parts.shards),
+        cluster_id: cluster.id.clone(),
+        router: router::Router {
+            reader: reader.clone(),
+            shards: Arc::clone(parts.shards),
+            n_shards: parts.config.cluster.shards,
+            metrics: Arc::clone(parts.metrics),
+        },
+        metrics: Arc::clone(parts.metrics),
+        node_id: parts.node.id,
+        nodes: parts.config.nodes.iter().map(node_view).collect(),
+        shutting_down: AtomicBool::new(false),
+        identity,
+        budget: api::Api::body_budget(parts.config.api.body_budget_mib as usize * 1024 * 1024),
+        body_timeout: Duration::from_millis(parts.config.api.body_timeout_ms),
+        streams: streams::Streams::new(reader, Arc::clone(parts.shards)),
+    })
+}
+
+/// Restores a backup first if asked (verified against its manifest before anything reads or
+/// migrates it), opens the data directory, and checks it against the cluster file (migrating
+/// a directory of an older format): the storage, and the cluster it records.
+fn open_storage(
+    args: &Args,
+    config: &config::Config,
+    node: &config::NodeConfig,
+    hosted: &[oneid_protocol::ids::ShardId],
+) -> anyhow::Result<(Arc<storage::Storage>, config::ClusterRecord)> {
     if args.restore.is_some() && config.nodes.len() > 1 {
         anyhow::bail!(
             "--restore restores a one-node cluster, and this file lists {} nodes: one node of a replicated cluster restored alone would bring back old replicas that its peers take for current. Restoring a whole cluster comes with membership changes; until then a node that lost its data catches up from its peers only with its own data directory",
@@ -129,134 +238,98 @@ fn main() -> anyhow::Result<()> {
     let storage = Arc::new(storage::Storage::open(
         &node.data,
         config.cluster.shards,
-        &hosted,
+        hosted,
         config.storage,
     )?);
     if let Some(manifest) = &restored {
         // Before anything reads it, and before a migration rewrites it: the restored state
         // must be the backup's, exactly.
-        for &shard in &hosted {
+        for &shard in hosted {
             backup::verify_shard(&storage, shard, manifest)?;
         }
     }
     // Refuses a directory of another cluster or an unknown format; migrates an older one.
     let cluster = storage.check_cluster(&config.record())?;
     if let Some(manifest) = &restored {
-        backup::finish_restore(&node.data, manifest, &hosted)?;
+        backup::finish_restore(&node.data, manifest, hosted)?;
     }
-    let metrics = Arc::new(metrics::Metrics::default());
-    let writer = storage::Writer::start(
-        Arc::clone(&storage),
-        Arc::clone(&metrics),
-        hosted.len() + 16,
-    );
-    let c = &config.cluster;
-    let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
-    let placement = (0..c.shards)
-        .map(|s| {
-            config
-                .voters(shard_id(s))
-                .into_iter()
-                .map(config::node_of_raft_id)
-                .collect()
-        })
-        .collect();
-    let shards = Arc::new(Shards::new(node.id, placement, reader.clone()));
-    let budget_per_shard = c.activation_budget.div_ceil(hosted.len().max(1));
+    Ok((storage, cluster))
+}
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(HTTP_WORKER_THREADS)
-        .thread_name("oneid-http")
-        .enable_all()
-        .build()?;
-    let identity = storage.node_identity()?;
+/// Starts the peer transport (a cluster of several nodes), and on a data directory that holds
+/// no cluster yet waits until it may create its replicas ([`join_a_new_cluster`]).
+fn connect_peers(
+    runtime: &tokio::runtime::Runtime,
+    config: &config::Config,
+    node: &config::NodeConfig,
+    storage: &Arc<storage::Storage>,
+    cluster: [u8; 16],
+    identity: Identity,
+    shards: &Arc<Shards>,
+) -> anyhow::Result<()> {
     let initialized = storage.initialized();
-    if config.nodes.len() > 1 {
-        let peers = config
-            .nodes
-            .iter()
-            .filter(|n| n.id != node.id)
-            .map(|n| (n.id, n.peer))
-            .collect();
-        let learning = Arc::clone(&storage);
-        let tcp = transport::tcp::TcpConfig {
-            me: node.id,
-            listen: node.peer,
-            peers,
-            secret: config.secret().expect("validated").into_bytes(),
-            cluster: transport::handshake::cluster_bytes(&cluster.id),
-            state_format: storage::STATE_FORMAT,
-            identity,
-            initialized,
-            known: storage.known_peers()?,
-            learn: Box::new(move |peer, identity| {
-                if let Err(error) = learning.learn_peer(peer, identity) {
-                    tracing::error!(peer, %error, "recording a peer's identity failed");
-                }
-            }),
-        };
-        let inbound = Arc::new(shards::FromPeers(Arc::clone(&shards)));
-        let peers = runtime
-            .block_on(transport::tcp::Tcp::start(tcp, inbound))
-            .with_context(|| format!("binding the peer address {}", node.peer))?;
-        if !initialized {
-            runtime.block_on(join_a_new_cluster(&peers, identity))?;
-        }
-        peers.set_initialized();
-        shards.set_peers(peers);
+    let peers = config
+        .nodes
+        .iter()
+        .filter(|n| n.id != node.id)
+        .map(|n| (n.id, n.peer))
+        .collect();
+    let learning = Arc::clone(storage);
+    let tcp = transport::tcp::TcpConfig {
+        me: node.id,
+        listen: node.peer,
+        peers,
+        secret: config.secret().expect("validated").into_bytes(),
+        cluster,
+        state_format: storage::STATE_FORMAT,
+        identity,
+        initialized,
+        known: storage.known_peers()?,
+        learn: Box::new(move |peer, identity| {
+            if let Err(error) = learning.learn_peer(peer, identity) {
+                tracing::error!(peer, %error, "recording a peer's identity failed");
+            }
+        }),
+    };
+    let inbound = Arc::new(shards::FromPeers(Arc::clone(shards)));
+    let peers = runtime
+        .block_on(transport::tcp::Tcp::start(tcp, inbound))
+        .with_context(|| format!("binding the peer address {}", node.peer))?;
+    if !initialized {
+        runtime.block_on(join_a_new_cluster(&peers, identity))?;
     }
+    peers.set_initialized();
+    shards.set_peers(peers);
+    Ok(())
+}
 
-    let system = actix::System::new();
+/// Recovers each hosted shard's replica from storage and starts its actor, spread over the
+/// shard arbiters (answered: they run the actors until dropped).
+fn start_shards(
+    parts: &Parts<'_>,
+    hosted: &[oneid_protocol::ids::ShardId],
+) -> anyhow::Result<Vec<actix::Arbiter>> {
     let arbiters: Vec<actix::Arbiter> =
         (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
-    let started_micros = std::time::SystemTime::now()
+    // This start of the node's replicas, in microseconds of the wall clock: it tells this
+    // life's ReadIndex rounds from earlier lives' ones.
+    let life = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_micros() as u64;
     let mut recovered = Vec::with_capacity(hosted.len());
-    for &shard in &hosted {
-        let raft_id = config::raft_id(shard, node.id);
-        let voters = config.voters(shard);
-        // A shard's placed leader (its first replica) campaigns when the shard is new, so
-        // leaders start spread evenly; the only voter of a shard campaigns at every start.
-        let settings = ReplicaConfig {
-            shard,
-            n_shards: c.shards,
-            id: raft_id,
-            campaign: voters[0] == raft_id,
-            placed_leader: voters[0],
-            replicas: voters
-                .iter()
-                .map(|&id| (id, config::node_of_raft_id(id)))
-                .collect(),
-            election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
-            heartbeat_ticks: HEARTBEAT_TICKS,
-            clock_interval_ms: c.clock_interval_ms as i64,
-            retention: oneid_state::command::Retention {
-                dedup_days: c.dedup_retention_days,
-                ledger_days: c.ledger_retention_days,
-                change_log_hours: config.segments.change_log_retention_hours,
-                change_log_entries_max: config.segments.change_log_entries_max,
-            },
-            passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
-            activation_budget: budget_per_shard,
-            seed_rules: seed_rules.clone(),
-            log_retain_entries: c.log_retain_entries,
-            log_compact_entries: oneid_replica::LOG_COMPACT_BATCH,
-            life: started_micros,
-            tick: Duration::from_millis(c.tick_ms),
-        };
+    for &shard in hosted {
         let actor = ShardActor::recover(
-            settings,
-            Arc::clone(&storage),
-            writer.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&shards) as Arc<dyn replica::actor::Host>,
+            replica_config(parts, shard, hosted.len(), life)?,
+            Arc::clone(parts.storage),
+            parts.writer.clone(),
+            Arc::clone(parts.metrics),
+            Arc::clone(parts.shards) as Arc<dyn replica::actor::Host>,
         )
         .with_context(|| format!("recovering shard {shard}"))?;
         recovered.push((shard, actor));
     }
-    let mut addrs = vec![None; c.shards as usize];
+    let mut addrs = vec![None; parts.config.cluster.shards as usize];
     for (shard, actor) in recovered {
         let arbiter = &arbiters[shard.0 as usize % SHARD_ARBITERS];
         addrs[shard.0 as usize] = Some(actix::Actor::start_in_arbiter(
@@ -264,41 +337,75 @@ fn main() -> anyhow::Result<()> {
             move |_| actor,
         ));
     }
-    shards.set_local(addrs);
+    parts.shards.set_local(addrs);
+    Ok(arbiters)
+}
 
-    let api = Arc::new(api::Api {
-        backups: backup::Backups::new(Arc::clone(&storage), node.id, node.data.clone()),
-        shards: Arc::clone(&shards),
-        cluster_id: cluster.id.clone(),
-        router: router::Router {
-            reader: reader.clone(),
-            shards: Arc::clone(&shards),
-            n_shards: c.shards,
-            metrics: Arc::clone(&metrics),
-        },
-        metrics,
-        node_id: node.id,
-        nodes: config
-            .nodes
+/// What the replica of `shard` on this node needs to know of its place and its limits.
+fn replica_config(
+    parts: &Parts<'_>,
+    shard: oneid_protocol::ids::ShardId,
+    n_hosted: usize,
+    life: u64,
+) -> anyhow::Result<ReplicaConfig> {
+    let (config, c) = (parts.config, &parts.config.cluster);
+    let raft_id = config::raft_id(shard, parts.node.id);
+    let voters = config.voters(shard);
+    // A shard's placed leader (its first replica) campaigns when the shard is new, so
+    // leaders start spread evenly; the only voter of a shard campaigns at every start.
+    Ok(ReplicaConfig {
+        shard,
+        n_shards: c.shards,
+        id: raft_id,
+        campaign: voters[0] == raft_id,
+        placed_leader: voters[0],
+        replicas: voters
             .iter()
-            .map(|n| NodeView {
-                id: n.id,
-                api: n.api.to_string(),
-                peer: n.peer.to_string(),
-                up: false,
-            })
+            .map(|&id| (id, config::node_of_raft_id(id)))
             .collect(),
-        shutting_down: AtomicBool::new(false),
-        identity,
-        budget: api::Api::body_budget(config.api.body_budget_mib as usize * 1024 * 1024),
-        body_timeout: Duration::from_millis(config.api.body_timeout_ms),
-        streams: streams::Streams::new(reader, Arc::clone(&shards)),
-    });
+        election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
+        heartbeat_ticks: HEARTBEAT_TICKS,
+        clock_interval_ms: c.clock_interval_ms as i64,
+        retention: oneid_state::command::Retention {
+            dedup_days: c.dedup_retention_days,
+            ledger_days: c.ledger_retention_days,
+            change_log_hours: config.segments.change_log_retention_hours,
+            change_log_entries_max: config.segments.change_log_entries_max,
+        },
+        passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
+        activation_budget: c.activation_budget.div_ceil(n_hosted.max(1)),
+        seed_rules: config.seed_rules()?,
+        log_retain_entries: c.log_retain_entries,
+        log_compact_entries: oneid_replica::LOG_COMPACT_BATCH,
+        life,
+        tick: Duration::from_millis(c.tick_ms),
+    })
+}
+
+fn node_view(node: &config::NodeConfig) -> NodeView {
+    NodeView {
+        id: node.id,
+        api: node.api.to_string(),
+        peer: node.peer.to_string(),
+        up: false,
+    }
+}
+
+/// Serves the API until SIGTERM (handing leadership off first, then draining), while the
+/// actix system runs the shard actors.
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    system: actix::SystemRunner,
+    api: Arc<api::Api>,
+    config: &config::Config,
+    node: &config::NodeConfig,
+    n_hosted: usize,
+) -> anyhow::Result<()> {
     let deadlines = api::conn::Deadlines::from_config(&config.api);
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(node.api))
         .with_context(|| format!("binding the API to {}", node.api))?;
-    tracing::info!(node = node.id, api = %listener.local_addr()?, shards = hosted.len(), data = %node.data.display(), "oneid-node serving");
+    tracing::info!(node = node.id, api = %listener.local_addr()?, shards = n_hosted, data = %node.data.display(), "oneid-node serving");
     let http = std::thread::Builder::new()
         .name("oneid-http-main".into())
         .spawn(move || {
@@ -317,15 +424,10 @@ fn main() -> anyhow::Result<()> {
                 shards.finish_peer_requests().await;
             });
         })?;
-
     // The actix system runs until the HTTP server has drained.
     system.block_on(async move {
         let _ = tokio::task::spawn_blocking(move || http.join()).await;
     });
-    // Every acknowledged write was fsynced before its answer; this last persist only covers
-    // unacknowledged work (clock entries, writes whose answer was not sent).
-    storage.sync_all().context("final flush")?;
-    tracing::info!("stopped");
     Ok(())
 }
 
@@ -371,7 +473,7 @@ async fn join_a_new_cluster(peers: &transport::tcp::Tcp, identity: Identity) -> 
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(JOIN_POLL).await;
     }
 }
 

@@ -165,8 +165,16 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
+        self.render_http(&mut out);
+        self.render_counters(&mut out);
+        self.render_latencies(&mut out);
+        out
+    }
+
+    /// Responses and their latency, by route.
+    fn render_http(&self, out: &mut String) {
         family(
-            &mut out,
+            out,
             "oneid_http_responses_total",
             "counter",
             "HTTP responses by route and status class.",
@@ -182,18 +190,22 @@ impl Metrics {
             }
         }
         family(
-            &mut out,
+            out,
             "oneid_http_request_seconds",
             "histogram",
             "Time from a request's head to its answer, by route.",
         );
         for (route, metrics) in Route::ALL.iter().zip(&self.routes) {
             metrics.latency.render(
-                &mut out,
+                out,
                 "oneid_http_request_seconds",
                 &format!("route=\"{}\"", route.name()),
             );
         }
+    }
+
+    /// The unlabelled counters.
+    fn render_counters(&self, out: &mut String) {
         let counters = [
             (
                 "oneid_events_applied_total",
@@ -262,40 +274,41 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in counters {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+            counter(out, name, help, value.load(Relaxed));
         }
+    }
+
+    /// The activation gauge and the latency histograms of storage, clocks and reads.
+    fn render_latencies(&self, out: &mut String) {
         gauge(
-            &mut out,
+            out,
             "oneid_activations",
             "Profiles held in memory (activations).",
             self.activations.load(Relaxed),
         );
         family(
-            &mut out,
+            out,
             "oneid_fsync_seconds",
             "histogram",
             "Time of one group commit: batch write and fdatasync.",
         );
-        self.fsync_latency
-            .render(&mut out, "oneid_fsync_seconds", "");
+        self.fsync_latency.render(out, "oneid_fsync_seconds", "");
         family(
-            &mut out,
+            out,
             "oneid_clock_apply_seconds",
             "histogram",
             "Time of an apply round that held a clock entry (its due work and evictions, bounded per entry, and the round's other entries).",
         );
         self.clock_apply_latency
-            .render(&mut out, "oneid_clock_apply_seconds", "");
+            .render(out, "oneid_clock_apply_seconds", "");
         family(
-            &mut out,
+            out,
             "oneid_read_index_seconds",
             "histogram",
             "Time a linearizable read on a replica here waited: its ReadIndex round, then the apply.",
         );
         self.read_index_latency
-            .render(&mut out, "oneid_read_index_seconds", "");
-        out
+            .render(out, "oneid_read_index_seconds", "");
     }
 }
 

@@ -297,6 +297,7 @@ impl Router {
         if !follow_ups.is_empty() {
             // A crash here leaves applied events whose identities are not bound yet: the
             // follow-up records finish them (a test stops the node at this point).
+            #[cfg(feature = "failpoints")]
             fail::fail_point!("router::before_follow_ups");
             let report = follow_up::drive(&self.shards, follow_ups, BIND_ATTEMPTS).await;
             for (identity, oneid) in report.bound {

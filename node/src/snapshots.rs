@@ -51,6 +51,8 @@ pub const SNAPSHOT_HOLD_MAX: Duration = Duration::from_secs(3_600);
 /// Longest one chunk's request may take, and how often it is tried.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK_ATTEMPTS: u32 = 3;
+/// The pause before asking a holder again for a chunk that failed.
+const CHUNK_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 const _: () = assert!(
     SNAPSHOT_CHUNK_BYTES_MAX * 4 <= crate::transport::FRAME_BYTES_MAX,
@@ -463,7 +465,7 @@ async fn chunk_with_retries(
             Err(error) => {
                 tracing::debug!(shard = %snapshot.shard, %error, attempt, "a snapshot chunk failed; again");
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(CHUNK_RETRY_PAUSE).await;
             }
         }
     }

@@ -48,14 +48,15 @@
 //! A leader whose own ReadIndex round, asked at monotonic time `t`, was confirmed by a quorum
 //! holds a lease until `t + lease` ([`Replica::lease`]): while it holds, it answers reads (its
 //! own, and ReadIndex requests from its followers) at its commit index without a round, and
-//! renews the lease with a round once half of it is gone. Why no other leader can exist
+//! renews the lease with a round once [`LEASE_RENEW_LEFT_PERCENT`] of it is left. Why no other leader can exist
 //! before the lease ends:
 //! - every replica of the confirming quorum heard the round's heartbeat after `t`, and with
 //!   `check_quorum` raft-rs refuses (pre-)votes while it heard from a leader within the
 //!   minimum election timeout, counted in its ticks; the shell's ticks never come early or in a
 //!   burst (each is scheduled one tick length after the last ran), so that is at least
 //!   `(election_min - 1)` tick lengths of its monotonic clock after `t`. A new leader needs a
-//!   vote from one of them. The lease is `(election_min - 2)` tick lengths, of which it keeps
+//!   vote from one of them. The lease is `(election_min - LEASE_MARGIN_TICKS)` tick lengths
+//!   ([`LEASE_MARGIN_TICKS`] is 2), of which it keeps
 //!   [`LEASE_PERCENT`]: room for clocks running at different rates;
 //! - a replica that restarts forgets what it heard, so it refuses (pre-)votes for one lease
 //!   after it starts;
@@ -127,6 +128,14 @@ pub const LOG_COMPACT_BATCH: u64 = 64;
 /// documentation), the share a lease lasts; the rest allows for clocks running at different
 /// rates on different nodes.
 pub const LEASE_PERCENT: u32 = 80;
+/// Ticks short of the minimum election timeout a lease stops: the quorum that confirmed a
+/// round refuses votes for at least `election_min - 1` tick lengths after it (a tick already
+/// begun counts), and the lease stays one more tick clear of that (see the module
+/// documentation).
+pub const LEASE_MARGIN_TICKS: usize = 2;
+/// A lease is renewed (a round asked with no read waiting) once less than this share of it is
+/// left: early enough that a leader under steady reads never loses it between rounds.
+pub const LEASE_RENEW_LEFT_PERCENT: u32 = 50;
 
 /// The shell's clocks at an input.
 #[derive(Debug, Clone, Copy)]
@@ -585,7 +594,11 @@ impl<S: LogSource> Replica<S> {
     /// How long a leader's lease lasts after the round that grants it was asked: see the
     /// module documentation.
     pub fn lease(&self) -> Duration {
-        let ticks = self.config.election_ticks.0.saturating_sub(2) as u32;
+        let ticks = self
+            .config
+            .election_ticks
+            .0
+            .saturating_sub(LEASE_MARGIN_TICKS) as u32;
         self.config.tick * ticks * LEASE_PERCENT / 100
     }
 
@@ -606,7 +619,7 @@ impl<S: LogSource> Replica<S> {
     fn lease_holds(&mut self, now: Now) -> bool {
         match self.lease_read() {
             Some((until, _)) if now.since_start < until => {
-                if until - now.since_start < self.lease() / 2 {
+                if until - now.since_start < self.lease() * LEASE_RENEW_LEFT_PERCENT / 100 {
                     self.reads.renew = true;
                 }
                 true
@@ -933,86 +946,21 @@ impl<S: LogSource> Replica<S> {
         }
     }
 
+    /// One Ready of raft-rs, in the order its async-persist contract asks (see the module
+    /// documentation): leadership and read states, messages that may leave now, the apply of
+    /// committed entries, then one write holding the new entries, hard state and the apply.
     fn advance_once(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         let mut ready = self.raw.ready();
-        // Leadership is a (role, term): a replica may lose it and win it again between two
-        // Readies (the soft state then looks unchanged). Reads waiting on the old term fail
-        // (they are retried). Its proposals wait a while: their entries may still commit
-        // under the next leader (a transfer's target holds every one), and the apply answers
-        // each by its (term, index), whoever leads.
-        let role = ready.ss().map_or(self.role, |soft| soft.raft_state);
-        let term = self.raw.raft.term;
-        let leads = (role == StateRole::Leader).then_some(term);
-        let mut became_leader = false;
-        if leads != self.leader_term {
-            if self.leader_term.is_some() {
-                self.fail_reads(ShardError::Dropped(self.config.shard), fx);
-                self.forget_snapshots();
-                self.deposed_at = Some(self.ticks);
-            }
-            became_leader = leads.is_some();
-            fx.role = Some((Role::of(role), term));
-            self.leader_term = leads;
-        }
-        self.role = role;
-        for read_state in ready.take_read_states() {
-            let ours = self
-                .reads
-                .round
-                .as_ref()
-                .is_some_and(|round| read_state.request_ctx == self.read_ctx(round.ctx));
-            if ours {
-                let round = self.reads.round.take().expect("a round");
-                self.grant_lease(&round);
-                if !round.reads.is_empty() {
-                    self.reads.answered.push((read_state.index, round.reads));
-                }
-            }
-        }
+        let became_leader = self.observe_role(&ready, fx);
+        self.take_read_states(&mut ready);
         fx.messages
             .extend(ready.take_messages().into_iter().map(Message));
         let mut ops = std::mem::take(&mut self.queued_ops);
         let installs =
             (!ready.snapshot().is_empty()).then(|| self.install(ready.snapshot(), &mut ops, fx));
         let mut writes = WriteSet::default();
-        let mut replies = Vec::new();
-        let mut applied = None;
-        for entry in ready.take_committed_entries() {
-            let (index, term) = (entry.index, entry.term);
-            let output = match entry.get_entry_type() {
-                EntryType::EntryNormal if !entry.data.is_empty() => {
-                    let command = Command::decode(&entry.data).unwrap_or_else(|e| {
-                        panic!(
-                            "shard {}: committed entry {index} does not decode: {e}",
-                            self.config.shard
-                        )
-                    });
-                    self.state.apply(base, &mut writes, index, term, command)
-                }
-                EntryType::EntryNormal => self.state.apply_empty(&mut writes, index, term),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&entry, &mut ops);
-                    self.state.apply_empty(&mut writes, index, term)
-                }
-            };
-            applied = Some(index);
-            if let Output::Clock {
-                due_processed,
-                backlog,
-            } = output
-            {
-                self.due_backlog = backlog;
-                fx.clocks.push(due_processed);
-            }
-            if let Some((proposed_in, token)) = self.proposals.remove(&index) {
-                if proposed_in == term {
-                    replies.push((token, output));
-                } else {
-                    fx.replies
-                        .push((token, Err(ShardError::Dropped(self.config.shard))));
-                }
-            }
-        }
+        let entries = ready.take_committed_entries();
+        let (replies, applied) = self.apply_committed(entries, base, &mut writes, &mut ops, fx);
         // Proposals at or below the applied index (or the installed snapshot's) were
         // overwritten by another leader's entries.
         if let Some(applied) = installs.as_ref().map(|s| s.index).or(applied) {
@@ -1070,6 +1018,101 @@ impl<S: LogSource> Replica<S> {
         self.propose_backfill(fx);
         self.ask_read_index();
         self.serve_reads(fx);
+    }
+
+    /// Leadership is a (role, term): a replica may lose it and win it again between two
+    /// Readies (the soft state then looks unchanged). Reads waiting on the old term fail
+    /// (they are retried). Its proposals wait a while: their entries may still commit under
+    /// the next leader (a transfer's target holds every one), and the apply answers each by
+    /// its (term, index), whoever leads. Answers whether this replica just became leader.
+    fn observe_role(&mut self, ready: &raft::Ready, fx: &mut Effects) -> bool {
+        let role = ready.ss().map_or(self.role, |soft| soft.raft_state);
+        let term = self.raw.raft.term;
+        let leads = (role == StateRole::Leader).then_some(term);
+        let mut became_leader = false;
+        if leads != self.leader_term {
+            if self.leader_term.is_some() {
+                self.fail_reads(ShardError::Dropped(self.config.shard), fx);
+                self.forget_snapshots();
+                self.deposed_at = Some(self.ticks);
+            }
+            became_leader = leads.is_some();
+            fx.role = Some((Role::of(role), term));
+            self.leader_term = leads;
+        }
+        self.role = role;
+        became_leader
+    }
+
+    /// The ReadIndex round of this replica's that the Ready answers, if any: it grants a
+    /// lease, and its reads wait for the apply to reach its index.
+    fn take_read_states(&mut self, ready: &mut raft::Ready) {
+        for read_state in ready.take_read_states() {
+            let ours = self
+                .reads
+                .round
+                .as_ref()
+                .is_some_and(|round| read_state.request_ctx == self.read_ctx(round.ctx));
+            if ours {
+                let round = self.reads.round.take().expect("a round");
+                self.grant_lease(&round);
+                if !round.reads.is_empty() {
+                    self.reads.answered.push((read_state.index, round.reads));
+                }
+            }
+        }
+    }
+
+    /// Applies committed entries into `writes` (their Raft records into `ops`): the answers
+    /// to this replica's proposals among them, to give once the write is durable, and the
+    /// last index applied.
+    fn apply_committed(
+        &mut self,
+        entries: Vec<raft::eraftpb::Entry>,
+        base: &dyn StateRead,
+        writes: &mut WriteSet,
+        ops: &mut Vec<WriteOp>,
+        fx: &mut Effects,
+    ) -> (Vec<(Token, Output)>, Option<u64>) {
+        let mut replies = Vec::new();
+        let mut applied = None;
+        for entry in entries {
+            let (index, term) = (entry.index, entry.term);
+            let output = match entry.get_entry_type() {
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    let command = Command::decode(&entry.data).unwrap_or_else(|e| {
+                        panic!(
+                            "shard {}: committed entry {index} does not decode: {e}",
+                            self.config.shard
+                        )
+                    });
+                    self.state.apply(base, writes, index, term, command)
+                }
+                EntryType::EntryNormal => self.state.apply_empty(writes, index, term),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry, ops);
+                    self.state.apply_empty(writes, index, term)
+                }
+            };
+            applied = Some(index);
+            if let Output::Clock {
+                due_processed,
+                backlog,
+            } = output
+            {
+                self.due_backlog = backlog;
+                fx.clocks.push(due_processed);
+            }
+            if let Some((proposed_in, token)) = self.proposals.remove(&index) {
+                if proposed_in == term {
+                    replies.push((token, output));
+                } else {
+                    fx.replies
+                        .push((token, Err(ShardError::Dropped(self.config.shard))));
+                }
+            }
+        }
+        (replies, applied)
     }
 
     /// Applies a committed membership change to raft-rs and stores the new conf state with it.

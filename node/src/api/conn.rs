@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 /// Most connections served at once; past it, accepting waits (the kernel's backlog holds the
 /// rest). The node raises its open-file limit to fit these beside its storage's files.
@@ -42,6 +43,9 @@ pub const CONNECTIONS_MAX: usize = 1024;
 pub const STREAM_SEND_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a graceful shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// After a failed accept (out of descriptors, say), the pause before the next: a full
+/// descriptor table must not spin the accept loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// The phase of a connection, which decides its deadline.
 const HEAD: u8 = 0;
@@ -183,61 +187,19 @@ pub async fn serve<H, F, B>(
             permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
         };
-        let (stream, _) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors, or a connection reset before it was accepted.
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let watch = Arc::new(Watch::new());
-        let io = WatchedIo {
-            stream,
-            watch: Arc::clone(&watch),
-        };
-        let handle = handle.clone();
-        let requests = Arc::clone(&watch);
-        let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
-        let held = Arc::clone(&permit);
-        let service = service_fn(move |request| {
-            let (handle, watch, held) = (handle.clone(), Arc::clone(&requests), Arc::clone(&held));
-            async move {
-                watch.enter(BUSY);
-                let response = handle(request).await;
-                if response
-                    .extensions()
-                    .get::<super::segments::Streaming>()
-                    .is_some()
-                {
-                    held.lock().expect("permit lock").take();
-                    // SAFETY: the service runs inside its connection, which owns the socket
-                    // until the connection ends, so the descriptor is open here.
-                    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                    let _ = socket2::SockRef::from(&socket)
-                        .set_send_buffer_size(STREAM_SEND_BUFFER_BYTES);
-                } else {
-                    watch.enter(IDLE);
-                }
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let connection = http1::Builder::new()
-            .keep_alive(true)
-            // Deadlines are this module's (see above); hyper's would need a timer.
-            .header_read_timeout(None)
-            .serve_connection(TokioIo::new(io), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            guard(connection, &watch, deadlines).await;
-            drop(permit);
-        });
+        spawn_connection(stream, remote, permit, handle.clone(), deadlines, &graceful);
     }
     drop(listener);
     tracing::info!("stopped accepting; finishing requests in flight");
@@ -247,6 +209,70 @@ pub async fn serve<H, F, B>(
     {
         tracing::warn!("requests still in flight after the grace period");
     }
+}
+
+/// Serves one accepted connection in a task of its own, holding `permit` (one of
+/// [`CONNECTIONS_MAX`]) until it ends or becomes a stream.
+fn spawn_connection<H, F, B>(
+    stream: TcpStream,
+    remote: std::net::SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    handle: H,
+    deadlines: Deadlines,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _ = stream.set_nodelay(true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let watch = Arc::new(Watch::new());
+    let io = WatchedIo {
+        stream,
+        watch: Arc::clone(&watch),
+    };
+    let requests = Arc::clone(&watch);
+    let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let held = Arc::clone(&permit);
+    let service = service_fn(move |request| {
+        let (handle, watch, held) = (handle.clone(), Arc::clone(&requests), Arc::clone(&held));
+        async move {
+            watch.enter(BUSY);
+            let response = handle(request).await;
+            if response
+                .extensions()
+                .get::<super::segments::Streaming>()
+                .is_some()
+            {
+                held.lock().expect("permit lock").take();
+                // SAFETY: the service runs inside its connection, which owns the socket
+                // until the connection ends, so the descriptor is open here.
+                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let _ =
+                    socket2::SockRef::from(&socket).set_send_buffer_size(STREAM_SEND_BUFFER_BYTES);
+            } else {
+                watch.enter(IDLE);
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(true)
+        // Deadlines are this module's (see above); hyper's would need a timer.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(io), service);
+    let connection = graceful.watch(connection);
+    // Every line a connection logs names its client.
+    let span = tracing::info_span!("conn", %remote);
+    tokio::spawn(
+        async move {
+            guard(connection, &watch, deadlines).await;
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }
 
 /// Runs `connection` until it ends, or until its phase's deadline passes: then it is dropped,

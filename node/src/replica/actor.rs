@@ -100,6 +100,9 @@ pub struct ShardActor {
     writer: Writer,
     metrics: Arc<Metrics>,
     host: Arc<dyn Host>,
+    /// Entered by every handler: each line the actor (and its replica core) logs names the
+    /// shard.
+    span: tracing::Span,
     next_token: Token,
     proposals: BTreeMap<Token, Reply<Output>>,
     reads: BTreeMap<Token, Reply<()>>,
@@ -143,6 +146,7 @@ impl ShardActor {
             writer,
             metrics,
             host,
+            span: tracing::info_span!("shard", shard = shard.0),
             next_token: 0,
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -169,6 +173,7 @@ impl ShardActor {
 
     /// Runs the replica's Ready, and carries out everything it asks.
     fn run(&mut self, mut fx: Effects, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         let storage = Arc::clone(&self.storage);
         let now = self.now();
         let started = Instant::now();
@@ -284,6 +289,7 @@ impl ShardActor {
     }
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         let mut fx = Effects::default();
         for report in self.host.snapshots().reports(self.shard) {
             match report {
@@ -391,6 +397,7 @@ impl Actor for ShardActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         ctx.set_mailbox_capacity(SHARD_MAILBOX_MAX);
         self.schedule_tick(ctx);
         self.run(Effects::default(), ctx);
@@ -406,6 +413,7 @@ impl Handler<Propose> for ShardActor {
     type Result = ResponseFuture<Result<Output, ShardError>>;
 
     fn handle(&mut self, Propose(command): Propose, ctx: &mut Context<Self>) -> Self::Result {
+        let _span = self.span.clone().entered();
         let (reply, answer) = oneshot::channel();
         let token = self.token();
         self.proposals.insert(token, reply);
@@ -429,6 +437,7 @@ impl Handler<Read> for ShardActor {
     type Result = ResponseFuture<Result<(), ShardError>>;
 
     fn handle(&mut self, _: Read, ctx: &mut Context<Self>) -> Self::Result {
+        let _span = self.span.clone().entered();
         let (reply, answer) = oneshot::channel();
         let token = self.token();
         self.reads.insert(token, reply);
@@ -453,6 +462,7 @@ impl Handler<Step> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, Step(messages): Step, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         let (now, mut fx) = (self.now(), Effects::default());
         for message in messages {
             self.replica.step(message, now, &mut fx);
@@ -471,6 +481,7 @@ impl Handler<Leave> for ShardActor {
     type Result = bool;
 
     fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) -> bool {
+        let _span = self.span.clone().entered();
         let leads = self.replica.leave();
         self.run(Effects::default(), ctx);
         leads
@@ -486,6 +497,7 @@ impl Handler<Flushed> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, _: Flushed, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         if let Some(generation) = self.switching {
             self.metrics.snapshots_installed.fetch_add(1, Relaxed);
             if let Some((index, staged)) = self.staged.remove(&generation) {

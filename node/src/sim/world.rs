@@ -613,6 +613,8 @@ impl World {
         Ok(())
     }
 
+    // The simulation (test code): one arm per kind of happening, read as one table.
+    #[allow(clippy::too_many_lines)]
     fn handle(&mut self, event: Happening) -> Result<(), String> {
         match event {
             Happening::Tick { node, life } => {
@@ -873,6 +875,8 @@ impl World {
         self.carry_out(node, shard, fx);
     }
 
+    // The simulation (test code): each effect carried out in the order a node does.
+    #[allow(clippy::too_many_lines)]
     fn carry_out(&mut self, node: usize, shard: ShardId, fx: Effects) {
         let Effects {
             messages,

@@ -129,6 +129,7 @@ mod tests {
     use crate::storage::TempDir;
 
     #[test]
+    #[allow(clippy::too_many_lines)]
     fn a_data_directory_keeps_its_cluster_and_format() {
         let dir = TempDir::new("cluster");
         let nodes = |peers: &[&str]| {

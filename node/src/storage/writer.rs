@@ -51,6 +51,8 @@ impl Writer {
 }
 
 fn write_loop(storage: &Storage, metrics: &Metrics, receiver: &Receiver<WriteJob>) {
+    // Every line the writer logs says it came from the writer.
+    let _span = tracing::info_span!("writer").entered();
     while let Ok(first) = receiver.recv() {
         let mut jobs = vec![first];
         while jobs.len() < GROUP_COMMIT_JOBS_MAX {

@@ -56,6 +56,9 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A stream closes when this node has heard from no leader of some shard for this long: the
 /// client reconnects to another node.
 pub const LEADERLESS_CLOSE: Duration = Duration::from_secs(5);
+/// A tailer reads its shard's change log at least this often, woken or not: the longest a
+/// change missed by a wake-up waits.
+const TAIL_POLL: Duration = Duration::from_secs(1);
 /// Members one read of a snapshot returns.
 pub const SNAPSHOT_PAGE: usize = 1_000;
 
@@ -127,7 +130,7 @@ impl Streams {
         loop {
             tokio::select! {
                 _ = flushed.changed() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(TAIL_POLL) => {}
                 _ = stopping.changed() => return,
             }
             if self.live.receiver_count() == 0 {

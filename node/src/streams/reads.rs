@@ -7,6 +7,9 @@ use oneid_state::segments::{ChangeRecord, SegmentRecord};
 use oneid_state::{decode, keys, store::StateRead, ShardRecord};
 
 /// The change log's bounds in a shard record as stored (none yet: the default).
+/// Segment definitions read per scan of the registry.
+const SEGMENTS_PAGE: usize = 256;
+
 fn bounds_of(record: Option<Vec<u8>>) -> LogBounds {
     let record: ShardRecord =
         record.map_or_else(ShardRecord::default, |bytes| decode(keys::SHARD, &bytes));
@@ -74,7 +77,7 @@ impl StateReader {
         let mut records = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = state.scan(keys::SEGMENT_PREFIX, after.as_deref(), false, 256);
+            let page = state.scan(keys::SEGMENT_PREFIX, after.as_deref(), false, SEGMENTS_PAGE);
             let Some((last, _)) = page.last() else {
                 return records;
             };

@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 /// Most bytes of frames waiting for one peer's connection.
 pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -46,6 +47,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// The first wait before dialing a peer again, doubled up to [`DIAL_BACKOFF_MAX`].
 const DIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// After a failed accept (out of descriptors, say), the pause before the next: a full
+/// descriptor table must not spin the accept loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Most connections accepted at once, handshaking or not (peers hold one each; the rest is
 /// room for reconnects and for strangers, each of which has `HANDSHAKE_TIMEOUT`).
@@ -92,7 +96,60 @@ pub struct TcpConfig {
 /// A frame on its way, holding its share of the peer's queue budget.
 struct Outgoing {
     bytes: Vec<u8>,
-    _budget: OwnedSemaphorePermit,
+    _budget: Budget,
+}
+
+/// A frame's share of its peer's queue budget, given back when the frame is written (or
+/// dropped with its connection); then [`Quiet`] is told.
+struct Budget {
+    permit: Option<OwnedSemaphorePermit>,
+    quiet: Arc<Quiet>,
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        // The permit first: whoever is woken must find it returned.
+        drop(self.permit.take());
+        self.quiet.poke();
+    }
+}
+
+/// Wakes [`Tcp::drain`] when the node may have gone quiet (a peer's request answered, a
+/// queued frame written): only while it drains, so the hot path pays one atomic load.
+#[derive(Default)]
+struct Quiet {
+    draining: AtomicBool,
+    changed: Notify,
+}
+
+impl Quiet {
+    fn poke(&self) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// Queues `bytes` for a peer within its budget; false if the budget (or the queue) is full.
+fn enqueue(
+    queue: &mpsc::UnboundedSender<Outgoing>,
+    budget: &Arc<Semaphore>,
+    quiet: &Arc<Quiet>,
+    bytes: Vec<u8>,
+) -> bool {
+    let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(bytes.len() as u32) else {
+        return false;
+    };
+    let budget = Budget {
+        permit: Some(permit),
+        quiet: Arc::clone(quiet),
+    };
+    queue
+        .send(Outgoing {
+            bytes,
+            _budget: budget,
+        })
+        .is_ok()
 }
 
 struct Peer {
@@ -123,6 +180,8 @@ pub struct Tcp {
     next_call: AtomicU64,
     /// Peers' requests being carried out here.
     serving: Arc<AtomicUsize>,
+    /// Tells a drain that requests were answered or frames written.
+    quiet: Arc<Quiet>,
     inbound: Arc<dyn Inbound>,
     identity: Identity,
     initialized: AtomicBool,
@@ -176,6 +235,7 @@ impl Tcp {
             started: Instant::now(),
             calls: Mutex::new(BTreeMap::new()),
             serving: Arc::new(AtomicUsize::new(0)),
+            quiet: Arc::default(),
             next_call: AtomicU64::new(1),
             inbound,
             identity: config.identity,
@@ -186,9 +246,15 @@ impl Tcp {
             refused_handshakes: Default::default(),
             refused_frames: Default::default(),
         });
-        tokio::spawn(Arc::clone(&tcp).accept(listener));
+        tokio::spawn(
+            Arc::clone(&tcp)
+                .accept(listener)
+                .instrument(tracing::info_span!("peers", listen = %config.listen)),
+        );
         for (id, receiver) in receivers {
-            tokio::spawn(Arc::clone(&tcp).dial(id, receiver));
+            // Every line a connection to a peer logs names the peer.
+            let span = tracing::info_span!("peer", peer = id, dialed = true);
+            tokio::spawn(Arc::clone(&tcp).dial(id, receiver).instrument(span));
         }
         tokio::spawn(Arc::clone(&tcp).ping());
         Ok(tcp)
@@ -228,17 +294,7 @@ impl Tcp {
             peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let Ok(budget) = Arc::clone(&peer.budget).try_acquire_many_owned(bytes.len() as u32) else {
-            peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        };
-        let sent = peer
-            .queue
-            .send(Outgoing {
-                bytes,
-                _budget: budget,
-            })
-            .is_ok();
+        let sent = enqueue(&peer.queue, &peer.budget, &self.quiet, bytes);
         if !sent {
             peer.frames_dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -285,7 +341,7 @@ impl Tcp {
     /// Before the node stops: waits until the peers' requests being carried out here are
     /// answered and every answer has been written, at most `max`.
     pub async fn drain(&self, max: Duration) {
-        let deadline = Instant::now() + max;
+        let deadline = tokio::time::Instant::now() + max;
         let idle = || {
             self.serving.load(Ordering::SeqCst) == 0
                 && self
@@ -293,8 +349,15 @@ impl Tcp {
                     .values()
                     .all(|p| p.budget.available_permits() == PEER_QUEUE_BYTES_MAX)
         };
-        while !idle() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        self.quiet.draining.store(true, Ordering::SeqCst);
+        loop {
+            // Registered before the check, so a change between the two still wakes it.
+            let changed = self.quiet.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if idle() || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -438,15 +501,19 @@ impl Tcp {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accepting a peer connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
             let tcp = Arc::clone(&self);
-            tokio::spawn(async move {
-                tcp.serve(stream, addr).await;
-                drop(slot);
-            });
+            let span = tracing::info_span!("peer", %addr, dialed = false);
+            tokio::spawn(
+                async move {
+                    tcp.serve(stream, addr).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -598,13 +665,14 @@ impl Tcp {
                 let answer = self.inbound.request(from, body);
                 let peers = self.peer_sender(from);
                 self.serving.fetch_add(1, Ordering::SeqCst);
-                let serving = Arc::clone(&self.serving);
+                let (serving, quiet) = (Arc::clone(&self.serving), Arc::clone(&self.quiet));
                 tokio::spawn(async move {
                     let body = answer.await;
                     if let Some(send) = peers {
                         send(Frame::Response { id, body });
                     }
                     serving.fetch_sub(1, Ordering::SeqCst);
+                    quiet.poke();
                 });
             }
             Frame::Response { id, body } => {
@@ -619,15 +687,12 @@ impl Tcp {
     fn peer_sender(&self, to: u64) -> Option<Box<dyn Fn(Frame) + Send>> {
         let peer = self.peers.get(&to)?;
         let (queue, budget) = (peer.queue.clone(), Arc::clone(&peer.budget));
+        let quiet = Arc::clone(&self.quiet);
         Some(Box::new(move |frame: Frame| {
             let mut bytes = Vec::new();
             frame.encode_into(&mut bytes);
-            if let Ok(budget) = Arc::clone(&budget).try_acquire_many_owned(bytes.len() as u32) {
-                let _ = queue.send(Outgoing {
-                    bytes,
-                    _budget: budget,
-                });
-            }
+            // A full budget drops the answer: its caller times out and asks another replica.
+            enqueue(&queue, &budget, &quiet, bytes);
         }))
     }
 

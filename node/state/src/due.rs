@@ -13,9 +13,9 @@
 use super::keys::{self, DueKind};
 use super::profile::Profile;
 use super::segments::{Eval, Stamp};
-use super::{EventWrites, LedgerKind, LedgerRecord, ShardState, Tx};
+use super::{EventWrites, LedgerKind, ShardState, Tx};
 use oneid_protocol::ids::OneId;
-use oneid_protocol::num::{Millis, DAY_MS};
+use oneid_protocol::num::Millis;
 use std::collections::BTreeMap;
 
 /// Most due keys one clock entry processes.
@@ -171,47 +171,5 @@ impl ShardState {
                 writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
             }
         }
-    }
-
-    /// The first time after the clock at which some `days_since` comparison of the tag rules
-    /// or segments changes value for this profile.
-    fn next_rule_review(&self, profile: &Profile) -> Option<Millis> {
-        let now = self.record.clock;
-        self.time_thresholds
-            .iter()
-            .filter_map(|(field, days)| {
-                let base = profile.time_of(field)?;
-                let at = Millis(base.0.checked_add(days.checked_mul(DAY_MS)?)?);
-                (at > now).then_some(at)
-            })
-            .min()
-    }
-
-    /// Writes a ledger entry, listed for the ledger retention queue.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn write_ledger(
-        &self,
-        writes: &mut EventWrites,
-        profile: &mut Profile,
-        event_id: &str,
-        kind: LedgerKind,
-        points: i64,
-        at: Millis,
-        reason: Option<String>,
-        shortfall: i64,
-    ) {
-        let record = LedgerRecord {
-            event_id: event_id.to_string(),
-            kind,
-            points,
-            balance_after: profile.balance,
-            at,
-            reason,
-            shortfall,
-        };
-        let key = keys::ledger(profile.oneid, profile.ledger_seq);
-        writes.ledger.push(key.clone());
-        writes.put(key, None, &record);
-        profile.ledger_seq += 1;
     }
 }

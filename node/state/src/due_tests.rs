@@ -12,6 +12,7 @@ use super::tests::{
 };
 use super::*;
 use crate::command::Retention;
+use crate::command::Routed;
 use serde_json::json;
 
 /// `days` after T0, plus `ms` milliseconds (negative: before).
@@ -1120,6 +1121,8 @@ fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
 
 /// Events and clock entries exercising every kind of due key, backdated and born-expired
 /// orders, stale keys, re-scheduled reviews and ledger evictions.
+// The script is data, one command after another: it reads best as one list.
+#[allow(clippy::too_many_lines)]
 fn time_script() -> Vec<Command> {
     let rules_json = r#"{
         "points": {"per_currency_unit": "1.5", "expire_after_days": 30},

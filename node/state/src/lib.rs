@@ -16,16 +16,18 @@ pub mod activations;
 pub mod command;
 pub mod due;
 mod event;
+mod identities;
 pub mod keys;
 pub mod profile;
 mod retention;
+mod rules;
 pub mod segments;
 pub mod store;
 mod tier;
 mod tx;
 
 use crate::command::{
-    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Routed, Target,
+    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Target,
 };
 use activations::Activations;
 
@@ -213,23 +215,6 @@ impl ShardState {
         state
     }
 
-    fn set_rules(&mut self, rules: Rules) {
-        self.tag_rules = rules.compiled_tag_rules();
-        self.rules = rules;
-        self.refresh_thresholds();
-    }
-
-    /// Collects where the tag rules' and the segments' `days_since` comparisons can flip.
-    fn refresh_thresholds(&mut self) {
-        let thresholds: BTreeSet<(TimeField, i64)> = self
-            .tag_rules
-            .iter()
-            .flat_map(|(_, predicate)| predicate.day_thresholds())
-            .chain(self.segments.day_thresholds())
-            .collect();
-        self.time_thresholds = thresholds.into_iter().collect();
-    }
-
     #[cfg(test)]
     pub fn rules(&self) -> &Rules {
         &self.rules
@@ -263,9 +248,25 @@ impl ShardState {
             writes,
             digest: &mut digest,
         };
-        let output = match command {
+        let output = self.apply_command(&mut tx, index, command);
+        self.finish_segments(&mut tx);
+        self.file_retained(&mut tx);
+        assert!(
+            self.activations.none_taken(),
+            "shard {}: a profile taken for apply was neither stored nor put back",
+            self.shard
+        );
+        self.store_record(&mut tx);
+        self.finish_entry(writes, digest, index, term);
+        output
+    }
+
+    /// What `command` does to the state, through `tx`; the bookkeeping every entry shares
+    /// (segments' stamps, retention queues, the meta record) is [`ShardState::apply`]'s.
+    fn apply_command(&mut self, tx: &mut Tx<'_>, index: u64, command: Command) -> Output {
+        match command {
             Command::Clock { now, retention } => {
-                let (due_processed, backlog) = self.apply_clock(&mut tx, now, retention);
+                let (due_processed, backlog) = self.apply_clock(tx, now, retention);
                 Output::Clock {
                     due_processed,
                     backlog,
@@ -288,7 +289,7 @@ impl ShardState {
                 let mut follow_ups = Vec::new();
                 let outcomes = events
                     .into_iter()
-                    .map(|routed| self.apply_event(&mut tx, index, routed, &mut follow_ups))
+                    .map(|routed| self.apply_event(tx, index, routed, &mut follow_ups))
                     .collect();
                 Output::Events {
                     outcomes,
@@ -298,32 +299,22 @@ impl ShardState {
             Command::Bind(pairs) => Output::Bind(
                 pairs
                     .into_iter()
-                    .map(|(identity, oneid)| self.apply_bind(&mut tx, identity, oneid))
+                    .map(|(identity, oneid)| self.apply_bind(tx, identity, oneid))
                     .collect(),
             ),
             Command::FinishFollowUps(answers) => {
-                self.finish_follow_ups(&mut tx, answers);
+                self.finish_follow_ups(tx, answers);
                 Output::None
             }
-            Command::DefineSegment(define) => Output::Segment(self.define_segment(&mut tx, define)),
+            Command::DefineSegment(define) => Output::Segment(self.define_segment(tx, define)),
             Command::InstallSegment(def) => {
-                self.install_segment(&mut tx, def);
+                self.install_segment(tx, def);
                 Output::None
             }
             Command::Backfill => Output::Backfill {
-                more: self.backfill(&mut tx),
+                more: self.backfill(tx),
             },
-        };
-        self.finish_segments(&mut tx);
-        self.file_retained(&mut tx);
-        assert!(
-            self.activations.none_taken(),
-            "shard {}: a profile taken for apply was neither stored nor put back",
-            self.shard
-        );
-        self.store_record(&mut tx);
-        self.finish_entry(writes, digest, index, term);
-        output
+        }
     }
 
     /// Writes the shard record if the entry changed it, through the digest like any pair.
@@ -375,343 +366,6 @@ impl ShardState {
         self.activations
             .insert(profile.clone(), pair_hash(&key, &bytes));
         Some(profile)
-    }
-
-    /// Activates a profile for apply: the profile, and the pair hash of its stored bytes. An
-    /// activated one is taken out of the cache: the caller stores it (`finish_profile`), puts
-    /// it back unchanged (`activations.insert`) or, having changed it, discards it.
-    fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<(Profile, u64)> {
-        if let Some(taken) = self.activations.take(oneid) {
-            return Some(taken);
-        }
-        let key = keys::profile(oneid);
-        let bytes = tx.get(&key)?;
-        Some((decode(&key, &bytes), pair_hash(&key, &bytes)))
-    }
-
-    /// Writes a profile through and keeps it activated; `old` is the hash `load_profile` gave.
-    fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile, old: Option<u64>) {
-        let stored_hash = self.write_profile(tx, &profile, old);
-        self.activations.insert(profile, stored_hash);
-    }
-
-    /// Writes a profile through; answers the pair hash of what it wrote.
-    fn write_profile(&self, tx: &mut Tx<'_>, profile: &Profile, old: Option<u64>) -> u64 {
-        let key = keys::profile(profile.oneid);
-        let bytes = encode(profile);
-        let stored_hash = pair_hash(&key, &bytes);
-        tx.put_known(key, old, bytes);
-        stored_hash
-    }
-
-    fn apply_bind(&mut self, tx: &mut Tx<'_>, identity: Identity, oneid: OneId) -> BindOutcome {
-        assert_eq!(
-            identity.shard(self.n_shards),
-            self.shard,
-            "identity routed to the wrong shard"
-        );
-        let key = keys::identity(&identity);
-        match tx.get_as::<OneId>(&key) {
-            Some(bound) if bound == oneid => BindOutcome::Bound,
-            Some(other) => BindOutcome::Conflict(other),
-            None => {
-                tx.put_new(key, &oneid);
-                BindOutcome::Bound
-            }
-        }
-    }
-
-    /// Finishes follow-ups with their binds' answers: a bound identity is listed on its
-    /// profile, a conflict ends the follow-up unlisted, and either way the record goes. An
-    /// answer for a record already finished (both the router and the leader's sweep drove it)
-    /// changes nothing.
-    fn finish_follow_ups(&mut self, tx: &mut Tx<'_>, answers: Vec<FollowUpAnswer>) {
-        let mut links: BTreeMap<OneId, Vec<Identity>> = BTreeMap::new();
-        for FollowUpAnswer { seq, outcome } in answers {
-            let key = keys::follow_up(seq);
-            let Some(bytes) = tx.get(&key) else {
-                continue;
-            };
-            let record: FollowUpRecord = decode(&key, &bytes);
-            tx.delete_known(key, &bytes);
-            assert!(
-                self.record.follow_ups_pending > 0,
-                "shard {}: a follow-up record beyond the pending count",
-                self.shard
-            );
-            self.record.follow_ups_pending -= 1;
-            if outcome == BindOutcome::Bound {
-                links.entry(record.oneid).or_default().push(record.identity);
-            }
-        }
-        for (oneid, identities) in links {
-            self.apply_link(tx, oneid, identities);
-        }
-    }
-
-    /// Lists identities (bound to `oneid` by their shards) on the profile. Idempotent; values
-    /// past the identity limit are not listed.
-    fn apply_link(&mut self, tx: &mut Tx<'_>, oneid: OneId, identities: Vec<Identity>) {
-        assert_eq!(oneid.shard(), self.shard, "link routed to the wrong shard");
-        let Some((mut profile, stored_hash)) = self.load_profile(tx, oneid) else {
-            return;
-        };
-        let before = self.stamp(&profile);
-        let mut changed = false;
-        for identity in identities {
-            if profile.identity_count() >= IDENTITIES_PER_PROFILE_MAX {
-                break;
-            }
-            changed |= profile
-                .identities
-                .entry(identity.kind)
-                .or_default()
-                .insert(identity.value);
-        }
-        if changed {
-            profile.version += 1;
-            self.finish_profile(tx, profile, Some(stored_hash), before.as_ref());
-        } else {
-            self.activations.insert(profile, stored_hash);
-        }
-    }
-
-    /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
-    /// added to `follow_ups`.
-    fn apply_event(
-        &mut self,
-        tx: &mut Tx<'_>,
-        index: u64,
-        routed: Routed,
-        follow_ups: &mut Vec<FollowUp>,
-    ) -> EventOutcome {
-        let Routed {
-            event,
-            target,
-            link_elsewhere,
-            bound: known_bound,
-        } = routed;
-        let local = self.local_identities(tx, &event, target, &known_bound);
-        let (mut profile, stored_hash) = match self.target_profile(tx, &event, target, &local) {
-            Ok(found) => found,
-            Err(outcome) => return outcome,
-        };
-        let oneid = profile.oneid;
-        let dedup_key = keys::dedup(oneid, &event.event_id);
-        if let Some(stored_hash) = stored_hash {
-            if tx.get(&dedup_key).is_some() {
-                self.activations.insert(profile, stored_hash);
-                return EventOutcome::Duplicate(oneid);
-            }
-        }
-        let before = stored_hash.and_then(|_| self.stamp(&profile));
-        let mut writes = EventWrites::default();
-        let accepted = self
-            .apply_body(tx, &mut profile, &event, &mut writes)
-            .and_then(|()| self.take_identities(&mut profile, &local, link_elsewhere));
-        let (new_bindings, to_link) = match accepted {
-            Ok(identities) => identities,
-            Err(error) => {
-                self.activations.discard(oneid);
-                return EventOutcome::Rejected(error);
-            }
-        };
-        note_channel(&mut profile, &event);
-        profile.version += 1;
-        profile.updated_at = profile.updated_at.max(event.ts);
-
-        // Everything is accepted: write it.
-        if stored_hash.is_none() {
-            self.record.profile_seq += 1;
-        }
-        // Identities listed here were read as unbound, the dedup key as absent, and ledger and
-        // eviction keys carry fresh sequence numbers: no old values to read back.
-        for identity in new_bindings {
-            tx.put_new(keys::identity(identity), &oneid);
-        }
-        self.file_follow_ups(tx, oneid, to_link, follow_ups);
-        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
-        tx.put_new(dedup_key.clone(), &DedupRecord { index });
-        self.retained.dedup.push(dedup_key);
-        self.finish_profile(tx, profile, stored_hash, before.as_ref());
-        EventOutcome::Applied(oneid)
-    }
-
-    /// The event's identities held by this shard, each with the profile it is bound to (the
-    /// router's word for those it found bound to the target, else read).
-    fn local_identities(
-        &self,
-        tx: &Tx<'_>,
-        event: &Event,
-        target: Target,
-        known_bound: &[bool],
-    ) -> Vec<(Identity, Option<OneId>)> {
-        event
-            .identities
-            .iter()
-            .enumerate()
-            .filter(|(_, identity)| identity.shard(self.n_shards) == self.shard)
-            .map(|(i, identity)| {
-                let bound = match target {
-                    Target::Existing(oneid) if known_bound.get(i) == Some(&true) => {
-                        debug_assert_eq!(
-                            tx.get_as::<OneId>(&keys::identity(identity)),
-                            Some(oneid),
-                            "the router's binding of {identity:?}"
-                        );
-                        Some(oneid)
-                    }
-                    _ => tx.get_as::<OneId>(&keys::identity(identity)),
-                };
-                (identity.clone(), bound)
-            })
-            .collect()
-    }
-
-    /// The profile the event applies to, with the pair hash of its stored bytes (`None`: a new
-    /// profile, minted from the shard's counter), or the outcome that ends the event here: a
-    /// duplicate, identities of two profiles, a profile linked elsewhere meanwhile, or none.
-    fn target_profile(
-        &mut self,
-        tx: &Tx<'_>,
-        event: &Event,
-        target: Target,
-        local: &[(Identity, Option<OneId>)],
-    ) -> Result<(Profile, Option<u64>), EventOutcome> {
-        let mut bound: BTreeSet<OneId> = local.iter().filter_map(|(_, oneid)| *oneid).collect();
-        if let Target::Existing(oneid) = target {
-            assert_eq!(oneid.shard(), self.shard, "event routed to the wrong shard");
-            bound.insert(oneid);
-        }
-        if bound.len() > 1 {
-            // A retry of an event that applied is a duplicate, whatever happened to its
-            // identities since (another profile may have taken one of them first).
-            if let Some(&oneid) = bound.iter().find(|oneid| {
-                oneid.shard() == self.shard
-                    && tx.get(&keys::dedup(**oneid, &event.event_id)).is_some()
-            }) {
-                return Err(EventOutcome::Duplicate(oneid));
-            }
-        }
-        let mut bound = bound.into_iter();
-        let (first, second) = (bound.next(), bound.next());
-        if let (Some(a), Some(b)) = (first, second) {
-            return Err(EventOutcome::Rejected(reject_field(
-                ErrorCode::IdentityConflict,
-                "identities",
-                format!("the event's identities belong to two profiles, {a} and {b}"),
-            )));
-        }
-        match first {
-            // Linked on another shard after the router resolved it: the retry routes there.
-            Some(oneid) if oneid.shard() != self.shard => Err(EventOutcome::Rejected(reject(
-                ErrorCode::Unavailable,
-                format!("an identity of the event was just linked to {oneid}; retry"),
-            ))),
-            Some(oneid) => match self.load_profile(tx, oneid) {
-                Some((profile, stored_hash)) => Ok((profile, Some(stored_hash))),
-                None => Err(EventOutcome::Rejected(reject_field(
-                    ErrorCode::NotFound,
-                    "oneid",
-                    format!("profile {oneid} does not exist"),
-                ))),
-            },
-            None => {
-                let oneid = OneId::mint(self.shard, self.record.profile_seq + 1);
-                Ok((Profile::new(oneid, &self.rules, event.ts), None))
-            }
-        }
-    }
-
-    /// Lists the event's unbound identities held here on the profile (answered: those to
-    /// bind now), and answers those held by other shards and not listed yet (bound there
-    /// after this event applies, driven by follow-up records), within the profile's identity
-    /// limit and the shard's limit of follow-ups pending.
-    fn take_identities<'l>(
-        &self,
-        profile: &mut Profile,
-        local: &'l [(Identity, Option<OneId>)],
-        link_elsewhere: Vec<Identity>,
-    ) -> Result<(Vec<&'l Identity>, Vec<Identity>), EventError> {
-        let mut new_bindings = Vec::new();
-        for (identity, _) in local.iter().filter(|(_, bound)| bound.is_none()) {
-            if profile
-                .identities
-                .entry(identity.kind.clone())
-                .or_default()
-                .insert(identity.value.clone())
-            {
-                new_bindings.push(identity);
-            }
-        }
-        let to_link: Vec<Identity> = link_elsewhere
-            .into_iter()
-            .filter(|id| {
-                !profile
-                    .identities
-                    .get(&id.kind)
-                    .is_some_and(|v| v.contains(&id.value))
-            })
-            .collect();
-        if profile.identity_count() + to_link.len() > IDENTITIES_PER_PROFILE_MAX {
-            return Err(reject_field(
-                ErrorCode::IdentityLimit,
-                "identities",
-                format!("a profile holds at most {IDENTITIES_PER_PROFILE_MAX} identity values"),
-            ));
-        }
-        if self.record.follow_ups_pending + to_link.len() as u64 > FOLLOW_UPS_PENDING_MAX {
-            return Err(reject(
-                ErrorCode::Unavailable,
-                format!(
-                    "shard {} has {FOLLOW_UPS_PENDING_MAX} identity bindings waiting for other shards; retry",
-                    self.shard
-                ),
-            ));
-        }
-        Ok((new_bindings, to_link))
-    }
-
-    /// Writes a follow-up record for each identity to bind on another shard.
-    fn file_follow_ups(
-        &mut self,
-        tx: &mut Tx<'_>,
-        oneid: OneId,
-        to_link: Vec<Identity>,
-        follow_ups: &mut Vec<FollowUp>,
-    ) {
-        for identity in to_link {
-            self.record.follow_up_seq += 1;
-            self.record.follow_ups_pending += 1;
-            let seq = self.record.follow_up_seq;
-            let record = FollowUpRecord {
-                oneid,
-                identity,
-                at: self.record.clock,
-            };
-            tx.put_new(keys::follow_up(seq), &record);
-            follow_ups.push(FollowUp {
-                seq,
-                oneid,
-                identity: record.identity,
-            });
-        }
-    }
-
-    pub(crate) fn evaluate_rule_tags(&self, profile: &mut Profile) {
-        let mut rule_tags = BTreeSet::new();
-        for (tag, predicate) in &self.tag_rules {
-            let view = RuleView {
-                profile,
-                rules: &self.rules,
-                now: self.record.clock,
-                rule_tags: &rule_tags,
-            };
-            if predicate.eval(&view) {
-                rule_tags.insert(tag.clone());
-            }
-        }
-        profile.rule_tags = rule_tags;
     }
 }
 

@@ -3,6 +3,10 @@
 //! The ledger and orders are separate records on disk (they grow with history); the profile
 //! keeps what every event and read needs: balances, the lots, tier, tags, metrics.
 
+use super::keys;
+use super::store::pair_hash;
+use super::tx::{decode, encode, Tx};
+use super::ShardState;
 use oneid_protocol::api::{MetricsView, PointsView, ProfileDoc};
 use oneid_protocol::ids::OneId;
 use oneid_protocol::num::{Millis, Money, DAY_MS};
@@ -397,5 +401,39 @@ impl PredicateContext for RuleView<'_> {
     fn days_since(&self, field: &TimeField) -> Option<i64> {
         let at = self.profile.time_of(field)?;
         Some((self.now.0 - at.0).div_euclid(DAY_MS))
+    }
+}
+
+impl ShardState {
+    /// Activates a profile for apply: the profile, and the pair hash of its stored bytes. An
+    /// activated one is taken out of the cache: the caller stores it (`finish_profile`), puts
+    /// it back unchanged (`activations.insert`) or, having changed it, discards it.
+    pub(super) fn load_profile(&mut self, tx: &Tx<'_>, oneid: OneId) -> Option<(Profile, u64)> {
+        if let Some(taken) = self.activations.take(oneid) {
+            return Some(taken);
+        }
+        let key = keys::profile(oneid);
+        let bytes = tx.get(&key)?;
+        Some((decode(&key, &bytes), pair_hash(&key, &bytes)))
+    }
+
+    /// Writes a profile through and keeps it activated; `old` is the hash `load_profile` gave.
+    pub(super) fn store_profile(&mut self, tx: &mut Tx<'_>, profile: Profile, old: Option<u64>) {
+        let stored_hash = self.write_profile(tx, &profile, old);
+        self.activations.insert(profile, stored_hash);
+    }
+
+    /// Writes a profile through; answers the pair hash of what it wrote.
+    pub(super) fn write_profile(
+        &self,
+        tx: &mut Tx<'_>,
+        profile: &Profile,
+        old: Option<u64>,
+    ) -> u64 {
+        let key = keys::profile(profile.oneid);
+        let bytes = encode(profile);
+        let stored_hash = pair_hash(&key, &bytes);
+        tx.put_known(key, old, bytes);
+        stored_hash
     }
 }

@@ -4,6 +4,7 @@
 use super::segments::{Change, ChangeRecord, SegmentRecord, BACKFILL_PER_ENTRY};
 use super::tests::*;
 use super::*;
+use crate::command::Routed;
 use crate::command::{SegmentDef, SegmentDefine};
 use oneid_protocol::segments::SEGMENTS_MAX;
 use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -4,6 +4,7 @@
 use super::retention::DEDUP_EVICTIONS_PER_CLOCK_MAX;
 use super::*;
 use crate::command::Retention;
+use crate::command::Routed;
 use crate::profile::Lot;
 use oneid_protocol::event::{Event, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::DAY_MS;
@@ -1577,6 +1578,8 @@ fn dedup_eviction_counts_keys_across_many_entries() {
 
 /// ~30 mixed commands: rules, clocks, orders, refunds, points, tags, attributes, identities,
 /// binds, follow-ups (finished twice), duplicates, rejections, and a dedup eviction.
+// The script is data, one command after another: it reads best as one list.
+#[allow(clippy::too_many_lines)]
 fn script() -> Vec<Command> {
     let (p1, p2, p3) = (id(1), id(2), id(3));
     let ev = |routed: Routed| Command::Events(vec![routed]);

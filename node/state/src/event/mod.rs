@@ -1,7 +1,11 @@
-//! What each event does to its profile: the body of [`ShardState::apply_event`], one room
-//! per kind of event. `apply_body` checks the totals it may move, then hands the event to
-//! [`Applying`], whose methods change the profile and collect the writes (held back in
-//! [`EventWrites`] until the whole event is known to succeed).
+//! An event's apply, in the order it happens: [`ShardState::apply_event`] (dedup, the
+//! target profile its identities resolve to (`identities.rs`), the profile settled to the
+//! shard clock (`due.rs`), the body, the tier and rule tags, the segments' stamp, the stored
+//! profile), and what each kind of event does to its profile, one room per kind.
+//! `apply_body` checks the totals it may move, then hands the event to [`Applying`], whose
+//! methods change the profile and collect the writes (held back in [`EventWrites`] until the
+//! whole event is known to succeed); ledger entries are written here for earns, redeems,
+//! refunds and expiries alike ([`ShardState::write_ledger`]).
 //!
 //! # Layout
 //! - `order.rs`: orders and refunds, and the points an order earns;
@@ -15,7 +19,9 @@ mod tags;
 use super::keys::{self, DueKind};
 use super::profile::Profile;
 use super::tx::{reject_field, EventWrites, Tx};
+use super::{note_channel, DedupRecord, LedgerRecord};
 use super::{LedgerKind, ShardState};
+use crate::command::{EventOutcome, FollowUp, Routed};
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::Millis;
 use oneid_protocol::ErrorCode;
@@ -161,5 +167,98 @@ pub(super) fn check_totals(profile: &Profile, body: &EventBody) -> Result<(), Ev
             field,
             format!("this event would overflow the totals of {}", profile.oneid),
         ))
+    }
+}
+
+impl ShardState {
+    /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
+    /// added to `follow_ups`.
+    pub(super) fn apply_event(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        routed: Routed,
+        follow_ups: &mut Vec<FollowUp>,
+    ) -> EventOutcome {
+        let Routed {
+            event,
+            target,
+            link_elsewhere,
+            bound: known_bound,
+        } = routed;
+        let local = self.local_identities(tx, &event, target, &known_bound);
+        let (mut profile, stored_hash) = match self.target_profile(tx, &event, target, &local) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
+        };
+        let oneid = profile.oneid;
+        let dedup_key = keys::dedup(oneid, &event.event_id);
+        if let Some(stored_hash) = stored_hash {
+            if tx.get(&dedup_key).is_some() {
+                self.activations.insert(profile, stored_hash);
+                return EventOutcome::Duplicate(oneid);
+            }
+        }
+        let before = stored_hash.and_then(|_| self.stamp(&profile));
+        let mut writes = EventWrites::default();
+        let accepted = self
+            .apply_body(tx, &mut profile, &event, &mut writes)
+            .and_then(|()| self.take_identities(&mut profile, &local, link_elsewhere));
+        let (new_bindings, to_link) = match accepted {
+            Ok(identities) => identities,
+            Err(error) => {
+                self.activations.discard(oneid);
+                return EventOutcome::Rejected(error);
+            }
+        };
+        note_channel(&mut profile, &event);
+        profile.version += 1;
+        profile.updated_at = profile.updated_at.max(event.ts);
+
+        // Everything is accepted: write it.
+        if stored_hash.is_none() {
+            self.record.profile_seq += 1;
+        }
+        // Identities listed here were read as unbound, the dedup key as absent, and ledger and
+        // eviction keys carry fresh sequence numbers: no old values to read back.
+        for identity in new_bindings {
+            tx.put_new(keys::identity(identity), &oneid);
+        }
+        self.file_follow_ups(tx, oneid, to_link, follow_ups);
+        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
+        tx.put_new(dedup_key.clone(), &DedupRecord { index });
+        self.retained.dedup.push(dedup_key);
+        self.finish_profile(tx, profile, stored_hash, before.as_ref());
+        EventOutcome::Applied(oneid)
+    }
+}
+
+impl ShardState {
+    /// Writes a ledger entry, listed for the ledger retention queue.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_ledger(
+        &self,
+        writes: &mut EventWrites,
+        profile: &mut Profile,
+        event_id: &str,
+        kind: LedgerKind,
+        points: i64,
+        at: Millis,
+        reason: Option<String>,
+        shortfall: i64,
+    ) {
+        let record = LedgerRecord {
+            event_id: event_id.to_string(),
+            kind,
+            points,
+            balance_after: profile.balance,
+            at,
+            reason,
+            shortfall,
+        };
+        let key = keys::ledger(profile.oneid, profile.ledger_seq);
+        writes.ledger.push(key.clone());
+        writes.put(key, None, &record);
+        profile.ledger_seq += 1;
     }
 }
