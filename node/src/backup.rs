@@ -482,27 +482,19 @@ mod tests {
     use oneid_state::store::pair_hash;
     use oneid_state::{keys, ShardMeta};
 
-    fn put(space: Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
-        WriteOp {
-            space,
-            key: key.into(),
-            value: Some(value.into()),
-        }
-    }
-
     /// Two shards with a few pairs each, their meta records holding the right digests.
     fn populated(path: &Path) -> Storage {
         let hosted = [ShardId(0), ShardId(1)];
         let storage =
             Storage::open(path, 2, &hosted, StorageConfig::default()).expect("opening storage");
-        let mut ops = vec![put(Space::Meta, "hs/0000", "hard")];
+        let mut ops = vec![WriteOp::put(Space::Meta, "hs/0000", "hard")];
         for &shard in &hosted {
             let mut digest = 0u64;
             for n in 0..25_000u32 {
                 let key = format!("p{n:08}").into_bytes();
                 let value = format!("value {n} of shard {shard}").into_bytes();
                 digest = digest.wrapping_add(pair_hash(&key, &value));
-                ops.push(put(Space::State(shard), key, value));
+                ops.push(WriteOp::put(Space::State(shard), key, value));
             }
             let meta = ShardMeta {
                 applied_index: 40 + u64::from(shard.0),
@@ -510,8 +502,8 @@ mod tests {
                 ..ShardMeta::default()
             };
             let meta = postcard::to_stdvec(&meta).expect("encode");
-            ops.push(put(Space::State(shard), keys::META, meta));
-            ops.push(put(Space::Log(shard), 7u64.to_be_bytes(), "entry"));
+            ops.push(WriteOp::put(Space::State(shard), keys::META, meta));
+            ops.push(WriteOp::put(Space::Log(shard), 7u64.to_be_bytes(), "entry"));
         }
         storage.write_for_test(ops);
         storage

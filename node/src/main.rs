@@ -311,12 +311,7 @@ fn start_shards(
 ) -> anyhow::Result<Vec<actix::Arbiter>> {
     let arbiters: Vec<actix::Arbiter> =
         (0..SHARD_ARBITERS).map(|_| actix::Arbiter::new()).collect();
-    // This start of the node's replicas, in microseconds of the wall clock: it tells this
-    // life's ReadIndex rounds from earlier lives' ones.
-    let life = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_micros() as u64;
+    let life = clock::life_now();
     let mut recovered = Vec::with_capacity(hosted.len());
     for &shard in hosted {
         let actor = ShardActor::recover(

@@ -206,7 +206,18 @@ impl Metrics {
 
     /// The unlabelled counters.
     fn render_counters(&self, out: &mut String) {
-        let counters = [
+        for (name, help, value) in self
+            .request_counters()
+            .into_iter()
+            .chain(self.work_counters())
+        {
+            counter(out, name, help, value.load(Relaxed));
+        }
+    }
+
+    /// The events answered and the proposals made here.
+    fn request_counters(&self) -> [Counter<'_>; 6] {
+        [
             (
                 "oneid_events_applied_total",
                 "Events answered applied.",
@@ -228,10 +239,21 @@ impl Metrics {
                 &self.proposals,
             ),
             (
+                "oneid_leader_changes_total",
+                "Times a replica here became leader or stopped leading.",
+                &self.leader_changes,
+            ),
+            (
                 "oneid_proposals_failed_total",
                 "Proposals refused (overloaded, or dropped by Raft).",
                 &self.proposals_failed,
             ),
+        ]
+    }
+
+    /// The work behind them: storage, activations, clock entries, follow-ups, snapshots.
+    fn work_counters(&self) -> [Counter<'_>; 8] {
+        [
             (
                 "oneid_fsyncs_total",
                 "Group commits made durable (one fdatasync each).",
@@ -272,10 +294,7 @@ impl Metrics {
                 "Snapshots installed by this node's replicas.",
                 &self.snapshots_installed,
             ),
-        ];
-        for (name, help, value) in counters {
-            counter(out, name, help, value.load(Relaxed));
-        }
+        ]
     }
 
     /// The activation gauge and the latency histograms of storage, clocks and reads.
@@ -311,6 +330,9 @@ impl Metrics {
             .render(out, "oneid_read_index_seconds", "");
     }
 }
+
+/// A counter to render: its name, its help, its value.
+type Counter<'a> = (&'static str, &'static str, &'a AtomicU64);
 
 /// Writes the `# HELP` and `# TYPE` lines of a metric family.
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {

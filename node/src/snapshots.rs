@@ -1,4 +1,4 @@
-//! Snapshot transfer between nodes: the shell's half of `replica::core::snapshot`.
+//! Snapshot transfer between nodes: the shell's half of `oneid_replica::snapshot`.
 //!
 //! A leader's shard actor **holds** each snapshot its replica prepares: a fjall snapshot (one
 //! sequence number: the state exactly as the durable applied index left it) registered here
@@ -491,11 +491,7 @@ mod tests {
 
     /// A write of `key` in shard 0's state.
     fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
-        WriteOp {
-            space: Space::State(SHARD),
-            key: key.into(),
-            value: Some(value.into()),
-        }
+        WriteOp::put(Space::State(SHARD), key, value)
     }
 
     /// A storage whose shard 0 holds `pairs` profiles-like pairs and the meta record that

@@ -22,3 +22,14 @@ pub struct WriteOp {
     /// `None` deletes.
     pub value: Option<Vec<u8>>,
 }
+
+impl WriteOp {
+    /// Writes `value` at `key` in `space`.
+    pub fn put(space: Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
+        WriteOp {
+            space,
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+}

@@ -166,32 +166,24 @@ mod tests {
         Storage::open(&dir.0, 2, &HOSTED, StorageConfig::default()).expect("opening")
     }
 
-    fn put(space: Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> WriteOp {
-        WriteOp {
-            space,
-            key: key.into(),
-            value: Some(value.into()),
-        }
-    }
-
     /// A directory of format 7 whose two shards each hold two profiles-like pairs, a pair
     /// the migration drops, their meta record (applied index 3) and three log entries.
     fn format_7(dir: &TempDir) -> Storage {
         let storage = open(dir);
-        let mut ops = vec![put(Space::Meta, FORMAT_KEY, 7u32.to_be_bytes())];
+        let mut ops = vec![WriteOp::put(Space::Meta, FORMAT_KEY, 7u32.to_be_bytes())];
         for shard in HOSTED {
             let state = Space::State(shard);
             let pairs = [("p/1", "one"), ("p/2", "two"), ("drop/me", "x")];
             let digest = pairs.iter().fold(0u64, |d, (k, v)| {
                 d.wrapping_add(pair_hash(k.as_bytes(), v.as_bytes()))
             });
-            ops.extend(pairs.iter().map(|(k, v)| put(state, *k, *v)));
+            ops.extend(pairs.iter().map(|(k, v)| WriteOp::put(state, *k, *v)));
             let meta = ShardMeta {
                 applied_index: 3,
                 applied_term: 1,
                 digest,
             };
-            ops.push(put(
+            ops.push(WriteOp::put(
                 state,
                 keys::META,
                 postcard::to_stdvec(&meta).expect("encodes"),
@@ -199,7 +191,7 @@ mod tests {
             for index in 1..=3u64 {
                 let command = format!("command {index}");
                 let entry = entry_bytes(index, 1, command.as_bytes());
-                ops.push(put(Space::Log(shard), entry_key(index), entry));
+                ops.push(WriteOp::put(Space::Log(shard), entry_key(index), entry));
             }
         }
         storage.write_for_test(ops);

@@ -28,7 +28,8 @@
 //! - `reader`: reads of the applied state (the state machine's view, consistent views, the
 //!   `StateReader` of the API and router with its identity cache);
 //! - `log`: a shard's Raft log as the replica core's `LogSource`;
-//! - `copy`: whole-node copies at one snapshot and recomputed digests, for backups.
+//! - `copy`: whole-node copies at one snapshot and recomputed digests, for backups;
+//! - `migrate`: upgrades of an older state format, in place at start.
 
 mod copy;
 mod generations;

@@ -94,17 +94,7 @@ impl StateReader {
         after: Option<OneId>,
         limit: usize,
     ) -> Vec<OneId> {
-        let from = after.map(|oneid| keys::member(segment, oneid));
-        self.shard(shard)
-            .scan(
-                &keys::members_prefix(segment),
-                from.as_deref(),
-                false,
-                limit,
-            )
-            .into_iter()
-            .map(|(key, _)| keys::member_oneid(&key))
-            .collect()
+        members_of(&self.shard(shard), segment, after, limit)
     }
 
     /// Where the shard's change log stands on this node's replica.
@@ -123,19 +113,8 @@ impl StateReader {
         limit: usize,
     ) -> (Vec<OneId>, LogBounds) {
         let view = self.storage().state_view(shard);
-        let from = after.map(|oneid| keys::member(segment, oneid));
-        let members = view
-            .scan(
-                &keys::members_prefix(segment),
-                from.as_deref(),
-                false,
-                limit,
-            )
-            .into_iter()
-            .map(|(key, _)| keys::member_oneid(&key))
-            .collect();
-        let record = view.get(keys::SHARD);
-        (members, bounds_of(record))
+        let members = members_of(&view, segment, after, limit);
+        (members, bounds_of(view.get(keys::SHARD)))
     }
 
     /// The change-log entries of the shard after offset `after`, in offset order: whole
@@ -165,4 +144,24 @@ impl StateReader {
             groups = state.scan(keys::CHANGE_PREFIX, Some(&last_key), false, 16);
         }
     }
+}
+
+/// Up to `limit` members of `segment` in `state`, in OneID order, after `after`.
+fn members_of(
+    state: &dyn StateRead,
+    segment: &str,
+    after: Option<OneId>,
+    limit: usize,
+) -> Vec<OneId> {
+    let from = after.map(|oneid| keys::member(segment, oneid));
+    state
+        .scan(
+            &keys::members_prefix(segment),
+            from.as_deref(),
+            false,
+            limit,
+        )
+        .into_iter()
+        .map(|(key, _)| keys::member_oneid(&key))
+        .collect()
 }
