@@ -611,11 +611,15 @@ pub async fn per_shard<T, F: Future<Output = T>>(
 /// another replica's behalf: a ReadIndex request a follower passes on to the leader it knows,
 /// and a transfer request naming the receiving replica itself (a replica that refuses a
 /// transfer because it is leaving sends one, which makes the leader give its transfer up; see
-/// `Replica::step`).
+/// `Replica::step`). Whatever it forwards, the wall clock it stamps is its own replica's.
 pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &Message) -> bool {
     let (sender, receiver) = (message.sender(), message.receiver());
     let of_shard = |id: u64| crate::config::shard_of_raft_id(id) == ShardId(shard);
-    let ours = node_of_raft_id(receiver) == me && of_shard(receiver);
+    let stamped_by = message.stamped_by();
+    let ours = node_of_raft_id(receiver) == me
+        && of_shard(receiver)
+        && node_of_raft_id(stamped_by) == from
+        && of_shard(stamped_by);
     let forwarded = match message.kind() {
         MessageKind::ReadIndex => of_shard(sender),
         MessageKind::TransferLeader => sender == receiver,

@@ -12,6 +12,7 @@
 //! - [`log`]: the Raft log over a key-value [`log::LogSource`] (raft-rs's `Storage`), and the
 //!   meta keys of a shard's replica;
 //! - [`message`]: the messages replicas send each other, opaque to the shells;
+//! - [`clocks`]: the majority time, from the wall clocks the voters' messages carry;
 //! - [`write`]: the writes a replica hands its shell to make durable.
 //!
 //! [`Replica`] wraps raft-rs's `RawNode` over the shard's [`ShardLog`] and the shard's
@@ -23,8 +24,9 @@
 //!   hand leadership off), and the snapshot steps of `replica::snapshot`
 //!   ([`Replica::staged`], [`Replica::snapshot_progressed`], [`Replica::snapshot_failed`]); those
 //!   that need the time get the shell's
-//!   clocks ([`Now`]: the wall clock, for shard clock entries, and a monotonic one, for
-//!   leases), the only time that enters;
+//!   clocks ([`Now`]: the wall clock, which the replica's messages carry to the leader for the
+//!   shard's majority time, and a monotonic one, for leases and the freshness of the clocks
+//!   reported), the only time that enters;
 //! - then [`Replica::advance`], which runs raft-rs's Ready once if no write is in flight;
 //! - effects: messages to send now, one write to make durable (then call `persisted`), replies
 //!   to proposals and reads that may be served now, each answered only once the write holding
@@ -66,12 +68,14 @@
 //!   and runs while the process is stopped (SIGSTOP), so a paused leader resumes with its
 //!   lease gone.
 
+pub mod clocks;
 pub mod log;
 mod logging;
 pub mod message;
 pub mod snapshot;
 pub mod write;
 
+use crate::clocks::PeerClocks;
 use crate::log::{LogSource, ShardLog};
 use crate::write::WriteOp;
 use message::Message;
@@ -120,6 +124,9 @@ const LEAD_HOME_RETRY_TICKS: u64 = 100;
 const LEAD_HOME_KEPT_UP_TICKS: u64 = 10;
 /// Most entries the placed leader may lack and still count as keeping up.
 const LEAD_HOME_LAG_MAX: u64 = 256;
+/// Ticks a new shard's leader waits for every voter's clock before its first clock entry (see
+/// `Replica::first_clock_ready`); events wait for that entry.
+const FIRST_CLOCK_WAIT_TICKS: u64 = 20;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
 /// A node compacts a log once this many entries can go (`ReplicaConfig::log_compact_entries`).
@@ -140,7 +147,8 @@ pub const LEASE_RENEW_LEFT_PERCENT: u32 = 50;
 /// The shell's clocks at an input.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
-    /// The wall clock: what a leader's shard clock entries carry.
+    /// The wall clock: what this replica's messages carry, and what the leader's majority
+    /// time counts as its own.
     pub wall: Millis,
     /// Time since this replica started, on a clock that never goes back and runs on while the
     /// process is stopped (`CLOCK_MONOTONIC`): what leases are measured with.
@@ -366,12 +374,16 @@ pub struct Replica<S: LogSource> {
     /// The term this replica leads in, if it leads.
     leader_term: Option<u64>,
     ticks: u64,
-    /// The shell's wall clock at the last input that brought it.
+    /// The shell's wall clock at the last input that brought it (it may go back: a clock
+    /// stepped back is believed).
     now: Millis,
     /// The shell's monotonic clock at the last input that brought it.
     since_start: Duration,
-    /// When this leader last proposed a clock entry (`None`: not since it became leader).
-    last_clock: Option<Millis>,
+    /// The wall clocks the other replicas' messages carried (a leader's majority time).
+    peer_clocks: PeerClocks,
+    /// When (monotonic) this leader last proposed a clock entry that advances the shard's
+    /// clock (`None`: not since it became leader).
+    last_clock: Option<Duration>,
     /// The index of the last `Backfill` this leader proposed: the next is proposed once it
     /// applied, so background work goes one bounded entry at a time, between client writes.
     backfill_at: Option<u64>,
@@ -379,6 +391,8 @@ pub struct Replica<S: LogSource> {
     due_backlog: bool,
     /// The first tick at which this leader may hand leadership to the placed leader.
     lead_home_at: u64,
+    /// The tick at which this replica last became leader.
+    led_since: u64,
     /// Since when (in ticks) the placed leader has kept up with this leader's log.
     home_kept_up_since: Option<u64>,
     /// The applied index of the last write made durable.
@@ -405,6 +419,28 @@ pub struct Replica<S: LogSource> {
 }
 
 impl ReplicaConfig {
+    /// raft-rs's configuration of this replica, which last applied `applied`.
+    fn raft(&self, applied: u64) -> raft::Config {
+        raft::Config {
+            id: self.id,
+            election_tick: self.election_ticks.0,
+            min_election_tick: self.election_ticks.0,
+            max_election_tick: self.election_ticks.1,
+            heartbeat_tick: self.heartbeat_ticks,
+            applied,
+            max_size_per_msg: APPEND_BYTES_MAX,
+            max_inflight_msgs: APPENDS_IN_FLIGHT_MAX,
+            max_uncommitted_size: UNCOMMITTED_BYTES_MAX,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            // `batch_append` stays off: raft-rs 0.7 merges new entries into a queued append
+            // whose entries are not contiguous with them (seed 71 of the simulation: an append
+            // after index 41 carrying entry 41, and a follower told to commit past its log).
+            ..Default::default()
+        }
+    }
+
     /// The node that hosts replica `id`, if it is one of the shard's.
     pub fn node_of(&self, id: u64) -> Option<u64> {
         self.replicas.get(&id).copied()
@@ -439,24 +475,7 @@ impl<S: LogSource> Replica<S> {
         let bootstrap = ConfState::from((voters, vec![]));
         let (mut log, queued_ops) = ShardLog::recover(config.shard, source, bootstrap);
         log.raise_commit(applied);
-        let raft_config = raft::Config {
-            id: config.id,
-            election_tick: config.election_ticks.0,
-            min_election_tick: config.election_ticks.0,
-            max_election_tick: config.election_ticks.1,
-            heartbeat_tick: config.heartbeat_ticks,
-            applied,
-            max_size_per_msg: APPEND_BYTES_MAX,
-            max_inflight_msgs: APPENDS_IN_FLIGHT_MAX,
-            max_uncommitted_size: UNCOMMITTED_BYTES_MAX,
-            check_quorum: true,
-            pre_vote: true,
-            read_only_option: ReadOnlyOption::Safe,
-            // `batch_append` stays off: raft-rs 0.7 merges new entries into a queued append
-            // whose entries are not contiguous with them (seed 71 of the simulation: an append
-            // after index 41 carrying entry 41, and a follower told to commit past its log).
-            ..Default::default()
-        };
+        let raft_config = config.raft(applied);
         raft_config.validate()?;
         let logger = logging::raft_logger(config.shard);
         let mut raw = RawNode::new(&raft_config, log, &logger)?;
@@ -477,10 +496,12 @@ impl<S: LogSource> Replica<S> {
             ticks: 0,
             now: Millis(0),
             since_start: Duration::ZERO,
+            peer_clocks: PeerClocks::default(),
             last_clock: None,
             backfill_at: None,
             due_backlog: false,
             lead_home_at: 0,
+            led_since: 0,
             home_kept_up_since: None,
             durable_applied: applied,
             hold_votes,
@@ -538,6 +559,14 @@ impl<S: LogSource> Replica<S> {
             return fail(self.not_leader(), fx);
         }
         if self.proposals.len() >= PROPOSALS_PENDING_MAX {
+            return fail(ShardError::Overloaded(self.config.shard), fx);
+        }
+        if matches!(command, Command::Events(_))
+            && self.state.record.clock == Millis(0)
+            && self.last_clock.is_none()
+        {
+            // The shard's first clock entry goes before any event (see `on_became_leader`):
+            // an event filed for retention at the epoch would be evicted by that entry.
             return fail(ShardError::Overloaded(self.config.shard), fx);
         }
         if let Some(to) = self.raw.raft.lead_transferee {
@@ -673,8 +702,25 @@ impl<S: LogSource> Replica<S> {
 
     /// Takes the shell's clocks of an input.
     fn observe(&mut self, now: Now) {
-        self.now = self.now.max(now.wall);
+        self.now = now.wall;
         self.since_start = self.since_start.max(now.since_start);
+    }
+
+    /// A Raft message of this replica, stamped with its wall clock.
+    fn stamped(&self, raft: raft::eraftpb::Message) -> Message {
+        Message {
+            raft,
+            stamped_by: self.config.id,
+            wall: self.now,
+        }
+    }
+
+    /// The shard's majority time now (see [`clocks`]), as this replica knows its voters'
+    /// clocks: a leader hears from each every heartbeat.
+    pub fn majority_time(&self) -> Option<Millis> {
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        self.peer_clocks
+            .majority_time(voters.iter(), (self.config.id, self.now), self.since_start)
     }
 
     /// The context of ReadIndex round `n`: unique to this start of the replica (`life`), so
@@ -690,8 +736,15 @@ impl<S: LogSource> Replica<S> {
     /// request itself (as raft-rs would after a heartbeat round); a replica that started less
     /// than a lease ago refuses (pre-)votes.
     pub fn step(&mut self, message: Message, now: Now, fx: &mut Effects) {
-        let Message(message) = message;
+        let Message {
+            raft: message,
+            stamped_by,
+            wall,
+        } = message;
         self.observe(now);
+        if stamped_by != self.config.id && self.config.replicas.contains_key(&stamped_by) {
+            self.peer_clocks.report(stamped_by, wall, self.since_start);
+        }
         match message.get_msg_type() {
             MessageType::MsgTimeoutNow if self.leaving => {
                 // Refused, and the leader told at once: a transfer request naming the leader
@@ -724,7 +777,7 @@ impl<S: LogSource> Replica<S> {
                 answer.term = self.raw.raft.term;
                 answer.index = self.raw.raft.raft_log.committed;
                 answer.entries = message.entries;
-                fx.messages.push(Message(answer));
+                fx.messages.push(self.stamped(answer));
                 self.ask_read_index();
                 return;
             }
@@ -759,8 +812,10 @@ impl<S: LogSource> Replica<S> {
         self.state
             .activations
             .passivate_idle(self.config.passivate_idle_ticks.max(1));
-        if self.is_leader() && self.clock_due() {
-            self.propose_clock(fx);
+        if self.is_leader() {
+            if let Some(clock) = self.clock_due() {
+                self.propose_clock(&clock, fx);
+            }
         }
         self.propose_backfill(fx);
         let waited_out = self
@@ -861,19 +916,48 @@ impl<S: LogSource> Replica<S> {
         }
     }
 
-    /// Whether the leader should propose a clock entry now: the last one applied left due work,
-    /// or the shard's clock is `clock_interval` behind the shell's and no clock entry was
-    /// proposed within that interval. Reckoned from the replicated clock, so a new leader (or a
-    /// restarted node) proposes one only when the shard's clock is really behind, and a shard
-    /// with nothing due and no writes keeps its state, digest included, unchanged.
-    fn clock_due(&self) -> bool {
+    /// The clock entry the leader should propose now, if any: one that advances the shard's
+    /// clock towards the majority time, if the clock is `clock_interval` behind it and no
+    /// such entry was proposed within that interval (on the monotonic clock: a wall clock
+    /// stepped does not hurry it); else, if the last one applied left due work, one that
+    /// continues it at the shard's clock. Reckoned from the replicated clock, so a new leader
+    /// (or a restarted node) proposes one only when the shard's clock is really behind, and a
+    /// shard with nothing due and no writes keeps its state, digest included, unchanged.
+    fn clock_due(&self) -> Option<Command> {
         let interval = self.config.clock_interval_ms;
-        let behind = self.now.0 - self.state.record.clock.0 >= interval;
-        self.due_backlog
-            || (behind
-                && self
-                    .last_clock
-                    .is_none_or(|at| self.now.0 - at.0 >= interval))
+        let clock = self.state.record.clock;
+        let interval_passed = self.last_clock.is_none_or(|at| {
+            self.since_start.saturating_sub(at) >= Duration::from_millis(interval.unsigned_abs())
+        });
+        let retention = self.config.retention;
+        match self.majority_time() {
+            Some(target)
+                if target.0 - clock.0 >= interval
+                    && interval_passed
+                    && self.first_clock_ready() =>
+            {
+                Some(Command::Clock { target, retention })
+            }
+            _ if self.due_backlog => Some(Command::Clock {
+                target: clock,
+                retention,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A shard's first clock entry goes all the way to its target (no step bounds it), so it
+    /// waits, for up to [`FIRST_CLOCK_WAIT_TICKS`] after its leader took office, until every
+    /// voter's clock is heard: the majority of a leader days behind and one follower is the
+    /// leader's clock, and a shard clock set days back would take hours to catch up.
+    fn first_clock_ready(&self) -> bool {
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        let me = self.config.id;
+        self.state.record.clock != Millis(0)
+            || self.ticks - self.led_since >= FIRST_CLOCK_WAIT_TICKS
+            || voters
+                .iter()
+                .all(|id| id == me || self.peer_clocks.fresh(id, self.since_start).is_some())
     }
 
     /// Proposes the next `Backfill` entry if this leader's shard has background work and the
@@ -891,14 +975,12 @@ impl<S: LogSource> Replica<S> {
         self.backfill_at = Some(self.raw.raft.raft_log.last_index());
     }
 
-    fn propose_clock(&mut self, fx: &mut Effects) {
+    fn propose_clock(&mut self, command: &Command, fx: &mut Effects) {
         self.due_backlog = false;
-        self.last_clock = Some(self.now);
-        let command = Command::Clock {
-            now: self.now,
-            retention: self.config.retention,
-        };
-        self.propose(&command, None, fx);
+        if matches!(command, Command::Clock { target, .. } if *target > self.state.record.clock) {
+            self.last_clock = Some(self.since_start);
+        }
+        self.propose(command, None, fx);
     }
 
     /// Asks a round again if it was not answered in time; fails reads that waited too long.
@@ -953,8 +1035,8 @@ impl<S: LogSource> Replica<S> {
         let mut ready = self.raw.ready();
         let became_leader = self.observe_role(&ready, fx);
         self.take_read_states(&mut ready);
-        fx.messages
-            .extend(ready.take_messages().into_iter().map(Message));
+        let now = ready.take_messages().into_iter().map(|m| self.stamped(m));
+        fx.messages.extend(now);
         let mut ops = std::mem::take(&mut self.queued_ops);
         let installs =
             (!ready.snapshot().is_empty()).then(|| self.install(ready.snapshot(), &mut ops, fx));
@@ -979,7 +1061,7 @@ impl<S: LogSource> Replica<S> {
         let after: Vec<Message> = ready
             .take_persisted_messages()
             .into_iter()
-            .map(Message)
+            .map(|m| self.stamped(m))
             .collect();
         for (key, value) in &writes.changes {
             ops.push(WriteOp {
@@ -1137,13 +1219,14 @@ impl<S: LogSource> Replica<S> {
         self.last_clock = None;
         self.backfill_at = None;
         self.lead_home_at = self.ticks + LEAD_HOME_AFTER_TICKS;
+        self.led_since = self.ticks;
         self.home_kept_up_since = None;
         if self.view(base).get(keys::RULES).is_none() {
             let seed = Command::SeedRules(Box::new(self.config.seed_rules.clone()));
             self.propose(&seed, None, fx);
         }
-        if self.clock_due() {
-            self.propose_clock(fx);
+        if let Some(clock) = self.clock_due() {
+            self.propose_clock(&clock, fx);
         }
     }
 

@@ -8,7 +8,8 @@
 //! cut while a third node talks to both) and healed, nodes that crash and
 //! restart, nodes that stop gracefully (their replicas hand leadership off first) and
 //! restart, nodes paused (as by SIGSTOP) that resume with a backlog, wall clocks seconds
-//! apart, and clients that earn points and read balances through any replica, retrying
+//! apart that drift and are stepped forward and back, one of them days off
+//! (`world/clocks.rs`), and clients that earn points and read balances through any replica, retrying
 //! elsewhere when a replica cannot answer, and now and then install segment definitions
 //! (`world/segments.rs`), which the leaders then backfill. Logs are kept short (a few entries, compacted
 //! soon), so followers that were down or cut off catch up by snapshot, transferred over the
@@ -20,7 +21,9 @@
 //! The directed tests of leases and hand-offs, on replicas driven by hand, are the replica
 //! crate's own (`node/replica/src/tests`).
 //!
-//! Invariants, on every run: at most one leader per term of a shard; replicas that made the
+//! Invariants, on every run: no replica's shard clock past the time a majority of its voters'
+//! clocks reached, and after settling every shard's clock close behind its voters' majority
+//! time; at most one leader per term of a shard; replicas that made the
 //! same applied index durable have the same digest, and after settling the same state; every
 //! acknowledged earn is in the ledger exactly once and none is there twice; each profile's
 //! history of earns and reads is linearizable ([`check`]); after settling, every replica's

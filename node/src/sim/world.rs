@@ -4,6 +4,7 @@
 //! through any node. Everything happens in one thread, in the order of one event queue; the
 //! only randomness is the seeded generator, so a seed replays exactly.
 
+mod clocks;
 mod segments;
 mod transfer;
 
@@ -17,8 +18,8 @@ use oneid_protocol::rules::Rules;
 use oneid_replica::log::LogSource;
 use oneid_replica::message::Message;
 use oneid_replica::write::{Space, WriteOp};
-use oneid_replica::Role;
 use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
+use oneid_replica::{ReplicaStatus, Role};
 use oneid_state::command::{Command, EventOutcome, Output, Retention, Routed, Target};
 use oneid_state::store::MemState;
 use oneid_state::{decode, keys, LedgerKind, LedgerRecord};
@@ -126,8 +127,8 @@ struct Node {
     up: bool,
     /// Paused (as by SIGSTOP) until then: nothing it would do happens before.
     paused_until: u64,
-    /// How far this node's wall clock is off the simulation's.
-    clock_offset_ms: i64,
+    /// Its wall clock, off the simulation's.
+    clock: clocks::WallClock,
     /// Changes at every crash: what was scheduled for an earlier life is dropped.
     life: u64,
     /// When this life began.
@@ -196,6 +197,10 @@ enum Happening {
         node: usize,
     },
     Pause {
+        node: usize,
+    },
+    /// The node's wall clock is stepped (see `world/clocks.rs`).
+    ClockStep {
         node: usize,
     },
     /// The nodes split into two groups that cannot talk.
@@ -310,8 +315,9 @@ pub struct World {
 /// The rare faults that runs over 100 seeds or more must meet: a segment check that found
 /// members (so the check is not vacuous), a wiped disk, and one at each step of a snapshot's
 /// transfer and install.
-pub const FAULTS_MET: [&str; 8] = [
+pub const FAULTS_MET: [&str; 9] = [
     "segment members checked against brute force",
+    "a clock days off",
     "a wiped node refused",
     "holder crashed holding",
     "follower crashed fetching",
@@ -397,7 +403,7 @@ impl World {
                 up: true,
                 paused_until: 0,
                 leaving: false,
-                clock_offset_ms: rng.i64(-2_000..=2_000),
+                clock: clocks::WallClock::new(&mut rng),
                 life: 0,
                 started_at: 0,
                 disk: Rc::new(RefCell::new(Disk::default())),
@@ -455,7 +461,7 @@ impl World {
 
     /// A node's wall clock.
     fn millis(&self, node: usize) -> Millis {
-        Millis(EPOCH_MS + self.now as i64 + self.nodes[node].clock_offset_ms)
+        Millis(EPOCH_MS + self.nodes[node].clock.read(self.now))
     }
 
     /// A node's clocks: its wall clock (off by its offset) and the time since its life began.
@@ -569,11 +575,12 @@ impl World {
             let mut at = self.rng.u64(500..2_000);
             while at < FAULTY_MS {
                 let node = self.rng.usize(0..self.shape.nodes);
-                let fault = match self.rng.u32(0..5) {
+                let fault = match self.rng.u32(0..6) {
                     0 => Happening::Crash { node },
                     1 => Happening::Pause { node },
                     2 => Happening::CutLink,
                     3 => Happening::Leave { node },
+                    4 => Happening::ClockStep { node },
                     _ => Happening::Partition,
                 };
                 self.schedule(at, fault);
@@ -699,6 +706,7 @@ impl World {
                         _ => {}
                     }
                 }
+                self.check_shard_clocks(node, shard)?;
                 self.advance(node, shard, fx);
             }
             Happening::Crash { node } => {
@@ -741,6 +749,7 @@ impl World {
                 let lasts = self.rng.u64(500..4_000);
                 self.nodes[node].paused_until = self.now + lasts;
             }
+            Happening::ClockStep { node } => self.step_clock(node),
             Happening::Partition | Happening::CutLink if self.cut.is_empty() => {
                 let n = self.shape.nodes;
                 if matches!(event, Happening::Partition) {
@@ -1255,8 +1264,21 @@ impl World {
                 .into_iter()
                 .map(|n| self.nodes[n].replicas[&shard].status())
                 .collect();
-            let leaders = statuses.iter().filter(|s| s.role == Role::Leader).count();
-            leaders == 1
+            let leaders: Vec<_> = statuses.iter().filter(|s| s.role == Role::Leader).collect();
+            // The leader's followers acknowledged every entry: nothing it proposed waits (a
+            // shard whose follower still needs a snapshot has not settled, even if no entry
+            // commits meanwhile).
+            let followers = self
+                .hosts(shard)
+                .into_iter()
+                .map(|n| World::raft_id(shard, n));
+            let caught_up = |leader: &ReplicaStatus| {
+                followers
+                    .filter(|id| leader.leader != Some(*id))
+                    .all(|id| leader.caught_up.contains(&id))
+            };
+            leaders.len() == 1
+                && caught_up(leaders[0])
                 && statuses.iter().all(|s| {
                     s.applied_index == statuses[0].applied_index
                         && s.commit_index == s.applied_index
@@ -1344,6 +1366,7 @@ impl World {
             }
         }
         self.check_segments()?;
+        self.check_settled_clocks()?;
         if let Some(((profile, event), n)) = earned.iter().find(|(_, n)| **n > 1) {
             return Err(format!("profile {profile}: {event} earned {n} times"));
         }

@@ -36,6 +36,7 @@ mod generations;
 mod identity;
 mod log;
 mod migrate;
+mod migrations;
 mod reader;
 mod writer;
 
@@ -70,7 +71,10 @@ use std::sync::RwLock;
 /// installs switch. Format 7: segments (definitions, member keys, the change log, the
 /// registry's sequences and the rules re-evaluation in the shard record, memberships in
 /// profiles), the last order per channel in profiles, and the segment and backfill commands.
-pub const STATE_FORMAT: u32 = 7;
+/// Format 8: clock entries carry the shard's majority time as their target, and the shard
+/// record remembers the last (`migrations::TO_8`); the peer protocol changed with it (Raft
+/// messages carry their sender's wall clock), which the handshake's format check fences.
+pub const STATE_FORMAT: u32 = 8;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 

@@ -12,9 +12,17 @@ use serde::{Deserialize, Serialize};
 /// One Raft log entry's payload, encoded with postcard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// The leader's wall clock. "Now" of the shard is the largest clock applied. Applying it
-    /// processes what fell due and evicts what outlived its retention, a bounded amount each.
-    Clock { now: Millis, retention: Retention },
+    /// Advances the shard's clock towards `target`, the shard's majority time when the leader
+    /// proposed it (see `oneid_replica::clocks`), by at most [`CLOCK_STEP_MAX_MS`] past the
+    /// clock (a shard's first clock entry, from 0, goes all the way): "now" of the shard. It
+    /// never goes back. Applying it processes what fell due and evicts what outlived its
+    /// retention, a bounded amount each.
+    ///
+    /// [`CLOCK_STEP_MAX_MS`]: crate::retention::CLOCK_STEP_MAX_MS
+    Clock {
+        target: Millis,
+        retention: Retention,
+    },
     /// Replaces the loyalty rules.
     SetRules(Box<Rules>),
     /// The rules of `cluster.toml`, proposed by a leader that found none applied: applied only

@@ -8,7 +8,8 @@ use super::profile::{Lot, LOTS_PER_PROFILE_MAX, LOT_MERGE_MS};
 use super::retention::LEDGER_EVICTIONS_PER_CLOCK_MAX;
 use super::store::MemState;
 use super::tests::{
-    at, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping, Harness, PLAIN,
+    at, catch_up, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping,
+    Harness, PLAIN,
 };
 use super::*;
 use crate::command::Retention;
@@ -23,7 +24,7 @@ fn after(days: i64, ms: i64) -> Millis {
 /// A clock entry at `now` with the given ledger retention (dedup: 7 days).
 fn clock_keeping(now: Millis, ledger_days: u32) -> Command {
     Command::Clock {
-        now,
+        target: now,
         retention: Retention {
             dedup_days: 7,
             ledger_days,
@@ -1081,7 +1082,7 @@ fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
     // Dedup records kept (they are not what this test is about, and evicting them too would
     // only slow it down).
     let evict_ledger = || Command::Clock {
-        now: after(730, 1),
+        target: after(730, 1),
         retention: Retention {
             dedup_days: 1000,
             ledger_days: 730,
@@ -1135,7 +1136,7 @@ fn time_script() -> Vec<Command> {
     let (p1, p2, p3) = (id(1), id(2), id(3));
     let ev = |routed: Routed| Command::Events(vec![routed]);
     let keep = |days: i64, ms: i64, ledger_days: u32| Command::Clock {
-        now: after(days, ms),
+        target: after(days, ms),
         retention: Retention {
             dedup_days: 3,
             ledger_days,
@@ -1246,7 +1247,10 @@ fn the_same_events_and_clock_entries_give_the_same_state_and_digest() {
     let out_one: Vec<Output> = time_script()
         .into_iter()
         .zip(1..)
-        .map(|(command, index)| state.apply(&mem, &mut writes, index, 1, command))
+        .map(|(command, index)| {
+            catch_up(&mut state, &command);
+            state.apply(&mem, &mut writes, index, 1, command)
+        })
         .collect();
     mem.commit(writes);
     assert_eq!(out_one, out_a);

@@ -19,7 +19,7 @@ mod event;
 mod identities;
 pub mod keys;
 pub mod profile;
-mod retention;
+pub mod retention;
 mod rules;
 pub mod segments;
 pub mod store;
@@ -66,8 +66,11 @@ pub struct ShardMeta {
 /// digest like any other pair: replicas that disagree on any of it have different digests.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardRecord {
-    /// The shard's "now": the largest clock applied. Never goes back.
+    /// The shard's "now": where clock entries brought it. Never goes back.
     pub clock: Millis,
+    /// The largest target of a clock entry applied: the shard's majority time as its leaders
+    /// last saw it, ahead of `clock` while the clock catches up after a stop.
+    pub target: Millis,
     /// Profiles minted so far; the next OneID uses `profile_seq + 1`.
     pub profile_seq: u64,
     /// Follow-up records written so far; the next one is `follow_up_seq + 1`.
@@ -265,8 +268,8 @@ impl ShardState {
     /// (segments' stamps, retention queues, the meta record) is [`ShardState::apply`]'s.
     fn apply_command(&mut self, tx: &mut Tx<'_>, index: u64, command: Command) -> Output {
         match command {
-            Command::Clock { now, retention } => {
-                let (due_processed, backlog) = self.apply_clock(tx, now, retention);
+            Command::Clock { target, retention } => {
+                let (due_processed, backlog) = self.apply_clock(tx, target, retention);
                 Output::Clock {
                     due_processed,
                     backlog,

@@ -7,6 +7,10 @@ use super::store::pair_hash;
 use super::tx::{encode, Tx};
 use super::{decode, due, ShardState};
 
+/// Most one clock entry advances the shard's clock: a cluster restarted after days down, or a
+/// majority's clocks stepped forward, catches up at this much per clock entry (one per
+/// `clock_interval_ms`) instead of firing days of expiries and evictions in one entry.
+pub const CLOCK_STEP_MAX_MS: i64 = 60_000;
 /// Most dedup records one clock entry evicts; the rest wait for the next clock entry.
 pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 /// Most ledger entries one clock entry evicts.
@@ -39,16 +43,24 @@ impl ShardState {
         }
     }
 
-    /// Advances the clock, evicts dedup records past retention, processes what fell due.
+    /// Advances the clock towards `target` (by at most [`CLOCK_STEP_MAX_MS`], unless it is
+    /// the shard's first), evicts dedup records past retention, processes what fell due.
     /// Returns how many due keys it processed.
     /// Also answers whether any of its bounded batches was full (work left for the next entry).
     pub(super) fn apply_clock(
         &mut self,
         tx: &mut Tx<'_>,
-        now: Millis,
+        target: Millis,
         retention: Retention,
     ) -> (usize, bool) {
-        self.record.clock = self.record.clock.max(now);
+        let clock = self.record.clock;
+        let step_to = if clock == Millis(0) {
+            target
+        } else {
+            Millis(target.0.min(clock.0.saturating_add(CLOCK_STEP_MAX_MS)))
+        };
+        self.record.clock = clock.max(step_to);
+        self.record.target = self.record.target.max(target);
         let horizon = Millis(self.record.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
         let (cursor, dedup_full) = evict_queue(
             tx,

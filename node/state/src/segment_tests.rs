@@ -310,7 +310,7 @@ fn a_time_based_exit_arrives_at_the_tick_that_crosses_its_threshold() {
     let mut ms_before_31 = at(31);
     ms_before_31.0 -= 1;
     h.apply(Command::Clock {
-        now: ms_before_31,
+        target: ms_before_31,
         retention: match clock(0) {
             Command::Clock { retention, .. } => retention,
             _ => unreachable!(),
@@ -354,8 +354,8 @@ fn change_log_entries_are_evicted_by_age_and_count() {
     }
     assert_eq!(h.state.record.change_seq, 5);
     let keep = |hours, entries| match clock(1) {
-        Command::Clock { now, retention } => Command::Clock {
-            now,
+        Command::Clock { target, retention } => Command::Clock {
+            target,
             retention: crate::command::Retention {
                 change_log_hours: hours,
                 change_log_entries_max: entries,

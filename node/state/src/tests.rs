@@ -1,7 +1,7 @@
 //! Unit tests of the shard state machine: lists of commands folded over a `MemState`, with
 //! exact expected values. No network, no threads, no sleeps.
 
-use super::retention::DEDUP_EVICTIONS_PER_CLOCK_MAX;
+use super::retention::{CLOCK_STEP_MAX_MS, DEDUP_EVICTIONS_PER_CLOCK_MAX};
 use super::*;
 use crate::command::Retention;
 use crate::command::Routed;
@@ -86,8 +86,13 @@ pub(super) fn on(oneid: OneId, mut json: Json) -> Routed {
 }
 
 pub(super) fn clock(days: i64) -> Command {
+    clock_at(at(days))
+}
+
+/// A clock entry whose target is `target`.
+pub(super) fn clock_at(target: Millis) -> Command {
     Command::Clock {
-        now: at(days),
+        target,
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
@@ -119,6 +124,18 @@ pub(super) fn without_bookkeeping(mem: &MemState) -> BTreeMap<Vec<u8>, Vec<u8>> 
     map
 }
 
+/// Before a clock entry whose target is more than [`CLOCK_STEP_MAX_MS`] ahead of the shard's
+/// clock: moves the clock to one step short of the target, as the entries that would have
+/// caught it up step by step would (see [`Harness::apply`]).
+pub(super) fn catch_up(state: &mut ShardState, command: &Command) {
+    if let Command::Clock { target, .. } = command {
+        let clock = &mut state.record.clock;
+        if clock.0 != 0 && target.0 - clock.0 > CLOCK_STEP_MAX_MS {
+            clock.0 = target.0 - CLOCK_STEP_MAX_MS;
+        }
+    }
+}
+
 pub(super) struct Harness {
     pub(super) mem: MemState,
     pub(super) state: ShardState,
@@ -144,8 +161,18 @@ impl Harness {
         }
     }
 
-    /// Applies one command at the next index, in its own write set, and commits it.
+    /// Applies one command at the next index, in its own write set, and commits it. A clock
+    /// entry whose target is more than [`CLOCK_STEP_MAX_MS`] ahead of the shard's clock first
+    /// moves the clock to one step short of the target: it stands for the entries that would
+    /// have caught the clock up (scenarios span days and years; [`Harness::apply_exact`]
+    /// applies the command as it is).
     pub(super) fn apply(&mut self, command: Command) -> Output {
+        catch_up(&mut self.state, &command);
+        self.apply_exact(command)
+    }
+
+    /// Applies one command at the next index, in its own write set, and commits it.
+    pub(super) fn apply_exact(&mut self, command: Command) -> Output {
         self.index += 1;
         let mut writes = WriteSet::default();
         let output = self
@@ -1458,7 +1485,7 @@ fn dedup_records_expire_after_the_retention_window() {
     h.apply(clock(7));
     assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
     h.apply(Command::Clock {
-        now: Millis(at(7).0 + 1),
+        target: Millis(at(7).0 + 1),
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
@@ -1762,7 +1789,10 @@ fn digest_does_not_depend_on_how_writes_were_grouped() {
     let out_one: Vec<Output> = script()
         .into_iter()
         .zip(1..)
-        .map(|(command, index)| state.apply(&mem, &mut writes, index, 1, command))
+        .map(|(command, index)| {
+            catch_up(&mut state, &command);
+            state.apply(&mem, &mut writes, index, 1, command)
+        })
         .collect();
     mem.commit(writes);
     assert_eq!(out_one, out_each);
@@ -1816,7 +1846,7 @@ fn clock_never_goes_back() {
     let mut h = Harness::new(PLAIN);
     h.apply(clock(3));
     h.apply(Command::Clock {
-        now: Millis(at(3).0 - 1000),
+        target: Millis(at(3).0 - 1000),
         retention: Retention {
             dedup_days: 7,
             ledger_days: 730,
@@ -1826,6 +1856,36 @@ fn clock_never_goes_back() {
     });
     assert_eq!(h.state.record.clock, at(3));
     assert_eq!(h.record().clock, at(3));
+}
+
+#[test]
+fn a_clock_entry_steps_the_clock_at_most_clock_step_max_towards_its_target() {
+    // The shard's first clock entry goes all the way to its target.
+    let mut h = Harness::empty(1000);
+    h.apply_exact(clock(0));
+    assert_eq!(
+        (h.state.record.clock, h.state.record.target),
+        (at(0), at(0))
+    );
+    // A target 30 days ahead: one step per entry; the target is remembered.
+    let step = |n: i64| Millis(at(0).0 + n * CLOCK_STEP_MAX_MS);
+    h.apply_exact(clock(30));
+    assert_eq!(
+        (h.state.record.clock, h.state.record.target),
+        (step(1), at(30))
+    );
+    h.apply_exact(clock(30));
+    assert_eq!((h.record().clock, h.record().target), (step(2), at(30)));
+    // An entry whose target is the clock itself (due work continued) does not move it, nor
+    // does a smaller target lower what was remembered.
+    h.apply_exact(clock_at(step(2)));
+    assert_eq!(
+        (h.state.record.clock, h.state.record.target),
+        (step(2), at(30))
+    );
+    // Less than a step left: the target exactly, never past it.
+    h.apply_exact(clock_at(Millis(step(2).0 + 5)));
+    assert_eq!(h.state.record.clock, Millis(step(2).0 + 5));
 }
 
 #[test]

@@ -47,7 +47,7 @@ fn a_leaving_replica_takes_no_transfer_and_never_campaigns() {
         assert!(!cluster.replicas[0].is_leader(), "tick {n}");
         let (mut fx, now) = (Effects::default(), cluster.now());
         let clock = Command::Clock {
-            now: now.wall,
+            target: now.wall,
             retention: Retention {
                 dedup_days: 7,
                 ledger_days: 730,
