@@ -130,13 +130,15 @@ fn main() -> anyhow::Result<()> {
                 .collect()
         })
         .collect();
-    let shards = Arc::new(Shards::new(node.id, placement, reader.clone()));
+    let clock = clock::ClusterClock::new(node.id, config.nodes.iter().map(|n| n.id).collect());
+    let shards = Arc::new(Shards::new(node.id, placement, reader.clone(), clock));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(HTTP_WORKER_THREADS)
         .thread_name("oneid-http")
         .enable_all()
         .build()?;
     let identity = storage.node_identity()?;
+    runtime.spawn(Arc::clone(&shards.clock).watch());
     if config.nodes.len() > 1 {
         let cluster_bytes = transport::handshake::cluster_bytes(&cluster.id);
         connect_peers(
@@ -383,6 +385,7 @@ fn node_view(node: &config::NodeConfig) -> NodeView {
         api: node.api.to_string(),
         peer: node.peer.to_string(),
         up: false,
+        clock_offset_ms: None,
     }
 }
 

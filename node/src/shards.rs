@@ -16,6 +16,7 @@
 //!   replica, this node's first, at its applied index.
 //! - Peers' requests are carried out on this node's replicas only, never forwarded again.
 
+use crate::clock::ClusterClock;
 use crate::config::node_of_raft_id;
 use crate::follow_up;
 use crate::replica::actor::{
@@ -29,6 +30,7 @@ use crate::transport::Transport;
 use actix::Addr;
 use futures::future::BoxFuture;
 use oneid_protocol::ids::ShardId;
+use oneid_protocol::num::Millis;
 use oneid_replica::message::{Message, MessageKind};
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::ShardError;
@@ -149,13 +151,21 @@ pub struct Shards {
     /// Bumped each time a local replica made a write durable (and readable): what the
     /// segment streams' tailers wait on.
     flushed: Vec<tokio::sync::watch::Sender<u64>>,
+    /// The cluster's time as this node knows it, from its peers' pings.
+    pub clock: Arc<ClusterClock>,
 }
 
 impl Shards {
-    pub fn new(me: u64, placement: Vec<Vec<u64>>, reader: StateReader) -> Shards {
+    pub fn new(
+        me: u64,
+        placement: Vec<Vec<u64>>,
+        reader: StateReader,
+        clock: ClusterClock,
+    ) -> Shards {
         let n_shards = placement.len() as u32;
         Shards {
             me,
+            clock: Arc::new(clock),
             n_shards,
             hints: (0..n_shards).map(|_| Mutex::new(Hint::default())).collect(),
             gates: (0..n_shards).map(|_| Mutex::new(None)).collect(),
@@ -725,7 +735,8 @@ impl Inbound for FromPeers {
             .collect()
     }
 
-    fn ping(&self, from: u64, leads: Vec<(u32, u64)>) {
+    fn ping(&self, from: u64, leads: Vec<(u32, u64)>, wall: Millis) {
+        self.0.clock.report(from, wall);
         for (shard, term) in leads {
             if shard < self.0.n_shards {
                 self.0.observe(ShardId(shard), Some(from), term);

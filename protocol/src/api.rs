@@ -220,6 +220,9 @@ pub struct NodeView {
     pub peer: String,
     /// A frame from that node arrived within the last 2 s (always true for the answering node).
     pub up: bool,
+    /// That node's wall clock minus the cluster's majority time, in milliseconds, as the
+    /// answering node estimates it from pings; `None` if not heard from within 2 s.
+    pub clock_offset_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -888,9 +888,14 @@ async fn cli_lookup_cluster_status_and_events_send() {
     let view = client.cluster().await.unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], format!("cluster {}", view.cluster_id));
+    // A node alone is the cluster's majority: its clock is off by nothing.
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["NODE", "API", "CLOCK", "UP"]
+    );
     assert_eq!(
         lines[2].split_whitespace().collect::<Vec<_>>(),
-        ["1", &view.nodes[0].api, "yes"]
+        ["1", &view.nodes[0].api, "+0.000", "s", "yes"]
     );
     assert!(lines[3].starts_with("SHARD"), "{out}");
     assert_eq!(lines.len(), 4 + view.shards.len(), "{out}");

@@ -52,6 +52,14 @@ impl PeerClocks {
             .map(|report| report.wall)
     }
 
+    /// `peer`'s clock now, as estimated from its fresh report: the report plus the time
+    /// since it arrived (on this node's monotonic clock).
+    pub fn estimate(&self, peer: u64, now: Duration) -> Option<Millis> {
+        let report = self.reports.get(&peer)?;
+        let age = now.saturating_sub(report.arrived);
+        (age <= CLOCK_FRESH).then(|| Millis(report.wall.0 + age.as_millis() as i64))
+    }
+
     /// The majority time of `voters`, one of which may be this node (`own`: its id and its
     /// wall clock, always fresh), at `now` on this node's monotonic clock: `None` if fewer
     /// than a majority of them were heard from within [`CLOCK_FRESH`].
@@ -61,25 +69,25 @@ impl PeerClocks {
         own: (u64, Millis),
         now: Duration,
     ) -> Option<Millis> {
-        let mut n_voters = 0;
-        let mut times: Vec<Millis> = voters
-            .into_iter()
-            .inspect(|_| n_voters += 1)
-            .filter_map(|id| {
-                if id == own.0 {
-                    Some(own.1)
-                } else {
-                    self.fresh(id, now)
-                }
-            })
-            .collect();
-        let majority = n_voters / 2 + 1;
-        if times.len() < majority {
-            return None;
-        }
-        times.sort_unstable_by(|a, b| b.cmp(a));
-        Some(times[majority - 1])
+        majority_of(voters.into_iter().map(|id| match id == own.0 {
+            true => Some(own.1),
+            false => self.fresh(id, now),
+        }))
     }
+}
+
+/// The majority time of voters whose times are `times` (`None`: not heard from): the k-th
+/// largest, k the majority of them all, if at least k have a time.
+pub fn majority_of(times: impl IntoIterator<Item = Option<Millis>>) -> Option<Millis> {
+    let mut n_voters = 0;
+    let mut heard: Vec<Millis> = times
+        .into_iter()
+        .inspect(|_| n_voters += 1)
+        .flatten()
+        .collect();
+    let majority = n_voters / 2 + 1;
+    heard.sort_unstable_by(|a, b| b.cmp(a));
+    heard.get(majority - 1).copied()
 }
 
 #[cfg(test)]
@@ -156,5 +164,17 @@ mod tests {
         clocks.report(2, at(30 * DAY_MS), SECOND);
         clocks.report(2, at(0), 2 * SECOND);
         assert_eq!(clocks.fresh(2, 2 * SECOND), Some(at(0)));
+    }
+
+    #[test]
+    fn an_estimate_is_the_fresh_report_aged() {
+        let mut clocks = PeerClocks::default();
+        clocks.report(2, at(0), SECOND);
+        assert_eq!(clocks.estimate(2, SECOND + CLOCK_FRESH), Some(at(2_000)));
+        assert_eq!(clocks.estimate(2, 2 * SECOND + CLOCK_FRESH), None);
+        assert_eq!(clocks.estimate(3, SECOND), None);
+        assert_eq!(majority_of([None, None, Some(at(1))]), None);
+        assert_eq!(majority_of([None, Some(at(2)), Some(at(1))]), Some(at(1)));
+        assert_eq!(majority_of([]), None);
     }
 }

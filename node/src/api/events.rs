@@ -26,7 +26,13 @@ impl Api {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
-        let received = crate::clock::wall_now();
+        // Events without `ts` are dated by the cluster's majority time, never by this node's
+        // wall clock alone.
+        let Some(received) = self.shards.clock.majority_time() else {
+            return Err(ApiError::unavailable(
+                "this node hears from no majority of the cluster's nodes, so it can date no event (nor reach a quorum); retry, or send to another node",
+            ));
+        };
         let shape = body_shape(&request)?;
         let (body, held) =
             body::read(request.into_body(), shape, &self.budget, self.body_timeout).await?;

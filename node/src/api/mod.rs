@@ -597,11 +597,13 @@ impl Api {
 
     async fn cluster(&self) -> Result<ClusterView, ApiError> {
         let peers = self.shards.peers();
+        let offsets = self.shards.clock.offsets();
         let nodes = self
             .nodes
             .iter()
             .map(|n| NodeView {
                 up: n.id == self.node_id || peers.is_some_and(|p| p.up(n.id)),
+                clock_offset_ms: offsets.get(&n.id).copied().flatten(),
                 ..n.clone()
             })
             .collect();
@@ -638,6 +640,7 @@ impl Api {
     fn metrics_text(&self) -> Response<Full<Bytes>> {
         let mut text = self.metrics.render();
         self.router.reader.storage().render_gauges(&mut text);
+        self.shards.clock.render_metrics(&mut text);
         self.shards.render_metrics(&mut text);
         self.streams.render_metrics(&mut text);
         if let Some(peers) = self.shards.peers() {

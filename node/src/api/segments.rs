@@ -67,7 +67,6 @@ impl Api {
             name: spec.name,
             predicate: Some(spec.predicate.source().to_string()),
             description: spec.description,
-            at: crate::clock::wall_now(),
         };
         let created = self.define(define).await?;
         let doc = self.segment_doc(name).await?;
@@ -86,7 +85,6 @@ impl Api {
             name: name.to_string(),
             predicate: None,
             description: String::new(),
-            at: crate::clock::wall_now(),
         };
         self.define(define).await?;
         let mut response = Response::new(http_body_util::Full::new(Bytes::new()));

@@ -1077,7 +1077,7 @@ impl World {
             }
             return self.finished(client);
         }
-        let (profile, kind) = (op.profile, op.kind.clone());
+        let (profile, kind, op_invoked) = (op.profile, op.kind.clone(), op.invoked);
         let (identity, shard) = self.phone(profile);
         self.next_token += 1;
         let token = self.next_token;
@@ -1097,8 +1097,11 @@ impl World {
         let mut fx = Effects::default();
         match kind {
             Kind::Earn { event, points } => {
+                // Dated by the client, whose clock is right (the API dates an event without
+                // `ts` by the cluster's majority time, which the simulation does not model).
                 let json = serde_json::json!({"event_id": event, "type": "points_earn",
                     "identities": {"phone": identity.value}, "points": points,
+                    "ts": Millis(EPOCH_MS + op_invoked as i64).to_string(),
                     "expires_at": Millis(EPOCH_MS + 400 * 86_400_000).to_string()});
                 let raw = serde_json::value::to_raw_value(&json).expect("json");
                 let event = Event::parse(&raw, self.millis(node)).expect("a valid event");

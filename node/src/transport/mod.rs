@@ -27,9 +27,13 @@ pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub enum Frame {
     /// Raft messages of one shard, each protobuf-encoded.
     Raft { shard: u32, messages: Vec<Vec<u8>> },
-    /// Sent every `PING_INTERVAL` on every connection: the sender is up, and leads these
-    /// shards (shard, term).
-    Ping { leads: Vec<(u32, u64)> },
+    /// Sent every `PING_INTERVAL` on every connection: the sender is up, leads these shards
+    /// (shard, term), and its wall clock read `wall` (the cluster's majority time, see
+    /// `clock::ClusterClock`).
+    Ping {
+        leads: Vec<(u32, u64)>,
+        wall: oneid_protocol::num::Millis,
+    },
     /// A request for the receiver to carry out (a forwarded proposal or read).
     Request { id: u64, body: Vec<u8> },
     /// The answer to request `id` of the receiver.
@@ -100,6 +104,7 @@ mod tests {
             },
             Frame::Ping {
                 leads: vec![(0, 7), (5, 9)],
+                wall: oneid_protocol::num::Millis(1_767_225_600_000),
             },
             Frame::Request {
                 id: 11,

@@ -16,6 +16,7 @@ use super::handshake::{
     self, hex, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
 };
 use super::{Frame, FrameError, Transport, FRAME_BYTES_MAX};
+use oneid_protocol::num::Millis;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -63,8 +64,8 @@ pub trait Inbound: Send + Sync + 'static {
     fn request(&self, from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
     /// The shards this node leads (shard, term), for its pings.
     fn leads(&self) -> Vec<(u32, u64)>;
-    /// A ping from `from`, with the shards it leads.
-    fn ping(&self, from: u64, leads: Vec<(u32, u64)>);
+    /// A ping from `from`, with the shards it leads and its wall clock.
+    fn ping(&self, from: u64, leads: Vec<(u32, u64)>, wall: Millis);
 }
 
 /// Why a request to a peer got no answer.
@@ -660,7 +661,7 @@ impl Tcp {
     fn dispatch(&self, from: u64, frame: Frame) {
         match frame {
             Frame::Raft { shard, messages } => self.inbound.raft(from, shard, messages),
-            Frame::Ping { leads } => self.inbound.ping(from, leads),
+            Frame::Ping { leads, wall } => self.inbound.ping(from, leads, wall),
             Frame::Request { id, body } => {
                 let answer = self.inbound.request(from, body);
                 let peers = self.peer_sender(from);
@@ -706,6 +707,7 @@ impl Tcp {
                     id,
                     &Frame::Ping {
                         leads: leads.clone(),
+                        wall: crate::clock::wall_now(),
                     },
                 );
             }

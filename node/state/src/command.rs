@@ -63,8 +63,6 @@ pub struct SegmentDefine {
     /// `None` deletes the segment.
     pub predicate: Option<String>,
     pub description: String,
-    /// The proposer's wall clock: the definition's `created_at` / `updated_at`.
-    pub at: Millis,
 }
 
 /// A segment definition as the registry shard ordered it: what every shard installs.

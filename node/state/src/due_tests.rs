@@ -490,7 +490,9 @@ fn an_order_leaves_the_window_on_its_exact_tick_with_only_its_unrefunded_part() 
     let mut h = Harness::new(&tier_rules(200, 365));
     let p = someone(&mut h, "1");
     h.ok(order(p, "A", "800", 0));
+    assert_eq!(tick(&mut h, at(10)), (0, false));
     h.ok(order(p, "B", "500", 10));
+    assert_eq!(tick(&mut h, at(20)), (0, false));
     h.ok(refund(p, "r1", "A", "100", 20));
     let profile = h.profile(p);
     assert_eq!(
@@ -522,6 +524,7 @@ fn an_order_leaves_the_window_on_its_exact_tick_with_only_its_unrefunded_part() 
     assert_eq!((a.in_window, a.refunded), (false, Money(10_000)));
 
     // A refund after the exit changes total spend only.
+    assert_eq!(tick(&mut h, at(205)), (0, false));
     h.ok(refund(p, "r2", "A", "700", 205));
     let profile = h.profile(p);
     assert_eq!(
@@ -606,6 +609,7 @@ fn upgrades_are_immediate_and_leave_the_old_review_stale() {
     let p = someone(&mut h, "1");
     h.ok(order(p, "A", "600", 0));
     assert_eq!(tier(&mut h, p), silver(0, 365));
+    assert_eq!(tick(&mut h, at(100)), (0, false));
     h.ok(order(p, "B", "500", 100));
     assert_eq!(tier(&mut h, p), gold(100, 465), "an upgrade is at once");
     assert_eq!(tick(&mut h, at(200)), (1, false));
@@ -651,6 +655,7 @@ fn a_review_at_the_instant_an_order_leaves_the_window_sees_it_gone() {
     let mut h = Harness::new(&tier_rules(365, 365));
     let p = someone(&mut h, "1");
     h.ok(order(p, "A", "1200", 0));
+    assert_eq!(tick(&mut h, at(100)), (0, false));
     h.ok(order(p, "B", "1000", 100));
     assert_eq!(tick(&mut h, at(365)), (2, false));
     assert_eq!(h.profile(p).spend_365d, Money(100_000));
@@ -696,6 +701,7 @@ fn without_retention_a_refund_or_a_window_exit_downgrades_at_once() {
     assert_eq!(tier(&mut h, p), ("gold".into(), at(0), None));
     h.ok(refund(p, "r1", "A", "300", 1));
     assert_eq!(tier(&mut h, p), ("silver".into(), at(1), None));
+    assert_eq!(tick(&mut h, at(2)), (0, false));
     h.ok(order(p, "B", "200", 2));
     assert_eq!(tier(&mut h, p), ("gold".into(), at(2), None));
     // No review is ever scheduled.

@@ -10,25 +10,24 @@ use oneid_protocol::segments::SEGMENTS_MAX;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
-fn define_at(h: &mut Harness, name: &str, predicate: Option<&str>, days: i64) -> Output {
+fn define_or_delete(h: &mut Harness, name: &str, predicate: Option<&str>) -> Output {
     h.apply(Command::DefineSegment(SegmentDefine {
         name: name.into(),
         predicate: predicate.map(str::to_string),
         description: String::new(),
-        at: at(days),
     }))
 }
 
 /// Defines (or replaces) a segment on the registry shard; its definition and `created`.
 fn define(h: &mut Harness, name: &str, predicate: &str) -> (SegmentDef, bool) {
-    match define_at(h, name, Some(predicate), 0) {
+    match define_or_delete(h, name, Some(predicate)) {
         Output::Segment(Ok(answer)) => answer,
         other => panic!("define answered {other:?}"),
     }
 }
 
 fn delete(h: &mut Harness, name: &str) -> SegmentDef {
-    match define_at(h, name, None, 0) {
+    match define_or_delete(h, name, None) {
         Output::Segment(Ok((def, false))) => def,
         other => panic!("delete answered {other:?}"),
     }
@@ -149,10 +148,13 @@ fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
         (first.clone(), false),
         "unchanged: no new version"
     );
+    // Dated by the registry shard's time (its last clock entry's target), not the proposer's.
+    assert_eq!((first.created_at, first.updated_at), (at(0), at(0)));
+    h.apply(clock(3));
     let (second, created) = define(&mut h, "s", "points > 20");
     assert!(!created);
     assert_eq!((second.generation, second.version), (2, 2));
-    assert_eq!(second.created_at, first.created_at);
+    assert_eq!((second.created_at, second.updated_at), (at(0), at(3)));
 
     // Another shard gets the installs late and out of order: it keeps the newest.
     let mut other = Harness::new(PLAIN);
@@ -168,7 +170,7 @@ fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
     let gone = delete(&mut h, "s");
     assert_eq!((gone.deleted, gone.generation, gone.version), (true, 2, 3));
     assert!(matches!(
-        define_at(&mut h, "s", None, 0),
+        define_or_delete(&mut h, "s", None),
         Output::Segment(Err(EventError {
             code: ErrorCode::NotFound,
             ..
@@ -192,7 +194,7 @@ fn the_segment_past_the_limit_is_refused_and_changes_nothing() {
         define(&mut h, &format!("s{i}"), "points > 1");
     }
     let before = without_meta(&h.mem);
-    match define_at(&mut h, "one-more", Some("points > 1"), 0) {
+    match define_or_delete(&mut h, "one-more", Some("points > 1")) {
         Output::Segment(Err(error)) => assert_eq!(error.code, ErrorCode::SegmentLimit),
         other => panic!("answered {other:?}"),
     }
@@ -448,7 +450,6 @@ fn incremental_membership_equals_brute_force() {
                         name,
                         predicate,
                         description: String::new(),
-                        at: at(days),
                     })
                 }
                 1 | 2 => {

@@ -284,6 +284,19 @@ impl Stamp {
 }
 
 impl ShardState {
+    /// Refuses a predicate that does not parse, and a new segment (`new`) past the limit.
+    fn check_definition(&self, predicate: &str, new: bool) -> Result<(), EventError> {
+        if new && self.segments.live() >= SEGMENTS_MAX {
+            return Err(EventError::new(
+                ErrorCode::SegmentLimit,
+                format!("the cluster holds {SEGMENTS_MAX} segments, the most it can"),
+            ));
+        }
+        Predicate::parse(predicate).map(drop).map_err(|error| {
+            EventError::field(ErrorCode::InvalidPredicate, "predicate", error.to_string())
+        })
+    }
+
     /// A stamp of the profile before an apply changes it, if any segment will need one.
     pub(super) fn stamp(&self, profile: &Profile) -> Option<Stamp> {
         self.segments.any_live().then(|| Stamp::of(profile))
@@ -291,7 +304,8 @@ impl ShardState {
 
     /// Orders a definition (the registry shard only) and installs it here. Answers the
     /// definition, and whether it created the segment; an unchanged one is answered as it
-    /// is, without a new version.
+    /// is, without a new version. Dated by the registry shard's time (the majority time of
+    /// its last clock entry).
     pub(super) fn define_segment(
         &mut self,
         tx: &mut Tx<'_>,
@@ -301,6 +315,7 @@ impl ShardState {
             self.shard.0, REGISTRY_SHARD,
             "segments are defined on the registry shard"
         );
+        let at = self.record.target;
         let current = self.segments.get(&define.name).map(|s| &s.record.def);
         let live = current.filter(|def| !def.deleted);
         let def = match (&define.predicate, live) {
@@ -314,7 +329,7 @@ impl ShardState {
             (None, Some(live)) => SegmentDef {
                 predicate: String::new(),
                 deleted: true,
-                updated_at: define.at,
+                updated_at: at,
                 ..live.clone()
             },
             (Some(predicate), Some(live))
@@ -323,19 +338,7 @@ impl ShardState {
                 return Ok((live.clone(), false));
             }
             (Some(predicate), live) => {
-                if live.is_none() && self.segments.live() >= SEGMENTS_MAX {
-                    return Err(EventError::new(
-                        ErrorCode::SegmentLimit,
-                        format!("the cluster holds {SEGMENTS_MAX} segments, the most it can"),
-                    ));
-                }
-                if let Err(error) = Predicate::parse(predicate) {
-                    return Err(EventError::field(
-                        ErrorCode::InvalidPredicate,
-                        "predicate",
-                        error.to_string(),
-                    ));
-                }
+                self.check_definition(predicate, live.is_none())?;
                 let generation = current.map_or(1, |def| {
                     def.generation + u64::from(def.deleted || def.predicate != *predicate)
                 });
@@ -353,8 +356,8 @@ impl ShardState {
                     description: define.description.clone(),
                     generation,
                     version: 0,
-                    created_at: live.map_or(define.at, |def| def.created_at),
-                    updated_at: define.at,
+                    created_at: live.map_or(at, |def| def.created_at),
+                    updated_at: at,
                     deleted: false,
                 }
             }

@@ -1,6 +1,7 @@
 //! Unit tests of the shard state machine: lists of commands folded over a `MemState`, with
 //! exact expected values. No network, no threads, no sleeps.
 
+use super::event::EVENT_TS_AHEAD_MAX_MS;
 use super::retention::{CLOCK_STEP_MAX_MS, DEDUP_EVICTIONS_PER_CLOCK_MAX};
 use super::*;
 use crate::command::Retention;
@@ -372,6 +373,7 @@ fn order_points_are_exact_with_the_tier_before_the_order() {
     assert_eq!(h.profile(p).balance, 359);
     // Still member before this order, tmall has no multiplier: 1000 × 1.5 = 1500.
     // Spend 1199.99 jumps member → gold (past silver) at once.
+    h.apply(clock(4));
     h.ok(on(
         p,
         json!({"event_id": "o2", "type": "order", "order_id": "T2",
@@ -441,6 +443,7 @@ fn one_order_can_jump_every_tier_and_sets_tier_since_to_its_ts() {
         (h.profile(p).tier.as_str(), h.profile(p).tier_since),
         ("member", at(0))
     );
+    h.apply(clock(1));
     h.ok(on(
         p,
         json!({"event_id": "o2", "type": "order", "order_id": "B",
@@ -900,6 +903,7 @@ fn partial_refunds_reverse_pro_rata_on_the_cumulative_amount() {
     let order = h.order(p, "T1");
     assert_eq!((order.refunded, order.reversed), (Money(3333), 33));
     assert_eq!(h.profile(p).balance, 67);
+    h.apply(clock(1));
     h.ok(on(
         p,
         json!({"event_id": "r2", "type": "refund", "order_id": "T1", "amount": "66.67",
@@ -952,6 +956,7 @@ fn refund_after_redeem_records_the_shortfall() {
         p,
         json!({"event_id": "x1", "type": "points_redeem", "points": 80, "ts": ts(1)}),
     ));
+    h.apply(clock(1));
     h.ok(on(
         p,
         json!({"event_id": "r1", "type": "refund", "order_id": "T1", "ts": ts(2)}),
@@ -1069,6 +1074,7 @@ fn negative_adjust_beyond_the_balance_is_debt_paid_by_the_next_earn() {
         json!({"event_id": "x", "type": "points_redeem", "points": 1}),
     ));
     assert_eq!(code, ErrorCode::InsufficientPoints);
+    h.apply(clock(1));
     h.ok(on(
         p,
         json!({"event_id": "e2", "type": "points_earn", "points": 50, "ts": ts(2)}),
@@ -1282,6 +1288,8 @@ fn a_profile_remembers_the_64_most_recent_channels() {
             "channel": channel, "ts": ts(i)}),
         )
     };
+    // The shard's time is day 64: no `ts` is more than a day ahead of it.
+    h.apply(clock(64));
     h.events((0..64).map(|i| seen(i, format!("c{i:02}"))).collect());
     // c00 is seen again, so c01 is the least recently seen when a 65th channel arrives.
     h.events(vec![seen(64, "c00".into()), seen(65, "new".into())]);
@@ -1692,6 +1700,7 @@ fn script() -> Vec<Command> {
             p2,
             json!({"event_id": "s11", "type": "refund", "order_id": "Z"}),
         )),
+        clock(1),
         Command::Events(vec![
             claim(
                 json!({"event_id": "s12", "type": "order", "identities": {"phone": "3"},
@@ -1856,6 +1865,41 @@ fn clock_never_goes_back() {
     });
     assert_eq!(h.state.record.clock, at(3));
     assert_eq!(h.record().clock, at(3));
+}
+
+#[test]
+fn an_event_dated_more_than_a_day_ahead_of_the_shards_time_is_refused() {
+    let mut h = Harness::new(PLAIN);
+    let earn = |id: &str, ts: Millis| {
+        claim(
+            json!({"event_id": id, "type": "points_earn", "identities": {"phone": "1"},
+            "points": 10, "ts": ts.to_string()}),
+        )
+    };
+    let day_ahead = Millis(at(0).0 + EVENT_TS_AHEAD_MAX_MS);
+    assert_eq!(EVENT_TS_AHEAD_MAX_MS, DAY_MS);
+    let p = h.ok(earn("on-the-bound", day_ahead));
+    let past_it = earn("past-the-bound", Millis(day_ahead.0 + 1));
+    assert_eq!(h.rejected(past_it.clone()), ErrorCode::InvalidField);
+    match h.send(past_it) {
+        EventOutcome::Rejected(error) => assert_eq!(
+            (error.field.as_deref(), error.message.as_str()),
+            (
+                Some("ts"),
+                "ts 2026-01-02T00:00:00.001Z is more than 24 hours ahead of the cluster's time (2026-01-01T00:00:00Z)"
+            )
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The bound is the shard's time (the last clock entry's target), not its clock: a shard
+    // catching up after a stop, its clock a step past T0, takes events dated 30 days on.
+    h.apply_exact(clock(30));
+    assert_eq!(h.state.record.clock, Millis(at(0).0 + CLOCK_STEP_MAX_MS));
+    h.ok(earn("a-month-on", at(30)));
+    assert_eq!(
+        h.send(earn("a-month-on", at(30))),
+        EventOutcome::Duplicate(p)
+    );
 }
 
 #[test]

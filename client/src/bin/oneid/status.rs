@@ -78,15 +78,33 @@ fn print_json(
     Ok(())
 }
 
-/// The table of nodes: which ones answered.
+/// The table of nodes: which ones answered, and how far each one's wall clock is off the
+/// cluster's majority time (as that node sees itself; `-` if it did not answer or hears no
+/// majority).
 fn print_nodes(answers: &[Answer]) {
-    println!("{:>4}  {:<22} UP", "NODE", "API");
+    println!("{:>4}  {:<22} {:<10} UP", "NODE", "API", "CLOCK");
     for answer in answers {
         let up = match &answer.view {
             Some(_) => "yes".to_string(),
             None => "no (did not answer)".to_string(),
         };
-        println!("{:>4}  {:<22} {up}", answer.id, answer.api);
+        let offset = answer
+            .view
+            .as_ref()
+            .and_then(|view| view.nodes.iter().find(|n| n.id == answer.id))
+            .and_then(|node| node.clock_offset_ms)
+            .map_or("-".to_string(), clock_offset);
+        println!("{:>4}  {:<22} {offset:<10} {up}", answer.id, answer.api);
+    }
+}
+
+/// A clock offset in milliseconds, in the unit that reads best: `+0.012 s`, `-3.5 min`,
+/// `+30.0 d`.
+fn clock_offset(ms: i64) -> String {
+    let units = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "min")];
+    match units.iter().find(|(size, _)| ms.abs() >= *size) {
+        Some((size, unit)) => format!("{:+.1} {unit}", ms as f64 / *size as f64),
+        None => format!("{:+.3} s", ms as f64 / 1000.0),
     }
 }
 

@@ -26,6 +26,12 @@ use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::Millis;
 use oneid_protocol::ErrorCode;
 
+/// How far an event's `ts` may be ahead of its shard's time (the target of the last clock entry
+/// applied: the majority time its leader saw, which a shard catching up after a stop has
+/// already reached): later, it is refused `invalid_field` (`ts`). One node's wrong clock, or
+/// one client's, cannot date orders days ahead.
+pub const EVENT_TS_AHEAD_MAX_MS: i64 = oneid_protocol::num::DAY_MS;
+
 /// One event being applied to its profile: what its effects read besides the profile.
 pub(super) struct Applying<'a, 't> {
     pub(super) state: &'a ShardState,
@@ -44,6 +50,7 @@ impl ShardState {
         event: &Event,
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
+        check_ts(event.ts, self.record.target)?;
         check_totals(profile, &event.body)?;
         let applying = Applying {
             state: self,
@@ -130,6 +137,18 @@ fn earn(
             &lot.to_be_bytes(),
         ));
     }
+}
+
+/// Refuses an event dated more than [`EVENT_TS_AHEAD_MAX_MS`] after `target`, the shard's time.
+fn check_ts(ts: Millis, target: Millis) -> Result<(), EventError> {
+    if ts.0 - target.0 > EVENT_TS_AHEAD_MAX_MS {
+        return Err(reject_field(
+            ErrorCode::InvalidField,
+            "ts",
+            format!("ts {ts} is more than 24 hours ahead of the cluster's time ({target})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses an event that would overflow one of the profile's totals (i64), before anything
