@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use oneid_protocol::api::REQUEST_BODY_BYTES_MAX;
 use oneid_protocol::ids::{ShardId, SHARDS_MAX};
-use oneid_protocol::rules::{Rules, RulesDoc};
+use oneid_protocol::rules::{RetentionDoc, Rules, RulesDoc};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,10 +43,11 @@ pub struct ClusterConfig {
     pub passivate_idle_secs: u64,
     /// How often the leader proposes a clock entry.
     pub clock_interval_ms: u64,
-    /// How long event ids are remembered for exactly-once (at least 7 days is advised).
-    pub dedup_retention_days: u32,
-    /// How long points ledger entries are kept.
-    pub ledger_retention_days: u32,
+    /// Deprecated spelling of `[rules.retention] dedup_days` (retention is replicated with the
+    /// rules now): read into the seed rules when `[rules.retention]` is absent.
+    pub dedup_retention_days: Option<u32>,
+    /// Deprecated spelling of `[rules.retention] ledger_days`.
+    pub ledger_retention_days: Option<u32>,
     /// Raft tick length; elections take 10 ticks, heartbeats 1.
     pub tick_ms: u64,
     /// Applied log entries kept for followers that fall behind; one further behind needs a
@@ -65,8 +66,8 @@ impl Default for ClusterConfig {
             activation_budget: 1_000_000,
             passivate_idle_secs: 600,
             clock_interval_ms: 1_000,
-            dedup_retention_days: 7,
-            ledger_retention_days: 730,
+            dedup_retention_days: None,
+            ledger_retention_days: None,
             tick_ms: 100,
             log_retain_entries: 100_000,
             secret: None,
@@ -95,25 +96,14 @@ impl Default for StorageConfig {
     }
 }
 
-/// The retention of each shard's change log of segment memberships: a stream cursor older
-/// than it is answered 410 (`cursor_expired`). Carried by clock entries, so replicas evict
-/// alike.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// Deprecated: the retention of each shard's change log of segment memberships is
+/// `[rules.retention] change_log_hours` and `change_log_entries_max` now (replicated with the
+/// rules); these spellings are read into the seed rules when `[rules.retention]` is absent.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentsConfig {
-    /// Changes are kept this long...
-    pub change_log_retention_hours: u32,
-    /// ...and at most this many per shard.
-    pub change_log_entries_max: u64,
-}
-
-impl Default for SegmentsConfig {
-    fn default() -> SegmentsConfig {
-        SegmentsConfig {
-            change_log_retention_hours: 72,
-            change_log_entries_max: 1_000_000,
-        }
-    }
+    pub change_log_retention_hours: Option<u32>,
+    pub change_log_entries_max: Option<u64>,
 }
 
 /// How long the HTTP API waits for its clients, and the memory their bodies may take.
@@ -238,17 +228,8 @@ impl Config {
         if c.log_retain_entries == 0 {
             bail!("cluster.log_retain_entries must be above 0");
         }
-        if c.activation_budget == 0
-            || c.clock_interval_ms == 0
-            || c.tick_ms == 0
-            || c.dedup_retention_days == 0
-            || c.ledger_retention_days == 0
-        {
-            bail!("cluster.activation_budget, clock_interval_ms, tick_ms, dedup_retention_days and ledger_retention_days must be above 0");
-        }
-        let g = &self.segments;
-        if g.change_log_retention_hours == 0 || g.change_log_entries_max == 0 {
-            bail!("segments.change_log_retention_hours and change_log_entries_max must be above 0, found {g:?}");
+        if c.activation_budget == 0 || c.clock_interval_ms == 0 || c.tick_ms == 0 {
+            bail!("cluster.activation_budget, clock_interval_ms and tick_ms must be above 0");
         }
         let s = &self.storage;
         if s.cache_mib == 0 || s.memtable_mib == 0 {
@@ -323,14 +304,38 @@ impl Config {
             .collect()
     }
 
-    /// The `[rules]` table validated, or the defaults.
+    /// The retention the deprecated keys (`[cluster] dedup_retention_days`,
+    /// `ledger_retention_days`, `[segments] change_log_retention_hours`,
+    /// `change_log_entries_max`) give, if any is set.
+    pub fn deprecated_retention(&self) -> Option<RetentionDoc> {
+        let (c, g) = (&self.cluster, &self.segments);
+        let doc = RetentionDoc {
+            dedup_days: c.dedup_retention_days,
+            ledger_days: c.ledger_retention_days,
+            change_log_hours: g.change_log_retention_hours,
+            change_log_entries_max: g.change_log_entries_max,
+        };
+        (doc != RetentionDoc::default()).then_some(doc)
+    }
+
+    /// The `[rules]` table validated, or the defaults; its retention from the deprecated keys
+    /// when `[rules.retention]` is absent (both is an error).
     pub fn seed_rules(&self) -> anyhow::Result<Rules> {
+        let mut doc = self.seed_rules_doc()?;
+        match (&doc.retention, self.deprecated_retention()) {
+            (Some(_), Some(_)) => bail!("[rules.retention] and the deprecated [cluster] dedup_retention_days, ledger_retention_days, [segments] change_log_retention_hours, change_log_entries_max: keep only [rules.retention]"),
+            (None, Some(deprecated)) => doc.retention = Some(deprecated),
+            _ => {}
+        }
+        doc.validate().map_err(|e| anyhow::anyhow!("[rules] {e}"))
+    }
+
+    fn seed_rules_doc(&self) -> anyhow::Result<RulesDoc> {
         let Some(table) = &self.rules else {
-            return Ok(Rules::default());
+            return Ok(RulesDoc::default());
         };
         let json = serde_json::to_string(table).context("[rules] must be a table")?;
-        let doc: RulesDoc = serde_json::from_str(&json).context("[rules]")?;
-        doc.validate().map_err(|e| anyhow::anyhow!("[rules] {e}"))
+        serde_json::from_str(&json).context("[rules]")
     }
 }
 
@@ -408,5 +413,50 @@ impl ClusterRecord {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oneid_protocol::rules::Retention;
+
+    const NODE: &str =
+        "[[nodes]]\nid = 1\napi = \"127.0.0.1:8080\"\npeer = \"127.0.0.1:9080\"\ndata = \"d\"\n";
+
+    fn parse(text: &str) -> Config {
+        toml::from_str(&format!("{NODE}{text}")).expect("the file parses")
+    }
+
+    #[test]
+    fn the_seed_retention_comes_from_rules_retention_or_the_deprecated_keys_never_both() {
+        let embedded: Config = toml::from_str(include_str!("../../cluster.toml")).unwrap();
+        assert_eq!(
+            embedded.seed_rules().unwrap().retention,
+            Some(Retention::default())
+        );
+        let config = parse("[rules.retention]\ndedup_days = 30\n");
+        let expected = Retention {
+            dedup_days: 30,
+            ..Retention::default()
+        };
+        assert_eq!(config.seed_rules().unwrap().retention, Some(expected));
+        assert_eq!(config.deprecated_retention(), None);
+        // A file of an earlier release: its keys seed the same retention.
+        let old = parse("[cluster]\ndedup_retention_days = 30\n");
+        assert_eq!(old.seed_rules().unwrap().retention, Some(expected));
+        let old = parse("[segments]\nchange_log_entries_max = 5\n");
+        let retention = old.seed_rules().unwrap().retention.unwrap();
+        assert_eq!(retention.change_log_entries_max, 5);
+        // Both, or a value out of range, is refused naming the keys.
+        let both =
+            parse("[cluster]\nledger_retention_days = 9\n[rules.retention]\nledger_days = 9\n");
+        let error = both.seed_rules().unwrap_err().to_string();
+        assert!(error.contains("keep only [rules.retention]"), "{error}");
+        let zero = parse("[rules.retention]\ndedup_days = 0\n");
+        assert_eq!(
+            zero.validate().unwrap_err().to_string(),
+            "[rules] retention.dedup_days: must be 1 to 36500 days, found 0"
+        );
     }
 }

@@ -39,6 +39,7 @@ use anyhow::Context;
 use clap::Parser;
 use oneid_protocol::api::NodeView;
 use oneid_replica::ReplicaConfig;
+use oneid_state::store::StateRead as _;
 use replica::actor::ShardActor;
 use shards::Shards;
 use std::path::PathBuf;
@@ -113,6 +114,7 @@ fn main() -> anyhow::Result<()> {
     let node = config.node(args.node)?.clone();
     let hosted = config.shards_of(node.id);
     let (storage, cluster) = open_storage(&args, &config, &node, &hosted)?;
+    check_retention(&config, &storage, &hosted)?;
     let c = &config.cluster;
     let metrics = Arc::new(metrics::Metrics::default());
     let writer = storage::Writer::start(
@@ -167,6 +169,35 @@ fn main() -> anyhow::Result<()> {
     // unacknowledged work (clock entries, writes whose answer was not sent).
     storage.sync_all().context("final flush")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Says at start what a node's `cluster.toml` cannot change: its retention seeds a new cluster
+/// (or rules migrated without one); the cluster's replicated rules, as this node's first
+/// replica holds them, are what apply.
+fn check_retention(
+    config: &config::Config,
+    storage: &storage::Storage,
+    hosted: &[oneid_protocol::ids::ShardId],
+) -> anyhow::Result<()> {
+    if config.deprecated_retention().is_some() {
+        tracing::warn!("[cluster] dedup_retention_days, ledger_retention_days and [segments] change_log_retention_hours, change_log_entries_max are deprecated: write [rules.retention] dedup_days, ledger_days, change_log_hours, change_log_entries_max instead");
+    }
+    let file = config.seed_rules()?.retention;
+    let Some(&shard) = hosted.first() else {
+        return Ok(());
+    };
+    let stored = storage.state_read(shard).get(oneid_state::keys::RULES);
+    let Some(bytes) = stored else {
+        return Ok(());
+    };
+    let replicated: oneid_protocol::rules::Rules =
+        oneid_state::decode(oneid_state::keys::RULES, &bytes);
+    match replicated.retention {
+        None => tracing::info!(?file, "the cluster's rules have no retention yet (migrated from state format 7): leaders seed it from their cluster.toml"),
+        Some(replicated) if Some(replicated) != file => tracing::warn!(?file, ?replicated, "this node's cluster.toml retention differs from the cluster's replicated one, which applies: change it with PUT /v1/rules (the file only seeds a new cluster)"),
+        Some(_) => {}
+    }
     Ok(())
 }
 
@@ -363,12 +394,6 @@ fn replica_config(
         election_ticks: (ELECTION_TICKS, 2 * ELECTION_TICKS),
         heartbeat_ticks: HEARTBEAT_TICKS,
         clock_interval_ms: c.clock_interval_ms as i64,
-        retention: oneid_state::command::Retention {
-            dedup_days: c.dedup_retention_days,
-            ledger_days: c.ledger_retention_days,
-            change_log_hours: config.segments.change_log_retention_hours,
-            change_log_entries_max: config.segments.change_log_entries_max,
-        },
         passivate_idle_ticks: c.passivate_idle_secs * 1000 / c.tick_ms,
         activation_budget: c.activation_budget.div_ceil(n_hosted.max(1)),
         seed_rules: config.seed_rules()?,

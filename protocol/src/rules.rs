@@ -1,4 +1,5 @@
-//! Loyalty rules: points earning, tier levels, rule-based tags.
+//! Loyalty rules: points earning, tier levels, rule-based tags, and how long a shard keeps
+//! what it evicts by age (retention).
 //!
 //! Rules are replicated state: seeded from `cluster.toml` on first start and changed through
 //! `PUT /v1/rules`, which proposes them through the log, so every replica applies events under
@@ -22,6 +23,10 @@ pub const FACTOR_MAX: u32 = 1000;
 pub const FACTOR_SCALE_MAX: u32 = 6;
 /// Longest expiry, window or retention, in days (100 years).
 pub const DAYS_MAX: u32 = 36_500;
+/// Longest retention of the segments' change log, in hours (a year).
+pub const CHANGE_LOG_HOURS_MAX: u32 = 8_760;
+/// Most change-log entries a shard may be told to keep.
+pub const CHANGE_LOG_ENTRIES_MAX: u64 = 100_000_000;
 
 /// Validated loyalty rules. Serialized with postcard into the log and the state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +45,37 @@ pub struct Rules {
     pub levels: Vec<TierLevel>,
     /// Evaluated in order; a rule sees manual tags and the tags of earlier rules.
     pub tag_rules: Vec<TagRule>,
+    /// What clock entries evict, and when. Always set by a rules document; `None` only in a
+    /// shard whose rules were migrated from a release that kept retention in each node's
+    /// config, until its leader seeds it from its `cluster.toml` (nothing is evicted
+    /// meanwhile).
+    pub retention: Option<Retention>,
+}
+
+/// How long a shard keeps what it evicts by age: replicated with the rules, so that every
+/// replica evicts alike whatever its node's config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Event ids remembered for exactly-once: a resend within this many days of the
+    /// original is answered `duplicate`.
+    pub dedup_days: u32,
+    /// Points ledger entries.
+    pub ledger_days: u32,
+    /// Segment membership changes, by age...
+    pub change_log_hours: u32,
+    /// ...and by count, per shard.
+    pub change_log_entries_max: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            dedup_days: 7,
+            ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +105,7 @@ impl Default for Rules {
                 min_spend: Money::ZERO,
             }],
             tag_rules: Vec::new(),
+            retention: Some(Retention::default()),
         }
     }
 }
@@ -145,6 +182,12 @@ impl Rules {
                     when: r.when.clone(),
                 })
                 .collect(),
+            retention: self.retention.map(|r| RetentionDoc {
+                dedup_days: Some(r.dedup_days),
+                ledger_days: Some(r.ledger_days),
+                change_log_hours: Some(r.change_log_hours),
+                change_log_entries_max: Some(r.change_log_entries_max),
+            }),
         }
     }
 }
@@ -161,6 +204,64 @@ pub struct RulesDoc {
     pub tiers: TiersDoc,
     #[serde(default)]
     pub tag_rules: Vec<TagRuleDoc>,
+    /// Absent: the defaults of [`Retention`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionDoc>,
+}
+
+/// The wire form of [`Retention`]: each part optional, taking its default.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_log_hours: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_log_entries_max: Option<u64>,
+}
+
+impl RetentionDoc {
+    /// Validates each part against its range, in the order of the fields.
+    pub fn validate(&self) -> Result<Retention, RulesError> {
+        let defaults = Retention::default();
+        let dedup_days = days(
+            "retention.dedup_days",
+            self.dedup_days,
+            defaults.dedup_days,
+            1,
+        )?;
+        let ledger_days = days(
+            "retention.ledger_days",
+            self.ledger_days,
+            defaults.ledger_days,
+            1,
+        )?;
+        let change_log_hours = self.change_log_hours.unwrap_or(defaults.change_log_hours);
+        if !(1..=CHANGE_LOG_HOURS_MAX).contains(&change_log_hours) {
+            return Err(refuse(
+                "retention.change_log_hours",
+                format!("must be 1 to {CHANGE_LOG_HOURS_MAX} hours, found {change_log_hours}"),
+            ));
+        }
+        let entries = self
+            .change_log_entries_max
+            .unwrap_or(defaults.change_log_entries_max);
+        if !(1..=CHANGE_LOG_ENTRIES_MAX).contains(&entries) {
+            return Err(refuse(
+                "retention.change_log_entries_max",
+                format!("must be 1 to {CHANGE_LOG_ENTRIES_MAX}, found {entries}"),
+            ));
+        }
+        Ok(Retention {
+            dedup_days,
+            ledger_days,
+            change_log_hours,
+            change_log_entries_max: entries,
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -296,6 +397,7 @@ impl RulesDoc {
             )?,
             levels,
             tag_rules,
+            retention: Some(self.retention.unwrap_or_default().validate()?),
         })
     }
 }

@@ -504,7 +504,9 @@ fn seeded_rules_doc() -> Value {
             {"name": "member", "min_spend": "0.00"},
             {"name": "silver", "min_spend": "1000.00"},
             {"name": "gold", "min_spend": "5000.00"}]},
-        "tag_rules": [{"tag": "big_spender", "when": "spend_365d >= 3000"}]
+        "tag_rules": [{"tag": "big_spender", "when": "spend_365d >= 3000"}],
+        "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
+                      "change_log_entries_max": 1_000_000}
     })
 }
 
@@ -546,6 +548,7 @@ async fn rules_are_read_replaced_and_applied_to_later_orders() {
             {"name": "gold", "min_spend": "5000.5"}]},
         "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}]
     });
+    // The document is replaced whole: without `retention`, the defaults.
     let in_force = json!({
         "points": {"per_currency_unit": "2", "tier_multipliers": {"gold": "3"},
                    "channel_multipliers": {"tmall": "1.25"}, "expire_after_days": 30},
@@ -553,7 +556,9 @@ async fn rules_are_read_replaced_and_applied_to_later_orders() {
             {"name": "member", "min_spend": "0.00"},
             {"name": "silver", "min_spend": "500.00"},
             {"name": "gold", "min_spend": "5000.50"}]},
-        "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}]
+        "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}],
+        "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
+                      "change_log_entries_max": 1_000_000}
     });
     assert_eq!(client.set_rules(&new_rules).await.unwrap(), in_force);
     assert_eq!(client.rules().await.unwrap(), in_force);

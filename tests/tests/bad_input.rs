@@ -553,6 +553,24 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
             field("tiers.levels[0].min_spend")
         )
     );
+    for (retention, at_fault) in [
+        (json!({"dedup_days": 0}), "retention.dedup_days"),
+        (json!({"ledger_days": 36_501}), "retention.ledger_days"),
+        (
+            json!({"change_log_hours": 8_761}),
+            "retention.change_log_hours",
+        ),
+        (
+            json!({"change_log_entries_max": 0}),
+            "retention.change_log_entries_max",
+        ),
+    ] {
+        let body = json!({"retention": retention}).to_string();
+        assert_eq!(
+            strip(error_of(port, "PUT", "/v1/rules", json_type, body.as_bytes()).await),
+            (400, ErrorCode::InvalidRules, field(at_fault))
+        );
+    }
     assert_eq!(
         strip(error_of(port, "PUT", "/v1/rules", json_type, b"{\"points\": ").await),
         (400, ErrorCode::BadRequest, None)

@@ -3,9 +3,10 @@
 //! exactly the documents the earlier release answered.
 
 use oneid_client::Client;
-use oneid_tests::{NodeOptions, TestNode};
+use oneid_tests::{eventually, NodeOptions, TestNode};
 use serde_json::Value;
 use std::path::Path;
+use std::time::Duration;
 
 /// Unpacks `tests/fixtures/format-{format}.tar.gz` (its `data/` and `expected/`) into `dir`.
 fn unpack(format: u32, dir: &Path) {
@@ -29,8 +30,13 @@ fn json(value: impl serde::Serialize) -> Value {
     serde_json::to_value(value).expect("documents serialize")
 }
 
-/// Every document `scripts/fixture` recorded, read again through `client`.
-async fn assert_documents(client: &Client, dir: &Path) {
+/// The retention of the test node's `cluster.toml`: everything kept for 100 years, so the
+/// fixtures' documents stay as they are while the years pass.
+const RETENTION: &str = "[rules.retention]\ndedup_days = 36500\nledger_days = 36500\n";
+
+/// Every document `scripts/fixture` recorded, read again through `client`. `seeded`: the
+/// retention the rules get after the upgrade, if the fixture's had none.
+async fn assert_documents(client: &Client, dir: &Path, seeded: Option<&Value>) {
     for kind in ["phone", "wechat_unionid"] {
         let want = expected(dir, &format!("profile-{kind}"));
         let value = want["identities"][kind][0]
@@ -43,7 +49,19 @@ async fn assert_documents(client: &Client, dir: &Path) {
     let oneid = phone["oneid"].as_str().expect("oneid");
     let ledger = client.ledger(oneid, None, None).await.expect("ledger");
     assert_eq!(json(ledger), expected(dir, "ledger-phone"));
-    assert_eq!(client.rules().await.expect("rules"), expected(dir, "rules"));
+    let mut rules = expected(dir, "rules");
+    if let Some(seeded) = seeded {
+        rules["retention"] = seeded.clone();
+    }
+    eventually(
+        "the retention seeded",
+        Duration::from_secs(30),
+        async || {
+            let got = client.rules().await.map_err(|e| e.to_string())?;
+            (got == rules).then_some(()).ok_or(got.to_string())
+        },
+    )
+    .await;
     let segments = client.segments().await.expect("segments");
     assert_eq!(json(segments), expected(dir, "segments")["segments"]);
     for name in ["big-spenders", "newsletter"] {
@@ -58,13 +76,31 @@ async fn assert_documents(client: &Client, dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_7_data_directory_opens_and_answers_its_documents() {
+    // Format 7 kept retention in each node's config: its rules have none, and the leaders seed
+    // it from this node's cluster.toml after the upgrade.
+    let seeded = serde_json::json!({"dedup_days": 36_500, "ledger_days": 36_500,
+        "change_log_hours": 72, "change_log_entries_max": 1_000_000});
+    opens_and_answers(7, Some(&seeded)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_8_data_directory_opens_and_answers_its_documents() {
+    opens_and_answers(8, None).await;
+}
+
+/// The fixture of `format` opens in this build, answers its documents, takes a new event on
+/// top, and answers the same after a restart.
+async fn opens_and_answers(format: u32, seeded: Option<&Value>) {
     let fixture = tempfile::tempdir().expect("temporary directory");
-    unpack(7, fixture.path());
-    let mut node = TestNode::create(NodeOptions::default());
+    unpack(format, fixture.path());
+    let mut node = TestNode::create(NodeOptions {
+        extra: RETENTION.into(),
+        ..NodeOptions::default()
+    });
     std::fs::rename(fixture.path().join("data"), node.data_path()).expect("moving data/");
     node.restart().await;
     let client = node.client();
-    assert_documents(&client, fixture.path()).await;
+    assert_documents(&client, fixture.path(), seeded).await;
 
     // It goes on from there: a new event applies on top of the old state, and a restart
     // answers the same documents again.

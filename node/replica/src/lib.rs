@@ -82,7 +82,7 @@ use message::Message;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
-use oneid_state::command::{Command, Output, Retention};
+use oneid_state::command::{Command, Output};
 use oneid_state::keys;
 use oneid_state::store::{Layered, StateRead, WriteSet};
 use oneid_state::ShardState;
@@ -202,7 +202,6 @@ pub struct ReplicaConfig {
     /// is new (the placed leader of a new shard, so leaders start spread evenly).
     pub campaign: bool,
     pub clock_interval_ms: i64,
-    pub retention: Retention,
     pub passivate_idle_ticks: u64,
     pub activation_budget: usize,
     pub seed_rules: Rules,
@@ -387,6 +386,8 @@ pub struct Replica<S: LogSource> {
     /// The index of the last `Backfill` this leader proposed: the next is proposed once it
     /// applied, so background work goes one bounded entry at a time, between client writes.
     backfill_at: Option<u64>,
+    /// The index of the last `SeedRetention` this leader proposed.
+    retention_seed_at: Option<u64>,
     /// The last clock entry applied left due work: propose the next one at the next tick.
     due_backlog: bool,
     /// The first tick at which this leader may hand leadership to the placed leader.
@@ -499,6 +500,7 @@ impl<S: LogSource> Replica<S> {
             peer_clocks: PeerClocks::default(),
             last_clock: None,
             backfill_at: None,
+            retention_seed_at: None,
             due_backlog: false,
             lead_home_at: 0,
             led_since: 0,
@@ -818,6 +820,7 @@ impl<S: LogSource> Replica<S> {
             }
         }
         self.propose_backfill(fx);
+        self.propose_retention_seed(fx);
         let waited_out = self
             .deposed_at
             .is_some_and(|at| self.ticks - at >= DEPOSED_PROPOSALS_TICKS);
@@ -929,19 +932,15 @@ impl<S: LogSource> Replica<S> {
         let interval_passed = self.last_clock.is_none_or(|at| {
             self.since_start.saturating_sub(at) >= Duration::from_millis(interval.unsigned_abs())
         });
-        let retention = self.config.retention;
         match self.majority_time() {
             Some(target)
                 if target.0 - clock.0 >= interval
                     && interval_passed
                     && self.first_clock_ready() =>
             {
-                Some(Command::Clock { target, retention })
+                Some(Command::Clock { target })
             }
-            _ if self.due_backlog => Some(Command::Clock {
-                target: clock,
-                retention,
-            }),
+            _ if self.due_backlog => Some(Command::Clock { target: clock }),
             _ => None,
         }
     }
@@ -958,6 +957,22 @@ impl<S: LogSource> Replica<S> {
             || voters
                 .iter()
                 .all(|id| id == me || self.peer_clocks.fresh(id, self.since_start).is_some())
+    }
+
+    /// Proposes the retention of the seed rules if the shard's rules have none (migrated from
+    /// format 7), again once the last one proposed applied without giving them one.
+    fn propose_retention_seed(&mut self, fx: &mut Effects) {
+        let applied = self.state.meta.applied_index;
+        if !self.is_leader()
+            || !self.state.needs_retention()
+            || self.retention_seed_at.is_some_and(|at| at > applied)
+        {
+            return;
+        }
+        let seed = self.config.seed_rules.retention;
+        let seed = seed.expect("seed rules come from a validated rules document");
+        self.propose(&Command::SeedRetention(seed), None, fx);
+        self.retention_seed_at = Some(self.raw.raft.raft_log.last_index());
     }
 
     /// Proposes the next `Backfill` entry if this leader's shard has background work and the
@@ -1218,6 +1233,7 @@ impl<S: LogSource> Replica<S> {
     fn on_became_leader(&mut self, base: &dyn StateRead, fx: &mut Effects) {
         self.last_clock = None;
         self.backfill_at = None;
+        self.retention_seed_at = None;
         self.lead_home_at = self.ticks + LEAD_HOME_AFTER_TICKS;
         self.led_since = self.ticks;
         self.home_kept_up_since = None;

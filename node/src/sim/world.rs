@@ -20,7 +20,7 @@ use oneid_replica::message::Message;
 use oneid_replica::write::{Space, WriteOp};
 use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ShardError, Token};
 use oneid_replica::{ReplicaStatus, Role};
-use oneid_state::command::{Command, EventOutcome, Output, Retention, Routed, Target};
+use oneid_state::command::{Command, EventOutcome, Output, Routed, Target};
 use oneid_state::store::MemState;
 use oneid_state::{decode, keys, LedgerKind, LedgerRecord};
 use std::cell::RefCell;
@@ -499,12 +499,6 @@ impl World {
             heartbeat_ticks: 1,
             campaign,
             clock_interval_ms: 1_000,
-            retention: Retention {
-                dedup_days: 7,
-                ledger_days: 730,
-                change_log_hours: 72,
-                change_log_entries_max: 1_000_000,
-            },
             passivate_idle_ticks: 50,
             activation_budget: 16,
             seed_rules: Rules::default(),

@@ -4,40 +4,76 @@
 
 use super::migrate::Migration;
 use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Retention;
 use oneid_state::command::{Command, SegmentDefine};
 use oneid_state::keys;
 
-/// Format 8: the shard record holds, after the clock, the target of the last clock entry
-/// applied (the shard's majority time, see `oneid_replica::clocks`). A format-7 shard never
-/// had one: its target is its clock. A segment definition no longer carries its proposer's
-/// wall clock (the registry shard dates it). Other commands keep their encoding (a clock
-/// entry's wall clock is read as its target).
+/// Format 8: time from a majority, retention in the rules.
+/// - The shard record holds, after the clock, the target of the last clock entry applied
+///   (the shard's majority time, see `oneid_replica::clocks`). A format-7 shard never had
+///   one: its target is its clock.
+/// - The rules end with their retention: format-7 rules (stored, and in `SetRules` and
+///   `SeedRules` commands) have none, which their leaders seed from `cluster.toml` after
+///   the upgrade (`Command::SeedRetention`), never this migration.
+/// - A clock entry carries only its target (its format-7 wall clock), no retention.
+/// - A segment definition no longer carries its proposer's wall clock (the registry shard
+///   dates it).
 pub const TO_8: Migration = Migration {
     from: 7,
-    state_pair: |key, value| match key == keys::SHARD {
-        true => vec![(key.to_vec(), record_with_target(value))],
-        false => vec![(key.to_vec(), value.to_vec())],
+    state_pair: |key, value| {
+        let value = match key {
+            keys::SHARD => record_with_target(value),
+            keys::RULES => rules_without_retention(value),
+            _ => value.to_vec(),
+        };
+        vec![(key.to_vec(), value)]
     },
-    command: define_without_date,
+    command: command_to_8,
 };
 
-/// The variant number of `Command::DefineSegment` in format 7 (postcard: a one-byte varint).
+/// Format 7's variant numbers of the commands format 8 changed (postcard: one-byte varints).
+const CLOCK_7: u8 = 0;
+const SET_RULES_7: u8 = 1;
+const SEED_RULES_7: u8 = 2;
 const DEFINE_SEGMENT_7: u8 = 6;
 
-/// A format-7 command, with a segment definition's trailing proposer date dropped.
-fn define_without_date(command: &[u8]) -> Vec<u8> {
-    let Some((&DEFINE_SEGMENT_7, define)) = command.split_first() else {
+/// A format-7 command as format 8 encodes it.
+fn command_to_8(command: &[u8]) -> Vec<u8> {
+    let Some((&variant, payload)) = command.split_first() else {
         return command.to_vec();
     };
-    let (name, predicate, description, _proposed_at): (String, Option<String>, String, Millis) =
-        postcard::from_bytes(define)
-            .unwrap_or_else(|e| panic!("a format-7 segment definition does not decode: {e}"));
-    Command::DefineSegment(SegmentDefine {
-        name,
-        predicate,
-        description,
-    })
-    .encode()
+    let decode_failed = |e: postcard::Error| -> ! {
+        panic!("a format-7 command (variant {variant}) does not decode: {e}")
+    };
+    match variant {
+        CLOCK_7 => {
+            let (target, _retention): (Millis, (u32, u32, u32, u64)) =
+                postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
+            Command::Clock { target }.encode()
+        }
+        SET_RULES_7 | SEED_RULES_7 => [&[variant], &rules_without_retention(payload)[..]].concat(),
+        DEFINE_SEGMENT_7 => {
+            let (name, predicate, description, _proposed_at): (
+                String,
+                Option<String>,
+                String,
+                Millis,
+            ) = postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
+            Command::DefineSegment(SegmentDefine {
+                name,
+                predicate,
+                description,
+            })
+            .encode()
+        }
+        _ => command.to_vec(),
+    }
+}
+
+/// Format-7 rules (postcard) with the retention format 8 appends, none.
+fn rules_without_retention(rules: &[u8]) -> Vec<u8> {
+    let none = postcard::to_stdvec(&None::<Retention>).expect("an option encodes");
+    [rules, &none].concat()
 }
 
 /// A format-7 shard record with its clock repeated as the target that follows it.
@@ -51,6 +87,7 @@ fn record_with_target(record: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oneid_protocol::rules::Rules;
     use oneid_state::ShardRecord;
 
     #[test]
@@ -111,5 +148,34 @@ mod tests {
         for kept in [Command::Backfill, Command::FinishFollowUps(vec![])] {
             assert_eq!((TO_8.command)(&kept.encode()), kept.encode());
         }
+    }
+
+    #[test]
+    fn format_7_rules_and_clock_entries_lose_their_retention() {
+        let at = Millis(1_767_225_600_000);
+        let clock = [
+            &[CLOCK_7][..],
+            &postcard::to_stdvec(&(at, (7u32, 730u32, 72u32, 9u64))).unwrap(),
+        ]
+        .concat();
+        let migrated = Command::decode(&(TO_8.command)(&clock)).unwrap();
+        assert_eq!(migrated, Command::Clock { target: at });
+        assert_eq!(Command::Clock { target: at }.encode()[0], CLOCK_7);
+        // Format-7 rules: format 8's without their last field.
+        let mut rules = Rules::default();
+        rules.tag_rules.clear();
+        rules.retention = None;
+        let new = postcard::to_stdvec(&rules).unwrap();
+        let old = &new[..new.len() - 1];
+        for (variant, command) in [
+            (SET_RULES_7, Command::SetRules(Box::new(rules.clone()))),
+            (SEED_RULES_7, Command::SeedRules(Box::new(rules.clone()))),
+        ] {
+            let bytes = [&[variant][..], old].concat();
+            assert_eq!(Command::decode(&(TO_8.command)(&bytes)).unwrap(), command);
+            assert_eq!(command.encode()[0], variant);
+        }
+        let pairs = (TO_8.state_pair)(keys::RULES, old);
+        assert_eq!(pairs, vec![(keys::RULES.to_vec(), new)]);
     }
 }

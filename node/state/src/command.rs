@@ -6,7 +6,7 @@
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
-use oneid_protocol::rules::Rules;
+use oneid_protocol::rules::{Retention, Rules};
 use serde::{Deserialize, Serialize};
 
 /// One Raft log entry's payload, encoded with postcard.
@@ -15,14 +15,11 @@ pub enum Command {
     /// Advances the shard's clock towards `target`, the shard's majority time when the leader
     /// proposed it (see `oneid_replica::clocks`), by at most [`CLOCK_STEP_MAX_MS`] past the
     /// clock (a shard's first clock entry, from 0, goes all the way): "now" of the shard. It
-    /// never goes back. Applying it processes what fell due and evicts what outlived its
-    /// retention, a bounded amount each.
+    /// never goes back. Applying it processes what fell due and evicts what outlived the
+    /// rules' retention, a bounded amount each.
     ///
     /// [`CLOCK_STEP_MAX_MS`]: crate::retention::CLOCK_STEP_MAX_MS
-    Clock {
-        target: Millis,
-        retention: Retention,
-    },
+    Clock { target: Millis },
     /// Replaces the loyalty rules.
     SetRules(Box<Rules>),
     /// The rules of `cluster.toml`, proposed by a leader that found none applied: applied only
@@ -50,6 +47,10 @@ pub enum Command {
     /// after a rules change, backfilling new or replaced segments, and taking the members out
     /// of deleted ones. Proposed by the leader while there is some.
     Backfill,
+    /// The retention of a leader's `cluster.toml`, proposed when the applied rules have none
+    /// (rules migrated from format 7, which kept retention in each node's config): applied
+    /// only if they still have none, so it never overrides a `SetRules`.
+    SeedRetention(Retention),
 }
 
 /// The shard that orders segment definitions.
@@ -99,20 +100,6 @@ pub struct FollowUp {
     pub seq: u64,
     pub oneid: OneId,
     pub identity: Identity,
-}
-
-/// How long records are kept, in days; carried by clock entries so that eviction is part of
-/// the log, never of a replica's local configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Retention {
-    /// Event ids remembered for exactly-once.
-    pub dedup_days: u32,
-    /// Points ledger entries.
-    pub ledger_days: u32,
-    /// Segment membership changes, by age...
-    pub change_log_hours: u32,
-    /// ...and by count, per shard.
-    pub change_log_entries_max: u64,
 }
 
 /// An event and how the router resolved its profile.

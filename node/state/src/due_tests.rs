@@ -8,11 +8,10 @@ use super::profile::{Lot, LOTS_PER_PROFILE_MAX, LOT_MERGE_MS};
 use super::retention::LEDGER_EVICTIONS_PER_CLOCK_MAX;
 use super::store::MemState;
 use super::tests::{
-    at, catch_up, claim, digest_of, id, ledger, lot, lots, on, rules, ts, without_bookkeeping,
-    Harness, PLAIN,
+    at, catch_up, claim, clock_at, digest_of, id, ledger, lot, lots, on, rules_retaining, ts,
+    without_bookkeeping, Harness, PLAIN,
 };
 use super::*;
-use crate::command::Retention;
 use crate::command::Routed;
 use serde_json::json;
 
@@ -21,26 +20,9 @@ fn after(days: i64, ms: i64) -> Millis {
     Millis(at(days).0 + ms)
 }
 
-/// A clock entry at `now` with the given ledger retention (dedup: 7 days).
-fn clock_keeping(now: Millis, ledger_days: u32) -> Command {
-    Command::Clock {
-        target: now,
-        retention: Retention {
-            dedup_days: 7,
-            ledger_days,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    }
-}
-
-/// Applies a clock entry at `now` (ledger kept 730 days); its `(due_processed, backlog)`.
+/// Applies a clock entry at `now`; its `(due_processed, backlog)`.
 fn tick(h: &mut Harness, now: Millis) -> (usize, bool) {
-    tick_keeping(h, now, 730)
-}
-
-fn tick_keeping(h: &mut Harness, now: Millis, ledger_days: u32) -> (usize, bool) {
-    match h.apply(clock_keeping(now, ledger_days)) {
+    match h.apply(clock_at(now)) {
         Output::Clock {
             due_processed,
             backlog,
@@ -1037,18 +1019,18 @@ fn a_backlog_of_one_profile_is_processed_oldest_first_in_one_write() {
 
 #[test]
 fn ledger_entries_are_evicted_after_ledger_days_from_the_clock_that_wrote_them() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = Harness::new(r#"{"retention": {"ledger_days": 10}}"#);
     let p = someone(&mut h, "1");
     // Written at clock 0.
     h.ok(earn(p, "e1", 100, at(20)));
-    assert_eq!(tick_keeping(&mut h, at(5), 10), (0, false));
+    assert_eq!(tick(&mut h, at(5)), (0, false));
     // Written at clock 5, whatever its ts.
     h.ok(redeem(p, "r1", 10, 0));
     assert_eq!(h.keys_with_prefix(keys::LEDGER_EVICTION_PREFIX), 2);
 
-    tick_keeping(&mut h, at(10), 10);
+    tick(&mut h, at(10));
     assert_eq!(h.ledger(p).len(), 2, "exactly ledger_days: kept");
-    tick_keeping(&mut h, after(10, 1), 10);
+    tick(&mut h, after(10, 1));
     assert_eq!(
         h.ledger(p),
         vec![ledger("r1", LedgerKind::Redeem, -10, 90, 0, None, 0)]
@@ -1056,16 +1038,16 @@ fn ledger_entries_are_evicted_after_ledger_days_from_the_clock_that_wrote_them()
     assert_eq!(h.keys_with_prefix(keys::LEDGER_EVICTION_PREFIX), 1);
 
     // The lot expires at day 20 but the entry is written by the clock entry at day 30.
-    assert_eq!(tick_keeping(&mut h, at(30), 10), (1, false));
+    assert_eq!(tick(&mut h, at(30)), (1, false));
     assert_eq!(h.ledger(p), vec![expired("e1", 90, 0, 20)]);
     assert_eq!(h.keys_with_prefix(keys::LEDGER_EVICTION_PREFIX), 1);
-    tick_keeping(&mut h, at(40), 10);
+    tick(&mut h, at(40));
     assert_eq!(
         h.ledger(p).len(),
         1,
         "counted from the clock, not from `at`"
     );
-    tick_keeping(&mut h, after(40, 1), 10);
+    tick(&mut h, after(40, 1));
     assert_eq!(h.ledger(p), vec![]);
     assert_eq!(h.keys_with_prefix(keys::LEDGER_EVICTION_PREFIX), 0);
     assert_eq!(h.keys_with_prefix(b"l"), 0);
@@ -1075,7 +1057,9 @@ fn ledger_entries_are_evicted_after_ledger_days_from_the_clock_that_wrote_them()
 
 #[test]
 fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
-    let mut h = Harness::new(PLAIN);
+    // Dedup records kept (they are not what this test is about, and evicting them too would
+    // only slow it down).
+    let mut h = Harness::new(r#"{"retention": {"dedup_days": 1000}}"#);
     let p = someone(&mut h, "1");
     let mut events = vec![earn(p, "e", 20_000, at(1000))];
     events.extend((0..LEDGER_EVICTIONS_PER_CLOCK_MAX).map(|i| redeem(p, &format!("r{i}"), 1, 0)));
@@ -1085,17 +1069,7 @@ fn one_clock_entry_evicts_at_most_ten_thousand_ledger_entries() {
     // One queue record for the entry, listing its n ledger keys.
     assert_eq!(h.keys_with_prefix(keys::LEDGER_EVICTION_PREFIX), 1);
 
-    // Dedup records kept (they are not what this test is about, and evicting them too would
-    // only slow it down).
-    let evict_ledger = || Command::Clock {
-        target: after(730, 1),
-        retention: Retention {
-            dedup_days: 1000,
-            ledger_days: 730,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    };
+    let evict_ledger = || clock_at(after(730, 1));
     // A full eviction batch is a backlog too: the leader proposes the next clock entry sooner.
     assert_eq!(
         h.apply(evict_ledger()),
@@ -1139,20 +1113,17 @@ fn time_script() -> Vec<Command> {
         "tag_rules": [{"tag": "lapsed", "when": "days_since(last_order_at) > 10"},
                       {"tag": "big", "when": "spend_365d >= 1000"}]
     }"#;
+    // The ledger kept 30 days, then 5, then 1: each change is a rules change.
+    let keeping = |ledger_days: u32| {
+        let retention = json!({"dedup_days": 3, "ledger_days": ledger_days});
+        Command::SetRules(Box::new(rules_retaining(rules_json, retention)))
+    };
     let (p1, p2, p3) = (id(1), id(2), id(3));
     let ev = |routed: Routed| Command::Events(vec![routed]);
-    let keep = |days: i64, ms: i64, ledger_days: u32| Command::Clock {
-        target: after(days, ms),
-        retention: Retention {
-            dedup_days: 3,
-            ledger_days,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    };
+    let keep = |days: i64, ms: i64| clock_at(after(days, ms));
     vec![
-        Command::SetRules(Box::new(rules(rules_json))),
-        keep(0, 0, 30),
+        keeping(30),
+        keep(0, 0),
         ev(claim(
             json!({"event_id": "s1", "type": "order", "identities": {"phone": "1"},
             "order_id": "A", "amount": "1200", "ts": ts(0)}),
@@ -1167,16 +1138,16 @@ fn time_script() -> Vec<Command> {
         )),
         // Backdated: in the window until day 10, its points born expired.
         ev(order(p1, "B", "300", -50)),
-        keep(5, 7, 30),
+        keep(5, 7),
         ev(on(
             p2,
             json!({"event_id": "s4", "type": "tag_add", "tag": "vip", "expires_at": ts(12)}),
         )),
         ev(redeem(p1, "s5", 100, 6)),
-        keep(10, 0, 30),
+        keep(10, 0),
         ev(refund(p1, "s6", "A", "200", 10)),
-        keep(11, 0, 30),
-        keep(12, 0, 30),
+        keep(11, 0),
+        keep(12, 0),
         ev(order(p2, "C", "600", 12)),
         Command::Events(vec![
             claim(
@@ -1194,15 +1165,17 @@ fn time_script() -> Vec<Command> {
                 "reason": "goodwill", "ts": ts(12)}),
             ),
         ]),
-        keep(20, 0, 30),
-        keep(20, 0, 30),
+        keep(20, 0),
+        keep(20, 0),
         ev(order(p1, "E", "100", 21)),
-        keep(45, 0, 5),
-        keep(45, 1, 5),
+        keeping(5),
+        keep(45, 0),
+        keep(45, 1),
         ev(refund(p3, "s11", "D", "4000", 45)),
-        keep(100, 0, 5),
-        keep(100, 0, 5),
-        keep(200, 0, 1),
+        keep(100, 0),
+        keep(100, 0),
+        keeping(1),
+        keep(200, 0),
     ]
 }
 

@@ -268,8 +268,8 @@ impl ShardState {
     /// (segments' stamps, retention queues, the meta record) is [`ShardState::apply`]'s.
     fn apply_command(&mut self, tx: &mut Tx<'_>, index: u64, command: Command) -> Output {
         match command {
-            Command::Clock { target, retention } => {
-                let (due_processed, backlog) = self.apply_clock(tx, target, retention);
+            Command::Clock { target } => {
+                let (due_processed, backlog) = self.apply_clock(tx, target);
                 Output::Clock {
                     due_processed,
                     backlog,
@@ -317,6 +317,13 @@ impl ShardState {
             Command::Backfill => Output::Backfill {
                 more: self.backfill(tx),
             },
+            Command::SeedRetention(retention) => {
+                if self.needs_retention() {
+                    self.rules.retention = Some(retention);
+                    tx.put(keys::RULES.to_vec(), &self.rules);
+                }
+                Output::None
+            }
         }
     }
 

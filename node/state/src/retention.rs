@@ -15,8 +15,8 @@ pub const CLOCK_STEP_MAX_MS: i64 = 60_000;
 pub const DEDUP_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
 /// Most ledger entries one clock entry evicts.
 pub const LEDGER_EVICTIONS_PER_CLOCK_MAX: usize = 10_000;
-use crate::command::Retention;
 use oneid_protocol::num::{Millis, DAY_MS};
+use oneid_protocol::rules::Retention;
 
 /// Dedup and ledger keys written by the command being applied, in write order.
 #[derive(Default)]
@@ -44,15 +44,10 @@ impl ShardState {
     }
 
     /// Advances the clock towards `target` (by at most [`CLOCK_STEP_MAX_MS`], unless it is
-    /// the shard's first), evicts dedup records past retention, processes what fell due.
-    /// Returns how many due keys it processed.
+    /// the shard's first), evicts what outlived the rules' retention (nothing while the rules
+    /// have none), processes what fell due. Returns how many due keys it processed.
     /// Also answers whether any of its bounded batches was full (work left for the next entry).
-    pub(super) fn apply_clock(
-        &mut self,
-        tx: &mut Tx<'_>,
-        target: Millis,
-        retention: Retention,
-    ) -> (usize, bool) {
+    pub(super) fn apply_clock(&mut self, tx: &mut Tx<'_>, target: Millis) -> (usize, bool) {
         let clock = self.record.clock;
         let step_to = if clock == Millis(0) {
             target
@@ -61,6 +56,20 @@ impl ShardState {
         };
         self.record.clock = clock.max(step_to);
         self.record.target = self.record.target.max(target);
+        let evictions_full = match self.rules.retention {
+            Some(retention) => self.evict(tx, retention),
+            None => false,
+        };
+        let due_processed = self.process_due(tx);
+        (
+            due_processed,
+            evictions_full || due_processed == due::DUE_PER_CLOCK_MAX,
+        )
+    }
+
+    /// Evicts, by the shard clock, the dedup records, change-log entries and ledger entries
+    /// past `retention`, a bounded batch of each; answers whether a batch was full.
+    fn evict(&mut self, tx: &mut Tx<'_>, retention: Retention) -> bool {
         let horizon = Millis(self.record.clock.0 - i64::from(retention.dedup_days) * DAY_MS);
         let (cursor, dedup_full) = evict_queue(
             tx,
@@ -80,11 +89,7 @@ impl ShardState {
             LEDGER_EVICTIONS_PER_CLOCK_MAX,
         );
         self.record.ledger_evicted_to = cursor;
-        let due_processed = self.process_due(tx);
-        (
-            due_processed,
-            dedup_full || changes_full || ledger_full || due_processed == due::DUE_PER_CLOCK_MAX,
-        )
+        dedup_full || changes_full || ledger_full
     }
 }
 

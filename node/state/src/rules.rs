@@ -5,6 +5,13 @@ use super::*;
 use oneid_protocol::num::DAY_MS;
 
 impl ShardState {
+    /// Whether the shard's rules have no retention (rules migrated from format 7; a shard
+    /// without rules has the defaults until its seed): its leader seeds one
+    /// (`Command::SeedRetention`).
+    pub fn needs_retention(&self) -> bool {
+        self.rules.retention.is_none()
+    }
+
     pub(super) fn set_rules(&mut self, rules: Rules) {
         self.tag_rules = rules.compiled_tag_rules();
         self.rules = rules;

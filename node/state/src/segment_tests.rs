@@ -311,13 +311,7 @@ fn a_time_based_exit_arrives_at_the_tick_that_crosses_its_threshold() {
     assert_eq!(members(&h, "recent"), vec![a], "30 whole days: still in");
     let mut ms_before_31 = at(31);
     ms_before_31.0 -= 1;
-    h.apply(Command::Clock {
-        target: ms_before_31,
-        retention: match clock(0) {
-            Command::Clock { retention, .. } => retention,
-            _ => unreachable!(),
-        },
-    });
+    h.apply(clock_at(ms_before_31));
     assert_eq!(
         members(&h, "recent"),
         vec![a],
@@ -355,24 +349,21 @@ fn change_log_entries_are_evicted_by_age_and_count() {
         h.ok(order(&format!("p{i}"), &format!("o{i}"), "10", 0, "douyin"));
     }
     assert_eq!(h.state.record.change_seq, 5);
-    let keep = |hours, entries| match clock(1) {
-        Command::Clock { target, retention } => Command::Clock {
-            target,
-            retention: crate::command::Retention {
-                change_log_hours: hours,
-                change_log_entries_max: entries,
-                ..retention
-            },
-        },
-        _ => unreachable!(),
+    // A rules change sets the retention; the next clock entry evicts by it.
+    let keep = |h: &mut Harness, hours: u32, entries: u64| {
+        let retention = json!({"change_log_hours": hours, "change_log_entries_max": entries});
+        h.apply(Command::SetRules(Box::new(rules_retaining(
+            RULES, retention,
+        ))));
+        h.apply(clock(1));
     };
-    h.apply(keep(72, 3));
+    keep(&mut h, 72, 3);
     assert_eq!(
         h.state.record.changes_evicted, 2,
         "count: the 3 latest kept"
     );
     assert_eq!(h.keys_with_prefix(keys::CHANGE_PREFIX), 3);
-    h.apply(keep(12, 3));
+    keep(&mut h, 12, 3);
     assert_eq!(h.state.record.changes_evicted, 5, "age: older than 12 h");
     assert_eq!(h.keys_with_prefix(keys::CHANGE_PREFIX), 0);
 }

@@ -4,7 +4,6 @@
 use super::event::EVENT_TS_AHEAD_MAX_MS;
 use super::retention::{CLOCK_STEP_MAX_MS, DEDUP_EVICTIONS_PER_CLOCK_MAX};
 use super::*;
-use crate::command::Retention;
 use crate::command::Routed;
 use crate::profile::Lot;
 use oneid_protocol::event::{Event, POINTS_PER_EVENT_MAX};
@@ -40,6 +39,13 @@ pub(super) fn at(days: i64) -> Millis {
 /// `days` after T0, as an RFC 3339 string for an event.
 pub(super) fn ts(days: i64) -> String {
     at(days).to_string()
+}
+
+/// The rules of `json` with `"retention": retention` in them.
+pub(super) fn rules_retaining(json: &str, retention: Json) -> Rules {
+    let mut doc: Json = serde_json::from_str(json).expect("rules document parses");
+    doc["retention"] = retention;
+    rules(&doc.to_string())
 }
 
 pub(super) fn rules(json: &str) -> Rules {
@@ -92,15 +98,7 @@ pub(super) fn clock(days: i64) -> Command {
 
 /// A clock entry whose target is `target`.
 pub(super) fn clock_at(target: Millis) -> Command {
-    Command::Clock {
-        target,
-        retention: Retention {
-            dedup_days: 7,
-            ledger_days: 730,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    }
+    Command::Clock { target }
 }
 
 /// The digest recomputed from scratch: what the incremental one must always equal.
@@ -1492,15 +1490,7 @@ fn dedup_records_expire_after_the_retention_window() {
     // Exactly 7 days: not yet past the window.
     h.apply(clock(7));
     assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
-    h.apply(Command::Clock {
-        target: Millis(at(7).0 + 1),
-        retention: Retention {
-            dedup_days: 7,
-            ledger_days: 730,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    });
+    h.apply(clock_at(Millis(at(7).0 + 1)));
     assert_eq!(h.keys_with_prefix(b"d"), 0);
     assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
     // Forgotten: the event applies again.
@@ -1854,15 +1844,7 @@ fn the_digest_covers_the_shard_record() {
 fn clock_never_goes_back() {
     let mut h = Harness::new(PLAIN);
     h.apply(clock(3));
-    h.apply(Command::Clock {
-        target: Millis(at(3).0 - 1000),
-        retention: Retention {
-            dedup_days: 7,
-            ledger_days: 730,
-            change_log_hours: 72,
-            change_log_entries_max: 1_000_000,
-        },
-    });
+    h.apply(clock_at(Millis(at(3).0 - 1000)));
     assert_eq!(h.state.record.clock, at(3));
     assert_eq!(h.record().clock, at(3));
 }
@@ -1900,6 +1882,45 @@ fn an_event_dated_more_than_a_day_ahead_of_the_shards_time_is_refused() {
         h.send(earn("a-month-on", at(30))),
         EventOutcome::Duplicate(p)
     );
+}
+
+#[test]
+fn retention_comes_from_the_rules_and_a_seed_fills_only_rules_without_one() {
+    use oneid_protocol::rules::Retention;
+    // Rules migrated from format 7 have no retention: clock entries evict nothing.
+    let mut h = Harness::empty(1000);
+    let mut migrated = rules(PLAIN);
+    migrated.retention = None;
+    h.apply(Command::SetRules(Box::new(migrated)));
+    assert!(h.state.needs_retention());
+    h.apply(clock(0));
+    let p = h.ok(claim(json!({"event_id": "e1", "type": "points_earn",
+        "identities": {"phone": "1"}, "points": 5, "ts": ts(0)})));
+    h.apply(clock(30));
+    assert_eq!(h.keys_with_prefix(b"d"), 1, "no retention: nothing evicted");
+    // A seed fills it; a second seed changes nothing.
+    let seeded = Retention {
+        dedup_days: 10,
+        ..Retention::default()
+    };
+    h.apply(Command::SeedRetention(seeded));
+    assert_eq!(h.state.rules.retention, Some(seeded));
+    assert!(!h.state.needs_retention());
+    let stored = without_meta(&h.mem);
+    h.apply(Command::SeedRetention(Retention::default()));
+    assert_eq!(without_meta(&h.mem), stored, "a seed never overrides");
+    // The next clock entry evicts by it: the event was filed at day 0, 30 days ago.
+    h.apply(clock(31));
+    assert_eq!(h.keys_with_prefix(b"d"), 0);
+    assert_eq!(h.profile(p).balance, 5);
+    // A rules document without `retention` takes the defaults.
+    h.apply(Command::SetRules(Box::new(rules(PLAIN))));
+    assert_eq!(h.state.rules.retention, Some(Retention::default()));
+    // A shard with no rules at all takes no seed (its SeedRules carries one).
+    let mut fresh = Harness::empty(1000);
+    assert!(!fresh.state.needs_retention());
+    fresh.apply(Command::SeedRetention(seeded));
+    assert_eq!(fresh.mem.get(keys::RULES), None);
 }
 
 #[test]

@@ -46,15 +46,7 @@ fn a_leaving_replica_takes_no_transfer_and_never_campaigns() {
         }
         assert!(!cluster.replicas[0].is_leader(), "tick {n}");
         let (mut fx, now) = (Effects::default(), cluster.now());
-        let clock = Command::Clock {
-            target: now.wall,
-            retention: Retention {
-                dedup_days: 7,
-                ledger_days: 730,
-                change_log_hours: 72,
-                change_log_entries_max: 1_000_000,
-            },
-        };
+        let clock = Command::Clock { target: now.wall };
         cluster.replicas[1].propose(&clock, Some(u64::from(n)), &mut fx);
         assert!(fx.replies.is_empty(), "tick {n}: refused {:?}", fx.replies);
         cluster.carry_out(1, fx);

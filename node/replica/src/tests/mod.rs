@@ -14,7 +14,6 @@ use crate::{Effects, Now, Replica, ReplicaConfig, Token};
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::rules::Rules;
-use oneid_state::command::Retention;
 use oneid_state::store::MemState;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -119,12 +118,6 @@ impl Cluster {
             heartbeat_ticks: 1,
             campaign,
             clock_interval_ms: 1_000,
-            retention: Retention {
-                dedup_days: 7,
-                ledger_days: 730,
-                change_log_hours: 72,
-                change_log_entries_max: 1_000_000,
-            },
             passivate_idle_ticks: 50,
             activation_budget: 16,
             seed_rules: Rules::default(),
