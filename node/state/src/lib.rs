@@ -218,7 +218,7 @@ impl ShardState {
         state
     }
 
-    #[cfg(test)]
+    /// The rules in force.
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

@@ -3,8 +3,9 @@
 //! at a time may be days off (a VM restored from an old image), a minority of the voters of
 //! every shard. Shard clocks must follow the majority of each shard's voters whatever the
 //! others' clocks do: no replica's shard clock ever passes the largest time a majority of the
-//! shard's voters' clocks have reached ([`World::check_shard_clocks`]), and once the cluster
-//! settles every shard's clock is close behind its voters' majority time.
+//! shard's voters' clocks have reached, nor evicts exactly-once records or expires anything
+//! before its time by it ([`World::check_shard_clocks`]); and once the cluster settles every
+//! shard's clock is close behind its voters' majority time.
 
 use super::World;
 use oneid_protocol::ids::ShardId;
@@ -126,15 +127,29 @@ impl World {
     }
 
     /// No replica's shard clock passed what a majority of its voters' clocks reached.
+    /// Nor did it evict dedup records or process due keys (expiries) before their time by
+    /// that majority time.
     pub(super) fn check_shard_clocks(&self, node: usize, shard: ShardId) -> Result<(), String> {
-        let record = &self.nodes[node].replicas[&shard].state.record;
+        let state = &self.nodes[node].replicas[&shard].state;
+        let record = &state.record;
         let majority = Millis(super::EPOCH_MS + self.majority_reached(shard));
+        let on = || format!("shard {shard} on node {}", node + 1);
         if record.clock > majority || record.target > majority {
             return Err(format!(
-                "shard {shard} on node {}: clock {} (target {}) past its voters' majority time {majority}",
-                node + 1,
+                "{}: clock {} (target {}) past its voters' majority time {majority}",
+                on(),
                 record.clock,
                 record.target
+            ));
+        }
+        let dedup_days = state.rules().retention.map_or(0, |r| r.dedup_days);
+        let dedup_horizon = Millis(majority.0 - i64::from(dedup_days) * DAY_MS);
+        if record.dedup_evicted_to > dedup_horizon || record.due_floor.0 > majority.0 + 1 {
+            return Err(format!(
+                "{}: dedup records evicted to {}, due keys processed to {}, past what the majority time {majority} allows",
+                on(),
+                record.dedup_evicted_to,
+                record.due_floor
             ));
         }
         Ok(())
