@@ -106,7 +106,10 @@ impl ClusterClock {
         let majority = majority_of(clocks.iter().map(|(_, clock)| *clock));
         clocks
             .into_iter()
-            .map(|(node, clock)| (node, clock.zip(majority).map(|(c, m)| c.0 - m.0)))
+            .map(|(node, clock)| {
+                let offset = clock.zip(majority).map(|(c, m)| c.0.saturating_sub(m.0));
+                (node, offset)
+            })
             .collect()
     }
 

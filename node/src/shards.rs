@@ -638,6 +638,21 @@ pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &Message) -> bool 
     ours && (node_of_raft_id(sender) == from || forwarded)
 }
 
+/// Whether a peer may forward `command` to this node's leader: what clients, the follow-up
+/// sweeps and the rules and segment routes propose; never what a leader proposes on its own
+/// (clock entries, seeds, backfills; legacy commands are never proposed at all).
+fn forwardable(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Events(_)
+            | Command::Bind(_)
+            | Command::FinishFollowUps(_)
+            | Command::SetRules(_)
+            | Command::DefineSegment(_)
+            | Command::InstallSegment(_)
+    )
+}
+
 /// A snapshot's holder, reached over the peer transport.
 pub struct PeerSource(pub Arc<Shards>);
 
@@ -692,10 +707,16 @@ impl Inbound for FromPeers {
         let _ = addr.try_send(Step(decoded));
     }
 
-    fn request(&self, _from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+    fn request(&self, from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let shards = Arc::clone(&self.0);
         Box::pin(async move {
             let response = match postcard::from_bytes::<PeerRequest>(&body) {
+                Ok(PeerRequest::Propose { shard, command }) if !forwardable(&command) => {
+                    // Clock entries, seeds, backfills and legacy commands come from a shard's
+                    // own leader only: no peer moves a shard's time or retention.
+                    tracing::warn!(peer = from, %shard, "a peer proposed a command only a leader makes; refused");
+                    PeerResponse::Proposed(Err(ShardError::Stopped(shard)))
+                }
                 Ok(PeerRequest::Propose { shard, command }) => {
                     PeerResponse::Proposed(shards.propose_here(shard, command).await)
                 }

@@ -296,12 +296,14 @@ pub fn event_id_of(raw: &RawValue) -> String {
 }
 
 impl Event {
-    /// Parses and validates one event. `received` is the node's receive time, the default `ts`.
+    /// Parses and validates one event. `received` dates an event without `ts`: the cluster's
+    /// time when the node received it, `None` if the node could not tell it (such an event is
+    /// refused `unavailable`, naming `ts`, for the client to send elsewhere or again).
     ///
     /// The fields every event shares are read first, then the body of the event's type. The
     /// steps run in a fixed order and each stops at its first error, so when several fields
     /// are wrong the same one is always reported.
-    pub fn parse(raw: &RawValue, received: Millis) -> Result<Event, EventError> {
+    pub fn parse(raw: &RawValue, received: Option<Millis>) -> Result<Event, EventError> {
         let fields = Fields::parse(raw)?;
         let event_id = fields.required_text("event_id", EVENT_ID_BYTES_MAX)?;
         let event_type = parse_type(&fields)?;
@@ -314,7 +316,16 @@ impl Event {
                 "an event names its profile by oneid or identities",
             ));
         }
-        let ts = fields.time("ts")?.unwrap_or(received);
+        let ts = match fields.time("ts")? {
+            Some(ts) => ts,
+            None => received.ok_or_else(|| {
+                EventError::field(
+                    ErrorCode::Unavailable,
+                    "ts",
+                    "this node hears from no majority of the cluster's nodes, so it cannot date an event without ts: send ts, or send it again (to another node)",
+                )
+            })?,
+        };
         let channel = parse_channel(&fields)?;
         let body = parse_body(&event_type, &fields, &identities)?;
         Ok(Event {
@@ -553,12 +564,30 @@ mod tests {
 
     fn parse(json: &str) -> Result<Event, EventError> {
         let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
-        Event::parse(&raw, Millis(1_000))
+        Event::parse(&raw, Some(Millis(1_000)))
     }
 
     fn error(json: &str) -> (ErrorCode, Option<String>) {
         let e = parse(json).unwrap_err();
         (e.code, e.field)
+    }
+
+    #[test]
+    fn an_event_without_ts_is_dated_by_the_time_given_or_refused_unavailable() {
+        let earn = r#"{"event_id": "e", "type": "points_earn", "identities": {"phone": "1"}, "points": 1}"#;
+        assert_eq!(parse(earn).unwrap().ts, Millis(1_000));
+        let raw: Box<RawValue> = serde_json::from_str(earn).unwrap();
+        let refused = Event::parse(&raw, None).unwrap_err();
+        assert_eq!(
+            (refused.code, refused.field.as_deref()),
+            (ErrorCode::Unavailable, Some("ts"))
+        );
+        let dated = r#"{"event_id": "e", "type": "points_earn", "identities": {"phone": "1"}, "points": 1, "ts": "2026-01-01T00:00:00Z"}"#;
+        let raw: Box<RawValue> = serde_json::from_str(dated).unwrap();
+        assert_eq!(
+            Event::parse(&raw, None).unwrap().ts,
+            Millis(1_767_225_600_000)
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl PeerClocks {
     pub fn estimate(&self, peer: u64, now: Duration) -> Option<Millis> {
         let report = self.reports.get(&peer)?;
         let age = now.saturating_sub(report.arrived);
-        (age <= CLOCK_FRESH).then(|| Millis(report.wall.0 + age.as_millis() as i64))
+        (age <= CLOCK_FRESH).then(|| Millis(report.wall.0.saturating_add(age.as_millis() as i64)))
     }
 
     /// The majority time of `voters`, one of which may be this node (`own`: its id and its

@@ -125,7 +125,7 @@ const LEAD_HOME_KEPT_UP_TICKS: u64 = 10;
 /// Most entries the placed leader may lack and still count as keeping up.
 const LEAD_HOME_LAG_MAX: u64 = 256;
 /// Ticks a new shard's leader waits for every voter's clock before its first clock entry (see
-/// `Replica::first_clock_ready`); events wait for that entry.
+/// `Replica::first_clock_ready`; 2 s at the default 100 ms tick); events wait for that entry.
 const FIRST_CLOCK_WAIT_TICKS: u64 = 20;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
@@ -550,12 +550,13 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// Proposes a command; `token` (if any) gets its output once it is committed, applied and
-    /// durable here, or an error.
-    pub fn propose(&mut self, command: &Command, token: Option<Token>, fx: &mut Effects) {
+    /// durable here, or an error. Answers whether the command was appended to the log.
+    pub fn propose(&mut self, command: &Command, token: Option<Token>, fx: &mut Effects) -> bool {
         let fail = |error, fx: &mut Effects| {
             if let Some(token) = token {
                 fx.replies.push((token, Err(error)));
             }
+            false
         };
         if !self.is_leader() {
             return fail(self.not_leader(), fx);
@@ -563,12 +564,13 @@ impl<S: LogSource> Replica<S> {
         if self.proposals.len() >= PROPOSALS_PENDING_MAX {
             return fail(ShardError::Overloaded(self.config.shard), fx);
         }
-        if matches!(command, Command::Events(_))
+        if matches!(command, Command::Events(_) | Command::DefineSegment(_))
             && self.state.record.clock == Millis(0)
             && self.last_clock.is_none()
         {
-            // The shard's first clock entry goes before any event (see `on_became_leader`):
-            // an event filed for retention at the epoch would be evicted by that entry.
+            // The shard's first clock entry goes before any event or definition (see
+            // `on_became_leader`): an event filed for retention at the epoch would be evicted
+            // by that entry, and both would be dated by a shard time of 0.
             return fail(ShardError::Overloaded(self.config.shard), fx);
         }
         if let Some(to) = self.raw.raft.lead_transferee {
@@ -595,6 +597,7 @@ impl<S: LogSource> Replica<S> {
                     .push((stale, Err(ShardError::Dropped(self.config.shard))));
             }
         }
+        true
     }
 
     /// Asks for a linearizable read: `token` is answered in `Effects::reads` once the durable
@@ -719,7 +722,7 @@ impl<S: LogSource> Replica<S> {
 
     /// The shard's majority time now (see [`clocks`]), as this replica knows its voters'
     /// clocks: a leader hears from each every heartbeat.
-    pub fn majority_time(&self) -> Option<Millis> {
+    fn majority_time(&self) -> Option<Millis> {
         let voters = self.raw.raft.prs().conf().voters().ids();
         self.peer_clocks
             .majority_time(voters.iter(), (self.config.id, self.now), self.since_start)
@@ -946,8 +949,8 @@ impl<S: LogSource> Replica<S> {
     }
 
     /// A shard's first clock entry goes all the way to its target (no step bounds it), so it
-    /// waits, for up to [`FIRST_CLOCK_WAIT_TICKS`] after its leader took office, until every
-    /// voter's clock is heard: the majority of a leader days behind and one follower is the
+    /// waits, for up to [`FIRST_CLOCK_WAIT_TICKS`] ticks after its leader took office, until
+    /// every voter's clock is heard: the majority of a leader days behind and one follower is the
     /// leader's clock, and a shard clock set days back would take hours to catch up.
     fn first_clock_ready(&self) -> bool {
         let voters = self.raw.raft.prs().conf().voters().ids();
@@ -971,8 +974,9 @@ impl<S: LogSource> Replica<S> {
         }
         let seed = self.config.seed_rules.retention;
         let seed = seed.expect("seed rules come from a validated rules document");
-        self.propose(&Command::SeedRetention(seed), None, fx);
-        self.retention_seed_at = Some(self.raw.raft.raft_log.last_index());
+        if self.propose(&Command::SeedRetention(seed), None, fx) {
+            self.retention_seed_at = Some(self.raw.raft.raft_log.last_index());
+        }
     }
 
     /// Proposes the next `Backfill` entry if this leader's shard has background work and the
@@ -986,16 +990,21 @@ impl<S: LogSource> Replica<S> {
         {
             return;
         }
-        self.propose(&Command::Backfill, None, fx);
-        self.backfill_at = Some(self.raw.raft.raft_log.last_index());
+        if self.propose(&Command::Backfill, None, fx) {
+            self.backfill_at = Some(self.raw.raft.raft_log.last_index());
+        }
     }
 
+    /// Proposes a clock entry; only one that was appended counts as the interval's advancing
+    /// entry (and lets events in, for a new shard) or continues the due backlog.
     fn propose_clock(&mut self, command: &Command, fx: &mut Effects) {
+        if !self.propose(command, None, fx) {
+            return;
+        }
         self.due_backlog = false;
-        if matches!(command, Command::Clock { target, .. } if *target > self.state.record.clock) {
+        if matches!(command, Command::Clock { target } if *target > self.state.record.clock) {
             self.last_clock = Some(self.since_start);
         }
-        self.propose(command, None, fx);
     }
 
     /// Asks a round again if it was not answered in time; fails reads that waited too long.

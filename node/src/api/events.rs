@@ -27,12 +27,8 @@ impl Api {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
         // Events without `ts` are dated by the cluster's majority time, never by this node's
-        // wall clock alone.
-        let Some(received) = self.shards.clock.majority_time() else {
-            return Err(ApiError::unavailable(
-                "this node hears from no majority of the cluster's nodes, so it can date no event (nor reach a quorum); retry, or send to another node",
-            ));
-        };
+        // wall clock alone (without one, they are refused `unavailable`).
+        let received = self.shards.clock.majority_time();
         let shape = body_shape(&request)?;
         let (body, held) =
             body::read(request.into_body(), shape, &self.budget, self.body_timeout).await?;
@@ -84,7 +80,7 @@ fn body_shape(request: &Request<Incoming>) -> Result<Shape, ApiError> {
 /// Parses every event of a body. NDJSON lines were counted while the body was read; a JSON
 /// array is counted while it is parsed, so a body of millions of tiny elements is refused
 /// without allocating them.
-fn parse(body: &[u8], shape: Shape, received: Millis) -> Result<Vec<Parsed>, ApiError> {
+fn parse(body: &[u8], shape: Shape, received: Option<Millis>) -> Result<Vec<Parsed>, ApiError> {
     let raws: Vec<Result<Box<RawValue>, String>> = match shape {
         Shape::Lines => body
             .split(|&b| b == b'\n')

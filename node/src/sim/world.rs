@@ -1098,7 +1098,7 @@ impl World {
                     "ts": Millis(EPOCH_MS + op_invoked as i64).to_string(),
                     "expires_at": Millis(EPOCH_MS + 400 * 86_400_000).to_string()});
                 let raw = serde_json::value::to_raw_value(&json).expect("json");
-                let event = Event::parse(&raw, self.millis(node)).expect("a valid event");
+                let event = Event::parse(&raw, Some(self.millis(node))).expect("a valid event");
                 let command = Command::Events(vec![Routed {
                     event,
                     target: Target::Claim,

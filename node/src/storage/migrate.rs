@@ -5,7 +5,11 @@
 //! A migration is a pure function of stored bytes: each state pair, and the command of each
 //! Raft log entry (committed or not: an entry applied after the upgrade must decode as the new
 //! release reads it). It reads no config and no clock, so replicas of a shard migrated apart,
-//! on different nodes and at different times, still reach equal digests.
+//! on different nodes and at different times, still reach equal digests. And since replicas
+//! stop at different applied indexes, an entry one applied before the upgrade another applies
+//! after it: a migrated entry must apply to the migrated state as the original did to the
+//! original state, migrated after. A format that applies a command otherwise keeps the old
+//! ones in the log as legacy commands that apply as they did (see `migrations`).
 //!
 //! How one link runs, shard by shard, resumable after a crash at any point:
 //! 1. the shard's migrated state and log are written into a new generation of its keyspaces

@@ -15,9 +15,11 @@ use oneid_state::keys;
 /// - The rules end with their retention: format-7 rules (stored, and in `SetRules` and
 ///   `SeedRules` commands) have none, which their leaders seed from `cluster.toml` after
 ///   the upgrade (`Command::SeedRetention`), never this migration.
-/// - A clock entry carries only its target (its format-7 wall clock), no retention.
-/// - A segment definition no longer carries its proposer's wall clock (the registry shard
-///   dates it).
+/// - Format 8 applies clock entries, events and segment definitions otherwise than format 7
+///   did (a bounded step, a bound on `ts`, the registry's date), so the format-7 ones in the
+///   log become `LegacyClock`, `LegacyEvents` and `LegacyDefineSegment`, which apply as they
+///   did: a replica that applies one after the upgrade ends where one that applied it before
+///   and was migrated ends (the contract in `migrate`).
 pub const TO_8: Migration = Migration {
     from: 7,
     state_pair: |key, value| {
@@ -35,6 +37,7 @@ pub const TO_8: Migration = Migration {
 const CLOCK_7: u8 = 0;
 const SET_RULES_7: u8 = 1;
 const SEED_RULES_7: u8 = 2;
+const EVENTS_7: u8 = 3;
 const DEFINE_SEGMENT_7: u8 = 6;
 
 /// A format-7 command as format 8 encodes it.
@@ -47,24 +50,24 @@ fn command_to_8(command: &[u8]) -> Vec<u8> {
     };
     match variant {
         CLOCK_7 => {
-            let (target, _retention): (Millis, (u32, u32, u32, u64)) =
+            let (now, retention): (Millis, Retention) =
                 postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
-            Command::Clock { target }.encode()
+            Command::LegacyClock { now, retention }.encode()
         }
         SET_RULES_7 | SEED_RULES_7 => [&[variant], &rules_without_retention(payload)[..]].concat(),
+        EVENTS_7 => {
+            let events = postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
+            Command::LegacyEvents(events).encode()
+        }
         DEFINE_SEGMENT_7 => {
-            let (name, predicate, description, _proposed_at): (
-                String,
-                Option<String>,
-                String,
-                Millis,
-            ) = postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
-            Command::DefineSegment(SegmentDefine {
+            let (name, predicate, description, at): (String, Option<String>, String, Millis) =
+                postcard::from_bytes(payload).unwrap_or_else(|e| decode_failed(e));
+            let define = SegmentDefine {
                 name,
                 predicate,
                 description,
-            })
-            .encode()
+            };
+            Command::LegacyDefineSegment(define, at).encode()
         }
         _ => command.to_vec(),
     }
@@ -110,8 +113,13 @@ mod tests {
         assert_eq!(other, vec![(b"p/1".to_vec(), b"kept".to_vec())]);
     }
 
+    /// A format-7 command: its variant number, then `payload` (postcard).
+    fn command_7(variant: u8, payload: &impl serde::Serialize) -> Vec<u8> {
+        [&[variant][..], &postcard::to_stdvec(payload).unwrap()].concat()
+    }
+
     #[test]
-    fn a_format_7_segment_definition_loses_its_proposer_date_and_other_commands_stay() {
+    fn format_7_clock_entries_events_and_definitions_become_their_legacy_commands() {
         let at = Millis(1_767_225_600_000);
         let fields = (
             "vip".to_string(),
@@ -119,48 +127,54 @@ mod tests {
             String::new(),
             at,
         );
-        let old = [
-            &[DEFINE_SEGMENT_7][..],
-            &postcard::to_stdvec(&fields).unwrap(),
-        ]
-        .concat();
-        let new = Command::DefineSegment(SegmentDefine {
+        let define = SegmentDefine {
             name: "vip".into(),
             predicate: Some("points > 1".into()),
             description: String::new(),
-        });
-        assert_eq!(
-            new.encode()[0],
-            DEFINE_SEGMENT_7,
-            "the variant keeps its number"
-        );
-        assert_eq!(Command::decode(&(TO_8.command)(&old)).unwrap(), new);
-        let deleted = ("vip".to_string(), None::<String>, String::new(), at);
-        let old = [
-            &[DEFINE_SEGMENT_7][..],
-            &postcard::to_stdvec(&deleted).unwrap(),
-        ]
-        .concat();
-        let Command::DefineSegment(define) = Command::decode(&(TO_8.command)(&old)).unwrap() else {
-            panic!("a definition")
         };
-        assert_eq!(define.predicate, None);
+        let migrated = (TO_8.command)(&command_7(DEFINE_SEGMENT_7, &fields));
+        let legacy = Command::LegacyDefineSegment(define.clone(), at);
+        assert_eq!(Command::decode(&migrated).unwrap(), legacy);
+        // The variants format 8 kept have the numbers format 7 gave them.
+        assert_eq!(Command::DefineSegment(define).encode()[0], DEFINE_SEGMENT_7);
+        assert_eq!(Command::Clock { target: at }.encode()[0], CLOCK_7);
+        assert_eq!(Command::Events(vec![]).encode()[0], EVENTS_7);
+
+        let retention = Retention {
+            dedup_days: 7,
+            ledger_days: 730,
+            change_log_hours: 72,
+            change_log_entries_max: 9,
+        };
+        let clock = command_7(CLOCK_7, &(at, (7u32, 730u32, 72u32, 9u64)));
+        let migrated = Command::decode(&(TO_8.command)(&clock)).unwrap();
+        assert_eq!(migrated, Command::LegacyClock { now: at, retention });
+
+        let event = oneid_protocol::event::Event::parse(
+            &serde_json::value::to_raw_value(&serde_json::json!({"event_id": "e1",
+                "type": "points_earn", "identities": {"phone": "1"}, "points": 5}))
+            .unwrap(),
+            Some(at),
+        )
+        .unwrap();
+        let routed = vec![oneid_state::command::Routed {
+            event,
+            target: oneid_state::command::Target::Claim,
+            link_elsewhere: vec![],
+            bound: vec![true],
+        }];
+        let migrated = (TO_8.command)(&command_7(EVENTS_7, &routed));
+        assert_eq!(
+            Command::decode(&migrated).unwrap(),
+            Command::LegacyEvents(routed)
+        );
         for kept in [Command::Backfill, Command::FinishFollowUps(vec![])] {
             assert_eq!((TO_8.command)(&kept.encode()), kept.encode());
         }
     }
 
     #[test]
-    fn format_7_rules_and_clock_entries_lose_their_retention() {
-        let at = Millis(1_767_225_600_000);
-        let clock = [
-            &[CLOCK_7][..],
-            &postcard::to_stdvec(&(at, (7u32, 730u32, 72u32, 9u64))).unwrap(),
-        ]
-        .concat();
-        let migrated = Command::decode(&(TO_8.command)(&clock)).unwrap();
-        assert_eq!(migrated, Command::Clock { target: at });
-        assert_eq!(Command::Clock { target: at }.encode()[0], CLOCK_7);
+    fn format_7_rules_have_no_retention() {
         // Format-7 rules: format 8's without their last field.
         let mut rules = Rules::default();
         rules.tag_rules.clear();

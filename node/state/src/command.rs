@@ -51,6 +51,17 @@ pub enum Command {
     /// (rules migrated from format 7, which kept retention in each node's config): applied
     /// only if they still have none, so it never overrides a `SetRules`.
     SeedRetention(Retention),
+    /// A format-7 clock entry, in a log migrated to format 8 (never proposed): it applies as
+    /// it did when written (the clock raised to `now`, no step bound; eviction by the retention
+    /// it carries), so a replica that applies it after the upgrade reaches the state of one
+    /// that applied it before and was migrated. The shard's target follows its clock.
+    LegacyClock { now: Millis, retention: Retention },
+    /// Format-7 events, in a log migrated to format 8 (never proposed): they apply as they
+    /// did, without the bound on `ts` (see `LegacyClock`).
+    LegacyEvents(Vec<Routed>),
+    /// A format-7 segment definition, in a log migrated to format 8 (never proposed): dated
+    /// by its proposer's clock `at`, as it was (see `LegacyClock`).
+    LegacyDefineSegment(SegmentDefine, Millis),
 }
 
 /// The shard that orders segment definitions.

@@ -288,17 +288,7 @@ impl ShardState {
                 }
                 Output::None
             }
-            Command::Events(events) => {
-                let mut follow_ups = Vec::new();
-                let outcomes = events
-                    .into_iter()
-                    .map(|routed| self.apply_event(tx, index, routed, &mut follow_ups))
-                    .collect();
-                Output::Events {
-                    outcomes,
-                    follow_ups,
-                }
-            }
+            Command::Events(events) => self.apply_events(tx, index, events, true),
             Command::Bind(pairs) => Output::Bind(
                 pairs
                     .into_iter()
@@ -309,7 +299,10 @@ impl ShardState {
                 self.finish_follow_ups(tx, answers);
                 Output::None
             }
-            Command::DefineSegment(define) => Output::Segment(self.define_segment(tx, define)),
+            Command::DefineSegment(define) => {
+                let at = self.record.target;
+                Output::Segment(self.define_segment(tx, define, at))
+            }
             Command::InstallSegment(def) => {
                 self.install_segment(tx, def);
                 Output::None
@@ -317,6 +310,17 @@ impl ShardState {
             Command::Backfill => Output::Backfill {
                 more: self.backfill(tx),
             },
+            Command::LegacyClock { now, retention } => {
+                let (due_processed, backlog) = self.apply_legacy_clock(tx, now, retention);
+                Output::Clock {
+                    due_processed,
+                    backlog,
+                }
+            }
+            Command::LegacyEvents(events) => self.apply_events(tx, index, events, false),
+            Command::LegacyDefineSegment(define, at) => {
+                Output::Segment(self.define_segment(tx, define, at))
+            }
             Command::SeedRetention(retention) => {
                 if self.needs_retention() {
                     self.rules.retention = Some(retention);

@@ -56,10 +56,26 @@ impl ShardState {
         };
         self.record.clock = clock.max(step_to);
         self.record.target = self.record.target.max(target);
-        let evictions_full = match self.rules.retention {
-            Some(retention) => self.evict(tx, retention),
-            None => false,
-        };
+        self.clock_moved(tx, self.rules.retention)
+    }
+
+    /// A format-7 clock entry (`Command::LegacyClock`), as it applied then: the clock raised
+    /// to `now`, eviction by the retention it carries; the target follows the clock.
+    pub(super) fn apply_legacy_clock(
+        &mut self,
+        tx: &mut Tx<'_>,
+        now: Millis,
+        retention: Retention,
+    ) -> (usize, bool) {
+        self.record.clock = self.record.clock.max(now);
+        self.record.target = self.record.target.max(self.record.clock);
+        self.clock_moved(tx, Some(retention))
+    }
+
+    /// What a clock entry does once the clock moved: evicts by `retention` (if any) and
+    /// processes what fell due; answers how many due keys, and whether a batch was full.
+    fn clock_moved(&mut self, tx: &mut Tx<'_>, retention: Option<Retention>) -> (usize, bool) {
+        let evictions_full = retention.is_some_and(|retention| self.evict(tx, retention));
         let due_processed = self.process_due(tx);
         (
             due_processed,

@@ -139,6 +139,22 @@ fn membership_follows_each_event_in_the_same_apply() {
 }
 
 #[test]
+fn a_format_7_definition_of_a_migrated_log_is_dated_by_its_proposer() {
+    let mut h = Harness::new(PLAIN);
+    let legacy = SegmentDefine {
+        name: "s".into(),
+        predicate: Some("points > 30".into()),
+        description: String::new(),
+    };
+    match h.apply(Command::LegacyDefineSegment(legacy, at(2))) {
+        Output::Segment(Ok((def, true))) => {
+            assert_eq!((def.created_at, def.updated_at), (at(2), at(2)));
+        }
+        other => panic!("a legacy definition answered {other:?}"),
+    }
+}
+
+#[test]
 fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
     let mut h = Harness::new(PLAIN);
     let (first, _) = define(&mut h, "s", "points > 10");

@@ -305,18 +305,18 @@ impl ShardState {
 
     /// Orders a definition (the registry shard only) and installs it here. Answers the
     /// definition, and whether it created the segment; an unchanged one is answered as it
-    /// is, without a new version. Dated by the registry shard's time (the majority time of
+    /// is, without a new version. Dated `at` (the registry shard's time: the majority time of
     /// its last clock entry).
     pub(super) fn define_segment(
         &mut self,
         tx: &mut Tx<'_>,
         define: SegmentDefine,
+        at: Millis,
     ) -> Result<(SegmentDef, bool), EventError> {
         assert_eq!(
             self.shard.0, REGISTRY_SHARD,
             "segments are defined on the registry shard"
         );
-        let at = self.record.target;
         let current = self.segments.get(&define.name).map(|s| &s.record.def);
         let live = current.filter(|def| !def.deleted);
         let def = match (&define.predicate, live) {

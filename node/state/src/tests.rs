@@ -69,7 +69,7 @@ pub(super) fn identity(kind: &str, value: &str) -> Identity {
 /// Parses an event as the API would; the receive time only matters when it has no `ts`.
 pub(super) fn event(json: &Json) -> Event {
     let raw = serde_json::value::to_raw_value(json).expect("json encodes");
-    Event::parse(&raw, Millis(T0)).unwrap_or_else(|e| panic!("bad test event {json}: {e:?}"))
+    Event::parse(&raw, Some(Millis(T0))).unwrap_or_else(|e| panic!("bad test event {json}: {e:?}"))
 }
 
 pub(super) fn routed(json: Json, target: Target) -> Routed {
@@ -1921,6 +1921,46 @@ fn retention_comes_from_the_rules_and_a_seed_fills_only_rules_without_one() {
     assert!(!fresh.state.needs_retention());
     fresh.apply(Command::SeedRetention(seeded));
     assert_eq!(fresh.mem.get(keys::RULES), None);
+}
+
+#[test]
+fn legacy_commands_of_a_migrated_log_apply_as_format_7_did() {
+    use oneid_protocol::rules::Retention;
+    let mut h = Harness::new(PLAIN);
+    let keep_one_day = Retention {
+        dedup_days: 1,
+        ..Retention::default()
+    };
+    // A format-7 clock entry: no step bound, eviction by the retention it carries, the
+    // target following the clock.
+    h.ok(claim(json!({"event_id": "e1", "type": "points_earn",
+        "identities": {"phone": "1"}, "points": 5, "ts": ts(0)})));
+    h.apply_exact(Command::LegacyClock {
+        now: at(3),
+        retention: keep_one_day,
+    });
+    assert_eq!(
+        (h.state.record.clock, h.state.record.target),
+        (at(3), at(3))
+    );
+    assert_eq!(
+        h.keys_with_prefix(b"d"),
+        0,
+        "evicted by the entry's own retention"
+    );
+    // Format-7 events had no bound on `ts`.
+    let far = json!({"event_id": "e2", "type": "points_earn", "identities": {"phone": "2"},
+        "points": 5, "ts": ts(400)});
+    assert_eq!(h.rejected(claim(far.clone())), ErrorCode::InvalidField);
+    match h.apply(Command::LegacyEvents(vec![claim(far)])) {
+        Output::Events { outcomes, .. } => {
+            assert!(
+                matches!(outcomes[..], [EventOutcome::Applied(_)]),
+                "{outcomes:?}"
+            );
+        }
+        other => panic!("events answered {other:?}"),
+    }
 }
 
 #[test]

@@ -70,7 +70,8 @@ fn a_leader_that_hands_over_leadership_gives_up_its_lease_before_its_target_camp
             .messages
             .iter()
             .any(|m| m.kind() == MessageKind::TimeoutNow);
-        if timeout_now || cluster.replicas[1].lease_read().is_none() {
+        let transferring = cluster.replicas[1].raw.raft.lead_transferee.is_some();
+        if timeout_now || transferring {
             // The transfer began (its target is told to campaign now, or once it holds the
             // entries a clock entry of the same tick added): still leader, its lease already
             // gone.

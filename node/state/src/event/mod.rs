@@ -21,7 +21,7 @@ use super::profile::Profile;
 use super::tx::{reject_field, EventWrites, Tx};
 use super::{note_channel, DedupRecord, LedgerRecord};
 use super::{LedgerKind, ShardState};
-use crate::command::{EventOutcome, FollowUp, Routed};
+use crate::command::{EventOutcome, FollowUp, Output, Routed};
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::Millis;
 use oneid_protocol::ErrorCode;
@@ -50,7 +50,6 @@ impl ShardState {
         event: &Event,
         writes: &mut EventWrites,
     ) -> Result<(), EventError> {
-        check_ts(event.ts, self.record.target)?;
         check_totals(profile, &event.body)?;
         let applying = Applying {
             state: self,
@@ -139,9 +138,10 @@ fn earn(
     }
 }
 
-/// Refuses an event dated more than [`EVENT_TS_AHEAD_MAX_MS`] after `target`, the shard's time.
-fn check_ts(ts: Millis, target: Millis) -> Result<(), EventError> {
-    if ts.0 - target.0 > EVENT_TS_AHEAD_MAX_MS {
+/// Refuses an event dated more than [`EVENT_TS_AHEAD_MAX_MS`] after `target`, the shard's
+/// time, if `bound` (see [`ShardState::apply_events`]).
+fn check_ts(ts: Millis, target: Millis, bound: bool) -> Result<(), EventError> {
+    if bound && ts.0.saturating_sub(target.0) > EVENT_TS_AHEAD_MAX_MS {
         return Err(reject_field(
             ErrorCode::InvalidField,
             "ts",
@@ -192,11 +192,33 @@ pub(super) fn check_totals(profile: &Profile, body: &EventBody) -> Result<(), Ev
 impl ShardState {
     /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
     /// added to `follow_ups`.
-    pub(super) fn apply_event(
+    /// Applies a batch of events in order: their outcomes, and the follow-ups they left.
+    /// `bound_ts`: refuse events dated more than [`EVENT_TS_AHEAD_MAX_MS`] ahead (all but
+    /// format-7 events, see `Command::LegacyEvents`).
+    pub(super) fn apply_events(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        events: Vec<Routed>,
+        bound_ts: bool,
+    ) -> Output {
+        let mut follow_ups = Vec::new();
+        let outcomes = events
+            .into_iter()
+            .map(|routed| self.apply_event(tx, index, routed, bound_ts, &mut follow_ups))
+            .collect();
+        Output::Events {
+            outcomes,
+            follow_ups,
+        }
+    }
+
+    fn apply_event(
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
         routed: Routed,
+        bound_ts: bool,
         follow_ups: &mut Vec<FollowUp>,
     ) -> EventOutcome {
         let Routed {
@@ -220,8 +242,8 @@ impl ShardState {
         }
         let before = stored_hash.and_then(|_| self.stamp(&profile));
         let mut writes = EventWrites::default();
-        let accepted = self
-            .apply_body(tx, &mut profile, &event, &mut writes)
+        let accepted = check_ts(event.ts, self.record.target, bound_ts)
+            .and_then(|()| self.apply_body(tx, &mut profile, &event, &mut writes))
             .and_then(|()| self.take_identities(&mut profile, &local, link_elsewhere));
         let (new_bindings, to_link) = match accepted {
             Ok(identities) => identities,
