@@ -10,7 +10,6 @@ use hyper::{Method, Request, StatusCode};
 use oneid_protocol::segments::{
     MembersPage, SegmentChange, SegmentDoc, SegmentList, SegmentPut, SnapshotEnd,
 };
-use oneid_protocol::ErrorCode;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -82,26 +81,14 @@ impl Client {
         Ok(list.segments)
     }
 
-    /// Deletes a segment (its members' exits follow); `false` if there was none.
-    pub async fn delete_segment(&self, name: &str) -> Result<bool, Error> {
+    /// Deletes a segment (its members' exits follow). Deleting it again is fine (every shard
+    /// is told again); a name never defined is an `Error::Api` with code `not_found`.
+    pub async fn delete_segment(&self, name: &str) -> Result<(), Error> {
         let path = format!("/v1/segments/{}", encode(name));
-        match self
-            .call(
-                Route::Any,
-                Method::DELETE,
-                &path,
-                "application/json",
-                Bytes::new(),
-            )
+        let body = Bytes::new();
+        self.call(Route::Any, Method::DELETE, &path, "application/json", body)
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(Error::Api {
-                code: ErrorCode::NotFound,
-                ..
-            }) => Ok(false),
-            Err(error) => Err(error),
-        }
+            .map(drop)
     }
 
     /// One page of a segment's members; pass the answer's `next` as `cursor`.

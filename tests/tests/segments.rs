@@ -2,10 +2,11 @@
 //! membership stream: its framing, resuming after a disconnect and a restart with no gap and
 //! no duplicate, snapshot-then-stream against the members list, a time-based exit at its
 //! tick, retention (410), deletion (every exit, then the end), a subscriber that stops
-//! reading, and a shard leader killed mid-stream on a 3-node cluster.
+//! reading, a shard leader killed mid-stream on a 3-node cluster, and a deletion sent again
+//! while a shard's leader is paused.
 
 use futures::StreamExt;
-use oneid_client::{Client, SegmentEvent, WatchFrom};
+use oneid_client::{Client, Consistency, SegmentEvent, WatchFrom};
 use oneid_protocol::num::{Millis, DAY_MS};
 use oneid_protocol::segments::ChangeKind;
 use oneid_protocol::ErrorCode;
@@ -256,7 +257,11 @@ async fn definitions_documents_members_and_their_errors() {
         "line 2, column 3: expected a value (a number, a string, true or false) but found \"and\""
     );
     assert!(client.segment("nope").await.unwrap().is_none());
-    assert!(!client.delete_segment("nope").await.unwrap());
+    let (status, code, field, _) = api_error(client.delete_segment("nope").await);
+    assert_eq!(
+        (status, code, field.as_deref()),
+        (404, ErrorCode::NotFound, Some("name"))
+    );
     let a = addr(&node);
     let (status, _, body) = exchange(&a, "GET", "/v1/segments/rich/members?limit=x", "").await;
     assert_eq!(status, 400, "{body}");
@@ -578,7 +583,7 @@ async fn deleting_a_segment_emits_every_exit_then_ends_its_streams() {
     let oneids: BTreeSet<String> = apply(&client, &earns).await.into_iter().collect();
     let (enters, _) = read_changes(&mut stream, 5).await;
     assert!(enters.iter().all(|(_, c)| c == "enter"));
-    assert!(client.delete_segment("rich").await.unwrap());
+    client.delete_segment("rich").await.unwrap();
     let (exits, _) = read_changes(&mut stream, 5).await;
     let left: BTreeSet<String> = exits
         .iter()
@@ -758,4 +763,82 @@ async fn a_stream_resumes_on_another_node_when_a_shard_leader_is_killed() {
         "no gap"
     );
     assert!(received.values().all(|n| *n == 1), "no duplicate");
+}
+
+/// A DELETE while a shard's leader is paused: the shard cannot install the deletion until a
+/// new leader is elected, so the first answer is 503; the DELETE sent again answers 204 and
+/// installs it there. Then every profile on every node has left the segment, and its stream
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn a_delete_sent_again_while_a_shard_leader_changes_reaches_every_shard() {
+    let cluster = TestCluster::start(ClusterOptions {
+        clock_interval_ms: 500,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let leaders = eventually("a leader for every shard", WAIT, async || {
+        let leaders = cluster.leaders().await;
+        match leaders.len() == cluster.options.shards as usize {
+            true => Ok(leaders),
+            false => Err(leaders),
+        }
+    })
+    .await;
+    // The registry shard's leader takes the requests; another node's shards lose theirs.
+    let registry = leaders[&0];
+    let paused = *leaders
+        .values()
+        .find(|node| **node != registry)
+        .expect("a shard led elsewhere");
+    let client = cluster.node(registry).client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let earns: Vec<Value> = (0..40)
+        .map(|i| earn(&format!("1330000{i:04}"), &format!("e-{i}"), 10))
+        .collect();
+    let oneids = apply(&client, &earns).await;
+    let path = "/v1/segments/rich/stream";
+    let mut stream = SseStream::open(&addr(cluster.node(registry)), path, None)
+        .await
+        .unwrap();
+    stream.next(WAIT).await.expect("the start");
+
+    cluster.node(paused).signal("STOP");
+    // The client sends a 503 again by itself; a 404 here (a retry that found the registry's
+    // tombstone and installed nothing) would never turn into a 204.
+    eventually(
+        "the delete answered 204",
+        Duration::from_secs(60),
+        async || {
+            client
+                .delete_segment("rich")
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    cluster.node(paused).signal("CONT");
+
+    for node in 1..=3 {
+        let reader = cluster.node(node).client_once();
+        eventually("every member's exit", WAIT, async || {
+            for oneid in &oneids {
+                let profile = reader.profile_at(oneid, Consistency::Stale).await;
+                let segments = profile
+                    .map_err(|e| e.to_string())?
+                    .expect("a profile")
+                    .segments;
+                if !segments.is_empty() {
+                    return Err(format!("node {node}: {oneid} is still in {segments:?}"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+    while stream.next(WAIT).await.is_some() {}
+    assert!(stream.ended, "the stream ends after the last exit");
 }

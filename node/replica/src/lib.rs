@@ -127,6 +127,9 @@ const LEAD_HOME_LAG_MAX: u64 = 256;
 /// Ticks a new shard's leader waits for every voter's clock before its first clock entry (see
 /// `Replica::first_clock_ready`; 2 s at the default 100 ms tick); events wait for that entry.
 const FIRST_CLOCK_WAIT_TICKS: u64 = 20;
+/// The first clock entry goes at once if the clocks a new shard's leader heard are at most this
+/// far apart (see `Replica::first_clock_ready`).
+const FIRST_CLOCK_SPREAD_MAX_MS: i64 = 2_000;
 /// Readies with nothing to persist that one `advance` runs before it yields.
 const READIES_PER_ADVANCE_MAX: usize = 16;
 /// A node compacts a log once this many entries can go (`ReplicaConfig::log_compact_entries`).
@@ -948,18 +951,30 @@ impl<S: LogSource> Replica<S> {
         }
     }
 
-    /// A shard's first clock entry goes all the way to its target (no step bounds it), so it
-    /// waits, for up to [`FIRST_CLOCK_WAIT_TICKS`] ticks after its leader took office, until
-    /// every voter's clock is heard: the majority of a leader days behind and one follower is the
-    /// leader's clock, and a shard clock set days back would take hours to catch up.
+    /// A shard's first clock entry goes all the way to its target (no step bounds it). The
+    /// majority of a leader days behind and one follower is the leader's clock, and a shard
+    /// clock set days back would take hours to catch up; so unless the clocks heard agree
+    /// (within [`FIRST_CLOCK_SPREAD_MAX_MS`]: a voter not heard yet could not move the
+    /// majority time further), it waits, for up to [`FIRST_CLOCK_WAIT_TICKS`] ticks after its
+    /// leader took office, until every voter's clock is heard.
     fn first_clock_ready(&self) -> bool {
-        let voters = self.raw.raft.prs().conf().voters().ids();
-        let me = self.config.id;
-        self.state.record.clock != Millis(0)
+        if self.state.record.clock != Millis(0)
             || self.ticks - self.led_since >= FIRST_CLOCK_WAIT_TICKS
-            || voters
-                .iter()
-                .all(|id| id == me || self.peer_clocks.fresh(id, self.since_start).is_some())
+        {
+            return true;
+        }
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        let (me, now) = (self.config.id, self.since_start);
+        let heard: Vec<Option<Millis>> = voters
+            .iter()
+            .map(|id| match id == me {
+                true => Some(self.now),
+                false => self.peer_clocks.fresh(id, now),
+            })
+            .collect();
+        let times = heard.iter().flatten();
+        let spread = times.clone().max().zip(times.min()).map(|(a, b)| a.0 - b.0);
+        heard.iter().all(Option::is_some) || spread.is_some_and(|s| s <= FIRST_CLOCK_SPREAD_MAX_MS)
     }
 
     /// Proposes the retention of the seed rules if the shard's rules have none (migrated from

@@ -185,8 +185,12 @@ fn definitions_are_ordered_by_the_registry_and_installed_by_version() {
 
     let gone = delete(&mut h, "s");
     assert_eq!((gone.deleted, gone.generation, gone.version), (true, 2, 3));
+    // Deleted again (a retry after an install failed): the same tombstone, to install again.
+    let stored = without_meta(&h.mem);
+    assert_eq!(delete(&mut h, "s"), gone);
+    assert_eq!(without_meta(&h.mem), stored, "no new version");
     assert!(matches!(
-        define_or_delete(&mut h, "s", None),
+        define_or_delete(&mut h, "never", None),
         Output::Segment(Err(EventError {
             code: ErrorCode::NotFound,
             ..

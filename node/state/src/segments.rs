@@ -304,8 +304,9 @@ impl ShardState {
     }
 
     /// Orders a definition (the registry shard only) and installs it here. Answers the
-    /// definition, and whether it created the segment; an unchanged one is answered as it
-    /// is, without a new version. Dated `at` (the registry shard's time: the majority time of
+    /// definition, and whether it created the segment; an unchanged one (a deletion of a
+    /// deleted segment included) is answered as it is, without a new version, for the caller
+    /// to install it again where it is missing. Dated `at` (the registry shard's time: the majority time of
     /// its last clock entry).
     pub(super) fn define_segment(
         &mut self,
@@ -320,12 +321,19 @@ impl ShardState {
         let current = self.segments.get(&define.name).map(|s| &s.record.def);
         let live = current.filter(|def| !def.deleted);
         let def = match (&define.predicate, live) {
+            // Deleting a deleted segment answers its tombstone as it is, so a DELETE retried
+            // after some shard missed the install installs it again; only a name never
+            // defined (or forgotten) is not found.
             (None, None) => {
-                return Err(EventError::field(
-                    ErrorCode::NotFound,
-                    "name",
-                    format!("segment {} does not exist", define.name),
-                ))
+                return current
+                    .map(|tombstone| (tombstone.clone(), false))
+                    .ok_or_else(|| {
+                        EventError::field(
+                            ErrorCode::NotFound,
+                            "name",
+                            format!("segment {} does not exist", define.name),
+                        )
+                    })
             }
             (None, Some(live)) => SegmentDef {
                 predicate: String::new(),

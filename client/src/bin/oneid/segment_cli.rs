@@ -82,9 +82,7 @@ pub async fn run(client: &Client, command: SegmentCommand, json: bool) -> anyhow
             }
         }
         SegmentCommand::Delete { name } => {
-            if !client.delete_segment(&name).await? {
-                anyhow::bail!("no segment {name}");
-            }
+            client.delete_segment(&name).await?;
             if !json {
                 println!("deleted {name}");
             }
