@@ -524,3 +524,42 @@ fn finished_deletions_are_forgotten_past_the_tombstone_limit() {
     assert!(h.mem.get(&keys::segment("t0")).is_none());
     assert!(h.mem.get(&keys::segment("t1")).is_some());
 }
+
+/// A backfill settles each profile at the clock, which can move its rule tags (here a review
+/// due at day 11 still waits behind a full clock entry): every segment reading tags follows,
+/// not only the one backfilled. The membership stays the predicate's once the backlog drains.
+#[test]
+fn a_backfill_that_moves_rule_tags_re_evaluates_the_segments_reading_them() {
+    let mut h = Harness::new(
+        r#"{"tag_rules": [{"tag": "lapsed", "when": "days_since(last_order_at) > 10"}]}"#,
+    );
+    let p = h.ok(order("p", "o-p", "10", 0, "web"));
+    define(&mut h, "lapsed", "has_tag(\"lapsed\")");
+    backfill_all(&mut h);
+    assert!(members(&h, "lapsed").is_empty());
+    // A full clock entry of lots expiring at day 5, before p's review at day 11.
+    let earns = (0..crate::due::DUE_PER_CLOCK_MAX)
+        .map(|i| {
+            claim(json!({"event_id": format!("e{i}"), "type": "points_earn",
+                "identities": {"phone": format!("x{i}")}, "points": 1,
+                "expires_at": ts(5), "ts": ts(0)}))
+        })
+        .collect();
+    h.events(earns);
+    let Output::Clock { backlog, .. } = h.apply(clock(11)) else {
+        panic!("a clock entry")
+    };
+    assert!(backlog, "the review waits for the next clock entry");
+    assert!(!h.profile(p).rule_tags.contains("lapsed"));
+    // Another segment's backfill settles p at day 11: it is lapsed, so in that segment too.
+    define(&mut h, "anyone", "points >= 0");
+    backfill_all(&mut h);
+    assert!(h.profile(p).rule_tags.contains("lapsed"));
+    assert_eq!(members(&h, "lapsed"), vec![p]);
+    h.apply(clock(11));
+    assert_eq!(
+        members(&h, "lapsed"),
+        brute_force(&h, "has_tag(\"lapsed\")")
+    );
+    assert_eq!(members(&h, "lapsed"), vec![p]);
+}

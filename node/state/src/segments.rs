@@ -229,8 +229,9 @@ pub(super) enum Eval<'a> {
     /// After a change: those reading a part that differs from `before` (`None`: a new
     /// profile, all of them), and those reading times.
     Changed(Option<&'a Stamp>),
-    /// A backfill of one segment.
-    Segment(&'a str),
+    /// A backfill of one segment, and those reading a part that settling the profile at the
+    /// clock changed since the stamp (its rule tags move with time), and those reading times.
+    Segment(&'a str, &'a Stamp),
     /// After a rules change: all of them.
     All,
 }
@@ -512,9 +513,10 @@ impl ShardState {
             return false;
         }
         let changed = match eval {
-            Eval::Changed(Some(before)) => before.changed(&Stamp::of(profile)).with(Reads::TIMES),
+            Eval::Changed(Some(before)) | Eval::Segment(_, before) => {
+                before.changed(&Stamp::of(profile)).with(Reads::TIMES)
+            }
             Eval::Changed(None) | Eval::All => Reads::ALL,
-            Eval::Segment(_) => Reads::default(),
         };
         let view = RuleView {
             profile,
@@ -531,7 +533,7 @@ impl ShardState {
             while memberships.next_if(|m| *m < id).is_some() {}
             let was = memberships.peek() == Some(&id);
             let relevant = match eval {
-                Eval::Segment(only) => only == name.as_str(),
+                Eval::Segment(only, _) if only == name.as_str() => true,
                 _ => segment.reads.intersects(changed),
             };
             let Some(predicate) = segment.predicate.as_ref().filter(|_| relevant) else {
@@ -594,7 +596,7 @@ impl ShardState {
         if let Some(job) = self.record.rules_backfill {
             let end = job.total.min(job.next + BACKFILL_PER_ENTRY - 1);
             for seq in job.next..=end {
-                self.refresh_profile(tx, OneId::mint(self.shard, seq), Eval::All);
+                self.refresh_profile(tx, OneId::mint(self.shard, seq), None);
             }
             self.record.rules_backfill = (end < job.total).then_some(RulesBackfill {
                 next: end + 1,
@@ -608,7 +610,7 @@ impl ShardState {
                 let (next, total) = (record.backfill_next, record.profiles_total);
                 let end = total.min(next + BACKFILL_PER_ENTRY - 1);
                 for seq in next..=end {
-                    self.refresh_profile(tx, OneId::mint(self.shard, seq), Eval::Segment(&name));
+                    self.refresh_profile(tx, OneId::mint(self.shard, seq), Some(&name));
                 }
                 let segment = self.segments.get_mut(&name).expect("held");
                 segment.record.backfill_next = end + 1;
@@ -638,9 +640,11 @@ impl ShardState {
         }
     }
 
-    /// Settles one profile again in the background (a backfill): writes it only if that
-    /// changed it, and activates it only if it was active.
-    fn refresh_profile(&mut self, tx: &mut Tx<'_>, oneid: OneId, eval: Eval<'_>) {
+    /// Settles one profile again in the background (a backfill of `segment`, or with `None`
+    /// of the rules): writes it only if that changed it, and activates it only if it was
+    /// active. Settling moves what the clock moves (rule tags), so every segment reading what
+    /// it changed is evaluated too, not only the one backfilled.
+    fn refresh_profile(&mut self, tx: &mut Tx<'_>, oneid: OneId, segment: Option<&str>) {
         let (mut profile, stored_hash, active) = match self.activations.take(oneid) {
             Some((profile, stored_hash)) => (profile, stored_hash, true),
             None => {
@@ -650,11 +654,16 @@ impl ShardState {
             }
         };
         let before = profile.clone();
-        if matches!(eval, Eval::All) {
-            let mut writes = EventWrites::default();
-            self.set_tier(tx, &mut profile, self.record.clock, false, &mut writes);
-            writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
-        }
+        let stamp = Stamp::of(&profile);
+        let eval = match segment {
+            Some(name) => Eval::Segment(name, &stamp),
+            None => {
+                let mut writes = EventWrites::default();
+                self.set_tier(tx, &mut profile, self.record.clock, false, &mut writes);
+                writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
+                Eval::All
+            }
+        };
         self.settle(tx, &mut profile, eval);
         let stored_hash = if profile == before {
             stored_hash
