@@ -79,6 +79,26 @@ impl TestCluster {
         for node in &mut cluster.nodes {
             node.wait_healthy().await;
         }
+        // A new shard takes events once its first clock entry applied (its leader may wait to
+        // hear every voter's clock first): on every replica.
+        eventually(
+            "every shard's first clock entry",
+            START_TIMEOUT,
+            async || {
+                let views = cluster.views().await;
+                let unclocked: Vec<(u64, u32)> = views
+                    .values()
+                    .flat_map(|v| v.shards.iter().map(move |s| (v.node, s)))
+                    .filter(|(_, s)| s.clock.starts_with("1970-"))
+                    .map(|(node, s)| (node, s.id))
+                    .collect();
+                match views.len() == cluster.nodes.len() && unclocked.is_empty() {
+                    true => Ok(()),
+                    false => Err(unclocked),
+                }
+            },
+        )
+        .await;
         cluster
     }
 

@@ -102,9 +102,16 @@ async fn busiest_leader(cluster: &TestCluster) -> u64 {
 async fn a_leader_killed_during_ingest_loses_nothing_and_rejoins() {
     let mut cluster = TestCluster::start(ClusterOptions::default()).await;
     let before = send_through(&cluster, &[1, 2, 3], 0..300).await;
-    assert!(before
-        .iter()
-        .all(|(_, _, a)| a.as_ref().is_some_and(|a| a.applied == 20)));
+    assert!(
+        before
+            .iter()
+            .all(|(_, _, a)| a.as_ref().is_some_and(|a| a.applied == 20)),
+        "{:?}",
+        before
+            .iter()
+            .filter(|(_, _, a)| a.as_ref().is_none_or(|a| a.applied != 20))
+            .collect::<Vec<_>>()
+    );
 
     let victim = busiest_leader(&cluster).await;
     let survivors: Vec<u64> = (1..=3).filter(|n| *n != victim).collect();
