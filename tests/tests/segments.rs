@@ -2,8 +2,8 @@
 //! membership stream: its framing, resuming after a disconnect and a restart with no gap and
 //! no duplicate, snapshot-then-stream against the members list, a time-based exit at its
 //! tick, retention (410), deletion (every exit, then the end), a subscriber that stops
-//! reading, a shard leader killed mid-stream on a 3-node cluster, and a deletion sent again
-//! while a shard's leader is paused.
+//! reading, a shard leader killed mid-stream on a 3-node cluster, a deletion sent again
+//! while a shard's leader is paused, and a change landing while the tailer reads for nobody.
 
 use futures::StreamExt;
 use oneid_client::{Client, Consistency, SegmentEvent, WatchFrom};
@@ -841,4 +841,35 @@ async fn a_delete_sent_again_while_a_shard_leader_changes_reaches_every_shard() 
     }
     while stream.next(WAIT).await.is_some() {}
     assert!(stream.ended, "the stream ends after the last exit");
+}
+
+/// A change that lands while the tailer reads its shard's log end for nobody reaches a stream
+/// opened meanwhile, promptly: a failpoint holds the tailer 0.6 s after each such read, and
+/// each round opens a stream when none is open, then writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_a_stream_opened_while_the_tailer_reads_for_nobody() {
+    let mut node = TestNode::create(NodeOptions::default());
+    let hold = [("FAILPOINTS", "streams::tail_after_end=return(600)")];
+    node.restart_with_env(&[], &hold).await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    for round in 0..5 {
+        eventually("no stream open", WAIT, async || {
+            (node.metric("oneid_streams_open").await == 0).then_some(())
+        })
+        .await;
+        let path = "/v1/segments/rich/stream";
+        let mut stream = SseStream::open(&addr(&node), path, None).await.unwrap();
+        stream.next(WAIT).await.expect("the start");
+        let customer = format!("1340000{round:04}");
+        let oneids = apply(&client, &[earn(&customer, &format!("t-{round}"), 10)]).await;
+        let event = stream
+            .next_data(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("round {round}: the change did not arrive within 2 s"));
+        assert_eq!(change_of(&event), (oneids[0].clone(), "enter".to_string()));
+    }
 }

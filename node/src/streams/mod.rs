@@ -133,9 +133,19 @@ impl Streams {
                 () = tokio::time::sleep(TAIL_POLL) => {}
                 _ = stopping.changed() => return,
             }
+            // Nobody listens: a subscriber reads what came before it from the log itself. The
+            // log's end is read before the count: a subscriber that came after the count
+            // subscribed before its catch-up read, which sees at least that end, and what
+            // lands after it the next round broadcasts. (Read after the count, a change
+            // landing between a subscriber's catch-up and that read was never broadcast.)
+            let end = self.reader.run(move |r| r.log_bounds(shard).last).await;
+            // Tests hold the tailer here (`streams::tail_after_end=return(MILLISECONDS)`).
+            #[cfg(feature = "failpoints")]
+            if let Some(ms) = fail::eval("streams::tail_after_end", |ms| ms?.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms.unwrap_or(0))).await;
+            }
             if self.live.receiver_count() == 0 {
-                // Nobody listens: a subscriber reads what came before it from the log itself.
-                after = self.reader.run(move |r| r.log_bounds(shard).last).await;
+                after = end;
                 continue;
             }
             loop {
