@@ -3,7 +3,7 @@
 //! One [`Client`] keeps a pool of keep-alive connections and is cheap to clone. It knows one
 //! or more nodes of a cluster (`"http://a:8080,http://b:8080"`): requests go to the node that
 //! last answered, and move to the next on a transient failure (a connection error, a timeout,
-//! `503 unavailable`), retried with exponential backoff once every node was tried. Single
+//! `503 unavailable`), retried with exponential, jittered backoff once every node was tried. Single
 //! events answered `unavailable` inside a batch are sent again the same way (to the next
 //! node): re-sending an event is safe because the node applies each `event_id` once per
 //! profile. Reads of one profile by OneID go straight to the leader of its shard when the
@@ -44,6 +44,12 @@ pub use oneid_protocol as protocol;
 pub use segments::{SegmentEvent, WatchFrom};
 
 mod segments;
+
+/// A wait of `step`, jittered: a random share from half to all of it, so that clients that
+/// failed together (a failover) do not retry in lockstep.
+fn jittered(step: Duration) -> Duration {
+    step / 2 + step.mul_f64(fastrand::f64()) / 2
+}
 
 /// How long the shard leaders learned from `/v1/cluster` are trusted before asking again.
 pub const LEADERS_TTL: Duration = Duration::from_secs(5);
@@ -361,7 +367,7 @@ impl Client {
                 Err(error) if error.is_transient() && attempt < self.policy.attempts => {
                     self.fail_over(server);
                     if attempt % self.servers.len() as u32 == 0 {
-                        tokio::time::sleep(wait).await;
+                        tokio::time::sleep(jittered(wait)).await;
                         wait = (wait * 2).min(self.policy.backoff_max);
                     }
                     attempt += 1;
@@ -415,7 +421,7 @@ impl Client {
             if unavailable {
                 // Another node may reach the shard's leader when this one cannot.
                 self.fail_over(self.current.load(Ordering::Relaxed));
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(jittered(wait)).await;
                 wait = (wait * 2).min(self.policy.backoff_max);
                 attempt += 1;
             }
@@ -679,4 +685,22 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::*;
+
+    #[test]
+    fn a_jittered_wait_is_between_half_and_all_of_its_step_and_varies() {
+        let step = Duration::from_millis(400);
+        let waits: Vec<Duration> = (0..1_000).map(|_| jittered(step)).collect();
+        assert!(
+            waits.iter().all(|w| (step / 2..=step).contains(w)),
+            "{waits:?}"
+        );
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*max - *min > step / 4, "no spread: {min:?}..{max:?}");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
 }

@@ -238,7 +238,7 @@ impl Watch<'_> {
         self.failures += 1;
         let wait = (self.client.policy.backoff * 2u32.saturating_pow(self.failures.min(16)))
             .min(WATCH_BACKOFF_MAX);
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(crate::jittered(wait)).await;
     }
 
     async fn connect(&mut self) -> Result<(), Error> {
