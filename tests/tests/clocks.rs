@@ -91,16 +91,12 @@ async fn a_node_30_days_ahead(skew: &[(&str, &str)]) {
     cluster.node_mut(1).terminate();
     cluster.node_mut(1).restart_with_env(&[], skew).await;
     // Leadership of the shards placed on node 1 comes home; then it proposes clock entries.
+    let node_1 = async || cluster.node(1).client_once().cluster().await;
     let (shard, applied) = eventually(
         "node 1 leading a shard",
         Duration::from_secs(60),
         async || {
-            let view = cluster
-                .node(1)
-                .client_once()
-                .cluster()
-                .await
-                .map_err(|e| e.to_string())?;
+            let view = node_1().await.map_err(|e| e.to_string())?;
             let led = view.shards.iter().find(|s| s.role == "leader");
             led.map(|s| (s.id, s.applied_index))
                 .ok_or(format!("{:?}", view.shards))
@@ -111,12 +107,7 @@ async fn a_node_30_days_ahead(skew: &[(&str, &str)]) {
         "ten clock entries under node 1",
         Duration::from_secs(60),
         async || {
-            let view = cluster
-                .node(1)
-                .client_once()
-                .cluster()
-                .await
-                .map_err(|e| e.to_string())?;
+            let view = node_1().await.map_err(|e| e.to_string())?;
             let s = view.shards.iter().find(|s| s.id == shard).expect("hosted");
             (s.role == "leader" && s.applied_index >= applied + 10)
                 .then_some(())

@@ -90,14 +90,24 @@ fn order(phone: &str, event_id: &str, amount: &str, days: i64, channel: &str) ->
     )
 }
 
-/// Brute force: every profile of the shard on which the predicate holds at the clock.
+/// Brute force: every profile of the shard on which the predicate holds at the clock, with
+/// the rule tags as stored.
 fn brute_force(h: &Harness, predicate: &str) -> Vec<OneId> {
+    brute_force_tagged(h, predicate, false)
+}
+
+/// Brute force, with every profile's rule tags as stored or (`fresh`) evaluated afresh at the
+/// clock.
+fn brute_force_tagged(h: &Harness, predicate: &str, fresh: bool) -> Vec<OneId> {
     let predicate = Predicate::parse(predicate).expect("parses");
     h.mem
         .scan(b"p", None, false, usize::MAX)
         .into_iter()
         .filter_map(|(key, value)| {
-            let profile: Profile = decode(&key, &value);
+            let mut profile: Profile = decode(&key, &value);
+            if fresh {
+                h.state.evaluate_rule_tags(&mut profile);
+            }
             let view = RuleView {
                 profile: &profile,
                 rules: h.state.rules(),
@@ -564,26 +574,6 @@ fn a_backfill_that_moves_rule_tags_re_evaluates_the_segments_reading_them() {
     assert_eq!(members(&h, "lapsed"), vec![p]);
 }
 
-/// Brute force with every profile's rule tags evaluated afresh at the clock (not as stored).
-fn brute_force_fresh(h: &Harness, predicate: &str) -> Vec<OneId> {
-    let predicate = Predicate::parse(predicate).expect("parses");
-    h.mem
-        .scan(b"p", None, false, usize::MAX)
-        .into_iter()
-        .filter_map(|(key, value)| {
-            let mut profile: Profile = decode(&key, &value);
-            h.state.evaluate_rule_tags(&mut profile);
-            let view = RuleView {
-                profile: &profile,
-                rules: h.state.rules(),
-                now: h.state.record.clock,
-                rule_tags: &profile.rule_tags,
-            };
-            predicate.eval(&view).then_some(profile.oneid)
-        })
-        .collect()
-}
-
 /// Predicates over the time-based tag, with tiers and spend.
 const LAPSED_PREDICATES: [&str; 3] = [
     "has_tag(\"lapsed\")",
@@ -674,7 +664,7 @@ fn membership_equals_brute_force_once_due_backlogs_drain() {
                 }
                 assert_eq!(
                     members(&h, &segment.def.name),
-                    brute_force_fresh(&h, &segment.def.predicate),
+                    brute_force_tagged(&h, &segment.def.predicate, true),
                     "seed {seed} step {step}: segment {} ({})",
                     segment.def.name,
                     segment.def.predicate
