@@ -145,7 +145,12 @@ impl Subscriber {
         .expect("encodes");
         self.id_sent = Instant::now();
         self.send(sse::event(Some(&id), Some("snapshot_end"), Some(&end)))
-            .await
+            .await?;
+        // Every shard's end marker came before the snapshot's points: nothing follows.
+        if self.ended.len() == self.cursor.len() {
+            return Err(End::Ended);
+        }
+        Ok(())
     }
 
     /// One shard's members at a point of its log (which becomes `cursor[shard]`), and its
@@ -199,17 +204,9 @@ impl Subscriber {
                 if record.segment != self.segment {
                     continue;
                 }
-                match record.change {
-                    Change::Ended => {
-                        self.ended.insert(shard.0);
-                    }
-                    _ if at <= offset_of(record.oneid) => {}
-                    Change::Enter => {
-                        members.insert(record.oneid);
-                    }
-                    Change::Exit => {
-                        members.remove(&record.oneid);
-                    }
+                let covered = at <= offset_of(record.oneid);
+                if replay(&mut members, self.generation, &record, covered) {
+                    self.ended.insert(shard.0);
                 }
             }
         }
@@ -298,7 +295,7 @@ impl Subscriber {
 
     async fn deliver_one(&mut self, shard: ShardId, record: &ChangeRecord) -> Result<(), End> {
         let Some(kind) = record.change.kind() else {
-            if record.generation >= self.generation {
+            if ends(record, self.generation) {
                 self.ended.insert(shard.0);
                 if self.ended.len() == self.cursor.len() {
                     self.send_id().await?;
@@ -331,5 +328,80 @@ impl Subscriber {
             cursor: id.map(str::to_string),
         })
         .expect("encodes")
+    }
+}
+
+/// Whether a change-log record ends a stream of the segment's generation `generation` on its
+/// shard: an end marker of that generation or a later one (a segment deleted and defined
+/// again leaves the old generation's marker in the log, which ends nothing of the new one).
+fn ends(record: &ChangeRecord, generation: u64) -> bool {
+    record.change == Change::Ended && record.generation >= generation
+}
+
+/// One change a snapshot replays onto the members it read: an entry or exit counts unless the
+/// member page covering its OneID was read after it (`covered`). Answers whether the record
+/// ends the stream on its shard.
+fn replay(
+    members: &mut BTreeSet<OneId>,
+    generation: u64,
+    record: &ChangeRecord,
+    covered: bool,
+) -> bool {
+    match record.change {
+        Change::Ended => return ends(record, generation),
+        _ if covered => {}
+        Change::Enter => {
+            members.insert(record.oneid);
+        }
+        Change::Exit => {
+            members.remove(&record.oneid);
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(generation: u64, oneid: u64, change: Change) -> ChangeRecord {
+        ChangeRecord {
+            segment: "vip".to_string(),
+            generation,
+            oneid: OneId(oneid),
+            change,
+            at: Millis(0),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_replay_ends_only_on_an_end_marker_of_its_generation_or_later() {
+        let mut members = BTreeSet::from([OneId(1), OneId(2)]);
+        // The segment was deleted (generation 2) and defined again (3) while the stream read
+        // its snapshot: the old generation's marker ends nothing.
+        assert!(!replay(
+            &mut members,
+            3,
+            &record(2, 0, Change::Ended),
+            false
+        ));
+        assert!(replay(&mut members, 3, &record(3, 0, Change::Ended), false));
+        assert!(replay(&mut members, 3, &record(4, 0, Change::Ended), true));
+        assert_eq!(members, BTreeSet::from([OneId(1), OneId(2)]));
+    }
+
+    #[test]
+    fn a_snapshot_replay_applies_only_what_its_page_did_not_cover() {
+        let mut members = BTreeSet::from([OneId(1), OneId(2)]);
+        assert!(!replay(
+            &mut members,
+            1,
+            &record(1, 3, Change::Enter),
+            false
+        ));
+        assert!(!replay(&mut members, 1, &record(1, 1, Change::Exit), false));
+        assert!(!replay(&mut members, 1, &record(1, 2, Change::Exit), true));
+        assert!(!replay(&mut members, 1, &record(1, 4, Change::Enter), true));
+        assert_eq!(members, BTreeSet::from([OneId(2), OneId(3)]));
     }
 }
