@@ -559,9 +559,10 @@ impl Client {
         self.get(Route::Any, "/v1/cluster").await
     }
 
-    /// Takes an online backup of the first node into `dir`, an absolute path **on the node's
-    /// machine** that is absent or empty; answers the backup's manifest (also written there as
-    /// `backup.json`). Tried once, with up to [`BACKUP_TIMEOUT`]: a retry would find the
+    /// Takes an online backup of the first node into `dir`, a relative path under the node's
+    /// backup root (`[storage] backup_root`, **on the node's machine**), absent or empty;
+    /// answers the backup's manifest (also written there as `backup.json`). A node without a
+    /// backup root answers `403 forbidden`. Tried once, with up to [`BACKUP_TIMEOUT`]: a retry would find the
     /// directory no longer empty. A backup already running is answered `409 busy`.
     pub async fn backup(&self, dir: &str) -> Result<serde_json::Value, Error> {
         let body = serde_json::to_vec(&serde_json::json!({ "dir": dir }))

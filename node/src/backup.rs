@@ -35,7 +35,10 @@ pub const RESTORE_MARKER: &str = "oneid-restore-in-progress";
 /// Why a backup was not taken.
 #[derive(Debug)]
 pub enum BackupError {
-    /// The directory cannot take a backup (relative, not empty, inside the data directory...).
+    /// The node has no backup root: backups are off.
+    Forbidden,
+    /// The directory cannot take a backup (absolute, outside the backup root, not empty,
+    /// inside the data directory...).
     InvalidDir(String),
     /// Another backup is running.
     Busy,
@@ -54,6 +57,7 @@ impl From<anyhow::Error> for BackupError {
 impl std::fmt::Display for BackupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            BackupError::Forbidden => f.write_str("backups are off on this node: set [storage] backup_root in its cluster.toml to the directory backups may go under, and restart it"),
             BackupError::InvalidDir(message) => f.write_str(message),
             BackupError::Busy => f.write_str("a backup is already running"),
             BackupError::ShuttingDown => f.write_str("the node is shutting down"),
@@ -67,6 +71,8 @@ pub struct Backups {
     storage: Arc<Storage>,
     node_id: u64,
     data_dir: PathBuf,
+    /// `[storage] backup_root`, absolute; `None`: backups are off.
+    root: Option<PathBuf>,
     running: AtomicBool,
     cancelled: AtomicBool,
 }
@@ -81,11 +87,17 @@ impl Drop for Running {
 }
 
 impl Backups {
-    pub fn new(storage: Arc<Storage>, node_id: u64, data_dir: PathBuf) -> Arc<Backups> {
+    pub fn new(
+        storage: Arc<Storage>,
+        node_id: u64,
+        data_dir: PathBuf,
+        root: Option<PathBuf>,
+    ) -> Arc<Backups> {
         Arc::new(Backups {
             storage,
             node_id,
             data_dir,
+            root,
             running: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
         })
@@ -93,6 +105,9 @@ impl Backups {
 
     /// Claims the one backup slot.
     pub fn begin(self: &Arc<Self>) -> Result<Running, BackupError> {
+        if self.root.is_none() {
+            return Err(BackupError::Forbidden);
+        }
         if self.cancelled.load(Ordering::SeqCst) {
             return Err(BackupError::ShuttingDown);
         }
@@ -110,24 +125,73 @@ impl Backups {
 }
 
 impl Running {
-    /// Takes the backup into `dir`. Blocking: run it on a blocking thread.
+    /// Takes the backup into `dir`, relative to the backup root. Blocking: run it on a
+    /// blocking thread.
     pub fn run(&self, dir: &Path) -> Result<Manifest, BackupError> {
         let b = &self.0;
-        backup(&b.storage, b.node_id, &b.data_dir, dir, &b.cancelled)
+        let root = b.root.as_deref().ok_or(BackupError::Forbidden)?;
+        let dir = place(root, dir, &b.data_dir)?;
+        backup(&b.storage, b.node_id, &dir, &b.cancelled)
     }
 }
 
-/// Backs up `storage` (node `node_id`, data in `data_dir`) into `dir`, which must be absolute and
+/// Where a backup named `dir` goes: `dir` must be relative, without `..`, and stay under
+/// `root` (created if absent) once symlinks are resolved, outside the data directory. Answers
+/// the resolved path, which the backup then writes: a symlink swapped in after this check is
+/// not followed out of the root by the path already resolved (though one swapped into the
+/// part not created yet could be; only the node's own user can do that).
+fn place(root: &Path, dir: &Path, data_dir: &Path) -> Result<PathBuf, BackupError> {
+    let invalid = |why: String| {
+        BackupError::InvalidDir(format!("dir {:?}: {why}", dir.display().to_string()))
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "must name a directory under the node's backup root".into(),
+        ));
+    }
+    if !dir.is_relative() {
+        return Err(invalid(
+            "must be relative: it names a directory under the node's backup root ([storage] backup_root)".into(),
+        ));
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return Err(invalid("must not contain `..`".into()));
+    }
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("creating the backup root {}", root.display()))?;
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("resolving the backup root {}", root.display()))?;
+    let resolved =
+        resolve(&root.join(dir)).map_err(|e| invalid(format!("cannot be resolved: {e}")))?;
+    if resolved == root || !resolved.starts_with(&root) {
+        return Err(invalid(format!(
+            "leads outside the backup root {} (through a symlink)",
+            root.display()
+        )));
+    }
+    let data = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving the data directory {}", data_dir.display()))?;
+    if resolved.starts_with(&data) {
+        return Err(invalid(format!(
+            "is inside the node's data directory {}",
+            data.display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// Backs up `storage` (node `node_id`) into `dir`, an absolute path that [`place`] resolved,
 /// absent or empty. On failure, what the backup wrote is removed again.
 pub fn backup(
     storage: &Storage,
     node_id: u64,
-    data_dir: &Path,
     dir: &Path,
     cancelled: &AtomicBool,
 ) -> Result<Manifest, BackupError> {
     let started = Instant::now();
-    let created = prepare_dir(dir, data_dir)?;
+    let created = prepare_dir(dir)?;
     tracing::info!(dir = %dir.display(), "backup started");
     match copy_snapshot(storage, node_id, dir, cancelled) {
         Ok(manifest) => {
@@ -156,24 +220,8 @@ pub fn backup(
 }
 
 /// Checks the backup directory and creates it if it is absent; answers whether it created it.
-fn prepare_dir(dir: &Path, data_dir: &Path) -> Result<bool, BackupError> {
+fn prepare_dir(dir: &Path) -> Result<bool, BackupError> {
     let invalid = |why: String| BackupError::InvalidDir(format!("dir {}: {why}", dir.display()));
-    if !dir.is_absolute() {
-        return Err(invalid("must be an absolute path".into()));
-    }
-    if dir.components().any(|c| c == Component::ParentDir) {
-        return Err(invalid("must not contain `..`".into()));
-    }
-    let data = data_dir
-        .canonicalize()
-        .with_context(|| format!("resolving the data directory {}", data_dir.display()))?;
-    let resolved = resolve(dir).map_err(|e| invalid(format!("cannot be resolved: {e}")))?;
-    if resolved.starts_with(&data) {
-        return Err(invalid(format!(
-            "is inside the node's data directory {}",
-            data.display()
-        )));
-    }
     match std::fs::metadata(dir) {
         Ok(metadata) if !metadata.is_dir() => Err(invalid("is not a directory".into())),
         Ok(_) => {
@@ -519,7 +567,7 @@ mod tests {
         );
         let storage = populated(&data.0);
         let dir = backups.0.join("b1");
-        let manifest = backup(&storage, 3, &data.0, &dir, &AtomicBool::new(false)).expect("backup");
+        let manifest = backup(&storage, 3, &dir, &AtomicBool::new(false)).expect("backup");
         assert_eq!(manifest.format, 1);
         assert_eq!(manifest.node, 3);
         assert_eq!(
@@ -549,30 +597,9 @@ mod tests {
 
         // Not into a non-empty directory, nor twice into the same one.
         assert!(matches!(
-            backup(&storage, 3, &data.0, &dir, &AtomicBool::new(false)),
+            backup(&storage, 3, &dir, &AtomicBool::new(false)),
             Err(BackupError::InvalidDir(_))
         ));
-        assert!(matches!(
-            backup(
-                &storage,
-                3,
-                &data.0,
-                Path::new("relative/b2"),
-                &AtomicBool::new(false)
-            ),
-            Err(BackupError::InvalidDir(_))
-        ));
-        assert!(matches!(
-            backup(
-                &storage,
-                3,
-                &data.0,
-                &data.0.join("inside"),
-                &AtomicBool::new(false)
-            ),
-            Err(BackupError::InvalidDir(_))
-        ));
-        assert!(!data.0.join("inside").exists());
         drop(storage);
 
         // Restored, the shards match the manifest.
@@ -626,11 +653,11 @@ mod tests {
         let (data, backups) = (TempDir::new("data"), TempDir::new("backups"));
         let storage = populated(&data.0);
         let dir = backups.0.join("b1");
-        let outcome = backup(&storage, 1, &data.0, &dir, &AtomicBool::new(true));
+        let outcome = backup(&storage, 1, &dir, &AtomicBool::new(true));
         assert!(matches!(outcome, Err(BackupError::ShuttingDown)));
         assert!(!dir.exists());
         // Into an existing empty directory: the directory stays, empty.
-        let outcome = backup(&storage, 1, &data.0, &backups.0, &AtomicBool::new(true));
+        let outcome = backup(&storage, 1, &backups.0, &AtomicBool::new(true));
         assert!(matches!(outcome, Err(BackupError::ShuttingDown)));
         assert_eq!(std::fs::read_dir(&backups.0).expect("read").count(), 0);
     }
@@ -641,7 +668,9 @@ mod tests {
         let storage = Arc::new(
             Storage::open(&data.0, 1, &[ShardId(0)], StorageConfig::default()).expect("opening"),
         );
-        let backups = Backups::new(storage, 1, data.0.clone());
+        let off = Backups::new(Arc::clone(&storage), 1, data.0.clone(), None);
+        assert!(matches!(off.begin(), Err(BackupError::Forbidden)));
+        let backups = Backups::new(storage, 1, data.0.clone(), Some(data.0.join("b")));
         let running = backups.begin().expect("the first");
         assert!(matches!(backups.begin(), Err(BackupError::Busy)));
         drop(running);
@@ -649,5 +678,41 @@ mod tests {
         drop(running);
         backups.cancel();
         assert!(matches!(backups.begin(), Err(BackupError::ShuttingDown)));
+    }
+
+    #[test]
+    fn a_backup_goes_only_under_the_root_with_symlinks_resolved() {
+        let scratch = TempDir::new("place");
+        let (root, data, outside) = (
+            scratch.0.join("backups"),
+            scratch.0.join("data"),
+            scratch.0.join("outside"),
+        );
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        let real = |p: &Path| p.canonicalize().expect("resolves");
+        let refused = |dir: &str| match place(&root, Path::new(dir), &data) {
+            Err(BackupError::InvalidDir(message)) => message,
+            other => panic!("{dir}: expected InvalidDir, got {other:?}"),
+        };
+        // The root is created on first use; the backup's path is resolved under it.
+        assert_eq!(
+            place(&root, Path::new("nightly/b1"), &data).expect("placed"),
+            real(&scratch.0).join("backups/nightly/b1")
+        );
+        assert!(root.is_dir());
+        assert!(refused("/tmp/b").contains("must be relative"));
+        assert!(refused("").contains("must name a directory"));
+        assert!(refused("../outside").contains("`..`"));
+        assert!(refused(".").contains("outside the backup root"));
+        // A symlink under the root leading out of it, to a directory or to the data.
+        std::os::unix::fs::symlink(&outside, root.join("away")).expect("symlink");
+        std::os::unix::fs::symlink(&data, root.join("data")).expect("symlink");
+        assert!(refused("away/b").contains("outside the backup root"));
+        assert!(refused("data/b").contains("outside the backup root"));
+        // A root that holds the data directory still keeps backups out of it.
+        let wide = place(&scratch.0, Path::new("data/b"), &data);
+        assert!(matches!(wide, Err(BackupError::InvalidDir(m)) if m.contains("data directory")));
+        assert_eq!(std::fs::read_dir(&outside).expect("read").count(), 0);
     }
 }

@@ -78,13 +78,16 @@ impl Default for ClusterConfig {
 /// Memory fjall may use on a node. Without these bounds fjall keeps up to 64 MiB of memtable
 /// per keyspace. fjall 3.1 has no working cap on all memtables together, so the bound is per
 /// keyspace: at most `memtable_mib` × (2 × hosted shards + 1) of active memtables.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Block cache shared by all keyspaces.
     pub cache_mib: u64,
     /// One keyspace's memtable before it is flushed.
     pub memtable_mib: u64,
+    /// The directory online backups go under (`POST /v1/admin/backup` names a directory
+    /// relative to it); relative to the `cluster.toml` that names it. None: backups are off.
+    pub backup_root: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -92,6 +95,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: 128,
             memtable_mib: 8,
+            backup_root: None,
         }
     }
 }
@@ -150,9 +154,17 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         config.validate()?;
+        // A relative backup root is the file's: the same wherever the node is started from.
+        if let Some(root) = &mut config.storage.backup_root {
+            if root.is_relative() {
+                let base = path.parent().unwrap_or(Path::new(""));
+                *root = std::path::absolute(base.join(&*root))
+                    .with_context(|| format!("resolving storage.backup_root {}", root.display()))?;
+            }
+        }
         Ok(config)
     }
 
@@ -233,7 +245,17 @@ impl Config {
         }
         let s = &self.storage;
         if s.cache_mib == 0 || s.memtable_mib == 0 {
-            bail!("storage.cache_mib and storage.memtable_mib must be above 0, found {s:?}");
+            bail!(
+                "storage.cache_mib and storage.memtable_mib must be above 0, found {} and {}",
+                s.cache_mib,
+                s.memtable_mib
+            );
+        }
+        if s.backup_root
+            .as_ref()
+            .is_some_and(|r| r.as_os_str().is_empty())
+        {
+            bail!("storage.backup_root must name a directory: leave it out to turn backups off");
         }
         let a = &self.api;
         if a.head_timeout_ms == 0 || a.idle_timeout_ms == 0 || a.body_timeout_ms == 0 {
@@ -458,5 +480,30 @@ mod tests {
             zero.validate().unwrap_err().to_string(),
             "[rules] retention.dedup_days: must be 1 to 36500 days, found 0"
         );
+    }
+
+    #[test]
+    fn a_relative_backup_root_is_the_files_and_none_turns_backups_off() {
+        let dir = crate::storage::TempDir::new("config");
+        let file = dir.0.join("conf/cluster.toml");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let write_and_load = |storage: &str| {
+            std::fs::write(&file, format!("{storage}{NODE}")).unwrap();
+            Config::load(&file)
+        };
+        let config = write_and_load("[storage]\nbackup_root = \"./backups\"\n").unwrap();
+        assert_eq!(
+            config.storage.backup_root,
+            Some(std::path::absolute(dir.0.join("conf/./backups")).unwrap())
+        );
+        let config = write_and_load("[storage]\nbackup_root = \"/srv/backups\"\n").unwrap();
+        assert_eq!(config.storage.backup_root, Some("/srv/backups".into()));
+        assert_eq!(write_and_load("").unwrap().storage.backup_root, None);
+        let error = write_and_load("[storage]\nbackup_root = \"\"\n").unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("storage.backup_root must name a directory"));
+        let embedded: Config = toml::from_str(include_str!("../../cluster.toml")).unwrap();
+        assert_eq!(embedded.storage.backup_root, Some("./backups".into()));
     }
 }

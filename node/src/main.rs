@@ -223,6 +223,7 @@ fn build_api(
             Arc::clone(parts.storage),
             parts.node.id,
             parts.node.data.clone(),
+            parts.config.storage.backup_root.clone(),
         ),
         shards: Arc::clone(parts.shards),
         cluster_id: cluster.id.clone(),
@@ -272,7 +273,7 @@ fn open_storage(
         &node.data,
         config.cluster.shards,
         hosted,
-        config.storage,
+        config.storage.clone(),
     )?);
     if let Some(manifest) = &restored {
         // Before anything reads it, and before a migration rewrites it: the restored state

@@ -76,6 +76,9 @@ pub enum ErrorCode {
     Busy,
     /// A bug or a storage failure.
     Internal,
+    /// The node does not allow this (backups without `[storage] backup_root`); the message
+    /// says how to configure it. (New codes go last: stored results keep a code's index.)
+    Forbidden,
 }
 
 /// `{"error": {...}}`: the answer to a request refused as a whole.

@@ -112,6 +112,10 @@ impl TestCluster {
         if let Some(retain) = o.log_retain_entries {
             text.insert_str(text.len() - 1, &format!("log_retain_entries = {retain}\n"));
         }
+        text.push_str(&format!(
+            "[storage]\nbackup_root = \"{}\"\n\n",
+            self.backup_root().display()
+        ));
         for (i, node) in self.nodes.iter().enumerate() {
             text.push_str(&format!(
                 "[[nodes]]\nid = {}\napi = \"127.0.0.1:{}\"\npeer = \"{}\"\ndata = \"{}\"\n\n",
@@ -127,6 +131,11 @@ impl TestCluster {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("cluster.toml")
+    }
+
+    /// Where every node's backups go (`[storage] backup_root`, shared by the nodes).
+    pub fn backup_root(&self) -> PathBuf {
+        self.dir.path().join("backups")
     }
 
     pub fn write_config(&self, text: &str) {

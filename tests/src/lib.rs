@@ -21,6 +21,9 @@ pub struct NodeOptions {
     pub activation_budget: usize,
     /// Extra TOML appended to the file (e.g. a `[rules]` table).
     pub extra: String,
+    /// Whether the node has a backup root ([`TestNode::backup_root`]); without one, backups
+    /// answer 403.
+    pub backups: bool,
 }
 
 impl Default for NodeOptions {
@@ -30,6 +33,7 @@ impl Default for NodeOptions {
             clock_interval_ms: 200,
             activation_budget: 10_000,
             extra: String::new(),
+            backups: true,
         }
     }
 }
@@ -228,13 +232,28 @@ impl TestNode {
         self.dir.path().join("data")
     }
 
+    /// Where the node's backups go (`[storage] backup_root`): a backup named `dir` is in
+    /// `backup_root().join(dir)`.
+    pub fn backup_root(&self) -> PathBuf {
+        self.dir.path().join("backups")
+    }
+
     fn write_config(&self) {
         let o = &self.options;
+        let storage = if o.backups {
+            format!(
+                "[storage]\nbackup_root = \"{}\"\n\n",
+                self.backup_root().display()
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
-            "[cluster]\nshards = {}\nreplication = 1\nclock_interval_ms = {}\nactivation_budget = {}\n\n[[nodes]]\nid = 1\napi = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\ndata = \"{}\"\n\n{}\n",
+            "[cluster]\nshards = {}\nreplication = 1\nclock_interval_ms = {}\nactivation_budget = {}\n\n{}[[nodes]]\nid = 1\napi = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\ndata = \"{}\"\n\n{}\n",
             o.shards,
             o.clock_interval_ms,
             o.activation_budget,
+            storage,
             self.port,
             free_port(),
             self.data_path().display(),

@@ -1,7 +1,8 @@
 //! Online backup and restore: a backup taken while events arrive holds every event
 //! acknowledged before it started; a backup at rest restores to the same state, digest for
-//! digest; bad directories are refused and the node goes on serving; a restore refuses a data
-//! directory that is not empty and a backup that does not match its manifest.
+//! digest; backups go only under the node's backup root (none: 403), bad directories are
+//! refused and the node goes on serving; a restore refuses a data directory that is not empty
+//! and a backup that does not match its manifest.
 
 use oneid_client::Error;
 use oneid_protocol::api::{BackupManifest, EventStatus};
@@ -130,11 +131,10 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
         !sender.is_finished(),
         "ingest must still be running when the backup starts"
     );
-    let backups = tempfile::tempdir().expect("temporary directory");
-    let dir = backups.path().join("during-ingest");
+    let dir = source.backup_root().join("during-ingest");
     let answer = source
         .client_once()
-        .backup(dir.to_str().expect("UTF-8"))
+        .backup("during-ingest")
         .await
         .expect("backup");
     let after = acknowledged.lock().expect("lock").len();
@@ -214,7 +214,8 @@ async fn backup_at_rest_restores_the_same_state() {
     }
     let before = digests(&source).await;
 
-    // Through the CLI, with a relative directory (made absolute against its current directory).
+    // Through the CLI, which sends the directory as given: the node places it under its root,
+    // whatever the CLI's own directory.
     let cwd = tempfile::tempdir().expect("temporary directory");
     let output = {
         let (cwd, base) = (cwd.path().to_path_buf(), source.base());
@@ -226,7 +227,7 @@ async fn backup_at_rest_restores_the_same_state() {
                     "--json",
                     "admin",
                     "backup",
-                    "backups/at-rest",
+                    "nightly/at-rest",
                 ])
                 .current_dir(cwd)
                 .output()
@@ -240,7 +241,8 @@ async fn backup_at_rest_restores_the_same_state() {
         "oneid admin backup: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let dir = cwd.path().join("backups/at-rest");
+    let dir = source.backup_root().join("nightly/at-rest");
+    assert_eq!(std::fs::read_dir(cwd.path()).expect("read").count(), 0);
     let manifest: BackupManifest = serde_json::from_slice(&output.stdout).expect("a manifest");
     assert_eq!(manifest, manifest_file(&dir));
     // At rest, the backup's digests are the source's, before and after it.
@@ -282,6 +284,7 @@ async fn backup_at_rest_restores_the_same_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
 async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
     let node = TestNode::start(NodeOptions::quiet()).await;
     let client = node.client_once();
@@ -290,13 +293,15 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
         client.send_events(&events).await.expect("ingest").applied,
         100
     );
+    let root = node.backup_root();
+    std::fs::create_dir_all(&root).expect("mkdir");
     let scratch = tempfile::tempdir().expect("temporary directory");
 
-    let not_empty = scratch.path().join("not-empty");
+    let not_empty = root.join("not-empty");
     std::fs::create_dir(&not_empty).expect("mkdir");
     std::fs::write(not_empty.join("keep.txt"), "mine").expect("write");
     assert_invalid_dir(
-        client.backup(not_empty.to_str().expect("UTF-8")).await,
+        client.backup("not-empty").await,
         "a directory that is not empty",
     );
     let left: Vec<_> = std::fs::read_dir(&not_empty)
@@ -309,17 +314,36 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
         "mine"
     );
 
-    assert_invalid_dir(client.backup("relative/backup").await, "a relative path");
-    assert_invalid_dir(client.backup("").await, "an empty path");
-    let file = scratch.path().join("a-file");
-    std::fs::write(&file, "x").expect("write");
-    assert_invalid_dir(client.backup(file.to_str().expect("UTF-8")).await, "a file");
-    let inside = node.data_path().join("backup");
+    // Absolute paths are refused, even one under the root.
+    let absolute = root.join("absolute");
     assert_invalid_dir(
-        client.backup(inside.to_str().expect("UTF-8")).await,
-        "inside the data directory",
+        client.backup(absolute.to_str().expect("UTF-8")).await,
+        "an absolute path",
     );
-    assert!(!inside.exists());
+    let outside = scratch.path().join("outside");
+    assert_invalid_dir(
+        client.backup(outside.to_str().expect("UTF-8")).await,
+        "an absolute path outside the root",
+    );
+    assert_invalid_dir(client.backup("").await, "an empty path");
+    assert_invalid_dir(client.backup("../escaped").await, "a path with ..");
+    std::fs::write(root.join("a-file"), "x").expect("write");
+    assert_invalid_dir(client.backup("a-file").await, "a file");
+    // Symlinks under the root that lead out of it: to another directory, to the data.
+    std::os::unix::fs::symlink(scratch.path(), root.join("away")).expect("symlink");
+    std::os::unix::fs::symlink(node.data_path(), root.join("data")).expect("symlink");
+    assert_invalid_dir(
+        client.backup("away/b").await,
+        "through a symlink out of the root",
+    );
+    assert_invalid_dir(
+        client.backup("data/b").await,
+        "through a symlink into the data",
+    );
+    assert!(!absolute.exists());
+    assert!(!outside.exists() && !root.join("../escaped").exists());
+    assert!(!scratch.path().join("b").exists());
+    assert!(!node.data_path().join("b").exists());
 
     // The node goes on serving, and backs up once given a good directory.
     assert!(node.client().healthy().await);
@@ -328,20 +352,37 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
         client.send_events(&more).await.expect("ingest").applied,
         100
     );
-    let dir = scratch.path().join("good");
-    let manifest: BackupManifest = serde_json::from_value(
-        client
-            .backup(dir.to_str().expect("UTF-8"))
-            .await
-            .expect("backup"),
-    )
-    .expect("a manifest");
-    assert_eq!(manifest, manifest_file(&dir));
+    let manifest: BackupManifest =
+        serde_json::from_value(client.backup("good").await.expect("backup")).expect("a manifest");
+    assert_eq!(manifest, manifest_file(&root.join("good")));
     assert_eq!(manifest_digests(&manifest), digests(&node).await);
 }
 
-/// A node holding 200 events, and a temporary directory with a backup of it in `b`.
-async fn node_with_backup() -> (TestNode, tempfile::TempDir) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_backup_root_refuses_backups() {
+    let node = TestNode::start(NodeOptions {
+        backups: false,
+        ..NodeOptions::quiet()
+    })
+    .await;
+    match node.client_once().backup("b").await {
+        Err(Error::Api {
+            status,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!((status, code), (403, ErrorCode::Forbidden));
+            assert!(message.contains("[storage] backup_root"), "{message}");
+        }
+        other => panic!("expected 403 forbidden, got {other:?}"),
+    }
+    assert!(!node.dir.path().join("b").exists());
+    assert!(node.client().healthy().await);
+}
+
+/// A node holding 200 events, with a backup of it in `b` under its backup root.
+async fn node_with_backup() -> TestNode {
     let node = TestNode::start(NodeOptions::quiet()).await;
     let events: Vec<Value> = (0..200).map(event).collect();
     let client = node.client();
@@ -349,19 +390,14 @@ async fn node_with_backup() -> (TestNode, tempfile::TempDir) {
         client.send_events(&events).await.expect("ingest").applied,
         200
     );
-    let backups = tempfile::tempdir().expect("temporary directory");
-    let dir = backups.path().join("b");
-    client
-        .backup(dir.to_str().expect("UTF-8"))
-        .await
-        .expect("backup");
-    (node, backups)
+    client.backup("b").await.expect("backup");
+    node
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_refuses_a_data_directory_that_is_not_empty() {
-    let (mut node, backups) = node_with_backup().await;
-    let dir = backups.path().join("b");
+    let mut node = node_with_backup().await;
+    let dir = node.backup_root().join("b");
     let before = digests(&node).await;
     assert!(node.terminate().success());
 
@@ -385,8 +421,8 @@ async fn restore_refuses_a_data_directory_that_is_not_empty() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_refuses_a_backup_that_does_not_match_its_manifest() {
     // The source node stays up (bound) until the end of the test.
-    let (_source, backups) = node_with_backup().await;
-    let dir = backups.path().join("b");
+    let source = node_with_backup().await;
+    let dir = source.backup_root().join("b");
 
     // One digit of one shard's digest changed.
     let mut manifest = manifest_file(&dir);

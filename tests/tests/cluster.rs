@@ -651,14 +651,8 @@ async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("holds no replica of shard"), "{body}");
     cluster.settled().await;
-    let backups = tempfile::tempdir().unwrap();
-    let dir = backups.path().join("node-2");
-    let manifest = cluster
-        .node(2)
-        .client()
-        .backup(dir.to_str().unwrap())
-        .await
-        .unwrap();
+    let dir = cluster.backup_root().join("node-2");
+    let manifest = cluster.node(2).client().backup("node-2").await.unwrap();
     assert_eq!(manifest["node"], 2);
     let view = cluster.node(2).client().cluster().await.unwrap();
     let backed_up: Vec<u64> = manifest["shards"]

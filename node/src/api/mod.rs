@@ -509,7 +509,8 @@ impl Api {
         Ok(json(StatusCode::OK, &rules.to_doc()))
     }
 
-    /// `POST /v1/admin/backup` `{"dir": "/absolute/path"}`: answers the manifest.
+    /// `POST /v1/admin/backup` `{"dir": "relative/path"}` (under `[storage] backup_root`):
+    /// answers the manifest.
     async fn backup(&self, request: Request<Incoming>) -> Reply {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -524,7 +525,7 @@ impl Api {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
-                format!("the body must be {{\"dir\": \"/absolute/path\"}}: {e}"),
+                format!("the body must be {{\"dir\": \"relative/path\"}}: {e}"),
             )
         })?;
         let dir = PathBuf::from(request.dir.ok_or_else(|| {
@@ -532,7 +533,7 @@ impl Api {
                 StatusCode::BAD_REQUEST,
                 ErrorCode::MissingField,
                 "dir",
-                "dir (the backup's directory on the node's machine) is required",
+                "dir (the backup's directory under the node's backup root) is required",
             )
         })?);
         let running = self.backups.begin().map_err(backup_error)?;
@@ -670,6 +671,9 @@ fn backup_error(error: BackupError) -> ApiError {
             "dir",
             message,
         ),
+        BackupError::Forbidden => {
+            ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
+        }
         BackupError::Busy => ApiError::new(StatusCode::CONFLICT, ErrorCode::Busy, message),
         BackupError::ShuttingDown => ApiError::unavailable(message),
         BackupError::Failed(_) => ApiError::new(

@@ -118,13 +118,12 @@ enum ClusterCommand {
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Take a consistent online backup of the node (writes go on meanwhile) and print its
-    /// manifest. DIR is a directory on the NODE's machine, written by the node: new or empty.
-    /// A relative DIR is made absolute against this shell's current directory, which is only
-    /// right when the CLI runs on the node's machine. Restore with
-    /// `oneid-node --config FILE --restore DIR` into an empty data directory.
+    /// manifest. DIR is relative to the node's backup root (`[storage] backup_root` in its
+    /// cluster.toml), on the NODE's machine, written by the node: new or empty. Restore with
+    /// `oneid-node --config FILE --restore ROOT/DIR` into an empty data directory.
     Backup {
-        /// The backup's directory, on the node's machine.
-        dir: PathBuf,
+        /// The backup's directory, relative to the node's backup root.
+        dir: String,
     },
 }
 
@@ -231,15 +230,8 @@ async fn run_rules(client: &Client, command: RulesCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `admin backup DIR`. The node writes the backup itself and takes only an absolute path, so a
-/// relative DIR is made absolute against this shell's current directory (right only when the
-/// CLI runs on the node's machine, as the subcommand's help says).
-async fn run_backup(client: &Client, dir: &Path, json: bool) -> anyhow::Result<()> {
-    let dir =
-        std::path::absolute(dir).with_context(|| format!("making {} absolute", dir.display()))?;
-    let dir = dir
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", dir.display()))?;
+/// `admin backup DIR`: DIR goes to the node as given; the node places it under its backup root.
+async fn run_backup(client: &Client, dir: &str, json: bool) -> anyhow::Result<()> {
     let manifest = client.backup(dir).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
@@ -252,7 +244,10 @@ async fn run_backup(client: &Client, dir: &Path, json: bool) -> anyhow::Result<(
 fn print_manifest(dir: &str, manifest: &serde_json::Value) -> anyhow::Result<()> {
     let m: BackupManifest = serde_json::from_value(manifest.clone())
         .context("the node answered something other than a backup manifest")?;
-    println!("backup of node {} at {} in {dir}", m.node, m.created_at);
+    println!(
+        "backup of node {} at {} in {dir} under its backup root",
+        m.node, m.created_at
+    );
     println!(
         "{} keyspaces, {} pairs, {} bytes (format {})",
         m.keyspaces.len(),
