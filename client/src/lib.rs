@@ -44,6 +44,7 @@ pub use oneid_protocol as protocol;
 pub use segments::{SegmentEvent, WatchFrom};
 
 mod segments;
+mod sse;
 
 /// A wait of `step`, jittered: a random share from half to all of it, so that clients that
 /// failed together (a failover) do not retry in lockstep.

@@ -1,6 +1,7 @@
 //! Segments: definitions, members in pages, and [`Client::watch_segment`], a stream of
 //! membership changes that reconnects and resumes by itself, on any node of the cluster.
 
+use super::sse::{self, Item};
 use super::{api_error, decode, encode, page_path, Client, Error, Route};
 use bytes::Bytes;
 use futures::Stream;
@@ -152,8 +153,9 @@ impl Client {
                 WatchFrom::Tail | WatchFrom::Snapshot => None,
             },
             body: None,
-            buffer: Vec::new(),
-            fields: Fields::default(),
+            reader: sse::Reader::default(),
+            retry: None,
+            wait: None,
             pending: VecDeque::new(),
             failures: 0,
             done: false,
@@ -165,14 +167,6 @@ impl Client {
     }
 }
 
-/// The fields of the SSE event being read.
-#[derive(Default)]
-struct Fields {
-    event: Option<String>,
-    id: Option<String>,
-    data: Option<String>,
-}
-
 struct Watch<'c> {
     client: &'c Client,
     name: String,
@@ -180,9 +174,11 @@ struct Watch<'c> {
     snapshot: bool,
     cursor: Option<String>,
     body: Option<Incoming>,
-    /// Bytes of an unfinished line.
-    buffer: Vec<u8>,
-    fields: Fields,
+    reader: sse::Reader,
+    /// The reconnection time the server last set (`retry:`), if it did.
+    retry: Option<Duration>,
+    /// Before the next connection: the stream dropped, and the server set a reconnection time.
+    wait: Option<Duration>,
     pending: VecDeque<SegmentEvent>,
     /// Failed connections in a row (for the backoff).
     failures: u32,
@@ -199,6 +195,10 @@ impl Watch<'_> {
                 return None;
             }
             let Some(body) = self.body.as_mut() else {
+                if let Some(wait) = self.wait.take() {
+                    // At least the server's time, up to half more: not all at once.
+                    tokio::time::sleep(wait / 2 + crate::jittered(wait)).await;
+                }
                 if let Err(error) = self.connect().await {
                     if !error.is_transient() {
                         self.done = true;
@@ -225,8 +225,8 @@ impl Watch<'_> {
 
     fn disconnected(&mut self) {
         self.body = None;
-        self.buffer.clear();
-        self.fields = Fields::default();
+        self.reader.reset();
+        self.wait = self.retry;
         let server = self
             .client
             .current
@@ -296,57 +296,43 @@ impl Watch<'_> {
         Ok(())
     }
 
-    /// Reads bytes of the stream: whole lines make fields, a blank line ends an event.
+    /// Reads bytes of the stream (see [`sse`]): what they complete becomes events and cursors.
     fn read(&mut self, data: &Bytes) -> Result<(), Error> {
-        self.buffer.extend_from_slice(data);
-        while let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buffer.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line[..end]).into_owned();
-            if line.is_empty() {
-                self.dispatch()?;
-            } else if let Some((field, value)) = line.split_once(':') {
-                let value = value.strip_prefix(' ').unwrap_or(value).to_string();
-                match field {
-                    "event" => self.fields.event = Some(value),
-                    "id" => self.fields.id = Some(value),
-                    "data" => self.fields.data = Some(value),
-                    // A comment (heartbeat), or a field this client does not know.
-                    _ => {}
-                }
+        let mut items = Vec::new();
+        let read = self.reader.read(data, &mut items);
+        for item in items {
+            match item {
+                Item::Event(event) => self.dispatch(event)?,
+                // An empty id clears the last event id, as the standard says.
+                Item::Id(id) => self.cursor = Some(id).filter(|id| !id.is_empty()),
+                Item::Retry(retry) => self.retry = Some(retry),
             }
         }
-        Ok(())
+        read.map_err(|sse::TooLong(what)| {
+            Error::Decode(format!("the stream sent {what} over the reader's bounds"))
+        })
     }
 
-    fn dispatch(&mut self) -> Result<(), Error> {
-        let Fields { event, id, data } = std::mem::take(&mut self.fields);
+    fn dispatch(&mut self, event: sse::Event) -> Result<(), Error> {
+        let sse::Event { name, id, data } = event;
         let bad = |e: serde_json::Error| Error::Decode(format!("a stream event: {e}"));
-        match (event.as_deref(), data) {
-            (Some("snapshot_end"), Some(data)) => {
-                let end: SnapshotEnd = serde_json::from_str(&data).map_err(bad)?;
-                let cursor =
-                    id.ok_or_else(|| Error::Decode("snapshot_end without an id".into()))?;
-                self.cursor = Some(cursor.clone());
-                self.pending.push_back(SegmentEvent::SnapshotEnd {
-                    members: end.members,
-                    cursor,
-                });
+        if name.as_deref() == Some("snapshot_end") {
+            let end: SnapshotEnd = serde_json::from_str(&data).map_err(bad)?;
+            let cursor = id.ok_or_else(|| Error::Decode("snapshot_end without an id".into()))?;
+            self.cursor = Some(cursor.clone());
+            self.pending.push_back(SegmentEvent::SnapshotEnd {
+                members: end.members,
+                cursor,
+            });
+            return Ok(());
+        }
+        let change: SegmentChange = serde_json::from_str(&data).map_err(bad)?;
+        match id {
+            Some(cursor) => {
+                self.cursor = Some(cursor).filter(|id| !id.is_empty());
+                self.pending.push_back(SegmentEvent::Change(change));
             }
-            (_, Some(data)) => {
-                let change: SegmentChange = serde_json::from_str(&data).map_err(bad)?;
-                match id {
-                    Some(cursor) => {
-                        self.cursor = Some(cursor);
-                        self.pending.push_back(SegmentEvent::Change(change));
-                    }
-                    None => self.pending.push_back(SegmentEvent::Member(change)),
-                }
-            }
-            (_, None) => {
-                if let Some(cursor) = id {
-                    self.cursor = Some(cursor);
-                }
-            }
+            None => self.pending.push_back(SegmentEvent::Member(change)),
         }
         Ok(())
     }
