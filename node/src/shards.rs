@@ -430,7 +430,7 @@ impl Shards {
         deadline: Instant,
     ) -> Result<Output, ShardError> {
         if target == self.me {
-            return self.propose_here(shard, command).await;
+            return self.propose_here(shard, command, deadline).await;
         }
         match self
             .call(target, &PeerRequest::Propose { shard, command }, deadline)
@@ -441,12 +441,18 @@ impl Shards {
         }
     }
 
-    /// Proposes at this node's replica (no forwarding).
-    async fn propose_here(&self, shard: ShardId, command: Command) -> Result<Output, ShardError> {
+    /// Proposes at this node's replica (no forwarding); one still in its mailbox at
+    /// `deadline` (its caller gave up) is not proposed.
+    async fn propose_here(
+        &self,
+        shard: ShardId,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<Output, ShardError> {
         let Some(addr) = self.local(shard) else {
             return Err(ShardError::Stopped(shard));
         };
-        addr.send(Propose(command))
+        addr.send(Propose { command, deadline })
             .await
             .unwrap_or(Err(ShardError::Stopped(shard)))
     }
@@ -546,6 +552,11 @@ impl Shards {
         let Some(addr) = self.local(shard) else {
             return Err(ShardError::Stopped(shard));
         };
+        // A query reads only its request's shard (a peer's could name another, which this
+        // node may not host).
+        if let Some(other) = query.other_shard(shard, self.n_shards) {
+            return Err(ShardError::Stopped(other));
+        }
         let alone = self.placement(shard) == [self.me];
         if consistency == Consistency::Linearizable && !alone {
             if self.gate_open(shard) {
@@ -557,13 +568,12 @@ impl Shards {
                     .unwrap_or(Err(ShardError::Stopped(shard)))?;
             }
         }
-        Ok(self
-            .reader
+        self.reader
             .run(move |reader| {
                 let applied = reader.applied_index(shard);
-                (reader.answer(&query), applied)
+                Ok((reader.answer(&query)?, applied))
             })
-            .await)
+            .await
     }
 
     /// What a local replica says of its lease, after each of its steps and before anything
@@ -596,6 +606,7 @@ impl Shards {
                 leader: None,
             }),
             Err(CallError::Timeout(_)) => Err(ShardError::Timeout(shard)),
+            Err(CallError::Busy(_)) => Err(ShardError::Overloaded(shard)),
         }
     }
 }
@@ -707,7 +718,12 @@ impl Inbound for FromPeers {
         let _ = addr.try_send(Step(decoded));
     }
 
-    fn request(&self, from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+    fn request(
+        &self,
+        from: u64,
+        body: Vec<u8>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let shards = Arc::clone(&self.0);
         Box::pin(async move {
             let response = match postcard::from_bytes::<PeerRequest>(&body) {
@@ -718,7 +734,7 @@ impl Inbound for FromPeers {
                     PeerResponse::Proposed(Err(ShardError::Stopped(shard)))
                 }
                 Ok(PeerRequest::Propose { shard, command }) => {
-                    PeerResponse::Proposed(shards.propose_here(shard, command).await)
+                    PeerResponse::Proposed(shards.propose_here(shard, command, deadline).await)
                 }
                 Ok(PeerRequest::Read {
                     shard,

@@ -359,7 +359,7 @@ async fn a_paused_node_never_serves_an_old_value() {
 /// `identity` that holds an initialized cluster and knows no identity for the listener.
 fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32, identity: [u8; 16]) -> [u8; 109] {
     let mut out = [0u8; 109];
-    out[..8].copy_from_slice(b"ONEIDP02");
+    out[..8].copy_from_slice(b"ONEIDP03");
     out[8..24].copy_from_slice(&cluster);
     out[24..32].copy_from_slice(&from.to_be_bytes());
     out[32..40].copy_from_slice(&to.to_be_bytes());
@@ -435,10 +435,13 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
     // before the node's challenge gets nothing back, and one refused after it (which the
     // handshake read) gets nothing more.
     let nothing = Ok(Vec::new());
+    // A hello of the previous peer protocol (a node of an older release) has another magic.
+    let mut older = hello(id, 2, 1, format, stranger);
+    older[..8].copy_from_slice(b"ONEIDP02");
     assert_eq!(
-        closed_after(&peer, &[0xAB; 109]).await,
+        closed_after(&peer, &older).await,
         nothing,
-        "not a hello (no magic)"
+        "a hello of another peer protocol"
     );
     assert_eq!(
         closed_after(&peer, &hello([9; 16], 2, 1, format, stranger)).await,

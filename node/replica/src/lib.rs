@@ -180,6 +180,9 @@ pub enum ShardError {
     /// No leader answered in time.
     #[error("shard {0}: no leader answered in time")]
     Timeout(ShardId),
+    /// The replica's state could not be read whole (a broken invariant, logged where met).
+    #[error("shard {0}: its state could not be read here")]
+    Unreadable(ShardId),
 }
 
 /// What a replica needs to know of its place and its limits.

@@ -404,16 +404,28 @@ impl Actor for ShardActor {
     }
 }
 
-/// Proposes a command; answers once it is committed, applied and durable.
+/// Proposes a command; answers once it is committed, applied and durable. One still in the
+/// mailbox at `deadline` is answered `Timeout` unproposed: its caller gave up.
 #[derive(Message)]
 #[rtype(result = "Result<Output, ShardError>")]
-pub struct Propose(pub Command);
+pub struct Propose {
+    pub command: Command,
+    pub deadline: Instant,
+}
 
 impl Handler<Propose> for ShardActor {
     type Result = ResponseFuture<Result<Output, ShardError>>;
 
-    fn handle(&mut self, Propose(command): Propose, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(
+        &mut self,
+        Propose { command, deadline }: Propose,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
         let _span = self.span.clone().entered();
+        let shard = self.shard;
+        if Instant::now() >= deadline {
+            return Box::pin(async move { Err(ShardError::Timeout(shard)) });
+        }
         let (reply, answer) = oneshot::channel();
         let token = self.token();
         self.proposals.insert(token, reply);
@@ -421,7 +433,6 @@ impl Handler<Propose> for ShardActor {
         let mut fx = Effects::default();
         self.replica.propose(&command, Some(token), &mut fx);
         self.run(fx, ctx);
-        let shard = self.shard;
         // A reply dropped unanswered means the actor stopped: the proposal's fate is unknown.
         Box::pin(async move { answer.await.unwrap_or(Err(ShardError::Dropped(shard))) })
     }

@@ -7,6 +7,7 @@ use crate::read_pool::ReadPool;
 use fjall::{Keyspace, Readable as _};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_replica::ShardError;
 use oneid_state::keys;
 use oneid_state::profile::Profile;
 use oneid_state::store::StateRead;
@@ -221,6 +222,23 @@ pub enum Query {
     },
 }
 
+impl Query {
+    /// A shard other than `shard` (of `n_shards`) that the query would read, if it names one.
+    pub fn other_shard(&self, shard: ShardId, n_shards: u32) -> Option<ShardId> {
+        let other = |s: ShardId| (s != shard).then_some(s);
+        match self {
+            Query::Identities(identities) => identities
+                .iter()
+                .find_map(|identity| other(identity.shard(n_shards))),
+            Query::Events(events) => events.iter().find_map(|(oneid, _)| other(oneid.shard())),
+            Query::Profile(oneid) | Query::Ledger { oneid, .. } => other(oneid.shard()),
+            Query::Rules(s)
+            | Query::Segments { shard: s, .. }
+            | Query::Members { shard: s, .. } => other(*s),
+        }
+    }
+}
+
 /// A profile as read, with the names of its segments (sorted).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProfileRead {
@@ -320,8 +338,8 @@ impl StateReader {
     }
 
     /// Answers a query of the shard's state as this node's replica holds it.
-    pub fn answer(&self, query: &Query) -> Answer {
-        match query {
+    pub fn answer(&self, query: &Query) -> Result<Answer, ShardError> {
+        Ok(match query {
             Query::Identities(identities) => {
                 Answer::Identities(identities.iter().map(|i| self.identity(i)).collect())
             }
@@ -331,7 +349,7 @@ impl StateReader {
                     .map(|(oneid, event_id)| self.has_event(*oneid, event_id))
                     .collect(),
             ),
-            Query::Profile(oneid) => Answer::Profile(self.profile_read(*oneid).map(Box::new)),
+            Query::Profile(oneid) => Answer::Profile(self.profile_read(*oneid)?.map(Box::new)),
             Query::Ledger {
                 oneid,
                 limit,
@@ -352,7 +370,7 @@ impl StateReader {
                 after,
                 limit,
             } => Answer::Members(self.members(*shard, segment, *after, *limit)),
-        }
+        })
     }
 
     /// The profile an identity is bound to.

@@ -5,7 +5,8 @@
 //! (`state::segments`). Here, one **tailer** per shard reads that log once for the whole node
 //! (woken when the shard's replica made a write durable, `Shards::watch_flushed`) and
 //! broadcasts what it read; every subscriber receives it from the broadcast ring, which is
-//! bounded ([`LIVE_BATCHES_MAX`]) and never waits for anyone. A subscriber is a task that
+//! bounded in batches ([`LIVE_BATCHES_MAX`]) of bounded bytes ([`LIVE_BATCH_BYTES_MAX`]), and
+//! never waits for anyone. A subscriber is a task that
 //! turns changes into SSE frames into its own bounded buffer ([`SUBSCRIBER_FRAMES_MAX`]), which
 //! the connection drains. A subscriber whose buffer is full, or that falls behind the ring, is
 //! closed; its client resumes by cursor. So a subscriber that stops reading never slows
@@ -45,7 +46,11 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 /// one is answered 503.
 pub const STREAMS_MAX: usize = 2_000;
 /// Batches of changes the broadcast ring holds: a subscriber further behind is closed.
-pub const LIVE_BATCHES_MAX: usize = 4_096;
+pub const LIVE_BATCHES_MAX: usize = 1_024;
+/// Most bytes of changes (in memory, as [`change_bytes`] counts them) one batch carries: the
+/// ring holds at most `LIVE_BATCHES_MAX × LIVE_BATCH_BYTES_MAX` (64 MiB), however many changes
+/// one entry makes (a rules backfill can make a million).
+pub const LIVE_BATCH_BYTES_MAX: usize = 64 * 1024;
 /// SSE frames a subscriber's buffer holds before its connection takes them.
 pub const SUBSCRIBER_FRAMES_MAX: usize = 1_024;
 /// A stream sends its cursor (an id-only event) at least this often, so quiet segments
@@ -155,8 +160,10 @@ impl Streams {
                 };
                 after = last;
                 let more = changes.len() >= reads::CHANGES_PER_READ_MAX;
-                // No receiver left is fine: nobody needs this batch.
-                let _ = self.live.send(Arc::new(Batch { shard, changes }));
+                for batch in batches(shard, changes) {
+                    // No receiver left is fine: nobody needs this batch.
+                    let _ = self.live.send(Arc::new(batch));
+                }
                 if !more {
                     break;
                 }
@@ -226,5 +233,69 @@ impl Streams {
             "Streams closed because their subscriber fell behind the broadcast ring.",
             self.closed_behind.load(Ordering::Relaxed),
         );
+    }
+}
+
+/// The memory one change of a batch takes.
+fn change_bytes((_, record): &(u64, ChangeRecord)) -> usize {
+    std::mem::size_of::<(u64, ChangeRecord)>() + record.segment.len()
+}
+
+/// `changes` (in offset order) cut into batches of at most [`LIVE_BATCH_BYTES_MAX`] each.
+fn batches(shard: ShardId, changes: Vec<(u64, ChangeRecord)>) -> Vec<Batch> {
+    let mut out: Vec<Batch> = Vec::new();
+    let mut bytes = 0;
+    for change in changes {
+        let size = change_bytes(&change);
+        match out.last_mut() {
+            Some(batch) if bytes + size <= LIVE_BATCH_BYTES_MAX => batch.changes.push(change),
+            _ => {
+                out.push(Batch {
+                    shard,
+                    changes: vec![change],
+                });
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oneid_protocol::ids::OneId;
+    use oneid_protocol::num::Millis;
+    use oneid_state::segments::Change;
+
+    #[test]
+    fn a_large_read_is_broadcast_in_batches_bounded_in_bytes() {
+        let change = |offset: u64| {
+            let record = ChangeRecord {
+                segment: "s".repeat(64),
+                generation: 1,
+                oneid: OneId(offset),
+                change: Change::Enter,
+                at: Millis(0),
+            };
+            (offset, record)
+        };
+        let per_batch = LIVE_BATCH_BYTES_MAX / change_bytes(&change(0));
+        let n = per_batch as u64 * 5 / 2;
+        let out = batches(ShardId(3), (1..=n).map(change).collect());
+        let sizes: Vec<usize> = out.iter().map(|b| b.changes.len()).collect();
+        assert_eq!(sizes, [per_batch, per_batch, per_batch / 2]);
+        let offsets: Vec<u64> = out
+            .iter()
+            .flat_map(|b| b.changes.iter().map(|c| c.0))
+            .collect();
+        assert_eq!(offsets, (1..=n).collect::<Vec<_>>());
+        assert!(out.iter().all(|b| b.shard == ShardId(3)));
+        for batch in &out {
+            let bytes: usize = batch.changes.iter().map(change_bytes).sum();
+            assert!(bytes <= LIVE_BATCH_BYTES_MAX);
+        }
+        assert!(batches(ShardId(0), Vec::new()).is_empty());
     }
 }

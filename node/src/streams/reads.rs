@@ -3,8 +3,11 @@
 
 use crate::storage::{ProfileRead, StateReader};
 use oneid_protocol::ids::{OneId, ShardId};
+use oneid_replica::ShardError;
+use oneid_state::profile::Profile;
 use oneid_state::segments::{ChangeRecord, SegmentRecord};
 use oneid_state::{decode, keys, store::StateRead, ShardRecord};
+use std::collections::BTreeMap;
 
 /// The change log's bounds in a shard record as stored (none yet: the default).
 /// Segment definitions read per scan of the registry.
@@ -35,55 +38,56 @@ pub struct LogBounds {
 }
 
 impl StateReader {
-    /// A profile with the names of its segments (sorted).
-    pub fn profile_read(&self, oneid: OneId) -> Option<ProfileRead> {
-        let profile = self.profile(oneid)?;
+    /// A profile with the names of its segments (sorted). A segment number not cached yet is
+    /// learnt from the shard's segment records, read with the profile from one storage
+    /// snapshot: a deleted segment forgotten, or a snapshot installed, between two plain reads
+    /// could leave the profile a number without its record. A number the snapshot does not
+    /// hold either breaks an invariant: answered as an error, logged, never a crash.
+    pub fn profile_read(&self, oneid: OneId) -> Result<Option<ProfileRead>, ShardError> {
+        let Some(profile) = self.profile(oneid) else {
+            return Ok(None);
+        };
         let shard = oneid.shard();
-        let cached = |names: &mut lru::LruCache<(ShardId, u64), String>| {
+        let cached = {
+            let mut names = self.segment_names.lock().expect("names lock");
             profile
                 .segments
                 .iter()
                 .map(|id| names.get(&(shard, *id)).cloned())
                 .collect::<Option<Vec<String>>>()
         };
-        let found = cached(&mut self.segment_names.lock().expect("names lock"));
-        let mut segments = match found {
-            Some(names) => names,
+        let (profile, mut segments) = match cached {
+            Some(names) => (profile, names),
             None => {
-                // A number not seen yet: learn the shard's segments.
-                let records = self.segments(shard, None);
+                let view = self.storage().state_view(shard);
+                let key = keys::profile(oneid);
+                let Some(profile) = view.get(&key).map(|bytes| decode::<Profile>(&key, &bytes))
+                else {
+                    return Ok(None);
+                };
+                let records: BTreeMap<u64, String> = segments_of(&view, None)
+                    .into_iter()
+                    .map(|record| (record.def.id, record.def.name))
+                    .collect();
                 let mut names = self.segment_names.lock().expect("names lock");
-                for record in records {
-                    names.put((shard, record.def.id), record.def.name);
+                for (id, name) in &records {
+                    names.put((shard, *id), name.clone());
                 }
-                cached(&mut names).expect("a profile's segments are held by its shard")
+                let found = profile.segments.iter().map(|id| records.get(id).cloned());
+                let Some(segments) = found.collect::<Option<Vec<String>>>() else {
+                    tracing::error!(%oneid, segments = ?profile.segments, "a profile names a segment its shard holds no record of");
+                    return Err(ShardError::Unreadable(shard));
+                };
+                (profile, segments)
             }
         };
         segments.sort();
-        Some(ProfileRead { profile, segments })
+        Ok(Some(ProfileRead { profile, segments }))
     }
 
     /// The segments the shard holds: the one named, or all, in name order.
     pub fn segments(&self, shard: ShardId, name: Option<&str>) -> Vec<SegmentRecord> {
-        let state = self.shard(shard);
-        if let Some(name) = name {
-            let key = keys::segment(name);
-            return state
-                .get(&key)
-                .map(|bytes| decode(&key, &bytes))
-                .into_iter()
-                .collect();
-        }
-        let mut records = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = state.scan(keys::SEGMENT_PREFIX, after.as_deref(), false, SEGMENTS_PAGE);
-            let Some((last, _)) = page.last() else {
-                return records;
-            };
-            after = Some(last.clone());
-            records.extend(page.iter().map(|(key, bytes)| decode(key, bytes)));
-        }
+        segments_of(&self.shard(shard), name)
     }
 
     /// Up to `limit` members of a segment on the shard, in OneID order, after `after`.
@@ -164,4 +168,123 @@ fn members_of(
         .into_iter()
         .map(|(key, _)| keys::member_oneid(&key))
         .collect()
+}
+
+/// The segments `state` holds: the one named, or all, in name order.
+fn segments_of(state: &dyn StateRead, name: Option<&str>) -> Vec<SegmentRecord> {
+    if let Some(name) = name {
+        let key = keys::segment(name);
+        return state
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))
+            .into_iter()
+            .collect();
+    }
+    let mut records = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = state.scan(keys::SEGMENT_PREFIX, after.as_deref(), false, SEGMENTS_PAGE);
+        let Some((last, _)) = page.last() else {
+            return records;
+        };
+        after = Some(last.clone());
+        records.extend(page.iter().map(|(key, bytes)| decode(key, bytes)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::storage::{Query, Storage, TempDir};
+    use oneid_protocol::num::Millis;
+    use oneid_protocol::rules::Rules;
+    use oneid_replica::write::{Space, WriteOp};
+    use oneid_state::command::SegmentDef;
+    use std::sync::Arc;
+
+    fn put(key: Vec<u8>, value: &impl serde::Serialize) -> WriteOp {
+        let bytes = postcard::to_stdvec(value).expect("encodes");
+        WriteOp::put(Space::State(ShardId(0)), key, bytes)
+    }
+
+    fn segment(name: &str, id: u64) -> SegmentRecord {
+        SegmentRecord {
+            def: SegmentDef {
+                name: name.to_string(),
+                id,
+                predicate: "points > 0".to_string(),
+                description: String::new(),
+                generation: 1,
+                version: id,
+                created_at: Millis(0),
+                updated_at: Millis(0),
+                deleted: false,
+            },
+            backfill_next: 1,
+            profiles_total: 0,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn a_profile_naming_a_segment_its_shard_has_no_record_of_is_an_error_not_a_crash() {
+        let dir = TempDir::new("reads");
+        let storage = Arc::new(
+            Storage::open(&dir.0, 2, &[ShardId(0)], StorageConfig::default()).expect("opens"),
+        );
+        let oneid = OneId::mint(ShardId(0), 1);
+        let mut profile = Profile::new(oneid, &Rules::default(), Millis(0));
+        profile.segments = [3, 9].into();
+        storage.write_for_test(vec![
+            put(keys::profile(oneid), &profile),
+            put(keys::segment("vip"), &segment("vip", 9)),
+        ]);
+        let reader = StateReader::new(Arc::clone(&storage), 2);
+        // Segment 3 was forgotten (or is not in this generation): the old read panicked.
+        assert_eq!(
+            reader.profile_read(oneid),
+            Err(ShardError::Unreadable(ShardId(0)))
+        );
+        storage.write_for_test(vec![put(keys::segment("adults"), &segment("adults", 3))]);
+        let read = reader
+            .profile_read(oneid)
+            .expect("readable")
+            .expect("exists");
+        assert_eq!(read.segments, ["adults", "vip"]);
+        assert_eq!(reader.profile_read(OneId::mint(ShardId(0), 2)), Ok(None));
+    }
+
+    #[test]
+    fn a_query_names_the_shards_it_reads() {
+        let (here, there) = (OneId::mint(ShardId(0), 1), OneId::mint(ShardId(1), 1));
+        let other = |query: Query| query.other_shard(ShardId(0), 2);
+        assert_eq!(other(Query::Profile(here)), None);
+        assert_eq!(other(Query::Profile(there)), Some(ShardId(1)));
+        let ledger = Query::Ledger {
+            oneid: there,
+            limit: 1,
+            before: None,
+        };
+        assert_eq!(other(ledger), Some(ShardId(1)));
+        let events = vec![(here, "e1".to_string()), (there, "e2".to_string())];
+        assert_eq!(other(Query::Events(events)), Some(ShardId(1)));
+        assert_eq!(other(Query::Rules(ShardId(1))), Some(ShardId(1)));
+        let members = Query::Members {
+            shard: ShardId(0),
+            segment: "vip".to_string(),
+            after: None,
+            limit: 10,
+        };
+        assert_eq!(other(members), None);
+        let phone = |value: &str| oneid_protocol::ids::Identity {
+            kind: "phone".into(),
+            value: value.into(),
+        };
+        let elsewhere = (0..)
+            .map(|n| phone(&format!("13{n}")))
+            .find(|identity| identity.shard(2) == ShardId(1))
+            .expect("some phone lands on shard 1");
+        assert_eq!(other(Query::Identities(vec![elsewhere])), Some(ShardId(1)));
+    }
 }

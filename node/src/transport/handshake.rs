@@ -4,7 +4,7 @@
 //! Every message has a fixed layout read byte by byte (nothing goes through postcard or
 //! protobuf until the handshake succeeds):
 //!
-//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP02`, cluster id (16), the dialer's node
+//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP03`, cluster id (16), the dialer's node
 //!    id (8), the node id it means to reach (8), its state format (4), an [`About`] of the
 //!    dialer (33), a fresh nonce (32);
 //! 2. listener → dialer, `CHALLENGE_BYTES`: magic, the listener's nonce (32), an [`About`] of
@@ -23,7 +23,10 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-const MAGIC: &[u8; 8] = b"ONEIDP02";
+/// The peer protocol's name and version: a node refuses a peer that speaks another (version 3
+/// added request deadlines and `Busy` answers, so a release that changes it is upgraded by
+/// stopping every node first).
+const MAGIC: &[u8; 8] = b"ONEIDP03";
 pub const ABOUT_BYTES: usize = 16 + 1 + 16;
 pub const HELLO_BYTES: usize = 8 + 16 + 8 + 8 + 4 + ABOUT_BYTES + 32;
 pub const CHALLENGE_BYTES: usize = 8 + 32 + ABOUT_BYTES + 32;
@@ -127,7 +130,7 @@ pub struct Hello {
 /// Why a handshake failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("not a OneID peer (bad magic)")]
+    #[error("not a OneID peer, or one of a release with another peer protocol (bad magic)")]
     Magic,
     #[error("another cluster")]
     Cluster,

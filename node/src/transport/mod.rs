@@ -34,10 +34,18 @@ pub enum Frame {
         leads: Vec<(u32, u64)>,
         wall: oneid_protocol::num::Millis,
     },
-    /// A request for the receiver to carry out (a forwarded proposal or read).
-    Request { id: u64, body: Vec<u8> },
+    /// A request for the receiver to carry out (a forwarded proposal or read); its sender
+    /// waits `within_ms` for the answer, and the receiver drops the work past that.
+    Request {
+        id: u64,
+        body: Vec<u8>,
+        within_ms: u32,
+    },
     /// The answer to request `id` of the receiver.
     Response { id: u64, body: Vec<u8> },
+    /// Request `id` of the receiver was refused unheard: the sender has as many requests (or
+    /// bytes of them) in flight here as the limits allow.
+    Busy { id: u64 },
 }
 
 /// Why a frame was not taken.
@@ -109,7 +117,13 @@ mod tests {
             Frame::Request {
                 id: 11,
                 body: b"body".to_vec(),
+                within_ms: 1_000,
             },
+            Frame::Response {
+                id: 11,
+                body: b"answer".to_vec(),
+            },
+            Frame::Busy { id: 12 },
         ];
         let mut out = Vec::new();
         for frame in &frames {

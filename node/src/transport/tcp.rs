@@ -11,6 +11,11 @@
 //! it succeeds. After it, a frame over [`super::FRAME_BYTES_MAX`] or one that does not decode
 //! cuts the connection off; so does a peer silent for [`PEER_SILENCE`] (peers ping every
 //! [`PING_INTERVAL`]). Refusals are logged and counted, and never disturb the node.
+//!
+//! A peer's requests carried out here are bounded in number ([`PEER_REQUESTS_MAX`]) and in
+//! bytes of their bodies ([`PEER_REQUEST_BYTES_MAX`]); past either, a request is answered
+//! `Busy` unheard, and its caller answers its own caller "overloaded, retry". Each request
+//! says how long its caller waits; the work is dropped when that time is up, answered or not.
 
 use super::handshake::{
     self, hex, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
@@ -32,6 +37,12 @@ use tracing::Instrument as _;
 
 /// Most bytes of frames waiting for one peer's connection.
 pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most requests of one peer carried out here at once.
+pub const PEER_REQUESTS_MAX: usize = 512;
+/// Most bytes of one peer's request bodies carried out here at once (any one frame fits).
+pub const PEER_REQUEST_BYTES_MAX: usize = FRAME_BYTES_MAX;
+/// The longest a request's work is kept, whatever its caller says it waits.
+pub const REQUEST_WITHIN_MAX: Duration = Duration::from_secs(60);
 /// Most bytes one write to a peer gathers from its queue.
 const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// The read buffer of an accepted connection (frames larger than it are read through it).
@@ -61,7 +72,13 @@ pub trait Inbound: Send + Sync + 'static {
     /// Raft messages of one shard from peer `from` (authenticated).
     fn raft(&self, from: u64, shard: u32, messages: Vec<Vec<u8>>);
     /// A request from `from`; answers its response body.
-    fn request(&self, from: u64, body: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+    /// A request from `from`, whose caller waits until `deadline`; answers its response body.
+    fn request(
+        &self,
+        from: u64,
+        body: Vec<u8>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
     /// The shards this node leads (shard, term), for its pings.
     fn leads(&self) -> Vec<(u32, u64)>;
     /// A ping from `from`, with the shards it leads and its wall clock.
@@ -75,6 +92,10 @@ pub enum CallError {
     Unreachable(u64),
     #[error("node {0} did not answer in time")]
     Timeout(u64),
+    #[error(
+        "node {0} refused the request: this node has as many requests in flight there as it may"
+    )]
+    Busy(u64),
 }
 
 /// Where this node is and whom it talks to.
@@ -163,10 +184,43 @@ struct Peer {
     last_seen_ms: AtomicU64,
     frames_sent: AtomicU64,
     frames_dropped: AtomicU64,
+    /// Its requests carried out here: their number, and the bytes of their bodies.
+    requests: Arc<Semaphore>,
+    request_bytes: Arc<Semaphore>,
+    /// Its requests answered `Busy`, and those whose caller's time was up before the answer.
+    requests_refused: AtomicU64,
+    requests_expired: Arc<AtomicU64>,
 }
 
+/// A per-peer counter family: its name, its help, and the counter of a peer.
+type PeerCounter = (&'static str, &'static str, fn(&Peer) -> &AtomicU64);
+
+/// The per-peer counters `/metrics` shows.
+const PEER_COUNTERS: [PeerCounter; 4] = [
+    (
+        "oneid_peer_frames_sent_total",
+        "Frames written to the peer.",
+        |peer| &peer.frames_sent,
+    ),
+    (
+        "oneid_peer_frames_dropped_total",
+        "Frames not sent: the peer was not connected, or its queue was full.",
+        |peer| &peer.frames_dropped,
+    ),
+    (
+        "oneid_peer_requests_refused_total",
+        "The peer's requests answered busy: it had as many (or as many bytes) in flight here as allowed.",
+        |peer| &peer.requests_refused,
+    ),
+    (
+        "oneid_peer_requests_expired_total",
+        "The peer's requests dropped here because their caller's time was up.",
+        |peer| &peer.requests_expired,
+    ),
+];
+
 /// A call waiting for its answer: the peer asked, and where the answer goes.
-type Waiting = (u64, oneshot::Sender<Vec<u8>>);
+type Waiting = (u64, oneshot::Sender<Result<Vec<u8>, CallError>>);
 
 /// The node's peer connections.
 pub struct Tcp {
@@ -223,6 +277,10 @@ impl Tcp {
                     last_seen_ms: AtomicU64::new(0),
                     frames_sent: AtomicU64::new(0),
                     frames_dropped: AtomicU64::new(0),
+                    requests: Arc::new(Semaphore::new(PEER_REQUESTS_MAX)),
+                    request_bytes: Arc::new(Semaphore::new(PEER_REQUEST_BYTES_MAX)),
+                    requests_refused: AtomicU64::new(0),
+                    requests_expired: Arc::default(),
                 };
                 (id, peer)
             })
@@ -315,12 +373,20 @@ impl Tcp {
             .lock()
             .expect("calls lock")
             .insert(id, (to, reply));
-        if !self.send(to, &Frame::Request { id, body }) {
+        let within_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        if !self.send(
+            to,
+            &Frame::Request {
+                id,
+                body,
+                within_ms,
+            },
+        ) {
             self.calls.lock().expect("calls lock").remove(&id);
             return Err(CallError::Unreachable(to));
         }
         match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(body)) => Ok(body),
+            Ok(Ok(answer)) => answer,
             // The connection it went out on was lost: the peer may be gone.
             Ok(Err(_)) => Err(CallError::Unreachable(to)),
             Err(_) => {
@@ -662,25 +728,62 @@ impl Tcp {
         match frame {
             Frame::Raft { shard, messages } => self.inbound.raft(from, shard, messages),
             Frame::Ping { leads, wall } => self.inbound.ping(from, leads, wall),
-            Frame::Request { id, body } => {
-                let answer = self.inbound.request(from, body);
-                let peers = self.peer_sender(from);
-                self.serving.fetch_add(1, Ordering::SeqCst);
-                let (serving, quiet) = (Arc::clone(&self.serving), Arc::clone(&self.quiet));
-                tokio::spawn(async move {
-                    let body = answer.await;
+            Frame::Request {
+                id,
+                body,
+                within_ms,
+            } => self.serve_request(from, id, body, within_ms),
+            Frame::Response { id, body } => self.answered(id, Ok(body)),
+            Frame::Busy { id } => self.answered(id, Err(CallError::Busy(from))),
+        }
+    }
+
+    /// Carries out a peer's request within the peer's limits (else answers `Busy` at once),
+    /// and drops it when its caller's time is up.
+    fn serve_request(&self, from: u64, id: u64, body: Vec<u8>, within_ms: u32) {
+        let peer = &self.peers[&from];
+        let held = u32::try_from(body.len())
+            .ok()
+            .and_then(|bytes| {
+                Arc::clone(&peer.request_bytes)
+                    .try_acquire_many_owned(bytes)
+                    .ok()
+            })
+            .zip(Arc::clone(&peer.requests).try_acquire_owned().ok());
+        let Some(held) = held else {
+            peer.requests_refused.fetch_add(1, Ordering::Relaxed);
+            self.send(from, &Frame::Busy { id });
+            return;
+        };
+        let within = Duration::from_millis(u64::from(within_ms)).min(REQUEST_WITHIN_MAX);
+        let deadline = Instant::now() + within;
+        let answer = self.inbound.request(from, body, deadline);
+        let peers = self.peer_sender(from);
+        self.serving.fetch_add(1, Ordering::SeqCst);
+        let (serving, quiet) = (Arc::clone(&self.serving), Arc::clone(&self.quiet));
+        let expired = Arc::clone(&peer.requests_expired);
+        tokio::spawn(async move {
+            match tokio::time::timeout_at(deadline.into(), answer).await {
+                Ok(body) => {
                     if let Some(send) = peers {
                         send(Frame::Response { id, body });
                     }
-                    serving.fetch_sub(1, Ordering::SeqCst);
-                    quiet.poke();
-                });
-            }
-            Frame::Response { id, body } => {
-                if let Some((_, reply)) = self.calls.lock().expect("calls lock").remove(&id) {
-                    let _ = reply.send(body);
+                }
+                // Its caller gave up: the work is dropped, and nothing is sent.
+                Err(_) => {
+                    expired.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            drop(held);
+            serving.fetch_sub(1, Ordering::SeqCst);
+            quiet.poke();
+        });
+    }
+
+    /// A call's answer (or refusal) arrived.
+    fn answered(&self, id: u64, answer: Result<Vec<u8>, CallError>) {
+        if let Some((_, reply)) = self.calls.lock().expect("calls lock").remove(&id) {
+            let _ = reply.send(answer);
         }
     }
 
@@ -729,29 +832,13 @@ impl Tcp {
                 u8::from(self.up(id))
             );
         }
-        for (name, help, pick) in [
-            (
-                "oneid_peer_frames_sent_total",
-                "Frames written to the peer.",
-                0,
-            ),
-            (
-                "oneid_peer_frames_dropped_total",
-                "Frames not sent: the peer was not connected, or its queue was full.",
-                1,
-            ),
-        ] {
+        for (name, help, counter) in PEER_COUNTERS {
             crate::metrics::family(out, name, "counter", help);
             for (id, peer) in &self.peers {
-                let counter = if pick == 0 {
-                    &peer.frames_sent
-                } else {
-                    &peer.frames_dropped
-                };
                 let _ = writeln!(
                     out,
                     "{name}{{peer=\"{id}\"}} {}",
-                    counter.load(Ordering::Relaxed)
+                    counter(peer).load(Ordering::Relaxed)
                 );
             }
         }
@@ -790,5 +877,137 @@ impl Tcp {
 impl Transport for Tcp {
     fn send_raft(&self, to: u64, shard: u32, messages: Vec<Vec<u8>>) -> bool {
         self.send(to, &Frame::Raft { shard, messages })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers a request of `b"echo"` with its body at once; holds any other unanswered.
+    struct Holding;
+
+    impl Inbound for Holding {
+        fn raft(&self, _: u64, _: u32, _: Vec<Vec<u8>>) {}
+
+        fn request(
+            &self,
+            _: u64,
+            body: Vec<u8>,
+            _: Instant,
+        ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+            Box::pin(async move {
+                if body != b"echo" {
+                    std::future::pending::<()>().await;
+                }
+                body
+            })
+        }
+
+        fn leads(&self) -> Vec<(u32, u64)> {
+            Vec::new()
+        }
+
+        fn ping(&self, _: u64, _: Vec<(u32, u64)>, _: Millis) {}
+    }
+
+    fn free_addr() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        listener.local_addr().expect("an address")
+    }
+
+    /// Two connected nodes, 1 and 2.
+    async fn pair() -> (Arc<Tcp>, Arc<Tcp>) {
+        let addrs = [free_addr(), free_addr()];
+        let start = |me: u64| {
+            let peer = 3 - me;
+            let config = TcpConfig {
+                me,
+                listen: addrs[me as usize - 1],
+                peers: vec![(peer, addrs[peer as usize - 1])],
+                secret: b"a secret of sixteen bytes".to_vec(),
+                cluster: [7; 16],
+                state_format: 1,
+                identity: [me as u8; 16],
+                initialized: true,
+                known: BTreeMap::from([(peer, [peer as u8; 16])]),
+                learn: Box::new(|_, _| {}),
+            };
+            Tcp::start(config, Arc::new(Holding))
+        };
+        let (one, two) = (
+            start(1).await.expect("starts"),
+            start(2).await.expect("starts"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(one.up(2) && two.up(1)) {
+            assert!(Instant::now() < deadline, "the nodes never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (one, two)
+    }
+
+    #[tokio::test]
+    async fn a_peers_requests_are_bounded_in_number_and_dropped_when_their_caller_gives_up() {
+        let (one, two) = pair().await;
+        let within = Duration::from_secs(2);
+        let held: Vec<_> = (0..PEER_REQUESTS_MAX)
+            .map(|_| {
+                let one = Arc::clone(&one);
+                tokio::spawn(async move { one.call(2, b"hold".to_vec(), within).await })
+            })
+            .collect();
+        let serving = Instant::now() + Duration::from_secs(5);
+        while two.serving.load(Ordering::SeqCst) < PEER_REQUESTS_MAX {
+            assert!(Instant::now() < serving, "the held requests never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One more is refused at once, unheard: the caller need not wait out its time.
+        let asked = Instant::now();
+        let refused = one.call(2, b"echo".to_vec(), within).await;
+        assert_eq!(refused, Err(CallError::Busy(2)));
+        assert!(asked.elapsed() < within);
+        assert_eq!(two.peers[&1].requests_refused.load(Ordering::Relaxed), 1);
+        for call in held {
+            assert_eq!(call.await.expect("joins"), Err(CallError::Timeout(2)));
+        }
+        // Their callers gave up: the work is dropped there, and the peer may ask again.
+        let dropped = Instant::now() + Duration::from_secs(5);
+        while two.serving.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < dropped,
+                "the held requests were never dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let expired = two.peers[&1].requests_expired.load(Ordering::Relaxed);
+        assert_eq!(expired, PEER_REQUESTS_MAX as u64);
+        assert_eq!(
+            one.call(2, b"echo".to_vec(), within).await,
+            Ok(b"echo".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peers_requests_are_bounded_in_bytes() {
+        let (one, two) = pair().await;
+        let within = Duration::from_secs(5);
+        let big = vec![1u8; PEER_REQUEST_BYTES_MAX / 2 + 1];
+        let first = {
+            let (one, big) = (Arc::clone(&one), big.clone());
+            tokio::spawn(async move { one.call(2, big, within).await })
+        };
+        let serving = Instant::now() + Duration::from_secs(5);
+        while two.serving.load(Ordering::SeqCst) < 1 {
+            assert!(Instant::now() < serving, "the first request never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(one.call(2, big, within).await, Err(CallError::Busy(2)));
+        // Small ones still fit beside it.
+        assert_eq!(
+            one.call(2, b"echo".to_vec(), within).await,
+            Ok(b"echo".to_vec())
+        );
+        first.abort();
     }
 }
