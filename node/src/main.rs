@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         shards: &shards,
     };
     let _arbiters = start_shards(&parts, &hosted)?;
-    let api = build_api(&parts, &cluster, reader, identity);
+    let api = build_api(&parts, &cluster, reader, identity)?;
     serve(runtime, system, api, &config, &node, hosted.len())?;
     // Every acknowledged write was fsynced before its answer; this last persist only covers
     // unacknowledged work (clock entries, writes whose answer was not sent).
@@ -217,8 +217,13 @@ fn build_api(
     cluster: &config::ClusterRecord,
     reader: storage::StateReader,
     identity: Identity,
-) -> Arc<api::Api> {
-    Arc::new(api::Api {
+) -> anyhow::Result<Arc<api::Api>> {
+    let scope = streams::Scope {
+        cluster: u128::from_str_radix(&cluster.id, 16).context("corrupt cluster id")?,
+        epoch: parts.storage.restore_epoch()?,
+        format: storage::STATE_FORMAT,
+    };
+    Ok(Arc::new(api::Api {
         backups: backup::Backups::new(
             Arc::clone(parts.storage),
             parts.node.id,
@@ -240,8 +245,8 @@ fn build_api(
         identity,
         budget: api::Api::body_budget(parts.config.api.body_budget_mib as usize * 1024 * 1024),
         body_timeout: Duration::from_millis(parts.config.api.body_timeout_ms),
-        streams: streams::Streams::new(reader, Arc::clone(parts.shards)),
-    })
+        streams: streams::Streams::new(reader, Arc::clone(parts.shards), scope),
+    }))
 }
 
 /// Restores a backup first if asked (verified against its manifest before anything reads or
@@ -285,6 +290,8 @@ fn open_storage(
     // Refuses a directory of another cluster or an unknown format; migrates an older one.
     let cluster = storage.check_cluster(&config.record())?;
     if let Some(manifest) = &restored {
+        // Before the marker goes: a restore that stops here is refused and done again.
+        storage.draw_restore_epoch()?;
         backup::finish_restore(&node.data, manifest, hosted)?;
     }
     Ok((storage, cluster))

@@ -7,6 +7,7 @@
 use oneid_client::Error;
 use oneid_protocol::api::{BackupManifest, EventStatus};
 use oneid_protocol::ErrorCode;
+use oneid_tests::sse::SseStream;
 use oneid_tests::{cli_binary, eventually, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::ffi::OsStr;
@@ -379,6 +380,71 @@ async fn a_node_without_a_backup_root_refuses_backups() {
     }
     assert!(!node.dir.path().join("b").exists());
     assert!(node.client().healthy().await);
+}
+
+/// The start cursor of a stream of `segment` on `node` (its first, id-only, event).
+async fn start_cursor(node: &TestNode, segment: &str) -> String {
+    let path = format!("/v1/segments/{segment}/stream");
+    let mut stream = SseStream::open(&node.base().replace("http://", ""), &path, None)
+        .await
+        .expect("the stream opens");
+    let event = stream.next(Duration::from_secs(10)).await;
+    event.and_then(|e| e.id).expect("the start cursor")
+}
+
+/// What `node` answers a stream of `segment` resumed at `cursor`: 200, or the refusal.
+async fn resume(node: &TestNode, segment: &str, cursor: &str) -> (u16, String) {
+    let path = format!("/v1/segments/{segment}/stream");
+    match SseStream::open(&node.base().replace("http://", ""), &path, Some(cursor)).await {
+        Ok(_) => (200, String::new()),
+        Err(refused) => refused,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_before_a_restore_has_expired_and_another_clusters_is_invalid() {
+    let source = TestNode::start(NodeOptions::quiet()).await;
+    let client = source.client();
+    client
+        .put_segment("all", "points >= 0", None)
+        .await
+        .expect("defined");
+    let before = start_cursor(&source, "all").await;
+    client.backup("b").await.expect("backup");
+    let restored =
+        TestNode::start_restored(NodeOptions::quiet(), &source.backup_root().join("b")).await;
+    // The same cluster, but its logs went back to the backup's offsets: other changes may
+    // take them now, so the cursor has expired instead of skipping or repeating any.
+    let (status, body) = resume(&restored, "all", &before).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        body.contains("cursor_expired") && body.contains("restored from a backup"),
+        "{body}"
+    );
+    // The source still takes it; a cursor of the restored node resumes there.
+    assert_eq!(resume(&source, "all", &before).await.0, 200);
+    let after = start_cursor(&restored, "all").await;
+    assert_eq!(resume(&restored, "all", &after).await.0, 200);
+    // Another cluster's cursor is no cursor of this one.
+    let stranger = TestNode::start(NodeOptions::quiet()).await;
+    stranger
+        .client()
+        .put_segment("all", "points >= 0", None)
+        .await
+        .expect("defined");
+    let (status, body) = resume(&stranger, "all", &before).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("invalid_cursor") && body.contains("another cluster"),
+        "{body}"
+    );
+    // A cursor of the first version named no cluster: expired, not skipped.
+    let (status, body) = resume(&source, "all", "c10400000000").await;
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        body.contains("before cursors named their cluster"),
+        "{body}"
+    );
 }
 
 /// A node holding 200 events, with a backup of it in `b` under its backup root.

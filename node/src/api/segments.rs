@@ -272,7 +272,9 @@ impl Api {
             }
         };
         let start = match given {
-            Some(text) => Start::Cursor(Cursor::decode(&text, n_shards).map_err(refused)?),
+            Some(text) => {
+                Start::Cursor(Cursor::decode(&text, n_shards, self.streams.scope).map_err(refused)?)
+            }
             None if snapshot => Start::Snapshot,
             None => Start::Tail,
         };

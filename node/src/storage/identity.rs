@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 /// Meta keys `peer/identity/<node id, 8 bytes BE>`: the identity known for each peer.
 const PEER_IDENTITY: &[u8] = b"peer/identity/";
 
+/// Meta key of the restore epoch (8 bytes BE).
+const RESTORE_EPOCH: &[u8] = b"restore/epoch";
+
 /// The cluster record as `meta` stores it (postcard).
 fn encode(record: &ClusterRecord) -> Vec<u8> {
     postcard::to_stdvec(record).expect("the cluster record encodes")
@@ -89,6 +92,27 @@ impl Storage {
         self.meta.insert(IDENTITY, identity)?;
         self.db.persist(PersistMode::SyncAll)?;
         Ok(identity)
+    }
+
+    /// The restore epoch: drawn at random by each restore from a backup ([`Storage::
+    /// draw_restore_epoch`]), 0 for data never restored. Stream cursors carry it: offsets of
+    /// the change logs before a restore mean other changes after it.
+    pub fn restore_epoch(&self) -> anyhow::Result<u64> {
+        self.meta.get(RESTORE_EPOCH)?.map_or(Ok(0), |bytes| {
+            let bytes: [u8; 8] = bytes
+                .as_ref()
+                .try_into()
+                .context("corrupt restore/epoch record")?;
+            Ok(u64::from_be_bytes(bytes))
+        })
+    }
+
+    /// Draws a new restore epoch (never 0) and records it durably: the data was just restored.
+    pub fn draw_restore_epoch(&self) -> anyhow::Result<u64> {
+        let epoch = rand::random::<u64>().max(1);
+        self.meta.insert(RESTORE_EPOCH, epoch.to_be_bytes())?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(epoch)
     }
 
     /// Whether this directory holds an initialized cluster: its replicas were created (each

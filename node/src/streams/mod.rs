@@ -28,7 +28,7 @@ pub mod reads;
 mod sse;
 mod subscriber;
 
-pub use cursor::Cursor;
+pub use cursor::{Cursor, Scope};
 
 use crate::shards::Shards;
 use crate::storage::StateReader;
@@ -86,6 +86,8 @@ pub enum Start {
 /// This node's streams.
 pub struct Streams {
     reader: StateReader,
+    /// What this node's cursors are of (cluster, restore epoch, state format).
+    pub scope: Scope,
     shards: Arc<Shards>,
     permits: Arc<Semaphore>,
     live: broadcast::Sender<Arc<Batch>>,
@@ -95,9 +97,10 @@ pub struct Streams {
 }
 
 impl Streams {
-    pub fn new(reader: StateReader, shards: Arc<Shards>) -> Arc<Streams> {
+    pub fn new(reader: StateReader, shards: Arc<Shards>, scope: Scope) -> Arc<Streams> {
         Arc::new(Streams {
             reader,
+            scope,
             shards,
             permits: Arc::new(Semaphore::new(STREAMS_MAX)),
             live: broadcast::channel(LIVE_BATCHES_MAX).0,

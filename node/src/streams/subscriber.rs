@@ -117,7 +117,7 @@ impl Subscriber {
 
     /// An id-only event: the cursor, without a change.
     async fn send_id(&mut self) -> Result<(), End> {
-        let id = Cursor(self.cursor.clone()).encode();
+        let id = Cursor(self.cursor.clone()).encode(self.streams.scope);
         self.id_sent = Instant::now();
         self.send(sse::event(Some(&id), None, None)).await
     }
@@ -137,7 +137,7 @@ impl Subscriber {
                 self.send(sse::event(None, None, Some(&change))).await?;
             }
         }
-        let id = Cursor(self.cursor.clone()).encode();
+        let id = Cursor(self.cursor.clone()).encode(self.streams.scope);
         let end = serde_json::to_string(&SnapshotEnd {
             segment: self.segment.clone(),
             members: count,
@@ -304,7 +304,7 @@ impl Subscriber {
             }
             return Ok(());
         };
-        let id = Cursor(self.cursor.clone()).encode();
+        let id = Cursor(self.cursor.clone()).encode(self.streams.scope);
         let data = self.change_json(record.generation, record.oneid, kind, record.at, Some(&id));
         self.id_sent = Instant::now();
         self.send(sse::event(Some(&id), None, Some(&data))).await
