@@ -25,6 +25,8 @@ use crate::replica::actor::{
 use crate::snapshots::Staged;
 use crate::snapshots::{Chunk, ChunkError, Snapshots, Source, CHUNK_TIMEOUT};
 use crate::storage::{Answer, Query, StateReader};
+use crate::streams::reads::{LogAnswer, LogRead, PEER_CHANGES_MAX};
+use crate::streams::SNAPSHOT_PAGE;
 use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::Transport;
 use actix::Addr;
@@ -87,12 +89,21 @@ enum PeerRequest {
         snapshot: SnapshotRef,
         failed: bool,
     },
+    /// A read of the shard's change log for a stream on a node that does not host it; a read
+    /// of changes that finds none waits up to `wait_ms` for some (a long poll).
+    Log {
+        shard: ShardId,
+        read: LogRead,
+        wait_ms: u32,
+    },
 }
 
 impl PeerRequest {
     fn shard(&self) -> ShardId {
         match self {
-            PeerRequest::Propose { shard, .. } | PeerRequest::Read { shard, .. } => *shard,
+            PeerRequest::Propose { shard, .. }
+            | PeerRequest::Read { shard, .. }
+            | PeerRequest::Log { shard, .. } => *shard,
             PeerRequest::SnapshotChunk { snapshot, .. }
             | PeerRequest::SnapshotRelease { snapshot, .. } => snapshot.shard,
         }
@@ -108,6 +119,7 @@ enum PeerResponse {
     Read(Result<ReadAnswer, ShardError>),
     Chunk(Result<Chunk, ChunkError>),
     Released,
+    Log(Result<LogAnswer, ShardError>),
 }
 
 /// How linearizable reads were served, for `/metrics`.
@@ -587,6 +599,80 @@ impl Shards {
         gate.is_some_and(|g| Instant::now() < g.until && g.durable >= g.commit)
     }
 
+    /// Reads `shard`'s change log at a replica on another node (this node hosts none): the
+    /// placed replicas that are up first, in placement order (so the reads of one node go to
+    /// one replica while it answers), then the others; a read of changes may wait up to
+    /// `wait` for some. The first answer, or the last error.
+    pub async fn read_log_remote(
+        &self,
+        shard: ShardId,
+        read: LogRead,
+        wait: Duration,
+    ) -> Result<LogAnswer, ShardError> {
+        let up = |node: u64| self.peers.get().is_some_and(|p| p.up(node));
+        let placed = self
+            .placement(shard)
+            .iter()
+            .copied()
+            .filter(|n| *n != self.me);
+        let (mut order, down): (Vec<u64>, Vec<u64>) = placed.partition(|n| up(*n));
+        order.extend(down);
+        let request = PeerRequest::Log {
+            shard,
+            read,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        let mut last = ShardError::Stopped(shard);
+        for node in order {
+            let deadline = Instant::now() + wait + FORWARD_TIMEOUT;
+            match self.call(node, &request, deadline).await {
+                Ok(PeerResponse::Log(Ok(answer))) => return Ok(answer),
+                Ok(PeerResponse::Log(Err(error))) | Err(error) => last = error,
+                Ok(other) => panic!("a log read answered {other:?}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// Serves a peer's read of this node's replica's change log; a read of changes that finds
+    /// none waits up to `wait` for the replica's next durable write, then reads again.
+    async fn serve_log(
+        &self,
+        shard: ShardId,
+        read: LogRead,
+        wait: Duration,
+    ) -> Result<LogAnswer, ShardError> {
+        if self.local(shard).is_none() {
+            return Err(ShardError::Stopped(shard));
+        }
+        // What a peer may ask is bounded here, whatever it asks.
+        let read = match read {
+            LogRead::Changes { after, max } => LogRead::Changes {
+                after,
+                max: max.min(PEER_CHANGES_MAX),
+            },
+            LogRead::MembersAt {
+                segment,
+                after,
+                limit,
+            } => LogRead::MembersAt {
+                segment,
+                after,
+                limit: limit.min(SNAPSHOT_PAGE),
+            },
+            LogRead::Bounds => LogRead::Bounds,
+        };
+        // Subscribed before the first read: a write that lands after it wakes the wait.
+        let mut flushed = self.watch_flushed(shard);
+        let reading = read.clone();
+        let answer = self.reader.run(move |r| r.log_read(shard, &reading)).await;
+        if answer != LogAnswer::Changes(Vec::new()) || wait.is_zero() {
+            return Ok(answer);
+        }
+        let _ = tokio::time::timeout(wait, flushed.changed()).await;
+        Ok(self.reader.run(move |r| r.log_read(shard, &read)).await)
+    }
+
     async fn call(
         &self,
         to: u64,
@@ -752,6 +838,14 @@ impl Inbound for FromPeers {
                 Ok(PeerRequest::SnapshotRelease { snapshot, failed }) => {
                     shards.snapshots.release(&snapshot, failed);
                     PeerResponse::Released
+                }
+                Ok(PeerRequest::Log {
+                    shard,
+                    read,
+                    wait_ms,
+                }) => {
+                    let wait = Duration::from_millis(u64::from(wait_ms));
+                    PeerResponse::Log(shards.serve_log(shard, read, wait).await)
                 }
                 Err(_) => PeerResponse::Read(Err(ShardError::Stopped(ShardId(0)))),
             };

@@ -34,9 +34,12 @@ use crate::shards::Shards;
 use crate::storage::StateReader;
 use bytes::Bytes;
 use oneid_protocol::event::EventError;
+use oneid_protocol::ids::OneId;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::ErrorCode;
+use oneid_replica::ShardError;
 use oneid_state::segments::ChangeRecord;
+use reads::{LogAnswer, LogBounds, LogRead};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +69,9 @@ pub const LEADERLESS_CLOSE: Duration = Duration::from_secs(5);
 const TAIL_POLL: Duration = Duration::from_secs(1);
 /// Members one read of a snapshot returns.
 pub const SNAPSHOT_PAGE: usize = 1_000;
+/// How long a read of a peer's change log waits for changes when there are none (a long
+/// poll: the tail of a shard this node does not host).
+const REMOTE_WAIT: Duration = Duration::from_secs(2);
 
 /// Changes of one shard's log, in offset order, as a tailer read them.
 pub struct Batch {
@@ -113,10 +119,71 @@ impl Streams {
         self.shards.n_shards
     }
 
-    /// Starts the tailers of this node's replicas, on the calling runtime.
+    /// Starts a tailer for every shard, on the calling runtime: of this node's replica, or
+    /// (while anyone listens) of a peer's.
     pub fn start(self: &Arc<Self>) {
-        for (shard, _) in self.shards.locals() {
-            tokio::spawn(Arc::clone(self).tail(shard));
+        for shard in (0..self.n_shards()).map(ShardId) {
+            if self.shards.local(shard).is_some() {
+                tokio::spawn(Arc::clone(self).tail(shard));
+            } else {
+                tokio::spawn(Arc::clone(self).tail_remote(shard));
+            }
+        }
+    }
+
+    /// Reads `shard`'s change log: at this node's replica, or at a peer's for a shard this
+    /// node does not host (where a read of changes may wait up to `wait` for some).
+    async fn log(
+        &self,
+        shard: ShardId,
+        read: LogRead,
+        wait: Duration,
+    ) -> Result<LogAnswer, ShardError> {
+        if self.shards.local(shard).is_some() {
+            return Ok(self.reader.run(move |r| r.log_read(shard, &read)).await);
+        }
+        self.shards.read_log_remote(shard, read, wait).await
+    }
+
+    async fn bounds(&self, shard: ShardId) -> Result<LogBounds, ShardError> {
+        match self.log(shard, LogRead::Bounds, Duration::ZERO).await? {
+            LogAnswer::Bounds(bounds) => Ok(bounds),
+            other => unreachable!("bounds answered {other:?}"),
+        }
+    }
+
+    /// The changes after `after` (whole groups, or up to [`reads::PEER_CHANGES_MAX`] from a
+    /// peer), waiting up to `wait` at a peer's replica while there are none.
+    async fn changes(
+        &self,
+        shard: ShardId,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, ChangeRecord)>, ShardError> {
+        let read = LogRead::Changes {
+            after,
+            max: usize::MAX,
+        };
+        match self.log(shard, read, wait).await? {
+            LogAnswer::Changes(changes) => Ok(changes),
+            other => unreachable!("changes answered {other:?}"),
+        }
+    }
+
+    async fn members_at(
+        &self,
+        shard: ShardId,
+        segment: String,
+        after: Option<OneId>,
+    ) -> Result<(Vec<OneId>, LogBounds), ShardError> {
+        let read = LogRead::MembersAt {
+            segment,
+            after,
+            limit: SNAPSHOT_PAGE,
+        };
+        match self.log(shard, read, Duration::ZERO).await? {
+            LogAnswer::MembersAt(members, bounds) => Ok((members, bounds)),
+            other => unreachable!("members answered {other:?}"),
         }
     }
 
@@ -174,32 +241,74 @@ impl Streams {
         }
     }
 
+    /// Reads the change log of a shard this node does not host from a peer's replica, while
+    /// anyone listens, and broadcasts what it read. It starts at the log's end when the first
+    /// subscriber comes; a subscriber that caught up to another point fills the difference
+    /// from the log itself (see `Subscriber::deliver`).
+    async fn tail_remote(self: Arc<Self>, shard: ShardId) {
+        let mut stopping = self.stopping.subscribe();
+        let mut after: Option<u64> = None;
+        loop {
+            if *stopping.borrow() {
+                return;
+            }
+            if self.live.receiver_count() == 0 {
+                after = None;
+                tokio::select! {
+                    () = tokio::time::sleep(TAIL_POLL) => {}
+                    _ = stopping.changed() => return,
+                }
+                continue;
+            }
+            let read = async {
+                let from = match after {
+                    Some(after) => after,
+                    None => self.bounds(shard).await?.last,
+                };
+                Ok::<_, ShardError>((from, self.changes(shard, from, REMOTE_WAIT).await?))
+            };
+            let outcome = tokio::select! {
+                outcome = read => outcome,
+                _ = stopping.changed() => return,
+            };
+            match outcome {
+                Ok((from, changes)) => {
+                    after = Some(changes.last().map_or(from, |(last, _)| *last));
+                    for batch in batches(shard, changes) {
+                        let _ = self.live.send(Arc::new(batch));
+                    }
+                }
+                // No replica answered: its subscribers close once no leader is heard either.
+                Err(_) => tokio::time::sleep(TAIL_POLL).await,
+            }
+        }
+    }
+
     /// Opens a stream of `segment` (at `generation`) from `start`: the frames to send, or why
-    /// not (`cursor_expired` for a cursor past retention, `unavailable` at the limit or
-    /// when this node lacks a replica of some shard).
+    /// not (`cursor_expired` for a cursor past retention, `unavailable` at the limit or when
+    /// no replica of some shard answers).
     pub async fn open(
         self: &Arc<Self>,
         segment: String,
         generation: u64,
         start: Start,
     ) -> Result<mpsc::Receiver<Bytes>, EventError> {
-        if let Some(shard) = (0..self.n_shards()).find(|s| self.shards.local(ShardId(*s)).is_none())
-        {
-            return Err(EventError::new(
-                ErrorCode::Unavailable,
-                format!("this node holds no replica of shard {shard}: stream from a node that holds every shard"),
-            ));
-        }
         if let Start::Cursor(cursor) = &start {
             let n = self.n_shards();
-            let evicted = self
-                .reader
-                .run(move |r| {
-                    (0..n)
-                        .map(|s| r.log_bounds(ShardId(s)).evicted)
-                        .collect::<Vec<_>>()
-                })
-                .await;
+            let bounds = futures::future::join_all((0..n).map(|s| self.bounds(ShardId(s)))).await;
+            let mut evicted = Vec::with_capacity(n as usize);
+            for (shard, bounds) in bounds.into_iter().enumerate() {
+                evicted.push(
+                    bounds
+                        .map_err(|error| {
+                            EventError::new(
+                                ErrorCode::Unavailable,
+                                format!("no replica of shard {shard} answered ({error}): retry"),
+                            )
+                        })?
+                        .evicted,
+                );
+            }
             if let Some(shard) = (0..n as usize).find(|&s| cursor.0[s] < evicted[s]) {
                 return Err(EventError::field(
                     ErrorCode::CursorExpired,
@@ -268,7 +377,6 @@ fn batches(shard: ShardId, changes: Vec<(u64, ChangeRecord)>) -> Vec<Batch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oneid_protocol::ids::OneId;
     use oneid_protocol::num::Millis;
     use oneid_state::segments::Change;
 

@@ -1,5 +1,7 @@
 //! Reads of segment state from this node's replicas, straight from fjall: definitions with
-//! their sizes and backfill progress, members, and the change log.
+//! their sizes and backfill progress, members, and the change log; and [`LogRead`], what a
+//! stream reads of a shard's change log, here or (for a shard this node does not host) at a
+//! peer's replica.
 
 use crate::storage::{ProfileRead, StateReader};
 use oneid_protocol::ids::{OneId, ShardId};
@@ -7,12 +9,39 @@ use oneid_replica::ShardError;
 use oneid_state::profile::Profile;
 use oneid_state::segments::{ChangeRecord, SegmentRecord};
 use oneid_state::{decode, keys, store::StateRead, ShardRecord};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The change log's bounds in a shard record as stored (none yet: the default).
 /// Segment definitions read per scan of the registry.
 const SEGMENTS_PAGE: usize = 256;
+/// Most changes a peer answers one read with (a read gathers whole groups, and a group holds
+/// one command's changes, up to a million: the answer is cut, and the next read starts in
+/// the same group).
+pub const PEER_CHANGES_MAX: usize = 8_192;
 
+/// What a stream reads of one shard's change log and members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogRead {
+    /// Where the log stands.
+    Bounds,
+    /// The changes after offset `after` (see [`StateReader::changes`]), at most `max`.
+    Changes { after: u64, max: usize },
+    /// A page of members at one point of the log (see [`StateReader::members_at`]).
+    MembersAt {
+        segment: String,
+        after: Option<OneId>,
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LogAnswer {
+    Bounds(LogBounds),
+    Changes(Vec<(u64, ChangeRecord)>),
+    MembersAt(Vec<OneId>, LogBounds),
+}
+
+/// The change log's bounds in a shard record as stored (none yet: the default).
 fn bounds_of(record: Option<Vec<u8>>) -> LogBounds {
     let record: ShardRecord =
         record.map_or_else(ShardRecord::default, |bytes| decode(keys::SHARD, &bytes));
@@ -27,7 +56,7 @@ fn bounds_of(record: Option<Vec<u8>>) -> LogBounds {
 pub const CHANGES_PER_READ_MAX: usize = 1_024;
 
 /// Where a replica's change log stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogBounds {
     /// Entries up to this offset were evicted.
     pub evicted: u64,
@@ -99,6 +128,26 @@ impl StateReader {
         limit: usize,
     ) -> Vec<OneId> {
         members_of(&self.shard(shard), segment, after, limit)
+    }
+
+    /// Carries out a read of the shard's change log on this node's replica.
+    pub fn log_read(&self, shard: ShardId, read: &LogRead) -> LogAnswer {
+        match read {
+            LogRead::Bounds => LogAnswer::Bounds(self.log_bounds(shard)),
+            LogRead::Changes { after, max } => {
+                let mut changes = self.changes(shard, *after);
+                changes.truncate(*max);
+                LogAnswer::Changes(changes)
+            }
+            LogRead::MembersAt {
+                segment,
+                after,
+                limit,
+            } => {
+                let (members, bounds) = self.members_at(shard, segment, *after, *limit);
+                LogAnswer::MembersAt(members, bounds)
+            }
+        }
     }
 
     /// Where the shard's change log stands on this node's replica.

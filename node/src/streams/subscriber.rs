@@ -7,6 +7,7 @@ use bytes::Bytes;
 use oneid_protocol::ids::{OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_protocol::segments::{ChangeKind, SegmentChange, SnapshotEnd};
+use oneid_replica::ShardError;
 use oneid_state::segments::{Change, ChangeRecord};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -82,12 +83,10 @@ impl Subscriber {
                     self.send_id().await?;
                 }
                 Start::Tail => {
-                    let n = self.streams.n_shards();
-                    self.cursor = self
-                        .streams
-                        .reader
-                        .run(move |r| (0..n).map(|s| r.log_bounds(ShardId(s)).last).collect())
-                        .await;
+                    for shard in 0..self.streams.n_shards() {
+                        let bounds = self.streams.bounds(ShardId(shard)).await;
+                        self.cursor[shard as usize] = bounds.map_err(unreachable)?.last;
+                    }
                     self.send_id().await?;
                 }
                 Start::Snapshot => self.snapshot().await?,
@@ -161,16 +160,17 @@ impl Subscriber {
         &mut self,
         shard: ShardId,
     ) -> Result<(BTreeSet<OneId>, Millis), End> {
-        let reader = &self.streams.reader;
         // (the page's last member, or `None` for the last page; its offset), in key order.
         let mut pages: Vec<(Option<OneId>, u64)> = Vec::new();
         let mut members = BTreeSet::new();
         let mut after = None;
         let point = loop {
             let segment = self.segment.clone();
-            let (page, bounds) = reader
-                .run(move |r| r.members_at(shard, &segment, after, SNAPSHOT_PAGE))
-                .await;
+            let (page, bounds) = self
+                .streams
+                .members_at(shard, segment, after)
+                .await
+                .map_err(unreachable)?;
             let full = page.len() == SNAPSHOT_PAGE;
             after = page.last().copied();
             members.extend(page);
@@ -189,7 +189,11 @@ impl Subscriber {
         };
         let mut offset = pages[0].1;
         while offset < point.last {
-            let changes = reader.run(move |r| r.changes(shard, offset)).await;
+            let changes = self
+                .streams
+                .changes(shard, offset, Duration::ZERO)
+                .await
+                .map_err(unreachable)?;
             if changes
                 .first()
                 .is_none_or(|(first, _)| *first != offset + 1)
@@ -217,18 +221,30 @@ impl Subscriber {
     /// Delivers what each shard's log holds after the cursor, read from the log itself.
     async fn catch_up(&mut self) -> Result<(), End> {
         for shard in 0..self.streams.n_shards() {
-            let shard = ShardId(shard);
-            loop {
-                let after = self.cursor[shard.0 as usize];
-                let changes = self
-                    .streams
-                    .reader
-                    .run(move |r| r.changes(shard, after))
-                    .await;
-                if changes.is_empty() {
-                    break;
+            self.fill(ShardId(shard), u64::MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers what the shard's log holds after the cursor, up to offset `until`, read from
+    /// the log itself (this node's replica, or a peer's): until the log has no more, or a gap
+    /// (entries evicted before they were read) ends the stream.
+    async fn fill(&mut self, shard: ShardId, until: u64) -> Result<(), End> {
+        let s = shard.0 as usize;
+        while self.cursor[s] < until {
+            let changes = self
+                .streams
+                .changes(shard, self.cursor[s], Duration::ZERO)
+                .await
+                .map_err(unreachable)?;
+            if changes.is_empty() {
+                return Ok(());
+            }
+            for (offset, record) in &changes {
+                if *offset > until {
+                    return Ok(());
                 }
-                self.deliver(&Batch { shard, changes }).await?;
+                self.take(shard, *offset, record).await?;
             }
         }
         Ok(())
@@ -273,24 +289,40 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Delivers the changes of a batch after the cursor; a gap (entries evicted before they
-    /// were read) ends the stream, whose client resumes and learns its cursor expired.
+    /// Delivers the changes of a batch after the cursor. What lies between the cursor and a
+    /// batch that starts further on (the tail of a peer's log starts where that log stood when
+    /// it began) is read from the log first; a gap the log cannot fill either ends the stream.
     async fn deliver(&mut self, batch: &Batch) -> Result<(), End> {
-        let shard = batch.shard.0 as usize;
+        let shard = batch.shard;
         for (offset, record) in &batch.changes {
-            if *offset <= self.cursor[shard] {
-                continue;
+            if *offset > self.cursor[shard.0 as usize] + 1 {
+                self.fill(shard, offset - 1).await?;
             }
-            if *offset != self.cursor[shard] + 1 {
-                return Err(End::Behind);
+            if *offset > self.cursor[shard.0 as usize] {
+                self.take(shard, *offset, record).await?;
             }
-            self.cursor[shard] = *offset;
-            if record.segment != self.segment {
-                continue;
-            }
-            self.deliver_one(batch.shard, record).await?;
         }
         Ok(())
+    }
+
+    /// Delivers the change at `offset`, the one after the cursor; one further on is a gap
+    /// (entries evicted before they were read, or a peer's replica behind the log read so
+    /// far), which ends the stream: its client resumes by cursor (and learns if it expired).
+    async fn take(
+        &mut self,
+        shard: ShardId,
+        offset: u64,
+        record: &ChangeRecord,
+    ) -> Result<(), End> {
+        let s = shard.0 as usize;
+        if offset != self.cursor[s] + 1 {
+            return Err(End::Behind);
+        }
+        self.cursor[s] = offset;
+        if record.segment != self.segment {
+            return Ok(());
+        }
+        self.deliver_one(shard, record).await
     }
 
     async fn deliver_one(&mut self, shard: ShardId, record: &ChangeRecord) -> Result<(), End> {
@@ -329,6 +361,13 @@ impl Subscriber {
         })
         .expect("encodes")
     }
+}
+
+/// A read of a shard's log that no replica answered: the stream closes, and its client resumes
+/// by cursor (here or on another node).
+fn unreachable(error: ShardError) -> End {
+    tracing::debug!(%error, "a stream's read of a change log failed");
+    End::Closed
 }
 
 /// Whether a change-log record ends a stream of the segment's generation `generation` on its
