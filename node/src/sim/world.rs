@@ -14,7 +14,6 @@ use crate::transport::Transport;
 use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
-use oneid_protocol::rules::Rules;
 use oneid_replica::log::LogSource;
 use oneid_replica::message::Message;
 use oneid_replica::write::{Space, WriteOp};
@@ -203,6 +202,13 @@ enum Happening {
     ClockStep {
         node: usize,
     },
+    /// A client sends the bulk of tagged profiles (`world/segments.rs`), again each time.
+    BulkTags,
+    /// In bulk runs, a client defines a segment once shard 0 has a due backlog, or looks again
+    /// later (`world/segments.rs`).
+    DefineDuringBacklog {
+        looks: u32,
+    },
     /// The nodes split into two groups that cannot talk.
     Partition,
     /// One link cut.
@@ -253,6 +259,9 @@ struct Shape {
     drop_percent: u64,
     duplicate_percent: u64,
     faults: bool,
+    /// One run in ten: 1,100 profiles of shard 0 get a tag expiring at one instant, a due
+    /// backlog larger than one clock entry's budget (see `world/segments.rs`).
+    bulk_tags: bool,
     /// Low values make followers that were down or cut off need snapshots.
     log_retain_entries: u64,
     log_compact_entries: u64,
@@ -315,8 +324,10 @@ pub struct World {
 /// The rare faults that runs over 100 seeds or more must meet: a segment check that found
 /// members (so the check is not vacuous), a wiped disk, and one at each step of a snapshot's
 /// transfer and install.
-pub const FAULTS_MET: [&str; 9] = [
+pub const FAULTS_MET: [&str; 11] = [
     "segment members checked against brute force",
+    "a due backlog over one clock entry's budget drained",
+    "a segment defined while a due backlog drained",
     "a clock days off",
     "a wiped node refused",
     "holder crashed holding",
@@ -395,6 +406,7 @@ impl World {
             drop_percent: rng.u64(0..=10),
             duplicate_percent: rng.u64(0..=5),
             faults: !seed.is_multiple_of(8),
+            bulk_tags: seed % 10 == 3,
             log_retain_entries: [1, 5, 20, 200][rng.usize(0..4)],
             log_compact_entries: [1, 4, 64][rng.usize(0..3)],
         };
@@ -501,7 +513,7 @@ impl World {
             clock_interval_ms: 1_000,
             passivate_idle_ticks: 50,
             activation_budget: 16,
-            seed_rules: Rules::default(),
+            seed_rules: segments::rules(),
             log_retain_entries: self.shape.log_retain_entries,
             log_compact_entries: self.shape.log_compact_entries,
             life: self.nodes[node].life,
@@ -564,6 +576,12 @@ impl World {
         for client in 0..self.shape.clients {
             let think = self.rng.u64(0..200);
             self.schedule(think, Happening::Client { client });
+        }
+        if self.shape.bulk_tags {
+            for at in segments::BULK_SENT_AT {
+                self.schedule(at, Happening::BulkTags);
+            }
+            self.schedule(8_000, Happening::DefineDuringBacklog { looks: 0 });
         }
         if self.shape.faults {
             let mut at = self.rng.u64(500..2_000);
@@ -744,6 +762,8 @@ impl World {
                 self.nodes[node].paused_until = self.now + lasts;
             }
             Happening::ClockStep { node } => self.step_clock(node),
+            Happening::BulkTags => self.bulk_tags(),
+            Happening::DefineDuringBacklog { looks } => self.define_during_backlog(looks),
             Happening::Partition | Happening::CutLink if self.cut.is_empty() => {
                 let n = self.shape.nodes;
                 if matches!(event, Happening::Partition) {
@@ -1244,12 +1264,19 @@ impl World {
             let step = self.now + 50;
             self.run_until(step)?;
             let clients_done = self.clients.iter().all(|c| c.current.is_none());
-            if clients_done && self.replicas_agree() {
+            // Settled: clients done, replicas equal, what fell due processed, and the shard
+            // clocks caught up with a wall clock stepped late in the run.
+            if clients_done
+                && self.replicas_agree()
+                && self.due_drained()
+                && self.check_settled_clocks().is_ok()
+            {
                 return Ok(());
             }
         }
+        let clocks = self.check_settled_clocks().err().unwrap_or_default();
         Err(format!(
-            "the healed cluster did not settle within {SETTLE_MS} ms: {}",
+            "the healed cluster did not settle within {SETTLE_MS} ms: {clocks}{}",
             self.describe()
         ))
     }

@@ -38,7 +38,7 @@ use oneid_protocol::predicate::Predicate;
 use oneid_protocol::predicate::TimeField;
 use oneid_protocol::rules::Rules;
 use oneid_protocol::ErrorCode;
-use profile::{Profile, RuleView, CHANNELS_PER_PROFILE_MAX, IDENTITIES_PER_PROFILE_MAX};
+use profile::{Profile, CHANNELS_PER_PROFILE_MAX, IDENTITIES_PER_PROFILE_MAX};
 use retention::Retained;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

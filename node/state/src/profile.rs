@@ -355,6 +355,29 @@ fn value_to_json(value: &Value) -> serde_json::Value {
     }
 }
 
+/// The tags `tag_rules` (the rules' compiled tag rules, in order) give `profile` at `now`:
+/// each rule sees the tags of the rules before it.
+pub fn rule_tags(
+    profile: &Profile,
+    rules: &Rules,
+    tag_rules: &[(String, oneid_protocol::predicate::Predicate)],
+    now: Millis,
+) -> BTreeSet<String> {
+    let mut tags = BTreeSet::new();
+    for (tag, predicate) in tag_rules {
+        let view = RuleView {
+            profile,
+            rules,
+            now,
+            rule_tags: &tags,
+        };
+        if predicate.eval(&view) {
+            tags.insert(tag.clone());
+        }
+    }
+    tags
+}
+
 /// A profile seen by the rule language, at the shard's clock, under the current rules.
 pub struct RuleView<'a> {
     pub profile: &'a Profile,

@@ -30,19 +30,8 @@ impl ShardState {
     }
 
     pub(crate) fn evaluate_rule_tags(&self, profile: &mut Profile) {
-        let mut rule_tags = BTreeSet::new();
-        for (tag, predicate) in &self.tag_rules {
-            let view = RuleView {
-                profile,
-                rules: &self.rules,
-                now: self.record.clock,
-                rule_tags: &rule_tags,
-            };
-            if predicate.eval(&view) {
-                rule_tags.insert(tag.clone());
-            }
-        }
-        profile.rule_tags = rule_tags;
+        profile.rule_tags =
+            crate::profile::rule_tags(profile, &self.rules, &self.tag_rules, self.record.clock);
     }
 }
 

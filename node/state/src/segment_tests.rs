@@ -6,6 +6,7 @@ use super::tests::*;
 use super::*;
 use crate::command::Routed;
 use crate::command::{SegmentDef, SegmentDefine};
+use crate::profile::RuleView;
 use oneid_protocol::segments::SEGMENTS_MAX;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
