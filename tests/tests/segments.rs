@@ -873,3 +873,25 @@ async fn a_change_reaches_a_stream_opened_while_the_tailer_reads_for_nobody() {
         assert_eq!(change_of(&event), (oneids[0].clone(), "enter".to_string()));
     }
 }
+
+/// A tail stream has every change applied after its answer, however late its subscriber
+/// starts: the tail is read before the node answers (a failpoint holds each subscriber 0.5 s
+/// before it starts; read by the subscriber, the tail skipped what landed meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_stream_has_every_change_after_its_answer_however_late_its_subscriber() {
+    let mut node = TestNode::create(NodeOptions::default());
+    let hold = [("FAILPOINTS", "streams::subscriber_start=return(500)")];
+    node.restart_with_env(&[], &hold).await;
+    let client = node.client();
+    client
+        .put_segment("rich", "points >= 10", None)
+        .await
+        .unwrap();
+    let mut stream = SseStream::open(&addr(&node), "/v1/segments/rich/stream", None)
+        .await
+        .unwrap();
+    // Written as soon as the stream is answered, before its subscriber starts.
+    let oneids = apply(&client, &[earn("13500000000", "late-1", 10)]).await;
+    let event = stream.next_data(WAIT).await.expect("the change arrives");
+    assert_eq!(change_of(&event), (oneids[0].clone(), "enter".to_string()));
+}

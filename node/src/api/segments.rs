@@ -276,7 +276,7 @@ impl Api {
                 Start::Cursor(Cursor::decode(&text, n_shards, self.streams.scope).map_err(refused)?)
             }
             None if snapshot => Start::Snapshot,
-            None => Start::Tail,
+            None => Start::Tail(self.streams.tail_cursor().await.map_err(refused)?),
         };
         let doc = self.segment_doc(name).await?;
         let frames = self

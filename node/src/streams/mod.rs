@@ -49,11 +49,11 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 /// one is answered 503.
 pub const STREAMS_MAX: usize = 2_000;
 /// Batches of changes the broadcast ring holds: a subscriber further behind is closed.
-pub const LIVE_BATCHES_MAX: usize = 1_024;
+pub const LIVE_BATCHES_MAX: usize = 4_096;
 /// Most bytes of changes (in memory, as [`change_bytes`] counts them) one batch carries: the
 /// ring holds at most `LIVE_BATCHES_MAX × LIVE_BATCH_BYTES_MAX` (64 MiB), however many changes
 /// one entry makes (a rules backfill can make a million).
-pub const LIVE_BATCH_BYTES_MAX: usize = 64 * 1024;
+pub const LIVE_BATCH_BYTES_MAX: usize = 16 * 1024;
 /// SSE frames a subscriber's buffer holds before its connection takes them.
 pub const SUBSCRIBER_FRAMES_MAX: usize = 1_024;
 /// A stream sends its cursor (an id-only event) at least this often, so quiet segments
@@ -85,8 +85,9 @@ pub enum Start {
     Cursor(Cursor),
     /// With every current member, then what follows.
     Snapshot,
-    /// At the tail of the logs now.
-    Tail,
+    /// At the tail of the logs now: the API reads where they end ([`Streams::tail_cursor`])
+    /// before it answers, so every change after the answer is after this cursor.
+    Tail(Cursor),
 }
 
 /// This node's streams.
@@ -284,6 +285,34 @@ impl Streams {
         }
     }
 
+    /// Where every shard's change log ends now: this node's replicas read at once, the others
+    /// at a peer's.
+    pub async fn tail_cursor(&self) -> Result<Cursor, EventError> {
+        let n = self.n_shards();
+        let shards = Arc::clone(&self.shards);
+        let mut ends: Vec<Option<u64>> = self
+            .reader
+            .run(move |r| {
+                (0..n)
+                    .map(|s| {
+                        shards
+                            .local(ShardId(s))
+                            .map(|_| r.log_bounds(ShardId(s)).last)
+                    })
+                    .collect()
+            })
+            .await;
+        for (shard, end) in ends.iter_mut().enumerate() {
+            if end.is_none() {
+                let bounds = self.bounds(ShardId(shard as u32)).await;
+                *end = Some(bounds.map_err(|error| no_replica(shard, &error))?.last);
+            }
+        }
+        Ok(Cursor(
+            ends.into_iter().map(|end| end.unwrap_or(0)).collect(),
+        ))
+    }
+
     /// Opens a stream of `segment` (at `generation`) from `start`: the frames to send, or why
     /// not (`cursor_expired` for a cursor past retention, `unavailable` at the limit or when
     /// no replica of some shard answers).
@@ -298,16 +327,7 @@ impl Streams {
             let bounds = futures::future::join_all((0..n).map(|s| self.bounds(ShardId(s)))).await;
             let mut evicted = Vec::with_capacity(n as usize);
             for (shard, bounds) in bounds.into_iter().enumerate() {
-                evicted.push(
-                    bounds
-                        .map_err(|error| {
-                            EventError::new(
-                                ErrorCode::Unavailable,
-                                format!("no replica of shard {shard} answered ({error}): retry"),
-                            )
-                        })?
-                        .evicted,
-                );
+                evicted.push(bounds.map_err(|error| no_replica(shard, &error))?.evicted);
             }
             if let Some(shard) = (0..n as usize).find(|&s| cursor.0[s] < evicted[s]) {
                 return Err(EventError::field(
@@ -346,6 +366,14 @@ impl Streams {
             self.closed_behind.load(Ordering::Relaxed),
         );
     }
+}
+
+/// No replica of `shard` answered a read of its change log.
+fn no_replica(shard: usize, error: &ShardError) -> EventError {
+    EventError::new(
+        ErrorCode::Unavailable,
+        format!("no replica of shard {shard} answered ({error}): retry"),
+    )
 }
 
 /// The memory one change of a batch takes.

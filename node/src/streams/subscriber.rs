@@ -76,17 +76,16 @@ impl Subscriber {
         // catch-up reads arrives here.
         let mut live = self.streams.live.subscribe();
         let mut stopping = self.streams.stopping.subscribe();
+        // Tests hold a subscriber here (`streams::subscriber_start=return(MILLISECONDS)`).
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = fail::eval("streams::subscriber_start", |ms| ms?.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms.unwrap_or(0))).await;
+        }
         let end = async {
             match start {
-                Start::Cursor(cursor) => {
+                // A tail start was read before the stream was answered (`Streams::tail_cursor`).
+                Start::Cursor(cursor) | Start::Tail(cursor) => {
                     self.cursor = cursor.0;
-                    self.send_id().await?;
-                }
-                Start::Tail => {
-                    for shard in 0..self.streams.n_shards() {
-                        let bounds = self.streams.bounds(ShardId(shard)).await;
-                        self.cursor[shard as usize] = bounds.map_err(unreachable)?.last;
-                    }
                     self.send_id().await?;
                 }
                 Start::Snapshot => self.snapshot().await?,
