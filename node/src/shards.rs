@@ -600,9 +600,10 @@ impl Shards {
     }
 
     /// Reads `shard`'s change log at a replica on another node (this node hosts none): the
-    /// placed replicas that are up first, in placement order (so the reads of one node go to
-    /// one replica while it answers), then the others; a read of changes may wait up to
-    /// `wait` for some. The first answer, or the last error.
+    /// leader first (its log is the freshest: a replica that restarted may be far behind it
+    /// for a while), then the placed replicas that are up, in placement order, then the
+    /// others; a read of changes may wait up to `wait` for some. The first answer, or the
+    /// last error.
     pub async fn read_log_remote(
         &self,
         shard: ShardId,
@@ -610,13 +611,18 @@ impl Shards {
         wait: Duration,
     ) -> Result<LogAnswer, ShardError> {
         let up = |node: u64| self.peers.get().is_some_and(|p| p.up(node));
+        let leader = self.hints[shard.0 as usize]
+            .lock()
+            .expect("hint lock")
+            .leader
+            .filter(|l| *l != self.me && up(*l));
         let placed = self
             .placement(shard)
             .iter()
             .copied()
-            .filter(|n| *n != self.me);
-        let (mut order, down): (Vec<u64>, Vec<u64>) = placed.partition(|n| up(*n));
-        order.extend(down);
+            .filter(|n| *n != self.me && Some(*n) != leader);
+        let (up_ones, down): (Vec<u64>, Vec<u64>) = placed.partition(|n| up(*n));
+        let order: Vec<u64> = leader.into_iter().chain(up_ones).chain(down).collect();
         let request = PeerRequest::Log {
             shard,
             read,

@@ -21,4 +21,7 @@ pub mod predicate;
 pub mod rules;
 pub mod segments;
 
+#[cfg(test)]
+mod parser_props;
+
 pub use api::ErrorCode;

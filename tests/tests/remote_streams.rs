@@ -198,10 +198,17 @@ async fn a_node_without_every_shard_streams_through_kills_of_the_replicas_it_rea
                 if seen.members == listed {
                     Ok(())
                 } else {
+                    let shards = |set: BTreeSet<&String>| -> Vec<String> {
+                        set.into_iter()
+                            .map(|o| format!("{o} (shard {})", &o[1..5]))
+                            .collect()
+                    };
                     Err(format!(
-                        "{} watched, {} listed",
+                        "{} watched, {} listed; missing {:?}; extra {:?}",
                         seen.members.len(),
-                        listed.len()
+                        listed.len(),
+                        shards(listed.difference(&seen.members).collect()),
+                        shards(seen.members.difference(&listed).collect()),
                     ))
                 }
             },

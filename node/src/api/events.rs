@@ -144,3 +144,66 @@ impl<'de> serde::de::Visitor<'de> for BoundedEvents {
         Ok(Some(events))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A body's parse: a refusal of the whole body is `bad_request` or `payload_too_large`;
+    /// an event's, one `Event::parse` documents (or `invalid_event` for a line that is not
+    /// JSON).
+    fn check(body: &[u8], shape: Shape) -> Result<(), TestCaseError> {
+        match parse(body, shape, Some(Millis(1_767_225_600_000))) {
+            Ok(events) => {
+                for (_, error) in events.iter().filter_map(|e| e.as_ref().err()) {
+                    let codes = [
+                        ErrorCode::InvalidEvent,
+                        ErrorCode::InvalidField,
+                        ErrorCode::MissingField,
+                        ErrorCode::UnknownField,
+                    ];
+                    prop_assert!(codes.contains(&error.code), "{error:?}");
+                }
+            }
+            Err(refused) => prop_assert!(
+                [ErrorCode::BadRequest, ErrorCode::PayloadTooLarge].contains(&refused.error.code),
+                "{:?}",
+                refused.error
+            ),
+        }
+        Ok(())
+    }
+
+    const EVENT: &str =
+        r#"{"event_id":"e1","type":"points_earn","identities":{"phone":"1"},"points":5}"#;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn bodies_of_arbitrary_bytes_parse_or_are_refused_as_documented(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            check(&body, Shape::Whole)?;
+            check(&body, Shape::Lines)?;
+        }
+
+        #[test]
+        fn bodies_of_events_cut_and_spliced_parse_or_are_refused_as_documented(
+            n in 0..5usize,
+            cut in any::<prop::sample::Index>(),
+            insert in prop::collection::vec(prop_oneof![Just(b'\n'), Just(b','), Just(b'['), Just(b']'), Just(b'"'), any::<u8>()], 0..4),
+        ) {
+            let events: Vec<&str> = std::iter::repeat_n(EVENT, n).collect();
+            for (mut body, shape) in [
+                (format!("[{}]", events.join(",")).into_bytes(), Shape::Whole),
+                (events.join("\n").into_bytes(), Shape::Lines),
+            ] {
+                let at = cut.index(body.len() + 1);
+                body.splice(at..at, insert.iter().copied());
+                check(&body, shape)?;
+            }
+        }
+    }
+}

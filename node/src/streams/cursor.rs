@@ -132,6 +132,34 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any text, or a valid cursor with a character changed, is a cursor or a refusal
+        /// naming `cursor` (`invalid_cursor`, or `cursor_expired`).
+        #[test]
+        fn cursors_decode_or_are_refused_as_documented(
+            text in "c[12][0-9a-f]{0,80}|.{0,60}",
+            offsets in prop::collection::vec(any::<u64>(), 4),
+            at in any::<prop::sample::Index>(),
+            with in "[0-9a-fz]",
+        ) {
+            let mut valid = Cursor(offsets).encode(SCOPE);
+            let at = at.index(valid.len());
+            valid.replace_range(at..=at, &with);
+            for text in [text, valid] {
+                if let Err(error) = Cursor::decode(&text, 4, SCOPE) {
+                    prop_assert!(
+                        [ErrorCode::InvalidCursor, ErrorCode::CursorExpired].contains(&error.code),
+                        "{error:?}"
+                    );
+                    prop_assert_eq!(error.field.as_deref(), Some("cursor"));
+                }
+            }
+        }
+    }
 
     const SCOPE: Scope = Scope {
         cluster: 0x1234_5678_9abc_def0_1234_5678_9abc_def0,

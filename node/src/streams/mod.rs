@@ -101,10 +101,15 @@ pub struct Streams {
     stopping: watch::Sender<bool>,
     /// Streams closed because their subscriber fell behind the broadcast ring.
     pub closed_behind: AtomicU64,
+    /// For each shard this node does not host, the last offset its remote tailer broadcast
+    /// (0 for the others): a subscriber's catch-up must reach it, however far behind the
+    /// replica it happens to read is (else, on a quiet shard, nothing would bring the rest).
+    tailed: Vec<AtomicU64>,
 }
 
 impl Streams {
     pub fn new(reader: StateReader, shards: Arc<Shards>, scope: Scope) -> Arc<Streams> {
+        let tailed = (0..shards.n_shards).map(|_| AtomicU64::new(0)).collect();
         Arc::new(Streams {
             reader,
             scope,
@@ -113,6 +118,7 @@ impl Streams {
             live: broadcast::channel(LIVE_BATCHES_MAX).0,
             stopping: watch::channel(false).0,
             closed_behind: AtomicU64::new(0),
+            tailed,
         })
     }
 
@@ -144,6 +150,11 @@ impl Streams {
             return Ok(self.reader.run(move |r| r.log_read(shard, &read)).await);
         }
         self.shards.read_log_remote(shard, read, wait).await
+    }
+
+    /// The offset a subscriber's catch-up of `shard` must reach (see `tailed`).
+    fn tailed(&self, shard: ShardId) -> u64 {
+        self.tailed[shard.0 as usize].load(Ordering::SeqCst)
     }
 
     async fn bounds(&self, shard: ShardId) -> Result<LogBounds, ShardError> {
@@ -274,7 +285,9 @@ impl Streams {
             };
             match outcome {
                 Ok((from, changes)) => {
-                    after = Some(changes.last().map_or(from, |(last, _)| *last));
+                    let last = changes.last().map_or(from, |(last, _)| *last);
+                    after = Some(last);
+                    self.tailed[shard.0 as usize].fetch_max(last, Ordering::SeqCst);
                     for batch in batches(shard, changes) {
                         let _ = self.live.send(Arc::new(batch));
                     }

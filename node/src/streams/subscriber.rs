@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+/// The longest a subscriber waits for a replica behind the broadcast to hold what it needs.
+const FILL_WAIT_MAX: Duration = Duration::from_secs(10);
+/// How long one read of a peer's log waits for changes while a subscriber needs them.
+const FILL_POLL: Duration = Duration::from_millis(500);
+
 /// Why a stream ends.
 #[derive(Debug)]
 enum End {
@@ -218,26 +223,43 @@ impl Subscriber {
     }
 
     /// Delivers what each shard's log holds after the cursor, read from the log itself.
+    /// The subscriber subscribed to the ring before this: what a remote tailer broadcast
+    /// before then, the catch-up must reach (`Streams::tailed`).
     async fn catch_up(&mut self) -> Result<(), End> {
-        for shard in 0..self.streams.n_shards() {
-            self.fill(ShardId(shard), u64::MAX).await?;
+        for shard in (0..self.streams.n_shards()).map(ShardId) {
+            let need = self.streams.tailed(shard);
+            self.fill(shard, u64::MAX, need).await?;
         }
         Ok(())
     }
 
     /// Delivers what the shard's log holds after the cursor, up to offset `until`, read from
     /// the log itself (this node's replica, or a peer's): until the log has no more, or a gap
-    /// (entries evicted before they were read) ends the stream.
-    async fn fill(&mut self, shard: ShardId, until: u64) -> Result<(), End> {
+    /// (entries evicted before they were read) ends the stream. While the cursor is below
+    /// `need` (what the broadcast already went past), a replica that has no more yet is behind
+    /// the one the tailer read: it is asked again, waiting for its next writes, up to
+    /// [`FILL_WAIT_MAX`], before the stream ends as behind.
+    async fn fill(&mut self, shard: ShardId, until: u64, need: u64) -> Result<(), End> {
         let s = shard.0 as usize;
+        let deadline = Instant::now() + FILL_WAIT_MAX;
         while self.cursor[s] < until {
+            let short = self.cursor[s] < need;
+            let wait = if short { FILL_POLL } else { Duration::ZERO };
             let changes = self
                 .streams
-                .changes(shard, self.cursor[s], Duration::ZERO)
+                .changes(shard, self.cursor[s], wait)
                 .await
                 .map_err(unreachable)?;
             if changes.is_empty() {
-                return Ok(());
+                if !short {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(End::Behind);
+                }
+                // A local read does not wait: pause before asking again.
+                tokio::time::sleep(FILL_POLL / 10).await;
+                continue;
             }
             for (offset, record) in &changes {
                 if *offset > until {
@@ -295,7 +317,7 @@ impl Subscriber {
         let shard = batch.shard;
         for (offset, record) in &batch.changes {
             if *offset > self.cursor[shard.0 as usize] + 1 {
-                self.fill(shard, offset - 1).await?;
+                self.fill(shard, offset - 1, offset - 1).await?;
             }
             if *offset > self.cursor[shard.0 as usize] {
                 self.take(shard, *offset, record).await?;
