@@ -81,6 +81,42 @@ pub enum ErrorCode {
     Forbidden,
 }
 
+impl ErrorCode {
+    /// Every code, in the order declared (the README's table lists each, checked by a test).
+    pub const ALL: [ErrorCode; 30] = [
+        ErrorCode::BadRequest,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::NoRoute,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::InvalidEvent,
+        ErrorCode::InvalidField,
+        ErrorCode::MissingField,
+        ErrorCode::UnknownField,
+        ErrorCode::NotFound,
+        ErrorCode::DuplicateOrder,
+        ErrorCode::UnknownOrder,
+        ErrorCode::RefundExceedsOrder,
+        ErrorCode::InsufficientPoints,
+        ErrorCode::IdentityConflict,
+        ErrorCode::IdentityLimit,
+        ErrorCode::AttributeLimit,
+        ErrorCode::TagLimit,
+        ErrorCode::AlreadyExpired,
+        ErrorCode::InvalidRules,
+        ErrorCode::InvalidPredicate,
+        ErrorCode::SegmentLimit,
+        ErrorCode::InvalidCursor,
+        ErrorCode::CursorExpired,
+        ErrorCode::Unavailable,
+        ErrorCode::TooManyWaves,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+        ErrorCode::Forbidden,
+    ];
+}
+
 /// `{"error": {...}}`: the answer to a request refused as a whole.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -296,4 +332,89 @@ pub struct BackupKeyspace {
     pub name: String,
     pub pairs: u64,
     pub bytes: u64,
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::ErrorCode;
+
+    /// Each code's place in [`ErrorCode::ALL`]; no wildcard, so a new code fails to compile
+    /// here until it is listed.
+    fn place(code: ErrorCode) -> usize {
+        match code {
+            ErrorCode::BadRequest => 0,
+            ErrorCode::PayloadTooLarge => 1,
+            ErrorCode::UnsupportedMediaType => 2,
+            ErrorCode::NoRoute => 3,
+            ErrorCode::MethodNotAllowed => 4,
+            ErrorCode::RequestTimeout => 5,
+            ErrorCode::InvalidEvent => 6,
+            ErrorCode::InvalidField => 7,
+            ErrorCode::MissingField => 8,
+            ErrorCode::UnknownField => 9,
+            ErrorCode::NotFound => 10,
+            ErrorCode::DuplicateOrder => 11,
+            ErrorCode::UnknownOrder => 12,
+            ErrorCode::RefundExceedsOrder => 13,
+            ErrorCode::InsufficientPoints => 14,
+            ErrorCode::IdentityConflict => 15,
+            ErrorCode::IdentityLimit => 16,
+            ErrorCode::AttributeLimit => 17,
+            ErrorCode::TagLimit => 18,
+            ErrorCode::AlreadyExpired => 19,
+            ErrorCode::InvalidRules => 20,
+            ErrorCode::InvalidPredicate => 21,
+            ErrorCode::SegmentLimit => 22,
+            ErrorCode::InvalidCursor => 23,
+            ErrorCode::CursorExpired => 24,
+            ErrorCode::Unavailable => 25,
+            ErrorCode::TooManyWaves => 26,
+            ErrorCode::Busy => 27,
+            ErrorCode::Internal => 28,
+            ErrorCode::Forbidden => 29,
+        }
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_the_readme_says_what_to_do_about_each() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(place(*code), i, "{code:?}");
+        }
+        let names: Vec<String> = ErrorCode::ALL
+            .iter()
+            .map(|code| {
+                serde_json::to_value(code)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        // The README's table: after its header, a row per code, `| `code` | status | what |`.
+        let readme = include_str!("../../README.md");
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|line| *line != "| code | status | what to do |")
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .collect();
+        let listed: Vec<String> = table
+            .iter()
+            .map(|row| {
+                let code = row.strip_prefix("| `").and_then(|r| r.split_once('`'));
+                code.map(|(code, _)| code.to_string()).unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(
+            listed, names,
+            "the README's error-code table, in the order declared"
+        );
+        for row in &table {
+            assert_eq!(
+                row.matches(" | ").count(),
+                2,
+                "{row}: code, status, what to do"
+            );
+        }
+    }
 }
