@@ -296,6 +296,16 @@ pub fn event_id_of(raw: &RawValue) -> String {
 }
 
 impl Event {
+    /// The codes [`Event::parse`] refuses an event with when it is given the time received
+    /// (without one, an event without `ts` is refused `unavailable`, naming `ts`). Each but
+    /// `invalid_event` names the field.
+    pub const PARSE_ERRORS: [ErrorCode; 4] = [
+        ErrorCode::InvalidEvent,
+        ErrorCode::InvalidField,
+        ErrorCode::MissingField,
+        ErrorCode::UnknownField,
+    ];
+
     /// Parses and validates one event. `received` dates an event without `ts`: the cluster's
     /// time when the node received it, `None` if the node could not tell it (such an event is
     /// refused `unavailable`, naming `ts`, for the client to send elsewhere or again).

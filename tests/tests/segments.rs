@@ -843,19 +843,26 @@ async fn a_delete_sent_again_while_a_shard_leader_changes_reaches_every_shard() 
     assert!(stream.ended, "the stream ends after the last exit");
 }
 
-/// A change that lands while the tailer reads its shard's log end for nobody reaches a stream
-/// opened meanwhile, promptly: a failpoint holds the tailer 0.6 s after each such read, and
-/// each round opens a stream when none is open, then writes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_reaches_a_stream_opened_while_the_tailer_reads_for_nobody() {
+/// A node started with the failpoint `failpoint` (`name=action`), with the segment `rich`
+/// (`points >= 10`) defined.
+async fn rich_node_held_at(failpoint: &str) -> (TestNode, Client) {
     let mut node = TestNode::create(NodeOptions::default());
-    let hold = [("FAILPOINTS", "streams::tail_after_end=return(600)")];
-    node.restart_with_env(&[], &hold).await;
+    node.restart_with_env(&[], &[("FAILPOINTS", failpoint)])
+        .await;
     let client = node.client();
     client
         .put_segment("rich", "points >= 10", None)
         .await
         .unwrap();
+    (node, client)
+}
+
+/// A change that lands while the tailer reads its shard's log end for nobody reaches a stream
+/// opened meanwhile, promptly: a failpoint holds the tailer 0.6 s after each such read, and
+/// each round opens a stream when none is open, then writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_a_stream_opened_while_the_tailer_reads_for_nobody() {
+    let (node, client) = rich_node_held_at("streams::tail_after_end=return(600)").await;
     for round in 0..5 {
         eventually("no stream open", WAIT, async || {
             (node.metric("oneid_streams_open").await == 0).then_some(())
@@ -879,14 +886,7 @@ async fn a_change_reaches_a_stream_opened_while_the_tailer_reads_for_nobody() {
 /// before it starts; read by the subscriber, the tail skipped what landed meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_stream_has_every_change_after_its_answer_however_late_its_subscriber() {
-    let mut node = TestNode::create(NodeOptions::default());
-    let hold = [("FAILPOINTS", "streams::subscriber_start=return(500)")];
-    node.restart_with_env(&[], &hold).await;
-    let client = node.client();
-    client
-        .put_segment("rich", "points >= 10", None)
-        .await
-        .unwrap();
+    let (node, client) = rich_node_held_at("streams::subscriber_start=return(500)").await;
     let mut stream = SseStream::open(&addr(&node), "/v1/segments/rich/stream", None)
         .await
         .unwrap();
