@@ -118,9 +118,9 @@ impl Error {
     }
 
     /// The API error code, for an error the node answered.
-    pub fn code(&self) -> Option<ErrorCode> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
-            Error::Api { code, .. } => Some(*code),
+            Error::Api { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -628,7 +628,7 @@ fn shard_of(oneid: &str) -> Route {
 /// The code of an event's rejection that a later attempt may change: `unavailable` (the node
 /// could not apply it now) or `too_many_waves` (it waited behind other events of its batch).
 fn retry_code(result: &oneid_protocol::api::EventResult) -> Option<ErrorCode> {
-    let code = result.error.as_ref()?.code;
+    let code = result.error.as_ref()?.code.clone();
     (result.status == EventStatus::Rejected
         && matches!(code, ErrorCode::Unavailable | ErrorCode::TooManyWaves))
     .then_some(code)

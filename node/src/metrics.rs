@@ -64,11 +64,12 @@ pub enum Route {
     Health,
     Metrics,
     Admin,
+    OpenApi,
     Other,
 }
 
 impl Route {
-    const ALL: [Route; 12] = [
+    const ALL: [Route; 13] = [
         Route::Events,
         Route::Profile,
         Route::Lookup,
@@ -80,6 +81,7 @@ impl Route {
         Route::Health,
         Route::Metrics,
         Route::Admin,
+        Route::OpenApi,
         Route::Other,
     ];
 
@@ -96,6 +98,7 @@ impl Route {
             Route::Health => "healthz",
             Route::Metrics => "metrics",
             Route::Admin => "admin",
+            Route::OpenApi => "openapi",
             Route::Other => "other",
         }
     }

@@ -230,6 +230,7 @@ impl Router {
                 EventStatus::Applied => response.applied += 1,
                 EventStatus::Duplicate => response.duplicates += 1,
                 EventStatus::Rejected => response.rejected += 1,
+                EventStatus::Other(_) => unreachable!("the router answers only known statuses"),
             }
             response.results.push(EventResult {
                 event_id,

@@ -1,6 +1,7 @@
 //! Bodies of the HTTP API, shared by the node (which writes them) and the client (which reads them).
 
 use crate::event::EventError;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -13,118 +14,82 @@ pub const LEDGER_PAGE_MAX: usize = 1_000;
 /// Ledger entries per page when `limit` is not given.
 pub const LEDGER_PAGE_DEFAULT: usize = 50;
 
-/// Machine-readable error codes, on whole requests and on single events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The request is not well-formed JSON/NDJSON, or not of the expected shape.
-    BadRequest,
-    /// The body is over `REQUEST_BODY_BYTES_MAX` or has more than `EVENTS_PER_REQUEST_MAX` events.
-    PayloadTooLarge,
-    /// The content type is not JSON or NDJSON.
-    UnsupportedMediaType,
-    /// No such route.
-    NoRoute,
-    /// The route exists, but not with this method (the answer's `Allow` lists those it has).
-    MethodNotAllowed,
-    /// The request's body stopped arriving before it was complete.
-    RequestTimeout,
-    /// An event is not a JSON object.
-    InvalidEvent,
-    /// A field has a value it may not have.
-    InvalidField,
-    /// A required field is absent.
-    MissingField,
-    /// A field that the event type does not have.
-    UnknownField,
-    /// The profile (or identity) does not exist.
-    NotFound,
-    /// The order id was already seen on the profile.
-    DuplicateOrder,
-    /// A refund names an order the profile does not have.
-    UnknownOrder,
-    /// A refund is larger than what is left of its order.
-    RefundExceedsOrder,
-    /// A redeem is larger than the balance.
-    InsufficientPoints,
-    /// The event's identities (or oneid) belong to different profiles.
-    IdentityConflict,
-    /// The profile would have more identity values than allowed.
-    IdentityLimit,
-    /// The profile would have more attributes than allowed.
-    AttributeLimit,
-    /// The profile would have more manual tags than allowed.
-    TagLimit,
-    /// An earn whose `expires_at` is not after the shard's clock.
-    AlreadyExpired,
-    /// A rules document was refused.
-    InvalidRules,
-    /// A segment's predicate does not parse or type-check (the message says where).
-    InvalidPredicate,
-    /// A new segment beyond `SEGMENTS_MAX`.
-    SegmentLimit,
-    /// A stream or members cursor that is not one this cluster wrote.
-    InvalidCursor,
-    /// A stream cursor older than the change log's retention: resume from a snapshot.
-    CursorExpired,
-    /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
-    Unavailable,
-    /// The event waited behind more waves of its batch than one request runs (events sharing
-    /// new identities apply one after another); send it again in a later request.
-    TooManyWaves,
-    /// A one-at-a-time operation is already running (a backup); try again when it is done.
-    Busy,
-    /// A bug or a storage failure.
-    Internal,
-    /// The node does not allow this (backups without `[storage] backup_root`); the message
-    /// says how to configure it. (New codes go last: stored results keep a code's index.)
-    Forbidden,
-}
-
-impl ErrorCode {
-    /// Every code, in the order declared (the README's table lists each, checked by a test).
-    pub const ALL: [ErrorCode; 30] = [
-        ErrorCode::BadRequest,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::UnsupportedMediaType,
-        ErrorCode::NoRoute,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::RequestTimeout,
-        ErrorCode::InvalidEvent,
-        ErrorCode::InvalidField,
-        ErrorCode::MissingField,
-        ErrorCode::UnknownField,
-        ErrorCode::NotFound,
-        ErrorCode::DuplicateOrder,
-        ErrorCode::UnknownOrder,
-        ErrorCode::RefundExceedsOrder,
-        ErrorCode::InsufficientPoints,
-        ErrorCode::IdentityConflict,
-        ErrorCode::IdentityLimit,
-        ErrorCode::AttributeLimit,
-        ErrorCode::TagLimit,
-        ErrorCode::AlreadyExpired,
-        ErrorCode::InvalidRules,
-        ErrorCode::InvalidPredicate,
-        ErrorCode::SegmentLimit,
-        ErrorCode::InvalidCursor,
-        ErrorCode::CursorExpired,
-        ErrorCode::Unavailable,
-        ErrorCode::TooManyWaves,
-        ErrorCode::Busy,
-        ErrorCode::Internal,
-        ErrorCode::Forbidden,
-    ];
+crate::open_enum! {
+    /// Machine-readable error codes, on whole requests and on single events.
+    pub enum ErrorCode {
+        /// The request is not well-formed JSON/NDJSON, or not of the expected shape.
+        BadRequest = "bad_request",
+        /// The body is over `REQUEST_BODY_BYTES_MAX` or has more than `EVENTS_PER_REQUEST_MAX` events.
+        PayloadTooLarge = "payload_too_large",
+        /// The content type is not JSON or NDJSON.
+        UnsupportedMediaType = "unsupported_media_type",
+        /// No such route.
+        NoRoute = "no_route",
+        /// The route exists, but not with this method (the answer's `Allow` lists those it has).
+        MethodNotAllowed = "method_not_allowed",
+        /// The request's body stopped arriving before it was complete.
+        RequestTimeout = "request_timeout",
+        /// An event is not a JSON object.
+        InvalidEvent = "invalid_event",
+        /// A field has a value it may not have.
+        InvalidField = "invalid_field",
+        /// A required field is absent.
+        MissingField = "missing_field",
+        /// A field that the event type does not have.
+        UnknownField = "unknown_field",
+        /// The profile (or identity) does not exist.
+        NotFound = "not_found",
+        /// The order id was already seen on the profile.
+        DuplicateOrder = "duplicate_order",
+        /// A refund names an order the profile does not have.
+        UnknownOrder = "unknown_order",
+        /// A refund is larger than what is left of its order.
+        RefundExceedsOrder = "refund_exceeds_order",
+        /// A redeem is larger than the balance.
+        InsufficientPoints = "insufficient_points",
+        /// The event's identities (or oneid) belong to different profiles.
+        IdentityConflict = "identity_conflict",
+        /// The profile would have more identity values than allowed.
+        IdentityLimit = "identity_limit",
+        /// The profile would have more attributes than allowed.
+        AttributeLimit = "attribute_limit",
+        /// The profile would have more manual tags than allowed.
+        TagLimit = "tag_limit",
+        /// An earn whose `expires_at` is not after the shard's clock.
+        AlreadyExpired = "already_expired",
+        /// A rules document was refused.
+        InvalidRules = "invalid_rules",
+        /// A segment's predicate does not parse or type-check (the message says where).
+        InvalidPredicate = "invalid_predicate",
+        /// A new segment beyond `SEGMENTS_MAX`.
+        SegmentLimit = "segment_limit",
+        /// A stream or members cursor that is not one this cluster wrote.
+        InvalidCursor = "invalid_cursor",
+        /// A stream cursor older than the change log's retention: resume from a snapshot.
+        CursorExpired = "cursor_expired",
+        /// The node cannot serve now (no leader, shutting down, overloaded); retry later.
+        Unavailable = "unavailable",
+        /// The event waited behind more waves of its batch than one request runs (events sharing
+        /// new identities apply one after another); send it again in a later request.
+        TooManyWaves = "too_many_waves",
+        /// A one-at-a-time operation is already running (a backup); try again when it is done.
+        Busy = "busy",
+        /// A bug or a storage failure.
+        Internal = "internal",
+        /// The node does not allow this (backups without `[storage] backup_root`); the message
+        /// says how to configure it. (New codes go last: stored results keep a code's index.)
+        Forbidden = "forbidden",
+    }
 }
 
 /// `{"error": {...}}`: the answer to a request refused as a whole.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     pub error: EventError,
 }
 
 /// The answer to `POST /v1/events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct EventsResponse {
     pub applied: u64,
     pub duplicates: u64,
@@ -133,15 +98,19 @@ pub struct EventsResponse {
     pub results: Vec<EventResult>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventStatus {
-    Applied,
-    Duplicate,
-    Rejected,
+crate::open_enum! {
+    /// What became of one event.
+    pub enum EventStatus {
+        /// The event applied (now, durably).
+        Applied = "applied",
+        /// An event with this `event_id` applied before: nothing changed.
+        Duplicate = "duplicate",
+        /// Refused; `error` says why, and nothing changed.
+        Rejected = "rejected",
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct EventResult {
     pub event_id: String,
     pub status: EventStatus,
@@ -151,7 +120,7 @@ pub struct EventResult {
 }
 
 /// `GET /v1/profiles/{oneid}` and `/v1/profiles/lookup`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProfileDoc {
     pub oneid: String,
     pub identities: BTreeMap<String, Vec<String>>,
@@ -172,14 +141,14 @@ pub struct ProfileDoc {
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PointsView {
     pub balance: i64,
     pub lifetime_earned: i64,
     pub lifetime_redeemed: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MetricsView {
     pub order_count: u64,
     /// Channel → the latest order on it.
@@ -192,7 +161,7 @@ pub struct MetricsView {
 }
 
 /// `GET /v1/profiles/{oneid}/ledger`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LedgerPage {
     /// Newest first.
     pub entries: Vec<LedgerEntryDoc>,
@@ -200,7 +169,7 @@ pub struct LedgerPage {
     pub next: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LedgerEntryDoc {
     pub event_id: String,
     /// `earn`, `redeem`, `adjust`, `expire` or `reverse`.
@@ -220,7 +189,7 @@ fn is_zero(n: &i64) -> bool {
 }
 
 /// `GET /v1/cluster`: this node's view of the cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ClusterView {
     /// The node that answered.
     pub node: u64,
@@ -237,7 +206,7 @@ pub struct ClusterView {
 }
 
 /// A snapshot in flight: a shard's state streamed to a follower behind the leader's log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SnapshotView {
     pub shard: u32,
     /// The applied index of the state it carries.
@@ -252,7 +221,7 @@ pub struct SnapshotView {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeView {
     pub id: u64,
     pub api: String,
@@ -264,7 +233,7 @@ pub struct NodeView {
     pub clock_offset_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ShardView {
     pub id: u32,
     /// The leader's node id, if this replica knows it.
@@ -287,8 +256,25 @@ pub struct ShardView {
     pub clock: String,
 }
 
+/// The body of `POST /v1/admin/backup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// The backup's directory, relative to the node's `[storage] backup_root`: new, or empty.
+    pub dir: Option<String>,
+}
+
+/// `GET /healthz` when every shard has a leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// The cluster's shards (each has a leader this node heard from within 2 s).
+    pub shards: u32,
+}
+
 /// `POST /v1/admin/backup`: what a backup holds, also written as `backup.json` beside it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupManifest {
     /// The manifest's format; this is [`BackupManifest::FORMAT`].
     pub format: u32,
@@ -319,7 +305,7 @@ fn state_format_1() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupShard {
     pub id: u32,
     pub applied_index: u64,
@@ -327,7 +313,7 @@ pub struct BackupShard {
     pub digest: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackupKeyspace {
     pub name: String,
     pub pairs: u64,
@@ -338,48 +324,9 @@ pub struct BackupKeyspace {
 mod error_code_tests {
     use super::ErrorCode;
 
-    /// Each code's place in [`ErrorCode::ALL`]; no wildcard, so a new code fails to compile
-    /// here until it is listed.
-    fn place(code: ErrorCode) -> usize {
-        match code {
-            ErrorCode::BadRequest => 0,
-            ErrorCode::PayloadTooLarge => 1,
-            ErrorCode::UnsupportedMediaType => 2,
-            ErrorCode::NoRoute => 3,
-            ErrorCode::MethodNotAllowed => 4,
-            ErrorCode::RequestTimeout => 5,
-            ErrorCode::InvalidEvent => 6,
-            ErrorCode::InvalidField => 7,
-            ErrorCode::MissingField => 8,
-            ErrorCode::UnknownField => 9,
-            ErrorCode::NotFound => 10,
-            ErrorCode::DuplicateOrder => 11,
-            ErrorCode::UnknownOrder => 12,
-            ErrorCode::RefundExceedsOrder => 13,
-            ErrorCode::InsufficientPoints => 14,
-            ErrorCode::IdentityConflict => 15,
-            ErrorCode::IdentityLimit => 16,
-            ErrorCode::AttributeLimit => 17,
-            ErrorCode::TagLimit => 18,
-            ErrorCode::AlreadyExpired => 19,
-            ErrorCode::InvalidRules => 20,
-            ErrorCode::InvalidPredicate => 21,
-            ErrorCode::SegmentLimit => 22,
-            ErrorCode::InvalidCursor => 23,
-            ErrorCode::CursorExpired => 24,
-            ErrorCode::Unavailable => 25,
-            ErrorCode::TooManyWaves => 26,
-            ErrorCode::Busy => 27,
-            ErrorCode::Internal => 28,
-            ErrorCode::Forbidden => 29,
-        }
-    }
-
     #[test]
     fn every_code_is_listed_once_and_the_readme_says_what_to_do_about_each() {
-        for (i, code) in ErrorCode::ALL.iter().enumerate() {
-            assert_eq!(place(*code), i, "{code:?}");
-        }
+        // `open_enum!` lists every declared code in `ALL`, in order.
         let names: Vec<String> = ErrorCode::ALL
             .iter()
             .map(|code| {

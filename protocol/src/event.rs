@@ -110,7 +110,7 @@ impl EventBody {
 }
 
 /// Why an event was rejected: a code, a message, and the field at fault when there is one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EventError {
     pub code: ErrorCode,
     pub message: String,

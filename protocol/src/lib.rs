@@ -8,7 +8,9 @@
 //! - [`rules`]: loyalty rules (points, tiers, tag rules), wire and validated forms.
 //! - [`predicate`]: the predicate language of tag rules and segments.
 //! - [`segments`]: segment definitions, documents, members pages and stream changes.
+//! - [`wire`]: events as a client writes them, one type per event type.
 //! - [`api`]: request and response bodies, error codes, limits of the API.
+//! - [`openapi`]: the OpenAPI document of the HTTP API, generated from these types.
 //!
 //! Architecture invariant: this crate knows nothing about transport, storage, Raft or async
 //! runtimes. It parses, validates and describes; it never does I/O.
@@ -17,11 +19,18 @@ pub mod api;
 pub mod event;
 pub mod ids;
 pub mod num;
+#[doc(hidden)]
+pub mod open_enum;
+pub mod openapi;
 pub mod predicate;
 pub mod rules;
 pub mod segments;
+pub mod wire;
 
 #[cfg(test)]
 mod parser_props;
 
 pub use api::ErrorCode;
+/// The exact decimals of amounts and attributes, and the timestamps of events.
+pub use rust_decimal::Decimal;
+pub use time::OffsetDateTime;

@@ -54,6 +54,35 @@ impl fmt::Display for Money {
     }
 }
 
+/// The schema of an amount of money on the API: a decimal string or a JSON number.
+pub(crate) fn money_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "An amount of money: at most 2 decimals, at most 10^12 in size (a decimal string, or a JSON number read from its exact text).",
+        "oneOf": [
+            {"type": "string", "pattern": r"^-?[0-9]{1,13}(\.[0-9]{1,2})?$"},
+            {"type": "number", "minimum": -1_000_000_000_000i64, "maximum": 1_000_000_000_000i64}
+        ]
+    })
+}
+
+fn decimal() -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "An exact decimal (a decimal string, or a JSON number read from its exact text).",
+        "oneOf": [
+            {"type": "string", "pattern": r"^-?[0-9]{1,28}(\.[0-9]{1,28})?$"},
+            {"type": "number"}
+        ]
+    })
+}
+
+pub(crate) fn decimal_schema_option(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"oneOf": [{"type": "null"}, decimal()]})
+}
+
+pub(crate) fn decimal_map_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "additionalProperties": decimal()})
+}
+
 /// Parses a plain decimal literal (optional `-`, digits, optional `.` and digits); no
 /// exponents, no spaces, at most 28 significant digits.
 pub fn parse_decimal(text: &str) -> Result<Decimal, String> {

@@ -8,6 +8,7 @@ use crate::ids::OneId;
 use crate::num::Millis;
 use crate::predicate::Predicate;
 use crate::rules::RulesDoc;
+use crate::wire::NewEvent;
 use crate::ErrorCode;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -153,6 +154,19 @@ proptest! {
         match parse_event(&event.to_string()).expect("JSON") {
             Ok(parsed) => prop_assert_eq!(parsed.event_id.as_str(), event["event_id"].as_str().unwrap_or_default()),
             Err(error) => documented(&error)?,
+        }
+    }
+
+    /// The typed client's events are what the parser reads: any event that parses, written
+    /// as a [`NewEvent`], parses back to exactly the same event.
+    #[test]
+    fn every_parsed_event_written_as_its_wire_type_parses_to_itself(
+        event in mutated(valid_events()),
+    ) {
+        if let Ok(parsed) = parse_event(&event.to_string()).expect("JSON") {
+            let written = serde_json::to_string(&NewEvent::from(&parsed)).expect("serializes");
+            let again = parse_event(&written).expect("JSON");
+            prop_assert_eq!(again, Ok(parsed), "{}", written);
         }
     }
 

@@ -9,6 +9,7 @@ use crate::ids::is_name;
 use crate::num::{literal_text, parse_decimal, Money};
 use crate::predicate::Predicate;
 use rust_decimal::Decimal;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -195,7 +196,7 @@ impl Rules {
 /// Wire form of the rules (`GET`/`PUT /v1/rules`, `[rules]` in cluster.toml). Every part is
 /// optional on input and takes its default. Decimals are kept as raw JSON so they are parsed
 /// exactly from their literal text.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RulesDoc {
     #[serde(default)]
@@ -210,7 +211,7 @@ pub struct RulesDoc {
 }
 
 /// The wire form of [`Retention`]: each part optional, taking its default.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,20 +265,23 @@ impl RetentionDoc {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PointsDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::num::decimal_schema_option")]
     pub per_currency_unit: Option<Box<RawValue>>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::num::decimal_map_schema")]
     pub tier_multipliers: BTreeMap<String, Box<RawValue>>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::num::decimal_map_schema")]
     pub channel_multipliers: BTreeMap<String, Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_after_days: Option<u32>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TiersDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,14 +292,15 @@ pub struct TiersDoc {
     pub levels: Option<Vec<LevelDoc>>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LevelDoc {
     pub name: String,
+    #[schemars(schema_with = "crate::num::money_schema")]
     pub min_spend: Box<RawValue>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagRuleDoc {
     pub tag: String,

@@ -4,6 +4,7 @@
 use crate::event::EventError;
 use crate::predicate::Predicate;
 use crate::ErrorCode;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Most segments a cluster holds; defining one more is refused (`segment_limit`).
@@ -18,7 +19,7 @@ pub const MEMBERS_PAGE_DEFAULT: usize = 100;
 pub const MEMBERS_PAGE_MAX: usize = 1_000;
 
 /// The body of `PUT /v1/segments/{name}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentPut {
     pub predicate: String,
@@ -35,7 +36,7 @@ pub struct SegmentSpec {
 }
 
 /// `GET /v1/segments/{name}`, and the answer to a `PUT`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SegmentDoc {
     pub name: String,
     pub predicate: String,
@@ -50,7 +51,7 @@ pub struct SegmentDoc {
 }
 
 /// How far a segment's evaluation over the profiles that existed when it was defined got.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BackfillView {
     /// `running` or `done`.
     pub state: String,
@@ -59,14 +60,14 @@ pub struct BackfillView {
 }
 
 /// `GET /v1/segments`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SegmentList {
     /// Sorted by name.
     pub segments: Vec<SegmentDoc>,
 }
 
 /// `GET /v1/segments/{name}/members`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MembersPage {
     pub members: Vec<String>,
     /// The cursor of the next page; `null` on the last.
@@ -74,7 +75,7 @@ pub struct MembersPage {
 }
 
 /// Whether a profile entered or left a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Enter,
@@ -82,7 +83,7 @@ pub enum ChangeKind {
 }
 
 /// One event of a membership stream (`data:` of the SSE event).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SegmentChange {
     pub segment: String,
     pub generation: u64,
@@ -96,7 +97,7 @@ pub struct SegmentChange {
 }
 
 /// The `data:` of a stream's `snapshot_end` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SnapshotEnd {
     pub segment: String,
     pub members: u64,

@@ -90,7 +90,11 @@ async fn send_one(client: &Client, event: Value) -> EventResult {
 
 fn assert_applied(result: &EventResult, oneid: &str) {
     assert_eq!(
-        (result.status, result.oneid.as_deref(), &result.error),
+        (
+            result.status.clone(),
+            result.oneid.as_deref(),
+            &result.error
+        ),
         (EventStatus::Applied, Some(oneid), &None),
         "{result:?}"
     );
@@ -326,7 +330,7 @@ async fn walk_through_with_exact_values() {
         assert_eq!(result.oneid, None);
         let error = result.error.as_ref().expect("a rejection has an error");
         assert_eq!(
-            (error.code, error.field.as_deref()),
+            (error.code.clone(), error.field.as_deref()),
             (ErrorCode::RefundExceedsOrder, Some("amount")),
             "{error:?}"
         );

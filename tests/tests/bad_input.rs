@@ -600,9 +600,9 @@ fn result_error(result: &EventResult) -> (EventStatus, Option<&str>, ErrorCode, 
         .as_ref()
         .unwrap_or_else(|| panic!("no error in {result:?}"));
     (
-        result.status,
+        result.status.clone(),
         result.oneid.as_deref(),
-        error.code,
+        error.code.clone(),
         error.field.as_deref(),
     )
 }
@@ -884,7 +884,10 @@ async fn bad_events_are_rejected_alone() {
     for ((event, event_id, code, field), result) in cases.iter().zip(&results) {
         assert_eq!(
             (result.event_id.as_str(), result_error(result)),
-            (*event_id, (EventStatus::Rejected, None, *code, *field)),
+            (
+                *event_id,
+                (EventStatus::Rejected, None, code.clone(), *field)
+            ),
             "{event}: {result:?}"
         );
         assert!(

@@ -179,7 +179,7 @@ async fn a_node_30_days_ahead(skew: &[(&str, &str)]) {
     let again = send(&client, &all).await;
     for (event, (status, oneid)) in &again {
         assert_eq!(
-            (*status, oneid),
+            (status.clone(), oneid),
             (EventStatus::Duplicate, &first[event].1),
             "{event}"
         );
@@ -209,7 +209,7 @@ async fn a_node_30_days_ahead(skew: &[(&str, &str)]) {
         .unwrap();
     let error = answer.results[0].error.as_ref().expect("refused");
     assert_eq!(
-        (answer.results[0].status, error.field.as_deref()),
+        (answer.results[0].status.clone(), error.field.as_deref()),
         (EventStatus::Rejected, Some("ts"))
     );
 }

@@ -62,7 +62,7 @@ async fn send_all(client: &Client, events: std::ops::Range<usize>) -> BTreeMap<u
         let answer = client.send_events(chunk).await.expect("send");
         for (i, result) in answer.results.iter().enumerate() {
             assert_ne!(result.status, EventStatus::Rejected, "{result:?}");
-            statuses.insert(first + i, result.status);
+            statuses.insert(first + i, result.status.clone());
         }
     }
     statuses
@@ -141,7 +141,7 @@ async fn a_leader_killed_during_ingest_loses_nothing_and_rejoins() {
         } else {
             // Before that, an event is applied or answered `unavailable` (retried below).
             for result in &answer.results {
-                let code = result.error.as_ref().map(|e| e.code);
+                let code = result.error.as_ref().map(|e| e.code.clone());
                 assert!(
                     result.status == EventStatus::Applied || code == Some(ErrorCode::Unavailable),
                     "{result:?}"
@@ -283,7 +283,7 @@ async fn a_rolling_restart_during_ingest_stalls_no_write_and_loses_nothing() {
                     }
                     _ => assert!(
                         *phase == "back"
-                            && result.error.as_ref().map(|e| e.code) == Some(ErrorCode::Unavailable),
+                            && result.error.as_ref().map(|e| e.code.clone()) == Some(ErrorCode::Unavailable),
                         "event {} during the restart of node {restarted} ({phase}, {since:?}): {result:?}",
                         first + i
                     ),

@@ -424,7 +424,7 @@ async fn identity_limit_refuses_a_51st_value() {
         assert_eq!(result.status, EventStatus::Rejected, "{event}: {result:?}");
         let error = result.error.as_ref().unwrap();
         assert_eq!(
-            (error.code, error.field.as_deref()),
+            (error.code.clone(), error.field.as_deref()),
             (ErrorCode::IdentityLimit, Some("identities")),
             "{event}: {error:?}"
         );
@@ -596,7 +596,7 @@ async fn a_long_chain_of_new_identities_is_answered_in_bounded_waves() {
         .send_events_raw(body.into(), false)
         .await
         .expect("POST /v1/events");
-    let code = |r: &oneid_protocol::api::EventResult| r.error.as_ref().map(|e| e.code);
+    let code = |r: &oneid_protocol::api::EventResult| r.error.as_ref().map(|e| e.code.clone());
     let first = answer.results[0].oneid.clone().expect("applied");
     // The profile fills up: 2 identities, then one more per event, up to 50.
     for (i, result) in answer.results[..49].iter().enumerate() {
@@ -680,7 +680,7 @@ async fn a_retry_is_a_duplicate_even_when_its_identities_now_name_two_profiles()
     assert_eq!(again.results[0].status, EventStatus::Duplicate);
     assert_eq!(again.results[0].oneid.as_deref(), Some(p1.as_str()));
     assert_eq!(
-        again.results[1].error.as_ref().map(|e| e.code),
+        again.results[1].error.as_ref().map(|e| e.code.clone()),
         Some(ErrorCode::IdentityConflict)
     );
     let profile = lookup(&client, "phone", "1").await.unwrap();

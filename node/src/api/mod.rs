@@ -31,8 +31,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oneid_protocol::api::{
-    ClusterView, ErrorBody, LedgerEntryDoc, LedgerPage, NodeView, ShardView, LEDGER_PAGE_DEFAULT,
-    LEDGER_PAGE_MAX,
+    BackupRequest, ClusterView, ErrorBody, Health, LedgerEntryDoc, LedgerPage, NodeView, ShardView,
+    LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
 };
 use oneid_protocol::event::EventError;
 use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
@@ -40,7 +40,7 @@ use oneid_protocol::rules::RulesDoc;
 use oneid_protocol::ErrorCode;
 use oneid_replica::ShardError;
 use oneid_state::command::Command;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -190,6 +190,7 @@ enum Endpoint {
     Backup,
     Health,
     Metrics,
+    OpenApi,
 }
 
 impl Endpoint {
@@ -209,6 +210,7 @@ impl Endpoint {
             ["v1", "admin", "backup"] => (Endpoint::Backup, None),
             ["healthz"] => (Endpoint::Health, None),
             ["metrics"] => (Endpoint::Metrics, None),
+            ["v1", "openapi.json"] => (Endpoint::OpenApi, None),
             _ => return None,
         })
     }
@@ -235,6 +237,7 @@ impl Endpoint {
             Endpoint::Backup => Route::Admin,
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
+            Endpoint::OpenApi => Route::OpenApi,
         }
     }
 }
@@ -289,6 +292,7 @@ impl Api {
                     (Endpoint::Backup, _) => self.backup(request).await,
                     (Endpoint::Health, _) => self.healthz().await,
                     (Endpoint::Metrics, _) => Ok(self.metrics_text()),
+                    (Endpoint::OpenApi, _) => Ok(openapi()),
                 };
                 (endpoint.route(), reply)
             }
@@ -512,11 +516,6 @@ impl Api {
     /// `POST /v1/admin/backup` `{"dir": "relative/path"}` (under `[storage] backup_root`):
     /// answers the manifest.
     async fn backup(&self, request: Request<Incoming>) -> Reply {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct BackupRequest {
-            dir: Option<String>,
-        }
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
@@ -634,7 +633,10 @@ impl Api {
         }
         Ok(json(
             StatusCode::OK,
-            &serde_json::json!({"status": "ok", "shards": self.shards.n_shards}),
+            &Health {
+                status: "ok".to_string(),
+                shards: self.shards.n_shards,
+            },
         ))
     }
 
@@ -682,6 +684,18 @@ fn backup_error(error: BackupError) -> ApiError {
             message,
         ),
     }
+}
+
+/// `GET /v1/openapi.json`: the API's description, generated once from the protocol's types
+/// (the same document the repository commits as `api/openapi.json`).
+fn openapi() -> Response<Full<Bytes>> {
+    static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| Bytes::from(oneid_protocol::openapi::document_text()));
+    let mut response = Response::new(Full::new(text.clone()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn not_found(message: String) -> ApiError {
@@ -734,4 +748,41 @@ fn method_not_allowed(method: &Method, path: &str, endpoint: Endpoint) -> ApiErr
     );
     error.allow = Some(allowed.join(", "));
     error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+    use hyper::Method;
+
+    /// Every operation of the OpenAPI document is a route of the server with that method, and
+    /// every route and method of the server is in the document.
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_the_server_answers() {
+        let document = oneid_protocol::openapi::document();
+        let mut documented = Vec::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let (endpoint, _) = Endpoint::of(&segments).unwrap_or_else(|| panic!("{path}"));
+            for method in item.as_object().unwrap().keys() {
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                assert!(endpoint.methods().contains(&method), "{method} {path}");
+                documented.push((endpoint, method));
+            }
+        }
+        use Endpoint::*;
+        let every = [
+            Events, Lookup, Profile, Ledger, Rules, Segments, Segment, Members, Stream, Cluster,
+            Backup, Health, Metrics, OpenApi,
+        ];
+        // No wildcard: a new endpoint fails to compile here until it is listed above.
+        for endpoint in every {
+            match endpoint {
+                Events | Lookup | Profile | Ledger | Rules | Segments | Segment | Members
+                | Stream | Cluster | Backup | Health | Metrics | OpenApi => {}
+            }
+        }
+        let served: usize = every.iter().map(|endpoint| endpoint.methods().len()).sum();
+        assert_eq!(documented.len(), served, "{documented:?}");
+    }
 }
