@@ -10,15 +10,24 @@
 //! client knows it (learned from `/v1/cluster`, at most every [`LEADERS_TTL`]); batches go to
 //! any node (nodes forward).
 //!
+//! Requests and answers are the types of [`protocol`] (`oneid_protocol`): events are
+//! [`protocol::wire::NewEvent`]s, one type per event type, serialized to exactly the JSON the
+//! API documents (`api/openapi.json`). Answers are read leniently: a field this release does
+//! not know is ignored, and an error code or status it does not know is `Other(name)`, so a
+//! client built today keeps working against a newer server.
+//!
 //! ```no_run
+//! use oneid_client::protocol::wire::{EventKind, NewEvent, Order};
+//! use oneid_client::protocol::Decimal;
 //! # async fn demo() -> Result<(), oneid_client::Error> {
 //! let client = oneid_client::Client::new("http://127.0.0.1:8080")?;
-//! let answer = client
-//!     .send_events(&[serde_json::json!({
-//!         "event_id": "o-1", "type": "order", "identities": {"phone": "13800000000"},
-//!         "order_id": "T1", "amount": "199.00", "channel": "tmall"
-//!     })])
-//!     .await?;
+//! let order = NewEvent::new(
+//!     "o-1",
+//!     EventKind::Order(Order { order_id: "T1".into(), amount: Decimal::new(19_900, 2), store: None }),
+//! )
+//! .identity("phone", "13800000000")
+//! .channel("tmall");
+//! let answer = client.send_events(&[order]).await?;
 //! let profile = client.lookup("phone", "13800000000").await?;
 //! # Ok(()) }
 //! ```
@@ -30,9 +39,12 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oneid_protocol::api::{
-    ClusterView, ErrorBody, EventStatus, EventsResponse, LedgerPage, ProfileDoc,
+    BackupManifest, BackupRequest, ClusterView, ErrorBody, EventStatus, EventsResponse, LedgerPage,
+    ProfileDoc,
 };
 use oneid_protocol::ids::OneId;
+use oneid_protocol::rules::RulesDoc;
+use oneid_protocol::wire::NewEvent;
 use oneid_protocol::ErrorCode;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -401,12 +413,44 @@ impl Client {
         }
     }
 
-    /// Sends events (JSON objects) as one batch. Events answered `too_many_waves` (they waited
-    /// behind too many others sharing new identities) are sent again at once, as later
-    /// requests, until every one has its own answer; events answered `unavailable` are sent
-    /// again with backoff until they get a final answer or the attempts run out.
-    pub async fn send_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
-        let mut response = self.post_events(events).await?;
+    /// Sends events as one batch (at most [`EVENTS_PER_REQUEST_MAX`]). Events answered
+    /// `too_many_waves` (they waited behind too many others sharing new identities) are sent
+    /// again at once, as later requests, until every one has its own answer; events answered
+    /// `unavailable` are sent again with backoff until they get a final answer or the attempts
+    /// run out. The answer has one result per event, in order.
+    ///
+    /// ```no_run
+    /// use oneid_client::protocol::wire::{EventKind, NewEvent, PointsEarn};
+    /// # async fn demo(client: oneid_client::Client) -> Result<(), oneid_client::Error> {
+    /// let earn = NewEvent::new(
+    ///     "earn-1",
+    ///     EventKind::PointsEarn(PointsEarn { points: 100, reason: Some("welcome".into()), expires_at: None }),
+    /// )
+    /// .identity("phone", "13800000000");
+    /// let answer = client.send_events(&[earn]).await?;
+    /// assert_eq!(answer.applied + answer.duplicates, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`EVENTS_PER_REQUEST_MAX`]: oneid_protocol::api::EVENTS_PER_REQUEST_MAX
+    pub async fn send_events(&self, events: &[NewEvent]) -> Result<EventsResponse, Error> {
+        self.send_batch(events).await
+    }
+
+    /// [`Client::send_events`] for events the caller writes itself (`serde_json::Value`,
+    /// `Box<RawValue>`, its own types): the server checks them, one result per event.
+    pub async fn send_events_json<E: serde::Serialize + Sync>(
+        &self,
+        events: &[E],
+    ) -> Result<EventsResponse, Error> {
+        self.send_batch(events).await
+    }
+
+    async fn send_batch<E: serde::Serialize + Sync>(
+        &self,
+        events: &[E],
+    ) -> Result<EventsResponse, Error> {
+        let mut response = self.post_events(events.iter()).await?;
         let mut wait = self.policy.backoff;
         let mut attempt = 1;
         loop {
@@ -426,8 +470,7 @@ impl Client {
                 wait = (wait * 2).min(self.policy.backoff_max);
                 attempt += 1;
             }
-            let again: Vec<serde_json::Value> = retry.iter().map(|&i| events[i].clone()).collect();
-            let answer = self.post_events(&again).await?;
+            let answer = self.post_events(retry.iter().map(|&i| &events[i])).await?;
             for (&i, result) in retry.iter().zip(answer.results) {
                 response.results[i] = result;
             }
@@ -447,8 +490,12 @@ impl Client {
         Ok(response)
     }
 
-    async fn post_events(&self, events: &[serde_json::Value]) -> Result<EventsResponse, Error> {
-        self.send_json(Method::POST, "/v1/events", events).await
+    async fn post_events<'e, E: serde::Serialize + 'e>(
+        &self,
+        events: impl Iterator<Item = &'e E>,
+    ) -> Result<EventsResponse, Error> {
+        let events: Vec<&E> = events.collect();
+        self.send_json(Method::POST, "/v1/events", &events).await
     }
 
     /// Sends `body` as JSON (retrying transient failures) and decodes the answer.
@@ -545,13 +592,24 @@ impl Client {
         self.get(shard_of(oneid), &path).await
     }
 
-    /// The rules document (as JSON: money and factors are decimal strings).
-    pub async fn rules(&self) -> Result<serde_json::Value, Error> {
+    /// The rules document in force (money and factors are decimal strings).
+    pub async fn rules(&self) -> Result<RulesDoc, Error> {
         self.get(Route::Any, "/v1/rules").await
     }
 
-    /// Replaces the rules; answers the rules now in force.
-    pub async fn set_rules(&self, rules: &serde_json::Value) -> Result<serde_json::Value, Error> {
+    /// Replaces the rules (each part left out takes its default); answers the rules now in
+    /// force. A rule the node refuses is `400 invalid_rules` naming the field, and changes
+    /// nothing.
+    ///
+    /// ```no_run
+    /// use oneid_client::protocol::{rules::RulesDoc, strict};
+    /// # async fn demo(client: oneid_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let rules: RulesDoc = strict::from_json(br#"{"points": {"per_currency_unit": "2"}}"#)?;
+    /// let now = client.set_rules(&rules).await?;
+    /// assert_eq!(now.points.per_currency_unit.map(|d| d.get().to_string()), Some(r#""2""#.into()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_rules(&self, rules: &RulesDoc) -> Result<RulesDoc, Error> {
         self.send_json(Method::PUT, "/v1/rules", rules).await
     }
 
@@ -565,9 +623,11 @@ impl Client {
     /// answers the backup's manifest (also written there as `backup.json`). A node without a
     /// backup root answers `403 forbidden`. Tried once, with up to [`BACKUP_TIMEOUT`]: a retry would find the
     /// directory no longer empty. A backup already running is answered `409 busy`.
-    pub async fn backup(&self, dir: &str) -> Result<serde_json::Value, Error> {
-        let body = serde_json::to_vec(&serde_json::json!({ "dir": dir }))
-            .map_err(|e| Error::Decode(e.to_string()))?;
+    pub async fn backup(&self, dir: &str) -> Result<BackupManifest, Error> {
+        let request = BackupRequest {
+            dir: Some(dir.to_string()),
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| Error::Decode(e.to_string()))?;
         let answer = self
             .attempt_within(
                 0,

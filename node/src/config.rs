@@ -357,7 +357,8 @@ impl Config {
             return Ok(RulesDoc::default());
         };
         let json = serde_json::to_string(table).context("[rules] must be a table")?;
-        serde_json::from_str(&json).context("[rules]")
+        oneid_protocol::strict::from_json(json.as_bytes())
+            .map_err(|e| anyhow::anyhow!("[rules] {e}"))
     }
 }
 

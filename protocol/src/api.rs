@@ -258,7 +258,7 @@ pub struct ShardView {
 
 /// The body of `POST /v1/admin/backup`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct BackupRequest {
     /// The backup's directory, relative to the node's `[storage] backup_root`: new, or empty.
     pub dir: Option<String>,

@@ -9,6 +9,7 @@
 //! - [`predicate`]: the predicate language of tag rules and segments.
 //! - [`segments`]: segment definitions, documents, members pages and stream changes.
 //! - [`wire`]: events as a client writes them, one type per event type.
+//! - [`strict`]: reading request documents, refusing fields their type does not have.
 //! - [`api`]: request and response bodies, error codes, limits of the API.
 //! - [`openapi`]: the OpenAPI document of the HTTP API, generated from these types.
 //!
@@ -25,6 +26,7 @@ pub mod openapi;
 pub mod predicate;
 pub mod rules;
 pub mod segments;
+pub mod strict;
 pub mod wire;
 
 #[cfg(test)]

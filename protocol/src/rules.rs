@@ -195,9 +195,10 @@ impl Rules {
 
 /// Wire form of the rules (`GET`/`PUT /v1/rules`, `[rules]` in cluster.toml). Every part is
 /// optional on input and takes its default. Decimals are kept as raw JSON so they are parsed
-/// exactly from their literal text.
+/// exactly from their literal text. A node reads it with `strict::from_json`, which
+/// refuses a field it does not have; a client reading a newer node's answer ignores one.
 #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct RulesDoc {
     #[serde(default)]
     pub points: PointsDoc,
@@ -212,7 +213,7 @@ pub struct RulesDoc {
 
 /// The wire form of [`Retention`]: each part optional, taking its default.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct RetentionDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_days: Option<u32>,
@@ -266,7 +267,7 @@ impl RetentionDoc {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct PointsDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::num::decimal_schema_option")]
@@ -282,7 +283,7 @@ pub struct PointsDoc {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct TiersDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_days: Option<u32>,
@@ -293,7 +294,7 @@ pub struct TiersDoc {
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct LevelDoc {
     pub name: String,
     #[schemars(schema_with = "crate::num::money_schema")]
@@ -301,7 +302,7 @@ pub struct LevelDoc {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct TagRuleDoc {
     pub tag: String,
     pub when: String,

@@ -20,7 +20,7 @@ pub const MEMBERS_PAGE_MAX: usize = 1_000;
 
 /// The body of `PUT /v1/segments/{name}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct SegmentPut {
     pub predicate: String,
     #[serde(default)]

@@ -541,3 +541,16 @@ impl Drop for TestNode {
         }
     }
 }
+
+/// A rules document written as JSON in a test, read as the node reads it (strictly).
+pub fn rules_doc(json: &serde_json::Value) -> oneid_protocol::rules::RulesDoc {
+    oneid_protocol::strict::from_json(json.to_string().as_bytes()).expect("a rules document")
+}
+
+/// The rules a node answers, as JSON (to compare with what a test wrote).
+pub async fn rules_json(
+    client: &oneid_client::Client,
+) -> Result<serde_json::Value, oneid_client::Error> {
+    let rules = client.rules().await?;
+    Ok(serde_json::to_value(rules).expect("rules serialize"))
+}

@@ -79,7 +79,7 @@ async fn assert_at_or_past(node: &TestNode, manifest: &BackupManifest) {
     }
 }
 
-fn assert_invalid_dir(outcome: Result<Value, Error>, what: &str) {
+fn assert_invalid_dir(outcome: Result<BackupManifest, Error>, what: &str) {
     match outcome {
         Err(Error::Api {
             status,
@@ -111,7 +111,7 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
         let batches: Vec<Vec<Value>> = all.chunks(BATCH).map(<[Value]>::to_vec).collect();
         tokio::spawn(async move {
             for (i, batch) in batches.iter().enumerate() {
-                let answer = client.send_events(batch).await.expect("ingest");
+                let answer = client.send_events_json(batch).await.expect("ingest");
                 let mut acked = acknowledged.lock().expect("lock");
                 for (j, result) in answer.results.iter().enumerate() {
                     assert_eq!(result.status, EventStatus::Applied, "{result:?}");
@@ -133,13 +133,12 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
         "ingest must still be running when the backup starts"
     );
     let dir = source.backup_root().join("during-ingest");
-    let answer = source
+    let manifest = source
         .client_once()
         .backup("during-ingest")
         .await
         .expect("backup");
     let after = acknowledged.lock().expect("lock").len();
-    let manifest: BackupManifest = serde_json::from_value(answer).expect("a manifest");
     assert_eq!(manifest, manifest_file(&dir));
     assert_eq!(
         (manifest.format, manifest.node, manifest.shards.len()),
@@ -167,7 +166,7 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
     // Every event acknowledged before the backup started is there: re-sending answers duplicate.
     let resend: Vec<Value> = before.iter().map(|&n| all[n].clone()).collect();
     for chunk in resend.chunks(500) {
-        let answer = client.send_events(chunk).await.expect("re-send");
+        let answer = client.send_events_json(chunk).await.expect("re-send");
         assert_eq!(
             answer.duplicates as usize,
             chunk.len(),
@@ -181,7 +180,7 @@ async fn backup_during_ingest_holds_every_event_acknowledged_before_it() {
     // Sending everything completes the restored node (each event once): its customers' points
     // and orders then equal the source's.
     for chunk in all.chunks(500) {
-        let answer = client.send_events(chunk).await.expect("send");
+        let answer = client.send_events_json(chunk).await.expect("send");
         assert_eq!(answer.rejected, 0, "{:?}", answer.results);
     }
     let source_client = source.client();
@@ -210,7 +209,7 @@ async fn backup_at_rest_restores_the_same_state() {
     let client = source.client();
     let all: Vec<Value> = (0..1500).map(event).collect();
     for chunk in all.chunks(250) {
-        let answer = client.send_events(chunk).await.expect("ingest");
+        let answer = client.send_events_json(chunk).await.expect("ingest");
         assert_eq!(answer.applied as usize, chunk.len(), "{:?}", answer.results);
     }
     let before = digests(&source).await;
@@ -291,7 +290,11 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
     let client = node.client_once();
     let events: Vec<Value> = (0..100).map(event).collect();
     assert_eq!(
-        client.send_events(&events).await.expect("ingest").applied,
+        client
+            .send_events_json(&events)
+            .await
+            .expect("ingest")
+            .applied,
         100
     );
     let root = node.backup_root();
@@ -350,11 +353,14 @@ async fn backup_refuses_bad_directories_and_the_node_keeps_serving() {
     assert!(node.client().healthy().await);
     let more: Vec<Value> = (100..200).map(event).collect();
     assert_eq!(
-        client.send_events(&more).await.expect("ingest").applied,
+        client
+            .send_events_json(&more)
+            .await
+            .expect("ingest")
+            .applied,
         100
     );
-    let manifest: BackupManifest =
-        serde_json::from_value(client.backup("good").await.expect("backup")).expect("a manifest");
+    let manifest = client.backup("good").await.expect("backup");
     assert_eq!(manifest, manifest_file(&root.join("good")));
     assert_eq!(manifest_digests(&manifest), digests(&node).await);
 }
@@ -453,7 +459,11 @@ async fn node_with_backup() -> TestNode {
     let events: Vec<Value> = (0..200).map(event).collect();
     let client = node.client();
     assert_eq!(
-        client.send_events(&events).await.expect("ingest").applied,
+        client
+            .send_events_json(&events)
+            .await
+            .expect("ingest")
+            .applied,
         200
     );
     client.backup("b").await.expect("backup");

@@ -5,7 +5,7 @@ use oneid_client::Client;
 use oneid_protocol::api::{ErrorBody, EventResult, EventStatus, ProfileDoc};
 use oneid_protocol::ids::OneId;
 use oneid_protocol::ErrorCode;
-use oneid_tests::{NodeOptions, TestNode};
+use oneid_tests::{rules_json, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,7 +141,7 @@ impl Setup {
         let phone = "13800000042".to_string();
         let email = "other@example.com".to_string();
         let answer = client
-            .send_events(&[
+            .send_events_json(&[
                 json!({"event_id": "k-1", "type": "order", "identities": {"phone": phone},
                     "channel": "tmall", "order_id": "K1", "amount": "100.00", "ts": ts(1)}),
                 json!({"event_id": "k-2", "type": "points_earn", "identities": {"phone": phone},
@@ -181,7 +181,7 @@ impl Setup {
             known: self.client.profile(&self.known).await.unwrap().unwrap(),
             other: self.client.profile(&self.other).await.unwrap().unwrap(),
             digests: self.node.settled_digests().await,
-            rules: self.client.rules().await.unwrap(),
+            rules: rules_json(&self.client).await.unwrap(),
         }
     }
 
@@ -586,7 +586,7 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
             )
             .await
         ),
-        (400, ErrorCode::BadRequest, None)
+        (400, ErrorCode::BadRequest, field("bonus"))
     );
 
     setup.assert_healthy().await;
@@ -863,7 +863,7 @@ async fn bad_events_are_rejected_alone() {
     let middle = cases.len() / 2;
     let mut batch: Vec<Value> = cases.iter().map(|(e, ..)| e.clone()).collect();
     batch.insert(middle, valid);
-    let answer = setup.client.send_events(&batch).await.unwrap();
+    let answer = setup.client.send_events_json(&batch).await.unwrap();
     assert_eq!(answer.results.len(), batch.len());
     assert_eq!(
         (answer.applied, answer.duplicates, answer.rejected),
@@ -908,7 +908,7 @@ async fn bad_events_are_rejected_alone() {
     }
 
     // The same batch again: the valid event is a duplicate, the rest rejected the same way.
-    let again = setup.client.send_events(&batch).await.unwrap();
+    let again = setup.client.send_events_json(&batch).await.unwrap();
     assert_eq!(
         (again.applied, again.duplicates, again.rejected),
         (0, 1, cases.len() as u64)
@@ -939,7 +939,7 @@ async fn event_naming_a_oneid_of_a_missing_shard_is_rejected_alone() {
     let before = setup.snapshot().await;
     let answer = setup
         .client
-        .send_events(&[
+        .send_events_json(&[
             json!({"event_id": "s-1", "type": "points_earn", "oneid": "o0fff000000000001", "points": 1}),
             json!({"event_id": "s-2", "type": "points_earn", "oneid": setup.other, "points": 1}),
         ])
@@ -983,7 +983,7 @@ async fn rejected_event_binds_none_of_its_identities() {
     for (n, email) in [&local, &elsewhere].into_iter().enumerate() {
         let answer = setup
             .client
-            .send_events(&[
+            .send_events_json(&[
                 json!({"event_id": format!("r-{n}"), "type": "points_redeem",
                 "oneid": setup.known, "identities": {"email": email}, "points": 1_000}),
             ])
@@ -1009,7 +1009,7 @@ async fn rejected_event_binds_none_of_its_identities() {
     // The identity is still free: a new customer can claim it.
     let answer = setup
         .client
-        .send_events(&[json!({"event_id": "r-new", "type": "points_earn",
+        .send_events_json(&[json!({"event_id": "r-new", "type": "points_earn",
             "identities": {"email": elsewhere}, "points": 3})])
         .await
         .unwrap();

@@ -57,7 +57,10 @@ async fn send(client: &Client, events: &[Value]) -> BTreeMap<String, (EventStatu
     for batch in events.chunks(48) {
         let answer: EventsResponse =
             eventually("a batch taken", Duration::from_secs(30), async || {
-                let answer = client.send_events(batch).await.map_err(|e| e.to_string())?;
+                let answer = client
+                    .send_events_json(batch)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 match answer.results.iter().all(|r| r.oneid.is_some()) {
                     true => Ok(answer),
                     false => Err(format!("{answer:?}")),
@@ -203,7 +206,7 @@ async fn a_node_30_days_ahead(skew: &[(&str, &str)]) {
     );
     let ahead = Millis(now().0 + 2 * DAY_MS).to_string();
     let answer = client
-        .send_events(&[json!({"event_id": "ahead", "type": "points_earn",
+        .send_events_json(&[json!({"event_id": "ahead", "type": "points_earn",
             "identities": {"phone": phone(0)}, "points": 1, "ts": ahead})])
         .await
         .unwrap();

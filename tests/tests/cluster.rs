@@ -45,7 +45,7 @@ async fn send_through(
         let answer = cluster
             .node(node)
             .client_once()
-            .send_events(&batch)
+            .send_events_json(&batch)
             .await
             .ok();
         sent.push((first, at, answer));
@@ -59,7 +59,7 @@ async fn send_all(client: &Client, events: std::ops::Range<usize>) -> BTreeMap<u
     let all: Vec<Value> = events.clone().map(earn).collect();
     let mut statuses = BTreeMap::new();
     for (chunk, first) in all.chunks(100).zip(events.step_by(100)) {
-        let answer = client.send_events(chunk).await.expect("send");
+        let answer = client.send_events_json(chunk).await.expect("send");
         for (i, result) in answer.results.iter().enumerate() {
             assert_ne!(result.status, EventStatus::Rejected, "{result:?}");
             statuses.insert(first + i, result.status.clone());
@@ -328,7 +328,7 @@ async fn a_paused_node_never_serves_an_old_value() {
     let mut balance = 1;
     while started.elapsed() < Duration::from_secs(4) {
         let n = CUSTOMERS * balance as usize;
-        let answer = client.send_events(&[earn(n)]).await.expect("send");
+        let answer = client.send_events_json(&[earn(n)]).await.expect("send");
         if answer.applied == 1 {
             balance += 1;
         }
@@ -642,14 +642,9 @@ async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
     cluster.settled().await;
     let dir = cluster.backup_root().join("node-2");
     let manifest = cluster.node(2).client().backup("node-2").await.unwrap();
-    assert_eq!(manifest["node"], 2);
+    assert_eq!(manifest.node, 2);
     let view = cluster.node(2).client().cluster().await.unwrap();
-    let backed_up: Vec<u64> = manifest["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_u64().unwrap())
-        .collect();
+    let backed_up: Vec<u64> = manifest.shards.iter().map(|s| u64::from(s.id)).collect();
     let hosted: Vec<u64> = view.shards.iter().map(|s| u64::from(s.id)).collect();
     assert_eq!(backed_up, hosted);
     assert!(
@@ -657,14 +652,9 @@ async fn a_backup_holds_the_nodes_replicas_and_a_cluster_refuses_restore() {
         "replication 2 of 3 nodes: node 2 hosts some shards"
     );
     // Nothing changed since the cluster settled: the backup is at the replicas' state.
-    for (shard, view) in manifest["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(&view.shards)
-    {
-        assert_eq!(shard["applied_index"], view.applied_index);
-        assert_eq!(shard["digest"], view.digest.as_str());
+    for (shard, view) in manifest.shards.iter().zip(&view.shards) {
+        assert_eq!(shard.applied_index, view.applied_index);
+        assert_eq!(shard.digest, view.digest);
     }
     assert!(cluster.node_mut(2).terminate().success());
     let status = cluster

@@ -26,7 +26,7 @@ async fn binds_cut_off_by_a_crash_finish_after_restart_without_a_retry() {
     let event = json!({"event_id": "crash-1", "type": "order", "channel": "douyin",
         "identities": {"phone": phone, "taobao_nick": nick, "douyin_openid": openid},
         "order_id": "T1", "amount": "88.00"});
-    let answer = node.client_once().send_events(&[event]).await;
+    let answer = node.client_once().send_events_json(&[event]).await;
     // The node read the whole request before it stopped, so its connection ends with a clean
     // close before any answer, not a reset or a time-out.
     assert!(
@@ -99,7 +99,7 @@ async fn binds_cut_off_by_a_crash_finish_after_restart_without_a_retry() {
 
     // A later event naming the nick alone reaches the same customer, not a second one.
     let later = client
-        .send_events(&[json!({"event_id": "crash-2", "type": "points_earn",
+        .send_events_json(&[json!({"event_id": "crash-2", "type": "points_earn",
             "identities": {"taobao_nick": nick}, "points": 5})])
         .await
         .expect("send");

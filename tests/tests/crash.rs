@@ -43,7 +43,7 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     let sender = tokio::spawn(async move {
         let mut acknowledged = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
-            match client.send_events(batch).await {
+            match client.send_events_json(batch).await {
                 Ok(answer) => {
                     for (j, result) in answer.results.iter().enumerate() {
                         if result.status == EventStatus::Applied {
@@ -83,7 +83,7 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     // Every acknowledged event is there: re-sending it answers `duplicate`.
     let resend: Vec<Value> = acknowledged.iter().map(|&n| all[n].1.clone()).collect();
     for chunk in resend.chunks(500) {
-        let answer = client.send_events(chunk).await.unwrap();
+        let answer = client.send_events_json(chunk).await.unwrap();
         assert_eq!(
             answer.duplicates as usize,
             chunk.len(),
@@ -97,7 +97,7 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     // Send everything: unacknowledged ones apply now (or were applied before the kill).
     let everything: Vec<Value> = all.iter().map(|(_, e, _, _)| e.clone()).collect();
     for chunk in everything.chunks(500) {
-        let answer = client.send_events(chunk).await.unwrap();
+        let answer = client.send_events_json(chunk).await.unwrap();
         assert_eq!(
             answer.rejected,
             0,
@@ -134,7 +134,7 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     // A second full re-send changes nothing.
     let digests_before = node.settled_digests().await;
     for chunk in everything.chunks(500) {
-        let answer = client.send_events(chunk).await.unwrap();
+        let answer = client.send_events_json(chunk).await.unwrap();
         assert_eq!(answer.duplicates as usize, chunk.len());
     }
     let digests_after = node.settled_digests().await;
@@ -151,7 +151,7 @@ async fn every_acknowledgement_follows_an_fsync() {
     let client = node.client_once();
     for n in 0..20 {
         let before = node.metric("oneid_fsyncs_total").await;
-        let answer = client.send_events(&[json!({"event_id": format!("f-{n}"), "type": "points_earn", "identities": {"phone": "13900000001"}, "points": 1})]).await.unwrap();
+        let answer = client.send_events_json(&[json!({"event_id": format!("f-{n}"), "type": "points_earn", "identities": {"phone": "13900000001"}, "points": 1})]).await.unwrap();
         assert_eq!(answer.applied, 1);
         let after = node.metric("oneid_fsyncs_total").await;
         assert!(
@@ -166,7 +166,7 @@ async fn sigterm_exits_cleanly_and_restart_keeps_state() {
     let mut node = TestNode::start(NodeOptions::quiet()).await;
     let client = node.client();
     let events: Vec<Value> = (0..300).map(|n| event(n).1).collect();
-    client.send_events(&events).await.unwrap();
+    client.send_events_json(&events).await.unwrap();
     let before = node.settled_digests().await;
     let profile_before = client
         .lookup("phone", "13800000007")

@@ -275,7 +275,7 @@ async fn bodies_in_flight_share_a_bounded_budget() {
     assert_eq!(node.metric("oneid_api_body_bytes").await, 0);
     let answer = node
         .client_once()
-        .send_events(&[
+        .send_events_json(&[
             serde_json::json!({"event_id": "after", "type": "points_earn",
             "identities": {"phone": "1"}, "points": 1}),
         ])

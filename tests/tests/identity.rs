@@ -29,7 +29,10 @@ fn value_on_shard(kind: &str, prefix: &str, shard: u32) -> String {
 }
 
 async fn send(client: &Client, events: &[Value]) -> EventsResponse {
-    let answer = client.send_events(events).await.expect("POST /v1/events");
+    let answer = client
+        .send_events_json(events)
+        .await
+        .expect("POST /v1/events");
     assert_eq!(answer.results.len(), events.len(), "{answer:?}");
     answer
 }
@@ -627,7 +630,7 @@ async fn a_long_chain_of_new_identities_is_answered_in_bounded_waves() {
     // The client sends what waited again, as later requests, until each event has its answer:
     // every 50th event (49, 99, ...) meets a full profile and starts the next customer.
     let client = node.client();
-    let all = client.send_events(&events[..300]).await.expect("send");
+    let all = client.send_events_json(&events[..300]).await.expect("send");
     assert_eq!(
         (all.applied, all.duplicates, all.rejected),
         (300 - 63 - 6, 63, 6),

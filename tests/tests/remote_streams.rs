@@ -45,7 +45,7 @@ fn customers(round: usize, n: usize, lacking: &BTreeSet<u32>) -> Vec<String> {
 /// Sends `events` until each applied (or was a duplicate of one that did).
 async fn apply(client: &Client, events: &[Value]) {
     for chunk in events.chunks(50) {
-        let answer = client.send_events(chunk).await.expect("send");
+        let answer = client.send_events_json(chunk).await.expect("send");
         assert_eq!(
             answer.applied + answer.duplicates,
             chunk.len() as u64,

@@ -12,7 +12,7 @@ use oneid_protocol::segments::ChangeKind;
 use oneid_protocol::ErrorCode;
 use oneid_tests::cluster::{ClusterOptions, TestCluster};
 use oneid_tests::sse::{exchange, request_small_window, SseEvent, SseStream};
-use oneid_tests::{eventually, NodeOptions, TestNode};
+use oneid_tests::{eventually, rules_doc, NodeOptions, TestNode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ fn addr(node: &TestNode) -> String {
 
 /// Sends events that must all apply; answers their OneIDs.
 async fn apply(client: &Client, events: &[Value]) -> Vec<String> {
-    let answer = client.send_events(events).await.expect("send");
+    let answer = client.send_events_json(events).await.expect("send");
     assert_eq!(answer.applied as usize, events.len(), "{answer:?}");
     answer
         .results
@@ -508,7 +508,7 @@ async fn a_backfill_evaluates_existing_profiles_and_a_rules_change_re_evaluates_
     );
 
     let rules = json!({"tag_rules": [{"tag": "rich", "when": "points >= 5"}]});
-    client.set_rules(&rules).await.unwrap();
+    client.set_rules(&rules_doc(&rules)).await.unwrap();
     eventually("rule tags re-evaluated in the background", WAIT, || async {
         let doc = client.segment("tagged").await.unwrap().unwrap();
         (doc.size == 250).then_some(())

@@ -14,7 +14,7 @@ async fn points_and_tags_expire_on_the_clock() {
     let client = node.client();
     let expires = Millis(Millis::from_system_time(std::time::SystemTime::now()).0 + 3_000);
     let answer = client
-        .send_events(&[
+        .send_events_json(&[
             json!({"event_id": "keep", "type": "points_earn", "identities": {"phone": "13700000001"}, "points": 100}),
             json!({"event_id": "soon", "type": "points_earn", "identities": {"phone": "13700000001"}, "points": 40, "expires_at": expires.to_string()}),
             json!({"event_id": "flash", "type": "tag_add", "identities": {"phone": "13700000001"}, "tag": "flash_sale", "expires_at": expires.to_string()}),

@@ -3,7 +3,7 @@
 //! exactly the documents the earlier release answered.
 
 use oneid_client::Client;
-use oneid_tests::{eventually, NodeOptions, TestNode};
+use oneid_tests::{eventually, rules_json, NodeOptions, TestNode};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -57,7 +57,7 @@ async fn assert_documents(client: &Client, dir: &Path, seeded: Option<&Value>) {
         "the retention seeded",
         Duration::from_secs(30),
         async || {
-            let got = client.rules().await.map_err(|e| e.to_string())?;
+            let got = rules_json(client).await.map_err(|e| e.to_string())?;
             (got == rules).then_some(()).ok_or(got.to_string())
         },
     )
@@ -106,7 +106,7 @@ async fn opens_and_answers(format: u32, seeded: Option<&Value>) {
     // answers the same documents again.
     let phone = expected(fixture.path(), "profile-phone");
     let answer = client
-        .send_events(&[serde_json::json!({
+        .send_events_json(&[serde_json::json!({
             "event_id": "after-upgrade-1", "type": "points_earn",
             "identities": {"phone": "13800138000"}, "points": 99,
             "ts": "2026-12-01T00:00:00Z"})])

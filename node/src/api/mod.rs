@@ -492,13 +492,7 @@ impl Api {
 
     async fn put_rules(&self, request: Request<Incoming>) -> Reply {
         let (body, _held) = self.read_body(request).await?;
-        let doc: RulesDoc = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("the body must be a rules document: {e}"),
-            )
-        })?;
+        let doc: RulesDoc = strict_body(&body, "a rules document")?;
         let rules = doc.validate().map_err(|e| {
             ApiError::field(
                 StatusCode::BAD_REQUEST,
@@ -520,13 +514,7 @@ impl Api {
             return Err(ApiError::unavailable("the node is shutting down"));
         }
         let (body, _held) = self.read_body(request).await?;
-        let request: BackupRequest = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("the body must be {{\"dir\": \"relative/path\"}}: {e}"),
-            )
-        })?;
+        let request: BackupRequest = strict_body(&body, r#"{"dir": "relative/path"}"#)?;
         let dir = PathBuf::from(request.dir.ok_or_else(|| {
             ApiError::field(
                 StatusCode::BAD_REQUEST,
@@ -696,6 +684,23 @@ fn openapi() -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// Reads a JSON request document, refusing a field its type does not have (naming it) as
+/// well as anything that is not `what`: 400 `bad_request`.
+fn strict_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    oneid_protocol::strict::from_json(body).map_err(|e| {
+        let message = format!("the body must be {what}: {}", e.message);
+        match &e.field {
+            Some(field) => ApiError::field(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                field,
+                message,
+            ),
+            None => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message),
+        }
+    })
 }
 
 fn not_found(message: String) -> ApiError {

@@ -53,15 +53,8 @@ impl Api {
     pub(super) async fn put_segment(&self, name: &str, request: Request<Incoming>) -> Reply {
         check_name(name).map_err(refused)?;
         let (body, _held) = self.read_body(request).await?;
-        let put: SegmentPut = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!(
-                    "the body must be {{\"predicate\": \"...\", \"description\": \"...\"}}: {e}"
-                ),
-            )
-        })?;
+        let put: SegmentPut =
+            super::strict_body(&body, r#"{"predicate": "...", "description": "..."}"#)?;
         let spec = put.validate(name).map_err(refused)?;
         let define = SegmentDefine {
             name: spec.name,

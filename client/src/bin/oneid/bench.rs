@@ -297,7 +297,7 @@ pub(crate) async fn ingest(
         tasks.push(tokio::spawn(async move {
             let mut counts = (0u64, 0u64, 0u64);
             for chunk in events.chunks(batch) {
-                let answer = client.send_events(chunk).await?;
+                let answer = client.send_events_json(chunk).await?;
                 counts.0 += answer.applied;
                 counts.1 += answer.duplicates;
                 counts.2 += answer.rejected;

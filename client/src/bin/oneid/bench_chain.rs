@@ -53,7 +53,7 @@ pub async fn chain(client: &Client, args: &BenchArgs, json_only: bool) -> anyhow
     let second = format!("whole{}", args.seed);
     let whole: Vec<Value> = (0..n).map(|i| link(&second, i)).collect();
     let started = Instant::now();
-    let all = client.send_events(&whole).await?;
+    let all = client.send_events_json(&whole).await?;
     let whole_secs = started.elapsed().as_secs_f64();
 
     let unrelated: Vec<Value> = (0..n)

@@ -37,7 +37,7 @@ async fn single_writes(
                 let event = json!({"event_id": format!("single-{w}-{n}"), "type": "points_earn",
                     "identities": {"phone": crate::bench::phone(customer)}, "points": 1});
                 let at = Instant::now();
-                let answer = client.send_events(&[event]).await?;
+                let answer = client.send_events_json(&[event]).await?;
                 if answer.applied == 1 {
                     latencies.push(at.elapsed().as_micros() as u64);
                 }

@@ -94,7 +94,7 @@ async fn load_profiles(client: &Client, count: usize, prefix: &str) -> anyhow::R
                         "amount": format!("{}.00", 1 + i % 1000), "channel": CHANNELS[i % 5]})
                     })
                     .collect();
-                let answer = client.send_events(&events).await?;
+                let answer = client.send_events_json(&events).await?;
                 anyhow::ensure!(
                     answer.rejected == 0,
                     "{:?}",
@@ -311,7 +311,7 @@ async fn send_timed_writes(client: &Client, count: usize) -> anyhow::Result<Writ
     for i in 0..count {
         let event = ping_event("p", "13", i);
         let sent = Instant::now();
-        let answer = client.send_events(&[event]).await?;
+        let answer = client.send_events_json(&[event]).await?;
         let oneid = answer.results[0].oneid.clone().expect("applied");
         acked.insert(oneid, (sent, Instant::now()));
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -379,7 +379,7 @@ async fn measure_subscribers(
     .await;
     let opened_in = open.elapsed().as_secs_f64();
     for i in 0..20 {
-        client.send_events(&[ping_event("q", "12", i)]).await?;
+        client.send_events_json(&[ping_event("q", "12", i)]).await?;
     }
     let expected = 20 * subscribers;
     wait_until(

@@ -47,7 +47,7 @@ async fn load(
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             for chunk in mine.chunks(batch) {
-                let answer = client.send_events(chunk).await?;
+                let answer = client.send_events_json(chunk).await?;
                 anyhow::ensure!(
                     answer.rejected == 0,
                     "rejected: {:?}",

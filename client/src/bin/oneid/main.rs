@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use oneid_client::{Client, Consistency};
 use oneid_protocol::api::{BackupManifest, EventStatus, EventsResponse, LedgerPage, ProfileDoc};
+use oneid_protocol::rules::RulesDoc;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -221,8 +222,9 @@ async fn run_rules(client: &Client, command: RulesCommand) -> anyhow::Result<()>
         RulesCommand::Set { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let rules: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", file.display()))?;
+            // Read strictly, so a misspelt rule is named here before anything is sent.
+            let rules: RulesDoc = oneid_protocol::strict::from_json(text.as_bytes())
+                .with_context(|| format!("{} is not a rules document", file.display()))?;
             let now = client.set_rules(&rules).await?;
             println!("{}", serde_json::to_string_pretty(&now)?);
         }
@@ -241,9 +243,7 @@ async fn run_backup(client: &Client, dir: &str, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-fn print_manifest(dir: &str, manifest: &serde_json::Value) -> anyhow::Result<()> {
-    let m: BackupManifest = serde_json::from_value(manifest.clone())
-        .context("the node answered something other than a backup manifest")?;
+fn print_manifest(dir: &str, m: &BackupManifest) -> anyhow::Result<()> {
     println!(
         "backup of node {} at {} in {dir} under its backup root",
         m.node, m.created_at
@@ -340,7 +340,7 @@ async fn send_file(client: &Client, file: &Path, batch: usize, json: bool) -> an
         if events.is_empty() {
             break;
         }
-        let answer = client.send_events(&events).await?;
+        let answer = client.send_events_json(&events).await?;
         tally.add_answer(&answer);
         progress.set_message(tally.summary());
     }
@@ -389,7 +389,7 @@ impl<R: BufRead> EventLines<R> {
         &mut self,
         batch: usize,
         tally: &mut SendTally,
-    ) -> anyhow::Result<Vec<serde_json::Value>> {
+    ) -> anyhow::Result<Vec<Box<serde_json::value::RawValue>>> {
         let mut events = Vec::with_capacity(batch);
         for line in self.lines.by_ref() {
             let line = line.context("reading events")?;
@@ -397,7 +397,8 @@ impl<R: BufRead> EventLines<R> {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<serde_json::Value>(&line) {
+            // Passed through as written: the node checks each event and answers for it.
+            match serde_json::value::RawValue::from_string(line) {
                 Ok(event) => events.push(event),
                 Err(e) => tally.reject_line(self.line_no, &e),
             }
