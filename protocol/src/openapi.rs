@@ -68,12 +68,23 @@ pub fn document_text() -> String {
     text
 }
 
+/// The reads of one shard's replica: with `consistency=stale`, their answer says at which
+/// applied index of that replica it was read.
+const STAMPED: [&str; 3] = ["getProfile", "lookupProfile", "getLedger"];
+
 fn operation(generator: &mut SchemaGenerator, op: Operation) -> Value {
     let mut responses = Map::new();
     for (status, description, content) in op.answers {
         let mut answer = json!({ "description": description });
         if let Some(content) = content {
             answer["content"] = content;
+        }
+        if STAMPED.contains(&op.id) {
+            answer["headers"] = json!({"x-oneid-applied-index": {
+                "description": "With `consistency=stale`: the applied index of the replica that answered.",
+                "required": false,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }});
         }
         responses.insert(status.to_string(), answer);
     }
@@ -226,7 +237,12 @@ fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
             path: "/v1/profiles/{oneid}/ledger",
             id: "getLedger",
             summary: "A profile's points ledger, newest first, a page at a time.",
-            parameters: vec![oneid(), limit(LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX), cursor("The previous page's `next`.")],
+            parameters: vec![
+                oneid(),
+                limit(LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX),
+                cursor("The previous page's `next`."),
+                consistency(),
+            ],
             body: None,
             answers: vec![(200, "A page of entries.", content::<LedgerPage>(g))],
             errors: vec![(400, vec![InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],

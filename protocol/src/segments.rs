@@ -74,12 +74,14 @@ pub struct MembersPage {
     pub next: Option<String>,
 }
 
-/// Whether a profile entered or left a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    Enter,
-    Exit,
+crate::open_enum! {
+    /// Whether a profile entered or left a segment.
+    pub enum ChangeKind {
+        /// The profile now satisfies the segment's predicate.
+        Enter = "enter",
+        /// It no longer does (or the segment was deleted).
+        Exit = "exit",
+    }
 }
 
 /// One event of a membership stream (`data:` of the SSE event).

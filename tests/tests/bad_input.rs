@@ -588,6 +588,21 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
         ),
         (400, ErrorCode::BadRequest, field("bonus"))
     );
+    // Serde would read a struct from an array of its fields ("the default tiers"): refused,
+    // as the document describes the body (found by Schemathesis in negative mode).
+    assert_eq!(
+        strip(
+            error_of(
+                port,
+                "PUT",
+                "/v1/rules",
+                json_type,
+                br#"{"tiers": [null, null]}"#
+            )
+            .await
+        ),
+        (400, ErrorCode::BadRequest, field("tiers"))
+    );
 
     setup.assert_healthy().await;
     let after = setup.snapshot().await;

@@ -83,6 +83,7 @@ impl Seen {
                 let fresh = match c.change {
                     ChangeKind::Enter => self.members.insert(c.oneid.clone()),
                     ChangeKind::Exit => self.members.remove(&c.oneid),
+                    ChangeKind::Other(ref other) => panic!("a change {other}"),
                 };
                 assert!(fresh, "{} entered or left twice", c.oneid);
                 self.changes.push((c.oneid, c.change));

@@ -686,9 +686,13 @@ fn openapi() -> Response<Full<Bytes>> {
     response
 }
 
-/// Reads a JSON request document, refusing a field its type does not have (naming it) as
-/// well as anything that is not `what`: 400 `bad_request`.
-fn strict_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+/// Reads a JSON request document as the API's document describes it (see
+/// `oneid_protocol::strict`): a field its type does not have, one missing or of the wrong JSON
+/// type is 400 `bad_request` naming it, and anything else that is not `what` is too.
+fn strict_body<T: serde::de::DeserializeOwned + oneid_protocol::strict::JsonSchema>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
     oneid_protocol::strict::from_json(body).map_err(|e| {
         let message = format!("the body must be {what}: {}", e.message);
         match &e.field {

@@ -117,10 +117,9 @@ fn print_docs(docs: &[SegmentDoc], json: bool) -> anyhow::Result<()> {
 
 fn print_event(event: &SegmentEvent, json: bool) -> anyhow::Result<()> {
     let line = |c: &SegmentChange| {
-        let change = serde_json::to_value(c.change).unwrap_or_default();
         format!(
             "{:<5} {} {} (generation {})",
-            change.as_str().unwrap_or(""),
+            c.change.as_str(),
             c.oneid,
             c.at,
             c.generation
