@@ -129,7 +129,19 @@ impl Error {
         }
     }
 
-    /// The API error code, for an error the node answered.
+    /// The API error code, for an error the node answered. A code this release does not
+    /// know (from a newer node) is `ErrorCode::Other(name)`.
+    ///
+    /// ```no_run
+    /// use oneid_client::protocol::ErrorCode;
+    /// # async fn demo(client: oneid_client::Client) {
+    /// match client.backup("nightly/1").await {
+    ///     Ok(manifest) => println!("{} pairs", manifest.pairs),
+    ///     Err(e) if e.code() == Some(&ErrorCode::Busy) => println!("a backup is running"),
+    ///     Err(e) => eprintln!("{e}"),
+    /// }
+    /// # }
+    /// ```
     pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             Error::Api { code, .. } => Some(code),
@@ -554,6 +566,14 @@ impl Client {
     }
 
     /// The profile bound to an identity, or `None`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: oneid_client::Client) -> Result<(), oneid_client::Error> {
+    /// if let Some(profile) = client.lookup("phone", "13800000000").await? {
+    ///     println!("{}: {} points, tier {}", profile.oneid, profile.points.balance, profile.tier);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn lookup(&self, kind: &str, value: &str) -> Result<Option<ProfileDoc>, Error> {
         self.lookup_at(kind, value, Consistency::Linearizable).await
     }
@@ -578,6 +598,22 @@ impl Client {
     }
 
     /// One page of a profile's ledger, newest first; pass the answer's `next` as `cursor`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: oneid_client::Client, oneid: &str) -> Result<(), oneid_client::Error> {
+    /// let mut cursor = None;
+    /// loop {
+    ///     let page = client.ledger(oneid, Some(100), cursor.as_deref()).await?;
+    ///     for entry in &page.entries {
+    ///         println!("{} {} {:+} -> {}", entry.at, entry.kind, entry.points, entry.balance_after);
+    ///     }
+    ///     match page.next {
+    ///         Some(next) => cursor = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ledger(
         &self,
         oneid: &str,

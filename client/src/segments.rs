@@ -47,6 +47,15 @@ pub enum SegmentEvent {
 
 impl Client {
     /// Creates or replaces a segment; its document, and whether it was created.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: oneid_client::Client) -> Result<(), oneid_client::Error> {
+    /// let (doc, created) = client
+    ///     .put_segment("gold-coffee", r#"tier >= "gold" and has_tag("coffee")"#, None)
+    ///     .await?;
+    /// println!("{} (generation {}), created: {created}", doc.name, doc.generation);
+    /// # Ok(()) }
+    /// ```
     pub async fn put_segment(
         &self,
         name: &str,
@@ -139,6 +148,22 @@ impl Client {
     /// nothing is missed or repeated; a snapshot cut off before its end starts again
     /// ([`SegmentEvent::SnapshotStart`]). Ends with an error the node answers that a retry
     /// cannot cure: the segment does not exist (or was deleted), or the cursor expired.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use oneid_client::{SegmentEvent, WatchFrom};
+    /// # async fn demo(client: oneid_client::Client) -> Result<(), oneid_client::Error> {
+    /// let mut changes = std::pin::pin!(client.watch_segment("gold-coffee", WatchFrom::Snapshot));
+    /// while let Some(event) = changes.next().await {
+    ///     match event? {
+    ///         SegmentEvent::Member(m) => println!("member {}", m.oneid),
+    ///         SegmentEvent::SnapshotEnd { members, .. } => println!("{members} members"),
+    ///         SegmentEvent::Change(c) => println!("{} {}", c.change, c.oneid),
+    ///         SegmentEvent::SnapshotStart => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn watch_segment(
         &self,
         name: &str,

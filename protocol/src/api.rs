@@ -15,7 +15,18 @@ pub const LEDGER_PAGE_MAX: usize = 1_000;
 pub const LEDGER_PAGE_DEFAULT: usize = 50;
 
 crate::open_enum! {
-    /// Machine-readable error codes, on whole requests and on single events.
+    /// Machine-readable error codes, on whole requests and on single events. On the wire, a
+    /// code is its snake_case name; one this release does not know decodes to `Other`:
+    ///
+    /// ```
+    /// use oneid_protocol::ErrorCode;
+    ///
+    /// let known: ErrorCode = serde_json::from_str(r#""insufficient_points""#).unwrap();
+    /// assert_eq!(known, ErrorCode::InsufficientPoints);
+    /// let newer: ErrorCode = serde_json::from_str(r#""too_many_profiles""#).unwrap();
+    /// assert_eq!(newer, ErrorCode::Other("too_many_profiles".into()));
+    /// assert_eq!(newer.as_str(), "too_many_profiles");
+    /// ```
     pub enum ErrorCode {
         /// The request is not well-formed JSON/NDJSON, or not of the expected shape.
         BadRequest = "bad_request",
