@@ -438,14 +438,6 @@ impl Router {
             EventOutcome::Rejected(error) => Err(error),
         }
     }
-
-    /// Proposes a command on every shard (rules changes); the first error wins.
-    pub async fn broadcast(&self, command: Command) -> Result<(), ShardError> {
-        for shard in 0..self.n_shards {
-            self.shards.propose(ShardId(shard), command.clone()).await?;
-        }
-        Ok(())
-    }
 }
 
 /// Why an event was not routed.

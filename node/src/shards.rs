@@ -751,6 +751,8 @@ fn forwardable(command: &Command) -> bool {
             | Command::Bind(_)
             | Command::FinishFollowUps(_)
             | Command::SetRules(_)
+            | Command::DefineRules(_)
+            | Command::InstallRules { .. }
             | Command::DefineSegment(_)
             | Command::InstallSegment(_)
     )

@@ -139,6 +139,7 @@ impl Rules {
             .collect()
     }
 
+    /// The wire form (without a version: the caller knows it).
     pub fn to_doc(&self) -> RulesDoc {
         let factor = |d: &Decimal| {
             serde_json::value::to_raw_value(&d.normalize().to_string())
@@ -189,6 +190,7 @@ impl Rules {
                 change_log_hours: Some(r.change_log_hours),
                 change_log_entries_max: Some(r.change_log_entries_max),
             }),
+            version: None,
         }
     }
 }
@@ -209,6 +211,11 @@ pub struct RulesDoc {
     /// Absent: the defaults of [`Retention`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionDoc>,
+    /// Assigned by the cluster, in the answers of `GET` and `PUT /v1/rules`: the registry
+    /// shard gives each PUT the next version, and every shard keeps the rules of the highest
+    /// version it was sent (0: the seeded rules). A version in a PUT's body is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// The wire form of [`Retention`]: each part optional, taking its default.

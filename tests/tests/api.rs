@@ -513,7 +513,8 @@ fn seeded_rules_doc() -> Value {
             {"name": "gold", "min_spend": "5000.00"}]},
         "tag_rules": [{"tag": "big_spender", "when": "spend_365d >= 3000"}],
         "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
-                      "change_log_entries_max": 1_000_000}
+                      "change_log_entries_max": 1_000_000},
+        "version": 0
     })
 }
 
@@ -553,9 +554,11 @@ async fn rules_are_read_replaced_and_applied_to_later_orders() {
             {"name": "member", "min_spend": 0},
             {"name": "silver", "min_spend": "500"},
             {"name": "gold", "min_spend": "5000.5"}]},
-        "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}]
+        "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}],
+        "version": 7
     });
-    // The document is replaced whole: without `retention`, the defaults.
+    // The document is replaced whole: without `retention`, the defaults. The version is the
+    // cluster's (the first PUT's is 1), whatever the body says.
     let in_force = json!({
         "points": {"per_currency_unit": "2", "tier_multipliers": {"gold": "3"},
                    "channel_multipliers": {"tmall": "1.25"}, "expire_after_days": 30},
@@ -565,7 +568,8 @@ async fn rules_are_read_replaced_and_applied_to_later_orders() {
             {"name": "gold", "min_spend": "5000.50"}]},
         "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}],
         "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
-                      "change_log_entries_max": 1_000_000}
+                      "change_log_entries_max": 1_000_000},
+        "version": 1
     });
     let answered = client.set_rules(&rules_doc(&new_rules)).await.unwrap();
     assert_eq!(serde_json::to_value(answered).unwrap(), in_force);

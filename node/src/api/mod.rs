@@ -22,7 +22,7 @@ mod segments;
 use crate::backup::{BackupError, Backups};
 use crate::metrics::{Metrics, Route};
 use crate::router::Router;
-use crate::shards::{Consistency, Shards};
+use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::{Answer, Query};
 use body::{BodyBudget, Shape};
 use bytes::Bytes;
@@ -36,10 +36,10 @@ use oneid_protocol::api::{
 };
 use oneid_protocol::event::EventError;
 use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
-use oneid_protocol::rules::RulesDoc;
+use oneid_protocol::rules::{Rules, RulesDoc};
 use oneid_protocol::ErrorCode;
 use oneid_replica::ShardError;
-use oneid_state::command::Command;
+use oneid_state::command::{Command, Output, REGISTRY_SHARD};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -479,15 +479,20 @@ impl Api {
         ))
     }
 
+    /// `GET /v1/rules`: the rules the registry shard ordered last, with their version.
     async fn get_rules(&self) -> Reply {
-        let shard = ShardId(0);
+        let shard = ShardId(REGISTRY_SHARD);
         let (answer, _) = self
             .read_state(shard, Query::Rules(shard), Consistency::Linearizable)
             .await?;
-        let Answer::Rules(rules) = answer else {
+        let Answer::Rules(rules, version) = answer else {
             panic!("a rules read answered {answer:?}")
         };
-        Ok(json(StatusCode::OK, &rules.to_doc()))
+        let doc = RulesDoc {
+            version: Some(version),
+            ..rules.to_doc()
+        };
+        Ok(json(StatusCode::OK, &doc))
     }
 
     async fn put_rules(&self, request: Request<Incoming>) -> Reply {
@@ -501,10 +506,43 @@ impl Api {
                 e.to_string(),
             )
         })?;
-        self.router
-            .broadcast(Command::SetRules(Box::new(rules.clone())))
-            .await?;
-        Ok(json(StatusCode::OK, &rules.to_doc()))
+        let version = self.define_rules(&rules).await?;
+        let doc = RulesDoc {
+            version: Some(version),
+            ..rules.to_doc()
+        };
+        Ok(json(StatusCode::OK, &doc))
+    }
+
+    /// Has the registry shard order `rules` (their version), then installs them on every
+    /// other shard. A shard that cannot install them now makes this a 503: the same request
+    /// again orders them anew, and the higher version replaces these wherever they landed.
+    async fn define_rules(&self, rules: &Rules) -> Result<u64, ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the node is shutting down"));
+        }
+        let registry = ShardId(REGISTRY_SHARD);
+        let define = Command::DefineRules(Box::new(rules.clone()));
+        let Output::RulesVersion(version) = self.shards.propose(registry, define).await? else {
+            panic!("a rules definition answered something else")
+        };
+        let installs = (0..self.shards.n_shards)
+            .filter(|s| *s != REGISTRY_SHARD)
+            .map(|s| {
+                let command = Command::InstallRules {
+                    version,
+                    rules: Box::new(rules.clone()),
+                };
+                (ShardId(s), self.shards.propose(ShardId(s), command))
+            });
+        for (shard, result) in per_shard(installs).await {
+            result.map_err(|e| {
+                ApiError::unavailable(format!(
+                    "rules version {version} are ordered, but shard {shard} did not install them yet ({e}); send the request again"
+                ))
+            })?;
+        }
+        Ok(version)
     }
 
     /// `POST /v1/admin/backup` `{"dir": "relative/path"}` (under `[storage] backup_root`):

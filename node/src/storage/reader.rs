@@ -259,7 +259,8 @@ pub enum Answer {
     Events(Vec<bool>),
     Profile(Option<Box<ProfileRead>>),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
-    Rules(Box<oneid_protocol::rules::Rules>),
+    /// The shard's rules and their version.
+    Rules(Box<oneid_protocol::rules::Rules>, u64),
     Segments(Vec<oneid_state::segments::SegmentRecord>),
     Members(Vec<OneId>),
 }
@@ -355,12 +356,20 @@ impl StateReader {
                 limit,
                 before,
             } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
-            Query::Rules(shard) => Answer::Rules(Box::new(
-                self.shard(*shard)
-                    .get(keys::RULES)
-                    .map(|bytes| decode(keys::RULES, &bytes))
-                    .unwrap_or_default(),
-            )),
+            Query::Rules(shard) => {
+                let state = self.shard(*shard);
+                let read = |key: &[u8]| state.get(key);
+                Answer::Rules(
+                    Box::new(
+                        read(keys::RULES)
+                            .map(|bytes| decode(keys::RULES, &bytes))
+                            .unwrap_or_default(),
+                    ),
+                    read(keys::RULES_VERSION)
+                        .map(|bytes| decode(keys::RULES_VERSION, &bytes))
+                        .unwrap_or_default(),
+                )
+            }
             Query::Segments { shard, name } => {
                 Answer::Segments(self.segments(*shard, name.as_deref()))
             }

@@ -20,7 +20,9 @@ pub enum Command {
     ///
     /// [`CLOCK_STEP_MAX_MS`]: crate::retention::CLOCK_STEP_MAX_MS
     Clock { target: Millis },
-    /// Replaces the loyalty rules.
+    /// Replaces the loyalty rules, unversioned: what releases before rules had versions
+    /// proposed (and a node of one may still forward during a rolling upgrade). It applies as
+    /// it did and leaves the shard's rules version as it is.
     SetRules(Box<Rules>),
     /// The rules of `cluster.toml`, proposed by a leader that found none applied: applied only
     /// if the shard still has no rules when it is applied, so it never overrides a `SetRules`
@@ -62,6 +64,14 @@ pub enum Command {
     /// A format-7 segment definition, in a log migrated to format 8 (never proposed): dated
     /// by its proposer's clock `at`, as it was (see `LegacyClock`).
     LegacyDefineSegment(SegmentDefine, Millis),
+    /// Orders a new rules document. Proposed to the registry shard ([`REGISTRY_SHARD`]) only:
+    /// it gives the rules the next version (its own plus one), installs them, and answers the
+    /// version, which every other shard then installs with `InstallRules`.
+    DefineRules(Box<Rules>),
+    /// Installs rules the registry shard ordered. A shard keeps the rules of the highest
+    /// version it was sent, so installs arriving in any order (or twice) leave every shard
+    /// with the same rules: those of the last PUT the registry ordered.
+    InstallRules { version: u64, rules: Box<Rules> },
 }
 
 /// The shard that orders segment definitions.
@@ -157,6 +167,8 @@ pub enum Output {
     Backfill {
         more: bool,
     },
+    /// The version the registry shard gave the rules it was sent.
+    RulesVersion(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 //! | `m`    | `m`                                   | `ShardMeta` (not in the digest) |
 //! | `s`    | `s`                                   | `ShardRecord`  |
 //! | `r`    | `r`                                   | `Rules`        |
+//! | `v`    | `v`                                   | the rules' version (`u64`; absent: 0, rules never versioned) |
 //! | `p`    | `p oneid`                             | `Profile`      |
 //! | `i`    | `i kind 0x00 value`                   | `OneId`        |
 //! | `o`    | `o oneid order_id`                    | `OrderRecord`  |
@@ -25,6 +26,7 @@ use oneid_protocol::num::Millis;
 pub const META: &[u8] = b"m";
 pub const SHARD: &[u8] = b"s";
 pub const RULES: &[u8] = b"r";
+pub const RULES_VERSION: &[u8] = b"v";
 
 pub fn profile(oneid: OneId) -> Vec<u8> {
     with_oneid(b'p', oneid, &[])

@@ -170,6 +170,8 @@ pub struct ShardState {
     /// nothing, and one that changes it knows the pair hash it replaces.
     record_stored: Option<Vec<u8>>,
     rules: Rules,
+    /// The version of `rules` (see [`ShardState::rules_version`]).
+    rules_version: u64,
     tag_rules: Vec<(String, Predicate)>,
     /// Where the `days_since` comparisons of tag rules and segments can flip (see `due.rs`).
     time_thresholds: Vec<(TimeField, i64)>,
@@ -201,6 +203,10 @@ impl ShardState {
             .get(keys::RULES)
             .map(|b| decode(keys::RULES, &b))
             .unwrap_or_default();
+        let rules_version: u64 = base
+            .get(keys::RULES_VERSION)
+            .map(|b| decode(keys::RULES_VERSION, &b))
+            .unwrap_or_default();
         let mut state = ShardState {
             shard,
             n_shards,
@@ -208,6 +214,7 @@ impl ShardState {
             record,
             record_stored,
             rules: Rules::default(),
+            rules_version,
             tag_rules: Vec::new(),
             time_thresholds: Vec::new(),
             segments: segments::Segments::load(base),
@@ -221,6 +228,12 @@ impl ShardState {
     /// The rules in force.
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// The version of the rules in force: the registry shard's order of the PUT that sent
+    /// them (0: seeded, or set by a release before rules had versions).
+    pub fn rules_version(&self) -> u64 {
+        self.rules_version
     }
 
     /// Applies one committed entry. `writes` holds the changes of earlier entries not yet
@@ -275,19 +288,6 @@ impl ShardState {
                     backlog,
                 }
             }
-            Command::SetRules(rules) => {
-                tx.put(keys::RULES.to_vec(), &*rules);
-                self.set_rules(*rules);
-                self.start_rules_backfill();
-                Output::None
-            }
-            Command::SeedRules(rules) => {
-                if tx.get(keys::RULES).is_none() {
-                    tx.put(keys::RULES.to_vec(), &*rules);
-                    self.set_rules(*rules);
-                }
-                Output::None
-            }
             Command::Events(events) => self.apply_events(tx, index, events, true),
             Command::Bind(pairs) => Output::Bind(
                 pairs
@@ -321,13 +321,11 @@ impl ShardState {
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
-            Command::SeedRetention(retention) => {
-                if self.needs_retention() {
-                    self.rules.retention = Some(retention);
-                    tx.put(keys::RULES.to_vec(), &self.rules);
-                }
-                Output::None
-            }
+            Command::SetRules(_)
+            | Command::SeedRules(_)
+            | Command::DefineRules(_)
+            | Command::InstallRules { .. }
+            | Command::SeedRetention(_) => self.apply_rules_command(tx, command),
         }
     }
 

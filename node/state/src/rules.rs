@@ -2,6 +2,7 @@
 //! tags a profile's state earns now, and when time alone could change that.
 
 use super::*;
+use crate::command::REGISTRY_SHARD;
 use oneid_protocol::num::DAY_MS;
 
 impl ShardState {
@@ -10,6 +11,56 @@ impl ShardState {
     /// (`Command::SeedRetention`).
     pub fn needs_retention(&self) -> bool {
         self.rules.retention.is_none()
+    }
+
+    /// Applies a command that sets the rules: unversioned (`SetRules`), seeded (`SeedRules`,
+    /// `SeedRetention`: only where none are), ordered by the registry (`DefineRules`) or
+    /// installed as it ordered them (`InstallRules`: only above the shard's version).
+    pub(super) fn apply_rules_command(&mut self, tx: &mut Tx<'_>, command: Command) -> Output {
+        match command {
+            Command::SetRules(rules) => self.install_rules(tx, None, *rules),
+            Command::SeedRules(rules) => {
+                if tx.get(keys::RULES).is_none() {
+                    tx.put(keys::RULES.to_vec(), &*rules);
+                    self.set_rules(*rules);
+                }
+            }
+            Command::DefineRules(rules) => {
+                assert_eq!(
+                    self.shard.0, REGISTRY_SHARD,
+                    "rules are ordered by the registry shard"
+                );
+                let version = self.rules_version + 1;
+                self.install_rules(tx, Some(version), *rules);
+                return Output::RulesVersion(version);
+            }
+            Command::InstallRules { version, rules } => {
+                if version > self.rules_version {
+                    self.install_rules(tx, Some(version), *rules);
+                }
+            }
+            Command::SeedRetention(retention) => {
+                if self.needs_retention() {
+                    self.rules.retention = Some(retention);
+                    tx.put(keys::RULES.to_vec(), &self.rules);
+                }
+            }
+            other => unreachable!("not a rules command: {other:?}"),
+        }
+        Output::None
+    }
+
+    /// Installs `rules`: stored (with their version, above the shard's, when they have one:
+    /// `None` is an unversioned `SetRules`), in force from this entry on, and every profile's
+    /// rule tags re-evaluated in the background.
+    pub(super) fn install_rules(&mut self, tx: &mut Tx<'_>, version: Option<u64>, rules: Rules) {
+        tx.put(keys::RULES.to_vec(), &rules);
+        if let Some(version) = version {
+            tx.put(keys::RULES_VERSION.to_vec(), &version);
+            self.rules_version = version;
+        }
+        self.set_rules(rules);
+        self.start_rules_backfill();
     }
 
     pub(super) fn set_rules(&mut self, rules: Rules) {

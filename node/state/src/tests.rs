@@ -2007,3 +2007,54 @@ fn order_points_stay_exact_when_the_product_needs_more_than_96_bits() {
     ));
     assert_eq!(h.order(p, "BIG").points, 232_533_326_424);
 }
+
+#[test]
+fn rules_are_ordered_by_the_registry_and_every_shard_keeps_the_highest_version() {
+    let two = rules(r#"{"points": {"per_currency_unit": "2"}}"#);
+    let three = rules(r#"{"points": {"per_currency_unit": "3"}}"#);
+    let mut registry = Harness::new(PLAIN);
+    assert_eq!(registry.state.rules_version(), 0, "seeded or unversioned");
+    let define = |rules: &Rules| Command::DefineRules(Box::new(rules.clone()));
+    assert!(matches!(
+        registry.apply(define(&two)),
+        Output::RulesVersion(1)
+    ));
+    assert!(matches!(
+        registry.apply(define(&three)),
+        Output::RulesVersion(2)
+    ));
+    assert_eq!(
+        (registry.state.rules_version(), registry.state.rules()),
+        (2, &three)
+    );
+    // An unversioned `SetRules` (a release before versions) applies as it did.
+    registry.apply(Command::SetRules(Box::new(two.clone())));
+    assert_eq!(
+        (registry.state.rules_version(), registry.state.rules()),
+        (2, &two)
+    );
+
+    // Other shards get the installs in any order, and some twice: the highest stays.
+    let install = |version, rules: &Rules| Command::InstallRules {
+        version,
+        rules: Box::new(rules.clone()),
+    };
+    let mut in_order = Harness::new(PLAIN);
+    let mut reordered = Harness::new(PLAIN);
+    in_order.apply(install(1, &two));
+    in_order.apply(install(2, &three));
+    reordered.apply(install(2, &three));
+    reordered.apply(install(1, &two));
+    reordered.apply(install(2, &three));
+    for h in [&in_order, &reordered] {
+        assert_eq!((h.state.rules_version(), h.state.rules()), (2, &three));
+        assert_eq!(
+            h.mem
+                .get(keys::RULES_VERSION)
+                .map(|b| decode::<u64>(keys::RULES_VERSION, &b)),
+            Some(2)
+        );
+        let reloaded = ShardState::load(ShardId(0), 1, &h.mem, 1000);
+        assert_eq!((reloaded.rules_version(), reloaded.rules()), (2, &three));
+    }
+}
