@@ -5,6 +5,7 @@
 //! - [`ids`]: shards, OneIDs, identities and their stable routing hashes.
 //! - [`num`]: money in cents, exact decimals, timestamps.
 //! - [`event`]: the event wire format, its validation, and the validated `Event` of the log.
+//! - [`policy`]: the identity policy: blocked values, per-kind limits, merge and priority.
 //! - [`rules`]: loyalty rules (points, tiers, tag rules), wire and validated forms.
 //! - [`predicate`]: the predicate language of tag rules and segments.
 //! - [`segments`]: segment definitions, documents, members pages and stream changes.
@@ -23,6 +24,7 @@ pub mod num;
 #[doc(hidden)]
 pub mod open_enum;
 pub mod openapi;
+pub mod policy;
 pub mod predicate;
 pub mod rules;
 pub mod segments;

@@ -4,8 +4,10 @@
 //! property runs [`CASES`] cases (`PROPTEST_CASES` overrides), so CI spends a bounded time.
 
 use crate::event::{Event, EventError};
+use crate::ids::Identity;
 use crate::ids::OneId;
 use crate::num::Millis;
+use crate::policy::IdentityDoc;
 use crate::predicate::Predicate;
 use crate::rules::RulesDoc;
 use crate::strict;
@@ -259,4 +261,36 @@ fn valid_rules() -> Value {
         "tag_rules": [{"tag": "high_value", "when": "spend_365d >= 3000"}],
         "retention": {"dedup_days": 7, "ledger_days": 730},
     })
+}
+
+/// A valid identity policy, mutated by the policy property.
+fn valid_policy() -> Value {
+    json!({
+        "kinds": {"member_card": {"max_per_profile": 1, "priority": 5},
+                  "device_id": {"merge": false, "blocked_values": {"exact": ["0000"], "patterns": ["^dev-test"]}}},
+        "blocked_values": {"exact": ["unknown", "N/A"], "patterns": ["^0+$", "(a+)+$"]},
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A policy either validates, and then matches any identity without panicking, or is
+    /// refused naming its field.
+    #[test]
+    fn identity_policies_mutated_validate_or_name_the_field(
+        doc in mutated(vec![valid_policy()]),
+        kind in "[a-z_]{1,12}",
+        value in ".{0,40}",
+    ) {
+        let Ok(doc) = strict::from_json::<IdentityDoc>(doc.to_string().as_bytes()) else {
+            return Ok(());
+        };
+        match doc.validate() {
+            Ok(policy) => {
+                let _ = policy.block_list().blocks(&Identity { kind, value });
+            }
+            Err(error) => prop_assert!(error.field.starts_with("identity"), "{error:?}"),
+        }
+    }
 }
