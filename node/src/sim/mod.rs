@@ -11,7 +11,9 @@
 //! apart that drift and are stepped forward and back, one of them days off
 //! (`world/clocks.rs`), and clients that earn points and read balances through any replica, retrying
 //! elsewhere when a replica cannot answer, and now and then install segment definitions
-//! (`world/segments.rs`), which the leaders then backfill. Logs are kept short (a few entries, compacted
+//! (`world/segments.rs`), which the leaders then backfill, and rules changes: the registry
+//! orders them and clients install its version on every other shard, through any replica,
+//! again until all have it (`world/rules.rs`). Logs are kept short (a few entries, compacted
 //! soon), so followers that were down or cut off catch up by snapshot, transferred over the
 //! same network in small chunks (`world/transfer.rs`), with crashes made common around the
 //! install's write; in a quarter of the runs one node's disk is wiped, and its restart is

@@ -5,6 +5,7 @@
 //! only randomness is the seeded generator, so a seed replays exactly.
 
 mod clocks;
+mod rules;
 mod segments;
 mod transfer;
 
@@ -14,6 +15,7 @@ use crate::transport::Transport;
 use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
+use oneid_protocol::rules::Rules;
 use oneid_replica::log::LogSource;
 use oneid_replica::message::Message;
 use oneid_replica::write::{Space, WriteOp};
@@ -313,6 +315,11 @@ pub struct World {
     next_event: u64,
     /// The version of the last segment definition a client installed.
     segment_version: u64,
+    /// Every rules version the registry was seen to order, with its rules (`world/rules.rs`).
+    rules_ordered: BTreeMap<u64, Rules>,
+    /// The registry's newest version when the settled cluster was sent a late install of an
+    /// older one (`None`: not yet).
+    late_install: Option<u64>,
     /// Snapshots installed (their switch landed on a disk).
     installs: usize,
     /// How often each of [`FAULTS_MET`] happened (see [`Summary::coverage`]).
@@ -322,10 +329,12 @@ pub struct World {
 }
 
 /// The rare faults that runs over 100 seeds or more must meet: a segment check that found
-/// members (so the check is not vacuous), a wiped disk, and one at each step of a snapshot's
-/// transfer and install.
-pub const FAULTS_MET: [&str; 11] = [
+/// members (so the check is not vacuous), a rules change checked on every shard, a wiped disk,
+/// and one at each step of a snapshot's transfer and install.
+pub const FAULTS_MET: [&str; 13] = [
     "segment members checked against brute force",
+    "rules redefined and installed on every shard",
+    "a late install of older rules changed nothing",
     "a due backlog over one clock entry's budget drained",
     "a segment defined while a due backlog drained",
     "a clock days off",
@@ -455,6 +464,8 @@ impl World {
             acknowledged: Vec::new(),
             next_event: 0,
             segment_version: 0,
+            rules_ordered: BTreeMap::new(),
+            late_install: None,
             installs: 0,
             coverage: BTreeMap::new(),
             first_identities,
@@ -1056,6 +1067,11 @@ impl World {
         if self.rng.u64(0..100) < 3 {
             self.define_segment();
         }
+        match self.rng.u64(0..100) {
+            0..=2 => self.define_rules(),
+            3..=7 => self.install_rules(),
+            _ => {}
+        }
         let profile = self.rng.usize(0..self.shape.profiles);
         let kind = if self.rng.u64(0..100) < 60 {
             self.next_event += 1;
@@ -1262,21 +1278,34 @@ impl World {
         let deadline = self.now + SETTLE_MS;
         while self.now < deadline {
             let step = self.now + 50;
+            // A PUT answered 503 is sent again until every shard installed the rules; after
+            // the late install, only for a version the registry ordered since (what the late
+            // install does must stand on its own).
+            if self.reinstall_wanted() && !self.rules_installed() {
+                self.install_rules();
+            }
             self.run_until(step)?;
             let clients_done = self.clients.iter().all(|c| c.current.is_none());
             // Settled: clients done, replicas equal, what fell due processed, and the shard
             // clocks caught up with a wall clock stepped late in the run.
             if clients_done
+                && self.rules_installed()
                 && self.replicas_agree()
                 && self.due_drained()
                 && self.check_settled_clocks().is_ok()
             {
+                // A slow PUT's install of an older version lands after all: it must change
+                // nothing, and the cluster settles again.
+                if self.send_late_install() {
+                    continue;
+                }
                 return Ok(());
             }
         }
         let clocks = self.check_settled_clocks().err().unwrap_or_default();
+        let rules = self.rules_mismatch().unwrap_or_default();
         Err(format!(
-            "the healed cluster did not settle within {SETTLE_MS} ms: {clocks}{}",
+            "the healed cluster did not settle within {SETTLE_MS} ms: {clocks}{rules}{}",
             self.describe()
         ))
     }
@@ -1391,6 +1420,7 @@ impl World {
         }
         self.check_segments()?;
         self.check_settled_clocks()?;
+        self.check_rules()?;
         if let Some(((profile, event), n)) = earned.iter().find(|(_, n)| **n > 1) {
             return Err(format!("profile {profile}: {event} earned {n} times"));
         }
