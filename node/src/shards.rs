@@ -37,7 +37,7 @@ use oneid_replica::message::{Message, MessageKind};
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::ShardError;
 use oneid_state::command::FollowUp;
-use oneid_state::command::{Command, Output};
+use oneid_state::command::{Command, Output, REGISTRY_SHARD};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -744,18 +744,19 @@ pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &Message) -> bool 
 /// Whether a peer may forward `command` to this node's leader: what clients, the follow-up
 /// sweeps and the rules and segment routes propose; never what a leader proposes on its own
 /// (clock entries, seeds, backfills; legacy commands are never proposed at all).
-fn forwardable(command: &Command) -> bool {
-    matches!(
-        command,
+/// Definitions go to the registry shard only (applying one elsewhere would stop the shard).
+fn forwardable(shard: ShardId, command: &Command) -> bool {
+    let registry = shard.0 == REGISTRY_SHARD;
+    match command {
+        Command::DefineRules(_) | Command::DefineSegment(_) => registry,
         Command::Events(_)
-            | Command::Bind(_)
-            | Command::FinishFollowUps(_)
-            | Command::SetRules(_)
-            | Command::DefineRules(_)
-            | Command::InstallRules { .. }
-            | Command::DefineSegment(_)
-            | Command::InstallSegment(_)
-    )
+        | Command::Bind(_)
+        | Command::FinishFollowUps(_)
+        | Command::SetRules(_)
+        | Command::InstallRules { .. }
+        | Command::InstallSegment(_) => true,
+        _ => false,
+    }
 }
 
 /// A snapshot's holder, reached over the peer transport.
@@ -821,7 +822,7 @@ impl Inbound for FromPeers {
         let shards = Arc::clone(&self.0);
         Box::pin(async move {
             let response = match postcard::from_bytes::<PeerRequest>(&body) {
-                Ok(PeerRequest::Propose { shard, command }) if !forwardable(&command) => {
+                Ok(PeerRequest::Propose { shard, command }) if !forwardable(shard, &command) => {
                     // Clock entries, seeds, backfills and legacy commands come from a shard's
                     // own leader only: no peer moves a shard's time or retention.
                     tracing::warn!(peer = from, %shard, "a peer proposed a command only a leader makes; refused");

@@ -3,8 +3,10 @@
 //! [`open_enum!`] declares such an enum with its known values and an `Other(String)` for any
 //! value this release does not know, so that a client built today keeps working against a
 //! newer server. On JSON (and any human-readable format) a value is its snake_case name. On
-//! postcard (stored results) it keeps the encoding `#[derive(Serialize, Deserialize)]` gives a
-//! fieldless enum: the index of the value in declaration order, `Other` after the last.
+//! postcard (stored results, peer messages) it keeps the encoding `#[derive(Serialize,
+//! Deserialize)]` gives a fieldless enum: the index of the value in declaration order; `Other`
+//! takes the index [`OTHER_INDEX`], never one a later value will have, so a value a newer
+//! release added is an error here, as it was for the derived enum, rather than misread.
 
 /// Declares `pub enum $name { $variant..., Other(String) }` with `ALL` (the known values in
 /// order), `as_str`, `Display`, serde as described above, and a JSON schema listing the
@@ -61,11 +63,13 @@ macro_rules! open_enum {
                 if serializer.is_human_readable() {
                     return serializer.serialize_str(self.as_str());
                 }
-                let known = $name::ALL.len() as u32;
                 match self {
-                    $name::Other(name) => {
-                        serializer.serialize_newtype_variant(stringify!($name), known, "other", name)
-                    }
+                    $name::Other(name) => serializer.serialize_newtype_variant(
+                        stringify!($name),
+                        $crate::open_enum::OTHER_INDEX,
+                        "other",
+                        name,
+                    ),
                     value => {
                         let i = $name::ALL.iter().position(|v| v == value).expect("listed");
                         serializer.serialize_unit_variant(stringify!($name), i as u32, $name::NAMES[i])
@@ -100,8 +104,11 @@ macro_rules! open_enum {
     };
 }
 
-/// Reads an open enum from a binary format: the index of a known value, or `Other` with its
-/// name after the last.
+/// The binary index of `Other`: the largest, which no declared value reaches.
+pub const OTHER_INDEX: u32 = u32::MAX;
+
+/// Reads an open enum from a binary format: the index of a known value, or `Other` (at
+/// [`OTHER_INDEX`]) with its name.
 #[doc(hidden)]
 pub struct ByIndex<T: 'static> {
     pub all: &'static [T],
@@ -118,14 +125,15 @@ impl<'de, T: Clone + 'static> serde::de::Visitor<'de> for ByIndex<T> {
     fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<T, A::Error> {
         use serde::de::{Error, VariantAccess};
         let (index, variant): (u32, _) = data.variant()?;
-        let index = index as usize;
-        if let Some(known) = self.all.get(index) {
-            variant.unit_variant()?;
-            Ok(known.clone())
-        } else if index == self.all.len() {
-            Ok((self.other)(variant.newtype_variant()?))
-        } else {
-            Err(A::Error::custom(format!("no value has index {index}")))
+        if index == OTHER_INDEX {
+            return Ok((self.other)(variant.newtype_variant()?));
+        }
+        match self.all.get(index as usize) {
+            Some(known) => {
+                variant.unit_variant()?;
+                Ok(known.clone())
+            }
+            None => Err(A::Error::custom(format!("no value has index {index}"))),
         }
     }
 }
@@ -159,6 +167,9 @@ mod tests {
             postcard::to_allocvec(&Derived::Third).unwrap(),
             postcard::to_allocvec(&ErrorCode::ALL[2]).unwrap()
         );
+        // A value a newer release added (the next index) is refused, as the derived enum did.
+        let next = postcard::to_allocvec(&(ErrorCode::ALL.len() as u32)).unwrap();
+        assert!(postcard::from_bytes::<ErrorCode>(&next).is_err());
         for code in ErrorCode::ALL
             .iter()
             .cloned()

@@ -156,7 +156,7 @@ fn cursor(description: &str) -> Value {
     query("cursor", description, json!({"type": "string"}))
 }
 
-const ONEID: &str = "^[0-9A-Za-z]{1,32}$";
+const ONEID: &str = "^o[0-9a-f]{16}$";
 const SEGMENT: &str = "^[a-z0-9_-]{1,64}$";
 
 use ErrorCode::*;

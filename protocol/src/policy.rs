@@ -166,6 +166,11 @@ impl IdentityDoc {
                 format!("at most {PATTERNS_MAX} patterns over all kinds, found {patterns}"),
             ));
         }
+        // Each list compiled together, as matching will: patterns that pass one by one may
+        // not fit the size limit as one set.
+        policy
+            .compile_lists()
+            .map_err(|(field, e)| error(&field, format!("the patterns are refused: {e}")))?;
         Ok(policy)
     }
 }
@@ -300,36 +305,40 @@ impl IdentityPolicy {
 
     /// The blocked values compiled for matching.
     pub fn block_list(&self) -> BlockList {
-        let compiled = |patterns: &[String], case_insensitive| {
-            compile(patterns, case_insensitive)
-                .expect("a replicated policy's patterns were validated before it was proposed")
-        };
+        self.compile_lists()
+            .expect("a replicated policy's patterns were validated before it was proposed")
+    }
+
+    /// Compiles each list's patterns as one set; a list that does not compile is named.
+    fn compile_lists(&self) -> Result<BlockList, (String, regex::Error)> {
         let global = match &self.blocked {
             Some(blocked) => List {
                 exact: blocked.exact.clone(),
                 any_case: false,
-                patterns: compiled(&blocked.patterns, false),
+                patterns: compile(&blocked.patterns, false)
+                    .map_err(|e| ("identity.blocked_values.patterns".to_string(), e))?,
             },
             None => List {
                 exact: sorted(&DEFAULT_EXACT.map(String::from)),
                 any_case: true,
-                patterns: compiled(&DEFAULT_PATTERNS.map(String::from), true),
+                patterns: compile(&DEFAULT_PATTERNS.map(String::from), true)
+                    .expect("the default patterns compile"),
             },
         };
-        let kinds = self
-            .kinds
-            .iter()
-            .filter(|(_, policy)| policy.blocked != Blocked::default())
-            .map(|(kind, policy)| {
-                let list = List {
-                    exact: policy.blocked.exact.clone(),
-                    any_case: false,
-                    patterns: compiled(&policy.blocked.patterns, false),
-                };
-                (kind.clone(), list)
-            })
-            .collect();
-        BlockList { global, kinds }
+        let mut kinds = BTreeMap::new();
+        for (kind, policy) in &self.kinds {
+            if policy.blocked == Blocked::default() {
+                continue;
+            }
+            let field = format!("identity.kinds.{kind}.blocked_values.patterns");
+            let list = List {
+                exact: policy.blocked.exact.clone(),
+                any_case: false,
+                patterns: compile(&policy.blocked.patterns, false).map_err(|e| (field, e))?,
+            };
+            kinds.insert(kind.clone(), list);
+        }
+        Ok(BlockList { global, kinds })
     }
 }
 

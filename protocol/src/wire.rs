@@ -46,7 +46,7 @@ pub struct NewEvent {
     pub event_id: String,
     /// The profile the event names directly.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9A-Za-z]{1,32}$"))]
+    #[schemars(regex(pattern = r"^o[0-9a-f]{16}$"))]
     pub oneid: Option<String>,
     /// Identities of the customer, kind → value (at most 50): each is bound to the profile.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]

@@ -359,7 +359,7 @@ async fn a_paused_node_never_serves_an_old_value() {
 /// `identity` that holds an initialized cluster and knows no identity for the listener.
 fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32, identity: [u8; 16]) -> [u8; 109] {
     let mut out = [0u8; 109];
-    out[..8].copy_from_slice(b"ONEIDP03");
+    out[..8].copy_from_slice(b"ONEIDP04");
     out[8..24].copy_from_slice(&cluster);
     out[24..32].copy_from_slice(&from.to_be_bytes());
     out[32..40].copy_from_slice(&to.to_be_bytes());

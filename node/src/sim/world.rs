@@ -1275,7 +1275,7 @@ impl World {
     /// Runs the healed cluster until every client is done and every shard's replicas agree
     /// on their applied index with nothing in flight.
     fn settle(&mut self) -> Result<(), String> {
-        let deadline = self.now + SETTLE_MS;
+        let mut deadline = self.now + SETTLE_MS;
         while self.now < deadline {
             let step = self.now + 50;
             // A PUT answered 503 is sent again until every shard installed the rules; after
@@ -1297,6 +1297,7 @@ impl World {
                 // A slow PUT's install of an older version lands after all: it must change
                 // nothing, and the cluster settles again.
                 if self.send_late_install() {
+                    deadline = self.now + SETTLE_MS;
                     continue;
                 }
                 return Ok(());

@@ -357,7 +357,8 @@ impl StateReader {
                 before,
             } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
             Query::Rules(shard) => {
-                let state = self.shard(*shard);
+                // One view for both keys: a rules install writes them in one batch.
+                let state = self.storage.state_view(*shard);
                 let read = |key: &[u8]| state.get(key);
                 Answer::Rules(
                     Box::new(
