@@ -571,38 +571,24 @@ async fn bad_requests_are_refused_whole_and_change_nothing() {
             (400, ErrorCode::InvalidRules, field(at_fault))
         );
     }
-    assert_eq!(
-        strip(error_of(port, "PUT", "/v1/rules", json_type, b"{\"points\": ").await),
-        (400, ErrorCode::BadRequest, None)
-    );
-    assert_eq!(
-        strip(
-            error_of(
-                port,
-                "PUT",
-                "/v1/rules",
-                json_type,
-                br#"{"points": {"per_currency_unit": "1"}, "bonus": true}"#
-            )
-            .await
+    // Bodies that are not a rules document: cut short, a field the document does not have,
+    // and an array where an object goes (serde alone would read a struct from an array of its
+    // fields: "the default tiers"; found by Schemathesis in negative mode).
+    for (body, at_fault) in [
+        (&b"{\"points\": "[..], None),
+        (
+            br#"{"points": {"per_currency_unit": "1"}, "bonus": true}"#,
+            field("bonus"),
         ),
-        (400, ErrorCode::BadRequest, field("bonus"))
-    );
-    // Serde would read a struct from an array of its fields ("the default tiers"): refused,
-    // as the document describes the body (found by Schemathesis in negative mode).
-    assert_eq!(
-        strip(
-            error_of(
-                port,
-                "PUT",
-                "/v1/rules",
-                json_type,
-                br#"{"tiers": [null, null]}"#
-            )
-            .await
-        ),
-        (400, ErrorCode::BadRequest, field("tiers"))
-    );
+        (br#"{"tiers": [null, null]}"#, field("tiers")),
+    ] {
+        assert_eq!(
+            strip(error_of(port, "PUT", "/v1/rules", json_type, body).await),
+            (400, ErrorCode::BadRequest, at_fault),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
 
     setup.assert_healthy().await;
     let after = setup.snapshot().await;

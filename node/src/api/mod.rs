@@ -488,11 +488,7 @@ impl Api {
         let Answer::Rules(rules, version) = answer else {
             panic!("a rules read answered {answer:?}")
         };
-        let doc = RulesDoc {
-            version: Some(version),
-            ..rules.to_doc()
-        };
-        Ok(json(StatusCode::OK, &doc))
+        Ok(rules_answer(&rules, version))
     }
 
     async fn put_rules(&self, request: Request<Incoming>) -> Reply {
@@ -507,11 +503,7 @@ impl Api {
             )
         })?;
         let version = self.define_rules(&rules).await?;
-        let doc = RulesDoc {
-            version: Some(version),
-            ..rules.to_doc()
-        };
-        Ok(json(StatusCode::OK, &doc))
+        Ok(rules_answer(&rules, version))
     }
 
     /// Has the registry shard order `rules` (their version), then installs them on every
@@ -526,23 +518,30 @@ impl Api {
         let Output::RulesVersion(version) = self.shards.propose(registry, define).await? else {
             panic!("a rules definition answered something else")
         };
+        let install = Command::InstallRules {
+            version,
+            rules: Box::new(rules.clone()),
+        };
+        self.install_elsewhere(install, &format!("rules version {version} is ordered"))
+            .await?;
+        Ok(version)
+    }
+
+    /// Proposes what the registry shard ordered (`install`) to every other shard at once. A
+    /// shard that cannot take it now makes this a 503 saying `what` is done but not everywhere:
+    /// the same request again finishes it (installs keep the highest version).
+    async fn install_elsewhere(&self, install: Command, what: &str) -> Result<(), ApiError> {
         let installs = (0..self.shards.n_shards)
             .filter(|s| *s != REGISTRY_SHARD)
-            .map(|s| {
-                let command = Command::InstallRules {
-                    version,
-                    rules: Box::new(rules.clone()),
-                };
-                (ShardId(s), self.shards.propose(ShardId(s), command))
-            });
+            .map(|s| (ShardId(s), self.shards.propose(ShardId(s), install.clone())));
         for (shard, result) in per_shard(installs).await {
             result.map_err(|e| {
                 ApiError::unavailable(format!(
-                    "rules version {version} are ordered, but shard {shard} did not install them yet ({e}); send the request again"
+                    "{what}, but shard {shard} did not install it yet ({e}); send the request again"
                 ))
             })?;
         }
-        Ok(version)
+        Ok(())
     }
 
     /// `POST /v1/admin/backup` `{"dir": "relative/path"}` (under `[storage] backup_root`):
@@ -710,6 +709,15 @@ fn backup_error(error: BackupError) -> ApiError {
             message,
         ),
     }
+}
+
+/// The rules document `GET` and `PUT /v1/rules` answer: the rules with their version.
+fn rules_answer(rules: &Rules, version: u64) -> Response<Full<Bytes>> {
+    let doc = RulesDoc {
+        version: Some(version),
+        ..rules.to_doc()
+    };
+    json(StatusCode::OK, &doc)
 }
 
 /// `GET /v1/openapi.json`: the API's description, generated once from the protocol's types

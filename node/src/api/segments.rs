@@ -101,20 +101,9 @@ impl Api {
             panic!("a segment definition answered {output:?}")
         };
         let (def, created) = answer.map_err(refused)?;
-        let installs = (0..self.shards.n_shards)
-            .filter(|s| *s != REGISTRY_SHARD)
-            .map(|s| {
-                let command = Command::InstallSegment(def.clone());
-                (ShardId(s), self.shards.propose(ShardId(s), command))
-            });
-        for (shard, result) in per_shard(installs).await {
-            result.map_err(|e| {
-                ApiError::unavailable(format!(
-                    "segment {} is defined, but shard {shard} did not install it yet ({e}); send the request again",
-                    def.name
-                ))
-            })?;
-        }
+        let what = format!("segment {} is defined", def.name);
+        self.install_elsewhere(Command::InstallSegment(def), &what)
+            .await?;
         Ok(created)
     }
 
