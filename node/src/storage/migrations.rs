@@ -33,6 +33,17 @@ pub const TO_8: Migration = Migration {
     command: command_to_8,
 };
 
+/// Format 9: versioned rules. Format 9 adds commands (`DefineRules`, `InstallRules`, after
+/// every format-8 variant) and a state key (`v`, the rules' version; absent reads as 0), and
+/// encodes and applies every format-8 command and pair as format 8 did: nothing is rewritten.
+/// The format moves so that an older release refuses a directory whose log may hold commands
+/// it cannot decode, rather than stopping on one.
+pub const TO_9: Migration = Migration {
+    from: 8,
+    state_pair: |key, value| vec![(key.to_vec(), value.to_vec())],
+    command: <[u8]>::to_vec,
+};
+
 /// Format 7's variant numbers of the commands format 8 changed (postcard: one-byte varints).
 const CLOCK_7: u8 = 0;
 const SET_RULES_7: u8 = 1;

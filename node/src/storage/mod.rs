@@ -74,7 +74,9 @@ use std::sync::RwLock;
 /// Format 8: clock entries carry the shard's majority time as their target, and the shard
 /// record remembers the last (`migrations::TO_8`); the peer protocol changed with it (Raft
 /// messages carry their sender's wall clock), which the handshake's format check fences.
-pub const STATE_FORMAT: u32 = 8;
+/// Format 9: versioned rules (the commands `DefineRules` and `InstallRules`, the key `v`;
+/// `migrations::TO_9` rewrites nothing).
+pub const STATE_FORMAT: u32 = 9;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 
