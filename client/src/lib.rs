@@ -39,8 +39,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oneid_protocol::api::{
-    BackupManifest, BackupRequest, ClusterView, ErrorBody, EventStatus, EventsResponse, LedgerPage,
-    ProfileDoc,
+    BackupManifest, BackupRequest, ClusterView, ErrorBody, EventStatus, EventsResponse,
+    IdentityAudit, LedgerPage, ProfileDoc,
 };
 use oneid_protocol::ids::OneId;
 use oneid_protocol::rules::RulesDoc;
@@ -647,6 +647,14 @@ impl Client {
     /// ```
     pub async fn set_rules(&self, rules: &RulesDoc) -> Result<RulesDoc, Error> {
         self.send_json(Method::PUT, "/v1/rules", rules).await
+    }
+
+    /// What the identity policy in force refuses among what is stored: per kind, the profiles
+    /// over its `max_per_profile` and the blocked values bound before the policy blocked them
+    /// (a policy change never rewrites them). The node reads every shard for at most 10 s;
+    /// the counts are those of the `shards_done` of `shards_total`.
+    pub async fn identity_audit(&self) -> Result<IdentityAudit, Error> {
+        self.get(Route::Any, "/v1/admin/identity-audit").await
     }
 
     /// The cluster as the node that answers sees it.

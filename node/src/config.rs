@@ -326,6 +326,16 @@ impl Config {
             .collect()
     }
 
+    /// The node ids of each shard's replicas, the placed leader first.
+    pub fn placement(&self) -> Vec<Vec<u64>> {
+        (0..self.cluster.shards)
+            .map(|s| {
+                let voters = self.voters(ShardId(s)).into_iter();
+                voters.map(node_of_raft_id).collect()
+            })
+            .collect()
+    }
+
     /// The retention the deprecated keys (`[cluster] dedup_retention_days`,
     /// `ledger_retention_days`, `[segments] change_log_retention_hours`,
     /// `change_log_entries_max`) give, if any is set.
@@ -454,10 +464,11 @@ mod tests {
     #[test]
     fn the_seed_retention_comes_from_rules_retention_or_the_deprecated_keys_never_both() {
         let embedded: Config = toml::from_str(include_str!("../../cluster.toml")).unwrap();
-        assert_eq!(
-            embedded.seed_rules().unwrap().retention,
-            Some(Retention::default())
-        );
+        let seed = embedded.seed_rules().unwrap();
+        assert_eq!(seed.retention, Some(Retention::default()));
+        // It seeds an identity policy too.
+        assert_eq!(seed.identity.max_per_profile("member_card"), Some(1));
+        assert!(!seed.identity.merges("device_id"));
         let config = parse("[rules.retention]\ndedup_days = 30\n");
         let expected = Retention {
             dedup_days: 30,

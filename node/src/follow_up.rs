@@ -16,6 +16,7 @@
 //! This module knows the shards only as addresses to propose to; it never reads storage.
 
 use crate::shards::{per_shard, Shards};
+use oneid_protocol::api::NotLinkedReason;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_state::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
 use std::collections::BTreeMap;
@@ -32,6 +33,9 @@ pub struct Report {
     /// Each answered bind's identity and the profile it is bound to (the follow-up's, or the
     /// one that took it first).
     pub bound: Vec<(Identity, OneId)>,
+    /// The binds another profile won first: each identity, and the follow-up's profile that
+    /// goes without it (`taken`).
+    pub taken: Vec<(Identity, OneId)>,
 }
 
 /// Binds each follow-up's identity at its shard (up to `attempts` tries per shard, with
@@ -106,7 +110,11 @@ async fn bind(
                 let owner = match outcome {
                     BindOutcome::Bound => follow_up.oneid,
                     BindOutcome::Conflict(other) => {
-                        tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first; not listed");
+                        tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first (taken); not listed");
+                        shards.metrics.count_not_linked(&NotLinkedReason::Taken, 1);
+                        report
+                            .taken
+                            .push((follow_up.identity.clone(), follow_up.oneid));
                         other
                     }
                 };

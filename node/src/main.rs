@@ -91,10 +91,6 @@ struct Args {
     restore: Option<PathBuf>,
 }
 
-fn shard_id(shard: u32) -> oneid_protocol::ids::ShardId {
-    oneid_protocol::ids::ShardId(shard)
-}
-
 fn main() -> anyhow::Result<()> {
     logging::init();
     // A panic is a broken invariant or a failed read of state: no replica may go on applying
@@ -123,17 +119,15 @@ fn main() -> anyhow::Result<()> {
         hosted.len() + 16,
     );
     let reader = storage::StateReader::new(Arc::clone(&storage), c.shards);
-    let placement = (0..c.shards)
-        .map(|s| {
-            config
-                .voters(shard_id(s))
-                .into_iter()
-                .map(config::node_of_raft_id)
-                .collect()
-        })
-        .collect();
+    let placement = config.placement();
     let clock = clock::ClusterClock::new(node.id, config.nodes.iter().map(|n| n.id).collect());
-    let shards = Arc::new(Shards::new(node.id, placement, reader.clone(), clock));
+    let shards = Arc::new(Shards::new(
+        node.id,
+        placement,
+        reader.clone(),
+        clock,
+        Arc::clone(&metrics),
+    ));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(HTTP_WORKER_THREADS)
         .thread_name("oneid-http")
@@ -232,12 +226,12 @@ fn build_api(
         ),
         shards: Arc::clone(parts.shards),
         cluster_id: cluster.id.clone(),
-        router: router::Router {
-            reader: reader.clone(),
-            shards: Arc::clone(parts.shards),
-            n_shards: parts.config.cluster.shards,
-            metrics: Arc::clone(parts.metrics),
-        },
+        router: router::Router::new(
+            Arc::clone(parts.shards),
+            reader.clone(),
+            parts.config.cluster.shards,
+            Arc::clone(parts.metrics),
+        ),
         metrics: Arc::clone(parts.metrics),
         node_id: parts.node.id,
         nodes: parts.config.nodes.iter().map(node_view).collect(),

@@ -2,6 +2,7 @@
 //!
 //! Plain atomics with fixed label sets: no registry, no allocation on the hot path.
 
+use oneid_protocol::api::NotLinkedReason;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -111,12 +112,24 @@ struct RouteMetrics {
     latency: Histogram,
 }
 
+/// The reasons `oneid_identities_not_linked_total` counts.
+const NOT_LINKED_REASONS: [NotLinkedReason; 5] = [
+    NotLinkedReason::BlockedValue,
+    NotLinkedReason::KindLimit,
+    NotLinkedReason::IdentityLimit,
+    NotLinkedReason::MergeDisabled,
+    NotLinkedReason::Taken,
+];
+
 #[derive(Default)]
 pub struct Metrics {
     routes: [RouteMetrics; Route::ALL.len()],
     pub events_applied: AtomicU64,
     pub events_duplicate: AtomicU64,
     pub events_rejected: AtomicU64,
+    /// Identities of applied events not linked to their profile, by reason (in the order of
+    /// [`NOT_LINKED_REASONS`]).
+    not_linked: [AtomicU64; NOT_LINKED_REASONS.len()],
     pub proposals: AtomicU64,
     pub proposals_failed: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -215,6 +228,28 @@ impl Metrics {
             .chain(self.work_counters())
         {
             counter(out, name, help, value.load(Relaxed));
+        }
+        family(
+            out,
+            "oneid_identities_not_linked_total",
+            "counter",
+            "Identities of applied events not linked to their profile, by reason (taken: counted by the node whose bind found it taken).",
+        );
+        for (reason, count) in NOT_LINKED_REASONS.iter().zip(&self.not_linked) {
+            let _ = writeln!(
+                out,
+                "oneid_identities_not_linked_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                count.load(Relaxed)
+            );
+        }
+    }
+
+    /// Counts `n` identities not linked for `reason` (one this release does not name is not
+    /// counted: it never answers one).
+    pub fn count_not_linked(&self, reason: &NotLinkedReason, n: usize) {
+        if let Some(i) = NOT_LINKED_REASONS.iter().position(|r| r == reason) {
+            self.not_linked[i].fetch_add(n as u64, Relaxed);
         }
     }
 

@@ -2,19 +2,28 @@
 //!
 //! An event names its profile by OneID (whose shard is in the id) and/or by identities (each
 //! held by the shard its hash picks). The router:
-//! 1. resolves every identity of the batch once, at the start: a binding this node cached
-//!    needs no read (bindings never change); the others are read at their shards,
-//!    linearizably (a stale "unbound" would split a customer for good); an event whose
-//!    identities (and oneid) are bound to two profiles is rejected `identity_conflict`, unless
-//!    it already applied to one of them: then it is a `duplicate`;
-//! 2. for each wave, proposes one `Events` entry per target shard, events in request order.
+//! 1. resolves every identity of the batch once, at the start: a binding this node cached at
+//!    its shard's latest binding epoch needs no read; the others are read at their shards,
+//!    linearizably (a stale "unbound" would split a customer for good), with the epoch;
+//! 2. judges each event by the identity policy of the rules (see [`Judge`]): blocked values
+//!    are set aside (they pick no profile, wait in no wave, are never bound), an event whose
+//!    mergeable identities (and oneid) are bound to two profiles is rejected
+//!    `identity_conflict` (unless it already applied to one of them: then it is a
+//!    `duplicate`), and identities of unmergeable kinds pick a profile only for an event with
+//!    nothing else. Apply judges again, by its shard's rules, and refuses an event judged by
+//!    another version ([`EventOutcome::StaleRules`]): the router reads the rules again and
+//!    routes it anew, so no event applies as a stale copy decided. Decisions the router
+//!    answers alone (`identity_conflict`, `blocked_identity`) are first checked against the
+//!    registry's current version;
+//! 3. for each wave, proposes one `Events` entry per target shard, events in request order.
 //!    An event with no known profile is a `Claim` at the shard of its *anchor* (its strongest
 //!    identity, see [`anchor`]), which binds the anchor and mints the OneID; so concurrent
 //!    first sightings that share their strongest identity meet at one shard and get one OneID;
-//! 3. drives the follow-ups the applied events left (their identities held by other shards:
+//! 4. drives the follow-ups the applied events left (their identities held by other shards:
 //!    bind there, then list on the profile, see `follow_up`) before answering, so a lookup by
-//!    any identity of an applied event finds its profile once the request is answered. The
-//!    records are durable: if this stops half-way, the profile shard's leader finishes them.
+//!    any identity of an applied event finds its profile once the request is answered (a bind
+//!    another profile won first is listed as `taken`). The records are durable: if this stops
+//!    half-way, the profile shard's leader finishes them.
 //!
 //! Events that share an identity unbound at resolve time go to separate waves, so a customer
 //! first seen twice in one batch ends up with one OneID, as if the events came one by one;
@@ -29,15 +38,19 @@ use crate::metrics::Metrics;
 use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::StateReader;
 use crate::storage::{Answer as StateAnswer, Query};
-use oneid_protocol::api::{EventResult, EventStatus, EventsResponse};
+use oneid_protocol::api::{EventResult, EventStatus, EventsResponse, NotLinked, NotLinkedReason};
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::policy::{BlockList, IdentityPolicy};
+use oneid_protocol::rules::Rules;
 use oneid_protocol::ErrorCode;
 use oneid_replica::ShardError;
-use oneid_state::command::{Command, EventOutcome, FollowUp, Output, Routed, Target};
+use oneid_state::command::{
+    Command, EventOutcome, FollowUp, Found, Output, Routed, Target, REGISTRY_SHARD,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Most waves one request runs. Each wave costs a few fsyncs one after another, so a batch in
 /// which every event shares a new identity with the next (a chain) would otherwise hold its
@@ -51,12 +64,46 @@ const BIND_ATTEMPTS: u32 = 5;
 #[derive(Clone)]
 pub struct Router {
     pub shards: Arc<Shards>,
-    /// Its cache of bindings (found bindings never change, so they need no read); the rest of
-    /// resolution reads each identity's shard linearizably: a stale "unbound" would split a
-    /// customer in two for good.
+    /// Its cache of bindings (valid at their shard's binding epoch, so they need no read); the
+    /// rest of resolution reads each identity's shard linearizably: a stale "unbound" would
+    /// split a customer in two for good.
     pub reader: StateReader,
     pub n_shards: u32,
     pub metrics: Arc<Metrics>,
+    /// The identity policy events are judged by, as last read from the registry shard.
+    judge: Arc<Mutex<Option<Judge>>>,
+}
+
+/// The identity policy of one rules version, compiled: what the router judges events by.
+#[derive(Clone)]
+pub struct Judge {
+    version: u64,
+    policy: Arc<IdentityPolicy>,
+    blocks: Arc<BlockList>,
+    /// Read from the registry shard during this request: no newer version was ordered before
+    /// the request began.
+    fresh: bool,
+}
+
+impl Judge {
+    fn new(rules: &Rules, version: u64) -> Judge {
+        Judge {
+            version,
+            policy: Arc::new(rules.identity.clone()),
+            blocks: Arc::new(rules.identity.block_list()),
+            fresh: true,
+        }
+    }
+
+    /// Whether `identity` takes part (its value is not blocked).
+    fn live(&self, identity: &Identity) -> bool {
+        !self.blocks.blocks(identity)
+    }
+
+    /// The event's identities that take part.
+    fn live_of<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = &'a Identity> + 'a {
+        event.identities.iter().filter(|id| self.live(id))
+    }
 }
 
 /// An error reaching or using a shard: the events involved are answered `unavailable`.
@@ -78,13 +125,15 @@ const ANCHOR_KINDS: [&str; 9] = [
     "alipay_uid",
 ];
 
-/// The identity a new profile is claimed by: the strongest kind, then the smallest value.
-fn anchor(identities: &[Identity]) -> &Identity {
+/// The identity a new profile is claimed by: a mergeable one if the event has one, then the
+/// strongest kind, then the smallest value.
+fn anchor<'e>(identities: &[&'e Identity], judge: &Judge) -> &'e Identity {
     let rank = |id: &Identity| {
-        ANCHOR_KINDS
+        let strength = ANCHOR_KINDS
             .iter()
             .position(|k| *k == id.kind)
-            .unwrap_or(ANCHOR_KINDS.len())
+            .unwrap_or(ANCHOR_KINDS.len());
+        (!judge.policy.merges(&id.kind), strength)
     };
     identities
         .iter()
@@ -101,17 +150,67 @@ fn conflict(a: OneId, b: OneId) -> EventError {
     )
 }
 
-/// What resolution knows of each identity of the batch: the profile it is bound to, or
-/// `None` (unbound when read, and nothing since told otherwise).
-type Bindings = BTreeMap<Identity, Option<OneId>>;
+fn all_blocked() -> EventError {
+    EventError::field(
+        ErrorCode::BlockedIdentity,
+        "identities",
+        "every identity of the event is a blocked value, and it names no oneid",
+    )
+}
+
+/// What resolution knows of each identity of the batch: the profile it is bound to and the
+/// binding epoch of its shard that was read at, or `None` (unbound when read, and nothing
+/// since told otherwise).
+type Bindings = BTreeMap<Identity, Option<(OneId, u64)>>;
 
 /// An event's answer, before it becomes a result row.
-type Answer = Result<(EventStatus, OneId), EventError>;
+type Answer = Result<Accepted, EventError>;
+
+/// An event that applied (or had applied): its status, profile, and the identities it did not
+/// link.
+#[derive(Debug, Clone)]
+struct Accepted {
+    status: EventStatus,
+    oneid: OneId,
+    not_linked: Vec<NotLinked>,
+}
+
+impl Accepted {
+    fn duplicate(oneid: OneId) -> Accepted {
+        Accepted {
+            status: EventStatus::Duplicate,
+            oneid,
+            not_linked: Vec::new(),
+        }
+    }
+}
 
 /// An event of the batch and its position in the request.
 type Pending = (usize, Event);
 
+/// What a wave did: its answers, and the events to route again (judged by rules of another
+/// version than the shard's, or decided alone by a router whose rules were not fresh).
+struct WaveDone {
+    answers: Vec<(usize, Answer)>,
+    again: Vec<Pending>,
+}
+
 impl Router {
+    pub fn new(
+        shards: Arc<Shards>,
+        reader: StateReader,
+        n_shards: u32,
+        metrics: Arc<Metrics>,
+    ) -> Router {
+        Router {
+            shards,
+            reader,
+            n_shards,
+            metrics,
+            judge: Arc::new(Mutex::new(None)),
+        }
+    }
+
     /// Applies a batch; one result per input, in order. A parse failure carries the event id
     /// the caller could read, for its result row.
     pub async fn ingest(&self, events: Vec<Result<Event, (String, EventError)>>) -> EventsResponse {
@@ -130,6 +229,15 @@ impl Router {
                 }
             }
         }
+        let mut judge = match self.judge().await {
+            Ok(judge) => judge,
+            Err(error) => {
+                for (position, _) in todo {
+                    answers[position] = Some(Err(unavailable(&error)));
+                }
+                return self.respond(answers, ids);
+            }
+        };
         let (mut bindings, unresolved) = self.resolve(&todo).await;
         // Events with an identity whose shard could not be read wait for a retry.
         let (todo_now, blocked): (Vec<Pending>, Vec<Pending>) =
@@ -152,11 +260,15 @@ impl Router {
             if todo.is_empty() {
                 break;
             }
-            let (wave, rest) = split_wave(todo, &bindings);
-            todo = rest;
-            for (position, answer) in self.run_wave(wave, &mut bindings).await {
+            let (wave, rest) = split_wave(todo, &bindings, &judge);
+            let done = self.run_wave(wave, &mut bindings, &mut judge).await;
+            for (position, answer) in done.answers {
                 answers[position] = Some(answer);
             }
+            // Routed again in request order, ahead of the events that waited behind them.
+            todo = done.again;
+            todo.extend(rest);
+            todo.sort_by_key(|(position, _)| *position);
         }
         for (position, _) in todo {
             answers[position] = Some(Err(EventError::new(
@@ -167,9 +279,53 @@ impl Router {
         self.respond(answers, ids)
     }
 
-    /// Reads every identity of the batch once: cached bindings need no read; the others are
-    /// read at their shards, linearizably, one read per shard. Answers the bindings, and the
-    /// identities whose shard could not be read.
+    /// The policy to judge by: the one this node last read, or else the registry shard's.
+    async fn judge(&self) -> Result<Judge, ShardError> {
+        let cached = self.judge.lock().expect("judge lock").clone();
+        match cached {
+            Some(judge) => Ok(Judge {
+                fresh: false,
+                ..judge
+            }),
+            None => self.refresh_judge().await,
+        }
+    }
+
+    /// Reads the rules the registry shard ordered last (linearizably): the policy every
+    /// shard has once the PUT that ordered them was answered.
+    async fn refresh_judge(&self) -> Result<Judge, ShardError> {
+        let shard = ShardId(REGISTRY_SHARD);
+        let (answer, _) = self
+            .shards
+            .read(shard, Query::Rules(shard), Consistency::Linearizable)
+            .await?;
+        let StateAnswer::Rules(rules, version) = answer else {
+            panic!("a rules read answered {answer:?}")
+        };
+        Ok(self.learn_rules(&rules, version))
+    }
+
+    /// Judges by `rules` of `version` from now on, unless a newer version is known already;
+    /// answers the policy to judge by.
+    pub fn learn_rules(&self, rules: &Rules, version: u64) -> Judge {
+        let mut cached = self.judge.lock().expect("judge lock");
+        match &*cached {
+            Some(known) if known.version > version => Judge {
+                fresh: false,
+                ..known.clone()
+            },
+            _ => {
+                let judge = Judge::new(rules, version);
+                *cached = Some(judge.clone());
+                judge
+            }
+        }
+    }
+
+    /// Reads every identity of the batch once: bindings cached at their shard's latest epoch
+    /// need no read; the others are read at their shards, linearizably, one read per shard.
+    /// Answers the bindings, and the identities whose shard could not be read. Blocked values
+    /// are read too: the policy may change during the request.
     async fn resolve(&self, todo: &[Pending]) -> (Bindings, BTreeMap<Identity, ShardError>) {
         let mut bindings = Bindings::new();
         let mut to_read: BTreeMap<ShardId, Vec<Identity>> = BTreeMap::new();
@@ -177,8 +333,8 @@ impl Router {
             todo.iter().flat_map(|(_, e)| &e.identities).collect();
         for identity in identities {
             match self.reader.cached_identity(identity) {
-                Some(oneid) => {
-                    bindings.insert(identity.clone(), Some(oneid));
+                Some(bound) => {
+                    bindings.insert(identity.clone(), Some(bound));
                 }
                 None => to_read
                     .entry(identity.shard(self.n_shards))
@@ -193,14 +349,15 @@ impl Router {
         }))
         .await;
         let mut unresolved = BTreeMap::new();
-        for (_, (identities, read)) in reads {
+        for (shard, (identities, read)) in reads {
             match read {
-                Ok((StateAnswer::Identities(found), _)) => {
+                Ok((StateAnswer::Identities(found, epoch), _)) => {
+                    self.reader.note_binding_epoch(shard, epoch);
                     for (identity, oneid) in identities.into_iter().zip(found) {
                         if let Some(oneid) = oneid {
-                            self.reader.cache_identity(&identity, oneid);
+                            self.reader.cache_identity(&identity, oneid, epoch);
                         }
-                        bindings.insert(identity, oneid);
+                        bindings.insert(identity, oneid.map(|oneid| (oneid, epoch)));
                     }
                 }
                 Ok(other) => panic!("an identity read answered {other:?}"),
@@ -222,22 +379,37 @@ impl Router {
             results: Vec::with_capacity(answers.len()),
         };
         for (answer, event_id) in answers.into_iter().zip(ids) {
-            let (status, oneid, error) = match answer.expect("every event has an answer") {
-                Ok((status, oneid)) => (status, Some(oneid.to_string()), None),
-                Err(error) => (EventStatus::Rejected, None, Some(error)),
+            let result = match answer.expect("every event has an answer") {
+                Ok(accepted) => EventResult {
+                    event_id,
+                    status: accepted.status,
+                    oneid: Some(accepted.oneid.to_string()),
+                    error: None,
+                    not_linked: accepted.not_linked,
+                },
+                Err(error) => EventResult {
+                    event_id,
+                    status: EventStatus::Rejected,
+                    oneid: None,
+                    error: Some(error),
+                    not_linked: Vec::new(),
+                },
             };
-            match status {
+            match result.status {
                 EventStatus::Applied => response.applied += 1,
                 EventStatus::Duplicate => response.duplicates += 1,
                 EventStatus::Rejected => response.rejected += 1,
                 EventStatus::Other(_) => unreachable!("the router answers only known statuses"),
             }
-            response.results.push(EventResult {
-                event_id,
-                status,
-                oneid,
-                error,
-            });
+            // `taken` is counted where the bind was answered (`follow_up`), whoever drove it.
+            for not in result
+                .not_linked
+                .iter()
+                .filter(|n| n.reason != NotLinkedReason::Taken)
+            {
+                self.metrics.count_not_linked(&not.reason, 1);
+            }
+            response.results.push(result);
         }
         let m = &self.metrics;
         m.events_applied.fetch_add(response.applied, Relaxed);
@@ -248,52 +420,63 @@ impl Router {
 
     /// Runs one wave: decides each event's target, proposes the events, drives the follow-ups
     /// of the applied ones, and learns from the answers what the next wave resolves to.
-    async fn run_wave(&self, wave: Vec<Pending>, bindings: &mut Bindings) -> Vec<(usize, Answer)> {
-        let mut done = Vec::new();
-        let mut conflicts = Vec::new();
-        let mut entries: BTreeMap<ShardId, (Vec<usize>, Vec<Routed>)> = BTreeMap::new();
-        for (position, event) in wave {
-            match self.route(event, bindings) {
-                Ok((shard, routed)) => {
-                    let entry = entries.entry(shard).or_default();
-                    entry.0.push(position);
-                    entry.1.push(routed);
-                }
-                Err(Routing::Rejected(error)) => done.push((position, Err(error))),
-                Err(Routing::Conflict(event_id, profiles)) => {
-                    conflicts.push((position, event_id, profiles));
-                }
-            }
-        }
-        done.extend(self.settle_conflicts(conflicts).await);
+    async fn run_wave(
+        &self,
+        wave: Vec<Pending>,
+        bindings: &mut Bindings,
+        judge: &mut Judge,
+    ) -> WaveDone {
+        let mut done = WaveDone {
+            answers: Vec::new(),
+            again: Vec::new(),
+        };
+        let (entries, alone) = self.plan_wave(wave, bindings, judge, &mut done);
+        self.decide_alone(alone, judge, &mut done).await;
 
         // One Events entry per target shard, all shards at once.
-        let replies = per_shard(entries.into_iter().map(|(shard, (positions, routed))| {
-            let identities: Vec<Vec<Identity>> =
-                routed.iter().map(|r| r.event.identities.clone()).collect();
+        let replies = per_shard(entries.into_iter().map(|(shard, (events, routed))| {
             let call = self.shards.propose(shard, Command::Events(routed));
-            (shard, async move { (positions, identities, call.await) })
+            (shard, async move { (events, call.await) })
         }))
         .await;
         let mut follow_ups: Vec<FollowUp> = Vec::new();
-        for (shard, (positions, identities, reply)) in replies {
+        let mut applied: Vec<(usize, Vec<Identity>)> = Vec::new();
+        let mut stale = false;
+        for (shard, (events, reply)) in replies {
             match reply {
                 Ok(Output::Events {
                     outcomes,
                     follow_ups: left,
                 }) => {
                     follow_ups.extend(left);
-                    for ((position, identities), outcome) in
-                        positions.into_iter().zip(identities).zip(outcomes)
-                    {
-                        done.push((position, self.learn(shard, identities, outcome, bindings)));
+                    for ((position, event), outcome) in events.into_iter().zip(outcomes) {
+                        match self.learn(shard, &event, outcome, bindings, judge) {
+                            Learned::Answer(answer) => {
+                                if answer
+                                    .as_ref()
+                                    .is_ok_and(|a| a.status == EventStatus::Applied)
+                                {
+                                    applied.push((done.answers.len(), event.identities));
+                                }
+                                done.answers.push((position, answer));
+                            }
+                            Learned::Stale => {
+                                stale = true;
+                                done.again.push((position, event));
+                            }
+                        }
                     }
                 }
                 Ok(other) => panic!("Events answered {other:?}"),
-                Err(error) => {
-                    done.extend(positions.into_iter().map(|p| (p, Err(unavailable(&error)))))
-                }
+                Err(error) => done.answers.extend(
+                    events
+                        .into_iter()
+                        .map(|(p, _)| (p, Err(unavailable(&error)))),
+                ),
             }
+        }
+        if stale {
+            self.rejudge(judge, &mut done).await;
         }
         if !follow_ups.is_empty() {
             // A crash here leaves applied events whose identities are not bound yet: the
@@ -301,63 +484,199 @@ impl Router {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("router::before_follow_ups");
             let report = follow_up::drive(&self.shards, follow_ups, BIND_ATTEMPTS).await;
-            for (identity, oneid) in report.bound {
-                bindings.insert(identity, Some(oneid));
-            }
+            self.note_binds(&report, bindings, applied, &mut done);
         }
         done
     }
 
-    /// The shard an event goes to and how it is routed, from what resolution knows.
-    fn route(&self, event: Event, bindings: &Bindings) -> Result<(ShardId, Routed), Routing> {
+    /// Routes each event of the wave: the events and their `Events` entry per target shard,
+    /// and the events the router decides alone; the refused ones are answered in `done`.
+    #[allow(clippy::type_complexity)]
+    fn plan_wave(
+        &self,
+        wave: Vec<Pending>,
+        bindings: &Bindings,
+        judge: &Judge,
+        done: &mut WaveDone,
+    ) -> (
+        BTreeMap<ShardId, (Vec<Pending>, Vec<Routed>)>,
+        Vec<(usize, Event, Alone)>,
+    ) {
+        let mut alone = Vec::new();
+        let mut entries: BTreeMap<ShardId, (Vec<Pending>, Vec<Routed>)> = BTreeMap::new();
+        for (position, event) in wave {
+            match self.route(&event, bindings, judge) {
+                Ok(Route::To(shard)) => {
+                    let (events, routed) = entries.entry(shard).or_default();
+                    routed.push(self.routed(&event, shard, bindings, judge));
+                    events.push((position, event));
+                }
+                Ok(Route::Rejected(error)) => done.answers.push((position, Err(error))),
+                Err(decided) => alone.push((position, event, decided)),
+            }
+        }
+        (entries, alone)
+    }
+
+    /// Reads the rules again after a shard answered an event judged by another version: the
+    /// events go again if the registry's version moved; if not, the shard is behind the
+    /// registry (a PUT is still installing them) and they are answered `unavailable`.
+    async fn rejudge(&self, judge: &mut Judge, done: &mut WaveDone) {
+        let moved = match self.refresh_judge().await {
+            Ok(fresh) => {
+                let moved = fresh.version != judge.version;
+                *judge = fresh;
+                moved
+            }
+            Err(_) => false,
+        };
+        if !moved {
+            let version = judge.version;
+            done.answers
+                .extend(std::mem::take(&mut done.again).into_iter().map(|(p, _)| {
+                    (
+                        p,
+                        Err(EventError::new(
+                            ErrorCode::Unavailable,
+                            format!("the rules of version {version} are still being installed; retry the event"),
+                        )),
+                    )
+                }));
+        }
+    }
+
+    /// What the follow-ups' binds told: resolution learns the bindings, and each applied
+    /// event lists the identities another profile took first (`taken`).
+    fn note_binds(
+        &self,
+        report: &follow_up::Report,
+        bindings: &mut Bindings,
+        applied: Vec<(usize, Vec<Identity>)>,
+        done: &mut WaveDone,
+    ) {
+        for (identity, oneid) in &report.bound {
+            let epoch = self.reader.binding_epoch(identity.shard(self.n_shards));
+            bindings.insert(identity.clone(), Some((*oneid, epoch)));
+        }
+        let taken: BTreeSet<&(Identity, OneId)> = report.taken.iter().collect();
+        for (at, identities) in applied {
+            let Ok(accepted) = &mut done.answers[at].1 else {
+                continue;
+            };
+            let before = accepted.not_linked.len();
+            for identity in identities {
+                if taken.contains(&(identity.clone(), accepted.oneid)) {
+                    accepted.not_linked.push(NotLinked {
+                        kind: identity.kind,
+                        value: identity.value,
+                        reason: NotLinkedReason::Taken,
+                    });
+                }
+            }
+            if accepted.not_linked.len() > before {
+                accepted
+                    .not_linked
+                    .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+            }
+        }
+    }
+
+    /// Where an event goes, from what resolution knows and the policy; or the decision the
+    /// router makes alone (a conflict or a retry, every identity blocked).
+    fn route(&self, event: &Event, bindings: &Bindings, judge: &Judge) -> Result<Route, Alone> {
         if let Some(oneid) = event.oneid.filter(|oneid| oneid.shard().0 >= self.n_shards) {
-            return Err(Routing::Rejected(EventError::field(
+            return Ok(Route::Rejected(EventError::field(
                 ErrorCode::NotFound,
                 "oneid",
                 format!("profile {oneid} does not exist"),
             )));
         }
-        let mut profiles: BTreeSet<OneId> = event
-            .identities
-            .iter()
-            .filter_map(|id| bindings[id])
-            .collect();
-        profiles.extend(event.oneid);
-        if profiles.len() > 1 {
-            return Err(Routing::Conflict(event.event_id, profiles));
+        let live: Vec<&Identity> = judge.live_of(event).collect();
+        if live.is_empty() && event.oneid.is_none() {
+            return Err(Alone::Blocked);
         }
-        let (target, shard) = match profiles.first() {
-            Some(&oneid) => (Target::Existing(oneid), oneid.shard()),
-            None => (
-                Target::Claim,
-                anchor(&event.identities).shard(self.n_shards),
-            ),
+        let profiles = profiles_of(event, bindings, judge);
+        if profiles.len() > 1 {
+            return Err(Alone::Conflict(profiles));
+        }
+        Ok(Route::To(match profiles.first() {
+            Some(oneid) => oneid.shard(),
+            None => anchor(&live, judge).shard(self.n_shards),
+        }))
+    }
+
+    /// The event as routed to `shard` (where [`Router::route`] sent it).
+    fn routed(&self, event: &Event, shard: ShardId, bindings: &Bindings, judge: &Judge) -> Routed {
+        let target = match profiles_of(event, bindings, judge).first() {
+            Some(&oneid) => Target::Existing(oneid),
+            None => Target::Claim,
         };
-        let link_elsewhere: Vec<Identity> = event
-            .identities
-            .iter()
+        let link_elsewhere: Vec<Identity> = judge
+            .live_of(event)
             .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
             .cloned()
             .collect();
-        let bound = event
+        let found = event
             .identities
             .iter()
-            .map(|id| bindings[id].is_some())
+            .map(|id| match bindings[id] {
+                Some((oneid, epoch)) if judge.live(id) => Found::Bound { oneid, epoch },
+                _ => Found::Unbound,
+            })
             .collect();
-        Ok((
-            shard,
-            Routed {
-                event,
-                target,
-                link_elsewhere,
-                bound,
-            },
-        ))
+        Routed {
+            event: event.clone(),
+            target,
+            rules_version: judge.version,
+            link_elsewhere,
+            found,
+        }
+    }
+
+    /// Answers the events the router decides alone, once the policy they were judged by is
+    /// known to be the registry's current one (if it was not, they go again, judged anew):
+    /// `blocked_identity`; `duplicate` if the event already applied to one of its profiles (a
+    /// retry, after another profile took one of its identities), else `identity_conflict`.
+    async fn decide_alone(
+        &self,
+        alone: Vec<(usize, Event, Alone)>,
+        judge: &mut Judge,
+        done: &mut WaveDone,
+    ) {
+        if alone.is_empty() {
+            return;
+        }
+        if !judge.fresh {
+            match self.refresh_judge().await {
+                Ok(fresh) if fresh.version != judge.version => {
+                    *judge = fresh;
+                    done.again
+                        .extend(alone.into_iter().map(|(p, event, _)| (p, event)));
+                    return;
+                }
+                Ok(fresh) => *judge = fresh,
+                Err(error) => {
+                    done.answers.extend(
+                        alone
+                            .into_iter()
+                            .map(|(p, _, _)| (p, Err(unavailable(&error)))),
+                    );
+                    return;
+                }
+            }
+        }
+        let mut conflicts = Vec::new();
+        for (position, event, decided) in alone {
+            match decided {
+                Alone::Blocked => done.answers.push((position, Err(all_blocked()))),
+                Alone::Conflict(profiles) => conflicts.push((position, event.event_id, profiles)),
+            }
+        }
+        done.answers.extend(self.settle_conflicts(conflicts).await);
     }
 
     /// Answers the events whose identities name several profiles: `duplicate` if the event
-    /// already applied to one of them (a retry, after another profile took one of its
-    /// identities), else `identity_conflict`.
+    /// already applied to one of them, else `identity_conflict`.
     async fn settle_conflicts(
         &self,
         conflicts: Vec<(usize, String, BTreeSet<OneId>)>,
@@ -403,7 +722,7 @@ impl Router {
                     .collect();
                 let answer =
                     if let Some((oneid, _)) = checks.iter().find(|(_, r)| matches!(r, Ok(true))) {
-                        Ok((EventStatus::Duplicate, *oneid))
+                        Ok(Accepted::duplicate(*oneid))
                     } else if let Some((_, Err(error))) = checks.iter().find(|(_, r)| r.is_err()) {
                         Err(unavailable(error))
                     } else {
@@ -417,48 +736,94 @@ impl Router {
     }
 
     /// An event's answer; an applied one also tells resolution that its identities held by
-    /// its profile's shard are now bound to the profile (apply bound them, or found them so).
+    /// its profile's shard are now bound to the profile (apply bound them, or found them so),
+    /// save those it did not link.
     fn learn(
         &self,
         shard: ShardId,
-        identities: Vec<Identity>,
+        event: &Event,
         outcome: EventOutcome,
         bindings: &mut Bindings,
-    ) -> Answer {
-        match outcome {
-            EventOutcome::Applied(oneid) => {
-                for identity in identities {
-                    if identity.shard(self.n_shards) == shard {
-                        bindings.insert(identity, Some(oneid));
+        judge: &Judge,
+    ) -> Learned {
+        Learned::Answer(match outcome {
+            EventOutcome::Applied(oneid, not_linked) => {
+                let epoch = self.reader.binding_epoch(shard);
+                for identity in &event.identities {
+                    let linked = !not_linked
+                        .iter()
+                        .any(|n| n.kind == identity.kind && n.value == identity.value);
+                    if linked && judge.live(identity) && identity.shard(self.n_shards) == shard {
+                        bindings.insert(identity.clone(), Some((oneid, epoch)));
                     }
                 }
-                Ok((EventStatus::Applied, oneid))
+                Ok(Accepted {
+                    status: EventStatus::Applied,
+                    oneid,
+                    not_linked,
+                })
             }
-            EventOutcome::Duplicate(oneid) => Ok((EventStatus::Duplicate, oneid)),
+            EventOutcome::Duplicate(oneid) => Ok(Accepted::duplicate(oneid)),
             EventOutcome::Rejected(error) => Err(error),
-        }
+            EventOutcome::StaleRules(_) => return Learned::Stale,
+        })
     }
 }
 
-/// Why an event was not routed.
-enum Routing {
+/// The profiles an event names (by its oneid and its mergeable identities found bound): a
+/// conflict if more than one; if none, and it names no mergeable identity, the profile of its
+/// first unmergeable one found bound.
+fn profiles_of(event: &Event, bindings: &Bindings, judge: &Judge) -> BTreeSet<OneId> {
+    let bound = |mergeable: bool| {
+        judge
+            .live_of(event)
+            .filter(move |id| judge.policy.merges(&id.kind) == mergeable)
+            .filter_map(|id| bindings[id].map(|(oneid, _)| oneid))
+    };
+    let mut profiles: BTreeSet<OneId> = bound(true).chain(event.oneid).collect();
+    let any_mergeable = judge.live_of(event).any(|id| judge.policy.merges(&id.kind));
+    if profiles.is_empty() && !any_mergeable {
+        profiles.extend(bound(false).next());
+    }
+    profiles
+}
+
+/// Where [`Router::route`] sends an event.
+enum Route {
+    To(ShardId),
     Rejected(EventError),
+}
+
+/// What the router decides alone, once its policy is known to be current.
+enum Alone {
+    /// Every identity is blocked, and the event names no oneid.
+    Blocked,
     /// Its identities (and oneid) name these profiles: a conflict, or a retry.
-    Conflict(String, BTreeSet<OneId>),
+    Conflict(BTreeSet<OneId>),
+}
+
+/// What a shard's answer to an event told.
+enum Learned {
+    Answer(Answer),
+    /// The shard's rules have another version than the one the event was judged by.
+    Stale,
 }
 
 /// Splits `todo` into this wave and the rest. An event joins the wave unless it shares an
 /// unbound identity with an event of the wave, or an identity or a profile with an event
 /// already left for a later wave: so a customer first seen several times gets one OneID, and
 /// the events of one customer keep their request order, while unrelated events do not wait
-/// behind them.
-fn split_wave(todo: Vec<Pending>, bindings: &Bindings) -> (Vec<Pending>, Vec<Pending>) {
+/// behind them. Blocked values relate nothing.
+fn split_wave(
+    todo: Vec<Pending>,
+    bindings: &Bindings,
+    judge: &Judge,
+) -> (Vec<Pending>, Vec<Pending>) {
     // The profiles an event names (by OneID or by an identity found bound).
     let profiles_of = |event: &Event| -> Vec<OneId> {
-        event
-            .identities
-            .iter()
-            .filter_map(|id| bindings[id])
+        judge
+            .live_of(event)
+            .filter_map(|id| bindings[id].map(|(oneid, _)| oneid))
             .chain(event.oneid)
             .collect()
     };
@@ -470,16 +835,12 @@ fn split_wave(todo: Vec<Pending>, bindings: &Bindings) -> (Vec<Pending>, Vec<Pen
     let mut in_wave = Vec::with_capacity(todo.len());
     for (i, (_, event)) in todo.iter().enumerate() {
         let profiles = profiles_of(event);
-        let shares_unbound: Vec<usize> = event
-            .identities
-            .iter()
+        let shares_unbound: Vec<usize> = judge
+            .live_of(event)
             .filter_map(|id| unbound_in_wave.get(id).copied())
             .collect();
         let waits = !shares_unbound.is_empty()
-            || event
-                .identities
-                .iter()
-                .any(|id| later_identities.contains(id))
+            || judge.live_of(event).any(|id| later_identities.contains(id))
             || profiles.iter().any(|p| later_profiles.contains(p));
         if waits {
             // It belongs to the customer of each wave event it shares a new identity with:
@@ -489,11 +850,11 @@ fn split_wave(todo: Vec<Pending>, bindings: &Bindings) -> (Vec<Pending>, Vec<Pen
                 .map(|j| &todo[j].1)
                 .chain([event])
             {
-                later_identities.extend(&related.identities);
+                later_identities.extend(judge.live_of(related));
                 later_profiles.extend(profiles_of(related));
             }
         } else {
-            for id in event.identities.iter().filter(|id| bindings[*id].is_none()) {
+            for id in judge.live_of(event).filter(|id| bindings[*id].is_none()) {
                 unbound_in_wave.insert(id, i);
             }
         }

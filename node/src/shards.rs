@@ -19,6 +19,7 @@
 use crate::clock::ClusterClock;
 use crate::config::node_of_raft_id;
 use crate::follow_up;
+use crate::metrics::Metrics;
 use crate::replica::actor::{
     Gate, Host, Leave, Propose, Read, ShardActor, Status, StatusReply, Step,
 };
@@ -28,7 +29,7 @@ use crate::storage::{Answer, Query, StateReader};
 use crate::streams::reads::{LogAnswer, LogRead, PEER_CHANGES_MAX};
 use crate::streams::SNAPSHOT_PAGE;
 use crate::transport::tcp::{CallError, Inbound, Tcp};
-use crate::transport::Transport;
+use crate::transport::{Lead, Transport};
 use actix::Addr;
 use futures::future::BoxFuture;
 use oneid_protocol::ids::ShardId;
@@ -165,6 +166,7 @@ pub struct Shards {
     flushed: Vec<tokio::sync::watch::Sender<u64>>,
     /// The cluster's time as this node knows it, from its peers' pings.
     pub clock: Arc<ClusterClock>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shards {
@@ -173,10 +175,12 @@ impl Shards {
         placement: Vec<Vec<u64>>,
         reader: StateReader,
         clock: ClusterClock,
+        metrics: Arc<Metrics>,
     ) -> Shards {
         let n_shards = placement.len() as u32;
         Shards {
             me,
+            metrics,
             clock: Arc::new(clock),
             n_shards,
             hints: (0..n_shards).map(|_| Mutex::new(Hint::default())).collect(),
@@ -862,9 +866,11 @@ impl Inbound for FromPeers {
         })
     }
 
-    fn leads(&self) -> Vec<(u32, u64)> {
+    /// With each shard led here, the binding epoch its replica applied (which this node's
+    /// own cache of bindings follows too).
+    fn leads(&self) -> Vec<Lead> {
         let shards = &self.0;
-        shards
+        let led: Vec<(u32, u64)> = shards
             .hints
             .iter()
             .enumerate()
@@ -872,14 +878,29 @@ impl Inbound for FromPeers {
                 let hint = hint.lock().expect("hint lock");
                 (hint.leader == Some(shards.me)).then_some((i as u32, hint.term))
             })
+            .collect();
+        led.into_iter()
+            .map(|(shard, term)| {
+                let binding_epoch = shards.reader.replica_binding_epoch(ShardId(shard));
+                shards
+                    .reader
+                    .note_binding_epoch(ShardId(shard), binding_epoch);
+                Lead {
+                    shard,
+                    term,
+                    binding_epoch,
+                }
+            })
             .collect()
     }
 
-    fn ping(&self, from: u64, leads: Vec<(u32, u64)>, wall: Millis) {
+    fn ping(&self, from: u64, leads: Vec<Lead>, wall: Millis) {
         self.0.clock.report(from, wall);
-        for (shard, term) in leads {
-            if shard < self.0.n_shards {
-                self.0.observe(ShardId(shard), Some(from), term);
+        for lead in leads {
+            if lead.shard < self.0.n_shards {
+                let shard = ShardId(lead.shard);
+                self.0.observe(shard, Some(from), lead.term);
+                self.0.reader.note_binding_epoch(shard, lead.binding_epoch);
             }
         }
     }

@@ -60,7 +60,9 @@ crate::open_enum! {
         InsufficientPoints = "insufficient_points",
         /// The event's identities (or oneid) belong to different profiles.
         IdentityConflict = "identity_conflict",
-        /// The profile would have more identity values than allowed.
+        /// Answered by releases before the identity policy, which refused an event that would
+        /// give its profile more than 50 identity values; the event now applies without the
+        /// values past the limit, listed in `not_linked` (reason `identity_limit`).
         IdentityLimit = "identity_limit",
         /// The profile would have more attributes than allowed.
         AttributeLimit = "attribute_limit",
@@ -88,8 +90,12 @@ crate::open_enum! {
         /// A bug or a storage failure.
         Internal = "internal",
         /// The node does not allow this (backups without `[storage] backup_root`); the message
-        /// says how to configure it. (New codes go last: stored results keep a code's index.)
+        /// says how to configure it.
         Forbidden = "forbidden",
+        /// Every identity the event names is a blocked value (see the rules' `identity`) and
+        /// it names no `oneid`: it has no profile to apply to. (New codes go last: stored
+        /// results keep a code's index.)
+        BlockedIdentity = "blocked_identity",
     }
 }
 
@@ -128,6 +134,58 @@ pub struct EventResult {
     pub oneid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
+    /// On an `applied` result only, and only when some identity of the event was not linked
+    /// to its profile: each such identity and why, sorted by (kind, value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_linked: Vec<NotLinked>,
+}
+
+/// An identity of an applied event that was not linked to its profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NotLinked {
+    pub kind: String,
+    pub value: String,
+    pub reason: NotLinkedReason,
+}
+
+crate::open_enum! {
+    /// Why an identity of an applied event was not linked to its profile.
+    pub enum NotLinkedReason {
+        /// The value is blocked by the identity policy (a placeholder such as `unknown`): it
+        /// is never bound and matches no profile.
+        BlockedValue = "blocked_value",
+        /// The profile holds its kind's `max_per_profile` values already (counting those
+        /// still being bound on other shards).
+        KindLimit = "kind_limit",
+        /// The profile holds 50 identity values already (counting those still being bound).
+        IdentityLimit = "identity_limit",
+        /// The value is bound to another profile, and its kind has `merge = false`: it never
+        /// joins two profiles.
+        MergeDisabled = "merge_disabled",
+        /// Another profile took the value first, while it was being bound to this one.
+        Taken = "taken",
+    }
+}
+
+/// `GET /v1/admin/identity-audit`: what the identity policy in force refuses among what is
+/// already stored (a policy change never rewrites bindings or profiles: it reports them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct IdentityAudit {
+    /// Per kind (every kind the policy names, and any other with a finding), summed over the
+    /// shards done.
+    pub kinds: BTreeMap<String, KindAuditDoc>,
+    /// Shards audited to the end within the request's time bound: the counts are theirs.
+    pub shards_done: u32,
+    pub shards_total: u32,
+}
+
+/// The audit of one identity kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KindAuditDoc {
+    /// Profiles holding more values of the kind than its `max_per_profile`.
+    pub over_limit: u64,
+    /// Values of the kind bound in the identity index that the policy blocks.
+    pub blocked_bound: u64,
 }
 
 /// `GET /v1/profiles/{oneid}` and `/v1/profiles/lookup`.

@@ -7,8 +7,8 @@
 //! `ONEID_BLESS=1 cargo test -p oneid-protocol openapi`.
 
 use crate::api::{
-    BackupManifest, BackupRequest, ClusterView, ErrorBody, EventsResponse, Health, LedgerPage,
-    ProfileDoc, EVENTS_PER_REQUEST_MAX, LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
+    BackupManifest, BackupRequest, ClusterView, ErrorBody, EventsResponse, Health, IdentityAudit,
+    LedgerPage, ProfileDoc, EVENTS_PER_REQUEST_MAX, LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
 };
 use crate::rules::RulesDoc;
 use crate::segments::{
@@ -178,6 +178,7 @@ fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     operations.extend(rules_operations(g));
     operations.extend(segment_operations(g));
     operations.extend(membership_operations(g));
+    operations.extend(admin_operations(g));
     operations.extend(node_operations(g));
     operations
 }
@@ -200,7 +201,7 @@ fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
                     "application/x-ndjson": {"schema": {"type": "string", "description": "One event (a JSON object) per line."}},
                 },
             })),
-            answers: vec![(200, "One result per event, in request order: `applied`, `duplicate` (an event with this id applied before), or `rejected` with its `error` (whose code is one of the event parser's or an event's own: `invalid_event`, `invalid_field`, `missing_field`, `unknown_field`, `not_found`, `duplicate_order`, `unknown_order`, `refund_exceeds_order`, `insufficient_points`, `identity_conflict`, `identity_limit`, `attribute_limit`, `tag_limit`, `already_expired`, `unavailable`, `too_many_waves`, `internal`).", content::<EventsResponse>(g))],
+            answers: vec![(200, "One result per event, in request order: `applied`, `duplicate` (an event with this id applied before), or `rejected` with its `error` (whose code is one of the event parser's or an event's own: `invalid_event`, `invalid_field`, `missing_field`, `unknown_field`, `not_found`, `duplicate_order`, `unknown_order`, `refund_exceeds_order`, `insufficient_points`, `identity_conflict`, `blocked_identity`, `attribute_limit`, `tag_limit`, `already_expired`, `unavailable`, `too_many_waves`, `internal`; releases before the identity policy also answered `identity_limit`, now a `not_linked` reason). An `applied` result lists in `not_linked` the identities the event did not link to its profile, each with its reason: `blocked_value`, `kind_limit`, `identity_limit`, `merge_disabled` or `taken`.", content::<EventsResponse>(g))],
             errors: {
                 let mut errors = body_errors(&[]);
                 errors.insert(3, (415, vec![UnsupportedMediaType]));
@@ -376,20 +377,9 @@ fn membership_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     ]
 }
 
-/// The cluster's view, backups, health, metrics and this document.
-fn node_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
+/// Backups and the identity audit.
+fn admin_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     vec![
-        Operation {
-            method: "get",
-            path: "/v1/cluster",
-            id: "getCluster",
-            summary:
-                "This node's view of the cluster: nodes, its own replicas, snapshots in flight.",
-            parameters: vec![],
-            body: None,
-            answers: vec![(200, "The view.", content::<ClusterView>(g))],
-            errors: vec![(503, vec![Unavailable])],
-        },
         Operation {
             method: "post",
             path: "/v1/admin/backup",
@@ -406,6 +396,33 @@ fn node_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
                 errors.insert(5, (500, vec![Internal]));
                 errors
             },
+        },
+        Operation {
+            method: "get",
+            path: "/v1/admin/identity-audit",
+            id: "identityAudit",
+            summary: "What the identity policy in force refuses among what is stored: per kind, the profiles over its `max_per_profile` and the blocked values bound (a policy change never rewrites them). Every shard is read a bounded page at a time for at most 10 s; the counts are those of the `shards_done`.",
+            parameters: vec![],
+            body: None,
+            answers: vec![(200, "The audit.", content::<IdentityAudit>(g))],
+            errors: vec![],
+        },
+    ]
+}
+
+/// The cluster's view, health, metrics and this document.
+fn node_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
+    vec![
+        Operation {
+            method: "get",
+            path: "/v1/cluster",
+            id: "getCluster",
+            summary:
+                "This node's view of the cluster: nodes, its own replicas, snapshots in flight.",
+            parameters: vec![],
+            body: None,
+            answers: vec![(200, "The view.", content::<ClusterView>(g))],
+            errors: vec![(503, vec![Unavailable])],
         },
         Operation {
             method: "get",

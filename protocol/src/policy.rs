@@ -278,6 +278,16 @@ impl IdentityPolicy {
         self.kinds.get(kind).cloned().unwrap_or_default()
     }
 
+    /// Whether a value of `kind` may join two profiles.
+    pub fn merges(&self, kind: &str) -> bool {
+        self.kinds.get(kind).is_none_or(|k| k.merge)
+    }
+
+    /// The most values of `kind` one profile holds, if the kind has a limit of its own.
+    pub fn max_per_profile(&self, kind: &str) -> Option<u32> {
+        self.kinds.get(kind).and_then(|k| k.max_per_profile)
+    }
+
     /// The wire form.
     pub fn to_doc(&self) -> IdentityDoc {
         let blocked = |b: &Blocked| BlockedDoc {

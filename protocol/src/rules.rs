@@ -7,6 +7,7 @@
 
 use crate::ids::is_name;
 use crate::num::{literal_text, parse_decimal, Money};
+use crate::policy::{IdentityDoc, IdentityPolicy};
 use crate::predicate::Predicate;
 use rust_decimal::Decimal;
 use schemars::JsonSchema;
@@ -51,6 +52,9 @@ pub struct Rules {
     /// config, until its leader seeds it from its `cluster.toml` (nothing is evicted
     /// meanwhile).
     pub retention: Option<Retention>,
+    /// Which identity values never bind, how many of a kind a profile holds, which kinds may
+    /// join profiles. Last, so that rules of an older format gain it by appending its bytes.
+    pub identity: IdentityPolicy,
 }
 
 /// How long a shard keeps what it evicts by age: replicated with the rules, so that every
@@ -107,6 +111,7 @@ impl Default for Rules {
             }],
             tag_rules: Vec::new(),
             retention: Some(Retention::default()),
+            identity: IdentityPolicy::default(),
         }
     }
 }
@@ -190,6 +195,7 @@ impl Rules {
                 change_log_hours: Some(r.change_log_hours),
                 change_log_entries_max: Some(r.change_log_entries_max),
             }),
+            identity: Some(self.identity.to_doc()),
             version: None,
         }
     }
@@ -211,6 +217,10 @@ pub struct RulesDoc {
     /// Absent: the defaults of [`Retention`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionDoc>,
+    /// The identity policy (see [`IdentityDoc`]). Absent: the defaults (no kind limits, every
+    /// kind mergeable, the default blocked values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityDoc>,
     /// Assigned by the cluster, in the answers of `GET` and `PUT /v1/rules`: the registry
     /// shard gives each PUT the next version, and every shard keeps the rules of the highest
     /// version it was sent (0: the seeded rules). A version in a PUT's body is ignored.
@@ -411,6 +421,12 @@ impl RulesDoc {
             levels,
             tag_rules,
             retention: Some(self.retention.unwrap_or_default().validate()?),
+            identity: self
+                .identity
+                .as_ref()
+                .map(IdentityDoc::validate)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

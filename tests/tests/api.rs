@@ -261,7 +261,8 @@ async fn walk_through_with_exact_values() {
             event_id: "wt-1".into(),
             status: EventStatus::Duplicate,
             oneid: Some(oneid.clone()),
-            error: None
+            error: None,
+            not_linked: vec![],
         }
     );
     assert_eq!(
@@ -514,6 +515,7 @@ fn seeded_rules_doc() -> Value {
         "tag_rules": [{"tag": "big_spender", "when": "spend_365d >= 3000"}],
         "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
                       "change_log_entries_max": 1_000_000},
+        "identity": {},
         "version": 0
     })
 }
@@ -569,6 +571,7 @@ async fn rules_are_read_replaced_and_applied_to_later_orders() {
         "tag_rules": [{"tag": "repeat", "when": "order_count >= 2"}],
         "retention": {"dedup_days": 7, "ledger_days": 730, "change_log_hours": 72,
                       "change_log_entries_max": 1_000_000},
+        "identity": {},
         "version": 1
     });
     let answered = client.set_rules(&rules_doc(&new_rules)).await.unwrap();

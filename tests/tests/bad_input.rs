@@ -879,7 +879,8 @@ async fn bad_events_are_rejected_alone() {
             event_id: "b-valid".into(),
             status: EventStatus::Applied,
             oneid: Some(other.clone()),
-            error: None
+            error: None,
+            not_linked: vec![],
         }
     );
     for ((event, event_id, code, field), result) in cases.iter().zip(&results) {

@@ -2,7 +2,7 @@
 //! links across shards, the identity limit, and identities after kill -9.
 
 use oneid_client::Client;
-use oneid_protocol::api::{EventStatus, EventsResponse, ProfileDoc};
+use oneid_protocol::api::{EventStatus, EventsResponse, NotLinked, NotLinkedReason, ProfileDoc};
 use oneid_protocol::ids::OneId;
 use oneid_protocol::ErrorCode;
 use oneid_tests::{NodeOptions, TestNode};
@@ -397,8 +397,10 @@ async fn full_profile(client: &Client) -> (String, ProfileDoc) {
     (oneid, doc)
 }
 
+/// A 51st value, held by the profile's shard or another, named by oneid or with an identity
+/// the profile has: the event applies (its points too) without it, and the value stays free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_limit_refuses_a_51st_value() {
+async fn a_51st_identity_value_is_not_linked_and_stays_free() {
     let node = TestNode::start(NodeOptions::default()).await;
     let client = node.client_once();
     let (oneid, full) = full_profile(&client).await;
@@ -412,71 +414,58 @@ async fn identity_limit_refuses_a_51st_value() {
     let home = shard_of_oneid(&oneid);
     let local = value_on_shard("k50", "one-more-", home);
     let far = value_on_shard("k50", "one-more-", (home + 1) % SHARDS);
-    // A 51st value held by the profile's shard, one held by another shard, and one named
-    // together with an identity the profile has.
-    for event in [
-        json!({"event_id": "f-51-0", "type": "identify", "oneid": oneid,
-            "identities": {"k50": local}}),
-        json!({"event_id": "f-51-1", "type": "identify", "oneid": oneid,
-            "identities": {"k50": far}}),
-        json!({"event_id": "f-51-2", "type": "identify",
+    for (n, (value, event)) in [
+        (
+            &local,
+            json!({"event_id": "f-51-0", "type": "points_earn", "points": 1,
+            "oneid": oneid, "identities": {"k50": local}}),
+        ),
+        (
+            &far,
+            json!({"event_id": "f-51-1", "type": "points_earn", "points": 1,
+            "oneid": oneid, "identities": {"k50": far}}),
+        ),
+        (
+            &local,
+            json!({"event_id": "f-51-2", "type": "points_earn", "points": 1,
             "identities": {"k50": local, "phone": "13899990000"}}),
-    ] {
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let answer = send(&client, std::slice::from_ref(&event)).await;
         let result = &answer.results[0];
-        assert_eq!(result.status, EventStatus::Rejected, "{event}: {result:?}");
-        let error = result.error.as_ref().unwrap();
         assert_eq!(
-            (error.code.clone(), error.field.as_deref()),
-            (ErrorCode::IdentityLimit, Some("identities")),
-            "{event}: {error:?}"
+            (&result.status, result.oneid.as_deref()),
+            (&EventStatus::Applied, Some(oneid.as_str())),
+            "{event}: {result:?}"
         );
+        assert_eq!(
+            result.not_linked,
+            vec![NotLinked {
+                kind: "k50".into(),
+                value: value.clone(),
+                reason: NotLinkedReason::IdentityLimit,
+            }],
+            "{event}"
+        );
+        let profile = client.profile(&oneid).await.unwrap().unwrap();
+        assert_eq!(identities(&profile), identities(&full));
+        assert_eq!(profile.points.balance, full.points.balance + n as i64 + 1);
     }
-    assert_eq!(lookup(&client, "k50", &local).await, None);
-    // The profile is unchanged, and still takes events by any of its identities.
-    assert_eq!(client.profile(&oneid).await.unwrap().unwrap(), full);
-    let answer = send(
-        &client,
-        &[json!({"event_id": "f-3", "type": "points_earn",
-            "identities": {"k49": "full-49"}, "points": 1})],
-    )
-    .await;
-    assert_eq!(answer.results[0].status, EventStatus::Applied, "{answer:?}");
-    assert_eq!(answer.results[0].oneid.as_deref(), Some(oneid.as_str()));
-    // A new customer may claim the refused value.
+    for value in [&local, &far] {
+        assert_eq!(lookup(&client, "k50", value).await, None, "k50={value}");
+    }
+    // A new customer may claim the value the full profile could not take.
     let answer = send(
         &client,
         &[json!({"event_id": "f-4", "type": "points_earn",
-            "identities": {"k50": local}, "points": 1})],
+            "identities": {"k50": far}, "points": 1})],
     )
     .await;
     assert_eq!(answer.results[0].status, EventStatus::Applied, "{answer:?}");
     assert_ne!(answer.results[0].oneid.as_deref(), Some(oneid.as_str()));
-}
-
-/// The refused 51st value stays free even when another shard than the profile's holds it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_limit_leaves_a_refused_value_of_another_shard_unbound() {
-    let node = TestNode::start(NodeOptions::default()).await;
-    let client = node.client_once();
-    let (oneid, full) = full_profile(&client).await;
-    let far = value_on_shard("k50", "one-more-", (shard_of_oneid(&oneid) + 1) % SHARDS);
-    let answer = send(
-        &client,
-        &[
-            json!({"event_id": "f-51", "type": "identify", "oneid": oneid,
-            "identities": {"k50": far}}),
-        ],
-    )
-    .await;
-    let error = answer.results[0].error.as_ref().expect("rejected");
-    assert_eq!(error.code, ErrorCode::IdentityLimit);
-    assert_eq!(
-        lookup(&client, "k50", &far).await.map(|d| d.oneid),
-        None,
-        "k50={far} was refused but is bound to {oneid}"
-    );
-    assert_eq!(client.profile(&oneid).await.unwrap().unwrap(), full);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,19 +589,28 @@ async fn a_long_chain_of_new_identities_is_answered_in_bounded_waves() {
         .await
         .expect("POST /v1/events");
     let code = |r: &oneid_protocol::api::EventResult| r.error.as_ref().map(|e| e.code.clone());
+    let full = |value: usize| {
+        vec![NotLinked {
+            kind: if value.is_multiple_of(2) {
+                "member_card"
+            } else {
+                "app_id"
+            }
+            .into(),
+            value: format!("c{value}"),
+            reason: NotLinkedReason::IdentityLimit,
+        }]
+    };
     let first = answer.results[0].oneid.clone().expect("applied");
-    // The profile fills up: 2 identities, then one more per event, up to 50.
-    for (i, result) in answer.results[..49].iter().enumerate() {
+    // The profile fills up: 2 identities, then one more per event, up to 50: event 49 applies
+    // without its new identity.
+    for (i, result) in answer.results[..50].iter().enumerate() {
         assert_eq!(result.status, EventStatus::Applied, "event {i}: {result:?}");
         assert_eq!(result.oneid.as_ref(), Some(&first), "event {i}");
+        let not_linked = if i == 49 { full(50) } else { vec![] };
+        assert_eq!(result.not_linked, not_linked, "event {i}");
     }
-    assert_eq!(
-        code(&answer.results[49]),
-        Some(ErrorCode::IdentityLimit),
-        "{:?}",
-        answer.results[49]
-    );
-    // The chain goes on as a new customer (event 49 bound nothing), until the 64th wave.
+    // The chain goes on as a new customer (event 49 bound nothing new), until the 64th wave.
     let second = answer.results[50].oneid.clone().expect("applied");
     assert_ne!(second, first);
     for (i, result) in answer.results[50..64].iter().enumerate() {
@@ -623,22 +621,26 @@ async fn a_long_chain_of_new_identities_is_answered_in_bounded_waves() {
     }
     assert_eq!(
         (answer.applied, answer.rejected),
-        (63, 1937),
-        "49 + 14 applied, then 1 identity_limit and 1,936 too_many_waves"
+        (64, 1936),
+        "50 + 14 applied, then 1,936 too_many_waves"
     );
 
     // The client sends what waited again, as later requests, until each event has its answer:
-    // every 50th event (49, 99, ...) meets a full profile and starts the next customer.
+    // every 50th event (49, 99, ...) meets a full profile, and the next starts a customer.
     let client = node.client();
     let all = client.send_events_json(&events[..300]).await.expect("send");
     assert_eq!(
         (all.applied, all.duplicates, all.rejected),
-        (300 - 63 - 6, 63, 6),
+        (300 - 64, 64, 0),
         "{:?}",
-        all.results.iter().find(
-            |r| r.status == EventStatus::Rejected && code(r) != Some(ErrorCode::IdentityLimit)
-        )
+        all.results
+            .iter()
+            .find(|r| r.status == EventStatus::Rejected)
     );
+    for (i, result) in all.results.iter().enumerate().skip(64) {
+        let not_linked = if i % 50 == 49 { full(i + 1) } else { vec![] };
+        assert_eq!(result.not_linked, not_linked, "event {i}");
+    }
     let customers: BTreeSet<&String> = all
         .results
         .iter()

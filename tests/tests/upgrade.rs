@@ -54,6 +54,10 @@ async fn assert_documents(client: &Client, dir: &Path, seeded: Option<&Value>) {
     if rules.get("version").is_none() {
         rules["version"] = serde_json::Value::from(0);
     }
+    // Written before the identity policy (formats 7 to 9): the default one.
+    if rules.get("identity").is_none() {
+        rules["identity"] = serde_json::json!({});
+    }
     if let Some(seeded) = seeded {
         rules["retention"] = seeded.clone();
     }
@@ -95,6 +99,11 @@ async fn a_format_8_data_directory_opens_and_answers_its_documents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_9_data_directory_opens_and_answers_its_documents() {
     opens_and_answers(9, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_10_data_directory_opens_and_answers_its_documents() {
+    opens_and_answers(10, None).await;
 }
 
 /// The fixture of `format` opens in this build, answers its documents, takes a new event on

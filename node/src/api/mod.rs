@@ -14,6 +14,7 @@
 //! `POST /v1/admin/backup` copies a snapshot on a blocking thread of this runtime, one backup
 //! at a time (see `backup`).
 
+mod audit;
 mod body;
 pub mod conn;
 mod events;
@@ -188,6 +189,7 @@ enum Endpoint {
     Stream,
     Cluster,
     Backup,
+    IdentityAudit,
     Health,
     Metrics,
     OpenApi,
@@ -208,6 +210,7 @@ impl Endpoint {
             ["v1", "segments", name, "stream"] => (Endpoint::Stream, Some(*name)),
             ["v1", "cluster"] => (Endpoint::Cluster, None),
             ["v1", "admin", "backup"] => (Endpoint::Backup, None),
+            ["v1", "admin", "identity-audit"] => (Endpoint::IdentityAudit, None),
             ["healthz"] => (Endpoint::Health, None),
             ["metrics"] => (Endpoint::Metrics, None),
             ["v1", "openapi.json"] => (Endpoint::OpenApi, None),
@@ -234,7 +237,7 @@ impl Endpoint {
             Endpoint::Segments | Endpoint::Segment | Endpoint::Members => Route::Segments,
             Endpoint::Stream => Route::Stream,
             Endpoint::Cluster => Route::Cluster,
-            Endpoint::Backup => Route::Admin,
+            Endpoint::Backup | Endpoint::IdentityAudit => Route::Admin,
             Endpoint::Health => Route::Health,
             Endpoint::Metrics => Route::Metrics,
             Endpoint::OpenApi => Route::OpenApi,
@@ -290,6 +293,7 @@ impl Api {
                         self.cluster().await.map(|view| json(StatusCode::OK, &view))
                     }
                     (Endpoint::Backup, _) => self.backup(request).await,
+                    (Endpoint::IdentityAudit, _) => self.identity_audit().await,
                     (Endpoint::Health, _) => self.healthz().await,
                     (Endpoint::Metrics, _) => Ok(self.metrics_text()),
                     (Endpoint::OpenApi, _) => Ok(openapi()),
@@ -389,15 +393,18 @@ impl Api {
                 identity.kind, identity.value
             ))
         };
-        // A binding this node saw never changes: only "not found" needs a read.
+        // A binding this node saw at its shard's latest epoch holds: only "not found" (or an
+        // epoch that moved) needs a read.
         let oneid = match self.router.reader.cached_identity(&identity) {
-            Some(oneid) => oneid,
+            Some((oneid, _)) => oneid,
             None => {
                 let shard = identity.shard(self.shards.n_shards);
                 let query = Query::Identities(vec![identity.clone()]);
                 match self.read_state(shard, query, consistency).await? {
-                    (Answer::Identities(found), _) => {
-                        found.into_iter().next().flatten().ok_or_else(missing)?
+                    (Answer::Identities(found, epoch), _) => {
+                        let oneid = found.into_iter().next().flatten().ok_or_else(missing)?;
+                        self.router.reader.cache_identity(&identity, oneid, epoch);
+                        oneid
                     }
                     (other, _) => panic!("an identity read answered {other:?}"),
                 }
@@ -503,6 +510,8 @@ impl Api {
             )
         })?;
         let version = self.define_rules(&rules).await?;
+        // Events this node routes from now on are judged by these (or newer) rules.
+        self.router.learn_rules(&rules, version);
         Ok(rules_answer(&rules, version))
     }
 
@@ -827,14 +836,27 @@ mod tests {
         }
         use Endpoint::*;
         let every = [
-            Events, Lookup, Profile, Ledger, Rules, Segments, Segment, Members, Stream, Cluster,
-            Backup, Health, Metrics, OpenApi,
+            Events,
+            Lookup,
+            Profile,
+            Ledger,
+            Rules,
+            Segments,
+            Segment,
+            Members,
+            Stream,
+            Cluster,
+            Backup,
+            IdentityAudit,
+            Health,
+            Metrics,
+            OpenApi,
         ];
         // No wildcard: a new endpoint fails to compile here until it is listed above.
         for endpoint in every {
             match endpoint {
                 Events | Lookup | Profile | Ledger | Rules | Segments | Segment | Members
-                | Stream | Cluster | Backup | Health | Metrics | OpenApi => {}
+                | Stream | Cluster | Backup | IdentityAudit | Health | Metrics | OpenApi => {}
             }
         }
         let served: usize = every.iter().map(|endpoint| endpoint.methods().len()).sum();

@@ -267,6 +267,10 @@ struct Shape {
     /// Low values make followers that were down or cut off need snapshots.
     log_retain_entries: u64,
     log_compact_entries: u64,
+    /// Pairs per snapshot chunk: few, so that a transfer takes many round trips for faults to
+    /// fall between; one in a quarter of the runs (but the bulk's), so slow that the log or the leadership
+    /// often moves on before it ends (and the staged snapshot is no longer needed).
+    chunk_pairs: usize,
 }
 
 /// The simulation's transport: what a replica sends is queued here, encoded as the TCP
@@ -305,6 +309,9 @@ pub struct World {
     /// Tokens this world handed out, to the client operation they stand for.
     tokens: BTreeMap<(usize, Token), (usize, u64)>,
     next_token: Token,
+    /// Per shard, the rules version clients judge their events by: what the shard last
+    /// answered `StaleRules` with (as a router reads the rules again).
+    rules_seen: BTreeMap<ShardId, u64>,
     history: Vec<Vec<Op>>,
     /// The leader of each (shard, term) seen.
     leaders: BTreeMap<(ShardId, u64), u64>,
@@ -401,12 +408,11 @@ impl Happening {
     }
 }
 
-impl World {
-    fn new(seed: u64) -> World {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let nodes = rng.usize(3..=5);
-        let shape = Shape {
-            nodes,
+impl Shape {
+    /// A run's shape, drawn from its seed.
+    fn draw(seed: u64, rng: &mut fastrand::Rng) -> Shape {
+        Shape {
+            nodes: rng.usize(3..=5),
             shards: rng.u32(1..=3),
             replication: 3,
             profiles: rng.usize(2..=6),
@@ -418,7 +424,20 @@ impl World {
             bulk_tags: seed % 10 == 3,
             log_retain_entries: [1, 5, 20, 200][rng.usize(0..4)],
             log_compact_entries: [1, 4, 64][rng.usize(0..3)],
-        };
+            // (Not with the bulk's thousands of pairs: its transfers would outlast the run.)
+            chunk_pairs: if seed % 4 == 1 && seed % 10 != 3 {
+                1
+            } else {
+                8
+            },
+        }
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let shape = Shape::draw(seed, &mut rng);
         let nodes: Vec<Node> = (0..shape.nodes)
             .map(|_| Node {
                 up: true,
@@ -459,6 +478,7 @@ impl World {
             clients,
             tokens: BTreeMap::new(),
             next_token: 0,
+            rules_seen: BTreeMap::new(),
             leaders: BTreeMap::new(),
             digests: BTreeMap::new(),
             acknowledged: Vec::new(),
@@ -1138,8 +1158,9 @@ impl World {
                 let command = Command::Events(vec![Routed {
                     event,
                     target: Target::Claim,
+                    rules_version: self.rules_seen.get(&shard).copied().unwrap_or(0),
                     link_elsewhere: vec![],
-                    bound: vec![],
+                    found: vec![],
                 }]);
                 self.replica(node, shard)
                     .propose(&command, Some(token), &mut fx);
@@ -1165,7 +1186,18 @@ impl World {
         }
         match reply {
             Ok(Output::Events { outcomes, .. }) => match &outcomes[0] {
-                EventOutcome::Applied(_) | EventOutcome::Duplicate(_) => {
+                EventOutcome::StaleRules(version) => {
+                    let profile = self.clients[client]
+                        .current
+                        .as_ref()
+                        .expect("an op")
+                        .profile;
+                    let (_, shard) = self.phone(profile);
+                    self.rules_seen.insert(shard, *version);
+                    // Routed again at once, as a router does once it read the rules.
+                    self.retry(client);
+                }
+                EventOutcome::Applied(..) | EventOutcome::Duplicate(_) => {
                     let op = self.clients[client].current.take().expect("an operation");
                     let Kind::Earn { event, points } = op.kind else {
                         unreachable!("an earn")

@@ -57,7 +57,11 @@ pub struct Migration {
 /// The chain, in order: link `i` migrates from format `OLDEST_MIGRATED_FORMAT + i`. Each
 /// `STATE_FORMAT` bump adds its link here, and its fixture under `tests/fixtures/`
 /// (`scripts/fixture`).
-pub const MIGRATIONS: &[Migration] = &[super::migrations::TO_8, super::migrations::TO_9];
+pub const MIGRATIONS: &[Migration] = &[
+    super::migrations::TO_8,
+    super::migrations::TO_9,
+    super::migrations::TO_10,
+];
 
 const _: () = assert!(
     OLDEST_MIGRATED_FORMAT as usize + MIGRATIONS.len() == STATE_FORMAT as usize,

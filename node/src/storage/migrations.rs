@@ -4,9 +4,10 @@
 
 use super::migrate::Migration;
 use oneid_protocol::num::Millis;
+use oneid_protocol::policy::IdentityPolicy;
 use oneid_protocol::rules::Retention;
 use oneid_state::command::{Command, SegmentDefine};
-use oneid_state::keys;
+use oneid_state::{keys, FollowUpRecord};
 
 /// Format 8: time from a majority, retention in the rules.
 /// - The shard record holds, after the clock, the target of the last clock entry applied
@@ -43,6 +44,64 @@ pub const TO_9: Migration = Migration {
     state_pair: |key, value| vec![(key.to_vec(), value.to_vec())],
     command: <[u8]>::to_vec,
 };
+
+/// Format 10: the identity policy.
+/// - Rules end with their identity policy: rules of format 9 (stored, and in the `SetRules`,
+///   `SeedRules`, `DefineRules` and `InstallRules` commands, which all end with the rules)
+///   get the default policy, as a rules document without `"identity"` does.
+/// - The shard record ends with the binding epoch: 0, as no binding ever moved.
+/// - Each follow-up record is listed under its profile (`q oneid kind 0x00 value seq`), so
+///   that the profile's limits count the links still pending.
+/// - Format 10 routes events otherwise (the rules version they were judged by, bindings with
+///   their epoch) and applies them under the policy, so format-9 `Events` become
+///   `LegacyEvents9`, which apply as they did (format-7 `LegacyEvents` keep their payload,
+///   whose layout is the same).
+pub const TO_10: Migration = Migration {
+    from: 9,
+    state_pair: |key, value| match key {
+        keys::SHARD => vec![(key.to_vec(), [value, &[0]].concat())],
+        keys::RULES => vec![(key.to_vec(), rules_with_policy(value))],
+        _ if key.first() == keys::FOLLOW_UP_PREFIX.first() => {
+            let record: FollowUpRecord = postcard::from_bytes(value)
+                .unwrap_or_else(|e| panic!("a format-9 follow-up record does not decode: {e}"));
+            let seq = keys::follow_up_seq(key);
+            let pending = keys::pending_link(record.oneid, &record.identity, seq);
+            vec![(key.to_vec(), value.to_vec()), (pending, Vec::new())]
+        }
+        _ => vec![(key.to_vec(), value.to_vec())],
+    },
+    command: command_to_10,
+};
+
+/// Format 9's variant numbers of the commands format 10 changed.
+const SET_RULES_9: u8 = 1;
+const SEED_RULES_9: u8 = 2;
+const EVENTS_9: u8 = 3;
+const DEFINE_RULES_9: u8 = 13;
+const INSTALL_RULES_9: u8 = 14;
+/// Format 10's `LegacyEvents9`.
+const LEGACY_EVENTS_9_10: u8 = 15;
+
+/// A format-9 command as format 10 encodes it.
+fn command_to_10(command: &[u8]) -> Vec<u8> {
+    let Some((&variant, payload)) = command.split_first() else {
+        return command.to_vec();
+    };
+    match variant {
+        SET_RULES_9 | SEED_RULES_9 | DEFINE_RULES_9 | INSTALL_RULES_9 => {
+            [&[variant], &rules_with_policy(payload)[..]].concat()
+        }
+        EVENTS_9 => [&[LEGACY_EVENTS_9_10], payload].concat(),
+        _ => command.to_vec(),
+    }
+}
+
+/// Format-9 rules (postcard), or anything ending with them, with the default identity policy
+/// format 10 appends.
+fn rules_with_policy(rules: &[u8]) -> Vec<u8> {
+    let policy = postcard::to_stdvec(&IdentityPolicy::default()).expect("a policy encodes");
+    [rules, &policy].concat()
+}
 
 /// Format 7's variant numbers of the commands format 8 changed (postcard: one-byte varints).
 const CLOCK_7: u8 = 0;
@@ -101,7 +160,9 @@ fn record_with_target(record: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oneid_protocol::ids::{Identity, OneId, ShardId};
     use oneid_protocol::rules::Rules;
+    use oneid_state::command::{LegacyRouted, Target};
     use oneid_state::ShardRecord;
 
     #[test]
@@ -168,7 +229,7 @@ mod tests {
             Some(at),
         )
         .unwrap();
-        let routed = vec![oneid_state::command::Routed {
+        let routed = vec![oneid_state::command::LegacyRouted {
             event,
             target: oneid_state::command::Target::Claim,
             link_elsewhere: vec![],
@@ -202,5 +263,100 @@ mod tests {
         }
         let pairs = (TO_8.state_pair)(keys::RULES, old);
         assert_eq!(pairs, vec![(keys::RULES.to_vec(), new)]);
+    }
+
+    #[test]
+    #[allow(clippy::too_many_lines)]
+    fn format_9_rules_records_follow_ups_and_events_gain_what_format_10_adds() {
+        // Rules, alone and at the end of every command that carries them: the default
+        // policy appended.
+        let rules = Rules {
+            expire_after_days: 30,
+            ..Rules::default()
+        };
+        let new = postcard::to_stdvec(&rules).unwrap();
+        let policy = postcard::to_stdvec(&IdentityPolicy::default()).unwrap();
+        let old = &new[..new.len() - policy.len()];
+        assert_eq!(
+            (TO_10.state_pair)(keys::RULES, old),
+            vec![(keys::RULES.to_vec(), new.clone())]
+        );
+        let boxed = || Box::new(rules.clone());
+        for command in [
+            Command::SetRules(boxed()),
+            Command::SeedRules(boxed()),
+            Command::DefineRules(boxed()),
+            Command::InstallRules {
+                version: 300,
+                rules: boxed(),
+            },
+        ] {
+            let encoded = command.encode();
+            let format_9 = &encoded[..encoded.len() - policy.len()];
+            assert_eq!(
+                Command::decode(&(TO_10.command)(format_9)).unwrap(),
+                command
+            );
+        }
+        // The shard record: epoch 0 appended.
+        let record = ShardRecord {
+            profile_seq: 4,
+            follow_up_seq: 9,
+            ..ShardRecord::default()
+        };
+        let new = postcard::to_stdvec(&record).unwrap();
+        assert_eq!(
+            (TO_10.state_pair)(keys::SHARD, &new[..new.len() - 1]),
+            vec![(keys::SHARD.to_vec(), new)]
+        );
+        // A follow-up record is listed under its profile.
+        let oneid = OneId::mint(ShardId(1), 3);
+        let identity = Identity {
+            kind: "email".into(),
+            value: "a@x".into(),
+        };
+        let record = FollowUpRecord {
+            oneid,
+            identity: identity.clone(),
+            at: Millis(5),
+        };
+        let value = postcard::to_stdvec(&record).unwrap();
+        assert_eq!(
+            (TO_10.state_pair)(&keys::follow_up(9), &value),
+            vec![
+                (keys::follow_up(9), value.clone()),
+                (keys::pending_link(oneid, &identity, 9), vec![])
+            ]
+        );
+        // Format-9 events apply as they did; other commands keep their bytes.
+        let event = oneid_protocol::event::Event::parse(
+            &serde_json::value::to_raw_value(&serde_json::json!({"event_id": "e1",
+                "type": "identify", "identities": {"phone": "unknown"}}))
+            .unwrap(),
+            Some(Millis(1)),
+        )
+        .unwrap();
+        let routed = vec![LegacyRouted {
+            event,
+            target: Target::Claim,
+            link_elsewhere: vec![identity],
+            bound: vec![false],
+        }];
+        let format_9 = [&[EVENTS_9][..], &postcard::to_stdvec(&routed).unwrap()].concat();
+        assert_eq!(
+            Command::decode(&(TO_10.command)(&format_9)).unwrap(),
+            Command::LegacyEvents9(routed)
+        );
+        assert_eq!(
+            Command::LegacyEvents9(vec![]).encode()[0],
+            LEGACY_EVENTS_9_10
+        );
+        for kept in [
+            Command::Backfill,
+            Command::FinishFollowUps(vec![]),
+            Command::Clock { target: Millis(9) },
+        ] {
+            assert_eq!((TO_10.command)(&kept.encode()), kept.encode());
+        }
     }
 }

@@ -75,8 +75,10 @@ use std::sync::RwLock;
 /// record remembers the last (`migrations::TO_8`); the peer protocol changed with it (Raft
 /// messages carry their sender's wall clock), which the handshake's format check fences.
 /// Format 9: versioned rules (the commands `DefineRules` and `InstallRules`, the key `v`;
-/// `migrations::TO_9` rewrites nothing).
-pub const STATE_FORMAT: u32 = 9;
+/// `migrations::TO_9` rewrites nothing). Format 10: the identity policy (rules end with it,
+/// the shard record with the binding epoch, follow-ups are listed under their profiles, and
+/// format-9 events become `LegacyEvents9`: `migrations::TO_10`).
+pub const STATE_FORMAT: u32 = 10;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 

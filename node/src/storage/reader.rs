@@ -14,6 +14,7 @@ use oneid_state::store::StateRead;
 use oneid_state::{decode, LedgerRecord};
 use std::num::NonZeroUsize;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A fjall keyspace as the state machine's read view. A read error is not deterministic:
@@ -176,8 +177,12 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// see applied changes a moment before their fsync; those are re-derived from the fsynced log
 /// after a crash, so nothing seen here can be lost.
 ///
-/// Identity bindings are cached: a binding is never changed or removed once made, so a cached
-/// one is never stale. Only found bindings are cached (an unbound identity may be bound next).
+/// Identity bindings are cached, each with the binding epoch of its shard it was read at: a
+/// binding is changed or removed only by an entry that moves its shard's epoch (nothing does
+/// yet; merges and unlinks will), so an entry is served only while its epoch is the latest
+/// this node has heard of for the shard (from identity reads, which answer the epoch, and
+/// from the leaders' pings). Only found bindings are cached (an unbound identity may be bound
+/// next).
 ///
 /// Async callers run their reads through [`StateReader::run`], on the read pool's threads: a
 /// fjall read may wait on the disk.
@@ -185,7 +190,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub struct StateReader {
     storage: Arc<Storage>,
     n_shards: u32,
-    bindings: Arc<[Mutex<LruCache<Identity, OneId>>]>,
+    bindings: Arc<[BindingStripe]>,
+    /// Per shard, the latest binding epoch this node has heard of.
+    epochs: Arc<[AtomicU64]>,
     /// Segment names by (shard, number), for profile documents: a number names one segment
     /// on its shard for good, so a cached name is never stale.
     pub(crate) segment_names: Arc<Mutex<LruCache<(ShardId, u64), String>>>,
@@ -213,6 +220,11 @@ pub enum Query {
         shard: ShardId,
         name: Option<String>,
     },
+    /// One page of the shard's identity audit, after key `after` (see `oneid_state::audit`).
+    IdentityAudit {
+        shard: ShardId,
+        after: Option<Vec<u8>>,
+    },
     /// Up to `limit` members of a segment held by the shard, in OneID order, after `after`.
     Members {
         shard: ShardId,
@@ -233,6 +245,7 @@ impl Query {
             Query::Events(events) => events.iter().find_map(|(oneid, _)| other(oneid.shard())),
             Query::Profile(oneid) | Query::Ledger { oneid, .. } => other(oneid.shard()),
             Query::Rules(s)
+            | Query::IdentityAudit { shard: s, .. }
             | Query::Segments { shard: s, .. }
             | Query::Members { shard: s, .. } => other(*s),
         }
@@ -255,7 +268,9 @@ impl ProfileRead {
 /// The answer to a [`Query`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Answer {
-    Identities(Vec<Option<OneId>>),
+    /// The profile each identity is bound to, and the shard's binding epoch before they were
+    /// read.
+    Identities(Vec<Option<OneId>>, u64),
     Events(Vec<bool>),
     Profile(Option<Box<ProfileRead>>),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
@@ -263,7 +278,11 @@ pub enum Answer {
     Rules(Box<oneid_protocol::rules::Rules>, u64),
     Segments(Vec<oneid_state::segments::SegmentRecord>),
     Members(Vec<OneId>),
+    IdentityAudit(oneid_state::audit::AuditPage),
 }
+
+/// One stripe of the cache of bindings: each with the binding epoch it was read at.
+type BindingStripe = Mutex<LruCache<Identity, (OneId, u64)>>;
 
 /// Identity bindings the reader keeps in memory, over all stripes.
 pub const IDENTITY_CACHE_ENTRIES_MAX: usize = 256 * 1024;
@@ -283,6 +302,7 @@ impl StateReader {
             storage,
             n_shards,
             bindings,
+            epochs: (0..n_shards).map(|_| AtomicU64::new(0)).collect(),
             segment_names: Arc::new(Mutex::new(LruCache::new(
                 NonZeroUsize::new(SEGMENT_NAMES_CACHED_MAX).expect("above 0"),
             ))),
@@ -307,28 +327,57 @@ impl StateReader {
         &self.storage
     }
 
-    fn stripe(&self, key: &[u8]) -> &Mutex<LruCache<Identity, OneId>> {
+    fn stripe(&self, key: &[u8]) -> &BindingStripe {
         &self.bindings[(xxhash_rust::xxh3::xxh3_64(key) % IDENTITY_CACHE_STRIPES as u64) as usize]
     }
 
-    /// The profile an identity is bound to, if this node has seen the binding: bindings never
-    /// change, so a cached one needs no read (of this replica or of the shard's leader).
-    pub fn cached_identity(&self, identity: &Identity) -> Option<OneId> {
-        let key = keys::identity(identity);
-        self.stripe(&key)
-            .lock()
-            .expect("identity cache lock")
-            .get(identity)
-            .copied()
+    /// The latest binding epoch of `shard` this node has heard of.
+    pub fn binding_epoch(&self, shard: ShardId) -> u64 {
+        self.epochs[shard.0 as usize].load(Ordering::Acquire)
     }
 
-    /// Remembers a binding learned from another node.
-    pub fn cache_identity(&self, identity: &Identity, oneid: OneId) {
+    /// Hears of `shard`'s binding epoch: cached bindings of earlier epochs are no longer served.
+    pub fn note_binding_epoch(&self, shard: ShardId, epoch: u64) {
+        if let Some(known) = self.epochs.get(shard.0 as usize) {
+            known.fetch_max(epoch, Ordering::AcqRel);
+        }
+    }
+
+    /// The profile an identity is bound to, and the epoch that binding was read at, if this
+    /// node has seen the binding at its shard's latest epoch: then it needs no read (of this
+    /// replica or of the shard's leader). An entry of an earlier epoch is dropped.
+    pub fn cached_identity(&self, identity: &Identity) -> Option<(OneId, u64)> {
         let key = keys::identity(identity);
-        self.stripe(&key)
-            .lock()
-            .expect("identity cache lock")
-            .put(identity.clone(), oneid);
+        let known = self.binding_epoch(identity.shard(self.n_shards));
+        let mut stripe = self.stripe(&key).lock().expect("identity cache lock");
+        match stripe.get(identity).copied() {
+            Some((oneid, epoch)) if epoch >= known => Some((oneid, epoch)),
+            Some(_) => {
+                stripe.pop(identity);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers a binding read at `epoch` of its shard.
+    pub fn cache_identity(&self, identity: &Identity, oneid: OneId, epoch: u64) {
+        let shard = identity.shard(self.n_shards);
+        self.note_binding_epoch(shard, epoch);
+        if epoch >= self.binding_epoch(shard) {
+            let key = keys::identity(identity);
+            self.stripe(&key)
+                .lock()
+                .expect("identity cache lock")
+                .put(identity.clone(), (oneid, epoch));
+        }
+    }
+
+    /// The binding epoch of this node's replica of `shard`.
+    pub fn replica_binding_epoch(&self, shard: ShardId) -> u64 {
+        self.shard(shard).get(keys::SHARD).map_or(0, |bytes| {
+            decode::<oneid_state::ShardRecord>(keys::SHARD, &bytes).binding_epoch
+        })
     }
 
     /// The applied index of the state this node's replica of `shard` holds.
@@ -342,7 +391,15 @@ impl StateReader {
     pub fn answer(&self, query: &Query) -> Result<Answer, ShardError> {
         Ok(match query {
             Query::Identities(identities) => {
-                Answer::Identities(identities.iter().map(|i| self.identity(i)).collect())
+                let Some(shard) = identities.first().map(|i| i.shard(self.n_shards)) else {
+                    return Ok(Answer::Identities(Vec::new(), 0));
+                };
+                // The epoch first: bindings read after it are at least as new, so none is
+                // cached as valid at an epoch it did not hold at.
+                let epoch = self.replica_binding_epoch(shard);
+                self.note_binding_epoch(shard, epoch);
+                let found = identities.iter().map(|i| self.identity(i, epoch)).collect();
+                Answer::Identities(found, epoch)
             }
             Query::Events(events) => Answer::Events(
                 events
@@ -371,6 +428,14 @@ impl StateReader {
                         .unwrap_or_default(),
                 )
             }
+            Query::IdentityAudit { shard, after } => {
+                let view = self.storage.state_view(*shard);
+                Answer::IdentityAudit(oneid_state::audit::audit_page(
+                    &view,
+                    after.as_deref(),
+                    oneid_state::audit::AUDIT_PAGE_KEYS_MAX,
+                ))
+            }
             Query::Segments { shard, name } => {
                 Answer::Segments(self.segments(*shard, name.as_deref()))
             }
@@ -383,21 +448,18 @@ impl StateReader {
         })
     }
 
-    /// The profile an identity is bound to.
-    pub fn identity(&self, identity: &Identity) -> Option<OneId> {
-        if let Some(oneid) = self.cached_identity(identity) {
+    /// The profile an identity is bound to, as this replica holds it at binding epoch `epoch`
+    /// (or later).
+    fn identity(&self, identity: &Identity, epoch: u64) -> Option<OneId> {
+        if let Some((oneid, _)) = self.cached_identity(identity) {
             return Some(oneid);
         }
         let key = keys::identity(identity);
-        let stripe = self.stripe(&key);
         let oneid: OneId = self
             .shard(identity.shard(self.n_shards))
             .get(&key)
             .map(|bytes| decode(&key, &bytes))?;
-        stripe
-            .lock()
-            .expect("identity cache lock")
-            .put(identity.clone(), oneid);
+        self.cache_identity(identity, oneid, epoch);
         Some(oneid)
     }
 

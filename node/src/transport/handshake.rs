@@ -4,7 +4,7 @@
 //! Every message has a fixed layout read byte by byte (nothing goes through postcard or
 //! protobuf until the handshake succeeds):
 //!
-//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP04`, cluster id (16), the dialer's node
+//! 1. dialer → listener, `HELLO_BYTES`: magic `ONEIDP05`, cluster id (16), the dialer's node
 //!    id (8), the node id it means to reach (8), its state format (4), an [`About`] of the
 //!    dialer (33), a fresh nonce (32);
 //! 2. listener → dialer, `CHALLENGE_BYTES`: magic, the listener's nonce (32), an [`About`] of
@@ -26,7 +26,7 @@ use sha2::Sha256;
 /// The peer protocol's name and version: a node refuses a peer that speaks another (version 3
 /// added request deadlines and `Busy` answers, so a release that changes it is upgraded by
 /// stopping every node first).
-const MAGIC: &[u8; 8] = b"ONEIDP04";
+const MAGIC: &[u8; 8] = b"ONEIDP05";
 pub const ABOUT_BYTES: usize = 16 + 1 + 16;
 pub const HELLO_BYTES: usize = 8 + 16 + 8 + 8 + 4 + ABOUT_BYTES + 32;
 pub const CHALLENGE_BYTES: usize = 8 + 32 + ABOUT_BYTES + 32;

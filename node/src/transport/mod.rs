@@ -27,11 +27,11 @@ pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub enum Frame {
     /// Raft messages of one shard, each protobuf-encoded.
     Raft { shard: u32, messages: Vec<Vec<u8>> },
-    /// Sent every `PING_INTERVAL` on every connection: the sender is up, leads these shards
-    /// (shard, term), and its wall clock read `wall` (the cluster's majority time, see
+    /// Sent every `PING_INTERVAL` on every connection: the sender is up, leads these shards,
+    /// and its wall clock read `wall` (the cluster's majority time, see
     /// `clock::ClusterClock`).
     Ping {
-        leads: Vec<(u32, u64)>,
+        leads: Vec<Lead>,
         wall: oneid_protocol::num::Millis,
     },
     /// A request for the receiver to carry out (a forwarded proposal or read); its sender
@@ -46,6 +46,15 @@ pub enum Frame {
     /// Request `id` of the receiver was refused unheard: the sender has as many requests (or
     /// bytes of them) in flight here as the limits allow.
     Busy { id: u64 },
+}
+
+/// A shard the pinging node leads: its term, and the binding epoch of the leader's replica
+/// (which every node's cache of bindings follows, see `storage::StateReader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lead {
+    pub shard: u32,
+    pub term: u64,
+    pub binding_epoch: u64,
 }
 
 /// Why a frame was not taken.
@@ -111,7 +120,18 @@ mod tests {
                 messages: vec![vec![1, 2, 3], vec![]],
             },
             Frame::Ping {
-                leads: vec![(0, 7), (5, 9)],
+                leads: vec![
+                    Lead {
+                        shard: 0,
+                        term: 7,
+                        binding_epoch: 0,
+                    },
+                    Lead {
+                        shard: 5,
+                        term: 9,
+                        binding_epoch: 2,
+                    },
+                ],
                 wall: oneid_protocol::num::Millis(1_767_225_600_000),
             },
             Frame::Request {

@@ -20,7 +20,7 @@
 use super::handshake::{
     self, hex, About, Hello, Identity, Refusal, CHALLENGE_BYTES, HELLO_BYTES, PROOF_BYTES,
 };
-use super::{Frame, FrameError, Transport, FRAME_BYTES_MAX};
+use super::{Frame, FrameError, Lead, Transport, FRAME_BYTES_MAX};
 use oneid_protocol::num::Millis;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -79,10 +79,10 @@ pub trait Inbound: Send + Sync + 'static {
         body: Vec<u8>,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
-    /// The shards this node leads (shard, term), for its pings.
-    fn leads(&self) -> Vec<(u32, u64)>;
+    /// The shards this node leads, for its pings.
+    fn leads(&self) -> Vec<Lead>;
     /// A ping from `from`, with the shards it leads and its wall clock.
-    fn ping(&self, from: u64, leads: Vec<(u32, u64)>, wall: Millis);
+    fn ping(&self, from: u64, leads: Vec<Lead>, wall: Millis);
 }
 
 /// Why a request to a peer got no answer.
@@ -904,11 +904,11 @@ mod tests {
             })
         }
 
-        fn leads(&self) -> Vec<(u32, u64)> {
+        fn leads(&self) -> Vec<Lead> {
             Vec::new()
         }
 
-        fn ping(&self, _: u64, _: Vec<(u32, u64)>, _: Millis) {}
+        fn ping(&self, _: u64, _: Vec<Lead>, _: Millis) {}
     }
 
     fn free_addr() -> SocketAddr {

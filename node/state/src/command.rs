@@ -3,6 +3,7 @@
 //! Every input of apply is in a command: the clock, the rules, the events (with their `ts`),
 //! so replaying a log gives the same state on every replica.
 
+use oneid_protocol::api::NotLinked;
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
@@ -59,8 +60,9 @@ pub enum Command {
     /// that applied it before and was migrated. The shard's target follows its clock.
     LegacyClock { now: Millis, retention: Retention },
     /// Format-7 events, in a log migrated to format 8 (never proposed): they apply as they
-    /// did, without the bound on `ts` (see `LegacyClock`).
-    LegacyEvents(Vec<Routed>),
+    /// did, without the bound on `ts` (see `LegacyClock`) or the identity policy (see
+    /// `LegacyEvents9`).
+    LegacyEvents(Vec<LegacyRouted>),
     /// A format-7 segment definition, in a log migrated to format 8 (never proposed): dated
     /// by its proposer's clock `at`, as it was (see `LegacyClock`).
     LegacyDefineSegment(SegmentDefine, Millis),
@@ -72,6 +74,10 @@ pub enum Command {
     /// version it was sent, so installs arriving in any order (or twice) leave every shard
     /// with the same rules: those of the last PUT the registry ordered.
     InstallRules { version: u64, rules: Box<Rules> },
+    /// Events of formats 8 and 9, in a log migrated to format 10 (never proposed): they apply
+    /// as they did, before the identity policy (no blocked values, kind limits or unmergeable
+    /// kinds; an event past the identity limit is refused whole).
+    LegacyEvents9(Vec<LegacyRouted>),
 }
 
 /// The shard that orders segment definitions.
@@ -128,12 +134,39 @@ pub struct FollowUp {
 pub struct Routed {
     pub event: Event,
     pub target: Target,
-    /// Identities of the event, unbound when routed, held by other shards' indexes: bound and
-    /// linked after the event applies. Apply counts them against the identity limit.
+    /// The version of the rules the router judged the event by (which values are blocked,
+    /// which kinds merge): apply answers [`EventOutcome::StaleRules`] when its shard's rules
+    /// have another, so no event applies as a router with a stale copy decided.
+    pub rules_version: u64,
+    /// Identities of the event, not blocked and unbound when routed, held by other shards'
+    /// indexes: bound and linked after the event applies, within the profile's limits.
+    pub link_elsewhere: Vec<Identity>,
+    /// For each of the event's identities, in order: what the router found (blocked values
+    /// are not looked up: `Unbound`). Empty: nothing is known.
+    pub found: Vec<Found>,
+}
+
+/// What the router found of one identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Found {
+    Unbound,
+    /// Bound to `oneid` when its shard's binding epoch was `epoch`. Apply takes this word for
+    /// an identity of its own shard only while its epoch is still that one (see
+    /// `ShardRecord::binding_epoch`), and reads the binding otherwise.
+    Bound {
+        oneid: OneId,
+        epoch: u64,
+    },
+}
+
+/// An event as releases before the identity policy routed it (state formats 7 to 9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyRouted {
+    pub event: Event,
+    pub target: Target,
     pub link_elsewhere: Vec<Identity>,
     /// For each of the event's identities, in order: whether the router found it bound (to the
-    /// target profile). Bindings never change, so apply reads only the others from the index;
-    /// empty means none is known.
+    /// target profile); empty means none is known.
     pub bound: Vec<bool>,
 }
 
@@ -173,9 +206,14 @@ pub enum Output {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EventOutcome {
-    Applied(OneId),
+    /// Applied to the profile; the identities it did not link, and why, sorted by (kind,
+    /// value).
+    Applied(OneId, Vec<NotLinked>),
     Duplicate(OneId),
     Rejected(EventError),
+    /// Not applied: the router judged it by rules of another version than the shard's (this
+    /// one). The router reads the rules again and routes it anew.
+    StaleRules(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

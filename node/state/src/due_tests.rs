@@ -904,7 +904,7 @@ fn a_clock_entry_processes_at_most_due_per_clock_max_keys_and_reports_the_backlo
     let outcomes = h.events(earns);
     assert!(outcomes
         .iter()
-        .all(|o| matches!(o, EventOutcome::Applied(_))));
+        .all(|o| matches!(o, EventOutcome::Applied(..))));
     assert_eq!(h.keys_with_prefix(keys::DUE_PREFIX), n);
 
     assert_eq!(tick(&mut h, after(5, -1)), (0, false));
@@ -1200,7 +1200,7 @@ fn the_same_events_and_clock_entries_give_the_same_state_and_digest() {
             assert!(
                 outcomes
                     .iter()
-                    .all(|o| matches!(o, EventOutcome::Applied(_))),
+                    .all(|o| matches!(o, EventOutcome::Applied(..))),
                 "{outcomes:?}"
             );
         }

@@ -3,6 +3,104 @@
 //! identities it takes), and the follow-ups that bind the others at their own shards.
 
 use super::*;
+use crate::command::Found;
+use oneid_protocol::api::{NotLinked, NotLinkedReason};
+use oneid_protocol::policy::IdentityPolicy;
+
+/// Most pending links of a profile an event reads. A profile gets at most
+/// [`IDENTITIES_PER_PROFILE_MAX`] (an event counts them against its limits, and one is never
+/// filed twice), so this bounds the read without cutting it.
+const PENDING_LINKS_READ_MAX: usize = 4 * IDENTITIES_PER_PROFILE_MAX;
+
+/// The event's identities as apply sees them (see [`ShardState::sight`]).
+pub(super) struct Sighting {
+    /// The identities not blocked, in the event's order, each with its binding.
+    live: Vec<(Identity, Binding)>,
+    /// The blocked ones.
+    not_linked: Vec<NotLinked>,
+    /// Whether the identity policy holds (not for events of older formats).
+    policy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Binding {
+    /// Held by this shard's index: the profile it is bound to.
+    Here(Option<OneId>),
+    /// Held by another shard's: what the router found.
+    Elsewhere(Found),
+}
+
+/// What an event's identities give its profile.
+#[derive(Default)]
+pub(super) struct Taken {
+    /// Held here: bound by this apply.
+    pub(super) new_bindings: Vec<Identity>,
+    /// Held by other shards: bound there by follow-ups.
+    pub(super) to_link: Vec<Identity>,
+    /// Sorted by (kind, value).
+    pub(super) not_linked: Vec<NotLinked>,
+}
+
+/// The identity policy's limits as an event's identities are taken: what the profile holds
+/// and has pending, per kind and in all.
+struct Limits {
+    per_kind: BTreeMap<String, usize>,
+    total: usize,
+}
+
+impl Limits {
+    fn new(profile: &Profile, pending: &BTreeSet<Identity>) -> Limits {
+        let mut per_kind: BTreeMap<String, usize> = profile
+            .identities
+            .iter()
+            .map(|(kind, values)| (kind.clone(), values.len()))
+            .collect();
+        let mut total = profile.identity_count();
+        for identity in pending.iter().filter(|id| !profile.holds(id)) {
+            *per_kind.entry(identity.kind.clone()).or_default() += 1;
+            total += 1;
+        }
+        Limits { per_kind, total }
+    }
+
+    /// Counts `identity` in, or answers the limit it would pass.
+    fn admit(
+        &mut self,
+        identity: &Identity,
+        policy: &IdentityPolicy,
+    ) -> Result<(), NotLinkedReason> {
+        let of_kind = self.per_kind.entry(identity.kind.clone()).or_default();
+        if policy
+            .max_per_profile(&identity.kind)
+            .is_some_and(|max| *of_kind >= max as usize)
+        {
+            return Err(NotLinkedReason::KindLimit);
+        }
+        if self.total >= IDENTITIES_PER_PROFILE_MAX {
+            return Err(NotLinkedReason::IdentityLimit);
+        }
+        *of_kind += 1;
+        self.total += 1;
+        Ok(())
+    }
+}
+
+fn not_linked(identity: &Identity, reason: NotLinkedReason) -> NotLinked {
+    NotLinked {
+        kind: identity.kind.clone(),
+        value: identity.value.clone(),
+        reason,
+    }
+}
+
+fn conflict(a: OneId, b: OneId) -> EventError {
+    let (a, b) = (a.min(b), a.max(b));
+    reject_field(
+        ErrorCode::IdentityConflict,
+        "identities",
+        format!("the event's identities belong to two profiles, {a} and {b}"),
+    )
+}
 
 impl ShardState {
     pub(super) fn apply_bind(
@@ -28,7 +126,8 @@ impl ShardState {
     }
 
     /// Finishes follow-ups with their binds' answers: a bound identity is listed on its
-    /// profile, a conflict ends the follow-up unlisted, and either way the record goes. An
+    /// profile, a conflict (another profile took it first: `taken`, which the driver counts)
+    /// ends the follow-up unlisted, and either way the record and its pending link go. An
     /// answer for a record already finished (both the router and the leader's sweep drove it)
     /// changes nothing.
     pub(super) fn finish_follow_ups(&mut self, tx: &mut Tx<'_>, answers: Vec<FollowUpAnswer>) {
@@ -40,6 +139,7 @@ impl ShardState {
             };
             let record: FollowUpRecord = decode(&key, &bytes);
             tx.delete_known(key, &bytes);
+            tx.delete_known(keys::pending_link(record.oneid, &record.identity, seq), &[]);
             assert!(
                 self.record.follow_ups_pending > 0,
                 "shard {}: a follow-up record beyond the pending count",
@@ -82,23 +182,37 @@ impl ShardState {
         }
     }
 
-    /// The event's identities held by this shard, each with the profile it is bound to (the
-    /// router's word for those it found bound to the target, else read).
-    pub(super) fn local_identities(
+    /// The event's identities as apply sees them: blocked values set aside (when the identity
+    /// policy holds: not for the events of older formats), and each other one with its
+    /// binding: read here for those this shard holds (or the router's word, while this shard's
+    /// binding epoch is the one it was read at), the router's for the others. An event whose
+    /// identities are all blocked and that names no profile is refused `blocked_identity`.
+    pub(super) fn sight(
         &self,
         tx: &Tx<'_>,
         event: &Event,
         target: Target,
-        known_bound: &[bool],
-    ) -> Vec<(Identity, Option<OneId>)> {
-        event
-            .identities
-            .iter()
-            .enumerate()
-            .filter(|(_, identity)| identity.shard(self.n_shards) == self.shard)
-            .map(|(i, identity)| {
-                let bound = match target {
-                    Target::Existing(oneid) if known_bound.get(i) == Some(&true) => {
+        found: &[Found],
+        policy: bool,
+    ) -> Result<Sighting, EventError> {
+        let mut sighting = Sighting {
+            live: Vec::with_capacity(event.identities.len()),
+            not_linked: Vec::new(),
+            policy,
+        };
+        for (i, identity) in event.identities.iter().enumerate() {
+            if policy && self.blocks.blocks(identity) {
+                sighting
+                    .not_linked
+                    .push(not_linked(identity, NotLinkedReason::BlockedValue));
+                continue;
+            }
+            let found = found.get(i).copied().unwrap_or(Found::Unbound);
+            let binding = if identity.shard(self.n_shards) != self.shard {
+                Binding::Elsewhere(found)
+            } else {
+                Binding::Here(match found {
+                    Found::Bound { oneid, epoch } if epoch == self.record.binding_epoch => {
                         debug_assert_eq!(
                             tx.get_as::<OneId>(&keys::identity(identity)),
                             Some(oneid),
@@ -107,26 +221,39 @@ impl ShardState {
                         Some(oneid)
                     }
                     _ => tx.get_as::<OneId>(&keys::identity(identity)),
-                };
-                (identity.clone(), bound)
-            })
-            .collect()
+                })
+            };
+            sighting.live.push((identity.clone(), binding));
+        }
+        if policy && sighting.live.is_empty() && target == Target::Claim {
+            return Err(reject_field(
+                ErrorCode::BlockedIdentity,
+                "identities",
+                "every identity of the event is a blocked value, and it names no oneid",
+            ));
+        }
+        Ok(sighting)
     }
 
     /// The profile the event applies to, with the pair hash of its stored bytes (`None`: a new
     /// profile, minted from the shard's counter), or the outcome that ends the event here: a
     /// duplicate, identities of two profiles, a profile linked elsewhere meanwhile, or none.
+    /// Identities of unmergeable kinds pick the profile only for an event that names no
+    /// mergeable identity and no oneid.
     pub(super) fn target_profile(
         &mut self,
         tx: &Tx<'_>,
         event: &Event,
         target: Target,
-        local: &[(Identity, Option<OneId>)],
+        sighting: &Sighting,
     ) -> Result<(Profile, Option<u64>), EventOutcome> {
-        let mut bound: BTreeSet<OneId> = local.iter().filter_map(|(_, oneid)| *oneid).collect();
+        let (mut bound, unmergeable) = self.bound_here(sighting);
         if let Target::Existing(oneid) = target {
             assert_eq!(oneid.shard(), self.shard, "event routed to the wrong shard");
             bound.insert(oneid);
+        }
+        if bound.is_empty() && !self.has_mergeable(sighting) {
+            bound.extend(unmergeable);
         }
         if bound.len() > 1 {
             // A retry of an event that applied is a duplicate, whatever happened to its
@@ -141,11 +268,7 @@ impl ShardState {
         let mut bound = bound.into_iter();
         let (first, second) = (bound.next(), bound.next());
         if let (Some(a), Some(b)) = (first, second) {
-            return Err(EventOutcome::Rejected(reject_field(
-                ErrorCode::IdentityConflict,
-                "identities",
-                format!("the event's identities belong to two profiles, {a} and {b}"),
-            )));
+            return Err(EventOutcome::Rejected(conflict(a, b)));
         }
         match first {
             // Linked on another shard after the router resolved it: the retry routes there.
@@ -168,44 +291,150 @@ impl ShardState {
         }
     }
 
-    /// Lists the event's unbound identities held here on the profile (answered: those to
-    /// bind now), and answers those held by other shards and not listed yet (bound there
-    /// after this event applies, driven by follow-up records), within the profile's identity
-    /// limit and the shard's limit of follow-ups pending.
-    pub(super) fn take_identities<'l>(
-        &self,
-        profile: &mut Profile,
-        local: &'l [(Identity, Option<OneId>)],
-        link_elsewhere: Vec<Identity>,
-    ) -> Result<(Vec<&'l Identity>, Vec<Identity>), EventError> {
-        let mut new_bindings = Vec::new();
-        for (identity, _) in local.iter().filter(|(_, bound)| bound.is_none()) {
-            if profile
-                .identities
-                .entry(identity.kind.clone())
-                .or_default()
-                .insert(identity.value.clone())
-            {
-                new_bindings.push(identity);
+    /// Whether the event names an identity of a mergeable kind (not blocked): then those pick
+    /// its profile (a new one if none is bound), never an unmergeable one.
+    fn has_mergeable(&self, sighting: &Sighting) -> bool {
+        sighting
+            .live
+            .iter()
+            .any(|(identity, _)| !sighting.policy || self.rules.identity.merges(&identity.kind))
+    }
+
+    /// The profiles the event's identities held here are bound to: those of mergeable kinds
+    /// (every kind, for older formats), and the first of the others.
+    fn bound_here(&self, sighting: &Sighting) -> (BTreeSet<OneId>, Option<OneId>) {
+        let mut mergeable = BTreeSet::new();
+        let mut unmergeable = None;
+        for (identity, binding) in &sighting.live {
+            if let Binding::Here(Some(oneid)) = binding {
+                if !sighting.policy || self.rules.identity.merges(&identity.kind) {
+                    mergeable.insert(*oneid);
+                } else {
+                    unmergeable = unmergeable.or(Some(*oneid));
+                }
             }
         }
-        let to_link: Vec<Identity> = link_elsewhere
-            .into_iter()
-            .filter(|id| {
-                !profile
+        (mergeable, unmergeable)
+    }
+
+    /// What the event's identities give the profile: those held here and unbound are listed
+    /// on it (answered: to bind now), those held by other shards and not listed yet are
+    /// answered to bind there (follow-ups), within the identity policy's limits (counting the
+    /// links still pending) and the shard's limit of follow-ups pending; the others are
+    /// answered as not linked, with why. `existed`: the profile was stored before.
+    pub(super) fn take_identities(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        existed: bool,
+        sighting: Sighting,
+        link_elsewhere: Vec<Identity>,
+    ) -> Result<Taken, EventError> {
+        if !sighting.policy {
+            return self.take_identities_unjudged(profile, sighting, link_elsewhere);
+        }
+        let pending = if existed {
+            self.pending_links(tx, profile.oneid)
+        } else {
+            BTreeSet::new()
+        };
+        let mut limits = Limits::new(profile, &pending);
+        let mut taken = Taken {
+            not_linked: sighting.not_linked,
+            ..Taken::default()
+        };
+        // (identity, held here): those to bind, in (kind, value) order, which the limits
+        // admit first.
+        let mut candidates: Vec<(Identity, bool)> = Vec::new();
+        for (identity, binding) in sighting.live {
+            match binding {
+                Binding::Here(None) => candidates.push((identity, true)),
+                _ if link_elsewhere.contains(&identity) => {}
+                Binding::Here(Some(oneid)) | Binding::Elsewhere(Found::Bound { oneid, .. })
+                    if oneid != profile.oneid =>
+                {
+                    if self.rules.identity.merges(&identity.kind) {
+                        return Err(conflict(oneid, profile.oneid));
+                    }
+                    taken
+                        .not_linked
+                        .push(not_linked(&identity, NotLinkedReason::MergeDisabled));
+                }
+                _ => {}
+            }
+        }
+        candidates.extend(
+            link_elsewhere
+                .into_iter()
+                .filter(|identity| !self.blocks.blocks(identity))
+                .map(|identity| (identity, false)),
+        );
+        candidates.sort();
+        for (identity, here) in candidates {
+            if profile.holds(&identity) || pending.contains(&identity) {
+                continue;
+            }
+            if let Err(reason) = limits.admit(&identity, &self.rules.identity) {
+                taken.not_linked.push(not_linked(&identity, reason));
+                continue;
+            }
+            if here {
+                profile
                     .identities
-                    .get(&id.kind)
-                    .is_some_and(|v| v.contains(&id.value))
-            })
+                    .entry(identity.kind.clone())
+                    .or_default()
+                    .insert(identity.value.clone());
+                taken.new_bindings.push(identity);
+            } else {
+                taken.to_link.push(identity);
+            }
+        }
+        taken
+            .not_linked
+            .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+        self.check_follow_ups_room(taken.to_link.len())?;
+        Ok(taken)
+    }
+
+    /// [`ShardState::take_identities`] as releases before the identity policy did it (for
+    /// their events, still in migrated logs): every unbound identity is taken, and an event
+    /// that would pass the profile's identity limit is refused whole.
+    fn take_identities_unjudged(
+        &self,
+        profile: &mut Profile,
+        sighting: Sighting,
+        link_elsewhere: Vec<Identity>,
+    ) -> Result<Taken, EventError> {
+        let mut taken = Taken::default();
+        for (identity, binding) in sighting.live {
+            if binding == Binding::Here(None)
+                && profile
+                    .identities
+                    .entry(identity.kind.clone())
+                    .or_default()
+                    .insert(identity.value.clone())
+            {
+                taken.new_bindings.push(identity);
+            }
+        }
+        taken.to_link = link_elsewhere
+            .into_iter()
+            .filter(|id| !profile.holds(id))
             .collect();
-        if profile.identity_count() + to_link.len() > IDENTITIES_PER_PROFILE_MAX {
+        if profile.identity_count() + taken.to_link.len() > IDENTITIES_PER_PROFILE_MAX {
             return Err(reject_field(
                 ErrorCode::IdentityLimit,
                 "identities",
                 format!("a profile holds at most {IDENTITIES_PER_PROFILE_MAX} identity values"),
             ));
         }
-        if self.record.follow_ups_pending + to_link.len() as u64 > FOLLOW_UPS_PENDING_MAX {
+        self.check_follow_ups_room(taken.to_link.len())?;
+        Ok(taken)
+    }
+
+    /// Refuses (`unavailable`: retry) `more` follow-ups past the shard's limit.
+    fn check_follow_ups_room(&self, more: usize) -> Result<(), EventError> {
+        if self.record.follow_ups_pending + more as u64 > FOLLOW_UPS_PENDING_MAX {
             return Err(reject(
                 ErrorCode::Unavailable,
                 format!(
@@ -214,7 +443,20 @@ impl ShardState {
                 ),
             ));
         }
-        Ok((new_bindings, to_link))
+        Ok(())
+    }
+
+    /// The identities being bound to the profile on other shards (its follow-ups pending).
+    fn pending_links(&self, tx: &Tx<'_>, oneid: OneId) -> BTreeSet<Identity> {
+        tx.scan_below(
+            &keys::pending_links_prefix(oneid),
+            None,
+            &[u8::MAX],
+            PENDING_LINKS_READ_MAX,
+        )
+        .iter()
+        .map(|(key, _)| keys::pending_link_identity(key))
+        .collect()
     }
 
     /// Writes a follow-up record for each identity to bind on another shard.
@@ -235,6 +477,7 @@ impl ShardState {
                 at: self.record.clock,
             };
             tx.put_new(keys::follow_up(seq), &record);
+            tx.put_new(keys::pending_link(oneid, &record.identity, seq), &());
             follow_ups.push(FollowUp {
                 seq,
                 oneid,

@@ -14,6 +14,7 @@
 //! | `d`    | `d oneid event_id`                    | `DedupRecord`  |
 //! | `e`    | `e clock_ms seq`                      | dedup keys one entry wrote (eviction order) |
 //! | `f`    | `f seq`                               | `FollowUpRecord` |
+//! | `q`    | `q oneid kind 0x00 value seq`         | nothing (follow-up `seq` binds this identity to the profile: what the profile's limits count as pending) |
 //! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
 //! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
 //! | `c`    | `c name`                              | `SegmentRecord` (a segment as this shard holds it) |
@@ -82,6 +83,35 @@ pub fn follow_up(seq: u64) -> Vec<u8> {
     let mut key = FOLLOW_UP_PREFIX.to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The key that lists follow-up `seq`, which binds `identity` to `oneid`, under its profile.
+pub fn pending_link(oneid: OneId, linked: &Identity, seq: u64) -> Vec<u8> {
+    let mut key = pending_links_prefix(oneid);
+    key.extend_from_slice(&identity(linked)[1..]);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The keys of a profile's pending links.
+pub fn pending_links_prefix(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'q', oneid, &[])
+}
+
+/// The identity of a pending-link key.
+pub fn pending_link_identity(key: &[u8]) -> Identity {
+    let middle = &key[9..key.len() - 8];
+    let split = middle
+        .iter()
+        .position(|b| *b == 0)
+        .expect("a pending-link key holds kind 0x00 value");
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec()).expect("a pending-link key holds UTF-8 identities")
+    };
+    Identity {
+        kind: text(&middle[..split]),
+        value: text(&middle[split + 1..]),
+    }
 }
 
 /// The sequence number of a follow-up key.

@@ -13,6 +13,7 @@
 //! so passivation never loses anything.
 
 pub mod activations;
+pub mod audit;
 pub mod command;
 pub mod due;
 mod event;
@@ -30,10 +31,12 @@ use crate::command::{
     BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Target,
 };
 use activations::Activations;
+use event::EventsOf;
 
 use oneid_protocol::event::{Event, EventBody, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::{Millis, Money};
+use oneid_protocol::policy::{BlockList, IdentityPolicy};
 use oneid_protocol::predicate::Predicate;
 use oneid_protocol::predicate::TimeField;
 use oneid_protocol::rules::Rules;
@@ -93,6 +96,12 @@ pub struct ShardRecord {
     pub changes_evicted: u64,
     /// The re-evaluation of every profile a rules change started, until it is done.
     pub rules_backfill: Option<segments::RulesBackfill>,
+    /// Moves each time a binding of the shard's slice of the identity index is removed or
+    /// repointed (nothing does yet: merges and unlinks will). A binding read at an epoch holds
+    /// while the epoch stays: apply takes a router's word for it (`Found::Bound`) only then,
+    /// and a node's binding cache serves an entry only at its shard's latest epoch. Last, so
+    /// that a record of an older format gains it by appending its byte.
+    pub binding_epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +182,8 @@ pub struct ShardState {
     /// The version of `rules` (see [`ShardState::rules_version`]).
     rules_version: u64,
     tag_rules: Vec<(String, Predicate)>,
+    /// The identity policy's blocked values, compiled.
+    blocks: BlockList,
     /// Where the `days_since` comparisons of tag rules and segments can flip (see `due.rs`).
     time_thresholds: Vec<(TimeField, i64)>,
     segments: segments::Segments,
@@ -216,6 +227,7 @@ impl ShardState {
             rules: Rules::default(),
             rules_version,
             tag_rules: Vec::new(),
+            blocks: IdentityPolicy::default().block_list(),
             time_thresholds: Vec::new(),
             segments: segments::Segments::load(base),
             activations: Activations::new(activation_budget),
@@ -288,7 +300,7 @@ impl ShardState {
                     backlog,
                 }
             }
-            Command::Events(events) => self.apply_events(tx, index, events, true),
+            Command::Events(events) => self.apply_events(tx, index, events, EventsOf::Current),
             Command::Bind(pairs) => Output::Bind(
                 pairs
                     .into_iter()
@@ -317,7 +329,14 @@ impl ShardState {
                     backlog,
                 }
             }
-            Command::LegacyEvents(events) => self.apply_events(tx, index, events, false),
+            Command::LegacyEvents(events) => {
+                let events = events.into_iter().map(|e| self.routed_anew(e)).collect();
+                self.apply_events(tx, index, events, EventsOf::Format7)
+            }
+            Command::LegacyEvents9(events) => {
+                let events = events.into_iter().map(|e| self.routed_anew(e)).collect();
+                self.apply_events(tx, index, events, EventsOf::Format9)
+            }
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
@@ -408,6 +427,8 @@ fn note_latest(times: &mut BTreeMap<String, Millis>, channel: &str, at: Millis) 
 
 #[cfg(test)]
 mod due_tests;
+#[cfg(test)]
+mod identity_tests;
 #[cfg(test)]
 mod segment_tests;
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::store::pair_hash;
 use super::tx::{decode, encode, Tx};
 use super::ShardState;
 use oneid_protocol::api::{MetricsView, PointsView, ProfileDoc};
-use oneid_protocol::ids::OneId;
+use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::{Millis, Money, DAY_MS};
 use oneid_protocol::predicate::{NumberField, PredicateContext, TimeField, Value};
 use oneid_protocol::rules::Rules;
@@ -147,6 +147,13 @@ impl Profile {
 
     pub fn identity_count(&self) -> usize {
         self.identities.values().map(BTreeSet::len).sum()
+    }
+
+    /// Whether the profile lists `identity`.
+    pub fn holds(&self, identity: &Identity) -> bool {
+        self.identities
+            .get(&identity.kind)
+            .is_some_and(|values| values.contains(&identity.value))
     }
 
     /// Adds earned points (paying any debt first) to the lot that expires in the same minute,

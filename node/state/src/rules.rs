@@ -65,6 +65,7 @@ impl ShardState {
 
     pub(super) fn set_rules(&mut self, rules: Rules) {
         self.tag_rules = rules.compiled_tag_rules();
+        self.blocks = rules.identity.block_list();
         self.rules = rules;
         self.refresh_thresholds();
     }

@@ -4,8 +4,9 @@
 use super::event::EVENT_TS_AHEAD_MAX_MS;
 use super::retention::{CLOCK_STEP_MAX_MS, DEDUP_EVICTIONS_PER_CLOCK_MAX};
 use super::*;
-use crate::command::Routed;
+use crate::command::{Found, LegacyRouted, Routed};
 use crate::profile::Lot;
+use oneid_protocol::api::{NotLinked, NotLinkedReason};
 use oneid_protocol::event::{Event, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::DAY_MS;
 use oneid_protocol::predicate::Value;
@@ -76,7 +77,26 @@ pub(super) fn routed(json: Json, target: Target) -> Routed {
     Routed {
         event: event(&json),
         target,
+        rules_version: 0,
         link_elsewhere: vec![],
+        found: vec![],
+    }
+}
+
+pub(super) fn not_linked(kind: &str, value: &str, reason: NotLinkedReason) -> NotLinked {
+    NotLinked {
+        kind: kind.into(),
+        value: value.into(),
+        reason,
+    }
+}
+
+/// An event as releases before the identity policy routed it (nothing known bound).
+pub(super) fn legacy(routed: Routed) -> LegacyRouted {
+    LegacyRouted {
+        event: routed.event,
+        target: routed.target,
+        link_elsewhere: routed.link_elsewhere,
         bound: vec![],
     }
 }
@@ -193,8 +213,11 @@ impl Harness {
         output
     }
 
-    /// Applies a batch of events; returns their outcomes.
-    pub(super) fn events(&mut self, events: Vec<Routed>) -> Vec<EventOutcome> {
+    /// Applies a batch of events, routed by the rules in force; returns their outcomes.
+    pub(super) fn events(&mut self, mut events: Vec<Routed>) -> Vec<EventOutcome> {
+        for routed in &mut events {
+            routed.rules_version = self.state.rules_version();
+        }
         match self.apply(Command::Events(events)) {
             Output::Events { outcomes, .. } => outcomes,
             other => panic!("events answered {other:?}"),
@@ -211,7 +234,7 @@ impl Harness {
     /// Sends an event that must apply; returns its profile.
     pub(super) fn ok(&mut self, routed: Routed) -> OneId {
         match self.send(routed) {
-            EventOutcome::Applied(oneid) => oneid,
+            EventOutcome::Applied(oneid, not_linked) if not_linked.is_empty() => oneid,
             other => panic!("expected Applied, got {other:?}"),
         }
     }
@@ -537,7 +560,10 @@ fn duplicate_within_one_batch_counts_once() {
     };
     assert_eq!(
         h.events(vec![earn(), earn()]),
-        vec![EventOutcome::Applied(id(1)), EventOutcome::Duplicate(id(1))]
+        vec![
+            EventOutcome::Applied(id(1), vec![]),
+            EventOutcome::Duplicate(id(1))
+        ]
     );
     assert_eq!(h.profile(id(1)).balance, 10);
 }
@@ -668,13 +694,16 @@ fn identities_the_router_found_bound_are_not_read_again() {
         json!({"event_id": "b", "type": "identify",
         "identities": {"phone": "1", "email": "x"}}),
     );
-    routed.bound = routed
+    routed.found = routed
         .event
         .identities
         .iter()
-        .map(|identity| identity.kind == "phone")
+        .map(|identity| match identity.kind.as_str() {
+            "phone" => Found::Bound { oneid: a, epoch: 0 },
+            _ => Found::Unbound,
+        })
         .collect();
-    assert_eq!(h.send(routed), EventOutcome::Applied(a));
+    assert_eq!(h.send(routed), EventOutcome::Applied(a, vec![]));
     assert_eq!(
         h.profile(a).identities,
         BTreeMap::from([
@@ -707,7 +736,7 @@ fn event_for_a_missing_oneid_is_not_found() {
 }
 
 #[test]
-fn fifty_one_identity_values_are_rejected() {
+fn a_fifty_first_identity_value_is_not_linked() {
     let mut h = Harness::new(PLAIN);
     let p = h.ok(claim(
         json!({"event_id": "e0", "type": "identify", "identities": {"phone": "1"}}),
@@ -721,30 +750,24 @@ fn fifty_one_identity_values_are_rejected() {
         json!({"event_id": "e1", "type": "identify", "identities": kinds(0..49)}),
     ));
     assert_eq!(h.profile(p).identity_count(), 50);
-    let code = h.rejected(on(
+    // The event applies (its points too), without the value past the limit.
+    let outcome = h.send(on(
         p,
-        json!({"event_id": "e2", "type": "identify",
+        json!({"event_id": "e2", "type": "points_earn", "points": 5,
         "identities": kinds(49..50)}),
     ));
-    assert_eq!(code, ErrorCode::IdentityLimit);
+    assert_eq!(
+        outcome,
+        EventOutcome::Applied(
+            p,
+            vec![not_linked("k49", "v", NotLinkedReason::IdentityLimit)]
+        )
+    );
     assert_eq!(h.bound(&identity("k49", "v")), None);
-    // A fresh profile with 50 new identities at once is fine, one more is not.
-    let mut fifty = kinds(0..50);
-    fifty
-        .as_object_mut()
-        .unwrap()
-        .values_mut()
-        .for_each(|v| *v = json!("w"));
-    let q = h.ok(claim(
-        json!({"event_id": "e3", "type": "identify", "identities": fifty}),
-    ));
-    assert_eq!(h.profile(q).identity_count(), 50);
-    let code = h.rejected(on(
-        q,
-        json!({"event_id": "e4", "type": "identify",
-        "identities": {"phone": "2"}}),
-    ));
-    assert_eq!(code, ErrorCode::IdentityLimit);
+    assert_eq!(
+        (h.profile(p).identity_count(), h.profile(p).balance),
+        (50, 5)
+    );
 }
 
 #[test]
@@ -786,7 +809,7 @@ fn two_hundred_and_one_manual_tags_are_rejected() {
     assert!(h
         .events(adds)
         .iter()
-        .all(|o| *o == EventOutcome::Applied(p)));
+        .all(|o| *o == EventOutcome::Applied(p, vec![])));
     assert_eq!(h.profile(p).manual_tags.len(), 200);
     let code = h.rejected(on(
         p,
@@ -1265,7 +1288,10 @@ fn one_new_identity_twice_in_a_batch_makes_one_profile() {
     };
     assert_eq!(
         h.events(vec![earn("e1"), earn("e2")]),
-        vec![EventOutcome::Applied(id(1)), EventOutcome::Applied(id(1))]
+        vec![
+            EventOutcome::Applied(id(1), vec![]),
+            EventOutcome::Applied(id(1), vec![])
+        ]
     );
     assert_eq!(
         (h.state.record.profile_seq, h.profile(id(1)).balance),
@@ -1298,12 +1324,12 @@ fn a_profile_remembers_the_64_most_recent_channels() {
 }
 
 /// An event whose `identities` include ones the router found unbound on other shards.
-fn with_elsewhere(mut routed: Routed, elsewhere: &[Identity]) -> Routed {
+pub(super) fn with_elsewhere(mut routed: Routed, elsewhere: &[Identity]) -> Routed {
     routed.link_elsewhere = elsewhere.to_vec();
     routed
 }
 
-fn follow_up_records(h: &Harness) -> Vec<(u64, FollowUpRecord)> {
+pub(super) fn follow_up_records(h: &Harness) -> Vec<(u64, FollowUpRecord)> {
     h.mem
         .scan(keys::FOLLOW_UP_PREFIX, None, false, usize::MAX)
         .into_iter()
@@ -1327,7 +1353,7 @@ fn an_applied_event_records_its_follow_ups_in_the_same_apply() {
     assert_eq!(
         output,
         Output::Events {
-            outcomes: vec![EventOutcome::Applied(p)],
+            outcomes: vec![EventOutcome::Applied(p, vec![])],
             follow_ups: vec![
                 FollowUp {
                     seq: 1,
@@ -1494,7 +1520,7 @@ fn dedup_records_expire_after_the_retention_window() {
     assert_eq!(h.keys_with_prefix(b"d"), 0);
     assert_eq!(h.keys_with_prefix(keys::DEDUP_EVICTION_PREFIX), 0);
     // Forgotten: the event applies again.
-    assert_eq!(h.send(earn()), EventOutcome::Applied(p));
+    assert_eq!(h.send(earn()), EventOutcome::Applied(p, vec![]));
     assert_eq!(h.profile(p).balance, 20);
     assert_eq!(h.send(earn()), EventOutcome::Duplicate(p));
 }
@@ -1519,7 +1545,7 @@ fn dedup_window_counts_from_the_clock_when_applied() {
         )
     };
     assert_eq!(h.send(again("late")), EventOutcome::Duplicate(p));
-    assert_eq!(h.send(again("e0")), EventOutcome::Applied(p));
+    assert_eq!(h.send(again("e0")), EventOutcome::Applied(p, vec![]));
 }
 
 #[test]
@@ -1585,7 +1611,7 @@ fn dedup_eviction_counts_keys_across_many_entries() {
             p,
             json!({"event_id": "v66-98", "type": "interaction", "name": "view"})
         )),
-        EventOutcome::Applied(p)
+        EventOutcome::Applied(p, vec![])
     );
     assert_eq!(
         h.send(on(
@@ -1775,7 +1801,7 @@ fn same_commands_give_the_same_state_and_digest() {
     let count = |f: fn(&EventOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
     assert_eq!(count(|o| matches!(o, EventOutcome::Duplicate(_))), 1);
     assert_eq!(count(|o| matches!(o, EventOutcome::Rejected(_))), 3);
-    assert_eq!(count(|o| matches!(o, EventOutcome::Applied(_))), 20);
+    assert_eq!(count(|o| matches!(o, EventOutcome::Applied(..))), 20);
 }
 
 #[test]
@@ -1952,10 +1978,10 @@ fn legacy_commands_of_a_migrated_log_apply_as_format_7_did() {
     let far = json!({"event_id": "e2", "type": "points_earn", "identities": {"phone": "2"},
         "points": 5, "ts": ts(400)});
     assert_eq!(h.rejected(claim(far.clone())), ErrorCode::InvalidField);
-    match h.apply(Command::LegacyEvents(vec![claim(far)])) {
+    match h.apply(Command::LegacyEvents(vec![legacy(claim(far))])) {
         Output::Events { outcomes, .. } => {
             assert!(
-                matches!(outcomes[..], [EventOutcome::Applied(_)]),
+                matches!(outcomes[..], [EventOutcome::Applied(..)]),
                 "{outcomes:?}"
             );
         }

@@ -126,6 +126,10 @@ enum AdminCommand {
         /// The backup's directory, relative to the node's backup root.
         dir: String,
     },
+    /// What the identity policy in force refuses among what is stored: per kind, the profiles
+    /// over its `max_per_profile` and the blocked values bound (a policy change never rewrites
+    /// them).
+    IdentityAudit,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Segment(command) => segment_cli::run(&client, command, cli.json).await?,
         Command::Cluster(ClusterCommand::Status) => status::run(&client, cli.json).await?,
         Command::Admin(AdminCommand::Backup { dir }) => run_backup(&client, &dir, cli.json).await?,
+        Command::Admin(AdminCommand::IdentityAudit) => run_audit(&client, cli.json).await?,
         Command::Bench(args) => bench::run(&cli.server, args, cli.json).await?,
     }
     Ok(())
@@ -240,6 +245,29 @@ async fn run_backup(client: &Client, dir: &str, json: bool) -> anyhow::Result<()
     } else {
         print_manifest(dir, &manifest)?;
     }
+    Ok(())
+}
+
+async fn run_audit(client: &Client, json: bool) -> anyhow::Result<()> {
+    let audit = client.identity_audit().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&audit)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>12} {:>14}",
+        "kind", "over_limit", "blocked_bound"
+    );
+    for (kind, found) in &audit.kinds {
+        println!(
+            "{kind:<24} {:>12} {:>14}",
+            found.over_limit, found.blocked_bound
+        );
+    }
+    println!(
+        "{} of {} shards audited",
+        audit.shards_done, audit.shards_total
+    );
     Ok(())
 }
 

@@ -158,14 +158,17 @@ impl World {
             .collect();
         let (tagged, ordering) = phones.split_at(BULK_PROFILES);
         let ts = Millis(EPOCH_MS + self.now as i64).to_string();
+        // Judged by the rules the replica has (they change before the bulk, if at all).
+        let rules_version = self.replica(node, shard).state.rules_version();
         let ordered = Millis(EPOCH_MS + BULK_EXPIRES_MS - DAY_MS).to_string();
         let routed = |json: serde_json::Value| {
             let raw = serde_json::value::to_raw_value(&json).expect("json");
             Routed {
                 event: Event::parse(&raw, None).expect("a valid event"),
                 target: Target::Claim,
+                rules_version,
                 link_elsewhere: vec![],
-                bound: vec![],
+                found: vec![],
             }
         };
         let tags = tagged

@@ -14,8 +14,6 @@ use oneid_state::store::MemState;
 use oneid_state::{decode, keys, ShardMeta};
 use std::ops::Bound;
 
-/// Pairs per chunk: few, so that a transfer takes many round trips for faults to fall between.
-const CHUNK_PAIRS: usize = 8;
 /// How long a fetch waits for a chunk before it asks again, and how often it asks.
 const CHUNK_TIMEOUT_MS: u64 = 1_000;
 const CHUNK_ATTEMPTS: u32 = 3;
@@ -273,6 +271,7 @@ impl World {
     ) {
         let key = (snapshot.shard, snapshot.id);
         let now = self.now;
+        let chunk_pairs = self.shape.chunk_pairs;
         let chunk = self.nodes[node]
             .held
             .get_mut(&key)
@@ -284,11 +283,11 @@ impl World {
                     .state
                     .0
                     .range((lower, Bound::Unbounded))
-                    .take(CHUNK_PAIRS + 1)
+                    .take(chunk_pairs + 1)
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                let last = pairs.len() <= CHUNK_PAIRS;
-                pairs.truncate(CHUNK_PAIRS);
+                let last = pairs.len() <= chunk_pairs;
+                pairs.truncate(chunk_pairs);
                 Chunk { pairs, last }
             });
         if chunk.is_some() {

@@ -21,7 +21,7 @@ use super::profile::Profile;
 use super::tx::{reject_field, EventWrites, Tx};
 use super::{note_channel, DedupRecord, LedgerRecord};
 use super::{LedgerKind, ShardState};
-use crate::command::{EventOutcome, FollowUp, Output, Routed};
+use crate::command::{EventOutcome, FollowUp, Found, LegacyRouted, Output, Routed, Target};
 use oneid_protocol::event::{Event, EventBody, EventError, POINTS_PER_EVENT_MAX};
 use oneid_protocol::num::Millis;
 use oneid_protocol::ErrorCode;
@@ -139,7 +139,7 @@ fn earn(
 }
 
 /// Refuses an event dated more than [`EVENT_TS_AHEAD_MAX_MS`] after `target`, the shard's
-/// time, if `bound` (see [`ShardState::apply_events`]).
+/// time, if `bound` (all but format-7 events, see `Command::LegacyEvents`).
 fn check_ts(ts: Millis, target: Millis, bound: bool) -> Result<(), EventError> {
     if bound && ts.0.saturating_sub(target.0) > EVENT_TS_AHEAD_MAX_MS {
         return Err(reject_field(
@@ -189,23 +189,30 @@ pub(super) fn check_totals(profile: &Profile, body: &EventBody) -> Result<(), Ev
     }
 }
 
+/// Which release's events an `Events` entry holds: they apply as that release applied them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EventsOf {
+    /// Format 7 (`Command::LegacyEvents`): no bound on `ts`, no identity policy.
+    Format7,
+    /// Formats 8 and 9 (`Command::LegacyEvents9`): no identity policy.
+    Format9,
+    /// This format (`Command::Events`).
+    Current,
+}
+
 impl ShardState {
-    /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
-    /// added to `follow_ups`.
     /// Applies a batch of events in order: their outcomes, and the follow-ups they left.
-    /// `bound_ts`: refuse events dated more than [`EVENT_TS_AHEAD_MAX_MS`] ahead (all but
-    /// format-7 events, see `Command::LegacyEvents`).
     pub(super) fn apply_events(
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
         events: Vec<Routed>,
-        bound_ts: bool,
+        of: EventsOf,
     ) -> Output {
         let mut follow_ups = Vec::new();
         let outcomes = events
             .into_iter()
-            .map(|routed| self.apply_event(tx, index, routed, bound_ts, &mut follow_ups))
+            .map(|routed| self.apply_event(tx, index, routed, of, &mut follow_ups))
             .collect();
         Output::Events {
             outcomes,
@@ -213,22 +220,55 @@ impl ShardState {
         }
     }
 
+    /// An event of an older format as this one routes it (its router's word on bindings
+    /// taken at the shard's epoch: there was no other).
+    pub(super) fn routed_anew(&self, legacy: LegacyRouted) -> Routed {
+        let found = legacy
+            .bound
+            .iter()
+            .map(|bound| match legacy.target {
+                Target::Existing(oneid) if *bound => Found::Bound {
+                    oneid,
+                    epoch: self.record.binding_epoch,
+                },
+                _ => Found::Unbound,
+            })
+            .collect();
+        Routed {
+            event: legacy.event,
+            target: legacy.target,
+            rules_version: self.rules_version,
+            link_elsewhere: legacy.link_elsewhere,
+            found,
+        }
+    }
+
+    /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
+    /// added to `follow_ups`.
     fn apply_event(
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
         routed: Routed,
-        bound_ts: bool,
+        of: EventsOf,
         follow_ups: &mut Vec<FollowUp>,
     ) -> EventOutcome {
         let Routed {
             event,
             target,
+            rules_version,
             link_elsewhere,
-            bound: known_bound,
+            found,
         } = routed;
-        let local = self.local_identities(tx, &event, target, &known_bound);
-        let (mut profile, stored_hash) = match self.target_profile(tx, &event, target, &local) {
+        let policy = of == EventsOf::Current;
+        if policy && rules_version != self.rules_version {
+            return EventOutcome::StaleRules(self.rules_version);
+        }
+        let sighting = match self.sight(tx, &event, target, &found, policy) {
+            Ok(sighting) => sighting,
+            Err(error) => return EventOutcome::Rejected(error),
+        };
+        let (mut profile, stored_hash) = match self.target_profile(tx, &event, target, &sighting) {
             Ok(found) => found,
             Err(outcome) => return outcome,
         };
@@ -242,11 +282,14 @@ impl ShardState {
         }
         let before = stored_hash.and_then(|_| self.stamp(&profile));
         let mut writes = EventWrites::default();
-        let accepted = check_ts(event.ts, self.record.target, bound_ts)
+        let existed = stored_hash.is_some();
+        let accepted = check_ts(event.ts, self.record.target, of != EventsOf::Format7)
             .and_then(|()| self.apply_body(tx, &mut profile, &event, &mut writes))
-            .and_then(|()| self.take_identities(&mut profile, &local, link_elsewhere));
-        let (new_bindings, to_link) = match accepted {
-            Ok(identities) => identities,
+            .and_then(|()| {
+                self.take_identities(tx, &mut profile, existed, sighting, link_elsewhere)
+            });
+        let taken = match accepted {
+            Ok(taken) => taken,
             Err(error) => {
                 self.activations.discard(oneid);
                 return EventOutcome::Rejected(error);
@@ -262,15 +305,15 @@ impl ShardState {
         }
         // Identities listed here were read as unbound, the dedup key as absent, and ledger and
         // eviction keys carry fresh sequence numbers: no old values to read back.
-        for identity in new_bindings {
+        for identity in &taken.new_bindings {
             tx.put_new(keys::identity(identity), &oneid);
         }
-        self.file_follow_ups(tx, oneid, to_link, follow_ups);
+        self.file_follow_ups(tx, oneid, taken.to_link, follow_ups);
         writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
         tx.put_new(dedup_key.clone(), &DedupRecord { index });
         self.retained.dedup.push(dedup_key);
         self.finish_profile(tx, profile, stored_hash, before.as_ref());
-        EventOutcome::Applied(oneid)
+        EventOutcome::Applied(oneid, taken.not_linked)
     }
 }
 
