@@ -78,6 +78,8 @@ pub struct Router {
 #[derive(Clone)]
 pub struct Judge {
     version: u64,
+    /// The rules of that version (what the router installs on a shard it finds behind).
+    rules: Arc<Rules>,
     policy: Arc<IdentityPolicy>,
     blocks: Arc<BlockList>,
     /// Read from the registry shard during this request: no newer version was ordered before
@@ -89,6 +91,7 @@ impl Judge {
     fn new(rules: &Rules, version: u64) -> Judge {
         Judge {
             version,
+            rules: Arc::new(rules.clone()),
             policy: Arc::new(rules.identity.clone()),
             blocks: Arc::new(rules.identity.block_list()),
             fresh: true,
@@ -441,7 +444,7 @@ impl Router {
         .await;
         let mut follow_ups: Vec<FollowUp> = Vec::new();
         let mut applied: Vec<(usize, Vec<Identity>)> = Vec::new();
-        let mut stale = false;
+        let mut stale = Vec::new();
         for (shard, (events, reply)) in replies {
             match reply {
                 Ok(Output::Events {
@@ -450,7 +453,7 @@ impl Router {
                 }) => {
                     follow_ups.extend(left);
                     for ((position, event), outcome) in events.into_iter().zip(outcomes) {
-                        match self.learn(shard, &event, outcome, bindings, judge) {
+                        match self.learn(shard, &event, outcome, bindings) {
                             Learned::Answer(answer) => {
                                 if answer
                                     .as_ref()
@@ -460,9 +463,8 @@ impl Router {
                                 }
                                 done.answers.push((position, answer));
                             }
-                            Learned::Stale => {
-                                stale = true;
-                                done.again.push((position, event));
+                            Learned::Stale(version) => {
+                                stale.push((position, event, shard, version))
                             }
                         }
                     }
@@ -475,8 +477,8 @@ impl Router {
                 ),
             }
         }
-        if stale {
-            self.rejudge(judge, &mut done).await;
+        if !stale.is_empty() {
+            self.reroute_stale(stale, judge, &mut done).await;
         }
         if !follow_ups.is_empty() {
             // A crash here leaves applied events whose identities are not bound yet: the
@@ -518,30 +520,49 @@ impl Router {
         (entries, alone)
     }
 
-    /// Reads the rules again after a shard answered an event judged by another version: the
-    /// events go again if the registry's version moved; if not, the shard is behind the
-    /// registry (a PUT is still installing them) and they are answered `unavailable`.
-    async fn rejudge(&self, judge: &mut Judge, done: &mut WaveDone) {
-        let moved = match self.refresh_judge().await {
-            Ok(fresh) => {
-                let moved = fresh.version != judge.version;
-                *judge = fresh;
-                moved
+    /// Events a shard refused as judged by another rules version than its own: they go again,
+    /// after the router read the rules anew if that shard's are newer than its own, or
+    /// installed its own on that shard if they are older (a PUT whose install there did not
+    /// land yet: the registry ordered them, and a shard keeps the highest version it is sent,
+    /// so any node may install them again).
+    async fn reroute_stale(
+        &self,
+        stale: Vec<(usize, Event, ShardId, u64)>,
+        judge: &mut Judge,
+        done: &mut WaveDone,
+    ) {
+        let newest = stale.iter().map(|(_, _, _, version)| *version).max();
+        if newest > Some(judge.version) {
+            match self.refresh_judge().await {
+                Ok(fresh) => *judge = fresh,
+                Err(error) => {
+                    let answers = stale
+                        .into_iter()
+                        .map(|(p, ..)| (p, Err(unavailable(&error))));
+                    done.answers.extend(answers);
+                    return;
+                }
             }
-            Err(_) => false,
+        }
+        let behind: BTreeSet<ShardId> = stale
+            .iter()
+            .filter(|(_, _, _, version)| *version < judge.version)
+            .map(|(_, _, shard, _)| *shard)
+            .collect();
+        let install = Command::InstallRules {
+            version: judge.version,
+            rules: Box::new(Rules::clone(&judge.rules)),
         };
-        if !moved {
-            let version = judge.version;
-            done.answers
-                .extend(std::mem::take(&mut done.again).into_iter().map(|(p, _)| {
-                    (
-                        p,
-                        Err(EventError::new(
-                            ErrorCode::Unavailable,
-                            format!("the rules of version {version} are still being installed; retry the event"),
-                        )),
-                    )
-                }));
+        let installs = per_shard(behind.into_iter().map(|shard| {
+            tracing::info!(%shard, version = judge.version, "installing rules on a shard behind the registry");
+            (shard, self.shards.propose(shard, install.clone()))
+        }))
+        .await;
+        for (position, event, shard, _) in stale {
+            match installs.get(&shard) {
+                Some(Err(error)) => done.answers.push((position, Err(unavailable(error)))),
+                _ => done.again.push((position, event)),
+            }
         }
     }
 
@@ -744,7 +765,6 @@ impl Router {
         event: &Event,
         outcome: EventOutcome,
         bindings: &mut Bindings,
-        judge: &Judge,
     ) -> Learned {
         Learned::Answer(match outcome {
             EventOutcome::Applied(oneid, not_linked) => {
@@ -753,7 +773,7 @@ impl Router {
                     let linked = !not_linked
                         .iter()
                         .any(|n| n.kind == identity.kind && n.value == identity.value);
-                    if linked && judge.live(identity) && identity.shard(self.n_shards) == shard {
+                    if linked && identity.shard(self.n_shards) == shard {
                         bindings.insert(identity.clone(), Some((oneid, epoch)));
                     }
                 }
@@ -765,7 +785,7 @@ impl Router {
             }
             EventOutcome::Duplicate(oneid) => Ok(Accepted::duplicate(oneid)),
             EventOutcome::Rejected(error) => Err(error),
-            EventOutcome::StaleRules(_) => return Learned::Stale,
+            EventOutcome::StaleRules(version) => return Learned::Stale(version),
         })
     }
 }
@@ -805,8 +825,8 @@ enum Alone {
 /// What a shard's answer to an event told.
 enum Learned {
     Answer(Answer),
-    /// The shard's rules have another version than the one the event was judged by.
-    Stale,
+    /// The shard's rules have this version, not the one the event was judged by.
+    Stale(u64),
 }
 
 /// Splits `todo` into this wave and the rest. An event joins the wave unless it shares an

@@ -516,3 +516,43 @@ async fn a_policy_put_through_one_node_judges_events_through_every_node() {
         );
     }
 }
+
+/// A PUT answered 503 because its installs did not land (its version is ordered, but the
+/// other shards still have the old rules): the routers install it on a shard they find behind,
+/// and events go on, judged by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_a_put_left_uninstalled_are_installed_by_the_routers() {
+    let mut node = TestNode::create(NodeOptions::default());
+    node.restart_with_env(&[], &[("FAILPOINTS", "api::before_installs=return")])
+        .await;
+    let client = node.client_once();
+    let policy = rules_doc(&json!({"identity": {"blocked_values": {"exact": ["N/A"]}}}));
+    let refused = client.set_rules(&policy).await.expect_err("installs kept");
+    assert_eq!(refused.code(), Some(&ErrorCode::Unavailable), "{refused:?}");
+    assert_eq!(client.rules().await.expect("GET").version, Some(1));
+    // Events whose profiles live on every other shard than the registry's.
+    for shard in 1..SHARDS {
+        let phone = value_where("phone", "1350000", SHARDS, |s| s == shard);
+        // `unknown` is no longer blocked (the new list replaced the defaults): one kind each.
+        let kind = ["", "email", "jd_pin", "wechat_openid"][shard as usize];
+        let result = send_one(
+            &client,
+            json!({"event_id": format!("i-{shard}"), "type": "identify",
+                "identities": {"phone": phone, "nickname": "N/A", kind: "unknown"}}),
+        )
+        .await;
+        let oneid = applied(
+            &result,
+            &[not_linked("nickname", "N/A", NotLinkedReason::BlockedValue)],
+        );
+        assert_eq!(lookup(&client, kind, "unknown").await, Some(oneid.clone()));
+        assert_eq!(
+            oneid
+                .parse::<oneid_protocol::ids::OneId>()
+                .unwrap()
+                .shard()
+                .0,
+            shard
+        );
+    }
+}

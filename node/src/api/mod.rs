@@ -540,6 +540,11 @@ impl Api {
     /// shard that cannot take it now makes this a 503 saying `what` is done but not everywhere:
     /// the same request again finishes it (installs keep the highest version).
     async fn install_elsewhere(&self, install: Command, what: &str) -> Result<(), ApiError> {
+        // A test makes a PUT's installs not land, as a shard without a leader would.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("api::before_installs", |_| Err(ApiError::unavailable(
+            format!("{what}, but the failpoint api::before_installs kept it from the other shards")
+        )));
         let installs = (0..self.shards.n_shards)
             .filter(|s| *s != REGISTRY_SHARD)
             .map(|s| (ShardId(s), self.shards.propose(ShardId(s), install.clone())));

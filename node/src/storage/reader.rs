@@ -394,6 +394,10 @@ impl StateReader {
                 let Some(shard) = identities.first().map(|i| i.shard(self.n_shards)) else {
                     return Ok(Answer::Identities(Vec::new(), 0));
                 };
+                debug_assert!(
+                    identities.iter().all(|i| i.shard(self.n_shards) == shard),
+                    "an identity read names one shard's identities (its epoch is that shard's)"
+                );
                 // The epoch first: bindings read after it are at least as new, so none is
                 // cached as valid at an epoch it did not hold at.
                 let epoch = self.replica_binding_epoch(shard);

@@ -141,8 +141,8 @@ pub struct Routed {
     /// Identities of the event, not blocked and unbound when routed, held by other shards'
     /// indexes: bound and linked after the event applies, within the profile's limits.
     pub link_elsewhere: Vec<Identity>,
-    /// For each of the event's identities, in order: what the router found (blocked values
-    /// are not looked up: `Unbound`). Empty: nothing is known.
+    /// For each of the event's identities, in order: what the router found (`Unbound` for a
+    /// blocked value, whatever its binding: it picks no profile). Empty: nothing is known.
     pub found: Vec<Found>,
 }
 

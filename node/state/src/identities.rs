@@ -7,9 +7,10 @@ use crate::command::Found;
 use oneid_protocol::api::{NotLinked, NotLinkedReason};
 use oneid_protocol::policy::IdentityPolicy;
 
-/// Most pending links of a profile an event reads. A profile gets at most
-/// [`IDENTITIES_PER_PROFILE_MAX`] (an event counts them against its limits, and one is never
-/// filed twice), so this bounds the read without cutting it.
+/// Most pending links of a profile an event reads. An event of this format files none past
+/// the profile's limits and none twice, so a profile has at most
+/// [`IDENTITIES_PER_PROFILE_MAX`]; events of older formats still in a migrated log may have
+/// filed more, which this bound then undercounts (never past the read).
 const PENDING_LINKS_READ_MAX: usize = 4 * IDENTITIES_PER_PROFILE_MAX;
 
 /// The event's identities as apply sees them (see [`ShardState::sight`]).
