@@ -48,7 +48,7 @@ use oneid_replica::ShardError;
 use oneid_state::command::{
     Command, EventOutcome, FollowUp, Found, Output, Routed, Target, REGISTRY_SHARD,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +85,10 @@ pub struct Judge {
     /// Read from the registry shard during this request: no newer version was ordered before
     /// the request began.
     fresh: bool,
+    /// The blocked identities among those of the events [`Judge::scan`] was given (most
+    /// batches have none), so that judging an identity again and again within a wave costs a
+    /// lookup in a usually empty set; `None`: not scanned (each identity is matched).
+    scanned: Option<HashSet<Identity>>,
 }
 
 impl Judge {
@@ -95,12 +99,28 @@ impl Judge {
             policy: Arc::new(rules.identity.clone()),
             blocks: Arc::new(rules.identity.block_list()),
             fresh: true,
+            scanned: None,
         }
+    }
+
+    /// Matches every identity of `events` against the blocked values once: until the next
+    /// scan, [`Judge::live`] answers for them from that.
+    fn scan(&mut self, events: &[Pending]) {
+        let blocked = events
+            .iter()
+            .flat_map(|(_, event)| &event.identities)
+            .filter(|identity| self.blocks.blocks(identity))
+            .cloned()
+            .collect();
+        self.scanned = Some(blocked);
     }
 
     /// Whether `identity` takes part (its value is not blocked).
     fn live(&self, identity: &Identity) -> bool {
-        !self.blocks.blocks(identity)
+        match &self.scanned {
+            Some(blocked) => blocked.is_empty() || !blocked.contains(identity),
+            None => !self.blocks.blocks(identity),
+        }
     }
 
     /// The event's identities that take part.
@@ -263,6 +283,7 @@ impl Router {
             if todo.is_empty() {
                 break;
             }
+            judge.scan(&todo);
             let (wave, rest) = split_wave(todo, &bindings, &judge);
             let done = self.run_wave(wave, &mut bindings, &mut judge).await;
             for (position, answer) in done.answers {
@@ -508,9 +529,9 @@ impl Router {
         let mut entries: BTreeMap<ShardId, (Vec<Pending>, Vec<Routed>)> = BTreeMap::new();
         for (position, event) in wave {
             match self.route(&event, bindings, judge) {
-                Ok(Route::To(shard)) => {
+                Ok(Route::To(shard, target)) => {
                     let (events, routed) = entries.entry(shard).or_default();
-                    routed.push(self.routed(&event, shard, bindings, judge));
+                    routed.push(self.routed(&event, shard, target, bindings, judge));
                     events.push((position, event));
                 }
                 Ok(Route::Rejected(error)) => done.answers.push((position, Err(error))),
@@ -620,18 +641,21 @@ impl Router {
         if profiles.len() > 1 {
             return Err(Alone::Conflict(profiles));
         }
-        Ok(Route::To(match profiles.first() {
-            Some(oneid) => oneid.shard(),
-            None => anchor(&live, judge).shard(self.n_shards),
-        }))
+        Ok(match profiles.first() {
+            Some(&oneid) => Route::To(oneid.shard(), Target::Existing(oneid)),
+            None => Route::To(anchor(&live, judge).shard(self.n_shards), Target::Claim),
+        })
     }
 
-    /// The event as routed to `shard` (where [`Router::route`] sent it).
-    fn routed(&self, event: &Event, shard: ShardId, bindings: &Bindings, judge: &Judge) -> Routed {
-        let target = match profiles_of(event, bindings, judge).first() {
-            Some(&oneid) => Target::Existing(oneid),
-            None => Target::Claim,
-        };
+    /// The event as routed to `shard`, for `target` (where and how [`Router::route`] sent it).
+    fn routed(
+        &self,
+        event: &Event,
+        shard: ShardId,
+        target: Target,
+        bindings: &Bindings,
+        judge: &Judge,
+    ) -> Routed {
         let link_elsewhere: Vec<Identity> = judge
             .live_of(event)
             .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
@@ -810,7 +834,7 @@ fn profiles_of(event: &Event, bindings: &Bindings, judge: &Judge) -> BTreeSet<On
 
 /// Where [`Router::route`] sends an event.
 enum Route {
-    To(ShardId),
+    To(ShardId, Target),
     Rejected(EventError),
 }
 

@@ -370,7 +370,14 @@ struct List {
 impl List {
     fn matches(&self, value: &str) -> bool {
         let exact = if self.any_case {
-            self.exact.binary_search(&value.to_lowercase()).is_ok()
+            // Most values are ASCII: compared without building their lowercase form.
+            if value.is_ascii() {
+                self.exact
+                    .binary_search_by(|v| ascii_lowercase_cmp(v, value))
+                    .is_ok()
+            } else {
+                self.exact.binary_search(&value.to_lowercase()).is_ok()
+            }
         } else {
             self.exact
                 .binary_search_by(|v| v.as_str().cmp(value))
@@ -378,6 +385,14 @@ impl List {
         };
         exact || self.patterns.is_match(value)
     }
+}
+
+/// `listed` (lowercase) against `value` (ASCII) lowercased, byte by byte: the order of
+/// `listed.cmp(&value.to_lowercase())`.
+fn ascii_lowercase_cmp(listed: &str, value: &str) -> std::cmp::Ordering {
+    listed
+        .bytes()
+        .cmp(value.bytes().map(|b| b.to_ascii_lowercase()))
 }
 
 impl BlockList {

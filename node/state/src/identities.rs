@@ -334,20 +334,40 @@ impl ShardState {
         if !sighting.policy {
             return self.take_identities_unjudged(profile, sighting, link_elsewhere);
         }
-        let pending = if existed {
-            self.pending_links(tx, profile.oneid)
-        } else {
-            BTreeSet::new()
-        };
-        let mut limits = Limits::new(profile, &pending);
         let mut taken = Taken {
             not_linked: sighting.not_linked,
             ..Taken::default()
         };
-        // (identity, held here): those to bind, in (kind, value) order, which the limits
-        // admit first.
+        let candidates = self.candidates(
+            profile,
+            sighting.live,
+            link_elsewhere,
+            &mut taken.not_linked,
+        )?;
+        // Most events name only identities their profile holds: nothing more to read.
+        if !candidates.is_empty() {
+            self.admit(tx, profile, existed, candidates, &mut taken);
+        }
+        taken
+            .not_linked
+            .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+        self.check_follow_ups_room(taken.to_link.len())?;
+        Ok(taken)
+    }
+
+    /// The identities the event could give its profile, each with whether this shard holds it
+    /// (bound here now) or another (bound there by a follow-up), in (kind, value) order, which
+    /// the limits admit first; an unmergeable one bound to another profile goes to
+    /// `not_linked`, and a mergeable one is a conflict (the router resolves those first).
+    fn candidates(
+        &self,
+        profile: &Profile,
+        live: Vec<(Identity, Binding)>,
+        link_elsewhere: Vec<Identity>,
+        not_linked_out: &mut Vec<NotLinked>,
+    ) -> Result<Vec<(Identity, bool)>, EventError> {
         let mut candidates: Vec<(Identity, bool)> = Vec::new();
-        for (identity, binding) in sighting.live {
+        for (identity, binding) in live {
             match binding {
                 Binding::Here(None) => candidates.push((identity, true)),
                 _ if link_elsewhere.contains(&identity) => {}
@@ -357,9 +377,7 @@ impl ShardState {
                     if self.rules.identity.merges(&identity.kind) {
                         return Err(conflict(oneid, profile.oneid));
                     }
-                    taken
-                        .not_linked
-                        .push(not_linked(&identity, NotLinkedReason::MergeDisabled));
+                    not_linked_out.push(not_linked(&identity, NotLinkedReason::MergeDisabled));
                 }
                 _ => {}
             }
@@ -370,7 +388,27 @@ impl ShardState {
                 .filter(|identity| !self.blocks.blocks(identity))
                 .map(|identity| (identity, false)),
         );
+        candidates.retain(|(identity, _)| !profile.holds(identity));
         candidates.sort();
+        Ok(candidates)
+    }
+
+    /// Takes the candidates the limits admit (counting the links still pending); the others
+    /// go to `not_linked`.
+    fn admit(
+        &self,
+        tx: &Tx<'_>,
+        profile: &mut Profile,
+        existed: bool,
+        candidates: Vec<(Identity, bool)>,
+        taken: &mut Taken,
+    ) {
+        let pending = if existed {
+            self.pending_links(tx, profile.oneid)
+        } else {
+            BTreeSet::new()
+        };
+        let mut limits = Limits::new(profile, &pending);
         for (identity, here) in candidates {
             if profile.holds(&identity) || pending.contains(&identity) {
                 continue;
@@ -390,11 +428,6 @@ impl ShardState {
                 taken.to_link.push(identity);
             }
         }
-        taken
-            .not_linked
-            .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
-        self.check_follow_ups_room(taken.to_link.len())?;
-        Ok(taken)
     }
 
     /// [`ShardState::take_identities`] as releases before the identity policy did it (for
