@@ -103,8 +103,8 @@ impl Judge {
         }
     }
 
-    /// Matches every identity of `events` against the blocked values once: until the next
-    /// scan, [`Judge::live`] answers for them from that.
+    /// Matches every identity of `events` against the blocked values once: from then on,
+    /// [`Judge::live`] answers for them (and only them) from that.
     fn scan(&mut self, events: &[Pending]) {
         let blocked = events
             .iter()
@@ -263,19 +263,19 @@ impl Router {
         };
         let (mut bindings, unresolved) = self.resolve(&todo).await;
         // Events with an identity whose shard could not be read wait for a retry.
-        let (todo_now, blocked): (Vec<Pending>, Vec<Pending>) =
+        let (todo_now, waiting): (Vec<Pending>, Vec<Pending>) =
             todo.into_iter().partition(|(_, event)| {
                 event
                     .identities
                     .iter()
                     .all(|id| !unresolved.contains_key(id))
             });
-        for (position, event) in blocked {
+        for (position, event) in waiting {
             let error = event
                 .identities
                 .iter()
                 .find_map(|id| unresolved.get(id))
-                .expect("blocked by one");
+                .expect("waits for one");
             answers[position] = Some(Err(unavailable(error)));
         }
         let mut todo = todo_now;
@@ -283,16 +283,22 @@ impl Router {
             if todo.is_empty() {
                 break;
             }
-            judge.scan(&todo);
+            // Once per judge: the events left are among those scanned (a judge read anew
+            // during a wave is not scanned yet, and matches each identity until it is).
+            if judge.scanned.is_none() {
+                judge.scan(&todo);
+            }
             let (wave, rest) = split_wave(todo, &bindings, &judge);
             let done = self.run_wave(wave, &mut bindings, &mut judge).await;
             for (position, answer) in done.answers {
                 answers[position] = Some(answer);
             }
-            // Routed again in request order, ahead of the events that waited behind them.
-            todo = done.again;
-            todo.extend(rest);
-            todo.sort_by_key(|(position, _)| *position);
+            todo = rest;
+            if !done.again.is_empty() {
+                // Routed again in request order, ahead of the events that waited behind them.
+                todo.extend(done.again);
+                todo.sort_by_key(|(position, _)| *position);
+            }
         }
         for (position, _) in todo {
             answers[position] = Some(Err(EventError::new(
@@ -600,14 +606,22 @@ impl Router {
             let epoch = self.reader.binding_epoch(identity.shard(self.n_shards));
             bindings.insert(identity.clone(), Some((*oneid, epoch)));
         }
-        let taken: BTreeSet<&(Identity, OneId)> = report.taken.iter().collect();
+        // Rare: a race between two events naming the same new identity.
+        if report.taken.is_empty() {
+            return;
+        }
         for (at, identities) in applied {
             let Ok(accepted) = &mut done.answers[at].1 else {
                 continue;
             };
             let before = accepted.not_linked.len();
             for identity in identities {
-                if taken.contains(&(identity.clone(), accepted.oneid)) {
+                let oneid = accepted.oneid;
+                if report
+                    .taken
+                    .iter()
+                    .any(|(i, o)| *o == oneid && *i == identity)
+                {
                     accepted.not_linked.push(NotLinked {
                         kind: identity.kind,
                         value: identity.value,
@@ -616,9 +630,7 @@ impl Router {
                 }
             }
             if accepted.not_linked.len() > before {
-                accepted
-                    .not_linked
-                    .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+                NotLinked::sort(&mut accepted.not_linked);
             }
         }
     }

@@ -148,6 +148,13 @@ pub struct NotLinked {
     pub reason: NotLinkedReason,
 }
 
+impl NotLinked {
+    /// Puts a result's list in its documented order: by (kind, value).
+    pub fn sort(list: &mut [NotLinked]) {
+        list.sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+    }
+}
+
 crate::open_enum! {
     /// Why an identity of an applied event was not linked to its profile.
     pub enum NotLinkedReason {

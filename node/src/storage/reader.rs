@@ -510,3 +510,72 @@ impl StateReader {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::storage::TempDir;
+    use oneid_replica::write::{Space, WriteOp};
+    use oneid_state::ShardRecord;
+
+    const SHARD: ShardId = ShardId(0);
+
+    /// A cached binding is served only at its shard's latest epoch, which identity reads
+    /// (and, in the node, the leaders' pings) raise; a binding read at an older epoch than
+    /// the latest is not cached.
+    #[test]
+    fn a_cached_binding_is_served_only_at_its_shards_latest_epoch() {
+        let dir = TempDir::new("reader-epochs");
+        let storage = Storage::open(&dir.0, 1, &[SHARD], StorageConfig::default());
+        let reader = StateReader::new(Arc::new(storage.expect("opening")), 1);
+        let phone = Identity {
+            kind: "phone".into(),
+            value: "138".into(),
+        };
+        let (p, q) = (OneId::mint(SHARD, 1), OneId::mint(SHARD, 2));
+        reader.cache_identity(&phone, p, 0);
+        assert_eq!(reader.cached_identity(&phone), Some((p, 0)));
+        reader.note_binding_epoch(SHARD, 1);
+        assert_eq!(
+            reader.cached_identity(&phone),
+            None,
+            "dropped: its epoch moved"
+        );
+        reader.cache_identity(&phone, q, 0);
+        assert_eq!(reader.cached_identity(&phone), None, "read before the move");
+        reader.cache_identity(&phone, q, 1);
+        assert_eq!(reader.cached_identity(&phone), Some((q, 1)));
+
+        // An identity read answers the replica's epoch (here 3) and raises the node's.
+        let record = ShardRecord {
+            binding_epoch: 3,
+            ..ShardRecord::default()
+        };
+        let email = Identity {
+            kind: "email".into(),
+            value: "a@x".into(),
+        };
+        reader.storage().write_for_test(vec![
+            WriteOp::put(
+                Space::State(SHARD),
+                keys::SHARD,
+                postcard::to_stdvec(&record).expect("encodes"),
+            ),
+            WriteOp::put(
+                Space::State(SHARD),
+                keys::identity(&email),
+                postcard::to_stdvec(&p).expect("encodes"),
+            ),
+        ]);
+        let answer = reader.answer(&Query::Identities(vec![email.clone()]));
+        assert_eq!(answer, Ok(Answer::Identities(vec![Some(p)], 3)));
+        assert_eq!(reader.binding_epoch(SHARD), 3);
+        assert_eq!(
+            reader.cached_identity(&phone),
+            None,
+            "epoch 1 is no longer the latest"
+        );
+        assert_eq!(reader.cached_identity(&email), Some((p, 3)));
+    }
+}

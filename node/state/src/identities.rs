@@ -1,6 +1,8 @@
-//! Identities: the bindings of the shard's slice of the identity index (`Bind`, claimed once
-//! and never changed), what an event's identities resolve to (the target profile and the
-//! identities it takes), and the follow-ups that bind the others at their own shards.
+//! Identities: the bindings of the shard's slice of the identity index (`Bind`, claimed once;
+//! nothing changes one yet, and the binding epoch is what will say so), what an event's
+//! identities resolve to under the identity policy (the target profile, the identities it
+//! takes within the limits, and those it does not link), and the follow-ups that bind the
+//! others at their own shards.
 
 use super::*;
 use crate::command::Found;
@@ -14,9 +16,9 @@ use oneid_protocol::policy::IdentityPolicy;
 const PENDING_LINKS_READ_MAX: usize = 4 * IDENTITIES_PER_PROFILE_MAX;
 
 /// The event's identities as apply sees them (see [`ShardState::sight`]).
-pub(super) struct Sighting {
+pub(super) struct Sighting<'e> {
     /// The identities not blocked, in the event's order, each with its binding.
-    live: Vec<(Identity, Binding)>,
+    live: Vec<(&'e Identity, Binding)>,
     /// The blocked ones.
     not_linked: Vec<NotLinked>,
     /// Whether the identity policy holds (not for events of older formats).
@@ -188,14 +190,14 @@ impl ShardState {
     /// binding: read here for those this shard holds (or the router's word, while this shard's
     /// binding epoch is the one it was read at), the router's for the others. An event whose
     /// identities are all blocked and that names no profile is refused `blocked_identity`.
-    pub(super) fn sight(
+    pub(super) fn sight<'e>(
         &self,
         tx: &Tx<'_>,
-        event: &Event,
+        event: &'e Event,
         target: Target,
         found: &[Found],
         policy: bool,
-    ) -> Result<Sighting, EventError> {
+    ) -> Result<Sighting<'e>, EventError> {
         let mut sighting = Sighting {
             live: Vec::with_capacity(event.identities.len()),
             not_linked: Vec::new(),
@@ -224,7 +226,7 @@ impl ShardState {
                     _ => tx.get_as::<OneId>(&keys::identity(identity)),
                 })
             };
-            sighting.live.push((identity.clone(), binding));
+            sighting.live.push((identity, binding));
         }
         if policy && sighting.live.is_empty() && target == Target::Claim {
             return Err(reject_field(
@@ -246,7 +248,7 @@ impl ShardState {
         tx: &Tx<'_>,
         event: &Event,
         target: Target,
-        sighting: &Sighting,
+        sighting: &Sighting<'_>,
     ) -> Result<(Profile, Option<u64>), EventOutcome> {
         let (mut bound, unmergeable) = self.bound_here(sighting);
         if let Target::Existing(oneid) = target {
@@ -294,7 +296,7 @@ impl ShardState {
 
     /// Whether the event names an identity of a mergeable kind (not blocked): then those pick
     /// its profile (a new one if none is bound), never an unmergeable one.
-    fn has_mergeable(&self, sighting: &Sighting) -> bool {
+    fn has_mergeable(&self, sighting: &Sighting<'_>) -> bool {
         sighting
             .live
             .iter()
@@ -303,7 +305,7 @@ impl ShardState {
 
     /// The profiles the event's identities held here are bound to: those of mergeable kinds
     /// (every kind, for older formats), and the first of the others.
-    fn bound_here(&self, sighting: &Sighting) -> (BTreeSet<OneId>, Option<OneId>) {
+    fn bound_here(&self, sighting: &Sighting<'_>) -> (BTreeSet<OneId>, Option<OneId>) {
         let mut mergeable = BTreeSet::new();
         let mut unmergeable = None;
         for (identity, binding) in &sighting.live {
@@ -328,7 +330,7 @@ impl ShardState {
         tx: &Tx<'_>,
         profile: &mut Profile,
         existed: bool,
-        sighting: Sighting,
+        sighting: Sighting<'_>,
         link_elsewhere: Vec<Identity>,
     ) -> Result<Taken, EventError> {
         if !sighting.policy {
@@ -348,9 +350,7 @@ impl ShardState {
         if !candidates.is_empty() {
             self.admit(tx, profile, existed, candidates, &mut taken);
         }
-        taken
-            .not_linked
-            .sort_by(|a, b| (&a.kind, &a.value).cmp(&(&b.kind, &b.value)));
+        NotLinked::sort(&mut taken.not_linked);
         self.check_follow_ups_room(taken.to_link.len())?;
         Ok(taken)
     }
@@ -362,22 +362,22 @@ impl ShardState {
     fn candidates(
         &self,
         profile: &Profile,
-        live: Vec<(Identity, Binding)>,
+        live: Vec<(&Identity, Binding)>,
         link_elsewhere: Vec<Identity>,
         not_linked_out: &mut Vec<NotLinked>,
     ) -> Result<Vec<(Identity, bool)>, EventError> {
         let mut candidates: Vec<(Identity, bool)> = Vec::new();
         for (identity, binding) in live {
             match binding {
-                Binding::Here(None) => candidates.push((identity, true)),
-                _ if link_elsewhere.contains(&identity) => {}
+                Binding::Here(None) => candidates.push((identity.clone(), true)),
+                _ if link_elsewhere.contains(identity) => {}
                 Binding::Here(Some(oneid)) | Binding::Elsewhere(Found::Bound { oneid, .. })
                     if oneid != profile.oneid =>
                 {
                     if self.rules.identity.merges(&identity.kind) {
                         return Err(conflict(oneid, profile.oneid));
                     }
-                    not_linked_out.push(not_linked(&identity, NotLinkedReason::MergeDisabled));
+                    not_linked_out.push(not_linked(identity, NotLinkedReason::MergeDisabled));
                 }
                 _ => {}
             }
@@ -436,7 +436,7 @@ impl ShardState {
     fn take_identities_unjudged(
         &self,
         profile: &mut Profile,
-        sighting: Sighting,
+        sighting: Sighting<'_>,
         link_elsewhere: Vec<Identity>,
     ) -> Result<Taken, EventError> {
         let mut taken = Taken::default();
@@ -448,7 +448,7 @@ impl ShardState {
                     .or_default()
                     .insert(identity.value.clone())
             {
-                taken.new_bindings.push(identity);
+                taken.new_bindings.push(identity.clone());
             }
         }
         taken.to_link = link_elsewhere
