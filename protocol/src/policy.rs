@@ -278,6 +278,11 @@ impl IdentityPolicy {
         self.kinds.get(kind).cloned().unwrap_or_default()
     }
 
+    /// The priority of `kind`: a profile ranks by the highest of the kinds it holds.
+    pub fn priority(&self, kind: &str) -> i32 {
+        self.kinds.get(kind).map_or(0, |k| k.priority)
+    }
+
     /// Whether a value of `kind` may join two profiles.
     pub fn merges(&self, kind: &str) -> bool {
         self.kinds.get(kind).is_none_or(|k| k.merge)

@@ -61,6 +61,7 @@ pub const MIGRATIONS: &[Migration] = &[
     super::migrations::TO_8,
     super::migrations::TO_9,
     super::migrations::TO_10,
+    super::migrations::TO_11,
 ];
 
 const _: () = assert!(

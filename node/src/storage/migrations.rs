@@ -3,11 +3,14 @@
 //! stored bytes. Each reads only the bytes it is given (see `migrate`'s contract).
 
 use super::migrate::Migration;
+use oneid_protocol::ids::OneId;
 use oneid_protocol::num::Millis;
 use oneid_protocol::policy::IdentityPolicy;
 use oneid_protocol::rules::Retention;
 use oneid_state::command::{Command, SegmentDefine};
+use oneid_state::profile::Profile;
 use oneid_state::{keys, FollowUpRecord};
+use std::collections::BTreeMap;
 
 /// Format 8: time from a majority, retention in the rules.
 /// - The shard record holds, after the clock, the target of the last clock entry applied
@@ -72,6 +75,53 @@ pub const TO_10: Migration = Migration {
     },
     command: command_to_10,
 };
+
+/// Format 11: what merges need.
+/// - A profile ends with a write time per attribute and per manual tag (the profile's
+///   `updated_at`, as nothing older recorded one), the time its OneID was minted (its
+///   `created_at`, which no merge had moved) and the OneIDs merged into it (none).
+/// - A ledger record ends with the peer and the lot expiry of a merge entry (none).
+/// - Format 11 gives the attributes and tags an event writes their own times, so format-10
+///   `Events` become `LegacyEvents10`, which date them as this migration does.
+///
+/// The profile is decoded as this release's [`Profile`], its format-11 fields appended as
+/// their defaults: a later format that changes the fields before them must give this link a
+/// decoder of its own.
+pub const TO_11: Migration = Migration {
+    from: 10,
+    state_pair: |key, value| {
+        let value = match key.first() {
+            Some(b'p') => profile_to_11(value),
+            Some(b'l') => [value, &[0, 0]].concat(),
+            _ => value.to_vec(),
+        };
+        vec![(key.to_vec(), value)]
+    },
+    command: |command| match command.split_first() {
+        Some((&EVENTS_10, payload)) => [&[LEGACY_EVENTS_10_11], payload].concat(),
+        _ => command.to_vec(),
+    },
+};
+
+/// Format 10's `Events`, and format 11's `LegacyEvents10`.
+const EVENTS_10: u8 = 3;
+const LEGACY_EVENTS_10_11: u8 = 16;
+
+/// A format-10 profile (postcard) as format 11 stores it.
+fn profile_to_11(value: &[u8]) -> Vec<u8> {
+    let defaults = postcard::to_stdvec(&(
+        BTreeMap::<String, Millis>::new(),
+        BTreeMap::<String, Millis>::new(),
+        Millis(0),
+        Vec::<OneId>::new(),
+    ))
+    .expect("defaults encode");
+    let mut profile: Profile = postcard::from_bytes(&[value, &defaults].concat())
+        .unwrap_or_else(|e| panic!("a format-10 profile does not decode: {e}"));
+    profile.date_writes_at_update();
+    profile.minted_at = profile.created_at;
+    postcard::to_stdvec(&profile).expect("profiles encode")
+}
 
 /// Format 9's variant numbers of the commands format 10 changed.
 const SET_RULES_9: u8 = 1;
@@ -357,6 +407,62 @@ mod tests {
             Command::Clock { target: Millis(9) },
         ] {
             assert_eq!((TO_10.command)(&kept.encode()), kept.encode());
+        }
+    }
+
+    #[test]
+    fn format_10_profiles_ledger_records_and_events_gain_what_format_11_adds() {
+        use oneid_protocol::predicate::Value;
+        use oneid_state::{LedgerKind, LedgerRecord};
+        let mut profile = Profile::new(OneId::mint(ShardId(2), 7), &Rules::default(), Millis(10));
+        profile.updated_at = Millis(50);
+        profile
+            .attributes
+            .insert("city".into(), Value::String("SH".into()));
+        profile.manual_tags.insert("vip".into(), Some(Millis(90)));
+        // Format 10's bytes: format 11's without the four fields it appends.
+        let new = postcard::to_stdvec(&profile).unwrap();
+        let old = &new[..new.len() - 4];
+        let migrated = (TO_11.state_pair)(&keys::profile(profile.oneid), old);
+        let expected = Profile {
+            attribute_at: [("city".to_string(), Millis(50))].into(),
+            manual_tag_at: [("vip".to_string(), Millis(50))].into(),
+            minted_at: Millis(10),
+            ..profile.clone()
+        };
+        assert_eq!(
+            migrated,
+            vec![(
+                keys::profile(profile.oneid),
+                postcard::to_stdvec(&expected).unwrap()
+            )]
+        );
+        let record = LedgerRecord {
+            event_id: "e".into(),
+            kind: LedgerKind::Earn,
+            points: 5,
+            balance_after: 5,
+            at: Millis(3),
+            reason: None,
+            shortfall: 0,
+            peer: None,
+            expires_at: None,
+        };
+        let new = postcard::to_stdvec(&record).unwrap();
+        let key = keys::ledger(profile.oneid, 4);
+        assert_eq!(
+            (TO_11.state_pair)(&key, &new[..new.len() - 2]),
+            vec![(key, new)]
+        );
+        // Format-10 events become LegacyEvents10; other commands keep their bytes.
+        let events = Command::Events(vec![]).encode();
+        assert_eq!(events[0], EVENTS_10);
+        assert_eq!(
+            Command::decode(&(TO_11.command)(&events)).unwrap(),
+            Command::LegacyEvents10(vec![])
+        );
+        for kept in [Command::Backfill, Command::Clock { target: Millis(9) }] {
+            assert_eq!((TO_11.command)(&kept.encode()), kept.encode());
         }
     }
 }

@@ -77,8 +77,11 @@ use std::sync::RwLock;
 /// Format 9: versioned rules (the commands `DefineRules` and `InstallRules`, the key `v`;
 /// `migrations::TO_9` rewrites nothing). Format 10: the identity policy (rules end with it,
 /// the shard record with the binding epoch, follow-ups are listed under their profiles, and
-/// format-9 events become `LegacyEvents9`: `migrations::TO_10`).
-pub const STATE_FORMAT: u32 = 10;
+/// format-9 events become `LegacyEvents9`: `migrations::TO_10`). Format 11: what merges need
+/// (profiles keep a write time per attribute and manual tag, when their OneID was minted and
+/// what was merged into them; ledger records name a merge's peer and a moved lot's expiry;
+/// format-10 events become `LegacyEvents10`: `migrations::TO_11`).
+pub const STATE_FORMAT: u32 = 11;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 

@@ -78,6 +78,12 @@ pub enum Command {
     /// as they did, before the identity policy (no blocked values, kind limits or unmergeable
     /// kinds; an event past the identity limit is refused whole).
     LegacyEvents9(Vec<LegacyRouted>),
+    /// Events of format 10, in a log migrated to format 11 (never proposed): they apply as
+    /// they did, and then every attribute and manual tag of their profile takes the
+    /// profile's `updated_at` as its write time, as the migration gives a profile it finds,
+    /// so a replica that applies one after the upgrade ends where one that applied it before
+    /// and was migrated ends.
+    LegacyEvents10(Vec<Routed>),
 }
 
 /// The shard that orders segment definitions.

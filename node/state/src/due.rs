@@ -120,7 +120,7 @@ impl ShardState {
                 let tag = String::from_utf8_lossy(detail).into_owned();
                 let current = profile.manual_tags.get(&tag) == Some(&Some(at));
                 if current {
-                    profile.manual_tags.remove(&tag);
+                    profile.remove_manual_tag(&tag);
                 }
                 current
             }

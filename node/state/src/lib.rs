@@ -19,6 +19,7 @@ pub mod due;
 mod event;
 mod identities;
 pub mod keys;
+pub mod merge;
 pub mod profile;
 pub mod retention;
 mod rules;
@@ -124,6 +125,10 @@ pub enum LedgerKind {
     Adjust,
     Expire,
     Reverse,
+    /// A lot moved in by a merge (the survivor's side: one entry per lot, with its expiry).
+    MergeIn,
+    /// Everything moved out by a merge (the loser's side: its last entry).
+    MergeOut,
 }
 
 impl LedgerKind {
@@ -134,6 +139,8 @@ impl LedgerKind {
             LedgerKind::Adjust => "adjust",
             LedgerKind::Expire => "expire",
             LedgerKind::Reverse => "reverse",
+            LedgerKind::MergeIn => "merge_in",
+            LedgerKind::MergeOut => "merge_out",
         }
     }
 }
@@ -149,6 +156,12 @@ pub struct LedgerRecord {
     pub reason: Option<String>,
     /// Points a reverse could not take back because they were already spent.
     pub shortfall: i64,
+    /// The other profile of a merge: where a `merge_in` came from, where a `merge_out` went.
+    /// Format 11's, like `expires_at`: appended, so older records gain them by appending
+    /// their `None`s.
+    pub peer: Option<OneId>,
+    /// When the lot a `merge_in` moved expires.
+    pub expires_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +350,9 @@ impl ShardState {
                 let events = events.into_iter().map(|e| self.routed_anew(e)).collect();
                 self.apply_events(tx, index, events, EventsOf::Format9)
             }
+            Command::LegacyEvents10(events) => {
+                self.apply_events(tx, index, events, EventsOf::Format10)
+            }
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
@@ -429,6 +445,8 @@ fn note_latest(times: &mut BTreeMap<String, Millis>, channel: &str, at: Millis) 
 mod due_tests;
 #[cfg(test)]
 mod identity_tests;
+#[cfg(test)]
+mod merge_tests;
 #[cfg(test)]
 mod segment_tests;
 #[cfg(test)]

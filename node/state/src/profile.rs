@@ -74,6 +74,22 @@ pub struct Profile {
     pub updated_at: Millis,
     /// Next ledger sequence number of this profile.
     pub ledger_seq: u64,
+    /// When each attribute was last written (its event's `ts`): of an attribute both
+    /// profiles of a merge hold, the newer write stays. Its keys are `attributes`' keys.
+    /// The fields from here on are format 11's, appended so that a migration can decode an
+    /// older profile with their defaults after it.
+    pub attribute_at: BTreeMap<String, Millis>,
+    /// When each manual tag was last added (its event's `ts`), for merges like
+    /// `attribute_at`. Its keys are `manual_tags`' keys.
+    pub manual_tag_at: BTreeMap<String, Millis>,
+    /// When this OneID was minted (its first event's `ts`). Unlike `created_at`, which a
+    /// merge moves to the earliest of the profiles merged, it never changes: it ranks the
+    /// profile among merge candidates (see [`crate::merge::Rank`]), so the same profiles merge
+    /// into the same survivor in any order.
+    pub minted_at: Millis,
+    /// The OneIDs merged into this one, oldest merge first (at most
+    /// [`crate::merge::MERGES_PER_PROFILE_MAX`] merges of at most three losers each).
+    pub merged_from: Vec<OneId>,
 }
 
 /// Points expiring together: one earn, or several merged (see [`LOTS_PER_PROFILE_MAX`]).
@@ -131,6 +147,10 @@ impl Profile {
             created_at: at,
             updated_at: at,
             ledger_seq: 0,
+            attribute_at: BTreeMap::new(),
+            manual_tag_at: BTreeMap::new(),
+            minted_at: at,
+            merged_from: Vec::new(),
         }
     }
 
@@ -293,6 +313,21 @@ impl Profile {
             self.oneid,
             self.lots.len()
         );
+    }
+
+    /// Gives every attribute and manual tag the profile's `updated_at` as its write time: what
+    /// a profile of a format before 11, which kept none, is taken to mean (its migration, and
+    /// each older event still in a migrated log, do this).
+    pub fn date_writes_at_update(&mut self) {
+        let at = self.updated_at;
+        self.attribute_at = self.attributes.keys().map(|k| (k.clone(), at)).collect();
+        self.manual_tag_at = self.manual_tags.keys().map(|k| (k.clone(), at)).collect();
+    }
+
+    /// Removes a manual tag and the time it was added.
+    pub fn remove_manual_tag(&mut self, tag: &str) {
+        self.manual_tags.remove(tag);
+        self.manual_tag_at.remove(tag);
     }
 
     pub fn tags(&self) -> BTreeSet<&str> {

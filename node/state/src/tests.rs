@@ -346,6 +346,8 @@ pub(super) fn ledger(
         at: at(days),
         reason: reason.map(str::to_string),
         shortfall,
+        peer: None,
+        expires_at: None,
     }
 }
 

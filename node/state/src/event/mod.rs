@@ -81,7 +81,7 @@ impl ShardState {
                 applying.tag_add(profile, writes, tag, expires_at)
             }
             EventBody::TagRemove { tag } => {
-                profile.manual_tags.remove(tag);
+                profile.remove_manual_tag(tag);
                 Ok(())
             }
             EventBody::ProfileUpdate { attributes } => {
@@ -196,8 +196,24 @@ pub(super) enum EventsOf {
     Format7,
     /// Formats 8 and 9 (`Command::LegacyEvents9`): no identity policy.
     Format9,
+    /// Format 10 (`Command::LegacyEvents10`): no write time per attribute and manual tag.
+    Format10,
     /// This format (`Command::Events`).
     Current,
+}
+
+impl EventsOf {
+    /// Whether the identity policy judges them (from format 10 on).
+    fn judged(self) -> bool {
+        matches!(self, EventsOf::Format10 | EventsOf::Current)
+    }
+
+    /// Whether they keep a write time per attribute and manual tag (format 11 on); before,
+    /// every one takes the profile's `updated_at` once the event applied, as migrating a
+    /// profile to format 11 gives them.
+    fn timed(self) -> bool {
+        self == EventsOf::Current
+    }
 }
 
 impl ShardState {
@@ -260,7 +276,7 @@ impl ShardState {
             link_elsewhere,
             found,
         } = routed;
-        let policy = of == EventsOf::Current;
+        let policy = of.judged();
         if policy && rules_version != self.rules_version {
             return EventOutcome::StaleRules(self.rules_version);
         }
@@ -298,6 +314,9 @@ impl ShardState {
         note_channel(&mut profile, &event);
         profile.version += 1;
         profile.updated_at = profile.updated_at.max(event.ts);
+        if !of.timed() {
+            profile.date_writes_at_update();
+        }
 
         // Everything is accepted: write it.
         if stored_hash.is_none() {
@@ -339,6 +358,8 @@ impl ShardState {
             at,
             reason,
             shortfall,
+            peer: None,
+            expires_at: None,
         };
         let key = keys::ledger(profile.oneid, profile.ledger_seq);
         writes.ledger.push(key.clone());

@@ -39,6 +39,7 @@ impl Applying<'_, '_> {
             ));
         }
         profile.manual_tags.insert(tag.to_string(), *expires_at);
+        profile.manual_tag_at.insert(tag.to_string(), self.event.ts);
         if let Some(at) = expires_at {
             writes.put_due(
                 tx,
@@ -57,8 +58,14 @@ impl Applying<'_, '_> {
     ) -> Result<(), EventError> {
         for (name, value) in attributes {
             match value {
-                Some(value) => profile.attributes.insert(name.clone(), value.clone()),
-                None => profile.attributes.remove(name),
+                Some(value) => {
+                    profile.attributes.insert(name.clone(), value.clone());
+                    profile.attribute_at.insert(name.clone(), self.event.ts);
+                }
+                None => {
+                    profile.attributes.remove(name);
+                    profile.attribute_at.remove(name);
+                }
             };
         }
         if profile.attributes.len() > ATTRIBUTES_PER_PROFILE_MAX {
