@@ -46,7 +46,7 @@ use oneid_protocol::rules::Rules;
 use oneid_protocol::ErrorCode;
 use oneid_replica::ShardError;
 use oneid_state::command::{
-    Command, EventOutcome, FollowUp, Found, Output, Routed, Target, REGISTRY_SHARD,
+    Command, EventOutcome, FollowUp, Found, Output, Routed, Target, EPOCH_UNKNOWN, REGISTRY_SHARD,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -493,6 +493,10 @@ impl Router {
                             Learned::Stale(version) => {
                                 stale.push((position, event, shard, version))
                             }
+                            Learned::Moved(into) => {
+                                let event = self.moved(shard, event, into, bindings, judge);
+                                done.again.push((position, event));
+                            }
                         }
                     }
                 }
@@ -822,7 +826,33 @@ impl Router {
             EventOutcome::Duplicate(oneid) => Ok(Accepted::duplicate(oneid)),
             EventOutcome::Rejected(error) => Err(error),
             EventOutcome::StaleRules(version) => return Learned::Stale(version),
+            EventOutcome::Moved(into) => return Learned::Moved(into),
         })
+    }
+
+    /// An event whose profile (at `shard`) was merged into `into`, to route again: what
+    /// resolution knew bound to that profile is bound to `into` now, and so is its `oneid`.
+    fn moved(
+        &self,
+        shard: ShardId,
+        mut event: Event,
+        into: OneId,
+        bindings: &mut Bindings,
+        judge: &Judge,
+    ) -> Event {
+        let merged: BTreeSet<OneId> = profiles_of(&event, bindings, judge)
+            .into_iter()
+            .filter(|oneid| oneid.shard() == shard)
+            .collect();
+        for bound in bindings.values_mut().flatten() {
+            if merged.contains(&bound.0) {
+                *bound = (into, EPOCH_UNKNOWN);
+            }
+        }
+        if event.oneid.is_some_and(|oneid| merged.contains(&oneid)) {
+            event.oneid = Some(into);
+        }
+        event
     }
 }
 
@@ -863,6 +893,8 @@ enum Learned {
     Answer(Answer),
     /// The shard's rules have this version, not the one the event was judged by.
     Stale(u64),
+    /// The profile the event was routed to was merged into this one.
+    Moved(OneId),
 }
 
 /// Splits `todo` into this wave and the rest. An event joins the wave unless it shares an

@@ -171,6 +171,9 @@ crate::open_enum! {
         MergeDisabled = "merge_disabled",
         /// Another profile took the value first, while it was being bound to this one.
         Taken = "taken",
+        /// The value is bound to another profile, and merging the two would take the survivor
+        /// past 100 profiles merged into it (or its totals past their range).
+        MergeLimit = "merge_limit",
     }
 }
 

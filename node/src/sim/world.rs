@@ -1213,6 +1213,9 @@ impl World {
                 EventOutcome::Rejected(error) => {
                     panic!("a simulated earn was rejected: {error:?}")
                 }
+                EventOutcome::Moved(into) => {
+                    panic!("a simulated profile was merged into {into}, but nothing merges")
+                }
             },
             Ok(other) => panic!("an earn answered {other:?}"),
             Err(_) => self.schedule(20, Happening::AttemptTimeout { client, attempt }),

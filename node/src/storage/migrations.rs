@@ -79,8 +79,11 @@ pub const TO_10: Migration = Migration {
 /// Format 11: what merges need.
 /// - A profile ends with a write time per attribute and per manual tag (the profile's
 ///   `updated_at`, as nothing older recorded one), the time its OneID was minted (its
-///   `created_at`, which no merge had moved) and the OneIDs merged into it (none).
+///   `created_at`, which no merge had moved), the OneIDs merged into it and the merge it takes
+///   part in (none).
+/// - New keys: tombstones (`x`), merge records (`j`), merge histories (`h`) and locks (`y`).
 /// - A ledger record ends with the peer and the lot expiry of a merge entry (none).
+/// - The shard record ends with the count of profiles locked by merges (0).
 /// - Format 11 gives the attributes and tags an event writes their own times, so format-10
 ///   `Events` become `LegacyEvents10`, which date them as this migration does.
 ///
@@ -93,6 +96,7 @@ pub const TO_11: Migration = Migration {
         let value = match key.first() {
             Some(b'p') => profile_to_11(value),
             Some(b'l') => [value, &[0, 0]].concat(),
+            _ if key == keys::SHARD => [value, &[0]].concat(),
             _ => value.to_vec(),
         };
         vec![(key.to_vec(), value)]
@@ -114,6 +118,7 @@ fn profile_to_11(value: &[u8]) -> Vec<u8> {
         BTreeMap::<String, Millis>::new(),
         Millis(0),
         Vec::<OneId>::new(),
+        None::<()>,
     ))
     .expect("defaults encode");
     let mut profile: Profile = postcard::from_bytes(&[value, &defaults].concat())
@@ -420,9 +425,9 @@ mod tests {
             .attributes
             .insert("city".into(), Value::String("SH".into()));
         profile.manual_tags.insert("vip".into(), Some(Millis(90)));
-        // Format 10's bytes: format 11's without the four fields it appends.
+        // Format 10's bytes: format 11's without the five fields it appends.
         let new = postcard::to_stdvec(&profile).unwrap();
-        let old = &new[..new.len() - 4];
+        let old = &new[..new.len() - 5];
         let migrated = (TO_11.state_pair)(&keys::profile(profile.oneid), old);
         let expected = Profile {
             attribute_at: [("city".to_string(), Millis(50))].into(),
@@ -453,6 +458,16 @@ mod tests {
         assert_eq!(
             (TO_11.state_pair)(&key, &new[..new.len() - 2]),
             vec![(key, new)]
+        );
+        // The shard record: no merge pending.
+        let record = ShardRecord {
+            binding_epoch: 3,
+            ..ShardRecord::default()
+        };
+        let new = postcard::to_stdvec(&record).unwrap();
+        assert_eq!(
+            (TO_11.state_pair)(keys::SHARD, &new[..new.len() - 1]),
+            vec![(keys::SHARD.to_vec(), new)]
         );
         // Format-10 events become LegacyEvents10; other commands keep their bytes.
         let events = Command::Events(vec![]).encode();

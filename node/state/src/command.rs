@@ -3,6 +3,7 @@
 //! Every input of apply is in a command: the clock, the rules, the events (with their `ts`),
 //! so replaying a log gives the same state on every replica.
 
+use crate::merge::{ImportPart, ImportStep, MergeId, MergePlan, MergeRecord, Participant};
 use oneid_protocol::api::NotLinked;
 use oneid_protocol::event::{Event, EventError};
 use oneid_protocol::ids::{Identity, OneId};
@@ -84,6 +85,51 @@ pub enum Command {
     /// so a replica that applies one after the upgrade ends where one that applied it before
     /// and was migrated ends.
     LegacyEvents10(Vec<Routed>),
+    /// A merge's first steps, one per profile in the plan's order: locks `oneid` (of this
+    /// shard) for the merge, unless another merge holds it, its follow-ups are pending, or it
+    /// is a tombstone; the lock answers the profile's part (see `merge::MergeLock`).
+    MergeLock { plan: Box<MergePlan>, oneid: OneId },
+    /// The commit point, at the survivor's shard (the participant of highest rank): records
+    /// the merge, or its refusal by the policy (then the cause applies to the survivor alone).
+    /// Idempotent: answers the record.
+    MergeCommit {
+        plan: Box<MergePlan>,
+        participants: Vec<Participant>,
+    },
+    /// Answers one part of a locked loser's state (at the loser's shard).
+    MergeExport {
+        merge: MergeId,
+        loser: OneId,
+        step: ImportStep,
+    },
+    /// Takes one exported part into the survivor (at its shard), if it is the part the record
+    /// waits for; answers the record.
+    MergeImport {
+        merge: MergeId,
+        loser: OneId,
+        part: Box<ImportPart>,
+    },
+    /// Makes an imported loser a tombstone pointing at `survivor` (at the loser's shard):
+    /// its last ledger entry, its segments left, its orders deleted (a bounded batch per
+    /// entry: proposed again while it answers more).
+    MergeTombstone {
+        merge: MergeId,
+        loser: OneId,
+        survivor: OneId,
+    },
+    /// Binds to `to` the identities of this shard's slice bound to `from` (a merged loser),
+    /// moving the binding epoch.
+    Repoint {
+        from: OneId,
+        to: OneId,
+        identities: Vec<Identity>,
+    },
+    /// The merge's last step, at the survivor's shard: the cause applies to the survivor, which
+    /// is unlocked and settled (rule tags, segments) on its combined state. Idempotent.
+    MergeFinish { merge: MergeId },
+    /// Unlocks `oneid` if `merge` holds it: a merge given up before its commit (a profile of
+    /// its plan was merged elsewhere meanwhile, or is missing), or refused.
+    MergeUnlock { merge: MergeId, oneid: OneId },
 }
 
 /// The shard that orders segment definitions.
@@ -152,6 +198,11 @@ pub struct Routed {
     pub found: Vec<Found>,
 }
 
+/// A binding epoch no shard reaches: a [`Found::Bound`] at it is never taken on the router's
+/// word where the shard holds the identity (apply reads the binding), only compared elsewhere.
+/// For a binding known to have moved (a profile merged) but not read since.
+pub const EPOCH_UNKNOWN: u64 = u64::MAX;
+
 /// What the router found of one identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Found {
@@ -208,6 +259,44 @@ pub enum Output {
     },
     /// The version the registry shard gave the rules it was sent.
     RulesVersion(u64),
+    Merge(MergeAnswer),
+}
+
+/// What a merge step answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MergeAnswer {
+    /// Locked for the merge: the profile's part in it.
+    Locked(Participant),
+    /// Another merge holds the profile: retry once it is done. (Also answered, with this very
+    /// merge, while the shard holds `MERGES_PENDING_MAX` locks.)
+    Busy(MergeId),
+    /// The profile has follow-ups pending (identities being bound to it elsewhere): retry once
+    /// they are finished.
+    Pending,
+    /// The profile is a tombstone: `merge` merged it into `into`.
+    Moved {
+        into: OneId,
+        merge: MergeId,
+    },
+    /// No such profile (and no tombstone).
+    Missing,
+    /// The merge's record (commit, import, finish).
+    Record(Box<MergeRecord>),
+    /// Not committed: the survivor is not locked by this merge (given up, or its lock was
+    /// never taken).
+    NotLocked,
+    /// A part of a loser's state.
+    Export(Box<ImportPart>),
+    /// A loser made a tombstone; `more`: orders left to delete.
+    Tombstoned {
+        more: bool,
+    },
+    /// Identities repointed (those still bound to the loser).
+    Repointed(usize),
+    /// The merge finished (or was refused): the record, and, if this very step ended it, the
+    /// follow-ups its cause left (`None`: it had ended before).
+    Finished(Box<MergeRecord>, Option<Vec<FollowUp>>),
+    Unlocked(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +309,8 @@ pub enum EventOutcome {
     /// Not applied: the router judged it by rules of another version than the shard's (this
     /// one). The router reads the rules again and routes it anew.
     StaleRules(u64),
+    /// Not applied: the profile it names was merged into this one. The router routes it there.
+    Moved(OneId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

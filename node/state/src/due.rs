@@ -49,18 +49,31 @@ impl ShardState {
             // between and written back over its stale old hash: wrong digest (a debug assert
             // in `put_known`), and a processed key left in the index.
             let mut writes = EventWrites::default();
-            tx.delete_known(key.clone(), &value);
             let (at, oneid, kind, detail) = keys::parse_due(&key);
             let entry = match touched.entry(oneid) {
                 std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::btree_map::Entry::Vacant(slot) => {
-                    let (profile, stored_hash) = self
-                        .load_profile(tx, oneid)
-                        .expect("due keys point at existing profiles");
+                    let Some((profile, stored_hash)) = self.load_profile(tx, oneid) else {
+                        // A merged loser's: what it pointed at moved to the survivor, which
+                        // has keys of its own for it.
+                        assert!(
+                            tx.get(&keys::tombstone(oneid)).is_some(),
+                            "due keys point at existing profiles or tombstones"
+                        );
+                        tx.delete_known(key, &value);
+                        continue;
+                    };
                     let before = self.stamp(&profile);
                     slot.insert((profile, stored_hash, false, before))
                 }
             };
+            if entry.0.merging.is_some() {
+                // A profile in a merge changes no more until it ends: its due keys wait (the
+                // floor stays below them, so the next clock entry meets them again).
+                self.record.due_floor = self.record.due_floor.min(at);
+                continue;
+            }
+            tx.delete_known(key.clone(), &value);
             let profile = &mut entry.0;
             let changed = self.process_key(tx, profile, kind, at, detail, &mut writes);
             if changed {

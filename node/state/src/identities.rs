@@ -280,12 +280,22 @@ impl ShardState {
                 format!("an identity of the event was just linked to {oneid}; retry"),
             ))),
             Some(oneid) => match self.load_profile(tx, oneid) {
+                Some((profile, stored_hash)) if profile.merging.is_some() => {
+                    self.activations.insert(profile, stored_hash);
+                    Err(EventOutcome::Rejected(reject(
+                        ErrorCode::Unavailable,
+                        format!("profile {oneid} is being merged; retry"),
+                    )))
+                }
                 Some((profile, stored_hash)) => Ok((profile, Some(stored_hash))),
-                None => Err(EventOutcome::Rejected(reject_field(
-                    ErrorCode::NotFound,
-                    "oneid",
-                    format!("profile {oneid} does not exist"),
-                ))),
+                None => Err(match self.tombstone(tx, oneid) {
+                    Some(tombstone) => EventOutcome::Moved(tombstone.into),
+                    None => EventOutcome::Rejected(reject_field(
+                        ErrorCode::NotFound,
+                        "oneid",
+                        format!("profile {oneid} does not exist"),
+                    )),
+                }),
             },
             None => {
                 let oneid = OneId::mint(self.shard, self.record.profile_seq + 1);

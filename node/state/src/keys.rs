@@ -20,7 +20,12 @@
 //! | `c`    | `c name`                              | `SegmentRecord` (a segment as this shard holds it) |
 //! | `n`    | `n name 0x00 oneid`                   | nothing (a member of the segment) |
 //! | `k`    | `k offset`                            | `Vec<ChangeRecord>` (the membership change log: one command's changes from this offset on) |
+//! | `x`    | `x oneid`                             | `Tombstone` (a OneID merged into another) |
+//! | `j`    | `j merge`                             | `MergeRecord` (a merge whose survivor is on this shard) |
+//! | `h`    | `h oneid merge`                       | nothing (a merge `oneid` survived: its history) |
+//! | `y`    | `y oneid`                             | `(MergeId, Millis)` (the profile is locked by that merge since that shard clock: what the leader's sweep finds) |
 
+use crate::merge::MergeId;
 use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::Millis;
 
@@ -44,6 +49,72 @@ pub fn identity(identity: &Identity) -> Vec<u8> {
 
 pub fn order(oneid: OneId, order_id: &str) -> Vec<u8> {
     with_oneid(b'o', oneid, order_id.as_bytes())
+}
+
+pub fn orders_prefix(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'o', oneid, &[])
+}
+
+/// The order id under which a survivor keeps a loser's order of an id it holds itself: the id,
+/// 0x00 and the loser (an order id holds no control character, so no order of a client's has
+/// it). Refunds name the survivor's; its window exit finds this one by it.
+pub fn twin_order_id(order_id: &str, loser: OneId) -> String {
+    format!("{order_id}\u{0}{loser}")
+}
+
+/// The order id at the end of an order key of `oneid`.
+pub fn order_id(key: &[u8]) -> String {
+    String::from_utf8(key[9..].to_vec()).expect("order keys end in UTF-8 ids")
+}
+
+pub fn dedup_prefix(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'd', oneid, &[])
+}
+
+/// The event id at the end of a dedup key.
+pub fn dedup_event_id(key: &[u8]) -> String {
+    String::from_utf8(key[9..].to_vec()).expect("dedup keys end in UTF-8 ids")
+}
+
+pub const LOCK_PREFIX: &[u8] = b"y";
+
+pub fn lock(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'y', oneid, &[])
+}
+
+/// The profile of a lock key.
+pub fn locked_oneid(key: &[u8]) -> OneId {
+    OneId(u64::from_be_bytes(
+        key[1..9].try_into().expect("lock keys hold a OneID"),
+    ))
+}
+
+pub fn tombstone(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'x', oneid, &[])
+}
+
+pub fn merge(merge: MergeId) -> Vec<u8> {
+    let mut key = vec![b'j'];
+    key.extend_from_slice(&merge.0.to_be_bytes());
+    key
+}
+
+/// The history key of a merge `oneid` survived.
+pub fn merged(oneid: OneId, merge: MergeId) -> Vec<u8> {
+    with_oneid(b'h', oneid, &merge.0.to_be_bytes())
+}
+
+pub fn merged_prefix(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'h', oneid, &[])
+}
+
+/// The merge of a history key.
+pub fn merged_id(key: &[u8]) -> MergeId {
+    MergeId(u128::from_be_bytes(
+        key[9..25]
+            .try_into()
+            .expect("history keys end in a merge id"),
+    ))
 }
 
 pub fn ledger(oneid: OneId, seq: u64) -> Vec<u8> {

@@ -20,9 +20,11 @@ mod event;
 mod identities;
 pub mod keys;
 pub mod merge;
+pub mod merge_driver;
 pub mod profile;
 pub mod retention;
 mod rules;
+mod saga;
 pub mod segments;
 pub mod store;
 mod tier;
@@ -103,6 +105,8 @@ pub struct ShardRecord {
     /// and a node's binding cache serves an entry only at its shard's latest epoch. Last, so
     /// that a record of an older format gains it by appending its byte.
     pub binding_epoch: u64,
+    /// Profiles of this shard locked by a merge (at most [`merge::MERGES_PENDING_MAX`]).
+    pub merges_pending: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +360,16 @@ impl ShardState {
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
+            Command::MergeLock { .. }
+            | Command::MergeCommit { .. }
+            | Command::MergeExport { .. }
+            | Command::MergeImport { .. }
+            | Command::MergeTombstone { .. }
+            | Command::Repoint { .. }
+            | Command::MergeFinish { .. }
+            | Command::MergeUnlock { .. } => {
+                Output::Merge(self.apply_merge_step(tx, index, command))
+            }
             Command::SetRules(_)
             | Command::SeedRules(_)
             | Command::DefineRules(_)
@@ -447,6 +461,8 @@ mod due_tests;
 mod identity_tests;
 #[cfg(test)]
 mod merge_tests;
+#[cfg(test)]
+mod saga_tests;
 #[cfg(test)]
 mod segment_tests;
 #[cfg(test)]

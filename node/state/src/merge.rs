@@ -5,29 +5,237 @@
 //! identities. What the survivor gains is what the loser held ([`Totals`], asserted), so a
 //! merge moves points and spend between profiles and never creates or loses any.
 //!
-//! This file is the pure half: what one profile does with another's state. The saga that
-//! carries a loser's state to its survivor's shard is built on it.
+//! This file holds what a merge is (its plan, the locks and the record its steps keep) and the
+//! pure half of it: what one profile does with another's state. `saga.rs` is each step's
+//! apply on its shard.
 
+use crate::command::{EventOutcome, Routed};
 use crate::keys::{self, DueKind};
 use crate::profile::{
     Profile, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
 };
-use crate::{LedgerKind, LedgerRecord};
-use oneid_protocol::ids::OneId;
+use crate::{LedgerKind, LedgerRecord, OrderRecord};
+use oneid_protocol::api::NotLinkedReason;
+use oneid_protocol::ids::{Identity, OneId};
 use oneid_protocol::num::{Millis, Money};
 use oneid_protocol::policy::IdentityPolicy;
 use oneid_protocol::rules::Rules;
 use serde::{Deserialize, Serialize};
 use std::cmp::{Ordering, Reverse};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
-/// Most merges a profile survives in its lifetime. A merge that would be one more leaves the
-/// identities that called for it unlinked (`merge_limit`): a customer merged a hundred times
-/// is a shared device or a test account more likely than one person.
+/// Most profiles merged into one in its lifetime (a merge of three counts two). A merge past it
+/// leaves the identities that called for it unlinked (`merge_limit`): a customer merged a
+/// hundred times is a shared device or a test account more likely than one person.
 pub const MERGES_PER_PROFILE_MAX: usize = 100;
 /// Most profiles one event merges (the survivor and three losers). An event whose identities
 /// name more is refused `too_many_profiles`.
 pub const PROFILES_PER_MERGE_MAX: usize = 4;
+
+/// Most profiles of one shard locked by merges at once. A lock past it is answered `Busy`
+/// (the driver waits): merges waiting on one another must not grow without bound.
+pub const MERGES_PENDING_MAX: u64 = 10_000;
+/// Most bytes of orders or event ids one export carries (one Raft entry each way).
+pub const EXPORT_BYTES_MAX: usize = 1 << 20;
+/// Most order keys of a loser one tombstone entry deletes; it is proposed again until none is
+/// left.
+pub const TOMBSTONE_DELETES_MAX: usize = 1_000;
+
+/// A merge's name: a hash of its profiles (sorted) and of what called for it, so every driver
+/// of the same merge (the router, each profile shard's sweep) names it alike, and a retry of
+/// the event that called for it drives the same merge again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MergeId(pub u128);
+
+impl MergeId {
+    pub fn of(profiles: &[OneId], cause: &Cause) -> MergeId {
+        let name = match cause {
+            Cause::Event(routed) => format!("event\0{}", routed.event.event_id),
+            Cause::Taken(identity) => format!("taken\0{}\0{}", identity.kind, identity.value),
+        };
+        let bytes = postcard::to_stdvec(&(profiles, name)).expect("a merge's name encodes");
+        MergeId(xxhash_rust::xxh3::xxh3_128(&bytes))
+    }
+}
+
+impl fmt::Display for MergeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// What called for a merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Cause {
+    /// An event whose identities (and `oneid`) named the profiles: it applies to the survivor
+    /// once they are one (`MergeFinish`).
+    Event(Box<Routed>),
+    /// A follow-up's bind found this identity bound to another profile first.
+    Taken(Identity),
+}
+
+/// What a merge is asked to do: carried by each lock, so any driver can carry it on, and by
+/// its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergePlan {
+    pub merge: MergeId,
+    /// The profiles to make one, sorted (2 to [`PROFILES_PER_MERGE_MAX`]): the order their
+    /// locks are taken in, so that merges waiting on each other's locks never wait in a circle.
+    pub profiles: Vec<OneId>,
+    pub cause: Cause,
+    /// The rules version the merge was judged by (kinds that merge, priorities, limits).
+    pub rules_version: u64,
+}
+
+impl MergePlan {
+    pub fn new(profiles: BTreeSet<OneId>, cause: Cause, rules_version: u64) -> MergePlan {
+        let profiles: Vec<OneId> = profiles.into_iter().collect();
+        assert!(
+            (2..=PROFILES_PER_MERGE_MAX).contains(&profiles.len()),
+            "a merge makes one of 2 to {PROFILES_PER_MERGE_MAX} profiles"
+        );
+        MergePlan {
+            merge: MergeId::of(&profiles, &cause),
+            profiles,
+            cause,
+            rules_version,
+        }
+    }
+
+    /// The event id of the cause, for the merge's history.
+    pub fn event_id(&self) -> Option<&str> {
+        match &self.cause {
+            Cause::Event(routed) => Some(&routed.event.event_id),
+            Cause::Taken(_) => None,
+        }
+    }
+}
+
+/// A profile's part in a merge, as its lock recorded it when taken (a locked profile changes
+/// no more): what the survivor's shard decides the merge by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participant {
+    pub rank: Rank,
+    pub identities: BTreeMap<String, BTreeSet<String>>,
+    /// Profiles merged into it so far.
+    pub merged: usize,
+    pub totals: Totals,
+}
+
+impl Participant {
+    pub fn of(profile: &Profile, policy: &IdentityPolicy) -> Participant {
+        Participant {
+            rank: Rank::of(profile, policy),
+            identities: profile.identities.clone(),
+            merged: profile.merged_from.len(),
+            totals: Totals::of(profile),
+        }
+    }
+}
+
+/// A profile taking part in a merge: from its lock until it is a tombstone (a loser) or the
+/// merge finished (the survivor). Its events are answered `unavailable` meanwhile, its due
+/// keys wait, and no other merge takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeLock {
+    pub plan: MergePlan,
+    pub participant: Participant,
+    /// The shard clock when it was locked.
+    pub at: Millis,
+}
+
+/// Where a merged OneID went: `p oneid` is gone, `x oneid` holds this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub into: OneId,
+    pub merge: MergeId,
+    pub at: Millis,
+}
+
+/// What the survivor imports of a loser next, in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImportStep {
+    /// Its profile record (lots, totals, tags, attributes, channels, identities).
+    Profile,
+    /// Its orders after this order id (`None`: from the first).
+    Orders(Option<String>),
+    /// Its exactly-once records after this event id.
+    Dedup(Option<String>),
+    Done,
+}
+
+/// One part of a loser's state, exported by its shard and imported by the survivor's: at most
+/// [`EXPORT_BYTES_MAX`] of orders or event ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ImportPart {
+    Profile(Box<Profile>),
+    Orders {
+        after: Option<String>,
+        orders: Vec<(String, OrderRecord)>,
+        next: ImportStep,
+    },
+    Dedup {
+        after: Option<String>,
+        event_ids: Vec<String>,
+        next: ImportStep,
+    },
+}
+
+impl ImportPart {
+    /// The step this part fills.
+    pub fn step(&self) -> ImportStep {
+        match self {
+            ImportPart::Profile(_) => ImportStep::Profile,
+            ImportPart::Orders { after, .. } => ImportStep::Orders(after.clone()),
+            ImportPart::Dedup { after, .. } => ImportStep::Dedup(after.clone()),
+        }
+    }
+}
+
+/// A loser as its survivor's record follows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoserImport {
+    pub oneid: OneId,
+    pub next: ImportStep,
+    /// Its identities (from its profile, once imported): what the bindings repoint.
+    pub identities: Vec<Identity>,
+}
+
+/// How a merge stands, in its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MergeState {
+    /// Committed: the losers' state is being imported.
+    Importing,
+    /// Everything imported, the losers tombstoned, their bindings repointed, the cause applied:
+    /// its outcome (none for a merge a bind called for).
+    Finished(Option<EventOutcome>),
+    /// The policy refused the merge (the reason every identity of another profile got); the
+    /// cause applied to the survivor alone: its outcome.
+    Refused(NotLinkedReason, Option<EventOutcome>),
+}
+
+/// A merge as its survivor's shard keeps it (`j merge`), from its commit on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub plan: MergePlan,
+    pub survivor: OneId,
+    /// In OneID order.
+    pub losers: Vec<LoserImport>,
+    /// The shard clock at the commit.
+    pub at: Millis,
+    pub state: MergeState,
+    pub dropped: Dropped,
+    /// Order ids both a loser and the survivor held: the survivor's stays, the loser's is kept
+    /// under the merge (see `keys::twin_order`).
+    pub twins: Vec<String>,
+}
+
+impl MergeRecord {
+    pub fn is_finished(&self) -> bool {
+        !matches!(self.state, MergeState::Importing)
+    }
+}
 
 /// Where a profile ranks among the profiles of a merge; the highest survives. By the highest
 /// `priority` among the identity kinds it holds (the identity policy's), then the earliest

@@ -88,8 +88,10 @@ pub struct Profile {
     /// into the same survivor in any order.
     pub minted_at: Millis,
     /// The OneIDs merged into this one, oldest merge first (at most
-    /// [`crate::merge::MERGES_PER_PROFILE_MAX`] merges of at most three losers each).
+    /// [`crate::merge::MERGES_PER_PROFILE_MAX`]).
     pub merged_from: Vec<OneId>,
+    /// The merge this profile takes part in, if any (see [`crate::merge::MergeLock`]).
+    pub merging: Option<Box<crate::merge::MergeLock>>,
 }
 
 /// Points expiring together: one earn, or several merged (see [`LOTS_PER_PROFILE_MAX`]).
@@ -151,6 +153,7 @@ impl Profile {
             manual_tag_at: BTreeMap::new(),
             minted_at: at,
             merged_from: Vec::new(),
+            merging: None,
         }
     }
 
@@ -322,6 +325,11 @@ impl Profile {
         let at = self.updated_at;
         self.attribute_at = self.attributes.keys().map(|k| (k.clone(), at)).collect();
         self.manual_tag_at = self.manual_tags.keys().map(|k| (k.clone(), at)).collect();
+    }
+
+    /// Whether `merge` holds this profile's lock.
+    pub fn locked_by(&self, merge: crate::merge::MergeId) -> bool {
+        self.merging.as_ref().is_some_and(|l| l.plan.merge == merge)
     }
 
     /// Removes a manual tag and the time it was added.

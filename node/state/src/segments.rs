@@ -551,6 +551,19 @@ impl ShardState {
         any
     }
 
+    /// Takes a profile out of every segment it is a member of (a merged loser).
+    pub(super) fn leave_segments(&mut self, tx: &mut Tx<'_>, profile: &mut Profile) {
+        let left: Vec<(String, u64)> = profile
+            .segments
+            .iter()
+            .filter_map(|id| self.segments.by_id.get(id))
+            .map(|s| (s.record.def.name.clone(), s.record.def.generation))
+            .collect();
+        for (name, generation) in left {
+            self.set_member(tx, profile, &name, generation, false);
+        }
+    }
+
     /// Enters or leaves a segment: the profile's list, the member key, the size, the log.
     fn set_member(
         &mut self,

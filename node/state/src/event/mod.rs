@@ -261,7 +261,7 @@ impl ShardState {
 
     /// Applies one event; the follow-ups it leaves (identities to bind on other shards) are
     /// added to `follow_ups`.
-    fn apply_event(
+    pub(super) fn apply_event(
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
