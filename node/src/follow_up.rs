@@ -16,7 +16,6 @@
 //! This module knows the shards only as addresses to propose to; it never reads storage.
 
 use crate::shards::{per_shard, Shards};
-use oneid_protocol::api::NotLinkedReason;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_state::command::{BindOutcome, Command, FollowUp, FollowUpAnswer, Output};
 use std::collections::BTreeMap;
@@ -34,7 +33,7 @@ pub struct Report {
     /// one that took it first).
     pub bound: Vec<(Identity, OneId)>,
     /// The binds another profile won first: each identity, and the follow-up's profile that
-    /// goes without it (`taken`).
+    /// goes without it (`taken`, unless the two merge: see `merges::taken_plans`).
     pub taken: Vec<(Identity, OneId)>,
 }
 
@@ -110,8 +109,7 @@ async fn bind(
                 let owner = match outcome {
                     BindOutcome::Bound => follow_up.oneid,
                     BindOutcome::Conflict(other) => {
-                        tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first (taken); not listed");
-                        shards.metrics.count_not_linked(&NotLinkedReason::Taken, 1);
+                        tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first: the two merge");
                         report
                             .taken
                             .push((follow_up.identity.clone(), follow_up.oneid));

@@ -23,6 +23,7 @@ mod clock;
 mod config;
 mod follow_up;
 mod logging;
+mod merges;
 mod metrics;
 mod read_pool;
 mod replica;

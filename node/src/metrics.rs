@@ -113,12 +113,13 @@ struct RouteMetrics {
 }
 
 /// The reasons `oneid_identities_not_linked_total` counts.
-const NOT_LINKED_REASONS: [NotLinkedReason; 5] = [
+const NOT_LINKED_REASONS: [NotLinkedReason; 6] = [
     NotLinkedReason::BlockedValue,
     NotLinkedReason::KindLimit,
     NotLinkedReason::IdentityLimit,
     NotLinkedReason::MergeDisabled,
     NotLinkedReason::Taken,
+    NotLinkedReason::MergeLimit,
 ];
 
 #[derive(Default)]

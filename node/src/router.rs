@@ -34,6 +34,7 @@
 //! [`WAVES_PER_REQUEST_MAX`] waves run; events past them are answered `too_many_waves`.
 
 use crate::follow_up;
+use crate::merges::{self, MERGE_ANSWER_WAIT};
 use crate::metrics::Metrics;
 use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::StateReader;
@@ -48,6 +49,8 @@ use oneid_replica::ShardError;
 use oneid_state::command::{
     Command, EventOutcome, FollowUp, Found, Output, Routed, Target, EPOCH_UNKNOWN, REGISTRY_SHARD,
 };
+use oneid_state::merge::{Cause, MergePlan, MergeRecord, MergeState, PROFILES_PER_MERGE_MAX};
+use oneid_state::merge_driver::Ended;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -164,12 +167,14 @@ fn anchor<'e>(identities: &[&'e Identity], judge: &Judge) -> &'e Identity {
         .expect("a claiming event has identities")
 }
 
-fn conflict(a: OneId, b: OneId) -> EventError {
-    let (a, b) = (a.min(b), a.max(b));
+fn too_many_profiles(profiles: &BTreeSet<OneId>) -> EventError {
     EventError::field(
-        ErrorCode::IdentityConflict,
+        ErrorCode::TooManyProfiles,
         "identities",
-        format!("the event's identities belong to two profiles, {a} and {b}"),
+        format!(
+            "the event's identities belong to {} profiles; one event merges at most {PROFILES_PER_MERGE_MAX}",
+            profiles.len()
+        ),
     )
 }
 
@@ -196,14 +201,27 @@ struct Accepted {
     status: EventStatus,
     oneid: OneId,
     not_linked: Vec<NotLinked>,
+    /// The profiles merged into `oneid` by the event.
+    merged: Vec<OneId>,
+    /// The merge is committed and not finished yet.
+    merge_pending: bool,
 }
 
 impl Accepted {
+    fn applied(oneid: OneId, not_linked: Vec<NotLinked>) -> Accepted {
+        Accepted {
+            status: EventStatus::Applied,
+            oneid,
+            not_linked,
+            merged: Vec::new(),
+            merge_pending: false,
+        }
+    }
+
     fn duplicate(oneid: OneId) -> Accepted {
         Accepted {
             status: EventStatus::Duplicate,
-            oneid,
-            not_linked: Vec::new(),
+            ..Accepted::applied(oneid, Vec::new())
         }
     }
 }
@@ -416,6 +434,8 @@ impl Router {
                     oneid: Some(accepted.oneid.to_string()),
                     error: None,
                     not_linked: accepted.not_linked,
+                    merged: accepted.merged.iter().map(OneId::to_string).collect(),
+                    merge_pending: accepted.merge_pending,
                 },
                 Err(error) => EventResult {
                     event_id,
@@ -423,6 +443,8 @@ impl Router {
                     oneid: None,
                     error: Some(error),
                     not_linked: Vec::new(),
+                    merged: Vec::new(),
+                    merge_pending: false,
                 },
             };
             match result.status {
@@ -431,12 +453,7 @@ impl Router {
                 EventStatus::Rejected => response.rejected += 1,
                 EventStatus::Other(_) => unreachable!("the router answers only known statuses"),
             }
-            // `taken` is counted where the bind was answered (`follow_up`), whoever drove it.
-            for not in result
-                .not_linked
-                .iter()
-                .filter(|n| n.reason != NotLinkedReason::Taken)
-            {
+            for not in &result.not_linked {
                 self.metrics.count_not_linked(&not.reason, 1);
             }
             response.results.push(result);
@@ -460,8 +477,9 @@ impl Router {
             answers: Vec::new(),
             again: Vec::new(),
         };
-        let (entries, alone) = self.plan_wave(wave, bindings, judge, &mut done);
+        let (entries, alone, merges) = self.plan_wave(wave, bindings, judge, &mut done);
         self.decide_alone(alone, judge, &mut done).await;
+        self.run_merges(merges, bindings, judge, &mut done).await;
 
         // One Events entry per target shard, all shards at once.
         let replies = per_shard(entries.into_iter().map(|(shard, (events, routed))| {
@@ -517,9 +535,79 @@ impl Router {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("router::before_follow_ups");
             let report = follow_up::drive(&self.shards, follow_ups, BIND_ATTEMPTS).await;
-            self.note_binds(&report, bindings, applied, &mut done);
+            self.note_binds(&report, bindings, &applied, &mut done);
+            self.merge_taken(&report, bindings, &applied, &mut done)
+                .await;
         }
         done
+    }
+
+    /// Drives the merges the binds another profile won call for (a race between events naming
+    /// the same new identity: as if the later had found it bound), up to
+    /// [`MERGE_ANSWER_WAIT`]; each event that lost such a bind is answered with what its
+    /// merge made of its profile. A merge the policy refuses leaves the identity `taken`.
+    async fn merge_taken(
+        &self,
+        report: &follow_up::Report,
+        bindings: &mut Bindings,
+        applied: &[(usize, Vec<Identity>)],
+        done: &mut WaveDone,
+    ) {
+        let plans = merges::taken_plans(report);
+        if plans.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + MERGE_ANSWER_WAIT;
+        let runs = plans.into_iter().map(|plan| {
+            let Cause::Taken(identity) = plan.cause.clone() else {
+                unreachable!("a taken bind's merge")
+            };
+            let shards = &self.shards;
+            async move {
+                (
+                    identity,
+                    merges::drive_replanning(shards, plan, deadline).await,
+                )
+            }
+        });
+        for (identity, driven) in futures::future::join_all(runs).await {
+            let record = match &driven.ended {
+                Some(Ended::Finished(record, _)) => Some(&**record),
+                Some(_) => None,
+                None => driven.committed.as_ref(),
+            };
+            let Some(record) = record.filter(|r| !matches!(r.state, MergeState::Refused(..)))
+            else {
+                continue;
+            };
+            self.learn_merge(record, bindings);
+            let (survivor, losers) = merges::merged(record);
+            for (at, identities) in applied {
+                let Ok(accepted) = &mut done.answers[*at].1 else {
+                    continue;
+                };
+                let lost = accepted.not_linked.iter().position(|n| {
+                    n.reason == NotLinkedReason::Taken
+                        && n.kind == identity.kind
+                        && n.value == identity.value
+                });
+                if lost.is_none() || !identities.contains(&identity) {
+                    continue;
+                }
+                accepted.not_linked.remove(lost.expect("checked"));
+                if accepted.oneid != survivor {
+                    accepted.merged.push(accepted.oneid);
+                    accepted.oneid = survivor;
+                }
+                accepted
+                    .merged
+                    .extend(losers.iter().filter(|l| **l != survivor));
+                accepted.merged.sort();
+                accepted.merged.dedup();
+                accepted.merged.retain(|m| *m != survivor);
+                accepted.merge_pending |= driven.ended.is_none();
+            }
+        }
     }
 
     /// Routes each event of the wave: the events and their `Events` entry per target shard,
@@ -534,21 +622,24 @@ impl Router {
     ) -> (
         BTreeMap<ShardId, (Vec<Pending>, Vec<Routed>)>,
         Vec<(usize, Event, Alone)>,
+        Vec<(usize, Event, BTreeSet<OneId>)>,
     ) {
         let mut alone = Vec::new();
+        let mut merges = Vec::new();
         let mut entries: BTreeMap<ShardId, (Vec<Pending>, Vec<Routed>)> = BTreeMap::new();
         for (position, event) in wave {
             match self.route(&event, bindings, judge) {
                 Ok(Route::To(shard, target)) => {
                     let (events, routed) = entries.entry(shard).or_default();
-                    routed.push(self.routed(&event, shard, target, bindings, judge));
+                    routed.push(self.routed(&event, Some(shard), target, bindings, judge));
                     events.push((position, event));
                 }
+                Ok(Route::Merge(profiles)) => merges.push((position, event, profiles)),
                 Ok(Route::Rejected(error)) => done.answers.push((position, Err(error))),
                 Err(decided) => alone.push((position, event, decided)),
             }
         }
-        (entries, alone)
+        (entries, alone, merges)
     }
 
     /// Events a shard refused as judged by another rules version than its own: they go again,
@@ -603,7 +694,7 @@ impl Router {
         &self,
         report: &follow_up::Report,
         bindings: &mut Bindings,
-        applied: Vec<(usize, Vec<Identity>)>,
+        applied: &[(usize, Vec<Identity>)],
         done: &mut WaveDone,
     ) {
         for (identity, oneid) in &report.bound {
@@ -615,7 +706,7 @@ impl Router {
             return;
         }
         for (at, identities) in applied {
-            let Ok(accepted) = &mut done.answers[at].1 else {
+            let Ok(accepted) = &mut done.answers[*at].1 else {
                 continue;
             };
             let before = accepted.not_linked.len();
@@ -624,11 +715,11 @@ impl Router {
                 if report
                     .taken
                     .iter()
-                    .any(|(i, o)| *o == oneid && *i == identity)
+                    .any(|(i, o)| *o == oneid && i == identity)
                 {
                     accepted.not_linked.push(NotLinked {
-                        kind: identity.kind,
-                        value: identity.value,
+                        kind: identity.kind.clone(),
+                        value: identity.value.clone(),
                         reason: NotLinkedReason::Taken,
                     });
                 }
@@ -654,8 +745,11 @@ impl Router {
             return Err(Alone::Blocked);
         }
         let profiles = profiles_of(event, bindings, judge);
+        if profiles.len() > PROFILES_PER_MERGE_MAX {
+            return Err(Alone::TooMany(profiles));
+        }
         if profiles.len() > 1 {
-            return Err(Alone::Conflict(profiles));
+            return Ok(Route::Merge(profiles));
         }
         Ok(match profiles.first() {
             Some(&oneid) => Route::To(oneid.shard(), Target::Existing(oneid)),
@@ -663,18 +757,20 @@ impl Router {
         })
     }
 
-    /// The event as routed to `shard`, for `target` (where and how [`Router::route`] sent it).
+    /// The event as routed to `shard`, for `target` (where and how [`Router::route`] sent it);
+    /// `None`: to the survivor of a merge, not known yet (every unbound identity is listed to
+    /// link elsewhere; the survivor's shard binds its own).
     fn routed(
         &self,
         event: &Event,
-        shard: ShardId,
+        shard: Option<ShardId>,
         target: Target,
         bindings: &Bindings,
         judge: &Judge,
     ) -> Routed {
         let link_elsewhere: Vec<Identity> = judge
             .live_of(event)
-            .filter(|id| bindings[*id].is_none() && id.shard(self.n_shards) != shard)
+            .filter(|id| bindings[*id].is_none() && Some(id.shard(self.n_shards)) != shard)
             .cloned()
             .collect();
         let found = event
@@ -726,28 +822,36 @@ impl Router {
                 }
             }
         }
-        let mut conflicts = Vec::new();
+        let mut too_many = Vec::new();
         for (position, event, decided) in alone {
             match decided {
                 Alone::Blocked => done.answers.push((position, Err(all_blocked()))),
-                Alone::Conflict(profiles) => conflicts.push((position, event.event_id, profiles)),
+                Alone::TooMany(profiles) => too_many.push((position, event.event_id, profiles)),
             }
         }
-        done.answers.extend(self.settle_conflicts(conflicts).await);
+        for (position, verdict) in self.retries_among(&too_many).await {
+            let answer = verdict.unwrap_or_else(|| {
+                let (_, _, profiles) = &too_many[position];
+                Err(too_many_profiles(profiles))
+            });
+            done.answers.push((too_many[position].0, answer));
+        }
     }
 
-    /// Answers the events whose identities name several profiles: `duplicate` if the event
-    /// already applied to one of them, else `identity_conflict`.
-    async fn settle_conflicts(
+    /// For each of `events` (position, event id, the profiles it names), in order: `Some`
+    /// answer if it already applied to one of its profiles (a retry: `duplicate`, whatever
+    /// its identities name now) or that could not be read (`unavailable`), `None` if it did
+    /// not apply to any.
+    async fn retries_among(
         &self,
-        conflicts: Vec<(usize, String, BTreeSet<OneId>)>,
-    ) -> Vec<(usize, Answer)> {
-        if conflicts.is_empty() {
+        events: &[(usize, String, BTreeSet<OneId>)],
+    ) -> Vec<(usize, Option<Answer>)> {
+        if events.is_empty() {
             return Vec::new();
         }
         // Each candidate profile's exactly-once record, read at its shard.
         let mut asked: BTreeMap<ShardId, Vec<(OneId, String)>> = BTreeMap::new();
-        for (_, event_id, profiles) in &conflicts {
+        for (_, event_id, profiles) in events {
             for oneid in profiles {
                 asked
                     .entry(oneid.shard())
@@ -774,26 +878,199 @@ impl Router {
                 Err(error) => applied.extend(events.into_iter().map(|e| (e, Err(error.clone())))),
             }
         }
-        conflicts
-            .into_iter()
-            .map(|(position, event_id, profiles)| {
+        events
+            .iter()
+            .enumerate()
+            .map(|(at, (_, event_id, profiles))| {
                 let checks: Vec<(OneId, &Result<bool, ShardError>)> = profiles
                     .iter()
                     .map(|p| (*p, &applied[&(*p, event_id.clone())]))
                     .collect();
                 let answer =
                     if let Some((oneid, _)) = checks.iter().find(|(_, r)| matches!(r, Ok(true))) {
-                        Ok(Accepted::duplicate(*oneid))
+                        Some(Ok(Accepted::duplicate(*oneid)))
                     } else if let Some((_, Err(error))) = checks.iter().find(|(_, r)| r.is_err()) {
-                        Err(unavailable(error))
+                        Some(Err(unavailable(error)))
                     } else {
-                        let mut two = profiles.iter();
-                        let (a, b) = (two.next(), two.next());
-                        Err(conflict(*a.expect("two"), *b.expect("two")))
+                        None
                     };
-                (position, answer)
+                (at, answer)
             })
             .collect()
+    }
+
+    /// Runs the merges the wave's events call for (their mergeable identities and `oneid`
+    /// name 2 to 4 profiles), all at once, each answered when it ends or at
+    /// [`MERGE_ANSWER_WAIT`]. A retry of an event that already applied to one of its profiles
+    /// is a `duplicate` and merges nothing. Whether kinds merge is the router's policy's, so it
+    /// is first checked to be the registry's current one.
+    async fn run_merges(
+        &self,
+        merges: Vec<(usize, Event, BTreeSet<OneId>)>,
+        bindings: &mut Bindings,
+        judge: &mut Judge,
+        done: &mut WaveDone,
+    ) {
+        if merges.is_empty() || !self.fresh_or_again(&merges, judge, done).await {
+            return;
+        }
+        let asked: Vec<(usize, String, BTreeSet<OneId>)> = merges
+            .iter()
+            .map(|(p, e, profiles)| (*p, e.event_id.clone(), profiles.clone()))
+            .collect();
+        let verdicts = self.retries_among(&asked).await;
+        let deadline = tokio::time::Instant::now() + MERGE_ANSWER_WAIT;
+        let mut runs = Vec::new();
+        for ((position, event, profiles), (_, verdict)) in merges.into_iter().zip(verdicts) {
+            if let Some(answer) = verdict {
+                done.answers.push((position, answer));
+                continue;
+            }
+            let routed = self.routed(&event, None, Target::Claim, bindings, judge);
+            let plan = MergePlan::new(profiles, Cause::Event(Box::new(routed)), judge.version);
+            let shards = &self.shards;
+            runs.push(
+                async move { (position, event, merges::drive(shards, plan, deadline).await) },
+            );
+        }
+        for (position, event, driven) in futures::future::join_all(runs).await {
+            self.merge_answered(position, event, driven, bindings, done)
+                .await;
+        }
+    }
+
+    /// Whether `judge` is the registry's current policy (read now if it was not known to
+    /// be); if another version was ordered, the events go again, judged by it.
+    async fn fresh_or_again(
+        &self,
+        events: &[(usize, Event, BTreeSet<OneId>)],
+        judge: &mut Judge,
+        done: &mut WaveDone,
+    ) -> bool {
+        if judge.fresh {
+            return true;
+        }
+        match self.refresh_judge().await {
+            Ok(fresh) if fresh.version == judge.version => {
+                *judge = fresh;
+                true
+            }
+            Ok(fresh) => {
+                *judge = fresh;
+                let again = events.iter().map(|(p, e, _)| (*p, e.clone()));
+                done.again.extend(again);
+                false
+            }
+            Err(error) => {
+                let answers = events.iter().map(|(p, ..)| (*p, Err(unavailable(&error))));
+                done.answers.extend(answers);
+                false
+            }
+        }
+    }
+
+    /// An event's answer from the merge it called for (see [`Router::run_merges`]); one given
+    /// up before its commit (a profile merged elsewhere meanwhile) goes again, to where that
+    /// profile went.
+    async fn merge_answered(
+        &self,
+        position: usize,
+        mut event: Event,
+        driven: merges::Driven,
+        bindings: &mut Bindings,
+        done: &mut WaveDone,
+    ) {
+        let answer = match driven.ended {
+            Some(Ended::Finished(record, Some(follow_ups))) => {
+                self.learn_merge(&record, bindings);
+                self.finish_merged(&record, follow_ups, bindings).await
+            }
+            // Another driver ended it (a sweep, after this event's earlier request).
+            Some(Ended::Finished(record, None)) => Ok(Accepted::duplicate(record.survivor)),
+            Some(Ended::GaveUp(moved, into)) => {
+                match into {
+                    Some(into) => {
+                        self.rebind(moved, into, bindings);
+                        if event.oneid == Some(moved) {
+                            event.oneid = Some(into);
+                        }
+                        done.again.push((position, event));
+                    }
+                    None => done.answers.push((
+                        position,
+                        Err(EventError::field(
+                            ErrorCode::NotFound,
+                            "oneid",
+                            format!("profile {moved} does not exist"),
+                        )),
+                    )),
+                }
+                return;
+            }
+            Some(Ended::Abandoned) => {
+                done.again.push((position, event));
+                return;
+            }
+            None => match driven.committed {
+                Some(record) => {
+                    let (survivor, losers) = merges::merged(&record);
+                    Ok(Accepted {
+                        merged: losers,
+                        merge_pending: true,
+                        ..Accepted::applied(survivor, Vec::new())
+                    })
+                }
+                None => Err(EventError::new(
+                    ErrorCode::Unavailable,
+                    "the merge this event calls for waits for another to end; retry the event",
+                )),
+            },
+        };
+        done.answers.push((position, answer));
+    }
+
+    /// What resolution knew bound to a profile merged into `into` is bound to `into` now.
+    fn rebind(&self, merged: OneId, into: OneId, bindings: &mut Bindings) {
+        for bound in bindings.values_mut().flatten() {
+            if bound.0 == merged {
+                *bound = (into, EPOCH_UNKNOWN);
+            }
+        }
+    }
+
+    /// What a finished merge tells resolution: its profiles are its survivor now.
+    fn learn_merge(&self, record: &MergeRecord, bindings: &mut Bindings) {
+        let (survivor, losers) = merges::merged(record);
+        for loser in losers {
+            self.rebind(loser, survivor, bindings);
+        }
+    }
+
+    /// The answer of an event whose merge this router ended: the follow-ups its apply left are
+    /// driven first, and the merges the identities it found taken meanwhile call for.
+    async fn finish_merged(
+        &self,
+        record: &MergeRecord,
+        follow_ups: Vec<FollowUp>,
+        bindings: &mut Bindings,
+    ) -> Answer {
+        if !follow_ups.is_empty() {
+            let report = follow_up::drive(&self.shards, follow_ups, BIND_ATTEMPTS).await;
+            for (identity, oneid) in &report.bound {
+                let epoch = self.reader.binding_epoch(identity.shard(self.n_shards));
+                bindings.insert(identity.clone(), Some((*oneid, epoch)));
+            }
+        }
+        let (_, losers) = merges::merged(record);
+        match merges::outcome(record) {
+            Some(EventOutcome::Applied(oneid, not_linked)) => Ok(Accepted {
+                merged: losers,
+                ..Accepted::applied(*oneid, not_linked.clone())
+            }),
+            Some(EventOutcome::Duplicate(oneid)) => Ok(Accepted::duplicate(*oneid)),
+            Some(EventOutcome::Rejected(error)) => Err(error.clone()),
+            other => panic!("a merge's event answered {other:?}"),
+        }
     }
 
     /// An event's answer; an applied one also tells resolution that its identities held by
@@ -817,11 +1094,7 @@ impl Router {
                         bindings.insert(identity.clone(), Some((oneid, epoch)));
                     }
                 }
-                Ok(Accepted {
-                    status: EventStatus::Applied,
-                    oneid,
-                    not_linked,
-                })
+                Ok(Accepted::applied(oneid, not_linked))
             }
             EventOutcome::Duplicate(oneid) => Ok(Accepted::duplicate(oneid)),
             EventOutcome::Rejected(error) => Err(error),
@@ -844,10 +1117,8 @@ impl Router {
             .into_iter()
             .filter(|oneid| oneid.shard() == shard)
             .collect();
-        for bound in bindings.values_mut().flatten() {
-            if merged.contains(&bound.0) {
-                *bound = (into, EPOCH_UNKNOWN);
-            }
+        for oneid in &merged {
+            self.rebind(*oneid, into, bindings);
         }
         if event.oneid.is_some_and(|oneid| merged.contains(&oneid)) {
             event.oneid = Some(into);
@@ -877,6 +1148,8 @@ fn profiles_of(event: &Event, bindings: &Bindings, judge: &Judge) -> BTreeSet<On
 /// Where [`Router::route`] sends an event.
 enum Route {
     To(ShardId, Target),
+    /// Its identities (and oneid) name these profiles (2 to 4): they merge, or it is a retry.
+    Merge(BTreeSet<OneId>),
     Rejected(EventError),
 }
 
@@ -884,8 +1157,9 @@ enum Route {
 enum Alone {
     /// Every identity is blocked, and the event names no oneid.
     Blocked,
-    /// Its identities (and oneid) name these profiles: a conflict, or a retry.
-    Conflict(BTreeSet<OneId>),
+    /// Its identities (and oneid) name more profiles than a merge makes one: refused, or a
+    /// retry.
+    TooMany(BTreeSet<OneId>),
 }
 
 /// What a shard's answer to an event told.

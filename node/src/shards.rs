@@ -19,6 +19,7 @@
 use crate::clock::ClusterClock;
 use crate::config::node_of_raft_id;
 use crate::follow_up;
+use crate::merges;
 use crate::metrics::Metrics;
 use crate::replica::actor::{
     Gate, Host, Leave, Propose, Read, ShardActor, Status, StatusReply, Step,
@@ -32,6 +33,7 @@ use crate::transport::tcp::{CallError, Inbound, Tcp};
 use crate::transport::{Lead, Transport};
 use actix::Addr;
 use futures::future::BoxFuture;
+use oneid_protocol::api::NotLinkedReason;
 use oneid_protocol::ids::ShardId;
 use oneid_protocol::num::Millis;
 use oneid_replica::message::{Message, MessageKind};
@@ -39,6 +41,7 @@ use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::ShardError;
 use oneid_state::command::FollowUp;
 use oneid_state::command::{Command, Output, REGISTRY_SHARD};
+use oneid_state::merge::{MergePlan, MergeState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -745,8 +748,8 @@ pub fn peer_may_send(from: u64, me: u64, shard: u32, message: &Message) -> bool 
     ours && (node_of_raft_id(sender) == from || forwarded)
 }
 
-/// Whether a peer may forward `command` to this node's leader: what clients, the follow-up
-/// sweeps and the rules and segment routes propose; never what a leader proposes on its own
+/// Whether a peer may forward `command` to this node's leader: what clients, the follow-up and
+/// merge sweeps and the rules and segment routes propose; never what a leader proposes on its own
 /// (clock entries, seeds, backfills; legacy commands are never proposed at all).
 /// Definitions go to the registry shard only (applying one elsewhere would stop the shard).
 fn forwardable(shard: ShardId, command: &Command) -> bool {
@@ -758,7 +761,15 @@ fn forwardable(shard: ShardId, command: &Command) -> bool {
         | Command::FinishFollowUps(_)
         | Command::SetRules(_)
         | Command::InstallRules { .. }
-        | Command::InstallSegment(_) => true,
+        | Command::InstallSegment(_)
+        | Command::MergeLock { .. }
+        | Command::MergeCommit { .. }
+        | Command::MergeExport { .. }
+        | Command::MergeImport { .. }
+        | Command::MergeTombstone { .. }
+        | Command::Repoint { .. }
+        | Command::MergeFinish { .. }
+        | Command::MergeUnlock { .. } => true,
         _ => false,
     }
 }
@@ -939,6 +950,31 @@ impl Host for Shards {
     }
 
     fn drive_follow_ups(self: Arc<Self>, follow_ups: Vec<FollowUp>) -> BoxFuture<'static, usize> {
-        Box::pin(async move { follow_up::drive(&self, follow_ups, 1).await.finished })
+        Box::pin(async move {
+            let report = follow_up::drive(&self, follow_ups, 1).await;
+            // Binds another profile won call for merges (refused where the kind does not
+            // merge: then the identity is `taken`).
+            for plan in merges::taken_plans(&report) {
+                let merged = merges::drive_to_end(&self, plan).await;
+                if merged.is_none_or(|r| matches!(r.state, MergeState::Refused(..))) {
+                    self.metrics.count_not_linked(&NotLinkedReason::Taken, 1);
+                }
+            }
+            report.finished
+        })
+    }
+
+    fn drive_merges(self: Arc<Self>, plans: Vec<MergePlan>) -> BoxFuture<'static, usize> {
+        Box::pin(async move {
+            let mut ended = 0;
+            for plan in plans {
+                let merge = plan.merge;
+                if let Some(record) = merges::drive_to_end(&self, plan).await {
+                    tracing::info!(%merge, survivor = %record.survivor, "merge carried on to its end");
+                    ended += 1;
+                }
+            }
+            ended
+        })
     }
 }

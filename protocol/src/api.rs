@@ -23,9 +23,9 @@ crate::open_enum! {
     ///
     /// let known: ErrorCode = serde_json::from_str(r#""insufficient_points""#).unwrap();
     /// assert_eq!(known, ErrorCode::InsufficientPoints);
-    /// let newer: ErrorCode = serde_json::from_str(r#""too_many_profiles""#).unwrap();
-    /// assert_eq!(newer, ErrorCode::Other("too_many_profiles".into()));
-    /// assert_eq!(newer.as_str(), "too_many_profiles");
+    /// let newer: ErrorCode = serde_json::from_str(r#""from_a_newer_release""#).unwrap();
+    /// assert_eq!(newer, ErrorCode::Other("from_a_newer_release".into()));
+    /// assert_eq!(newer.as_str(), "from_a_newer_release");
     /// ```
     pub enum ErrorCode {
         /// The request is not well-formed JSON/NDJSON, or not of the expected shape.
@@ -58,8 +58,6 @@ crate::open_enum! {
         RefundExceedsOrder = "refund_exceeds_order",
         /// A redeem is larger than the balance.
         InsufficientPoints = "insufficient_points",
-        /// The event's identities (or oneid) belong to different profiles.
-        IdentityConflict = "identity_conflict",
         /// Answered by releases before the identity policy, which refused an event that would
         /// give its profile more than 50 identity values; the event now applies without the
         /// values past the limit, listed in `not_linked` (reason `identity_limit`).
@@ -93,9 +91,12 @@ crate::open_enum! {
         /// says how to configure it.
         Forbidden = "forbidden",
         /// Every identity the event names is a blocked value (see the rules' `identity`) and
-        /// it names no `oneid`: it has no profile to apply to. (New codes go last: stored
-        /// results keep a code's index.)
+        /// it names no `oneid`: it has no profile to apply to.
         BlockedIdentity = "blocked_identity",
+        /// The event's mergeable identities (and `oneid`) name more than 4 profiles: more than
+        /// one merge makes one. (New codes go last. Releases before merges answered
+        /// `identity_conflict` where an event now merges its profiles.)
+        TooManyProfiles = "too_many_profiles",
     }
 }
 
@@ -138,6 +139,15 @@ pub struct EventResult {
     /// to its profile: each such identity and why, sorted by (kind, value).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_linked: Vec<NotLinked>,
+    /// On an `applied` result only, and only when the event merged profiles: the OneIDs
+    /// merged into `oneid` (sorted), which now resolve to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
+    /// On an `applied` result only: the merge the event called for was committed and is being
+    /// finished (the event applies to `oneid` at its end); until then, lookups may still find
+    /// the profiles apart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merge_pending: bool,
 }
 
 /// An identity of an applied event that was not linked to its profile.
@@ -218,6 +228,12 @@ pub struct ProfileDoc {
     pub version: u64,
     pub created_at: String,
     pub updated_at: String,
+    /// The OneIDs merged into this profile, oldest merge first (only when some were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+    /// When the profile was asked for by a OneID merged into it: that OneID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

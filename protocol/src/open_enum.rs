@@ -149,8 +149,8 @@ mod tests {
             r#""unknown_order""#
         );
         assert_eq!(
-            serde_json::from_str::<ErrorCode>(r#""too_many_profiles""#).unwrap(),
-            ErrorCode::Other("too_many_profiles".into())
+            serde_json::from_str::<ErrorCode>(r#""from_a_newer_release""#).unwrap(),
+            ErrorCode::Other("from_a_newer_release".into())
         );
         assert_eq!(
             serde_json::from_str::<EventStatus>(r#""merged""#).unwrap(),

@@ -201,7 +201,7 @@ fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
                     "application/x-ndjson": {"schema": {"type": "string", "description": "One event (a JSON object) per line."}},
                 },
             })),
-            answers: vec![(200, "One result per event, in request order: `applied`, `duplicate` (an event with this id applied before), or `rejected` with its `error` (whose code is one of the event parser's or an event's own: `invalid_event`, `invalid_field`, `missing_field`, `unknown_field`, `not_found`, `duplicate_order`, `unknown_order`, `refund_exceeds_order`, `insufficient_points`, `identity_conflict`, `blocked_identity`, `attribute_limit`, `tag_limit`, `already_expired`, `unavailable`, `too_many_waves`, `internal`; releases before the identity policy also answered `identity_limit`, now a `not_linked` reason). An `applied` result lists in `not_linked` the identities the event did not link to its profile, each with its reason: `blocked_value`, `kind_limit`, `identity_limit`, `merge_disabled` or `taken`.", content::<EventsResponse>(g))],
+            answers: vec![(200, "One result per event, in request order: `applied`, `duplicate` (an event with this id applied before), or `rejected` with its `error` (whose code is one of the event parser's or an event's own: `invalid_event`, `invalid_field`, `missing_field`, `unknown_field`, `not_found`, `duplicate_order`, `unknown_order`, `refund_exceeds_order`, `insufficient_points`, `blocked_identity`, `too_many_profiles`, `attribute_limit`, `tag_limit`, `already_expired`, `unavailable`, `too_many_waves`, `internal`; releases before the identity policy also answered `identity_limit`, now a `not_linked` reason, and releases before merges `identity_conflict`, where an event now merges). An `applied` result lists in `not_linked` the identities the event did not link to its profile, each with its reason: `blocked_value`, `kind_limit`, `identity_limit`, `merge_disabled`, `taken` or `merge_limit`; in `merged` the OneIDs an event naming several customers merged into its `oneid`; and `merge_pending` when that merge was committed but not finished within the answer's wait (it finishes by itself).", content::<EventsResponse>(g))],
             errors: {
                 let mut errors = body_errors(&[]);
                 errors.insert(3, (415, vec![UnsupportedMediaType]));
@@ -216,7 +216,7 @@ fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
             summary: "A profile by its OneID.",
             parameters: vec![oneid(), consistency()],
             body: None,
-            answers: vec![(200, "The profile.", content::<ProfileDoc>(g))],
+            answers: vec![(200, "The profile; for a OneID merged into another, the profile it resolves to (following later merges too), with `resolved_from` naming the OneID asked for.", content::<ProfileDoc>(g))],
             errors: vec![(400, vec![InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],
         },
         Operation {

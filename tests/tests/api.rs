@@ -263,6 +263,8 @@ async fn walk_through_with_exact_values() {
             oneid: Some(oneid.clone()),
             error: None,
             not_linked: vec![],
+            merged: vec![],
+            merge_pending: false,
         }
     );
     assert_eq!(

@@ -129,7 +129,6 @@ struct Setup {
     node: TestNode,
     client: Client,
     phone: String,
-    email: String,
     known: String,
     other: String,
 }
@@ -159,7 +158,6 @@ impl Setup {
             node,
             client,
             phone,
-            email,
             known,
             other,
         };
@@ -809,20 +807,6 @@ async fn bad_events_are_rejected_alone() {
             Some("oneid"),
         ),
         (
-            json!({"event_id": "b-conflict", "type": "points_earn", "points": 1,
-                "identities": {"phone": phone, "email": setup.email}}),
-            "b-conflict",
-            ErrorCode::IdentityConflict,
-            Some("identities"),
-        ),
-        (
-            json!({"event_id": "b-conflict-oneid", "type": "points_earn", "points": 1,
-                "oneid": known, "identities": {"email": setup.email}}),
-            "b-conflict-oneid",
-            ErrorCode::IdentityConflict,
-            Some("identities"),
-        ),
-        (
             json!({"event_id": "b-expired", "type": "points_earn", "oneid": known, "points": 5,
                 "expires_at": past}),
             "b-expired",
@@ -881,6 +865,8 @@ async fn bad_events_are_rejected_alone() {
             oneid: Some(other.clone()),
             error: None,
             not_linked: vec![],
+            merged: vec![],
+            merge_pending: false,
         }
     );
     for ((event, event_id, code, field), result) in cases.iter().zip(&results) {

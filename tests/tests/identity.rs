@@ -671,7 +671,8 @@ async fn a_retry_is_a_duplicate_even_when_its_identities_now_name_two_profiles()
     );
     assert_ne!(p1, p2);
     // r-1 again, now also naming the email, which another profile took meanwhile: it already
-    // applied, so it is a duplicate of p1; an event that never applied is a conflict.
+    // applied, so it is a duplicate of p1 and merges nothing; an event that never applied
+    // merges the two.
     let again = send(
         &client,
         &[
@@ -684,10 +685,30 @@ async fn a_retry_is_a_duplicate_even_when_its_identities_now_name_two_profiles()
     .await;
     assert_eq!(again.results[0].status, EventStatus::Duplicate);
     assert_eq!(again.results[0].oneid.as_deref(), Some(p1.as_str()));
-    assert_eq!(
-        again.results[1].error.as_ref().map(|e| e.code.clone()),
-        Some(ErrorCode::IdentityConflict)
-    );
+    let merged = &again.results[1];
+    assert_eq!(merged.status, EventStatus::Applied, "{merged:?}");
+    let survivor = merged.oneid.clone().expect("applied");
+    let loser = if survivor == p1 {
+        p2.clone()
+    } else {
+        p1.clone()
+    };
+    assert_eq!(merged.merged, vec![loser.clone()]);
+    assert!(!merged.merge_pending);
     let profile = lookup(&client, "phone", "1").await.unwrap();
-    assert_eq!(profile.points.balance, 10);
+    assert_eq!(
+        (profile.oneid.as_str(), profile.points.balance),
+        (survivor.as_str(), 40)
+    );
+    let profile = lookup(&client, "email", "e@x").await.unwrap();
+    assert_eq!(profile.oneid, survivor);
+    // And again: a duplicate, of the survivor now.
+    let third = send(
+        &client,
+        &[json!({"event_id": "r-1", "type": "points_earn",
+            "identities": {"phone": "1"}, "points": 10})],
+    )
+    .await;
+    assert_eq!(third.results[0].status, EventStatus::Duplicate);
+    assert_eq!(third.results[0].oneid.as_deref(), Some(survivor.as_str()));
 }

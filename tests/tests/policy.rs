@@ -225,7 +225,8 @@ async fn kind_limits_and_unmergeable_kinds_say_why_an_identity_was_not_linked() 
     .await;
     let r = applied(&result, &[]);
     assert_eq!(lookup(&client, "nickname", "unknown").await, Some(r));
-    // Mergeable identities of two profiles are still a conflict.
+    // Mergeable identities of two profiles: the profiles merge. The card's priority ranks
+    // p first: it survives, and holds both phones.
     let result = send_one(
         &client,
         json!({"event_id": "k-5", "type": "identify",
@@ -239,9 +240,11 @@ async fn kind_limits_and_unmergeable_kinds_say_why_an_identity_was_not_linked() 
             "identities": {"phone": "13800000002", "email": "q@x"}}),
     )
     .await;
+    assert_eq!(applied(&result, &[]), p);
+    assert_eq!(result.merged, vec![q.clone()]);
     assert_eq!(
-        result.error.map(|e| e.code),
-        Some(ErrorCode::IdentityConflict)
+        lookup(&client, "phone", "13800000002").await,
+        Some(p.clone())
     );
     let profile = client.profile(&p).await.expect("read").expect("exists");
     assert_eq!(profile.points.balance, 7);
@@ -251,7 +254,10 @@ async fn kind_limits_and_unmergeable_kinds_say_why_an_identity_was_not_linked() 
             ("device_id".to_string(), vec!["D1".to_string()]),
             ("email".to_string(), vec!["q@x".to_string()]),
             ("member_card".to_string(), vec!["M1".to_string()]),
-            ("phone".to_string(), vec!["13800000001".to_string()]),
+            (
+                "phone".to_string(),
+                vec!["13800000001".to_string(), "13800000002".to_string()]
+            ),
         ])
     );
     for (reason, count) in [
@@ -265,10 +271,10 @@ async fn kind_limits_and_unmergeable_kinds_say_why_an_identity_was_not_linked() 
     }
 }
 
-/// A bind that another profile wins while the event's router waits to bind it: the event's
-/// answer lists the identity as `taken`.
+/// A bind that another profile wins while the event's router waits to bind it: the two
+/// profiles merge, as if the event had found the identity bound, and its answer says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bind_another_profile_won_first_is_answered_taken() {
+async fn a_bind_another_profile_won_first_merges_the_two() {
     let mut node = TestNode::create(NodeOptions::default());
     // The router pauses after the apply, before its binds on other shards (a blocking sleep
     // of one of the two HTTP workers; the other serves the second customer meanwhile).
@@ -302,15 +308,14 @@ async fn a_bind_another_profile_won_first_is_answered_taken() {
     .await;
     let q = applied(&second, &[]);
     let first = first.await.expect("the first request");
-    let p = applied(
-        &first,
-        &[not_linked("email", &email, NotLinkedReason::Taken)],
-    );
+    // The first profile was minted first: it survives, and the second's OneID resolves to it.
+    let p = applied(&first, &[]);
     assert_ne!(p, q);
-    assert_eq!(lookup(&client, "email", &email).await, Some(q));
+    assert_eq!(first.merged, vec![q.clone()]);
+    assert_eq!(lookup(&client, "email", &email).await, Some(p.clone()));
     let profile = client.profile(&p).await.expect("read").expect("exists");
-    assert_eq!(profile.identities.len(), 1, "{profile:?}");
-    assert_eq!(not_linked_count(&client, "taken").await, 1);
+    assert_eq!(profile.identities.len(), 2, "{profile:?}");
+    assert_eq!(not_linked_count(&client, "taken").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

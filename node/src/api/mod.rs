@@ -339,18 +339,43 @@ impl Api {
     async fn get_profile(&self, oneid: &str, query: Option<&str>) -> Reply {
         let oneid = self.parse_oneid(oneid)?;
         let consistency = consistency(&params(query))?;
-        let (answer, applied) = self
-            .read_state(oneid.shard(), Query::Profile(oneid), consistency)
-            .await?;
-        let Answer::Profile(profile) = answer else {
-            panic!("a profile read answered {answer:?}")
-        };
-        let profile =
-            profile.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
-        Ok(stamped(
-            json(StatusCode::OK, &profile.into_doc()),
-            consistency,
-            applied,
+        let (doc, applied) = self
+            .resolved_profile(oneid, consistency)
+            .await?
+            .ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        Ok(stamped(json(StatusCode::OK, &doc), consistency, applied))
+    }
+
+    /// The document of the profile `oneid` resolves to (itself, or through the merges that
+    /// merged it, each a read at its survivor's shard at `consistency`), with `resolved_from`
+    /// if it was merged; and the applied index of the last read. `None`: no such profile.
+    async fn resolved_profile(
+        &self,
+        oneid: OneId,
+        consistency: Consistency,
+    ) -> Result<Option<(oneid_protocol::api::ProfileDoc, u64)>, ApiError> {
+        let mut at = oneid;
+        for _ in 0..MERGE_CHAIN_MAX {
+            let (answer, applied) = self
+                .read_state(at.shard(), Query::Profile(at), consistency)
+                .await?;
+            match answer {
+                Answer::Profile(Some(read)) => {
+                    let mut doc = read.into_doc();
+                    if at != oneid {
+                        doc.resolved_from = Some(oneid.to_string());
+                    }
+                    return Ok(Some((doc, applied)));
+                }
+                Answer::Profile(None) => return Ok(None),
+                Answer::Merged(into) => at = into,
+                other => panic!("a profile read answered {other:?}"),
+            }
+        }
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("profile {oneid} resolves through more than {MERGE_CHAIN_MAX} merges"),
         ))
     }
 
@@ -410,17 +435,14 @@ impl Api {
                 }
             }
         };
-        let (answer, applied) = self
-            .read_state(oneid.shard(), Query::Profile(oneid), consistency)
-            .await?;
-        let Answer::Profile(Some(profile)) = answer else {
-            return Err(missing());
-        };
-        Ok(stamped(
-            json(StatusCode::OK, &profile.into_doc()),
-            consistency,
-            applied,
-        ))
+        // A binding cached (or read) before a merge names the merged profile: its read
+        // resolves to the survivor. Asked by identity, the document names no `resolved_from`.
+        let (mut doc, applied) = self
+            .resolved_profile(oneid, consistency)
+            .await?
+            .ok_or_else(missing)?;
+        doc.resolved_from = None;
+        Ok(stamped(json(StatusCode::OK, &doc), consistency, applied))
     }
 
     async fn ledger(&self, oneid: &str, query: Option<&str>) -> Reply {
@@ -766,6 +788,10 @@ fn strict_body<T: serde::de::DeserializeOwned + oneid_protocol::strict::JsonSche
         }
     })
 }
+
+/// Most merges a profile read follows from the OneID asked for to the profile it resolves to
+/// (a survivor merged into another later, and so on).
+const MERGE_CHAIN_MAX: usize = 64;
 
 fn not_found(message: String) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)

@@ -30,6 +30,8 @@ use oneid_replica::message::Message as RaftMessage;
 use oneid_replica::snapshot::SnapshotRef;
 use oneid_replica::{Effects, Now, Replica, ReplicaConfig, ReplicaStatus, ShardError, Token};
 use oneid_state::command::{Command, FollowUp, Output};
+use oneid_state::merge::{MergeId, MergePlan};
+use oneid_state::profile::Profile;
 use oneid_state::{decode, keys, FollowUpRecord};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,6 +48,15 @@ pub const FOLLOW_UP_SWEEP_RECORDS_MAX: usize = 1024;
 const FOLLOW_UP_GRACE_MS: i64 = 2_000;
 /// How often the leader sweeps follow-up records (sooner while a sweep finds a full batch).
 const FOLLOW_UP_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most locks one merge sweep reads (each lock's merge is driven once per sweep).
+pub const MERGE_SWEEP_LOCKS_MAX: usize = 64;
+/// Locks younger than this (by the shard clock, or seen by this leader for less long: a
+/// cluster whose clock entries are rare must still carry merges on) are left to the router
+/// that took them, which drives its merge for up to `merges::MERGE_ANSWER_WAIT`.
+const MERGE_SWEEP_GRACE_MS: i64 = 6_000;
+const MERGE_SWEEP_GRACE: Duration = Duration::from_millis(MERGE_SWEEP_GRACE_MS as u64);
+/// How often the leader sweeps the locks of merges.
+const MERGE_SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 
 const _: () = assert!(
     oneid_replica::PROPOSALS_PENDING_MAX >= SHARD_MAILBOX_MAX,
@@ -85,6 +96,8 @@ pub trait Host: Send + Sync + 'static {
     /// Drives follow-up records to their end (the binds at other shards, then the finish at
     /// this one); answers how many finished.
     fn drive_follow_ups(self: Arc<Self>, follow_ups: Vec<FollowUp>) -> BoxFuture<'static, usize>;
+    /// Drives merges to their end, from where each stands; answers how many ended.
+    fn drive_merges(self: Arc<Self>, plans: Vec<MergePlan>) -> BoxFuture<'static, usize>;
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ShardError>>;
@@ -109,6 +122,12 @@ pub struct ShardActor {
     /// A follow-up sweep is in flight (at most one at a time).
     sweeping: bool,
     next_sweep: Instant,
+    /// A merge sweep is in flight (at most one at a time).
+    sweeping_merges: bool,
+    next_merge_sweep: Instant,
+    /// When this replica first saw each merge holding a lock here (those the last sweep read:
+    /// at most `MERGE_SWEEP_LOCKS_MAX`).
+    merges_seen: BTreeMap<MergeId, Instant>,
     /// Every follow-up record up to this sequence is finished: the next sweep's scan starts
     /// after it, so it does not walk the tombstones of finished records. In memory only (0
     /// after a restart: one scan from the start).
@@ -151,6 +170,9 @@ impl ShardActor {
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
             sweeping: false,
+            sweeping_merges: false,
+            next_merge_sweep: Instant::now(),
+            merges_seen: BTreeMap::new(),
             next_sweep: Instant::now(),
             follow_up_floor: 0,
             reported_activations: (0, 0, 0),
@@ -311,6 +333,12 @@ impl ShardActor {
         if self.replica.is_leader() && !self.sweeping && Instant::now() >= self.next_sweep {
             self.sweep_follow_ups(ctx);
         }
+        if self.replica.is_leader()
+            && !self.sweeping_merges
+            && Instant::now() >= self.next_merge_sweep
+        {
+            self.sweep_merges(ctx);
+        }
         self.report_activations();
         self.run(fx, ctx);
     }
@@ -389,6 +417,55 @@ impl ShardActor {
                 // More are waiting: sweep again at the next tick.
                 actor.next_sweep = Instant::now();
             }
+        }));
+    }
+}
+
+impl ShardActor {
+    /// Drives the merges holding locks on this shard's profiles for longer than
+    /// `MERGE_SWEEP_GRACE_MS` by the shard clock (their router stopped, crashed, or answered
+    /// `merge_pending`): each to its end, from where it stands. At most
+    /// [`MERGE_SWEEP_LOCKS_MAX`] locks are read per sweep.
+    fn sweep_merges(&mut self, ctx: &mut Context<Self>) {
+        self.next_merge_sweep = Instant::now() + MERGE_SWEEP_INTERVAL;
+        let record = &self.replica.state.record;
+        if record.merges_pending == 0 {
+            return;
+        }
+        let horizon = record.clock.0 - MERGE_SWEEP_GRACE_MS;
+        let storage = Arc::clone(&self.storage);
+        let base = storage.state_read(self.shard);
+        let view = self.replica.view(&base);
+        let now = Instant::now();
+        let mut seen = BTreeMap::new();
+        let mut plans: BTreeMap<MergeId, MergePlan> = BTreeMap::new();
+        for (key, value) in view.scan(keys::LOCK_PREFIX, None, false, MERGE_SWEEP_LOCKS_MAX) {
+            let (merge, at): (MergeId, Millis) = decode(&key, &value);
+            let first = *seen
+                .entry(merge)
+                .or_insert_with(|| self.merges_seen.get(&merge).copied().unwrap_or(now));
+            let young = at.0 > horizon && now.duration_since(first) < MERGE_SWEEP_GRACE;
+            if young || plans.contains_key(&merge) {
+                continue;
+            }
+            let profile_key = keys::profile(keys::locked_oneid(&key));
+            let Some(bytes) = view.get(&profile_key) else {
+                continue;
+            };
+            let profile: Profile = decode(&profile_key, &bytes);
+            if let Some(lock) = profile.merging {
+                plans.insert(merge, lock.plan);
+            }
+        }
+        self.merges_seen = seen;
+        if plans.is_empty() {
+            return;
+        }
+        tracing::info!(shard = %self.shard, merges = plans.len(), "carrying on merges their routers left");
+        self.sweeping_merges = true;
+        let sweep = Arc::clone(&self.host).drive_merges(plans.into_values().collect());
+        ctx.spawn(sweep.into_actor(self).map(|_, actor, _| {
+            actor.sweeping_merges = false;
         }));
     }
 }

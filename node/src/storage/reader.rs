@@ -9,6 +9,7 @@ use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_replica::ShardError;
 use oneid_state::keys;
+use oneid_state::merge::Tombstone;
 use oneid_state::profile::Profile;
 use oneid_state::store::StateRead;
 use oneid_state::{decode, LedgerRecord};
@@ -273,6 +274,8 @@ pub enum Answer {
     Identities(Vec<Option<OneId>>, u64),
     Events(Vec<bool>),
     Profile(Option<Box<ProfileRead>>),
+    /// The profile asked for was merged into this one (a tombstone).
+    Merged(OneId),
     Ledger(Option<Vec<(u64, LedgerRecord)>>),
     /// The shard's rules and their version.
     Rules(Box<oneid_protocol::rules::Rules>, u64),
@@ -411,7 +414,13 @@ impl StateReader {
                     .map(|(oneid, event_id)| self.has_event(*oneid, event_id))
                     .collect(),
             ),
-            Query::Profile(oneid) => Answer::Profile(self.profile_read(*oneid)?.map(Box::new)),
+            Query::Profile(oneid) => match self.profile_read(*oneid)? {
+                Some(read) => Answer::Profile(Some(Box::new(read))),
+                None => match self.tombstone(*oneid) {
+                    Some(tombstone) => Answer::Merged(tombstone.into),
+                    None => Answer::Profile(None),
+                },
+            },
             Query::Ledger {
                 oneid,
                 limit,
@@ -481,6 +490,17 @@ impl StateReader {
             return None;
         }
         let key = keys::profile(oneid);
+        self.shard(oneid.shard())
+            .get(&key)
+            .map(|bytes| decode(&key, &bytes))
+    }
+
+    /// Where a merged OneID went, if it was merged.
+    pub fn tombstone(&self, oneid: OneId) -> Option<Tombstone> {
+        if oneid.shard().0 >= self.n_shards {
+            return None;
+        }
+        let key = keys::tombstone(oneid);
         self.shard(oneid.shard())
             .get(&key)
             .map(|bytes| decode(&key, &bytes))

@@ -96,12 +96,14 @@ fn not_linked(identity: &Identity, reason: NotLinkedReason) -> NotLinked {
     }
 }
 
+/// An event whose mergeable identities name two profiles at apply (bound since its router
+/// resolved them, which would have merged them): `unavailable`, so that it is sent again and
+/// resolved anew; then its router merges them.
 fn conflict(a: OneId, b: OneId) -> EventError {
     let (a, b) = (a.min(b), a.max(b));
-    reject_field(
-        ErrorCode::IdentityConflict,
-        "identities",
-        format!("the event's identities belong to two profiles, {a} and {b}"),
+    reject(
+        ErrorCode::Unavailable,
+        format!("the event's identities were bound to two profiles, {a} and {b}, since it was routed; retry"),
     )
 }
 
@@ -259,6 +261,15 @@ impl ShardState {
             bound.extend(unmergeable);
         }
         if bound.len() > 1 {
+            // A profile merged meanwhile (its binding or OneID read before the merge): routed
+            // again, to its survivor, which holds its exactly-once records.
+            if let Some(tombstone) = bound
+                .iter()
+                .filter(|oneid| oneid.shard() == self.shard)
+                .find_map(|oneid| self.tombstone(tx, *oneid))
+            {
+                return Err(EventOutcome::Moved(tombstone.into));
+            }
             // A retry of an event that applied is a duplicate, whatever happened to its
             // identities since (another profile may have taken one of them first).
             if let Some(&oneid) = bound.iter().find(|oneid| {

@@ -211,13 +211,13 @@ fn an_unmergeable_kind_binds_only_unbound_and_picks_a_profile_only_alone() {
     let outcome = h.send(claim(json!({"event_id": "e4", "type": "points_earn",
         "points": 3, "identities": {"device_id": "D"}})));
     assert_eq!(outcome, applied(p, &[]));
-    // Mergeable kinds of two profiles still conflict (until merges).
+    // Mergeable kinds of two profiles at apply: sent back, for the router to merge them.
     h.ok(on(
         q,
         json!({"event_id": "e6", "type": "identify", "identities": {"email": "x"}}),
     ));
     let code = h.rejected(identify("e7", json!({"phone": "1", "email": "x"})));
-    assert_eq!(code, ErrorCode::IdentityConflict);
+    assert_eq!(code, ErrorCode::Unavailable);
 }
 
 #[test]
@@ -285,7 +285,7 @@ fn a_routers_binding_is_taken_only_at_the_epoch_it_was_read() {
     );
     routed.found = vec![Found::Bound { oneid: q, epoch: 0 }];
     let code = h.rejected(routed.clone());
-    assert_eq!(code, ErrorCode::IdentityConflict, "{p} holds phone 1");
+    assert_eq!(code, ErrorCode::Unavailable, "{p} holds phone 1");
     // At the current epoch, the router's word is taken (and checked in debug builds).
     routed.found = vec![Found::Bound { oneid: p, epoch: 1 }];
     routed.target = Target::Existing(p);

@@ -390,6 +390,8 @@ impl Profile {
             version: self.version,
             created_at: self.created_at.to_string(),
             updated_at: self.updated_at.to_string(),
+            merged_from: self.merged_from.iter().map(OneId::to_string).collect(),
+            resolved_from: None,
         }
     }
 }

@@ -208,7 +208,7 @@ impl ShardState {
             dropped: merge::Dropped::default(),
             twins: Vec::new(),
         };
-        let refusal = self.merge_refusal(&lock.participant, &participants);
+        let refusal = self.merge_refusal(&record.plan, &lock.participant, &participants);
         let Some(reason) = refusal else {
             profile.merging = Some(lock);
             self.store_profile(tx, profile, Some(stored_hash));
@@ -225,14 +225,22 @@ impl ShardState {
         MergeAnswer::Finished(Box::new(record), Some(follow_ups))
     }
 
-    /// Why the policy refuses to make one of these profiles, if it does: the survivor would
-    /// hold more values of a kind than its limit, or more identities than a profile may, or
+    /// Why the policy refuses to make one of these profiles, if it does: a bind taken by an
+    /// identity of a kind that does not merge, or the survivor would hold more values of a
+    /// kind than its limit, or more identities than a profile may, or
     /// have more profiles merged into it than [`MERGES_PER_PROFILE_MAX`], or totals past i64.
     fn merge_refusal(
         &self,
+        plan: &MergePlan,
         survivor: &Participant,
         participants: &[Participant],
     ) -> Option<NotLinkedReason> {
+        // A bind taken meanwhile calls for a merge only by an identity of a kind that merges.
+        if let Cause::Taken(identity) = &plan.cause {
+            if !self.rules.identity.merges(&identity.kind) {
+                return Some(NotLinkedReason::MergeDisabled);
+            }
+        }
         let mut union: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for participant in participants {
             for (kind, values) in &participant.identities {

@@ -246,14 +246,11 @@ impl World {
                 *self.seen.applied.entry(event.event_id).or_default() += 1;
                 follow_ups.into_iter().map(Task::Bind).collect()
             }
-            // Merged, or being merged, meanwhile: routed again.
+            // Merged meanwhile: routed again.
             EventOutcome::Moved(_) => vec![Task::Route(event)],
+            // Being merged, or an identity bound to another profile since it was resolved.
             EventOutcome::Rejected(e) if e.code == ErrorCode::Unavailable => {
                 self.seen.waits += 1;
-                vec![Task::Route(event)]
-            }
-            // An identity bound to another profile since it was resolved.
-            EventOutcome::Rejected(e) if e.code == ErrorCode::IdentityConflict => {
                 vec![Task::Route(event)]
             }
             EventOutcome::Rejected(e) if refused_for_what_it_asks(&e) => {

@@ -644,8 +644,11 @@ fn redeem_beyond_the_balance_is_rejected() {
     assert_eq!(h.profile(p).balance, 0);
 }
 
+/// The router merges profiles an event names; an event that reaches apply naming two (bound
+/// since its router resolved it) is refused `unavailable`, and changes nothing: sent again, it
+/// is resolved anew and merges them.
 #[test]
-fn identities_of_two_profiles_in_one_event_are_rejected() {
+fn identities_of_two_profiles_at_apply_are_sent_back() {
     let mut h = Harness::new(PLAIN);
     let a = h.ok(claim(
         json!({"event_id": "a", "type": "identify", "identities": {"phone": "1"}}),
@@ -656,14 +659,14 @@ fn identities_of_two_profiles_in_one_event_are_rejected() {
     assert_eq!((a, b), (id(1), id(2)));
     let code = h.rejected(claim(json!({"event_id": "c", "type": "points_earn",
         "identities": {"phone": "1", "email": "x"}, "points": 5})));
-    assert_eq!(code, ErrorCode::IdentityConflict);
+    assert_eq!(code, ErrorCode::Unavailable);
     // The same through a OneID and an identity of the other profile.
     let code = h.rejected(on(
         a,
         json!({"event_id": "d", "type": "identify",
         "identities": {"email": "x"}}),
     ));
-    assert_eq!(code, ErrorCode::IdentityConflict);
+    assert_eq!(code, ErrorCode::Unavailable);
 }
 
 #[test]

@@ -1,0 +1,277 @@
+//! Merges through real nodes: an event whose identities name two to four customers makes them
+//! one, on one node and across three; a merge cut by a crash after its commit is finished by
+//! the restarted node; concurrent merges of overlapping customers end as one; five customers
+//! in one event are too many.
+
+use oneid_client::Client;
+use oneid_protocol::api::{EventResult, EventStatus};
+use oneid_protocol::ErrorCode;
+use oneid_tests::cluster::{ClusterOptions, TestCluster};
+use oneid_tests::{eventually, shard_of, value_where, NodeOptions, TestNode};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const SHARDS: u32 = 4;
+
+async fn send_one(client: &Client, event: Value) -> EventResult {
+    let mut answer = client.send_events_json(&[event]).await.expect("events");
+    answer.results.remove(0)
+}
+
+/// A phone and an email held by different shards' indexes.
+fn apart(prefix: &str) -> (String, String) {
+    let phone = format!("139{prefix}0001");
+    let home = shard_of("phone", &phone, SHARDS);
+    let email = value_where("email", &format!("{prefix}-"), SHARDS, |s| s != home);
+    (phone, email)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn an_event_naming_two_customers_merges_them_into_one() {
+    let node = TestNode::start(NodeOptions::default()).await;
+    let client = node.client_once();
+    let (phone, email) = apart("10");
+    let first = send_one(
+        &client,
+        json!({"event_id": "m-1", "type": "order",
+        "identities": {"phone": phone}, "order_id": "T1", "amount": "100",
+        "ts": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    let second = send_one(
+        &client,
+        json!({"event_id": "m-2", "type": "points_earn",
+        "identities": {"email": email}, "points": 30, "ts": "2026-01-02T00:00:00Z"}),
+    )
+    .await;
+    let (a, b) = (first.oneid.unwrap(), second.oneid.unwrap());
+    assert_ne!(a, b);
+    // Both hold no kind of any priority: the first minted survives.
+    let body = serde_json::to_vec(&[json!({"event_id": "m-3", "type": "points_earn",
+        "identities": {"phone": phone, "email": email}, "points": 5})])
+    .unwrap();
+    let raw = client
+        .send_events_raw(body.into(), false)
+        .await
+        .expect("events");
+    assert_eq!(
+        serde_json::to_value(&raw.results[0]).unwrap(),
+        json!({"event_id": "m-3", "status": "applied", "oneid": a, "merged": [b]})
+    );
+    for (kind, value) in [("phone", &phone), ("email", &email)] {
+        let profile = client.lookup(kind, value).await.unwrap().unwrap();
+        assert_eq!(profile.oneid, a, "{kind}");
+        assert_eq!(profile.points.balance, 100 + 30 + 5);
+        assert_eq!(profile.merged_from, vec![b.clone()]);
+        assert_eq!(profile.resolved_from, None);
+    }
+    // The merged OneID resolves to the survivor, and says so.
+    let by_old = client.profile(&b).await.unwrap().expect("resolves");
+    assert_eq!(
+        (by_old.oneid.as_str(), by_old.resolved_from.as_deref()),
+        (a.as_str(), Some(b.as_str()))
+    );
+    assert_eq!(by_old.metrics.order_count, 1);
+    // An event naming the merged OneID applies to the survivor; a retry of one that applied
+    // to the loser is a duplicate of the survivor.
+    let named = send_one(
+        &client,
+        json!({"event_id": "m-4", "type": "points_earn",
+        "oneid": b, "points": 1}),
+    )
+    .await;
+    assert_eq!(
+        (named.status, named.oneid.as_deref()),
+        (EventStatus::Applied, Some(a.as_str()))
+    );
+    let retry = send_one(
+        &client,
+        json!({"event_id": "m-2", "type": "points_earn",
+        "identities": {"email": email}, "points": 30, "ts": "2026-01-02T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(
+        (retry.status, retry.oneid.as_deref()),
+        (EventStatus::Duplicate, Some(a.as_str()))
+    );
+    let retry = send_one(
+        &client,
+        json!({"event_id": "m-3", "type": "points_earn",
+        "identities": {"phone": phone, "email": email}, "points": 5}),
+    )
+    .await;
+    assert_eq!(
+        (retry.status, retry.oneid.as_deref()),
+        (EventStatus::Duplicate, Some(a.as_str()))
+    );
+    let profile = client.lookup("phone", &phone).await.unwrap().unwrap();
+    assert_eq!(profile.points.balance, 136);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_customers_in_one_event_are_too_many_and_change_nothing() {
+    let node = TestNode::start(NodeOptions::quiet()).await;
+    let client = node.client_once();
+    // Five customers, each known by a phone and by an identity of its own kind.
+    let kinds = ["phone", "email", "member_card", "taobao_nick", "jd_pin"];
+    let mut all = serde_json::Map::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        let phone = format!("1380000{i:04}");
+        let own = format!("{kind}-{i}");
+        let identities = if i == 0 {
+            json!({"phone": phone})
+        } else {
+            json!({"phone": phone, *kind: own})
+        };
+        let result = send_one(
+            &client,
+            json!({"event_id": format!("c-{i}"),
+            "type": "points_earn", "identities": identities, "points": 1}),
+        )
+        .await;
+        assert_eq!(result.status, EventStatus::Applied, "{result:?}");
+        all.insert((*kind).into(), json!(if i == 0 { phone } else { own }));
+    }
+    let before = node.settled_digests().await;
+    let result = send_one(
+        &client,
+        json!({"event_id": "five", "type": "identify",
+        "identities": all}),
+    )
+    .await;
+    let error = result
+        .error
+        .clone()
+        .unwrap_or_else(|| panic!("rejected: {result:?}"));
+    assert_eq!(
+        (error.code, error.field.as_deref()),
+        (ErrorCode::TooManyProfiles, Some("identities"))
+    );
+    assert_eq!(node.settled_digests().await, before, "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_cut_by_a_crash_after_its_commit_is_finished_by_the_restarted_node() {
+    let mut node = TestNode::create(NodeOptions::default());
+    node.restart().await;
+    let client = node.client_once();
+    let (phone, email) = apart("20");
+    let a = send_one(
+        &client,
+        json!({"event_id": "k-1", "type": "points_earn",
+        "identities": {"phone": phone}, "points": 11}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    let b = send_one(
+        &client,
+        json!({"event_id": "k-2", "type": "points_earn",
+        "identities": {"email": email}, "points": 22}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    node.terminate();
+    node.restart_with_env(&[], &[("FAILPOINTS", "merges::after_commit=panic")])
+        .await;
+    let answer = node
+        .client_once()
+        .send_events_json(&[json!({"event_id": "k-3", "type": "points_earn",
+            "identities": {"phone": phone, "email": email}, "points": 33})])
+        .await;
+    assert!(
+        answer.is_err(),
+        "the node stops after the commit: {answer:?}"
+    );
+    assert!(!node.wait_for_exit().success());
+    assert!(
+        node.logs().contains("merges::after_commit"),
+        "stopped by the failpoint"
+    );
+
+    // Restarted, and nobody sends the event again: the leaders' sweeps finish the merge.
+    node.restart().await;
+    let client = node.client_once();
+    let merged = eventually(
+        "the merge finished by the sweep",
+        Duration::from_secs(60),
+        async || {
+            let by_phone = client.lookup("phone", &phone).await.ok()??;
+            let by_email = client.lookup("email", &email).await.ok()??;
+            (by_phone.oneid == by_email.oneid && by_phone.points.balance == 66).then_some(by_phone)
+        },
+    )
+    .await;
+    assert_eq!(merged.oneid, a, "the first minted survives");
+    assert_eq!(merged.merged_from, vec![b.clone()]);
+    let retry = send_one(
+        &client,
+        json!({"event_id": "k-3", "type": "points_earn",
+        "identities": {"phone": phone, "email": email}, "points": 33}),
+    )
+    .await;
+    assert_eq!(
+        (retry.status, retry.oneid),
+        (EventStatus::Duplicate, Some(a))
+    );
+}
+
+/// A+B through node 1, B+C through node 2 and C+A through node 3, at once: whatever order they
+/// meet in, they end as one customer holding every identity and every point, found by any
+/// identity through any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_merges_through_three_nodes_end_as_one_customer() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let client = cluster.node(1).client();
+    let ids = [
+        ("phone", "13700000001"),
+        ("email", "b@x.example"),
+        ("jd_pin", "c-pin"),
+    ];
+    for (i, (kind, value)) in ids.iter().enumerate() {
+        let result = send_one(
+            &client,
+            json!({"event_id": format!("s-{i}"), "type": "points_earn",
+            "identities": {*kind: value}, "points": 10 * (i + 1)}),
+        )
+        .await;
+        assert_eq!(result.status, EventStatus::Applied, "{result:?}");
+    }
+    let pairs = [(0, 1), (1, 2), (2, 0)];
+    let sends = pairs.iter().enumerate().map(|(n, (x, y))| {
+        let client = cluster.node(n as u64 + 1).client();
+        let (kx, vx) = ids[*x];
+        let (ky, vy) = ids[*y];
+        let event = json!({"event_id": format!("p-{n}"), "type": "points_earn",
+            "identities": {kx: vx, ky: vy}, "points": 1});
+        async move { send_one(&client, event).await }
+    });
+    let results = futures::future::join_all(sends).await;
+    for result in results {
+        assert_eq!(result.status, EventStatus::Applied, "{result:?}");
+    }
+    let survivor = eventually(
+        "one customer, found alike through every node",
+        Duration::from_secs(60),
+        async || {
+            let mut found = BTreeSet::new();
+            for node in 1..=3 {
+                let client = cluster.node(node).client_once();
+                for (kind, value) in ids {
+                    let profile = client.lookup(kind, value).await.ok()??;
+                    found.insert((
+                        profile.oneid,
+                        profile.points.balance,
+                        profile.identities.len(),
+                    ));
+                }
+            }
+            (found.len() == 1).then(|| found.into_iter().next().unwrap())
+        },
+    )
+    .await;
+    assert_eq!((survivor.1, survivor.2), (60 + 3, 3));
+}
