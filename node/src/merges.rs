@@ -10,7 +10,7 @@
 use crate::follow_up;
 use crate::shards::Shards;
 use oneid_protocol::ids::OneId;
-use oneid_state::command::{EventOutcome, Output};
+use oneid_state::command::{Command, EventOutcome, Output};
 use oneid_state::merge::{Cause, MergePlan, MergeRecord, MergeState};
 use oneid_state::merge_driver::{Driver, Ended, Next};
 use std::collections::BTreeSet;
@@ -43,8 +43,8 @@ pub async fn drive(shards: &Shards, plan: MergePlan, deadline: Instant) -> Drive
     let mut driver = Driver::new(plan, shards.n_shards);
     let mut wait = MERGE_RETRY_BACKOFF;
     loop {
-        let (shard, command) = match driver.next() {
-            Next::Propose(shard, command) => (shard, command),
+        let (shard, step) = match driver.next() {
+            Next::Propose(shard, step) => (shard, step),
             Next::Done(ended) => {
                 return Driven {
                     ended: Some(ended),
@@ -59,7 +59,7 @@ pub async fn drive(shards: &Shards, plan: MergePlan, deadline: Instant) -> Drive
             };
         }
         let committed = driver.committed().is_some();
-        let waiting = match shards.propose(shard, command).await {
+        let waiting = match shards.propose(shard, Command::Merge(step)).await {
             Ok(Output::Merge(answer)) => {
                 let waiting = driver.answer(answer).map(|w| format!("{w:?}"));
                 if !committed && driver.committed().is_some() {

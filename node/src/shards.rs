@@ -762,14 +762,7 @@ fn forwardable(shard: ShardId, command: &Command) -> bool {
         | Command::SetRules(_)
         | Command::InstallRules { .. }
         | Command::InstallSegment(_)
-        | Command::MergeLock { .. }
-        | Command::MergeCommit { .. }
-        | Command::MergeExport { .. }
-        | Command::MergeImport { .. }
-        | Command::MergeTombstone { .. }
-        | Command::Repoint { .. }
-        | Command::MergeFinish { .. }
-        | Command::MergeUnlock { .. } => true,
+        | Command::Merge(_) => true,
         _ => false,
     }
 }

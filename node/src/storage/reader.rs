@@ -486,21 +486,19 @@ impl StateReader {
     }
 
     pub fn profile(&self, oneid: OneId) -> Option<Profile> {
-        if oneid.shard().0 >= self.n_shards {
-            return None;
-        }
-        let key = keys::profile(oneid);
-        self.shard(oneid.shard())
-            .get(&key)
-            .map(|bytes| decode(&key, &bytes))
+        self.record_of(oneid, keys::profile(oneid))
     }
 
     /// Where a merged OneID went, if it was merged.
     pub fn tombstone(&self, oneid: OneId) -> Option<Tombstone> {
+        self.record_of(oneid, keys::tombstone(oneid))
+    }
+
+    /// A record kept under `key` on `oneid`'s shard (none for a shard the cluster lacks).
+    fn record_of<T: serde::de::DeserializeOwned>(&self, oneid: OneId, key: Vec<u8>) -> Option<T> {
         if oneid.shard().0 >= self.n_shards {
             return None;
         }
-        let key = keys::tombstone(oneid);
         self.shard(oneid.shard())
             .get(&key)
             .map(|bytes| decode(&key, &bytes))

@@ -85,26 +85,35 @@ pub enum Command {
     /// so a replica that applies one after the upgrade ends where one that applied it before
     /// and was migrated ends.
     LegacyEvents10(Vec<Routed>),
+    /// A step of a merge (see `saga.rs`): proposed by the merge's drivers, at the shard the
+    /// step names.
+    Merge(MergeStep),
+}
+
+/// The steps of a merge, each one idempotent Raft entry of bounded size on its own shard (see
+/// `saga.rs` for their order and `merge_driver` for who proposes which).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MergeStep {
     /// A merge's first steps, one per profile in the plan's order: locks `oneid` (of this
     /// shard) for the merge, unless another merge holds it, its follow-ups are pending, or it
     /// is a tombstone; the lock answers the profile's part (see `merge::MergeLock`).
-    MergeLock { plan: Box<MergePlan>, oneid: OneId },
+    Lock { plan: Box<MergePlan>, oneid: OneId },
     /// The commit point, at the survivor's shard (the participant of highest rank): records
     /// the merge, or its refusal by the policy (then the cause applies to the survivor alone).
     /// Idempotent: answers the record.
-    MergeCommit {
+    Commit {
         plan: Box<MergePlan>,
         participants: Vec<Participant>,
     },
     /// Answers one part of a locked loser's state (at the loser's shard).
-    MergeExport {
+    Export {
         merge: MergeId,
         loser: OneId,
         step: ImportStep,
     },
     /// Takes one exported part into the survivor (at its shard), if it is the part the record
     /// waits for; answers the record.
-    MergeImport {
+    Import {
         merge: MergeId,
         loser: OneId,
         part: Box<ImportPart>,
@@ -112,7 +121,7 @@ pub enum Command {
     /// Makes an imported loser a tombstone pointing at `survivor` (at the loser's shard):
     /// its last ledger entry, its segments left, its orders deleted (a bounded batch per
     /// entry: proposed again while it answers more).
-    MergeTombstone {
+    Tombstone {
         merge: MergeId,
         loser: OneId,
         survivor: OneId,
@@ -126,10 +135,10 @@ pub enum Command {
     },
     /// The merge's last step, at the survivor's shard: the cause applies to the survivor, which
     /// is unlocked and settled (rule tags, segments) on its combined state. Idempotent.
-    MergeFinish { merge: MergeId },
+    Finish { merge: MergeId },
     /// Unlocks `oneid` if `merge` holds it: a merge given up before its commit (a profile of
     /// its plan was merged elsewhere meanwhile, or is missing), or refused.
-    MergeUnlock { merge: MergeId, oneid: OneId },
+    Unlock { merge: MergeId, oneid: OneId },
 }
 
 /// The shard that orders segment definitions.

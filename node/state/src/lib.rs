@@ -360,16 +360,7 @@ impl ShardState {
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
-            Command::MergeLock { .. }
-            | Command::MergeCommit { .. }
-            | Command::MergeExport { .. }
-            | Command::MergeImport { .. }
-            | Command::MergeTombstone { .. }
-            | Command::Repoint { .. }
-            | Command::MergeFinish { .. }
-            | Command::MergeUnlock { .. } => {
-                Output::Merge(self.apply_merge_step(tx, index, command))
-            }
+            Command::Merge(step) => Output::Merge(self.apply_merge_step(tx, index, step)),
             Command::SetRules(_)
             | Command::SeedRules(_)
             | Command::DefineRules(_)

@@ -69,7 +69,7 @@ impl fmt::Display for MergeId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Cause {
     /// An event whose identities (and `oneid`) named the profiles: it applies to the survivor
-    /// once they are one (`MergeFinish`).
+    /// once they are one (`MergeStep::Finish`).
     Event(Box<Routed>),
     /// A follow-up's bind found this identity bound to another profile first.
     Taken(Identity),

@@ -6,7 +6,7 @@
 //! loser merged by this merge answers `Moved` to its lock, the survivor's record says what is
 //! imported, and a finished merge answers its record.
 
-use crate::command::{Command, FollowUp, MergeAnswer};
+use crate::command::{FollowUp, MergeAnswer, MergeStep};
 use crate::merge::{ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 /// What the caller does next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
-    /// Propose this command at this shard, and give its answer to [`Driver::answer`].
-    Propose(ShardId, Command),
+    /// Propose this step (`Command::Merge`) at this shard, and give its answer to
+    /// [`Driver::answer`].
+    Propose(ShardId, MergeStep),
     /// The merge is over.
     Done(Ended),
 }
@@ -72,7 +73,7 @@ pub struct Driver {
     phase: Phase,
     record: Option<MergeRecord>,
     /// The export answered for the loser being imported, to import next.
-    export: Option<Command>,
+    export: Option<MergeStep>,
 }
 
 impl Driver {
@@ -106,10 +107,10 @@ impl Driver {
             Phase::Locking(locked) => {
                 let oneid = self.plan.profiles[locked.len()];
                 let plan = Box::new(self.plan.clone());
-                Next::Propose(oneid.shard(), Command::MergeLock { plan, oneid })
+                Next::Propose(oneid.shard(), MergeStep::Lock { plan, oneid })
             }
             Phase::Reading(survivor) => {
-                Next::Propose(survivor.shard(), Command::MergeFinish { merge })
+                Next::Propose(survivor.shard(), MergeStep::Finish { merge })
             }
             Phase::Committing(participants) => {
                 let survivor = participants
@@ -120,7 +121,7 @@ impl Driver {
                     .oneid;
                 Next::Propose(
                     survivor.shard(),
-                    Command::MergeCommit {
+                    MergeStep::Commit {
                         plan: Box::new(self.plan.clone()),
                         participants: participants.clone(),
                     },
@@ -132,7 +133,7 @@ impl Driver {
                 let loser = record.losers[*i].oneid;
                 Next::Propose(
                     loser.shard(),
-                    Command::MergeTombstone {
+                    MergeStep::Tombstone {
                         merge,
                         loser,
                         survivor: record.survivor,
@@ -144,20 +145,19 @@ impl Driver {
                 let (shard, identities) = shards.last().expect("a shard left to repoint").clone();
                 Next::Propose(
                     shard,
-                    Command::Repoint {
+                    MergeStep::Repoint {
                         from: record.losers[*i].oneid,
                         to: record.survivor,
                         identities,
                     },
                 )
             }
-            Phase::Finishing => Next::Propose(
-                self.record().survivor.shard(),
-                Command::MergeFinish { merge },
-            ),
+            Phase::Finishing => {
+                Next::Propose(self.record().survivor.shard(), MergeStep::Finish { merge })
+            }
             Phase::Unlocking(locked, _) => {
                 let oneid = *locked.last().expect("a profile left to unlock");
-                Next::Propose(oneid.shard(), Command::MergeUnlock { merge, oneid })
+                Next::Propose(oneid.shard(), MergeStep::Unlock { merge, oneid })
             }
             Phase::Done(ended) => Next::Done(ended.clone()),
         }
@@ -174,7 +174,7 @@ impl Driver {
         }
         Next::Propose(
             loser.oneid.shard(),
-            Command::MergeExport {
+            MergeStep::Export {
                 merge: self.plan.merge,
                 loser: loser.oneid,
                 step: loser.next.clone(),
@@ -203,7 +203,7 @@ impl Driver {
                     .iter()
                     .find(|l| l.next != ImportStep::Done);
                 let loser = loser.expect("a loser to import").oneid;
-                self.export = Some(Command::MergeImport {
+                self.export = Some(MergeStep::Import {
                     merge: self.plan.merge,
                     loser,
                     part,

@@ -4,29 +4,29 @@
 //! unfinished; drivers of one merge may run at once, since every step answers what it did or
 //! finds already done.
 //!
-//! 1. **Lock** (`MergeLock`) each profile of the plan, in OneID order, at its shard. A lock
+//! 1. **Lock** (`MergeStep::Lock`) each profile of the plan, in OneID order, at its shard. A lock
 //!    records the profile's part (rank, identities, totals) and keeps it as it is: its events
 //!    are answered `unavailable`, its due keys wait, no other merge takes it. A profile another
 //!    merge holds is `Busy` (the driver waits: locks are taken in one global order, so merges
 //!    never wait on each other in a circle); one with follow-ups pending is `Pending` (its
 //!    identities must all be listed before they are counted and repointed). A profile merged
 //!    elsewhere or missing gives the merge up before its commit: the driver unlocks what it
-//!    locked (`MergeUnlock`), and routes its cause again.
-//! 2. **Commit** (`MergeCommit`) at the survivor's shard, the participant of highest rank: the
+//!    locked (`MergeStep::Unlock`), and routes its cause again.
+//! 2. **Commit** (`MergeStep::Commit`) at the survivor's shard, the participant of highest rank: the
 //!    commit point. It records the merge (`j merge`), or its refusal by the policy (a kind
 //!    over its limit, too many identities, too many merges): then the cause applies to the
 //!    survivor alone, the identities of the others not linked, and the driver unlocks them.
-//! 3. For each loser: **export** (`MergeExport` at its shard) and **import** (`MergeImport`
+//! 3. For each loser: **export** (`MergeStep::Export` at its shard) and **import** (`MergeStep::Import`
 //!    at the survivor's) its profile record, then its orders and exactly-once records in parts
 //!    of at most [`EXPORT_BYTES_MAX`]; the record keeps which part is next, so a part imported
-//!    twice is taken once. Then the loser becomes a **tombstone** (`MergeTombstone`: its last
+//!    twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Tombstone`: its last
 //!    ledger entry, its segments left, `x loser`), and its identities are **repointed**
-//!    (`Repoint` at each identity's shard, moving its binding epoch).
-//! 4. **Finish** (`MergeFinish`) at the survivor's shard: unlocked, settled once on its
+//!    (`MergeStep::Repoint` at each identity's shard, moving its binding epoch).
+//! 4. **Finish** (`MergeStep::Finish`) at the survivor's shard: unlocked, settled once on its
 //!    combined state (tier, rule tags, segments: only net changes), the cause applied to it.
 
 use super::*;
-use crate::command::{Found, MergeAnswer, Routed, EPOCH_UNKNOWN};
+use crate::command::{Found, MergeAnswer, MergeStep, Routed, EPOCH_UNKNOWN};
 use crate::merge::{
     Cause, ImportPart, ImportStep, LoserImport, MergeId, MergeLock, MergePlan, MergeRecord,
     MergeState, Participant, Tombstone, Totals, EXPORT_BYTES_MAX, MERGES_PENDING_MAX,
@@ -45,34 +45,31 @@ impl ShardState {
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
-        command: Command,
+        step: MergeStep,
     ) -> MergeAnswer {
-        match command {
-            Command::MergeLock { plan, oneid } => self.merge_lock(tx, *plan, oneid),
-            Command::MergeCommit { plan, participants } => {
+        match step {
+            MergeStep::Lock { plan, oneid } => self.merge_lock(tx, *plan, oneid),
+            MergeStep::Commit { plan, participants } => {
                 self.merge_commit(tx, index, *plan, participants)
             }
-            Command::MergeExport { merge, loser, step } => {
-                self.merge_export(tx, merge, loser, step)
-            }
-            Command::MergeImport { merge, loser, part } => {
+            MergeStep::Export { merge, loser, step } => self.merge_export(tx, merge, loser, step),
+            MergeStep::Import { merge, loser, part } => {
                 self.merge_import(tx, index, merge, loser, *part)
             }
-            Command::MergeTombstone {
+            MergeStep::Tombstone {
                 merge,
                 loser,
                 survivor,
             } => self.merge_tombstone(tx, merge, loser, survivor),
-            Command::Repoint {
+            MergeStep::Repoint {
                 from,
                 to,
                 identities,
             } => MergeAnswer::Repointed(self.repoint(tx, from, to, identities)),
-            Command::MergeFinish { merge } => self.merge_finish(tx, index, merge),
-            Command::MergeUnlock { merge, oneid } => {
+            MergeStep::Finish { merge } => self.merge_finish(tx, index, merge),
+            MergeStep::Unlock { merge, oneid } => {
                 MergeAnswer::Unlocked(self.merge_unlock(tx, merge, oneid))
             }
-            other => panic!("not a merge step: {other:?}"),
         }
     }
 

@@ -11,7 +11,7 @@ use super::merge_driver::{Driver, Ended, Next};
 use super::profile::Profile;
 use super::tests::{digest_of, event, T0};
 use super::*;
-use crate::command::{Found, Routed};
+use crate::command::{Found, MergeStep, Routed};
 use oneid_protocol::api::NotLinkedReason;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -263,8 +263,8 @@ impl World {
 
     fn drive(&mut self, mut driver: Driver) -> Vec<Task> {
         match driver.next() {
-            Next::Propose(shard, command) => {
-                let output = self.cluster.apply(shard, command);
+            Next::Propose(shard, step) => {
+                let output = self.cluster.apply(shard, Command::Merge(step));
                 let Output::Merge(answer) = output else {
                     panic!("a merge step answered {output:?}")
                 };
@@ -869,10 +869,10 @@ fn a_locked_profile_takes_no_event_and_its_expiries_wait() {
     );
     let plan = MergePlan::new([a, b].into(), Cause::Taken(id("phone", "p1")), 0);
     let merge = plan.merge;
-    let lock = Command::MergeLock {
+    let lock = Command::Merge(MergeStep::Lock {
         plan: Box::new(plan),
         oneid: a,
-    };
+    });
     assert!(matches!(
         world.cluster.apply(ShardId(0), lock),
         Output::Merge(crate::command::MergeAnswer::Locked(_))
@@ -901,9 +901,10 @@ fn a_locked_profile_takes_no_event_and_its_expiries_wait() {
         5,
         "the lot waits while the profile is locked"
     );
-    world
-        .cluster
-        .apply(ShardId(0), Command::MergeUnlock { merge, oneid: a });
+    world.cluster.apply(
+        ShardId(0),
+        Command::Merge(MergeStep::Unlock { merge, oneid: a }),
+    );
     world.cluster.apply(ShardId(0), clock(2));
     assert_eq!(
         balance(&world.cluster),
