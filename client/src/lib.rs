@@ -40,7 +40,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oneid_protocol::api::{
     BackupManifest, BackupRequest, ClusterView, ErrorBody, EventStatus, EventsResponse,
-    IdentityAudit, LedgerPage, ProfileDoc,
+    IdentityAudit, LedgerPage, MergesDoc, ProfileDoc,
 };
 use oneid_protocol::ids::OneId;
 use oneid_protocol::rules::RulesDoc;
@@ -593,6 +593,16 @@ impl Client {
                 encode(value),
                 consistency.query('&')
             ),
+        )
+        .await
+    }
+
+    /// The merges the profile with this OneID survived (or, for a OneID merged into another,
+    /// the profile it resolves to), oldest first; `None` if there is no such profile.
+    pub async fn merges(&self, oneid: &str) -> Result<Option<MergesDoc>, Error> {
+        self.get_optional(
+            shard_of(oneid),
+            &format!("/v1/profiles/{}/merges", encode(oneid)),
         )
         .await
     }

@@ -262,12 +262,16 @@ pub struct LedgerPage {
     pub entries: Vec<LedgerEntryDoc>,
     /// Pass as `cursor` for the next (older) page; null at the end.
     pub next: Option<String>,
+    /// The profile was merged into this one: its own history ends with the `merge_out` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LedgerEntryDoc {
     pub event_id: String,
-    /// `earn`, `redeem`, `adjust`, `expire` or `reverse`.
+    /// `earn`, `redeem`, `adjust`, `expire`, `reverse`, `merge_in` (a lot moved in by a merge,
+    /// with `from` and `expires_at`) or `merge_out` (everything moved out, with `into`).
     pub kind: String,
     /// Signed change of the balance.
     pub points: i64,
@@ -277,6 +281,53 @@ pub struct LedgerEntryDoc {
     /// For `reverse`: points that could not be taken back because they were already spent.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shortfall: i64,
+    /// For a merge's entries on the survivor (`merge_in`, and the `adjust` of a loser's debt):
+    /// the profile merged in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// For `merge_out`: the profile it was merged into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into: Option<String>,
+    /// For `merge_in`: when the lot moved in expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// `GET /v1/profiles/{oneid}/merges`: the merges a profile survived, oldest first (at most
+/// 100: a profile has at most 100 others merged into it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MergesDoc {
+    pub merges: Vec<MergeDoc>,
+}
+
+/// One merge, as the survivor's history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MergeDoc {
+    /// 32 hex digits, derived from the profiles and the event that called for it.
+    pub merge_id: String,
+    /// The OneIDs merged, sorted.
+    pub from: Vec<String>,
+    pub into: String,
+    /// The shard clock when it was committed.
+    pub at: String,
+    /// The event that named the profiles; absent for a merge a bind another profile won first
+    /// called for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The rules version it was judged by.
+    pub policy_version: u64,
+    /// What the survivor left out past its limits (the oldest written).
+    pub dropped: DroppedDoc,
+    /// Order ids both held: the survivor's kept its id, the loser's is kept beside it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub twin_orders: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DroppedDoc {
+    pub tags: Vec<String>,
+    pub attributes: Vec<String>,
+    pub channels: Vec<String>,
 }
 
 fn is_zero(n: &i64) -> bool {

@@ -8,7 +8,8 @@
 
 use crate::api::{
     BackupManifest, BackupRequest, ClusterView, ErrorBody, EventsResponse, Health, IdentityAudit,
-    LedgerPage, ProfileDoc, EVENTS_PER_REQUEST_MAX, LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
+    LedgerPage, MergesDoc, ProfileDoc, EVENTS_PER_REQUEST_MAX, LEDGER_PAGE_DEFAULT,
+    LEDGER_PAGE_MAX,
 };
 use crate::rules::RulesDoc;
 use crate::segments::{
@@ -175,6 +176,7 @@ fn body_errors(more: &[ErrorCode]) -> Vec<(u16, Vec<ErrorCode>)> {
 
 fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     let mut operations = profile_operations(g);
+    operations.extend(history_operations(g));
     operations.extend(rules_operations(g));
     operations.extend(segment_operations(g));
     operations.extend(membership_operations(g));
@@ -183,7 +185,39 @@ fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     operations
 }
 
-/// Events, profiles and ledgers.
+/// A profile's history: its ledger and its merges.
+fn history_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
+    let oneid = || path_param("oneid", "A OneID.", ONEID);
+    vec![
+        Operation {
+            method: "get",
+            path: "/v1/profiles/{oneid}/ledger",
+            id: "getLedger",
+            summary: "A profile's points ledger, newest first, a page at a time.",
+            parameters: vec![
+                oneid(),
+                limit(LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX),
+                cursor("The previous page's `next`."),
+                consistency(),
+            ],
+            body: None,
+            answers: vec![(200, "A page of entries. A OneID merged into another answers its own history, ending with its `merge_out` entry, and `merged_into`.", content::<LedgerPage>(g))],
+            errors: vec![(400, vec![InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],
+        },
+        Operation {
+            method: "get",
+            path: "/v1/profiles/{oneid}/merges",
+            id: "getMerges",
+            summary: "The merges a profile survived, oldest first (at most 100, unpaged); for a OneID merged into another, those of the profile it resolves to.",
+            parameters: vec![oneid(), consistency()],
+            body: None,
+            answers: vec![(200, "The merges.", content::<MergesDoc>(g))],
+            errors: vec![(400, vec![InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],
+        },
+    ]
+}
+
+/// Events and profiles.
 fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
     let oneid = || path_param("oneid", "A OneID.", ONEID);
     vec![
@@ -232,21 +266,6 @@ fn profile_operations(g: &mut SchemaGenerator) -> Vec<Operation> {
             body: None,
             answers: vec![(200, "The profile.", content::<ProfileDoc>(g))],
             errors: vec![(400, vec![MissingField, InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],
-        },
-        Operation {
-            method: "get",
-            path: "/v1/profiles/{oneid}/ledger",
-            id: "getLedger",
-            summary: "A profile's points ledger, newest first, a page at a time.",
-            parameters: vec![
-                oneid(),
-                limit(LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX),
-                cursor("The previous page's `next`."),
-                consistency(),
-            ],
-            body: None,
-            answers: vec![(200, "A page of entries.", content::<LedgerPage>(g))],
-            errors: vec![(400, vec![InvalidField]), (404, vec![NotFound]), (503, vec![Unavailable])],
         },
     ]
 }

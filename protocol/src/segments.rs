@@ -96,6 +96,10 @@ pub struct SegmentChange {
     /// Where a stream resumes to get what follows this change; absent on snapshot entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// On an `exit` of a profile merged into another: that profile (which enters the segment
+    /// by a change of its own if it was not a member).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 /// The `data:` of a stream's `snapshot_end` event.

@@ -123,6 +123,9 @@ fn entry(
         at,
         reason: reason.map(str::to_string),
         shortfall: 0,
+        from: None,
+        into: None,
+        expires_at: None,
     }
 }
 

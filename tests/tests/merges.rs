@@ -4,7 +4,7 @@
 //! in one event are too many.
 
 use oneid_client::Client;
-use oneid_protocol::api::{EventResult, EventStatus};
+use oneid_protocol::api::{DroppedDoc, EventResult, EventStatus};
 use oneid_protocol::ErrorCode;
 use oneid_tests::cluster::{ClusterOptions, TestCluster};
 use oneid_tests::{eventually, shard_of, value_where, NodeOptions, TestNode};
@@ -74,6 +74,43 @@ async fn an_event_naming_two_customers_merges_them_into_one() {
         (a.as_str(), Some(b.as_str()))
     );
     assert_eq!(by_old.metrics.order_count, 1);
+    // The survivor's history; the loser's OneID answers the same.
+    let merges = client.merges(&a).await.unwrap().expect("a profile");
+    assert_eq!(merges.merges.len(), 1);
+    let merge = &merges.merges[0];
+    assert_eq!(
+        (
+            merge.from.clone(),
+            merge.into.as_str(),
+            merge.event_id.as_deref()
+        ),
+        (vec![b.clone()], a.as_str(), Some("m-3"))
+    );
+    assert_eq!((merge.policy_version, merge.merge_id.len()), (0, 32));
+    assert_eq!(merge.dropped, DroppedDoc::default());
+    assert_eq!(client.merges(&b).await.unwrap(), Some(merges.clone()));
+    // The loser's own ledger ends with everything moving out; the survivor's shows it come in.
+    let ledger = client.ledger(&b, None, None).await.unwrap();
+    assert_eq!(ledger.merged_into.as_deref(), Some(a.as_str()));
+    let out = &ledger.entries[0];
+    assert_eq!(
+        (
+            out.kind.as_str(),
+            out.points,
+            out.balance_after,
+            out.into.as_deref()
+        ),
+        ("merge_out", -30, 0, Some(a.as_str()))
+    );
+    let ledger = client.ledger(&a, None, None).await.unwrap();
+    assert_eq!(ledger.merged_into, None);
+    let moved: Vec<(i64, Option<&str>, bool)> = ledger
+        .entries
+        .iter()
+        .filter(|e| e.kind == "merge_in")
+        .map(|e| (e.points, e.from.as_deref(), e.expires_at.is_some()))
+        .collect();
+    assert_eq!(moved, vec![(30, Some(b.as_str()), true)]);
     // An event naming the merged OneID applies to the survivor; a retry of one that applied
     // to the loser is a duplicate of the survivor.
     let named = send_one(

@@ -32,8 +32,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oneid_protocol::api::{
-    BackupRequest, ClusterView, ErrorBody, Health, LedgerEntryDoc, LedgerPage, NodeView, ShardView,
-    LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
+    BackupRequest, ClusterView, DroppedDoc, ErrorBody, Health, LedgerEntryDoc, LedgerPage,
+    MergeDoc, MergesDoc, NodeView, ShardView, LEDGER_PAGE_DEFAULT, LEDGER_PAGE_MAX,
 };
 use oneid_protocol::event::EventError;
 use oneid_protocol::ids::{check_identity, Identity, IdentityPart, OneId, ShardId};
@@ -41,6 +41,8 @@ use oneid_protocol::rules::{Rules, RulesDoc};
 use oneid_protocol::ErrorCode;
 use oneid_replica::ShardError;
 use oneid_state::command::{Command, Output, REGISTRY_SHARD};
+use oneid_state::merge::MergeRecord;
+use oneid_state::{LedgerKind, LedgerRecord};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,6 +184,7 @@ enum Endpoint {
     Lookup,
     Profile,
     Ledger,
+    Merges,
     Rules,
     Segments,
     Segment,
@@ -203,6 +206,7 @@ impl Endpoint {
             ["v1", "profiles", "lookup"] => (Endpoint::Lookup, None),
             ["v1", "profiles", oneid] => (Endpoint::Profile, Some(*oneid)),
             ["v1", "profiles", oneid, "ledger"] => (Endpoint::Ledger, Some(*oneid)),
+            ["v1", "profiles", oneid, "merges"] => (Endpoint::Merges, Some(*oneid)),
             ["v1", "rules"] => (Endpoint::Rules, None),
             ["v1", "segments"] => (Endpoint::Segments, None),
             ["v1", "segments", name] => (Endpoint::Segment, Some(*name)),
@@ -231,7 +235,7 @@ impl Endpoint {
         match self {
             Endpoint::Events => Route::Events,
             Endpoint::Lookup => Route::Lookup,
-            Endpoint::Profile => Route::Profile,
+            Endpoint::Profile | Endpoint::Merges => Route::Profile,
             Endpoint::Ledger => Route::Ledger,
             Endpoint::Rules => Route::Rules,
             Endpoint::Segments | Endpoint::Segment | Endpoint::Members => Route::Segments,
@@ -281,6 +285,7 @@ impl Api {
                     (Endpoint::Lookup, _) => self.lookup(query.as_deref()).await,
                     (Endpoint::Profile, _) => self.get_profile(oneid, query.as_deref()).await,
                     (Endpoint::Ledger, _) => self.ledger(oneid, query.as_deref()).await,
+                    (Endpoint::Merges, _) => self.merges(oneid, query.as_deref()).await,
                     (Endpoint::Rules, Method::PUT) => self.put_rules(request).await,
                     (Endpoint::Rules, _) => self.get_rules().await,
                     (Endpoint::Segments, _) => self.list_segments().await,
@@ -346,6 +351,31 @@ impl Api {
         Ok(stamped(json(StatusCode::OK, &doc), consistency, applied))
     }
 
+    /// The merges the profile `oneid` resolves to survived, oldest first.
+    async fn merges(&self, oneid: &str, query: Option<&str>) -> Reply {
+        let asked = self.parse_oneid(oneid)?;
+        let consistency = consistency(&params(query))?;
+        let mut oneid = asked;
+        for _ in 0..MERGE_CHAIN_MAX {
+            let (answer, applied) = self
+                .read_state(oneid.shard(), Query::Merges(oneid), consistency)
+                .await?;
+            match answer {
+                Answer::Merges(Some(records)) => {
+                    let merges = records.into_iter().map(merge_doc).collect();
+                    let doc = MergesDoc { merges };
+                    return Ok(stamped(json(StatusCode::OK, &doc), consistency, applied));
+                }
+                Answer::Merges(None) => {
+                    return Err(not_found(format!("profile {asked} does not exist")))
+                }
+                Answer::Merged(into) => oneid = into,
+                other => panic!("a merges read answered {other:?}"),
+            }
+        }
+        Err(merge_chain_too_long(asked))
+    }
+
     /// The document of the profile `oneid` resolves to (itself, or through the merges that
     /// merged it, each a read at its survivor's shard at `consistency`), with `resolved_from`
     /// if it was merged; and the applied index of the last read. `None`: no such profile.
@@ -372,11 +402,7 @@ impl Api {
                 other => panic!("a profile read answered {other:?}"),
             }
         }
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            format!("profile {oneid} resolves through more than {MERGE_CHAIN_MAX} merges"),
-        ))
+        Err(merge_chain_too_long(oneid))
     }
 
     async fn lookup(&self, query: Option<&str>) -> Reply {
@@ -481,8 +507,8 @@ impl Api {
         let Answer::Ledger(entries) = answer else {
             panic!("a ledger read answered {answer:?}")
         };
-        let mut entries =
-            entries.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        let read = entries.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        let mut entries = read.entries;
         let next = if entries.len() > limit {
             entries.truncate(limit);
             entries.last().map(|(seq, _)| format!("{seq:x}"))
@@ -491,21 +517,14 @@ impl Api {
         };
         let entries = entries
             .into_iter()
-            .map(|(_, r)| LedgerEntryDoc {
-                event_id: r.event_id,
-                kind: r.kind.as_str().to_string(),
-                points: r.points,
-                balance_after: r.balance_after,
-                at: r.at.to_string(),
-                reason: r.reason,
-                shortfall: r.shortfall,
-            })
+            .map(|(_, r)| ledger_entry_doc(r))
             .collect();
-        Ok(stamped(
-            json(StatusCode::OK, &LedgerPage { entries, next }),
-            consistency,
-            applied,
-        ))
+        let page = LedgerPage {
+            entries,
+            next,
+            merged_into: read.merged_into.map(|into| into.to_string()),
+        };
+        Ok(stamped(json(StatusCode::OK, &page), consistency, applied))
     }
 
     /// `GET /v1/rules`: the rules the registry shard ordered last, with their version.
@@ -789,6 +808,53 @@ fn strict_body<T: serde::de::DeserializeOwned + oneid_protocol::strict::JsonSche
     })
 }
 
+fn merge_chain_too_long(oneid: OneId) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        format!("profile {oneid} resolves through more than {MERGE_CHAIN_MAX} merges"),
+    )
+}
+
+/// A ledger entry as the API shows it: a merge's entries name the other profile.
+fn ledger_entry_doc(r: LedgerRecord) -> LedgerEntryDoc {
+    let peer = r.peer.map(|peer| peer.to_string());
+    let (from, into) = match r.kind {
+        LedgerKind::MergeOut => (None, peer),
+        _ => (peer, None),
+    };
+    LedgerEntryDoc {
+        event_id: r.event_id,
+        kind: r.kind.as_str().to_string(),
+        points: r.points,
+        balance_after: r.balance_after,
+        at: r.at.to_string(),
+        reason: r.reason,
+        shortfall: r.shortfall,
+        from,
+        into,
+        expires_at: r.expires_at.map(|at| at.to_string()),
+    }
+}
+
+/// A merge as `GET /v1/profiles/{oneid}/merges` shows it.
+fn merge_doc(record: MergeRecord) -> MergeDoc {
+    MergeDoc {
+        merge_id: record.plan.merge.to_string(),
+        event_id: record.plan.event_id().map(str::to_string),
+        from: record.losers.iter().map(|l| l.oneid.to_string()).collect(),
+        into: record.survivor.to_string(),
+        at: record.at.to_string(),
+        policy_version: record.plan.rules_version,
+        dropped: DroppedDoc {
+            tags: record.dropped.tags,
+            attributes: record.dropped.attributes,
+            channels: record.dropped.channels,
+        },
+        twin_orders: record.twins,
+    }
+}
+
 /// Most merges a profile read follows from the OneID asked for to the profile it resolves to
 /// (a survivor merged into another later, and so on).
 const MERGE_CHAIN_MAX: usize = 64;
@@ -871,6 +937,7 @@ mod tests {
             Lookup,
             Profile,
             Ledger,
+            Merges,
             Rules,
             Segments,
             Segment,
@@ -886,8 +953,9 @@ mod tests {
         // No wildcard: a new endpoint fails to compile here until it is listed above.
         for endpoint in every {
             match endpoint {
-                Events | Lookup | Profile | Ledger | Rules | Segments | Segment | Members
-                | Stream | Cluster | Backup | IdentityAudit | Health | Metrics | OpenApi => {}
+                Events | Lookup | Profile | Ledger | Merges | Rules | Segments | Segment
+                | Members | Stream | Cluster | Backup | IdentityAudit | Health | Metrics
+                | OpenApi => {}
             }
         }
         let served: usize = every.iter().map(|endpoint| endpoint.methods().len()).sum();

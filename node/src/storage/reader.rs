@@ -9,7 +9,7 @@ use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_replica::ShardError;
 use oneid_state::keys;
-use oneid_state::merge::Tombstone;
+use oneid_state::merge::{MergeRecord, Tombstone};
 use oneid_state::profile::Profile;
 use oneid_state::store::StateRead;
 use oneid_state::{decode, LedgerRecord};
@@ -233,6 +233,8 @@ pub enum Query {
         after: Option<OneId>,
         limit: usize,
     },
+    /// The merges a profile survived.
+    Merges(OneId),
 }
 
 impl Query {
@@ -244,7 +246,9 @@ impl Query {
                 .iter()
                 .find_map(|identity| other(identity.shard(n_shards))),
             Query::Events(events) => events.iter().find_map(|(oneid, _)| other(oneid.shard())),
-            Query::Profile(oneid) | Query::Ledger { oneid, .. } => other(oneid.shard()),
+            Query::Profile(oneid) | Query::Ledger { oneid, .. } | Query::Merges(oneid) => {
+                other(oneid.shard())
+            }
             Query::Rules(s)
             | Query::IdentityAudit { shard: s, .. }
             | Query::Segments { shard: s, .. }
@@ -266,6 +270,13 @@ impl ProfileRead {
     }
 }
 
+/// A page of a ledger, newest first, and where its profile went if it was merged.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerRead {
+    pub entries: Vec<(u64, LedgerRecord)>,
+    pub merged_into: Option<OneId>,
+}
+
 /// The answer to a [`Query`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Answer {
@@ -276,7 +287,9 @@ pub enum Answer {
     Profile(Option<Box<ProfileRead>>),
     /// The profile asked for was merged into this one (a tombstone).
     Merged(OneId),
-    Ledger(Option<Vec<(u64, LedgerRecord)>>),
+    Ledger(Option<LedgerRead>),
+    /// The merges a profile survived, oldest first (`None`: no such profile).
+    Merges(Option<Vec<MergeRecord>>),
     /// The shard's rules and their version.
     Rules(Box<oneid_protocol::rules::Rules>, u64),
     Segments(Vec<oneid_state::segments::SegmentRecord>),
@@ -416,16 +429,17 @@ impl StateReader {
             ),
             Query::Profile(oneid) => match self.profile_read(*oneid)? {
                 Some(read) => Answer::Profile(Some(Box::new(read))),
-                None => match self.tombstone(*oneid) {
-                    Some(tombstone) => Answer::Merged(tombstone.into),
-                    None => Answer::Profile(None),
-                },
+                None => self.absent(*oneid, Answer::Profile(None)),
             },
             Query::Ledger {
                 oneid,
                 limit,
                 before,
             } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
+            Query::Merges(oneid) => match self.merges(*oneid) {
+                Some(records) => Answer::Merges(Some(records)),
+                None => self.absent(*oneid, Answer::Merges(None)),
+            },
             Query::Rules(shard) => {
                 // One view for both keys: a rules install writes them in one batch.
                 let state = self.storage.state_view(*shard);
@@ -489,6 +503,15 @@ impl StateReader {
         self.record_of(oneid, keys::profile(oneid))
     }
 
+    /// What a read of a profile that is not here answers: where it went, if it was merged,
+    /// else `missing`.
+    fn absent(&self, oneid: OneId, missing: Answer) -> Answer {
+        match self.tombstone(oneid) {
+            Some(tombstone) => Answer::Merged(tombstone.into),
+            None => missing,
+        }
+    }
+
     /// Where a merged OneID went, if it was merged.
     pub fn tombstone(&self, oneid: OneId) -> Option<Tombstone> {
         self.record_of(oneid, keys::tombstone(oneid))
@@ -506,13 +529,11 @@ impl StateReader {
 
     /// Up to `limit` ledger entries of a profile, newest first, older than sequence `before`;
     /// `None` if the profile does not exist.
-    pub fn ledger(
-        &self,
-        oneid: OneId,
-        limit: usize,
-        before: Option<u64>,
-    ) -> Option<Vec<(u64, LedgerRecord)>> {
-        self.profile(oneid)?;
+    pub fn ledger(&self, oneid: OneId, limit: usize, before: Option<u64>) -> Option<LedgerRead> {
+        let merged_into = match self.profile(oneid) {
+            Some(_) => None,
+            None => Some(self.tombstone(oneid)?.into),
+        };
         let from = before.map(|seq| keys::ledger(oneid, seq));
         let entries = self.shard(oneid.shard()).scan(
             &keys::ledger_prefix(oneid),
@@ -520,12 +541,35 @@ impl StateReader {
             true,
             limit,
         );
-        Some(
-            entries
+        Some(LedgerRead {
+            entries: entries
                 .into_iter()
                 .map(|(key, value)| (keys::ledger_seq(&key), decode(&key, &value)))
                 .collect(),
-        )
+            merged_into,
+        })
+    }
+
+    /// The merges `oneid` survived, oldest first; `None` if it does not exist (a tombstone
+    /// answers where it went instead, see [`Answer::Merged`]).
+    fn merges(&self, oneid: OneId) -> Option<Vec<MergeRecord>> {
+        self.profile(oneid)?;
+        let shard = self.shard(oneid.shard());
+        let mut records: Vec<MergeRecord> = shard
+            .scan(
+                &keys::merged_prefix(oneid),
+                None,
+                false,
+                oneid_state::merge::MERGES_PER_PROFILE_MAX,
+            )
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let key = keys::merge(keys::merged_id(&key));
+                shard.get(&key).map(|bytes| decode(&key, &bytes))
+            })
+            .collect();
+        records.sort_by_key(|r: &MergeRecord| (r.at, r.plan.merge));
+        Some(records)
     }
 }
 

@@ -6,7 +6,7 @@ use super::{HEARTBEAT_EVERY, ID_EVERY, LEADERLESS_CLOSE, SNAPSHOT_PAGE};
 use bytes::Bytes;
 use oneid_protocol::ids::{OneId, ShardId};
 use oneid_protocol::num::Millis;
-use oneid_protocol::segments::{ChangeKind, SegmentChange, SnapshotEnd};
+use oneid_protocol::segments::{SegmentChange, SnapshotEnd};
 use oneid_replica::ShardError;
 use oneid_state::segments::{Change, ChangeRecord};
 use std::collections::BTreeSet;
@@ -135,8 +135,7 @@ impl Subscriber {
             let (members, clock) = self.members_at_a_point(ShardId(shard)).await?;
             count += members.len() as u64;
             for oneid in members {
-                let change =
-                    self.change_json(self.generation, oneid, ChangeKind::Enter, clock, None);
+                let change = self.change_json(self.generation, oneid, Change::Enter, clock, None);
                 self.send(sse::event(None, None, Some(&change))).await?;
             }
         }
@@ -347,7 +346,7 @@ impl Subscriber {
     }
 
     async fn deliver_one(&mut self, shard: ShardId, record: &ChangeRecord) -> Result<(), End> {
-        let Some(kind) = record.change.kind() else {
+        if record.change.kind().is_none() {
             if ends(record, self.generation) {
                 self.ended.insert(shard.0);
                 if self.ended.len() == self.cursor.len() {
@@ -356,19 +355,26 @@ impl Subscriber {
                 }
             }
             return Ok(());
-        };
+        }
         let id = Cursor(self.cursor.clone()).encode(self.streams.scope);
-        let data = self.change_json(record.generation, record.oneid, kind, record.at, Some(&id));
+        let data = self.change_json(
+            record.generation,
+            record.oneid,
+            record.change,
+            record.at,
+            Some(&id),
+        );
         self.id_sent = Instant::now();
         self.send(sse::event(Some(&id), None, Some(&data))).await
     }
 
-    /// The `data:` of a change (`id`: the cursor after it; snapshot entries have none).
+    /// The `data:` of a change, an enter or an exit (`id`: the cursor after it; snapshot
+    /// entries have none).
     fn change_json(
         &self,
         generation: u64,
         oneid: OneId,
-        kind: ChangeKind,
+        change: Change,
         at: Millis,
         id: Option<&str>,
     ) -> String {
@@ -376,9 +382,10 @@ impl Subscriber {
             segment: self.segment.clone(),
             generation,
             oneid: oneid.to_string(),
-            change: kind,
+            change: change.kind().expect("an enter or an exit"),
             at: at.to_string(),
             cursor: id.map(str::to_string),
+            merged_into: change.merged_into().map(|into| into.to_string()),
         })
         .expect("encodes")
     }
@@ -413,7 +420,7 @@ fn replay(
         Change::Enter => {
             members.insert(record.oneid);
         }
-        Change::Exit => {
+        Change::Exit | Change::MergedInto(_) => {
             members.remove(&record.oneid);
         }
     }

@@ -587,7 +587,7 @@ impl ShardState {
         let ledger_key = keys::ledger(loser, profile.ledger_seq);
         tx.put_new(ledger_key.clone(), &entry);
         self.retained.ledger.push(ledger_key);
-        self.leave_segments(tx, &mut profile);
+        self.leave_segments(tx, &mut profile, survivor);
         let key = keys::profile(loser);
         let stored = tx.get(&key).expect("a loaded profile is stored");
         debug_assert_eq!(pair_hash(&key, &stored), stored_hash);

@@ -774,7 +774,7 @@ fn a_merge_moves_orders_points_and_memberships_and_leaves_a_tombstone() {
         .map(|r| r.points)
         .collect();
     assert_eq!(ins.iter().sum::<i64>(), 130);
-    // Memberships: B left "buyers" (an exit), A was in it and did not enter again.
+    // Memberships: B left "buyers" (an exit naming A), A was in it and did not enter again.
     let changes: Vec<(OneId, segments::Change)> = c
         .shards
         .iter()
@@ -786,7 +786,8 @@ fn a_merge_moves_orders_points_and_memberships_and_leaves_a_tombstone() {
     let count = |oneid, change| changes.iter().filter(|c| **c == (oneid, change)).count();
     assert_eq!(count(a, segments::Change::Enter), 1);
     assert_eq!(count(b, segments::Change::Enter), 1);
-    assert_eq!(count(b, segments::Change::Exit), 1);
+    assert_eq!(count(b, segments::Change::MergedInto(a)), 1);
+    assert_eq!(count(b, segments::Change::Exit), 0);
     assert_eq!(count(a, segments::Change::Exit), 0);
 
     // A refund of the loser's order, sent for the survivor, reverses the loser's points.

@@ -97,6 +97,9 @@ pub enum Change {
     /// A deleted segment has no member left on this shard: its streams end once they have
     /// read this from every shard. `oneid` is 0.
     Ended,
+    /// An exit of a profile merged into this one (which the survivor's own evaluation then
+    /// enters, if it was not a member).
+    MergedInto(OneId),
 }
 
 impl Change {
@@ -104,8 +107,16 @@ impl Change {
     pub fn kind(self) -> Option<ChangeKind> {
         match self {
             Change::Enter => Some(ChangeKind::Enter),
-            Change::Exit => Some(ChangeKind::Exit),
+            Change::Exit | Change::MergedInto(_) => Some(ChangeKind::Exit),
             Change::Ended => None,
+        }
+    }
+
+    /// The profile an exit's profile was merged into, if that was why it left.
+    pub fn merged_into(self) -> Option<OneId> {
+        match self {
+            Change::MergedInto(into) => Some(into),
+            _ => None,
         }
     }
 }
@@ -551,8 +562,8 @@ impl ShardState {
         any
     }
 
-    /// Takes a profile out of every segment it is a member of (a merged loser).
-    pub(super) fn leave_segments(&mut self, tx: &mut Tx<'_>, profile: &mut Profile) {
+    /// Takes a profile merged into `into` out of every segment it is a member of.
+    pub(super) fn leave_segments(&mut self, tx: &mut Tx<'_>, profile: &mut Profile, into: OneId) {
         let left: Vec<(String, u64)> = profile
             .segments
             .iter()
@@ -560,7 +571,8 @@ impl ShardState {
             .map(|s| (s.record.def.name.clone(), s.record.def.generation))
             .collect();
         for (name, generation) in left {
-            self.set_member(tx, profile, &name, generation, false);
+            let exit = Change::MergedInto(into);
+            self.record_membership(tx, profile, &name, generation, exit);
         }
     }
 
@@ -573,23 +585,36 @@ impl ShardState {
         generation: u64,
         member: bool,
     ) {
+        let change = if member { Change::Enter } else { Change::Exit };
+        self.record_membership(tx, profile, name, generation, change);
+    }
+
+    /// A change of membership (an enter, or an exit of either kind): the profile's list, the
+    /// member key, the size, the log.
+    fn record_membership(
+        &mut self,
+        tx: &mut Tx<'_>,
+        profile: &mut Profile,
+        name: &str,
+        generation: u64,
+        change: Change,
+    ) {
+        let member = change == Change::Enter;
         let key = keys::member(name, profile.oneid);
         let segment = self
             .segments
             .get_mut(name)
             .expect("members of held segments");
         let id = segment.record.def.id;
-        let change = if member {
+        if member {
             profile.segments.insert(id);
             tx.put_new(key, &());
             segment.record.size += 1;
-            Change::Enter
         } else {
             profile.segments.remove(&id);
             tx.delete_known(key, &[]);
             segment.record.size -= 1;
-            Change::Exit
-        };
+        }
         let ended = segment.record.def.deleted && segment.record.size == 0;
         self.segments.dirty.insert(name.to_string());
         self.append_change(tx, name, generation, profile.oneid, change);

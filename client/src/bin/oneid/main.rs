@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use oneid_client::{Client, Consistency};
-use oneid_protocol::api::{BackupManifest, EventStatus, EventsResponse, LedgerPage, ProfileDoc};
+use oneid_protocol::api::{
+    BackupManifest, EventStatus, EventsResponse, LedgerPage, MergesDoc, ProfileDoc,
+};
 use oneid_protocol::rules::RulesDoc;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -87,6 +89,8 @@ enum ProfileCommand {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// The merges a profile survived, oldest first.
+    Merges { oneid: String },
 }
 
 #[derive(Subcommand)]
@@ -186,7 +190,43 @@ async fn run_profile(client: &Client, command: ProfileCommand, json: bool) -> an
                 .await?;
             print_ledger(&page, json)
         }
+        ProfileCommand::Merges { oneid } => {
+            let merges = client
+                .merges(&oneid)
+                .await?
+                .with_context(|| format!("no profile {oneid}"))?;
+            print_merges(&merges, json)
+        }
     }
+}
+
+/// A profile's merges, one line each: when, what was merged into what, by which event.
+fn print_merges(doc: &MergesDoc, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(doc)?);
+        return Ok(());
+    }
+    println!("{:<25} {:<32} {:<19} FROM", "AT", "MERGE", "INTO");
+    for m in &doc.merges {
+        println!(
+            "{:<25} {:<32} {:<19} {}",
+            m.at,
+            m.merge_id,
+            m.into,
+            m.from.join(", ")
+        );
+        let dropped = &m.dropped;
+        for (what, names) in [
+            ("tags", &dropped.tags),
+            ("attributes", &dropped.attributes),
+            ("channels", &dropped.channels),
+        ] {
+            if !names.is_empty() {
+                println!("  dropped {what}: {}", names.join(", "));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One page of a ledger as a table, with the `--cursor` to pass for the next page if there is
@@ -213,6 +253,9 @@ fn print_ledger(page: &LedgerPage, json: bool) -> anyhow::Result<()> {
     }
     if let Some(next) = &page.next {
         println!("more: --cursor {next}");
+    }
+    if let Some(into) = &page.merged_into {
+        println!("merged into {into}: its ledger goes on there");
     }
     Ok(())
 }
@@ -319,6 +362,12 @@ fn print_profile(p: &ProfileDoc, json: bool) -> anyhow::Result<()> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("OneID       {}", p.oneid);
+    if let Some(asked) = &p.resolved_from {
+        println!("            (asked for {asked}, which was merged into it)");
+    }
+    if !p.merged_from.is_empty() {
+        println!("merged from {}", p.merged_from.join(", "));
+    }
     println!("tier        {} (since {})", p.tier, p.tier_since);
     println!(
         "points      {} (earned {}, redeemed {})",
