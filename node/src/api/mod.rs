@@ -353,53 +353,59 @@ impl Api {
 
     /// The merges the profile `oneid` resolves to survived, oldest first.
     async fn merges(&self, oneid: &str, query: Option<&str>) -> Reply {
-        let asked = self.parse_oneid(oneid)?;
+        let oneid = self.parse_oneid(oneid)?;
         let consistency = consistency(&params(query))?;
-        let mut oneid = asked;
-        for _ in 0..MERGE_CHAIN_MAX {
-            let (answer, applied) = self
-                .read_state(oneid.shard(), Query::Merges(oneid), consistency)
-                .await?;
-            match answer {
-                Answer::Merges(Some(records)) => {
-                    let merges = records.into_iter().map(merge_doc).collect();
-                    let doc = MergesDoc { merges };
-                    return Ok(stamped(json(StatusCode::OK, &doc), consistency, applied));
-                }
-                Answer::Merges(None) => {
-                    return Err(not_found(format!("profile {asked} does not exist")))
-                }
-                Answer::Merged(into) => oneid = into,
-                other => panic!("a merges read answered {other:?}"),
-            }
-        }
-        Err(merge_chain_too_long(asked))
+        let (_, answer, applied) = self
+            .following_merges(oneid, consistency, Query::Merges)
+            .await?;
+        let Answer::Merges(records) = answer else {
+            panic!("a merges read answered {answer:?}")
+        };
+        let records =
+            records.ok_or_else(|| not_found(format!("profile {oneid} does not exist")))?;
+        let doc = MergesDoc {
+            merges: records.into_iter().map(merge_doc).collect(),
+        };
+        Ok(stamped(json(StatusCode::OK, &doc), consistency, applied))
     }
 
     /// The document of the profile `oneid` resolves to (itself, or through the merges that
-    /// merged it, each a read at its survivor's shard at `consistency`), with `resolved_from`
-    /// if it was merged; and the applied index of the last read. `None`: no such profile.
+    /// merged it), with `resolved_from` if it was merged; and the applied index of its read.
+    /// `None`: no such profile.
     async fn resolved_profile(
         &self,
         oneid: OneId,
         consistency: Consistency,
     ) -> Result<Option<(oneid_protocol::api::ProfileDoc, u64)>, ApiError> {
+        let (at, answer, applied) = self
+            .following_merges(oneid, consistency, Query::Profile)
+            .await?;
+        let Answer::Profile(read) = answer else {
+            panic!("a profile read answered {answer:?}")
+        };
+        Ok(read.map(|read| {
+            let mut doc = read.into_doc();
+            if at != oneid {
+                doc.resolved_from = Some(oneid.to_string());
+            }
+            (doc, applied)
+        }))
+    }
+
+    /// Reads `query(oneid)` at `consistency`, and again at the survivor's shard as long as the
+    /// profile was merged (a survivor merged later, and so on): the OneID it was answered
+    /// for, the answer, and the applied index of that read.
+    async fn following_merges(
+        &self,
+        oneid: OneId,
+        consistency: Consistency,
+        query: impl Fn(OneId) -> Query,
+    ) -> Result<(OneId, Answer, u64), ApiError> {
         let mut at = oneid;
         for _ in 0..MERGE_CHAIN_MAX {
-            let (answer, applied) = self
-                .read_state(at.shard(), Query::Profile(at), consistency)
-                .await?;
-            match answer {
-                Answer::Profile(Some(read)) => {
-                    let mut doc = read.into_doc();
-                    if at != oneid {
-                        doc.resolved_from = Some(oneid.to_string());
-                    }
-                    return Ok(Some((doc, applied)));
-                }
-                Answer::Profile(None) => return Ok(None),
-                Answer::Merged(into) => at = into,
-                other => panic!("a profile read answered {other:?}"),
+            match self.read_state(at.shard(), query(at), consistency).await? {
+                (Answer::Merged(into), _) => at = into,
+                (answer, applied) => return Ok((at, answer, applied)),
             }
         }
         Err(merge_chain_too_long(oneid))
