@@ -370,9 +370,7 @@ impl ShardState {
         let locked = profile.locked_by(merge);
         let answer = match step {
             _ if !locked => MergeAnswer::NotLocked,
-            ImportStep::Profile => {
-                MergeAnswer::Export(Box::new(ImportPart::Profile(Box::new(profile.clone()))))
-            }
+            ImportStep::Profile => MergeAnswer::Export(Box::new(whole_or_profile(tx, &profile))),
             ImportStep::Orders(after) => {
                 let (rows, last) = export_rows(tx, &keys::orders_prefix(loser), after.as_deref());
                 let orders = rows
@@ -446,53 +444,79 @@ impl ShardState {
             "a committed merge's survivor is locked by it"
         );
         let mut writes = EventWrites::default();
-        let next = match part {
+        let next = self.import_part(tx, index, &mut profile, at, part, &mut record, &mut writes);
+        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
+        record.losers[at].next = next;
+        tx.put(keys::merge(merge), &record);
+        self.store_profile(tx, profile, Some(stored_hash));
+        MergeAnswer::Record(Box::new(record))
+    }
+
+    /// Takes one part of loser `at` (of the record's) into `profile`, the survivor; answers
+    /// the part to import next.
+    #[allow(clippy::too_many_arguments)]
+    fn import_part(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        profile: &mut Profile,
+        at: usize,
+        part: ImportPart,
+        record: &mut MergeRecord,
+        writes: &mut EventWrites,
+    ) -> ImportStep {
+        let merge = record.plan.merge;
+        let loser = record.losers[at].oneid;
+        match part {
             ImportPart::Profile(from) => {
-                self.import_profile(tx, &mut profile, &from, merge, &mut record, &mut writes);
-                record.losers[at].identities = from
-                    .identities
-                    .iter()
-                    .flat_map(|(kind, values)| {
-                        values.iter().map(|value| Identity {
-                            kind: kind.clone(),
-                            value: value.clone(),
-                        })
-                    })
-                    .collect();
+                self.import_profile(tx, profile, &from, merge, record, writes);
+                record.losers[at].identities = identities_of(&from);
                 ImportStep::Orders(None)
+            }
+            ImportPart::Whole {
+                profile: from,
+                orders,
+                event_ids,
+            } => {
+                self.import_profile(tx, profile, &from, merge, record, writes);
+                record.losers[at].identities = identities_of(&from);
+                for (order_id, order) in orders {
+                    self.import_order(tx, profile, loser, order_id, &order, record, writes);
+                }
+                self.import_dedup(tx, profile, event_ids, index);
+                ImportStep::Done
             }
             ImportPart::Orders { orders, next, .. } => {
                 for (order_id, order) in orders {
-                    self.import_order(
-                        tx,
-                        &profile,
-                        loser,
-                        order_id,
-                        &order,
-                        &mut record,
-                        &mut writes,
-                    );
+                    self.import_order(tx, profile, loser, order_id, &order, record, writes);
                 }
                 next
             }
             ImportPart::Dedup {
                 event_ids, next, ..
             } => {
-                for event_id in event_ids {
-                    let key = keys::dedup(profile.oneid, &event_id);
-                    if tx.get(&key).is_none() {
-                        tx.put_new(key.clone(), &DedupRecord { index });
-                        self.retained.dedup.push(key);
-                    }
-                }
+                self.import_dedup(tx, profile, event_ids, index);
                 next
             }
-        };
-        writes.commit(tx, &mut self.record.due_floor, &mut self.retained.ledger);
-        record.losers[at].next = next;
-        tx.put(keys::merge(merge), &record);
-        self.store_profile(tx, profile, Some(stored_hash));
-        MergeAnswer::Record(Box::new(record))
+        }
+    }
+
+    /// A loser's exactly-once records into the survivor: a retry of an event that applied to
+    /// the loser is a duplicate of the survivor.
+    fn import_dedup(
+        &mut self,
+        tx: &mut Tx<'_>,
+        survivor: &Profile,
+        event_ids: Vec<String>,
+        index: u64,
+    ) {
+        for event_id in event_ids {
+            let key = keys::dedup(survivor.oneid, &event_id);
+            if tx.get(&key).is_none() {
+                tx.put_new(key.clone(), &DedupRecord { index });
+                self.retained.dedup.push(key);
+            }
+        }
     }
 
     /// A loser's profile record into the survivor: its ledger entries and due keys written.
@@ -687,6 +711,48 @@ impl ShardState {
         self.activations.insert(profile, stored_hash);
         false
     }
+}
+
+/// A loser's first export: all of it if its orders and exactly-once records fit in one part
+/// beside its profile, else its profile alone (the rest follows in parts).
+fn whole_or_profile(tx: &Tx<'_>, profile: &Profile) -> ImportPart {
+    let loser = profile.oneid;
+    let (orders, more_orders) = export_rows(tx, &keys::orders_prefix(loser), None);
+    let (dedup, more_dedup) = export_rows(tx, &keys::dedup_prefix(loser), None);
+    let bytes: usize = orders
+        .iter()
+        .chain(&dedup)
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        + encode(profile).len();
+    if more_orders.is_some() || more_dedup.is_some() || bytes > EXPORT_BYTES_MAX {
+        return ImportPart::Profile(Box::new(profile.clone()));
+    }
+    ImportPart::Whole {
+        profile: Box::new(profile.clone()),
+        orders: orders
+            .into_iter()
+            .map(|(key, value)| (keys::order_id(&key), decode(&key, &value)))
+            .collect(),
+        event_ids: dedup
+            .iter()
+            .map(|(key, _)| keys::dedup_event_id(key))
+            .collect(),
+    }
+}
+
+/// A profile's identities, one by one.
+fn identities_of(profile: &Profile) -> Vec<Identity> {
+    profile
+        .identities
+        .iter()
+        .flat_map(|(kind, values)| {
+            values.iter().map(|value| Identity {
+                kind: kind.clone(),
+                value: value.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Stored pairs, in key order.

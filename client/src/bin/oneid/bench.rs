@@ -26,7 +26,8 @@ pub struct BenchArgs {
     /// `replication` (batched ingest, single-event writes, linearizable and stale lookups,
     /// spread over `--server` and `--also`), `segments-ingest` (ingest with `--segments`
     /// segments defined), `segments` (backfill, acknowledgement-to-stream latency, many
-    /// subscribers).
+    /// subscribers), `merges` (the latency of an event merging two customers, and ingest with
+    /// 1% of events merging against none; spread over `--server` and `--also`).
     #[arg(long, default_value = "standard")]
     pub(crate) scenario: String,
     /// The node's data directory, to report disk bytes.
@@ -47,8 +48,8 @@ pub struct BenchArgs {
     /// `expiry`: seconds from the start until the lots expire (loading must finish before).
     #[arg(long, default_value_t = 120)]
     pub(crate) expire_after: u64,
-    /// `replication`: more nodes to spread the load over, beside `--server` (comma-separated
-    /// URLs).
+    /// `replication`, `merges`: more nodes to spread the load over, beside `--server`
+    /// (comma-separated URLs).
     #[arg(long, value_delimiter = ',')]
     pub(crate) also: Vec<String>,
     /// `replication`: concurrent single-event writers.
@@ -91,7 +92,8 @@ pub struct BenchArgs {
     /// `segments-ingest`: segments defined before the ingest.
     #[arg(long, default_value_t = 100)]
     pub(crate) segments: usize,
-    /// `segments`: single-event writes timed from acknowledgement to stream.
+    /// `segments`: single-event writes timed from acknowledgement to stream; `merges`: merging
+    /// events timed one by one.
     #[arg(long, default_value_t = 1_000)]
     pub(crate) latency_writes: usize,
     /// `segments`: concurrent stream subscribers.
@@ -339,8 +341,13 @@ pub async fn run(server: &str, args: BenchArgs, json_only: bool) -> anyhow::Resu
             crate::bench_segments::segments_ingest(server, &args, json_only).await
         }
         "segments" => crate::bench_segments::segments(server, &args, json_only).await,
+        "merges" => {
+            let mut servers = vec![server.to_string()];
+            servers.extend(args.also.iter().cloned());
+            crate::bench_merges::merges(&servers, &args, json_only).await
+        }
         other => anyhow::bail!(
-            "unknown scenario {other:?}: standard, profiles, expiry, chain, replication, segments-ingest or segments"
+            "unknown scenario {other:?}: standard, profiles, expiry, chain, replication, segments-ingest, segments or merges"
         ),
     }
 }

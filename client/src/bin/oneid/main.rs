@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_chain;
+mod bench_merges;
 mod bench_replication;
 mod bench_segments;
 mod bench_time;
