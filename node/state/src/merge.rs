@@ -353,13 +353,17 @@ pub struct Absorbed {
 
 impl Profile {
     /// Takes in everything `loser` holds (see the module's comment), at the shard clock
-    /// `at`, for the merge named `merge` (the ledger entries' event id). The caller
+    /// `at` (or the later of the two profiles' last changes), for the merge named `merge` (the
+    /// ledger entries' event id). The caller
     /// re-evaluates the tier on the combined spend (`set_tier`), rule tags and segments.
     ///
     /// Panics if the totals would overflow: the saga checks [`Totals::plus`] before it
     /// commits to a merge.
     pub fn absorb(&mut self, loser: &Profile, rules: &Rules, merge: &str, at: Millis) -> Absorbed {
         assert_ne!(self.oneid, loser.oneid, "a profile cannot absorb itself");
+        // The shard clock lags the times events carry: dated no earlier than either profile's
+        // last change, a merge's entries follow their ledgers' earlier entries in time too.
+        let at = at.max(self.updated_at).max(loser.updated_at);
         let expected = Totals::of(self)
             .plus(Totals::of(loser))
             .expect("the saga checked that the merged totals fit");
@@ -457,8 +461,10 @@ impl Profile {
         }
     }
 
-    /// The loser's last ledger entry: everything it held went to `survivor`.
+    /// The loser's last ledger entry: everything it held went to `survivor` (dated no earlier
+    /// than its last change, like the survivor's entries).
     pub fn merge_out_entry(&self, survivor: OneId, merge: &str, at: Millis) -> LedgerRecord {
+        let at = at.max(self.updated_at);
         LedgerRecord {
             event_id: merge.to_string(),
             kind: LedgerKind::MergeOut,

@@ -763,11 +763,14 @@ fn a_merge_moves_orders_points_and_memberships_and_leaves_a_tombstone() {
             .map(|(k, v)| decode(k, v))
             .collect()
     };
-    let out = ledger(b).pop().unwrap();
+    let mut b_ledger = ledger(b);
+    let out = b_ledger.pop().unwrap();
     assert_eq!(
         (out.kind, out.points, out.peer),
         (LedgerKind::MergeOut, -130, Some(a))
     );
+    // Dated no earlier than what came before it (the shard clock lags the events' times).
+    assert!(b_ledger.iter().all(|r| r.at <= out.at));
     let ins: Vec<i64> = ledger(a)
         .iter()
         .filter(|r| r.kind == LedgerKind::MergeIn)
