@@ -312,3 +312,126 @@ async fn overlapping_merges_through_three_nodes_end_as_one_customer() {
     .await;
     assert_eq!((survivor.1, survivor.2), (60 + 3, 3));
 }
+
+/// Each refusal by the policy, through a real node: the event applies to the profile of
+/// highest rank alone, and lists the identities of the others with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn merges_the_policy_refuses_apply_to_the_highest_ranked_profile_alone() {
+    let node = TestNode::start(NodeOptions {
+        extra: "[rules.identity.kinds.member_card]\nmax_per_profile = 1\npriority = 10\n".into(),
+        ..NodeOptions::default()
+    })
+    .await;
+    let client = node.client_once();
+    let reason = |r: &EventResult| -> Vec<(String, String)> {
+        r.not_linked
+            .iter()
+            .map(|n| (n.value.clone(), n.reason.as_str().to_string()))
+            .collect()
+    };
+    // Two cards: past the kind's limit of one.
+    let a = send_one(
+        &client,
+        json!({"event_id": "k-a", "type": "identify",
+        "identities": {"member_card": "M1", "phone": "13900000001"}}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    let b = send_one(
+        &client,
+        json!({"event_id": "k-b", "type": "identify",
+        "identities": {"member_card": "M2", "email": "k@x"}}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    let refused = send_one(
+        &client,
+        json!({"event_id": "k-c", "type": "points_earn",
+        "points": 5, "identities": {"phone": "13900000001", "email": "k@x"}}),
+    )
+    .await;
+    assert_eq!(refused.oneid.as_deref(), Some(a.as_str()), "{refused:?}");
+    assert_eq!(reason(&refused), vec![("k@x".into(), "kind_limit".into())]);
+    assert!(refused.merged.is_empty());
+    assert_eq!(
+        client.lookup("email", "k@x").await.unwrap().unwrap().oneid,
+        b
+    );
+
+    // 26 identities and 25: past the 50 a profile holds.
+    let many = |tag: &str, kinds: std::ops::Range<usize>| -> Value {
+        kinds
+            .map(|k| (format!("k{k:02}"), json!(format!("{tag}{k}"))))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    let c = send_one(
+        &client,
+        json!({"event_id": "i-c", "type": "identify",
+        "identities": many("c", 0..26)}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    send_one(
+        &client,
+        json!({"event_id": "i-d", "type": "identify",
+        "identities": many("d", 26..51)}),
+    )
+    .await;
+    let refused = send_one(
+        &client,
+        json!({"event_id": "i-e", "type": "identify",
+        "identities": {"k00": "c0", "k26": "d26"}}),
+    )
+    .await;
+    assert_eq!(refused.oneid.as_deref(), Some(c.as_str()), "{refused:?}");
+    assert_eq!(
+        reason(&refused),
+        vec![("d26".into(), "identity_limit".into())]
+    );
+
+    // Customers merged into one, one by one: each brings a phone, so the 49th merged fills
+    // the 50 identities a profile holds (before its 100 merges could), and the next is refused.
+    let survivor = send_one(
+        &client,
+        json!({"event_id": "m-s", "type": "identify",
+        "identities": {"member_card": "HUB"}}),
+    )
+    .await
+    .oneid
+    .unwrap();
+    for i in 0..50 {
+        let phone = format!("1370000{i:04}");
+        send_one(
+            &client,
+            json!({"event_id": format!("m-p{i}"), "type": "identify",
+            "identities": {"phone": phone}}),
+        )
+        .await;
+        let merged = send_one(
+            &client,
+            json!({"event_id": format!("m-m{i}"),
+            "type": "identify", "identities": {"member_card": "HUB", "phone": phone}}),
+        )
+        .await;
+        assert_eq!(
+            merged.oneid.as_deref(),
+            Some(survivor.as_str()),
+            "{merged:?}"
+        );
+        if i < 49 {
+            assert_eq!(merged.merged.len(), 1, "merge {i}: {merged:?}");
+        } else {
+            assert!(merged.merged.is_empty());
+            assert_eq!(reason(&merged), vec![(phone, "identity_limit".into())]);
+        }
+    }
+    let hub = client.profile(&survivor).await.unwrap().unwrap();
+    assert_eq!(hub.merged_from.len(), 49);
+    // (`merge_limit`, 100 profiles merged into one, is held by a unit test of the state
+    // machine: with every loser bringing an identity, the 50-identity limit comes first.)
+}

@@ -226,7 +226,7 @@ impl ShardState {
     /// identity of a kind that does not merge, or the survivor would hold more values of a
     /// kind than its limit, or more identities than a profile may, or
     /// have more profiles merged into it than [`MERGES_PER_PROFILE_MAX`], or totals past i64.
-    fn merge_refusal(
+    pub(super) fn merge_refusal(
         &self,
         plan: &MergePlan,
         survivor: &Participant,

@@ -958,3 +958,78 @@ fn two_drivers_of_one_merge_end_it_once() {
         assert_eq!(world.seen.merges_finished, 2, "seed {seed}");
     }
 }
+
+/// The policy's refusals, as the commit decides them from the locks' answers.
+#[test]
+fn the_commit_refuses_merges_past_the_policys_limits() {
+    let rules = r#"{"identity": {"kinds": {"member_card": {"max_per_profile": 1},
+        "device_id": {"merge": false}}}}"#;
+    let cluster = Cluster::with_rules(1, rules);
+    let state = &cluster.shards[0].state;
+    let policy = &state.rules().identity;
+    let profile = |seq: u64, ids: &[(&str, &str)]| {
+        let mut p = Profile::new(OneId::mint(ShardId(0), seq), &Rules::default(), Millis(T0));
+        for (kind, value) in ids {
+            p.identities
+                .entry((*kind).into())
+                .or_default()
+                .insert((*value).into());
+        }
+        p
+    };
+    let part = |p: &Profile| merge::Participant::of(p, policy);
+    let plan = |cause: Cause| {
+        MergePlan::new(
+            [OneId::mint(ShardId(0), 1), OneId::mint(ShardId(0), 2)].into(),
+            cause,
+            0,
+        )
+    };
+    let event_cause = || {
+        Cause::Event(Box::new(Routed {
+            event: event(
+                &json!({"event_id": "e", "type": "identify", "identities": {"phone": "1"}}),
+            ),
+            target: Target::Claim,
+            rules_version: 0,
+            link_elsewhere: vec![],
+            found: vec![],
+        }))
+    };
+    let refusal = |a: &Profile, b: &Profile, cause: Cause| {
+        state.merge_refusal(&plan(cause), &part(a), &[part(a), part(b)])
+    };
+    let a = profile(1, &[("phone", "1"), ("member_card", "M1")]);
+    let b = profile(2, &[("email", "x"), ("member_card", "M2")]);
+    assert_eq!(
+        refusal(&a, &b, event_cause()),
+        Some(NotLinkedReason::KindLimit)
+    );
+    let b = profile(2, &[("email", "x")]);
+    assert_eq!(refusal(&a, &b, event_cause()), None);
+    // Past 100 profiles merged into the survivor.
+    let mut hub = a.clone();
+    hub.merged_from = (0..100)
+        .map(|i| OneId::mint(ShardId(0), 1000 + i))
+        .collect();
+    assert_eq!(
+        refusal(&hub, &b, event_cause()),
+        Some(NotLinkedReason::MergeLimit)
+    );
+    hub.merged_from.pop();
+    assert_eq!(refusal(&hub, &b, event_cause()), None);
+    // Past 50 identities.
+    let mut wide = profile(2, &[]);
+    wide.identities
+        .insert("k".into(), (0..49).map(|i| format!("v{i}")).collect());
+    assert_eq!(
+        refusal(&a, &wide, event_cause()),
+        Some(NotLinkedReason::IdentityLimit)
+    );
+    // A bind taken by a value of a kind that does not merge.
+    let taken = Cause::Taken(Identity {
+        kind: "device_id".into(),
+        value: "D".into(),
+    });
+    assert_eq!(refusal(&a, &b, taken), Some(NotLinkedReason::MergeDisabled));
+}
