@@ -123,6 +123,16 @@ pub struct Participant {
     pub totals: Totals,
 }
 
+/// The survivor of a merge: the participant of highest rank.
+pub fn survivor(participants: &[Participant]) -> OneId {
+    participants
+        .iter()
+        .map(|p| p.rank)
+        .max()
+        .expect("a merge has participants")
+        .oneid
+}
+
 impl Participant {
     pub fn of(profile: &Profile, policy: &IdentityPolicy) -> Participant {
         Participant {

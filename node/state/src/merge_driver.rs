@@ -7,7 +7,7 @@
 //! imported, and a finished merge answers its record.
 
 use crate::command::{FollowUp, MergeAnswer, MergeStep};
-use crate::merge::{ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant};
+use crate::merge::{self, ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
 
@@ -113,12 +113,7 @@ impl Driver {
                 Next::Propose(survivor.shard(), MergeStep::Finish { merge })
             }
             Phase::Committing(participants) => {
-                let survivor = participants
-                    .iter()
-                    .map(|p| p.rank)
-                    .max()
-                    .expect("a plan has profiles")
-                    .oneid;
+                let survivor = merge::survivor(participants);
                 Next::Propose(
                     survivor.shard(),
                     MergeStep::Commit {

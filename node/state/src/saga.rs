@@ -165,12 +165,7 @@ impl ShardState {
             plan.profiles,
             "a commit names every profile of its plan, in order"
         );
-        let survivor = participants
-            .iter()
-            .map(|p| p.rank)
-            .max()
-            .expect("a plan has profiles")
-            .oneid;
+        let survivor = merge::survivor(&participants);
         assert_eq!(
             survivor.shard(),
             self.shard,
