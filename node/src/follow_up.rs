@@ -7,6 +7,8 @@
 //! the first binding wins, and a second bind to the same profile is answered `Bound`), then
 //! `FinishFollowUps` at the profile's shard, which lists a bound identity on the profile and
 //! deletes the record; a conflict (another profile took the identity first) ends it unlisted.
+//! An `unlink` leaves unbind records the same way: `Unbind` at the identity's shard (which
+//! removes the binding only if it is still the profile's), then `FinishFollowUps`.
 //!
 //! Two drivers run [`drive`]: the router, right after the event applied, so that the answer to
 //! the request comes after the binds; and the profile shard's leader, which sweeps records the
@@ -37,8 +39,8 @@ pub struct Report {
     pub taken: Vec<(Identity, OneId)>,
 }
 
-/// Binds each follow-up's identity at its shard (up to `attempts` tries per shard, with
-/// backoff), then finishes the answered ones at their profiles' shards.
+/// Binds (or unbinds) each follow-up's identity at its shard (up to `attempts` tries per
+/// shard, with backoff), then finishes the answered ones at their profiles' shards.
 pub async fn drive(shards: &Shards, follow_ups: Vec<FollowUp>, attempts: u32) -> Report {
     let mut report = Report::default();
     let answers = bind(shards, follow_ups, attempts, &mut report).await;
@@ -59,18 +61,19 @@ pub async fn drive(shards: &Shards, follow_ups: Vec<FollowUp>, attempts: u32) ->
     report
 }
 
-/// Proposes the binds, one `Bind` per identity shard, retrying the shards that failed: each
-/// answered follow-up's answer, by the shard of its profile (where it is finished).
+/// Proposes the binds, one `Bind` per identity shard (and one `Unbind` for the unbinds),
+/// retrying the shards that failed: each answered follow-up's answer, by the shard of its
+/// profile (where it is finished).
 async fn bind(
     shards: &Shards,
     follow_ups: Vec<FollowUp>,
     attempts: u32,
     report: &mut Report,
 ) -> BTreeMap<ShardId, Vec<FollowUpAnswer>> {
-    let mut to_bind: BTreeMap<ShardId, Vec<FollowUp>> = BTreeMap::new();
+    let mut to_bind: BTreeMap<(ShardId, bool), Vec<FollowUp>> = BTreeMap::new();
     for follow_up in follow_ups {
         to_bind
-            .entry(follow_up.identity.shard(shards.n_shards))
+            .entry((follow_up.identity.shard(shards.n_shards), follow_up.unbind))
             .or_default()
             .push(follow_up);
     }
@@ -85,38 +88,37 @@ async fn bind(
             wait *= 2;
         }
         let replies = per_shard(std::mem::take(&mut to_bind).into_iter().map(
-            |(shard, follow_ups)| {
-                let pairs = follow_ups
-                    .iter()
-                    .map(|f| (f.identity.clone(), f.oneid))
-                    .collect();
-                let call = shards.propose(shard, Command::Bind(pairs));
-                (shard, async move { (follow_ups, call.await) })
+            |((shard, unbind), follow_ups)| {
+                let call = shards.propose(shard, command(&follow_ups, unbind));
+                ((shard, unbind), async move { (follow_ups, call.await) })
             },
         ))
         .await;
-        for (shard, (follow_ups, reply)) in replies {
+        for ((shard, unbind), (follow_ups, reply)) in replies {
             let outcomes = match reply {
                 Ok(Output::Bind(outcomes)) => outcomes,
                 Ok(other) => panic!("a Bind answered {other:?}"),
                 Err(error) => {
-                    tracing::warn!(%shard, %error, attempt, "binding identities failed");
-                    to_bind.insert(shard, follow_ups);
+                    tracing::warn!(%shard, %error, attempt, unbind, "binding identities failed");
+                    to_bind.insert((shard, unbind), follow_ups);
                     continue;
                 }
             };
             for (follow_up, outcome) in follow_ups.into_iter().zip(outcomes) {
                 let owner = match outcome {
-                    BindOutcome::Bound => follow_up.oneid,
+                    BindOutcome::Bound => Some(follow_up.oneid),
                     BindOutcome::Conflict(other) => {
                         tracing::info!(oneid = %follow_up.oneid, %other, kind = %follow_up.identity.kind, "identity went to another profile first: the two merge");
                         report
                             .taken
                             .push((follow_up.identity.clone(), follow_up.oneid));
-                        other
+                        Some(other)
                     }
+                    BindOutcome::Unbound => None,
                 };
-                report.bound.push((follow_up.identity, owner));
+                if let Some(owner) = owner {
+                    report.bound.push((follow_up.identity, owner));
+                }
                 answers
                     .entry(follow_up.oneid.shard())
                     .or_default()
@@ -128,4 +130,17 @@ async fn bind(
         }
     }
     answers
+}
+
+/// The `Bind` (or `Unbind`) of follow-ups that all bind (or all unbind).
+fn command(follow_ups: &[FollowUp], unbind: bool) -> Command {
+    let pairs = follow_ups
+        .iter()
+        .map(|f| (f.identity.clone(), f.oneid))
+        .collect();
+    if unbind {
+        Command::Unbind(pairs)
+    } else {
+        Command::Bind(pairs)
+    }
 }

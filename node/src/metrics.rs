@@ -113,13 +113,14 @@ struct RouteMetrics {
 }
 
 /// The reasons `oneid_identities_not_linked_total` counts.
-const NOT_LINKED_REASONS: [NotLinkedReason; 6] = [
+const NOT_LINKED_REASONS: [NotLinkedReason; 7] = [
     NotLinkedReason::BlockedValue,
     NotLinkedReason::KindLimit,
     NotLinkedReason::IdentityLimit,
     NotLinkedReason::MergeDisabled,
     NotLinkedReason::Taken,
     NotLinkedReason::MergeLimit,
+    NotLinkedReason::Unlinked,
 ];
 
 #[derive(Default)]

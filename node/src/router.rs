@@ -40,7 +40,7 @@ use crate::shards::{per_shard, Consistency, Shards};
 use crate::storage::StateReader;
 use crate::storage::{Answer as StateAnswer, Query};
 use oneid_protocol::api::{EventResult, EventStatus, EventsResponse, NotLinked, NotLinkedReason};
-use oneid_protocol::event::{Event, EventError};
+use oneid_protocol::event::{Event, EventBody, EventError};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::policy::{BlockList, IdentityPolicy};
 use oneid_protocol::rules::Rules;
@@ -740,6 +740,10 @@ impl Router {
                 format!("profile {oneid} does not exist"),
             )));
         }
+        if let (EventBody::Unlink, Some(oneid)) = (&event.body, event.oneid) {
+            // Its identities are what it takes off the profile, never what finds it.
+            return Ok(Route::To(oneid.shard(), Target::Existing(oneid)));
+        }
         let live: Vec<&Identity> = judge.live_of(event).collect();
         if live.is_empty() && event.oneid.is_none() {
             return Err(Alone::Blocked);
@@ -1084,6 +1088,13 @@ impl Router {
         bindings: &mut Bindings,
     ) -> Learned {
         Learned::Answer(match outcome {
+            EventOutcome::Applied(oneid, _) if event.body == EventBody::Unlink => {
+                for identity in &event.identities {
+                    self.reader.forget_identity(identity);
+                    bindings.insert(identity.clone(), None);
+                }
+                Ok(Accepted::applied(oneid, Vec::new()))
+            }
             EventOutcome::Applied(oneid, not_linked) => {
                 let epoch = self.reader.binding_epoch(shard);
                 for identity in &event.identities {
@@ -1097,7 +1108,15 @@ impl Router {
                 Ok(Accepted::applied(oneid, not_linked))
             }
             EventOutcome::Duplicate(oneid) => Ok(Accepted::duplicate(oneid)),
-            EventOutcome::Rejected(error) => Err(error),
+            EventOutcome::Rejected(error) => {
+                if error.code == ErrorCode::Unavailable {
+                    // Perhaps routed by a binding that moved (an unlink): read anew next time.
+                    for identity in &event.identities {
+                        self.reader.forget_identity(identity);
+                    }
+                }
+                Err(error)
+            }
             EventOutcome::StaleRules(version) => return Learned::Stale(version),
             EventOutcome::Moved(into) => return Learned::Moved(into),
         })
@@ -1215,6 +1234,9 @@ fn split_wave(
                 later_identities.extend(judge.live_of(related));
                 later_profiles.extend(profiles_of(related));
             }
+        } else if event.body == EventBody::Unlink {
+            // Later events naming what it frees find it free: in a later wave.
+            later_identities.extend(&event.identities);
         } else {
             for id in judge.live_of(event).filter(|id| bindings[*id].is_none()) {
                 unbound_in_wave.insert(id, i);

@@ -716,10 +716,10 @@ fn retryable(error: &ShardError) -> bool {
 }
 
 /// Runs one future per shard, all at once, and collects their answers by shard.
-pub async fn per_shard<T, F: Future<Output = T>>(
-    calls: impl IntoIterator<Item = (ShardId, F)>,
-) -> BTreeMap<ShardId, T> {
-    let (shards, futures): (Vec<ShardId>, Vec<F>) = calls.into_iter().unzip();
+pub async fn per_shard<K: Ord, T, F: Future<Output = T>>(
+    calls: impl IntoIterator<Item = (K, F)>,
+) -> BTreeMap<K, T> {
+    let (shards, futures): (Vec<K>, Vec<F>) = calls.into_iter().unzip();
     shards
         .into_iter()
         .zip(futures::future::join_all(futures).await)
@@ -758,12 +758,22 @@ fn forwardable(shard: ShardId, command: &Command) -> bool {
         Command::DefineRules(_) | Command::DefineSegment(_) => registry,
         Command::Events(_)
         | Command::Bind(_)
+        | Command::Unbind(_)
         | Command::FinishFollowUps(_)
         | Command::SetRules(_)
         | Command::InstallRules { .. }
         | Command::InstallSegment(_)
         | Command::Merge(_) => true,
-        _ => false,
+        // Named one by one: a new command is forwardable only once someone says so.
+        Command::Clock { .. }
+        | Command::SeedRules(_)
+        | Command::Backfill
+        | Command::SeedRetention(_)
+        | Command::LegacyClock { .. }
+        | Command::LegacyEvents(_)
+        | Command::LegacyDefineSegment(..)
+        | Command::LegacyEvents9(_)
+        | Command::LegacyEvents10(_) => false,
     }
 }
 

@@ -184,6 +184,9 @@ crate::open_enum! {
         /// The value is bound to another profile, and merging the two would take the survivor
         /// past 100 profiles merged into it (or its totals past their range).
         MergeLimit = "merge_limit",
+        /// An `unlink` removed the value from this profile after the event's `ts`: an older
+        /// event never binds it back.
+        Unlinked = "unlinked",
     }
 }
 

@@ -90,6 +90,9 @@ pub enum EventBody {
         name: String,
         properties: Option<String>,
     },
+    /// Removes the event's identities from the profile its `oneid` names and frees them (see
+    /// `oneid_state`'s `unlink.rs`): routed by `oneid` alone, never by the identities.
+    Unlink,
 }
 
 impl EventBody {
@@ -105,17 +108,36 @@ impl EventBody {
             EventBody::ProfileUpdate { .. } => "profile_update",
             EventBody::Identify => "identify",
             EventBody::Interaction { .. } => "interaction",
+            EventBody::Unlink => "unlink",
         }
     }
 }
 
 /// Why an event was rejected: a code, a message, and the field at fault when there is one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+// JSON leaves `field` out when there is none; binary encodings (postcard: merge records,
+// peers' answers) always carry it, since they read fields by position.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 pub struct EventError {
     pub code: ErrorCode,
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub field: Option<String>,
+}
+
+impl Serialize for EventError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let omit_field = serializer.is_human_readable() && self.field.is_none();
+        let mut out = serializer.serialize_struct("EventError", 3)?;
+        out.serialize_field("code", &self.code)?;
+        out.serialize_field("message", &self.message)?;
+        if omit_field {
+            out.skip_field("field")?;
+        } else {
+            out.serialize_field("field", &self.field)?;
+        }
+        out.end()
+    }
 }
 
 impl EventError {
@@ -164,6 +186,7 @@ fn type_fields(event_type: &str) -> Option<&'static [&'static str]> {
         "profile_update" => &["attributes"],
         "identify" => &[],
         "interaction" => &["name", "properties"],
+        "unlink" => &[],
         _ => return None,
     })
 }
@@ -337,7 +360,7 @@ impl Event {
             })?,
         };
         let channel = parse_channel(&fields)?;
-        let body = parse_body(&event_type, &fields, &identities)?;
+        let body = parse_body(&event_type, &fields, &identities, oneid)?;
         Ok(Event {
             event_id,
             oneid,
@@ -404,11 +427,13 @@ fn parse_channel(fields: &Fields) -> Result<Option<String>, EventError> {
 }
 
 /// Reads the fields of the event's own type into its body. `event_type` was accepted by
-/// [`parse_type`]; `identities` are the event's, which an `identify` event cannot do without.
+/// [`parse_type`]; `identities` and `oneid` are the event's, which an `identify` event (the
+/// identities) and an `unlink` event (both) cannot do without.
 fn parse_body(
     event_type: &str,
     fields: &Fields,
     identities: &[Identity],
+    oneid: Option<OneId>,
 ) -> Result<EventBody, EventError> {
     Ok(match event_type {
         "order" => EventBody::Order {
@@ -459,6 +484,23 @@ fn parse_body(
             name: fields.required_text("name", TEXT_BYTES_MAX)?,
             properties: parse_properties(fields)?,
         },
+        "unlink" => {
+            if oneid.is_none() {
+                return Err(EventError::field(
+                    ErrorCode::MissingField,
+                    "oneid",
+                    "an unlink event names the profile to unlink from by oneid",
+                ));
+            }
+            if identities.is_empty() {
+                return Err(EventError::field(
+                    ErrorCode::MissingField,
+                    "identities",
+                    "an unlink event needs the identities to unlink",
+                ));
+            }
+            EventBody::Unlink
+        }
         _ => unreachable!("type_fields accepted {event_type}"),
     })
 }
@@ -580,6 +622,47 @@ mod tests {
     fn error(json: &str) -> (ErrorCode, Option<String>) {
         let e = parse(json).unwrap_err();
         (e.code, e.field)
+    }
+
+    #[test]
+    fn an_error_without_a_field_omits_it_in_json_and_round_trips_in_postcard() {
+        let error = EventError::new(ErrorCode::Unavailable, "retry");
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"code":"unavailable","message":"retry"}"#
+        );
+        for error in [
+            error,
+            EventError::field(ErrorCode::NotFound, "oneid", "none"),
+        ] {
+            let bytes = postcard::to_stdvec(&error).unwrap();
+            assert_eq!(postcard::from_bytes::<EventError>(&bytes).unwrap(), error);
+            let json = serde_json::to_string(&error).unwrap();
+            assert_eq!(serde_json::from_str::<EventError>(&json).unwrap(), error);
+        }
+    }
+
+    #[test]
+    fn an_unlink_names_its_profile_by_oneid_and_the_identities_it_takes_off() {
+        let unlink = parse(
+            r#"{"event_id": "u", "type": "unlink", "oneid": "o0000000000000001", "identities": {"phone": "1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(unlink.body, EventBody::Unlink);
+        assert_eq!(
+            error(r#"{"event_id": "u", "type": "unlink", "identities": {"phone": "1"}}"#),
+            (ErrorCode::MissingField, Some("oneid".into()))
+        );
+        assert_eq!(
+            error(r#"{"event_id": "u", "type": "unlink", "oneid": "o0000000000000001"}"#),
+            (ErrorCode::MissingField, Some("identities".into()))
+        );
+        assert_eq!(
+            error(
+                r#"{"event_id": "u", "type": "unlink", "oneid": "o0000000000000001", "identities": {"phone": "1"}, "points": 3}"#
+            ),
+            (ErrorCode::UnknownField, Some("points".into()))
+        );
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub enum EventKind {
     /// Binds the event's identities to one profile and changes nothing else.
     Identify,
     Interaction(Interaction),
+    /// Removes the event's identities from the profile its `oneid` names (required) and frees
+    /// them: the next event naming one binds it afresh; an event dated before the unlink never
+    /// binds it back to that profile (`not_linked`, reason `unlinked`). Moves no points.
+    Unlink,
 }
 
 /// A purchase: spend, points by the rules, and the order kept for refunds.
@@ -339,6 +343,7 @@ impl From<&EventBody> for EventKind {
                     .collect(),
             }),
             EventBody::Identify => EventKind::Identify,
+            EventBody::Unlink => EventKind::Unlink,
             EventBody::Interaction { name, properties } => EventKind::Interaction(Interaction {
                 name,
                 properties: properties

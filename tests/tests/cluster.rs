@@ -359,7 +359,7 @@ async fn a_paused_node_never_serves_an_old_value() {
 /// `identity` that holds an initialized cluster and knows no identity for the listener.
 fn hello(cluster: [u8; 16], from: u64, to: u64, format: u32, identity: [u8; 16]) -> [u8; 109] {
     let mut out = [0u8; 109];
-    out[..8].copy_from_slice(b"ONEIDP05");
+    out[..8].copy_from_slice(b"ONEIDP06");
     out[8..24].copy_from_slice(&cluster);
     out[24..32].copy_from_slice(&from.to_be_bytes());
     out[32..40].copy_from_slice(&to.to_be_bytes());
@@ -422,7 +422,7 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         .to_be_bytes();
     let peer = cluster.peers[0].clone();
     // The node's state format (`STATE_FORMAT`), which the handshake names.
-    let format = 11;
+    let format = 12;
     let writer = {
         let client = cluster.node(2).client();
         tokio::spawn(async move { send_all(&client, 0..400).await })

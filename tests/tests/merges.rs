@@ -1,7 +1,7 @@
 //! Merges through real nodes: an event whose identities name two to four customers makes them
 //! one, on one node and across three; a merge cut by a crash after its commit is finished by
 //! the restarted node; concurrent merges of overlapping customers end as one; five customers
-//! in one event are too many.
+//! in one event are too many; an unlink frees an identity for any node to bind afresh.
 
 use oneid_client::Client;
 use oneid_protocol::api::{DroppedDoc, EventResult, EventStatus};
@@ -434,4 +434,118 @@ async fn merges_the_policy_refuses_apply_to_the_highest_ranked_profile_alone() {
     assert_eq!(hub.merged_from.len(), 49);
     // (`merge_limit`, 100 profiles merged into one, is held by a unit test of the state
     // machine: with every loser bringing an identity, the 50-identity limit comes first.)
+}
+
+/// An identity bound by mistake, unlinked through node 1, is free at once for a bind through
+/// node 3 (which had it cached): a new customer, found so through every node; the first keeps
+/// its points and its other identity; an event dated before the unlink never binds it back; an
+/// unlink of what the profile does not hold changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn an_unlink_through_one_node_frees_the_identity_for_a_bind_through_another() {
+    let cluster = TestCluster::start(ClusterOptions::default()).await;
+    let (one, three) = (cluster.node(1).client(), cluster.node(3).client());
+    let (phone, email) = apart("20");
+    let first = send_one(
+        &three,
+        json!({"event_id": "u-1", "type": "points_earn", "points": 40,
+        "identities": {"phone": phone, "email": email}, "ts": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    let x = first.oneid.expect("applied");
+    // Node 3 now has the email's binding cached.
+    let cached = three.lookup("email", &email).await.unwrap().expect("bound");
+    assert_eq!(cached.oneid, x);
+
+    let unlink = json!({"event_id": "u-2", "type": "unlink", "oneid": x,
+        "identities": {"email": email}, "ts": "2026-01-02T00:00:00Z"});
+    let answer = send_one(&one, unlink.clone()).await;
+    assert_eq!(
+        serde_json::to_value(&answer).unwrap(),
+        json!({"event_id": "u-2", "status": "applied", "oneid": x})
+    );
+    let retry = send_one(&one, unlink).await;
+    assert_eq!(
+        (retry.status, retry.oneid.as_deref()),
+        (EventStatus::Duplicate, Some(x.as_str()))
+    );
+    let stranger = send_one(
+        &one,
+        json!({"event_id": "u-3", "type": "unlink", "oneid": x,
+        "identities": {"email": "nobody@x.example"}}),
+    )
+    .await;
+    let error = stranger.error.expect("rejected");
+    assert_eq!(
+        (error.code, error.field.as_deref()),
+        (ErrorCode::NotFound, Some("identities.email"))
+    );
+
+    // Through node 3 at once: the email binds afresh, to a new customer.
+    let second = send_one(
+        &three,
+        json!({"event_id": "u-4", "type": "points_earn", "points": 7,
+        "identities": {"email": email}, "ts": "2026-01-03T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(second.status, EventStatus::Applied, "{second:?}");
+    let y = second.oneid.expect("applied");
+    assert_ne!(y, x);
+    for node in 1..=3 {
+        let client = cluster.node(node).client();
+        let by_email = client
+            .lookup("email", &email)
+            .await
+            .unwrap()
+            .expect("bound");
+        assert_eq!(
+            (by_email.oneid.as_str(), by_email.points.balance),
+            (y.as_str(), 7),
+            "node {node}"
+        );
+        let by_phone = client
+            .lookup("phone", &phone)
+            .await
+            .unwrap()
+            .expect("bound");
+        assert_eq!(
+            (by_phone.oneid.as_str(), by_phone.points.balance),
+            (x.as_str(), 40),
+            "node {node}"
+        );
+        assert_eq!(
+            by_phone.identities.keys().collect::<Vec<_>>(),
+            vec!["phone"],
+            "node {node}"
+        );
+    }
+
+    // An event dated before the unlink, naming the first customer and a value unlinked from
+    // it: applied there, without the value.
+    let older = send_one(
+        &one,
+        json!({"event_id": "u-5", "type": "points_earn", "points": 1, "oneid": x,
+        "identities": {"phone": phone}, "ts": "2026-01-01T12:00:00Z"}),
+    )
+    .await;
+    assert_eq!(older.status, EventStatus::Applied, "{older:?}");
+    let second_unlink = send_one(
+        &three,
+        json!({"event_id": "u-6", "type": "unlink", "oneid": x,
+        "identities": {"phone": phone}, "ts": "2026-01-04T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(second_unlink.status, EventStatus::Applied);
+    let late = send_one(
+        &one,
+        json!({"event_id": "u-7", "type": "points_earn", "points": 1, "oneid": x,
+        "identities": {"phone": phone}, "ts": "2026-01-03T12:00:00Z"}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::to_value(&late).unwrap(),
+        json!({"event_id": "u-7", "status": "applied", "oneid": x, "not_linked": [
+            {"kind": "phone", "value": phone, "reason": "unlinked"}]})
+    );
+    assert_eq!(one.lookup("phone", &phone).await.unwrap(), None);
 }

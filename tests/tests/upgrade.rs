@@ -49,6 +49,21 @@ async fn assert_documents(client: &Client, dir: &Path, seeded: Option<&Value>) {
     let oneid = phone["oneid"].as_str().expect("oneid");
     let ledger = client.ledger(oneid, None, None).await.expect("ledger");
     assert_eq!(json(ledger), expected(dir, "ledger-phone"));
+    // Format 12 on: a merge's survivor (after an unlink), by its OneID and by the loser's.
+    if dir.join("expected/profile-merged.json").exists() {
+        let want = expected(dir, "profile-merged");
+        let survivor = want["oneid"].as_str().expect("oneid");
+        let got = client.profile(survivor).await.expect("profile");
+        assert_eq!(json(got), want, "the survivor of the fixture's merge");
+        let loser = want["merged_from"][0].as_str().expect("a loser");
+        let got = client
+            .profile(loser)
+            .await
+            .expect("profile")
+            .expect("resolves");
+        assert_eq!(got.oneid, survivor);
+        assert_eq!(client.lookup("jd_pin", "jd_b").await.expect("lookup"), None);
+    }
     let mut rules = expected(dir, "rules");
     // Written before rules had versions (formats 7 and 8): they answer version 0.
     if rules.get("version").is_none() {
@@ -109,6 +124,11 @@ async fn a_format_10_data_directory_opens_and_answers_its_documents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_11_data_directory_opens_and_answers_its_documents() {
     opens_and_answers(11, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_12_data_directory_opens_and_answers_its_documents() {
+    opens_and_answers(12, None).await;
 }
 
 /// The fixture of `format` opens in this build, answers its documents, takes a new event on

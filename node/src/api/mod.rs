@@ -452,29 +452,59 @@ impl Api {
         };
         // A binding this node saw at its shard's latest epoch holds: only "not found" (or an
         // epoch that moved) needs a read.
-        let oneid = match self.router.reader.cached_identity(&identity) {
+        let cached = self.router.reader.cached_identity(&identity);
+        let oneid = match cached {
             Some((oneid, _)) => oneid,
-            None => {
-                let shard = identity.shard(self.shards.n_shards);
-                let query = Query::Identities(vec![identity.clone()]);
-                match self.read_state(shard, query, consistency).await? {
-                    (Answer::Identities(found, epoch), _) => {
-                        let oneid = found.into_iter().next().flatten().ok_or_else(missing)?;
-                        self.router.reader.cache_identity(&identity, oneid, epoch);
-                        oneid
-                    }
-                    (other, _) => panic!("an identity read answered {other:?}"),
-                }
-            }
+            None => self
+                .read_binding(&identity, consistency)
+                .await?
+                .ok_or_else(missing)?,
         };
         // A binding cached (or read) before a merge names the merged profile: its read
         // resolves to the survivor. Asked by identity, the document names no `resolved_from`.
-        let (mut doc, applied) = self
+        let (mut doc, mut applied) = self
             .resolved_profile(oneid, consistency)
             .await?
             .ok_or_else(missing)?;
+        let held = |doc: &oneid_protocol::api::ProfileDoc| {
+            doc.identities
+                .get(&identity.kind)
+                .is_some_and(|values| values.contains(&identity.value))
+        };
+        if cached.is_some() && !held(&doc) {
+            // Cached before an unlink took it off the profile (this node not told yet).
+            self.router.reader.forget_identity(&identity);
+            let oneid = self
+                .read_binding(&identity, consistency)
+                .await?
+                .ok_or_else(missing)?;
+            (doc, applied) = self
+                .resolved_profile(oneid, consistency)
+                .await?
+                .ok_or_else(missing)?;
+        }
         doc.resolved_from = None;
         Ok(stamped(json(StatusCode::OK, &doc), consistency, applied))
+    }
+
+    /// The profile `identity` is bound to, read at its shard (and cached at the epoch read).
+    async fn read_binding(
+        &self,
+        identity: &Identity,
+        consistency: Consistency,
+    ) -> Result<Option<OneId>, ApiError> {
+        let shard = identity.shard(self.shards.n_shards);
+        let query = Query::Identities(vec![identity.clone()]);
+        match self.read_state(shard, query, consistency).await? {
+            (Answer::Identities(found, epoch), _) => {
+                let oneid = found.into_iter().next().flatten();
+                if let Some(oneid) = oneid {
+                    self.router.reader.cache_identity(identity, oneid, epoch);
+                }
+                Ok(oneid)
+            }
+            (other, _) => panic!("an identity read answered {other:?}"),
+        }
     }
 
     async fn ledger(&self, oneid: &str, query: Option<&str>) -> Reply {

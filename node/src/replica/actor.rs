@@ -399,6 +399,7 @@ impl ShardActor {
                 seq: keys::follow_up_seq(&key),
                 oneid: record.oneid,
                 identity: record.identity,
+                unbind: record.unbind,
             });
         }
         if follow_ups.is_empty() {

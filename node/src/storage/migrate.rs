@@ -62,6 +62,7 @@ pub const MIGRATIONS: &[Migration] = &[
     super::migrations::TO_9,
     super::migrations::TO_10,
     super::migrations::TO_11,
+    super::migrations::TO_12,
 ];
 
 const _: () = assert!(

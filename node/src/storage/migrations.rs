@@ -8,8 +8,8 @@ use oneid_protocol::num::Millis;
 use oneid_protocol::policy::IdentityPolicy;
 use oneid_protocol::rules::Retention;
 use oneid_state::command::{Command, SegmentDefine};
+use oneid_state::keys;
 use oneid_state::profile::Profile;
-use oneid_state::{keys, FollowUpRecord};
 use std::collections::BTreeMap;
 
 /// Format 8: time from a majority, retention in the rules.
@@ -65,7 +65,7 @@ pub const TO_10: Migration = Migration {
         keys::SHARD => vec![(key.to_vec(), [value, &[0]].concat())],
         keys::RULES => vec![(key.to_vec(), rules_with_policy(value))],
         _ if key.first() == keys::FOLLOW_UP_PREFIX.first() => {
-            let record: FollowUpRecord = postcard::from_bytes(value)
+            let record: FollowUpRecord11 = postcard::from_bytes(value)
                 .unwrap_or_else(|e| panic!("a format-9 follow-up record does not decode: {e}"));
             let seq = keys::follow_up_seq(key);
             let pending = keys::pending_link(record.oneid, &record.identity, seq);
@@ -106,6 +106,33 @@ pub const TO_11: Migration = Migration {
         _ => command.to_vec(),
     },
 };
+
+/// Format 12: unlink.
+/// - A follow-up record ends with whether it unbinds (an `unlink`'s) rather than binds: no
+///   record before did.
+/// - New keys: unlinks (`u`). New commands (`Unbind`, after every format-11 variant) and a new
+///   event type (`unlink`, after every format-11 one), which no format-11 log holds.
+pub const TO_12: Migration = Migration {
+    from: 11,
+    state_pair: |key, value| {
+        let value = if key.first() == keys::FOLLOW_UP_PREFIX.first() {
+            [value, &[0]].concat()
+        } else {
+            value.to_vec()
+        };
+        vec![(key.to_vec(), value)]
+    },
+    command: <[u8]>::to_vec,
+};
+
+/// A follow-up record as formats 9 to 11 stored it (a bind: format 12 appends `unbind`).
+#[derive(serde::Deserialize)]
+struct FollowUpRecord11 {
+    oneid: OneId,
+    identity: oneid_protocol::ids::Identity,
+    /// Read past, never used (postcard fields are positional).
+    _at: Millis,
+}
 
 /// Format 10's `Events`, and format 11's `LegacyEvents10`.
 const EVENTS_10: u8 = 3;
@@ -218,7 +245,7 @@ mod tests {
     use oneid_protocol::ids::{Identity, OneId, ShardId};
     use oneid_protocol::rules::Rules;
     use oneid_state::command::{LegacyRouted, Target};
-    use oneid_state::ShardRecord;
+    use oneid_state::{FollowUpRecord, ShardRecord};
 
     #[test]
     fn a_format_7_shard_record_gets_its_clock_as_its_target() {
@@ -374,8 +401,11 @@ mod tests {
             oneid,
             identity: identity.clone(),
             at: Millis(5),
+            unbind: false,
         };
-        let value = postcard::to_stdvec(&record).unwrap();
+        let new = postcard::to_stdvec(&record).unwrap();
+        // Formats 9 to 11: format 12's without `unbind`.
+        let value = new[..new.len() - 1].to_vec();
         assert_eq!(
             (TO_10.state_pair)(&keys::follow_up(9), &value),
             vec![
@@ -479,5 +509,32 @@ mod tests {
         for kept in [Command::Backfill, Command::Clock { target: Millis(9) }] {
             assert_eq!((TO_11.command)(&kept.encode()), kept.encode());
         }
+    }
+
+    #[test]
+    fn format_11_follow_up_records_are_binds() {
+        let record = FollowUpRecord {
+            oneid: OneId::mint(ShardId(1), 3),
+            identity: Identity {
+                kind: "email".into(),
+                value: "a@x".into(),
+            },
+            at: Millis(5),
+            unbind: false,
+        };
+        let new = postcard::to_stdvec(&record).unwrap();
+        let key = keys::follow_up(9);
+        assert_eq!(
+            (TO_12.state_pair)(&key, &new[..new.len() - 1]),
+            vec![(key, new)]
+        );
+        // Everything else keeps its bytes.
+        let shard = postcard::to_stdvec(&ShardRecord::default()).unwrap();
+        assert_eq!(
+            (TO_12.state_pair)(keys::SHARD, &shard),
+            vec![(keys::SHARD.to_vec(), shard)]
+        );
+        let events = Command::Events(vec![]).encode();
+        assert_eq!((TO_12.command)(&events), events);
     }
 }

@@ -80,8 +80,10 @@ use std::sync::RwLock;
 /// format-9 events become `LegacyEvents9`: `migrations::TO_10`). Format 11: what merges need
 /// (profiles keep a write time per attribute and manual tag, when their OneID was minted and
 /// what was merged into them; ledger records name a merge's peer and a moved lot's expiry;
-/// format-10 events become `LegacyEvents10`: `migrations::TO_11`).
-pub const STATE_FORMAT: u32 = 11;
+/// format-10 events become `LegacyEvents10`: `migrations::TO_11`). Format 12: unlink
+/// (follow-up records say whether they unbind, the key `u`, the command `Unbind` and the
+/// event type `unlink`: `migrations::TO_12`).
+pub const STATE_FORMAT: u32 = 12;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 

@@ -376,6 +376,15 @@ impl StateReader {
         }
     }
 
+    /// Forgets what this node cached of `identity`'s binding: it is read anew next time.
+    pub fn forget_identity(&self, identity: &Identity) {
+        let key = keys::identity(identity);
+        self.stripe(&key)
+            .lock()
+            .expect("identity cache lock")
+            .pop(identity);
+    }
+
     /// Remembers a binding read at `epoch` of its shard.
     pub fn cache_identity(&self, identity: &Identity, oneid: OneId, epoch: u64) {
         let shard = identity.shard(self.n_shards);

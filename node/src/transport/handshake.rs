@@ -25,8 +25,8 @@ use sha2::Sha256;
 
 /// The peer protocol's name and version: a node refuses a peer that speaks another (version 3
 /// added request deadlines and `Busy` answers, so a release that changes it is upgraded by
-/// stopping every node first).
-const MAGIC: &[u8; 8] = b"ONEIDP05";
+/// stopping every node first; version 6 added unbind follow-ups to what proposals answer).
+const MAGIC: &[u8; 8] = b"ONEIDP06";
 pub const ABOUT_BYTES: usize = 16 + 1 + 16;
 pub const HELLO_BYTES: usize = 8 + 16 + 8 + 8 + 4 + ABOUT_BYTES + 32;
 pub const CHALLENGE_BYTES: usize = 8 + 32 + ABOUT_BYTES + 32;

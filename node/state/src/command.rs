@@ -88,6 +88,10 @@ pub enum Command {
     /// A step of a merge (see `saga.rs`): proposed by the merge's drivers, at the shard the
     /// step names.
     Merge(MergeStep),
+    /// Removes bindings of identities held by this shard's index, each only if still bound to
+    /// the profile named (an `unlink` took the identity off it; see `unlink.rs`): answered
+    /// `Unbound` either way. Idempotent.
+    Unbind(Vec<(Identity, OneId)>),
 }
 
 /// The steps of a merge, each one idempotent Raft entry of bounded size on its own shard (see
@@ -181,13 +185,14 @@ pub struct FollowUpAnswer {
     pub outcome: BindOutcome,
 }
 
-/// A follow-up an applied event left: bind `identity` to `oneid` at the identity's shard,
-/// then finish record `seq` with the answer.
+/// A follow-up an applied event left: bind `identity` to `oneid` at the identity's shard (or
+/// unbind it from `oneid`, for an `unlink`), then finish record `seq` with the answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FollowUp {
     pub seq: u64,
     pub oneid: OneId,
     pub identity: Identity,
+    pub unbind: bool,
 }
 
 /// An event and how the router resolved its profile.
@@ -327,6 +332,8 @@ pub enum BindOutcome {
     Bound,
     /// Already bound to another profile.
     Conflict(OneId),
+    /// The answer to an unbind: bound to the profile no more.
+    Unbound,
 }
 
 impl Command {

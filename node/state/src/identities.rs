@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::command::Found;
+use crate::unlink::Unlinked;
 use oneid_protocol::api::{NotLinked, NotLinkedReason};
 use oneid_protocol::policy::IdentityPolicy;
 
@@ -19,6 +20,8 @@ const PENDING_LINKS_READ_MAX: usize = 4 * IDENTITIES_PER_PROFILE_MAX;
 pub(super) struct Sighting<'e> {
     /// The identities not blocked, in the event's order, each with its binding.
     live: Vec<(&'e Identity, Binding)>,
+    /// For each of `live`, the profile the router found it bound to, if any.
+    routed: Vec<Option<OneId>>,
     /// The blocked ones.
     not_linked: Vec<NotLinked>,
     /// Whether the identity policy holds (not for events of older formats).
@@ -107,6 +110,18 @@ fn conflict(a: OneId, b: OneId) -> EventError {
     )
 }
 
+impl Sighting<'_> {
+    /// No identities: an event that reaches its profile by `oneid` alone.
+    pub(super) fn none() -> Sighting<'static> {
+        Sighting {
+            live: Vec::new(),
+            routed: Vec::new(),
+            not_linked: Vec::new(),
+            policy: true,
+        }
+    }
+}
+
 impl ShardState {
     pub(super) fn apply_bind(
         &mut self,
@@ -144,7 +159,11 @@ impl ShardState {
             };
             let record: FollowUpRecord = decode(&key, &bytes);
             tx.delete_known(key, &bytes);
-            tx.delete_known(keys::pending_link(record.oneid, &record.identity, seq), &[]);
+            if record.unbind {
+                self.unbound(tx, record.oneid, &record.identity);
+            } else {
+                tx.delete_known(keys::pending_link(record.oneid, &record.identity, seq), &[]);
+            }
             assert!(
                 self.record.follow_ups_pending > 0,
                 "shard {}: a follow-up record beyond the pending count",
@@ -202,6 +221,7 @@ impl ShardState {
     ) -> Result<Sighting<'e>, EventError> {
         let mut sighting = Sighting {
             live: Vec::with_capacity(event.identities.len()),
+            routed: Vec::with_capacity(event.identities.len()),
             not_linked: Vec::new(),
             policy,
         };
@@ -229,6 +249,10 @@ impl ShardState {
                 })
             };
             sighting.live.push((identity, binding));
+            sighting.routed.push(match found {
+                Found::Bound { oneid, .. } => Some(oneid),
+                Found::Unbound => None,
+            });
         }
         if policy && sighting.live.is_empty() && target == Target::Claim {
             return Err(reject_field(
@@ -346,11 +370,13 @@ impl ShardState {
     /// answered to bind there (follow-ups), within the identity policy's limits (counting the
     /// links still pending) and the shard's limit of follow-ups pending; the others are
     /// answered as not linked, with why. `existed`: the profile was stored before.
+    /// `ts`: the event's.
     pub(super) fn take_identities(
         &self,
         tx: &Tx<'_>,
         profile: &mut Profile,
         existed: bool,
+        ts: Millis,
         sighting: Sighting<'_>,
         link_elsewhere: Vec<Identity>,
     ) -> Result<Taken, EventError> {
@@ -361,12 +387,41 @@ impl ShardState {
             not_linked: sighting.not_linked,
             ..Taken::default()
         };
-        let candidates = self.candidates(
-            profile,
-            sighting.live,
-            link_elsewhere,
-            &mut taken.not_linked,
-        )?;
+        let (live, link_elsewhere) = if existed {
+            let unlinked = |identity: &Identity, bound_to: Option<OneId>| {
+                if profile.holds(identity) {
+                    return Ok(Unlinked::Free);
+                }
+                self.unlinked(tx, profile.oneid, identity, ts, bound_to)
+            };
+            let mut live = Vec::with_capacity(sighting.live.len());
+            for ((identity, binding), routed) in sighting.live.into_iter().zip(sighting.routed) {
+                if link_elsewhere.contains(identity) {
+                    // Judged with those below.
+                    live.push((identity, binding));
+                    continue;
+                }
+                let here = match binding {
+                    Binding::Here(oneid) => oneid,
+                    Binding::Elsewhere(_) => None,
+                };
+                match unlinked(identity, routed.or(here))? {
+                    Unlinked::Free => live.push((identity, binding)),
+                    Unlinked::Older(not) => taken.not_linked.push(not),
+                }
+            }
+            let mut elsewhere = Vec::with_capacity(link_elsewhere.len());
+            for identity in link_elsewhere {
+                match unlinked(&identity, None)? {
+                    Unlinked::Free => elsewhere.push(identity),
+                    Unlinked::Older(not) => taken.not_linked.push(not),
+                }
+            }
+            (live, elsewhere)
+        } else {
+            (sighting.live, link_elsewhere)
+        };
+        let candidates = self.candidates(profile, live, link_elsewhere, &mut taken.not_linked)?;
         // Most events name only identities their profile holds: nothing more to read.
         if !candidates.is_empty() {
             self.admit(tx, profile, existed, candidates, &mut taken);
@@ -488,7 +543,7 @@ impl ShardState {
     }
 
     /// Refuses (`unavailable`: retry) `more` follow-ups past the shard's limit.
-    fn check_follow_ups_room(&self, more: usize) -> Result<(), EventError> {
+    pub(super) fn check_follow_ups_room(&self, more: usize) -> Result<(), EventError> {
         if self.record.follow_ups_pending + more as u64 > FOLLOW_UPS_PENDING_MAX {
             return Err(reject(
                 ErrorCode::Unavailable,
@@ -523,21 +578,38 @@ impl ShardState {
         follow_ups: &mut Vec<FollowUp>,
     ) {
         for identity in to_link {
-            self.record.follow_up_seq += 1;
-            self.record.follow_ups_pending += 1;
-            let seq = self.record.follow_up_seq;
-            let record = FollowUpRecord {
-                oneid,
-                identity,
-                at: self.record.clock,
-            };
-            tx.put_new(keys::follow_up(seq), &record);
-            tx.put_new(keys::pending_link(oneid, &record.identity, seq), &());
-            follow_ups.push(FollowUp {
-                seq,
-                oneid,
-                identity: record.identity,
-            });
+            self.file_follow_up(tx, oneid, identity, false, follow_ups);
         }
+    }
+
+    /// Writes the follow-up record that binds `identity` to `oneid` on the identity's shard
+    /// (listed under the profile as a pending link), or that unbinds it there.
+    pub(super) fn file_follow_up(
+        &mut self,
+        tx: &mut Tx<'_>,
+        oneid: OneId,
+        identity: Identity,
+        unbind: bool,
+        follow_ups: &mut Vec<FollowUp>,
+    ) {
+        self.record.follow_up_seq += 1;
+        self.record.follow_ups_pending += 1;
+        let seq = self.record.follow_up_seq;
+        let record = FollowUpRecord {
+            oneid,
+            identity,
+            at: self.record.clock,
+            unbind,
+        };
+        tx.put_new(keys::follow_up(seq), &record);
+        if !unbind {
+            tx.put_new(keys::pending_link(oneid, &record.identity, seq), &());
+        }
+        follow_ups.push(FollowUp {
+            seq,
+            oneid,
+            identity: record.identity,
+            unbind,
+        });
     }
 }

@@ -13,7 +13,7 @@
 //! | `l`    | `l oneid seq`                         | `LedgerRecord` |
 //! | `d`    | `d oneid event_id`                    | `DedupRecord`  |
 //! | `e`    | `e clock_ms seq`                      | dedup keys one entry wrote (eviction order) |
-//! | `f`    | `f seq`                               | `FollowUpRecord` |
+//! | `f`    | `f seq`                               | `FollowUpRecord` (a bind, or an unbind of an unlinked identity) |
 //! | `q`    | `q oneid kind 0x00 value seq`         | nothing (follow-up `seq` binds this identity to the profile: what the profile's limits count as pending) |
 //! | `t`    | `t due_ms oneid kind detail`          | nothing (the due-time index) |
 //! | `g`    | `g clock_ms seq`                      | ledger keys one entry wrote (eviction order) |
@@ -24,6 +24,7 @@
 //! | `j`    | `j merge`                             | `MergeRecord` (a merge whose survivor is on this shard) |
 //! | `h`    | `h oneid merge`                       | nothing (a merge `oneid` survived: its history) |
 //! | `y`    | `y oneid`                             | `(MergeId, Millis)` (the profile is locked by that merge since that shard clock: what the leader's sweep finds) |
+//! | `u`    | `u oneid kind 0x00 value`             | `UnlinkRecord` (an `unlink` removed the identity from the profile: when, and whether its binding is still being removed) |
 
 use crate::merge::MergeId;
 use oneid_protocol::ids::{Identity, OneId};
@@ -169,19 +170,42 @@ pub fn pending_links_prefix(oneid: OneId) -> Vec<u8> {
     with_oneid(b'q', oneid, &[])
 }
 
+/// The identity of an identity key.
+pub fn identity_in(key: &[u8]) -> Identity {
+    identity_of(&key[1..])
+}
+
 /// The identity of a pending-link key.
 pub fn pending_link_identity(key: &[u8]) -> Identity {
-    let middle = &key[9..key.len() - 8];
-    let split = middle
+    identity_of(&key[9..key.len() - 8])
+}
+
+/// The key of `unlinked`'s unlink from `oneid`.
+pub fn unlinked(oneid: OneId, unlinked: &Identity) -> Vec<u8> {
+    with_oneid(b'u', oneid, &identity(unlinked)[1..])
+}
+
+/// The keys of a profile's unlinks.
+pub fn unlinked_prefix(oneid: OneId) -> Vec<u8> {
+    with_oneid(b'u', oneid, &[])
+}
+
+/// The identity of an unlink key.
+pub fn unlinked_identity(key: &[u8]) -> Identity {
+    identity_of(&key[9..])
+}
+
+/// `kind 0x00 value`, as identity keys hold it.
+fn identity_of(bytes: &[u8]) -> Identity {
+    let split = bytes
         .iter()
         .position(|b| *b == 0)
-        .expect("a pending-link key holds kind 0x00 value");
-    let text = |bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec()).expect("a pending-link key holds UTF-8 identities")
-    };
+        .expect("an identity in a key is kind 0x00 value");
+    let text =
+        |bytes: &[u8]| String::from_utf8(bytes.to_vec()).expect("keys hold UTF-8 identities");
     Identity {
-        kind: text(&middle[..split]),
-        value: text(&middle[split + 1..]),
+        kind: text(&bytes[..split]),
+        value: text(&bytes[split + 1..]),
     }
 }
 

@@ -29,6 +29,7 @@ pub mod segments;
 pub mod store;
 mod tier;
 mod tx;
+mod unlink;
 
 use crate::command::{
     BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Target,
@@ -175,8 +176,9 @@ pub struct DedupRecord {
 }
 
 /// An identity of an applied event that another shard's index holds: this shard binds it
-/// there (the identity's shard is the arbiter) and then lists it on the profile. The record is
-/// written in the same apply as the event and deleted by the apply that finishes it
+/// there (the identity's shard is the arbiter) and then lists it on the profile; or, for an
+/// `unlink`, removes its binding to the profile there. The record is written in the same
+/// apply as the event and deleted by the apply that finishes it
 /// (`Command::FinishFollowUps`), so the work survives crashes and leader changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FollowUpRecord {
@@ -184,6 +186,8 @@ pub struct FollowUpRecord {
     pub identity: Identity,
     /// The shard clock when the event applied.
     pub at: Millis,
+    /// An unbind (`Command::Unbind`), not a bind.
+    pub unbind: bool,
 }
 
 /// One shard's replicated state machine, with its activation cache.
@@ -361,6 +365,12 @@ impl ShardState {
                 Output::Segment(self.define_segment(tx, define, at))
             }
             Command::Merge(step) => Output::Merge(self.apply_merge_step(tx, index, step)),
+            Command::Unbind(pairs) => Output::Bind(
+                pairs
+                    .into_iter()
+                    .map(|(identity, oneid)| self.apply_unbind(tx, identity, oneid))
+                    .collect(),
+            ),
             Command::SetRules(_)
             | Command::SeedRules(_)
             | Command::DefineRules(_)
@@ -458,3 +468,5 @@ mod saga_tests;
 mod segment_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod unlink_tests;

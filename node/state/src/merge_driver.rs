@@ -262,7 +262,7 @@ impl Driver {
             MergeAnswer::Moved { into, merge } if merge == self.plan.merge => Phase::Reading(into),
             MergeAnswer::Moved { into, .. } => self.give_up(&locked, oneid, Some(into)),
             MergeAnswer::Missing => self.give_up(&locked, oneid, None),
-            answer @ MergeAnswer::Record(_) => self.on_record(answer),
+            answer @ (MergeAnswer::Record(_) | MergeAnswer::Finished(..)) => self.on_record(answer),
             other => panic!("merge {}: a lock answered {other:?}", self.plan.merge),
         }
     }

@@ -332,6 +332,16 @@ impl Profile {
         self.merging.as_ref().is_some_and(|l| l.plan.merge == merge)
     }
 
+    /// Takes an identity off the profile (a kind left without values goes too).
+    pub fn remove_identity(&mut self, identity: &Identity) {
+        if let Some(values) = self.identities.get_mut(&identity.kind) {
+            values.remove(&identity.value);
+            if values.is_empty() {
+                self.identities.remove(&identity.kind);
+            }
+        }
+    }
+
     /// Removes a manual tag and the time it was added.
     pub fn remove_manual_tag(&mut self, tag: &str) {
         self.manual_tags.remove(tag);

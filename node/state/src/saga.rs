@@ -48,7 +48,7 @@ impl ShardState {
         step: MergeStep,
     ) -> MergeAnswer {
         match step {
-            MergeStep::Lock { plan, oneid } => self.merge_lock(tx, *plan, oneid),
+            MergeStep::Lock { plan, oneid } => self.merge_lock(tx, index, *plan, oneid),
             MergeStep::Commit { plan, participants } => {
                 self.merge_commit(tx, index, *plan, participants)
             }
@@ -94,7 +94,13 @@ impl ShardState {
         }
     }
 
-    fn merge_lock(&mut self, tx: &mut Tx<'_>, plan: MergePlan, oneid: OneId) -> MergeAnswer {
+    fn merge_lock(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        plan: MergePlan,
+        oneid: OneId,
+    ) -> MergeAnswer {
         assert_eq!(oneid.shard(), self.shard, "lock routed to the wrong shard");
         let Some((mut profile, stored_hash)) = self.load_profile(tx, oneid) else {
             return self.absent(tx, oneid);
@@ -104,10 +110,24 @@ impl ShardState {
                 MergeAnswer::Locked(lock.participant.clone())
             }
             Some(lock) => MergeAnswer::Busy(lock.plan.merge),
-            // The survivor of a merge that finished: a late driver, which must not lock again.
+            // The survivor of a merge that ended: a late driver, which must not lock again;
+            // or the event sent again after its cause was answered `unavailable` (routed by a
+            // binding that moved: the same plan comes back each time it is sent), which the
+            // survivor of the refused merge takes anew.
             None if tx.get(&keys::merge(plan.merge)).is_some() => {
                 let record = self.merge_record(tx, plan.merge).expect("just read");
-                MergeAnswer::Record(Box::new(record))
+                match &record.state {
+                    MergeState::Refused(reason, Some(EventOutcome::Rejected(error)))
+                        if error.code == ErrorCode::Unavailable =>
+                    {
+                        let reason = reason.clone();
+                        self.activations.insert(profile, stored_hash);
+                        // As routed this time.
+                        let record = MergeRecord { plan, ..record };
+                        return self.apply_refused(tx, index, record, reason);
+                    }
+                    _ => MergeAnswer::Record(Box::new(record)),
+                }
             }
             None if self.has_pending_links(tx, oneid) => MergeAnswer::Pending,
             None if self.record.merges_pending >= MERGES_PENDING_MAX => {
@@ -182,7 +202,7 @@ impl ShardState {
             self.activations.insert(profile, stored_hash);
             return MergeAnswer::NotLocked;
         };
-        let mut record = MergeRecord {
+        let record = MergeRecord {
             losers: plan
                 .profiles
                 .iter()
@@ -210,10 +230,22 @@ impl ShardState {
         // Refused: the survivor is unlocked and takes the cause alone.
         self.unlisted_lock(tx, survivor);
         self.store_profile(tx, profile, Some(stored_hash));
+        self.apply_refused(tx, index, record, reason)
+    }
+
+    /// A refused merge's survivor (unlocked) takes the cause alone; the record says how it
+    /// went.
+    fn apply_refused(
+        &mut self,
+        tx: &mut Tx<'_>,
+        index: u64,
+        mut record: MergeRecord,
+        reason: NotLinkedReason,
+    ) -> MergeAnswer {
         let (outcome, follow_ups) =
-            self.apply_cause(tx, index, &record.plan, survivor, Some(&reason));
+            self.apply_cause(tx, index, &record.plan, record.survivor, Some(&reason));
         record.state = MergeState::Refused(reason, outcome);
-        tx.put_new(keys::merge(record.plan.merge), &record);
+        tx.put(keys::merge(record.plan.merge), &record);
         MergeAnswer::Finished(Box::new(record), Some(follow_ups))
     }
 

@@ -10,6 +10,7 @@ use super::merge::{Cause, MergeId, MergePlan, MergeState};
 use super::merge_driver::{Driver, Ended, Next};
 use super::profile::Profile;
 use super::tests::{digest_of, event, T0};
+use super::unlink::UnlinkRecord;
 use super::*;
 use crate::command::{Found, MergeStep, Routed};
 use oneid_protocol::api::NotLinkedReason;
@@ -17,19 +18,19 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use store::MemState;
 
-struct Shard {
-    mem: MemState,
-    state: ShardState,
+pub(super) struct Shard {
+    pub(super) mem: MemState,
+    pub(super) state: ShardState,
     index: u64,
 }
 
-struct Cluster {
-    shards: Vec<Shard>,
-    n_shards: u32,
+pub(super) struct Cluster {
+    pub(super) shards: Vec<Shard>,
+    pub(super) n_shards: u32,
 }
 
 impl Cluster {
-    fn new(n_shards: u32) -> Cluster {
+    pub(super) fn new(n_shards: u32) -> Cluster {
         Cluster::with_rules(n_shards, "{}")
     }
 
@@ -59,7 +60,7 @@ impl Cluster {
 
     /// Applies a command at the shard's next index (a clock entry far ahead moves the clock as
     /// the entries catching it up would, see `tests::catch_up`).
-    fn apply(&mut self, shard: ShardId, command: Command) -> Output {
+    pub(super) fn apply(&mut self, shard: ShardId, command: Command) -> Output {
         let shard = &mut self.shards[shard.0 as usize];
         tests::catch_up(&mut shard.state, &command);
         shard.index += 1;
@@ -72,14 +73,18 @@ impl Cluster {
         output
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, shard: ShardId, key: &[u8]) -> Option<T> {
+    pub(super) fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        shard: ShardId,
+        key: &[u8],
+    ) -> Option<T> {
         self.shards[shard.0 as usize]
             .mem
             .get(key)
             .map(|bytes| decode(key, &bytes))
     }
 
-    fn binding(&self, identity: &Identity) -> Option<OneId> {
+    pub(super) fn binding(&self, identity: &Identity) -> Option<OneId> {
         self.get(identity.shard(self.n_shards), &keys::identity(identity))
     }
 
@@ -94,7 +99,7 @@ impl Cluster {
         panic!("a chain of tombstones from {oneid}")
     }
 
-    fn profiles(&self) -> Vec<Profile> {
+    pub(super) fn profiles(&self) -> Vec<Profile> {
         self.shards
             .iter()
             .flat_map(|shard| shard.mem.0.iter())
@@ -130,6 +135,7 @@ struct Seen {
     merges_refused: usize,
     merges_given_up: usize,
     waits: usize,
+    unlinks: usize,
 }
 
 struct World {
@@ -186,16 +192,30 @@ impl World {
     }
 
     #[allow(clippy::too_many_lines)]
-    fn route(&mut self, event: Event) -> Vec<Task> {
+    fn route(&mut self, mut event: Event) -> Vec<Task> {
         let c = &self.cluster;
+        let unlink = event.body == EventBody::Unlink;
+        if unlink {
+            // A client's unlink of what it looked up just now: from the profile its first
+            // identity is bound to.
+            let Some(holder) = c.binding(&event.identities[0]) else {
+                self.seen.rejected.insert(event.event_id);
+                return Vec::new();
+            };
+            event.oneid = Some(c.live(holder));
+        }
         let bound: Vec<Option<OneId>> = event
             .identities
             .iter()
             .map(|id| c.binding(id).map(|oneid| c.live(oneid)))
+            .filter(|_| !unlink)
             .collect();
-        let profiles: BTreeSet<OneId> = bound.iter().flatten().copied().collect();
+        let mut profiles: BTreeSet<OneId> = bound.iter().flatten().copied().collect();
+        profiles.extend(event.oneid.filter(|_| unlink));
         let found = bound
             .iter()
+            .chain(std::iter::repeat(&None))
+            .take(event.identities.len())
             .map(|b| match b {
                 Some(oneid) => Found::Bound {
                     oneid: *oneid,
@@ -220,6 +240,7 @@ impl World {
             .iter()
             .zip(&bound)
             .filter(|(id, b)| b.is_none() && (profiles.len() > 1 || id.shard(c.n_shards) != shard))
+            .filter(|_| !unlink)
             .map(|(id, _)| id.clone())
             .collect();
         let routed = Routed {
@@ -243,6 +264,7 @@ impl World {
         };
         match outcomes.remove(0) {
             EventOutcome::Applied(..) => {
+                self.seen.unlinks += usize::from(unlink);
                 *self.seen.applied.entry(event.event_id).or_default() += 1;
                 follow_ups.into_iter().map(Task::Bind).collect()
             }
@@ -305,6 +327,14 @@ impl World {
                         }
                     }
                     None => {}
+                    // Routed by a binding an unlink removed meanwhile: merged, and sent again.
+                    Some(EventOutcome::Rejected(e)) if e.code == ErrorCode::Unavailable => {
+                        self.seen.waits += 1;
+                        let Cause::Event(routed) = &record.plan.cause else {
+                            panic!("a taken bind's merge answered {e:?}")
+                        };
+                        tasks.push(Task::Route(routed.event.clone()));
+                    }
                     Some(EventOutcome::Rejected(e)) if refused_for_what_it_asks(e) => {
                         let event_id = record.plan.event_id().expect("an event's merge");
                         self.seen.rejected.insert(event_id.to_string());
@@ -338,8 +368,13 @@ impl World {
 
     fn bind(&mut self, follow_up: FollowUp) -> Vec<Task> {
         let shard = follow_up.identity.shard(self.cluster.n_shards);
-        let pair = (follow_up.identity.clone(), follow_up.oneid);
-        let Output::Bind(outcomes) = self.cluster.apply(shard, Command::Bind(vec![pair])) else {
+        let pair = vec![(follow_up.identity.clone(), follow_up.oneid)];
+        let command = if follow_up.unbind {
+            Command::Unbind(pair)
+        } else {
+            Command::Bind(pair)
+        };
+        let Output::Bind(outcomes) = self.cluster.apply(shard, command) else {
             panic!("a bind answered otherwise")
         };
         let outcome = outcomes[0];
@@ -353,7 +388,7 @@ impl World {
         );
         match outcome {
             BindOutcome::Conflict(_) => self.taken(&follow_up.identity, &[follow_up.oneid]),
-            BindOutcome::Bound => Vec::new(),
+            BindOutcome::Bound | BindOutcome::Unbound => Vec::new(),
         }
     }
 }
@@ -363,7 +398,8 @@ impl World {
 fn refused_for_what_it_asks(error: &EventError) -> bool {
     matches!(
         error.code,
-        ErrorCode::InsufficientPoints | ErrorCode::DuplicateOrder
+        // The last: an unlink of an identity whose bind to the profile is still pending.
+        ErrorCode::InsufficientPoints | ErrorCode::DuplicateOrder | ErrorCode::NotFound
     )
 }
 
@@ -537,10 +573,11 @@ fn check(world: &mut World, events: &[Event], points: i64, seed: u64) {
     }
 }
 
-/// Earns, orders and redeems over identities of four kinds, one of them limited to one value
-/// per profile (so some merges are refused), stepped in a seeded random order; then what must
-/// hold whatever merged: every event answered once, totals conserved, every binding pointing
-/// at a live profile that lists it, nothing left locked or pending.
+/// Earns, orders, redeems and unlinks over identities of four kinds, one of them limited to
+/// one value per profile (so some merges are refused), stepped in a seeded random order; then
+/// what must hold whatever merged or was unlinked: every event answered once, totals
+/// conserved, every binding pointing at a live profile that lists it and every listed identity
+/// bound to its profile, nothing left locked or pending.
 #[allow(clippy::too_many_lines)]
 fn run_mixed(seed: u64, n_events: usize, pool: usize) -> Seen {
     let rules = r#"{"identity": {"kinds": {"member_card": {"max_per_profile": 1,
@@ -554,11 +591,13 @@ fn run_mixed(seed: u64, n_events: usize, pool: usize) -> Seen {
             let v = world.next(pool);
             identities.insert(kinds[v % kinds.len()].into(), json!(format!("v{v}")));
         }
-        let body = match world.next(3) {
-            0 => json!({"type": "points_earn", "points": 1 + world.next(9)}),
-            1 => json!({"type": "order", "order_id": format!("O{}", world.next(8)),
+        let body = match world.next(8) {
+            0..=2 => json!({"type": "points_earn", "points": 1 + world.next(9)}),
+            3 | 4 => json!({"type": "order", "order_id": format!("O{}", world.next(8)),
                 "amount": format!("{}", 1 + world.next(50))}),
-            _ => json!({"type": "points_redeem", "points": 1 + world.next(9)}),
+            5 | 6 => json!({"type": "points_redeem", "points": 1 + world.next(9)}),
+            // From whichever profile holds its first identity when it is routed.
+            _ => json!({"type": "unlink", "oneid": OneId::mint(ShardId(0), 1).to_string()}),
         };
         let mut json = body;
         json["event_id"] = json!(format!("e{i}"));
@@ -618,29 +657,35 @@ fn run_mixed(seed: u64, n_events: usize, pool: usize) -> Seen {
         for (key, value) in shard.mem.0.range(vec![b'i']..vec![b'j']) {
             let oneid: OneId = decode(key, value);
             let holder = profiles.iter().find(|p| p.oneid == oneid);
+            let identity = keys::identity_in(key);
             assert!(
-                holder.is_some(),
-                "seed {seed}: an identity bound to {oneid}, not live"
+                holder.is_some_and(|p| p.holds(&identity)),
+                "seed {seed}: {identity:?} bound to {oneid}, which does not hold it"
             );
+        }
+        for (key, value) in shard.mem.0.range(vec![b'u']..vec![b'v']) {
+            let record: UnlinkRecord = decode(key, value);
+            assert!(!record.unbinding, "seed {seed}: an unbind left pending");
         }
     }
     world.seen
 }
 
 #[test]
-fn merges_refused_or_not_conserve_points_and_leave_every_binding_live() {
+fn merges_and_unlinks_conserve_points_and_leave_every_binding_live() {
     let seeds: u64 = std::env::var("ONEID_SAGA_SEEDS").map_or(60, |s| s.parse().unwrap());
-    let (mut merges, mut refused, mut rejected) = (0, 0, 0);
+    let (mut merges, mut refused, mut rejected, mut unlinks) = (0, 0, 0, 0);
     for seed in 0..seeds {
         let seen = run_mixed(seed, 40, 24);
         merges += seen.merges_finished;
         refused += seen.merges_refused;
         rejected += seen.rejected.len();
+        unlinks += seen.unlinks;
     }
     eprintln!(
-        "{seeds} seeds: {merges} merges ended, {refused} refused, {rejected} events rejected"
+        "{seeds} seeds: {merges} merges ended, {refused} refused, {rejected} events rejected, {unlinks} unlinks applied"
     );
-    assert!(merges > seeds as usize && refused > 0 && rejected > 0);
+    assert!(merges > seeds as usize && refused > 0 && rejected > 0 && unlinks > seeds as usize);
 }
 
 #[test]
@@ -816,6 +861,36 @@ fn a_merge_moves_orders_points_and_memberships_and_leaves_a_tombstone() {
         .apply(b.shard(), Command::Events(vec![routed]));
     assert!(matches!(output, Output::Events { ref outcomes, .. }
         if outcomes == &vec![EventOutcome::Moved(a)]));
+
+    // A segment defined after the merge is backfilled over every OneID the loser's shard
+    // minted, its tombstone among them: A joins, B is skipped.
+    let define = Command::DefineSegment(crate::command::SegmentDefine {
+        name: "spenders".into(),
+        predicate: Some("total_spend >= 100".into()),
+        description: String::new(),
+    });
+    let Output::Segment(Ok((def, true))) = world.cluster.apply(ShardId(0), define) else {
+        panic!("defined")
+    };
+    for s in 0..4 {
+        let shard = ShardId(s);
+        if s != 0 {
+            world
+                .cluster
+                .apply(shard, Command::InstallSegment(def.clone()));
+        }
+        while matches!(
+            world.cluster.apply(shard, Command::Backfill),
+            Output::Backfill { more: true }
+        ) {}
+    }
+    let c = &world.cluster;
+    assert!(c
+        .get::<()>(a.shard(), &keys::member("spenders", a))
+        .is_some());
+    assert!(c
+        .get::<()>(b.shard(), &keys::member("spenders", b))
+        .is_none());
 }
 
 /// A merge past a kind's limit is refused: the event applies to the profile of highest rank

@@ -687,7 +687,15 @@ impl ShardState {
             Some((profile, stored_hash)) => (profile, stored_hash, true),
             None => {
                 let key = keys::profile(oneid);
-                let bytes = tx.get(&key).expect("profiles up to profile_seq exist");
+                let Some(bytes) = tx.get(&key) else {
+                    // Every OneID up to `profile_seq` is a profile, or a tombstone (merged
+                    // into another), which no segment or rule reads.
+                    assert!(
+                        self.tombstone(tx, oneid).is_some(),
+                        "{oneid}: neither a profile nor a tombstone"
+                    );
+                    return;
+                };
                 (decode(&key, &bytes), pair_hash(&key, &bytes), false)
             }
         };

@@ -1363,12 +1363,14 @@ fn an_applied_event_records_its_follow_ups_in_the_same_apply() {
                 FollowUp {
                     seq: 1,
                     oneid: p,
-                    identity: app.clone()
+                    identity: app.clone(),
+                    unbind: false,
                 },
                 FollowUp {
                     seq: 2,
                     oneid: p,
-                    identity: web.clone()
+                    identity: web.clone(),
+                    unbind: false,
                 },
             ],
         }
@@ -1377,6 +1379,7 @@ fn an_applied_event_records_its_follow_ups_in_the_same_apply() {
         oneid: p,
         identity: identity.clone(),
         at: at(1),
+        unbind: false,
     };
     assert_eq!(
         follow_up_records(&h),

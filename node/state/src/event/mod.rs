@@ -88,6 +88,7 @@ impl ShardState {
                 applying.update_attributes(profile, attributes)
             }
             EventBody::Identify | EventBody::Interaction { .. } => Ok(()),
+            EventBody::Unlink => unreachable!("an unlink applies in apply_unlink"),
         }
     }
 }
@@ -140,7 +141,7 @@ fn earn(
 
 /// Refuses an event dated more than [`EVENT_TS_AHEAD_MAX_MS`] after `target`, the shard's
 /// time, if `bound` (all but format-7 events, see `Command::LegacyEvents`).
-fn check_ts(ts: Millis, target: Millis, bound: bool) -> Result<(), EventError> {
+pub(super) fn check_ts(ts: Millis, target: Millis, bound: bool) -> Result<(), EventError> {
     if bound && ts.0.saturating_sub(target.0) > EVENT_TS_AHEAD_MAX_MS {
         return Err(reject_field(
             ErrorCode::InvalidField,
@@ -280,6 +281,9 @@ impl ShardState {
         if policy && rules_version != self.rules_version {
             return EventOutcome::StaleRules(self.rules_version);
         }
+        if event.body == EventBody::Unlink {
+            return self.apply_unlink(tx, index, event, target, follow_ups);
+        }
         let sighting = match self.sight(tx, &event, target, &found, policy) {
             Ok(sighting) => sighting,
             Err(error) => return EventOutcome::Rejected(error),
@@ -302,7 +306,8 @@ impl ShardState {
         let accepted = check_ts(event.ts, self.record.target, of != EventsOf::Format7)
             .and_then(|()| self.apply_body(tx, &mut profile, &event, &mut writes))
             .and_then(|()| {
-                self.take_identities(tx, &mut profile, existed, sighting, link_elsewhere)
+                let ts = event.ts;
+                self.take_identities(tx, &mut profile, existed, ts, sighting, link_elsewhere)
             });
         let taken = match accepted {
             Ok(taken) => taken,
