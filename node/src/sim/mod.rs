@@ -13,7 +13,9 @@
 //! elsewhere when a replica cannot answer, and now and then install segment definitions
 //! (`world/segments.rs`), which the leaders then backfill, and rules changes: the registry
 //! orders them and clients install its version on every other shard, through any replica,
-//! again until all have it (`world/rules.rs`). Logs are kept short (a few entries, compacted
+//! again until all have it (`world/rules.rs`); and in runs of several shards, a merger that
+//! merges pairs of customers held by different shards, step by step through any replica,
+//! while a nemesis crashes the node a step reached (`world/merges.rs`). Logs are kept short (a few entries, compacted
 //! soon), so followers that were down or cut off catch up by snapshot, transferred over the
 //! same network in small chunks (`world/transfer.rs`), with crashes made common around the
 //! install's write; in a quarter of the runs one node's disk is wiped, and its restart is
@@ -30,7 +32,9 @@
 //! acknowledged earn is in the ledger exactly once and none is there twice; each profile's
 //! history of earns and reads is linearizable ([`check`]); after settling, every replica's
 //! members of each backfilled segment equal a brute-force evaluation of its predicate over
-//! the shard's profiles. Over 100 seeds or more, every
+//! the shard's profiles; every merged pair is one live customer with both earns, its loser a
+//! tombstone and its merging event applied once, every binding names a live profile that
+//! holds it, and points are conserved across merges. Over 100 seeds or more, every
 //! rare fault of [`world::FAULTS_MET`] must have happened (so a change that made snapshots
 //! never needed, say, cannot pass unnoticed).
 //!

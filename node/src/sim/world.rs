@@ -5,6 +5,7 @@
 //! only randomness is the seeded generator, so a seed replays exactly.
 
 mod clocks;
+mod merges;
 mod rules;
 mod segments;
 mod transfer;
@@ -225,6 +226,14 @@ enum Happening {
     },
     /// A snapshot transfer's message reaches its node.
     Transfer(transfer::Transfer),
+    /// The merger takes a pair one proposal further (`world/merges.rs`).
+    MergeStep {
+        pair: usize,
+    },
+    MergeTimeout {
+        pair: usize,
+        attempt: Token,
+    },
 }
 
 /// What a client does: earn on a profile, or read its balance.
@@ -333,12 +342,17 @@ pub struct World {
     coverage: BTreeMap<&'static str, usize>,
     /// Each node's identity at the start, which its peers record.
     first_identities: Vec<[u8; 16]>,
+    /// The pairs of customers the merger merges (`world/merges.rs`).
+    pairs: Vec<merges::Pair>,
+    /// Tokens of the merger's proposals, to their pair.
+    merge_tokens: BTreeMap<(usize, Token), usize>,
 }
 
 /// The rare faults that runs over 100 seeds or more must meet: a segment check that found
 /// members (so the check is not vacuous), a rules change checked on every shard, a wiped disk,
-/// and one at each step of a snapshot's transfer and install.
-pub const FAULTS_MET: [&str; 13] = [
+/// one at each step of a snapshot's transfer and install, and a crash at each step of a merge
+/// (but the unlock, which only a merge given up takes), and a snapshot installed mid-merge.
+pub const FAULTS_MET: [&str; 23] = [
     "segment members checked against brute force",
     "rules redefined and installed on every shard",
     "a late install of older rules changed nothing",
@@ -352,6 +366,16 @@ pub const FAULTS_MET: [&str; 13] = [
     "crashed after the install landed",
     "a fetch given up",
     "a staged snapshot no longer needed",
+    "a merge finished across shards",
+    "a node crashed as a merge step reached it",
+    "a crash at a merge's lock",
+    "a crash at a merge's commit",
+    "a crash at a merge's export",
+    "a crash at a merge's import",
+    "a crash at a merge's tombstone",
+    "a crash at a merge's repoint",
+    "a crash at a merge's finish",
+    "a snapshot installed while a merge was in flight",
 ];
 
 /// What a run did.
@@ -489,6 +513,8 @@ impl World {
             installs: 0,
             coverage: BTreeMap::new(),
             first_identities,
+            pairs: Vec::new(),
+            merge_tokens: BTreeMap::new(),
         }
     }
 
@@ -638,6 +664,7 @@ impl World {
                 self.schedule(at, Happening::Wipe { node });
             }
         }
+        self.plan_merges();
     }
 
     fn run_until(&mut self, until: u64) -> Result<(), String> {
@@ -719,6 +746,9 @@ impl World {
                 }
                 disk.commit(ops);
                 drop(disk);
+                if switch.is_some() && self.merge_in_flight() {
+                    self.cover("a snapshot installed while a merge was in flight");
+                }
                 // The writer's word reaches the replica a moment later: a crash may fall
                 // between the fsync and the acknowledgement.
                 let delay = self.rng.u64(0..3);
@@ -824,6 +854,8 @@ impl World {
                 }
             }
             Happening::Transfer(transfer) => self.transfer(transfer),
+            Happening::MergeStep { pair } => self.merge_step(pair),
+            Happening::MergeTimeout { pair, attempt } => self.merge_timed_out(pair, attempt),
         }
         Ok(())
     }
@@ -1014,6 +1046,8 @@ impl World {
         for (token, reply) in replies {
             if let Some((client, attempt)) = self.tokens.remove(&(node, token)) {
                 self.earn_answered(client, attempt, reply);
+            } else if let Some(pair) = self.merge_tokens.remove(&(node, token)) {
+                self.merge_answered(pair, token, reply);
             }
         }
         for (token, answer) in reads {
@@ -1320,7 +1354,8 @@ impl World {
                 self.install_rules();
             }
             self.run_until(step)?;
-            let clients_done = self.clients.iter().all(|c| c.current.is_none());
+            let clients_done =
+                self.clients.iter().all(|c| c.current.is_none()) && self.merges_done();
             // Settled: clients done, replicas equal, what fell due processed, and the shard
             // clocks caught up with a wall clock stepped late in the run.
             if clients_done
@@ -1455,6 +1490,7 @@ impl World {
             }
         }
         self.check_segments()?;
+        self.check_merges()?;
         self.check_settled_clocks()?;
         self.check_rules()?;
         if let Some(((profile, event), n)) = earned.iter().find(|(_, n)| **n > 1) {
