@@ -1,7 +1,8 @@
 //! Merges through real nodes: an event whose identities name two to four customers makes them
 //! one, on one node and across three; a merge cut by a crash after its commit is finished by
 //! the restarted node; concurrent merges of overlapping customers end as one; five customers
-//! in one event are too many; an unlink frees an identity for any node to bind afresh.
+//! in one event are too many; merges during ingest survive a kill -9 of the losers' leader;
+//! an unlink frees an identity for any node to bind afresh.
 
 use oneid_client::Client;
 use oneid_protocol::api::{DroppedDoc, EventResult, EventStatus};
@@ -548,4 +549,135 @@ async fn an_unlink_through_one_node_frees_the_identity_for_a_bind_through_anothe
             {"kind": "phone", "value": phone, "reason": "unlinked"}]})
     );
     assert_eq!(one.lookup("phone", &phone).await.unwrap(), None);
+}
+
+/// Sends `event` until it is answered applied or duplicate (the client crate retries
+/// `unavailable` a few times; a node killed under it takes longer), up to a minute.
+async fn send_until_answered(client: &Client, event: Value) -> EventResult {
+    eventually("the event answered", Duration::from_secs(60), async || {
+        let result = client.send_events_json(std::slice::from_ref(&event)).await.ok()?;
+        let result = result.results.into_iter().next()?;
+        matches!(result.status, EventStatus::Applied | EventStatus::Duplicate).then_some(result)
+    })
+    .await
+}
+
+/// Merges while other customers' events stream in, through two nodes of three, and the third
+/// (the leader of the shard every loser lives on) killed with SIGKILL in the middle of them:
+/// every pair ends as one customer with both balances, every acknowledged earn counted once,
+/// as every node answers, and the replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn merges_during_ingest_survive_a_kill_of_the_losers_leader() {
+    const PAIRS: usize = 10;
+    const INGEST_CUSTOMERS: usize = 10;
+    const INGEST_BATCHES: usize = 20;
+    let mut cluster = TestCluster::start(ClusterOptions::default()).await;
+    let shards = cluster.options.shards;
+    let losers_shard = 5;
+    let victim = cluster.leaders().await[&losers_shard];
+    let others: Vec<u64> = (1..=3).filter(|n| *n != victim).collect();
+    let client = Client::new(&format!(
+        "{},{}",
+        cluster.node(others[0]).base(),
+        cluster.node(others[1]).base()
+    ))
+    .unwrap();
+    // Each pair: a phone customer first, then an email one held by the losers' shard, so
+    // the email customer (minted later) is the loser.
+    let pairs: Vec<(String, String)> = (0..PAIRS)
+        .map(|i| {
+            let phone = value_where("phone", &format!("1390{i}-"), shards, |s| s != losers_shard);
+            let email = value_where("email", &format!("kill{i}-"), shards, |s| s == losers_shard);
+            (phone, email)
+        })
+        .collect();
+    let mut survivors = Vec::new();
+    for (i, (phone, email)) in pairs.iter().enumerate() {
+        let a = send_until_answered(
+            &client,
+            json!({"event_id": format!("kp-{i}"), "type": "points_earn", "points": 10,
+                "identities": {"phone": phone}, "ts": "2026-01-01T00:00:00Z"}),
+        )
+        .await;
+        let b = send_until_answered(
+            &client,
+            json!({"event_id": format!("ke-{i}"), "type": "points_earn", "points": 100,
+                "identities": {"email": email}, "ts": "2026-01-02T00:00:00Z"}),
+        )
+        .await;
+        assert_eq!(
+            b.oneid.as_ref().map(|o| shard_of_oneid(o)),
+            Some(losers_shard)
+        );
+        survivors.push(a.oneid.expect("applied"));
+    }
+
+    // Ingest: earns for other customers, batch after batch, through the same two nodes.
+    let ingest = async {
+        let mut acknowledged = vec![0i64; INGEST_CUSTOMERS];
+        for batch in 0..INGEST_BATCHES {
+            for (c, points) in acknowledged.iter_mut().enumerate() {
+                let event = json!({"event_id": format!("in-{batch}-{c}"), "type": "points_earn",
+                    "points": 1 + batch, "identities": {"member_card": format!("IN-{c}")}});
+                if send_until_answered(&client, event).await.status == EventStatus::Applied {
+                    *points += 1 + batch as i64;
+                }
+            }
+        }
+        acknowledged
+    };
+    // The merges, one after another; the victim dies after the third is answered.
+    let merges = async {
+        for (i, (phone, email)) in pairs.iter().enumerate() {
+            if i == 3 {
+                cluster.node_mut(victim).kill9();
+            }
+            let merge = json!({"event_id": format!("km-{i}"), "type": "identify",
+                "identities": {"phone": phone, "email": email}});
+            let result = send_until_answered(&client, merge).await;
+            assert_eq!(result.oneid.as_ref(), Some(&survivors[i]), "{result:?}");
+        }
+    };
+    let (acknowledged, ()) = tokio::join!(ingest, merges);
+    cluster.node_mut(victim).restart().await;
+
+    // Every pair one customer with both balances, and every ingest earn once, on every node.
+    for node in 1..=3 {
+        let reader = cluster.node(node).client();
+        eventually(
+            "every merge and every earn, as this node answers",
+            Duration::from_secs(60),
+            async || {
+                for (i, (phone, email)) in pairs.iter().enumerate() {
+                    let by_phone = reader.lookup("phone", phone).await.ok()??;
+                    let by_email = reader.lookup("email", email).await.ok()??;
+                    let want = (survivors[i].as_str(), 110);
+                    if (by_phone.oneid.as_str(), by_phone.points.balance) != want
+                        || (by_email.oneid.as_str(), by_email.points.balance) != want
+                    {
+                        return None;
+                    }
+                }
+                for (c, points) in acknowledged.iter().enumerate() {
+                    let card = format!("IN-{c}");
+                    let profile = reader.lookup("member_card", &card).await.ok()??;
+                    if profile.points.balance != *points {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await;
+    }
+    let total: i64 = acknowledged.iter().sum();
+    let expected: i64 = (1..=INGEST_BATCHES as i64).sum::<i64>() * INGEST_CUSTOMERS as i64;
+    assert_eq!(total, expected, "every ingest earn applied once");
+    cluster.settled().await;
+}
+
+/// The shard of a OneID (`oSSSS…`: its first four hex digits).
+fn shard_of_oneid(oneid: &str) -> u32 {
+    u32::from_str_radix(&oneid[1..5], 16).expect("a OneID")
 }
