@@ -7,15 +7,17 @@
 //!    linearizably (a stale "unbound" would split a customer for good), with the epoch;
 //! 2. judges each event by the identity policy of the rules (see [`Judge`]): blocked values
 //!    are set aside (they pick no profile, wait in no wave, are never bound), an event whose
-//!    mergeable identities (and oneid) are bound to two profiles is rejected
-//!    `identity_conflict` (unless it already applied to one of them: then it is a
-//!    `duplicate`), and identities of unmergeable kinds pick a profile only for an event with
-//!    nothing else. Apply judges again, by its shard's rules, and refuses an event judged by
-//!    another version ([`EventOutcome::StaleRules`]): the router reads the rules again and
-//!    routes it anew, so no event applies as a stale copy decided. Decisions the router
-//!    answers alone (`identity_conflict`, `blocked_identity`) are first checked against the
-//!    registry's current version;
-//! 3. for each wave, proposes one `Events` entry per target shard, events in request order.
+//!    mergeable identities (and oneid) are bound to 2 to 4 profiles merges them (see
+//!    `merges`; more is `too_many_profiles`; a retry of an event that already applied to one
+//!    of them is a `duplicate`), and identities of unmergeable kinds pick a profile only for
+//!    an event with nothing else. Apply judges again, by its shard's rules, and refuses an
+//!    event judged by another version ([`EventOutcome::StaleRules`]): the router reads the
+//!    rules again and routes it anew, so no event applies as a stale copy decided. Decisions
+//!    the router answers alone (`too_many_profiles`, `blocked_identity`) and merges are first
+//!    checked against the registry's current version;
+//! 3. for each wave, proposes one `Events` entry per target shard, events in request order,
+//!    and drives the wave's merges beside them (a merge's profiles are named by no other event
+//!    of its wave).
 //!    An event with no known profile is a `Claim` at the shard of its *anchor* (its strongest
 //!    identity, see [`anchor`]), which binds the anchor and mints the OneID; so concurrent
 //!    first sightings that share their strongest identity meet at one shard and get one OneID;
@@ -479,14 +481,17 @@ impl Router {
         };
         let (entries, alone, merges) = self.plan_wave(wave, bindings, judge, &mut done);
         self.decide_alone(alone, judge, &mut done).await;
-        self.run_merges(merges, bindings, judge, &mut done).await;
 
-        // One Events entry per target shard, all shards at once.
-        let replies = per_shard(entries.into_iter().map(|(shard, (events, routed))| {
+        // One Events entry per target shard, all shards at once; and beside them the merges,
+        // whose profiles no other event of the wave names (see `split_wave`).
+        let proposals = per_shard(entries.into_iter().map(|(shard, (events, routed))| {
             let call = self.shards.propose(shard, Command::Events(routed));
             (shard, async move { (events, call.await) })
-        }))
-        .await;
+        }));
+        let (replies, ()) = tokio::join!(
+            proposals,
+            self.run_merges(merges, bindings, judge, &mut done)
+        );
         let mut follow_ups: Vec<FollowUp> = Vec::new();
         let mut applied: Vec<(usize, Vec<Identity>)> = Vec::new();
         let mut stale = Vec::new();
@@ -796,8 +801,8 @@ impl Router {
 
     /// Answers the events the router decides alone, once the policy they were judged by is
     /// known to be the registry's current one (if it was not, they go again, judged anew):
-    /// `blocked_identity`; `duplicate` if the event already applied to one of its profiles (a
-    /// retry, after another profile took one of its identities), else `identity_conflict`.
+    /// `blocked_identity`; for more profiles than a merge takes, `duplicate` if the event
+    /// already applied to one of them (a retry), else `too_many_profiles`.
     async fn decide_alone(
         &self,
         alone: Vec<(usize, Event, Alone)>,
@@ -1194,7 +1199,10 @@ enum Learned {
 /// unbound identity with an event of the wave, or an identity or a profile with an event
 /// already left for a later wave: so a customer first seen several times gets one OneID, and
 /// the events of one customer keep their request order, while unrelated events do not wait
-/// behind them. Blocked values relate nothing.
+/// behind them. Blocked values relate nothing. A merge runs beside the wave's other events, so
+/// it touches no profile they touch: one naming a profile an earlier event of the wave names
+/// waits, and later events naming its profiles or identities wait behind it (as behind an
+/// unlink, for what it frees).
 fn split_wave(
     todo: Vec<Pending>,
     bindings: &Bindings,
@@ -1213,16 +1221,23 @@ fn split_wave(
     // What the events left for later waves touch: a later event touching it waits too.
     let mut later_identities: BTreeSet<&Identity> = BTreeSet::new();
     let mut later_profiles: BTreeSet<OneId> = BTreeSet::new();
+    // The profiles the wave's events name so far.
+    let mut wave_profiles: BTreeSet<OneId> = BTreeSet::new();
     let mut in_wave = Vec::with_capacity(todo.len());
     for (i, (_, event)) in todo.iter().enumerate() {
         let profiles = profiles_of(event);
+        let merges = profiles.iter().collect::<BTreeSet<_>>().len() > 1;
         let shares_unbound: Vec<usize> = judge
             .live_of(event)
             .filter_map(|id| unbound_in_wave.get(id).copied())
             .collect();
         let waits = !shares_unbound.is_empty()
             || judge.live_of(event).any(|id| later_identities.contains(id))
-            || profiles.iter().any(|p| later_profiles.contains(p));
+            || profiles.iter().any(|p| later_profiles.contains(p))
+            || (merges && profiles.iter().any(|p| wave_profiles.contains(p)));
+        if !waits {
+            wave_profiles.extend(&profiles);
+        }
         if waits {
             // It belongs to the customer of each wave event it shares a new identity with:
             // later events of that customer wait behind it.
@@ -1237,6 +1252,9 @@ fn split_wave(
         } else if event.body == EventBody::Unlink {
             // Later events naming what it frees find it free: in a later wave.
             later_identities.extend(&event.identities);
+        } else if merges {
+            later_identities.extend(judge.live_of(event));
+            later_profiles.extend(profiles);
         } else {
             for id in judge.live_of(event).filter(|id| bindings[*id].is_none()) {
                 unbound_in_wave.insert(id, i);

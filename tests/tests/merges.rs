@@ -555,7 +555,10 @@ async fn an_unlink_through_one_node_frees_the_identity_for_a_bind_through_anothe
 /// `unavailable` a few times; a node killed under it takes longer), up to a minute.
 async fn send_until_answered(client: &Client, event: Value) -> EventResult {
     eventually("the event answered", Duration::from_secs(60), async || {
-        let result = client.send_events_json(std::slice::from_ref(&event)).await.ok()?;
+        let result = client
+            .send_events_json(std::slice::from_ref(&event))
+            .await
+            .ok()?;
         let result = result.results.into_iter().next()?;
         matches!(result.status, EventStatus::Applied | EventStatus::Duplicate).then_some(result)
     })

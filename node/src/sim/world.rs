@@ -351,8 +351,10 @@ pub struct World {
 /// The rare faults that runs over 100 seeds or more must meet: a segment check that found
 /// members (so the check is not vacuous), a rules change checked on every shard, a wiped disk,
 /// one at each step of a snapshot's transfer and install, and a crash at each step of a merge
-/// (but the unlock, which only a merge given up takes), and a snapshot installed mid-merge.
-pub const FAULTS_MET: [&str; 23] = [
+/// (but the unlock, which only a merge given up takes, and the export, which only a loser too
+/// big for its lock's answer takes: the state's saga tests export in parts of three rows), and a
+/// snapshot installed mid-merge.
+pub const FAULTS_MET: [&str; 22] = [
     "segment members checked against brute force",
     "rules redefined and installed on every shard",
     "a late install of older rules changed nothing",
@@ -370,7 +372,6 @@ pub const FAULTS_MET: [&str; 23] = [
     "a node crashed as a merge step reached it",
     "a crash at a merge's lock",
     "a crash at a merge's commit",
-    "a crash at a merge's export",
     "a crash at a merge's import",
     "a crash at a merge's tombstone",
     "a crash at a merge's repoint",

@@ -124,7 +124,8 @@ pub enum MergeStep {
     },
     /// Makes an imported loser a tombstone pointing at `survivor` (at the loser's shard):
     /// its last ledger entry, its segments left, its orders deleted (a bounded batch per
-    /// entry: proposed again while it answers more).
+    /// entry: proposed again while it answers more). What format-11 drivers proposed; this
+    /// release's propose `Retire`, which also repoints.
     Tombstone {
         merge: MergeId,
         loser: OneId,
@@ -143,6 +144,13 @@ pub enum MergeStep {
     /// Unlocks `oneid` if `merge` holds it: a merge given up before its commit (a profile of
     /// its plan was merged elsewhere meanwhile, or is missing), or refused.
     Unlock { merge: MergeId, oneid: OneId },
+    /// `Tombstone`, and in the same entry the `Repoint` of the loser's identities its own
+    /// shard holds (as a rule, the one that claimed it): one step fewer for most merges.
+    Retire {
+        merge: MergeId,
+        loser: OneId,
+        survivor: OneId,
+    },
 }
 
 /// The shard that orders segment definitions.
@@ -279,8 +287,10 @@ pub enum Output {
 /// What a merge step answered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MergeAnswer {
-    /// Locked for the merge: the profile's part in it.
-    Locked(Participant),
+    /// Locked for the merge: the profile's part in it, and all of it as an import would take
+    /// it when it fits in one part (what the `Export` of a loser would answer, since a locked
+    /// profile changes no more: the driver imports it without that step).
+    Locked(Participant, Option<Box<ImportPart>>),
     /// Another merge holds the profile: retry once it is done. (Also answered, with this very
     /// merge, while the shard holds `MERGES_PENDING_MAX` locks.)
     Busy(MergeId),

@@ -7,7 +7,9 @@
 //! imported, and a finished merge answers its record.
 
 use crate::command::{FollowUp, MergeAnswer, MergeStep};
-use crate::merge::{self, ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant};
+use crate::merge::{
+    self, ImportPart, ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant,
+};
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
 
@@ -74,6 +76,9 @@ pub struct Driver {
     record: Option<MergeRecord>,
     /// The export answered for the loser being imported, to import next.
     export: Option<MergeStep>,
+    /// All of each locked profile, as its lock answered it (when it fits in one part): a
+    /// loser's is imported without its `Export` step.
+    exports: BTreeMap<OneId, ImportPart>,
 }
 
 impl Driver {
@@ -84,6 +89,7 @@ impl Driver {
             phase: Phase::Locking(Vec::new()),
             record: None,
             export: None,
+            exports: BTreeMap::new(),
         }
     }
 
@@ -128,7 +134,7 @@ impl Driver {
                 let loser = record.losers[*i].oneid;
                 Next::Propose(
                     loser.shard(),
-                    MergeStep::Tombstone {
+                    MergeStep::Retire {
                         merge,
                         loser,
                         survivor: record.survivor,
@@ -166,6 +172,16 @@ impl Driver {
         };
         if let Some(import) = &self.export {
             return Next::Propose(record.survivor.shard(), import.clone());
+        }
+        if let (ImportStep::Profile, Some(part)) = (&loser.next, self.exports.get(&loser.oneid)) {
+            return Next::Propose(
+                record.survivor.shard(),
+                MergeStep::Import {
+                    merge: self.plan.merge,
+                    loser: loser.oneid,
+                    part: Box::new(part.clone()),
+                },
+            );
         }
         Next::Propose(
             loser.oneid.shard(),
@@ -219,7 +235,7 @@ impl Driver {
                 Phase::Tombstoning(i)
             }
             (Phase::Tombstoning(i), MergeAnswer::Tombstoned { more: false }) => {
-                Phase::Repointing(i, self.repoints(i))
+                self.after_retired(i)
             }
             (Phase::Repointing(i, mut shards), MergeAnswer::Repointed(_)) => {
                 shards.pop();
@@ -249,7 +265,10 @@ impl Driver {
     fn locked(&mut self, mut locked: Vec<Participant>, answer: MergeAnswer) -> Phase {
         let oneid = self.plan.profiles[locked.len()];
         match answer {
-            MergeAnswer::Locked(participant) => {
+            MergeAnswer::Locked(participant, export) => {
+                if let Some(export) = export {
+                    self.exports.insert(participant.rank.oneid, *export);
+                }
                 locked.push(participant);
                 if locked.len() == self.plan.profiles.len() {
                     Phase::Committing(locked)
@@ -333,22 +352,33 @@ impl Driver {
         }
     }
 
-    /// Loser `i`'s identities by the shard that holds each.
+    /// Loser `i`'s identities by the shard that holds each, but those of its own shard (which
+    /// `Retire` repointed).
     fn repoints(&self, i: usize) -> Vec<(ShardId, Vec<Identity>)> {
+        let loser = &self.record().losers[i];
         let mut by_shard: BTreeMap<ShardId, Vec<Identity>> = BTreeMap::new();
-        for identity in &self.record().losers[i].identities {
-            by_shard
-                .entry(identity.shard(self.n_shards))
-                .or_default()
-                .push(identity.clone());
+        for identity in &loser.identities {
+            let shard = identity.shard(self.n_shards);
+            if shard != loser.oneid.shard() {
+                by_shard.entry(shard).or_default().push(identity.clone());
+            }
         }
         let mut shards: Vec<_> = by_shard.into_iter().collect();
         // Taken from the end: in shard order.
         shards.reverse();
-        if shards.is_empty() {
-            // A loser without identities: one empty repoint keeps the phases simple.
-            shards.push((self.record().survivor.shard(), Vec::new()));
-        }
         shards
+    }
+
+    /// After loser `i` is retired: its identities on other shards to repoint, or the next
+    /// loser, or the finish.
+    fn after_retired(&self, i: usize) -> Phase {
+        let shards = self.repoints(i);
+        if !shards.is_empty() {
+            Phase::Repointing(i, shards)
+        } else if i + 1 < self.record().losers.len() {
+            Phase::Tombstoning(i + 1)
+        } else {
+            Phase::Finishing
+        }
     }
 }

@@ -60,7 +60,12 @@ impl ShardState {
                 merge,
                 loser,
                 survivor,
-            } => self.merge_tombstone(tx, merge, loser, survivor),
+            } => self.merge_tombstone(tx, merge, loser, survivor, false),
+            MergeStep::Retire {
+                merge,
+                loser,
+                survivor,
+            } => self.merge_tombstone(tx, merge, loser, survivor, true),
             MergeStep::Repoint {
                 from,
                 to,
@@ -107,7 +112,7 @@ impl ShardState {
         };
         let answer = match &profile.merging {
             Some(lock) if lock.plan.merge == plan.merge => {
-                MergeAnswer::Locked(lock.participant.clone())
+                MergeAnswer::Locked(lock.participant.clone(), whole(tx, &profile))
             }
             Some(lock) => MergeAnswer::Busy(lock.plan.merge),
             // The survivor of a merge that ended: a late driver, which must not lock again;
@@ -143,8 +148,9 @@ impl ShardState {
                     participant: participant.clone(),
                     at,
                 }));
+                let export = whole(tx, &profile);
                 self.store_profile(tx, profile, Some(stored_hash));
-                return MergeAnswer::Locked(participant);
+                return MergeAnswer::Locked(participant, export);
             }
         };
         self.activations.insert(profile, stored_hash);
@@ -605,12 +611,14 @@ impl ShardState {
     }
 
     /// Makes an imported loser a tombstone; answers whether orders are left to delete.
+    /// `repoint`: also repoint the loser's identities this shard holds (`MergeStep::Retire`).
     fn merge_tombstone(
         &mut self,
         tx: &mut Tx<'_>,
         merge: MergeId,
         loser: OneId,
         survivor: OneId,
+        repoint: bool,
     ) -> MergeAnswer {
         match self.tombstone(tx, loser) {
             Some(t) if t.merge == merge => {
@@ -632,6 +640,13 @@ impl ShardState {
         if !profile.locked_by(merge) {
             self.activations.insert(profile, stored_hash);
             return MergeAnswer::NotLocked;
+        }
+        if repoint {
+            let here: Vec<Identity> = identities_of(&profile)
+                .into_iter()
+                .filter(|id| id.shard(self.n_shards) == self.shard)
+                .collect();
+            self.repoint(tx, loser, survivor, here);
         }
         let merge_name = merge.to_string();
         let entry = profile.merge_out_entry(survivor, &merge_name, self.record.clock);
@@ -742,6 +757,14 @@ impl ShardState {
 
 /// A loser's first export: all of it if its orders and exactly-once records fit in one part
 /// beside its profile, else its profile alone (the rest follows in parts).
+/// All of a locked profile as one import part, if it fits in one.
+fn whole(tx: &Tx<'_>, profile: &Profile) -> Option<Box<ImportPart>> {
+    match whole_or_profile(tx, profile) {
+        part @ ImportPart::Whole { .. } => Some(Box::new(part)),
+        _ => None,
+    }
+}
+
 fn whole_or_profile(tx: &Tx<'_>, profile: &Profile) -> ImportPart {
     let loser = profile.oneid;
     let (orders, more_orders) = export_rows(tx, &keys::orders_prefix(loser), None);

@@ -954,7 +954,7 @@ fn a_locked_profile_takes_no_event_and_its_expiries_wait() {
     });
     assert!(matches!(
         world.cluster.apply(ShardId(0), lock),
-        Output::Merge(crate::command::MergeAnswer::Locked(_))
+        Output::Merge(crate::command::MergeAnswer::Locked(..))
     ));
     let earn = Routed {
         event: event(&json!({"event_id": "c", "type": "points_earn",

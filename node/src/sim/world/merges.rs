@@ -1,5 +1,6 @@
 //! Merges in the simulation: in runs of several shards, a merger makes one or two pairs of
-//! customers, each known by a phone held by another shard, earn points; then drives the merge
+//! customers, each known by a phone held by another shard (the second one also by a member
+//! card held by a third, bound by a follow-up the merger drives), earn points; then drives the merge
 //! of each pair (`merge_driver::Driver`, as a node's router does), proposing every step through
 //! whichever replica of its shard it reaches and proposing it again after an error or a
 //! timeout (every step is idempotent). The nemesis: one step in six (up to three per pair),
@@ -18,11 +19,14 @@ use oneid_protocol::event::Event;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use oneid_protocol::num::Millis;
 use oneid_replica::{Effects, ShardError, Token};
-use oneid_state::command::{Command, EventOutcome, Found, MergeStep, Output, Routed, Target};
+use oneid_state::command::{
+    BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Found, MergeStep, Output, Routed,
+    Target,
+};
 use oneid_state::merge::{Cause, MergePlan, MergeRecord, MergeState, Tombstone};
 use oneid_state::merge_driver::{Driver, Ended, Next};
 use oneid_state::profile::Profile;
-use oneid_state::{decode, keys, LedgerKind, LedgerRecord};
+use oneid_state::{decode, keys, FollowUpRecord, LedgerKind, LedgerRecord};
 use std::collections::BTreeMap;
 
 /// The wait before a step the driver said to wait for (another merge's lock, follow-ups).
@@ -37,6 +41,9 @@ const CRASH_ONE_IN: u64 = 6;
 pub(super) struct Pair {
     /// One phone each, held by different shards.
     phones: [Identity; 2],
+    /// The second customer's member card, held by another shard than its phone: bound by a
+    /// follow-up before the merge, repointed by its own step after.
+    card: Identity,
     points: [u64; 2],
     /// Their profiles, once their earns were answered.
     oneids: [Option<OneId>; 2],
@@ -50,6 +57,9 @@ pub(super) struct Pair {
 enum Stage {
     /// Earning on the side that has no OneID yet.
     Earning,
+    /// Binding the card at its shard (`false`), then finishing its follow-up (`true`): its
+    /// record, if the earn's answer was lost, found as the leader's sweep finds it.
+    Binding(Option<FollowUp>, bool),
     Merging(Box<Driver>),
     Merged(Box<MergeRecord>),
 }
@@ -65,8 +75,14 @@ impl World {
         for i in 0..n {
             let a = phone_on(&format!("m{i}a"), self.shape.shards, |s| s == 0);
             let b = phone_on(&format!("m{i}b"), self.shape.shards, |s| s != 0);
+            let home = b.shard(self.shape.shards).0;
+            let card = Identity {
+                kind: "member_card".into(),
+                ..phone_on(&format!("m{i}c"), self.shape.shards, |s| s != home)
+            };
             self.pairs.push(Pair {
                 phones: [a, b],
+                card,
                 points: [1 << 37, 1 << 38],
                 oneids: [None, None],
                 stage: Stage::Earning,
@@ -90,21 +106,22 @@ impl World {
         let (shard, command, step) = match &pair.stage {
             Stage::Merged(_) => return,
             Stage::Earning => {
-                let side = usize::from(pair.oneids[0].is_some());
-                let phone = &pair.phones[side];
-                let json = serde_json::json!({"event_id": format!("m{i}-{side}"),
-                    "type": "points_earn", "identities": {"phone": phone.value},
-                    "points": pair.points[side], "ts": Millis(EPOCH_MS).to_string(),
-                    "expires_at": Millis(EPOCH_MS + 400 * 86_400_000).to_string()});
-                let shard = phone.shard(self.shape.shards);
-                let command = Command::Events(vec![Routed {
-                    event: event(&json),
-                    target: Target::Claim,
-                    rules_version: self.rules_seen.get(&shard).copied().unwrap_or(0),
-                    link_elsewhere: vec![],
-                    found: vec![],
-                }]);
+                let (shard, command) = self.earn(i);
                 (shard, command, None)
+            }
+            Stage::Binding(None, _) => return self.find_follow_up(i),
+            Stage::Binding(Some(follow_up), false) => {
+                let pair = vec![(follow_up.identity.clone(), follow_up.oneid)];
+                let shard = follow_up.identity.shard(self.shape.shards);
+                (shard, Command::Bind(pair), None)
+            }
+            Stage::Binding(Some(follow_up), true) => {
+                let answer = FollowUpAnswer {
+                    seq: follow_up.seq,
+                    outcome: BindOutcome::Bound,
+                };
+                let shard = follow_up.oneid.shard();
+                (shard, Command::FinishFollowUps(vec![answer]), None)
             }
             Stage::Merging(driver) => match driver.next() {
                 Next::Propose(shard, step) => {
@@ -158,14 +175,18 @@ impl World {
         let pair = &mut self.pairs[i];
         let wait = match (&mut pair.stage, reply) {
             (_, Err(_)) => 20,
-            (Stage::Earning, Ok(Output::Events { outcomes, .. })) => match &outcomes[0] {
+            (
+                Stage::Earning,
+                Ok(Output::Events {
+                    outcomes,
+                    mut follow_ups,
+                }),
+            ) => match &outcomes[0] {
                 EventOutcome::Applied(oneid, _) | EventOutcome::Duplicate(oneid) => {
                     let side = usize::from(pair.oneids[0].is_some());
                     pair.oneids[side] = Some(*oneid);
-                    if let [Some(a), Some(b)] = pair.oneids {
-                        let plan = self.merge_plan(i, a, b);
-                        let driver = Driver::new(plan, self.shape.shards);
-                        self.pairs[i].stage = Stage::Merging(Box::new(driver));
+                    if side == 1 {
+                        pair.stage = Stage::Binding(follow_ups.pop(), false);
                     }
                     0
                 }
@@ -177,6 +198,19 @@ impl World {
                 }
                 other => panic!("a merger's earn answered {other:?}"),
             },
+            (Stage::Binding(Some(_), bound @ false), Ok(Output::Bind(outcomes))) => {
+                assert_eq!(
+                    outcomes,
+                    vec![BindOutcome::Bound],
+                    "the card is the customer's"
+                );
+                *bound = true;
+                0
+            }
+            (Stage::Binding(Some(_), true), Ok(Output::None)) => {
+                self.start_merge(i);
+                0
+            }
             (Stage::Merging(driver), Ok(Output::Merge(answer))) => {
                 if driver.answer(answer).is_some() {
                     MERGE_WAIT_MS
@@ -187,6 +221,87 @@ impl World {
             (_, Ok(other)) => panic!("a merger's proposal answered {other:?}"),
         };
         self.schedule(wait, Happening::MergeStep { pair: i });
+    }
+
+    /// The earn of pair `i`'s side that has no OneID yet (the second names its card too).
+    fn earn(&self, i: usize) -> (ShardId, Command) {
+        let pair = &self.pairs[i];
+        let side = usize::from(pair.oneids[0].is_some());
+        let phone = &pair.phones[side];
+        let mut json = serde_json::json!({"event_id": format!("m{i}-{side}"),
+            "type": "points_earn", "identities": {"phone": phone.value},
+            "points": pair.points[side], "ts": Millis(EPOCH_MS).to_string(),
+            "expires_at": Millis(EPOCH_MS + 400 * 86_400_000).to_string()});
+        let link_elsewhere = if side == 1 {
+            json["identities"]["member_card"] = pair.card.value.clone().into();
+            vec![pair.card.clone()]
+        } else {
+            vec![]
+        };
+        let shard = phone.shard(self.shape.shards);
+        let command = Command::Events(vec![Routed {
+            event: event(&json),
+            target: Target::Claim,
+            rules_version: self.rules_seen.get(&shard).copied().unwrap_or(0),
+            link_elsewhere,
+            found: vec![],
+        }]);
+        (shard, command)
+    }
+
+    fn start_merge(&mut self, i: usize) {
+        let [Some(a), Some(b)] = self.pairs[i].oneids else {
+            unreachable!("both customers earned")
+        };
+        let plan = self.merge_plan(i, a, b);
+        let driver = Driver::new(plan, self.shape.shards);
+        self.pairs[i].stage = Stage::Merging(Box::new(driver));
+    }
+
+    /// The card's follow-up record, when the earn's answer that named it was lost: as the
+    /// leader's sweep finds it, in the shard's state (any replica's); or, if none holds it and
+    /// the profile lists the card, finished already.
+    fn find_follow_up(&mut self, i: usize) {
+        let pair = &self.pairs[i];
+        let oneid = pair.oneids[1].expect("the second customer earned");
+        let shard = oneid.shard();
+        let mut found = None;
+        let mut listed = false;
+        for node in self.hosts(shard) {
+            let disk = self.nodes[node].disk.borrow();
+            let Some(state) = disk.states.get(&shard) else {
+                continue;
+            };
+            for (key, value) in &state.0 {
+                if key.first() == keys::FOLLOW_UP_PREFIX.first() {
+                    let record: FollowUpRecord = decode(key, value);
+                    if record.oneid == oneid {
+                        found = Some(FollowUp {
+                            seq: keys::follow_up_seq(key),
+                            oneid,
+                            identity: record.identity,
+                            unbind: false,
+                        });
+                    }
+                }
+            }
+            let profile: Option<Profile> = state
+                .0
+                .get(&keys::profile(oneid))
+                .map(|b| decode(&keys::profile(oneid), b));
+            listed |= profile.is_some_and(|p| p.holds(&pair.card));
+        }
+        match found {
+            Some(follow_up) => {
+                self.pairs[i].stage = Stage::Binding(Some(follow_up), false);
+                self.schedule(0, Happening::MergeStep { pair: i });
+            }
+            None if listed => {
+                self.start_merge(i);
+                self.schedule(0, Happening::MergeStep { pair: i });
+            }
+            None => self.schedule(MERGE_WAIT_MS, Happening::MergeStep { pair: i }),
+        }
     }
 
     /// Pair `i`'s attempt `token` went unanswered: propose again.
@@ -300,7 +415,7 @@ impl World {
                 "pair {i}: {loser} is not a tombstone of {survivor}"
             ));
         }
-        for phone in &pair.phones {
+        for phone in pair.phones.iter().chain([&pair.card]) {
             let bound: Option<OneId> =
                 settled.get(phone.shard(self.shape.shards), &keys::identity(phone));
             if bound != Some(survivor) || !held.holds(phone) {
@@ -398,7 +513,7 @@ fn step_kind(step: &MergeStep) -> &'static str {
         MergeStep::Commit { .. } => "a crash at a merge's commit",
         MergeStep::Export { .. } => "a crash at a merge's export",
         MergeStep::Import { .. } => "a crash at a merge's import",
-        MergeStep::Tombstone { .. } => "a crash at a merge's tombstone",
+        MergeStep::Tombstone { .. } | MergeStep::Retire { .. } => "a crash at a merge's tombstone",
         MergeStep::Repoint { .. } => "a crash at a merge's repoint",
         MergeStep::Finish { .. } => "a crash at a merge's finish",
         MergeStep::Unlock { .. } => "a crash at a merge's unlock",
