@@ -151,6 +151,13 @@ pub enum MergeStep {
         loser: OneId,
         survivor: OneId,
     },
+    /// `Commit`, and in the same entry the `Import` of each loser whose lock answered all of
+    /// it (`parts`, together at most `EXPORT_BYTES_MAX`): one step fewer for most merges.
+    CommitWith {
+        plan: Box<MergePlan>,
+        participants: Vec<Participant>,
+        parts: Vec<(OneId, ImportPart)>,
+    },
 }
 
 /// The shard that orders segment definitions.

@@ -9,6 +9,7 @@
 use crate::command::{FollowUp, MergeAnswer, MergeStep};
 use crate::merge::{
     self, ImportPart, ImportStep, MergeId, MergePlan, MergeRecord, MergeState, Participant,
+    EXPORT_BYTES_MAX,
 };
 use oneid_protocol::ids::{Identity, OneId, ShardId};
 use std::collections::BTreeMap;
@@ -122,9 +123,10 @@ impl Driver {
                 let survivor = merge::survivor(participants);
                 Next::Propose(
                     survivor.shard(),
-                    MergeStep::Commit {
+                    MergeStep::CommitWith {
                         plan: Box::new(self.plan.clone()),
                         participants: participants.clone(),
+                        parts: self.parts_with_commit(survivor),
                     },
                 )
             }
@@ -162,6 +164,24 @@ impl Driver {
             }
             Phase::Done(ended) => Next::Done(ended.clone()),
         }
+    }
+
+    /// The losers' parts their locks answered, in the plan's order, as many as fit together
+    /// in [`EXPORT_BYTES_MAX`]: imported by the commit itself.
+    fn parts_with_commit(&self, survivor: OneId) -> Vec<(OneId, ImportPart)> {
+        let mut parts = Vec::new();
+        let mut bytes = 0;
+        for oneid in self.plan.profiles.iter().filter(|o| **o != survivor) {
+            let Some(part) = self.exports.get(oneid) else {
+                continue;
+            };
+            bytes += postcard::experimental::serialized_size(part).expect("parts encode");
+            if bytes > EXPORT_BYTES_MAX {
+                break;
+            }
+            parts.push((*oneid, part.clone()));
+        }
+        parts
     }
 
     /// The next import step: the export answered, or the next part to export.

@@ -52,6 +52,24 @@ impl ShardState {
             MergeStep::Commit { plan, participants } => {
                 self.merge_commit(tx, index, *plan, participants)
             }
+            MergeStep::CommitWith {
+                plan,
+                participants,
+                parts,
+            } => {
+                let merge = plan.merge;
+                match self.merge_commit(tx, index, *plan, participants) {
+                    // Committed now: the parts go in with it.
+                    MergeAnswer::Record(record) if record.state == MergeState::Importing => {
+                        let mut answer = MergeAnswer::Record(record);
+                        for (loser, part) in parts {
+                            answer = self.merge_import(tx, index, merge, loser, part);
+                        }
+                        answer
+                    }
+                    answer => answer,
+                }
+            }
             MergeStep::Export { merge, loser, step } => self.merge_export(tx, merge, loser, step),
             MergeStep::Import { merge, loser, part } => {
                 self.merge_import(tx, index, merge, loser, *part)

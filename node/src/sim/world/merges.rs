@@ -71,7 +71,7 @@ impl World {
         if self.shape.shards < 2 {
             return;
         }
-        let n = self.rng.usize(1..=2);
+        let n = self.merge_rng.usize(1..=2);
         for i in 0..n {
             let a = phone_on(&format!("m{i}a"), self.shape.shards, |s| s == 0);
             let b = phone_on(&format!("m{i}b"), self.shape.shards, |s| s != 0);
@@ -89,7 +89,7 @@ impl World {
                 attempt: 0,
                 crashes: 0,
             });
-            let at = self.rng.u64(200..FAULTY_MS / 2);
+            let at = self.merge_rng.u64(200..FAULTY_MS / 2);
             self.schedule(at, Happening::MergeStep { pair: i });
         }
     }
@@ -145,12 +145,12 @@ impl World {
         if hosts.is_empty() {
             return;
         }
-        let node = hosts[self.rng.usize(0..hosts.len())];
+        let node = hosts[self.merge_rng.usize(0..hosts.len())];
         self.merge_tokens.insert((node, token), i);
         let nemesis = self.faulty && self.pairs[i].crashes < CRASHES_PER_PAIR_MAX;
-        if let Some(kind) = step.filter(|_| nemesis && self.rng.u64(0..CRASH_ONE_IN) == 0) {
+        if let Some(kind) = step.filter(|_| nemesis && self.merge_rng.u64(0..CRASH_ONE_IN) == 0) {
             self.pairs[i].crashes += 1;
-            let at = self.rng.u64(0..10);
+            let at = self.merge_rng.u64(0..10);
             self.schedule(at, Happening::Crash { node });
             self.cover("a node crashed as a merge step reached it");
             self.cover(kind);
@@ -510,7 +510,7 @@ fn event(json: &serde_json::Value) -> Event {
 fn step_kind(step: &MergeStep) -> &'static str {
     match step {
         MergeStep::Lock { .. } => "a crash at a merge's lock",
-        MergeStep::Commit { .. } => "a crash at a merge's commit",
+        MergeStep::Commit { .. } | MergeStep::CommitWith { .. } => "a crash at a merge's commit",
         MergeStep::Export { .. } => "a crash at a merge's export",
         MergeStep::Import { .. } => "a crash at a merge's import",
         MergeStep::Tombstone { .. } | MergeStep::Retire { .. } => "a crash at a merge's tombstone",
