@@ -188,6 +188,44 @@ fn all_blocked() -> EventError {
     )
 }
 
+/// The events whose identities were all read; the others are answered `unavailable` (sent
+/// again, they are read again).
+fn resolved_only(
+    todo: Vec<Pending>,
+    unresolved: &BTreeMap<Identity, ShardError>,
+    answers: &mut [Option<Answer>],
+) -> Vec<Pending> {
+    let (resolved, waiting): (Vec<Pending>, Vec<Pending>) =
+        todo.into_iter().partition(|(_, event)| {
+            event
+                .identities
+                .iter()
+                .all(|id| !unresolved.contains_key(id))
+        });
+    for (position, event) in waiting {
+        let error = event
+            .identities
+            .iter()
+            .find_map(|id| unresolved.get(id))
+            .expect("waits for one");
+        answers[position] = Some(Err(unavailable(error)));
+    }
+    resolved
+}
+
+/// Lists in the answers of applied events the identities left out of them because an unlink
+/// took them off one of their profiles after the event (see `Router::unlinked_since`).
+fn note_unlinked(answers: &mut [Option<Answer>], unlinked: BTreeMap<usize, Vec<NotLinked>>) {
+    for (position, mut nots) in unlinked {
+        if let Some(Ok(accepted)) = &mut answers[position] {
+            if accepted.status == EventStatus::Applied {
+                accepted.not_linked.append(&mut nots);
+                NotLinked::sort(&mut accepted.not_linked);
+            }
+        }
+    }
+}
+
 /// What resolution knows of each identity of the batch: the profile it is bound to and the
 /// binding epoch of its shard that was read at, or `None` (unbound when read, and nothing
 /// since told otherwise).
@@ -232,10 +270,14 @@ impl Accepted {
 type Pending = (usize, Event);
 
 /// What a wave did: its answers, and the events to route again (judged by rules of another
-/// version than the shard's, or decided alone by a router whose rules were not fresh).
+/// version than the shard's, or decided alone by a router whose rules were not fresh, or
+/// without identities an unlink took off one of their profiles after them: those go in
+/// `unlinked`, for their answers).
+#[derive(Default)]
 struct WaveDone {
     answers: Vec<(usize, Answer)>,
     again: Vec<Pending>,
+    unlinked: Vec<(usize, NotLinked)>,
 }
 
 impl Router {
@@ -282,23 +324,8 @@ impl Router {
             }
         };
         let (mut bindings, unresolved) = self.resolve(&todo).await;
-        // Events with an identity whose shard could not be read wait for a retry.
-        let (todo_now, waiting): (Vec<Pending>, Vec<Pending>) =
-            todo.into_iter().partition(|(_, event)| {
-                event
-                    .identities
-                    .iter()
-                    .all(|id| !unresolved.contains_key(id))
-            });
-        for (position, event) in waiting {
-            let error = event
-                .identities
-                .iter()
-                .find_map(|id| unresolved.get(id))
-                .expect("waits for one");
-            answers[position] = Some(Err(unavailable(error)));
-        }
-        let mut todo = todo_now;
+        let mut todo = resolved_only(todo, &unresolved, &mut answers);
+        let mut unlinked: BTreeMap<usize, Vec<NotLinked>> = BTreeMap::new();
         for _ in 0..WAVES_PER_REQUEST_MAX {
             if todo.is_empty() {
                 break;
@@ -313,6 +340,9 @@ impl Router {
             for (position, answer) in done.answers {
                 answers[position] = Some(answer);
             }
+            for (position, not) in done.unlinked {
+                unlinked.entry(position).or_default().push(not);
+            }
             todo = rest;
             if !done.again.is_empty() {
                 // Routed again in request order, ahead of the events that waited behind them.
@@ -326,6 +356,7 @@ impl Router {
                 format!("the event waited behind {WAVES_PER_REQUEST_MAX} waves of events sharing new identities; send it again in a later request"),
             )));
         }
+        note_unlinked(&mut answers, unlinked);
         self.respond(answers, ids)
     }
 
@@ -475,10 +506,7 @@ impl Router {
         bindings: &mut Bindings,
         judge: &mut Judge,
     ) -> WaveDone {
-        let mut done = WaveDone {
-            answers: Vec::new(),
-            again: Vec::new(),
-        };
+        let mut done = WaveDone::default();
         let (entries, alone, merges) = self.plan_wave(wave, bindings, judge, &mut done);
         self.decide_alone(alone, judge, &mut done).await;
 
@@ -930,10 +958,34 @@ impl Router {
         let verdicts = self.retries_among(&asked).await;
         let deadline = tokio::time::Instant::now() + MERGE_ANSWER_WAIT;
         let mut runs = Vec::new();
-        for ((position, event, profiles), (_, verdict)) in merges.into_iter().zip(verdicts) {
+        for ((position, mut event, profiles), (_, verdict)) in merges.into_iter().zip(verdicts) {
             if let Some(answer) = verdict {
                 done.answers.push((position, answer));
                 continue;
+            }
+            match self.unlinked_since(&event, &profiles, bindings).await {
+                Ok(unlinked) if unlinked.is_empty() => {}
+                // Dated before an unlink of one of its identities from one of its profiles:
+                // routed again without them (they join nothing), and answered as not linked.
+                Ok(unlinked) => {
+                    event.identities.retain(|id| !unlinked.contains(id));
+                    done.unlinked.extend(unlinked.into_iter().map(|id| {
+                        (
+                            position,
+                            NotLinked {
+                                kind: id.kind,
+                                value: id.value,
+                                reason: NotLinkedReason::Unlinked,
+                            },
+                        )
+                    }));
+                    done.again.push((position, event));
+                    continue;
+                }
+                Err(error) => {
+                    done.answers.push((position, Err(unavailable(&error))));
+                    continue;
+                }
             }
             let routed = self.routed(&event, None, Target::Claim, bindings, judge);
             let plan = MergePlan::new(profiles, Cause::Event(Box::new(routed)), judge.version);
@@ -946,6 +998,47 @@ impl Router {
             self.merge_answered(position, event, driven, bindings, done)
                 .await;
         }
+    }
+
+    /// The identities of a merging event that an `unlink` took off one of its profiles after
+    /// the event's `ts`, each asked of that profile's shard (linearizably): an event that old
+    /// never binds them back to it, so they must not join it to the profiles they are bound to
+    /// now. Merges are rare; unlinks rarer.
+    async fn unlinked_since(
+        &self,
+        event: &Event,
+        profiles: &BTreeSet<OneId>,
+        bindings: &Bindings,
+    ) -> Result<BTreeSet<Identity>, ShardError> {
+        let reads = profiles.iter().map(|&oneid| {
+            let elsewhere: Vec<Identity> = event
+                .identities
+                .iter()
+                .filter(|id| {
+                    bindings
+                        .get(*id)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|(o, _)| o != oneid)
+                })
+                .cloned()
+                .collect();
+            let query = Query::Unlinked {
+                oneid,
+                identities: elsewhere,
+                since: event.ts,
+            };
+            self.shards
+                .read(oneid.shard(), query, Consistency::Linearizable)
+        });
+        let mut unlinked = BTreeSet::new();
+        for read in futures::future::join_all(reads).await {
+            match read? {
+                (StateAnswer::Unlinked(identities), _) => unlinked.extend(identities),
+                (other, _) => panic!("an unlink read answered {other:?}"),
+            }
+        }
+        Ok(unlinked)
     }
 
     /// Whether `judge` is the registry's current policy (read now if it was not known to

@@ -521,6 +521,27 @@ async fn an_unlink_through_one_node_frees_the_identity_for_a_bind_through_anothe
         );
     }
 
+    // An event dated before the unlink, naming the first customer and the email (bound to
+    // the second since): applied to the first alone, which never takes the email back, and
+    // the two stay apart.
+    let stale = send_one(
+        &three,
+        json!({"event_id": "u-4b", "type": "points_earn", "points": 2, "oneid": x,
+        "identities": {"email": email}, "ts": "2026-01-01T06:00:00Z"}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::to_value(&stale).unwrap(),
+        json!({"event_id": "u-4b", "status": "applied", "oneid": x, "not_linked": [
+            {"kind": "email", "value": email, "reason": "unlinked"}]})
+    );
+    let by_email = one.lookup("email", &email).await.unwrap().expect("bound");
+    assert_eq!(
+        (by_email.oneid.as_str(), by_email.points.balance),
+        (y.as_str(), 7)
+    );
+    assert_eq!(one.profile(&x).await.unwrap().unwrap().points.balance, 42);
+
     // An event dated before the unlink, naming the first customer and a value unlinked from
     // it: applied there, without the value.
     let older = send_one(

@@ -7,11 +7,13 @@ use crate::read_pool::ReadPool;
 use fjall::{Keyspace, Readable as _};
 use lru::LruCache;
 use oneid_protocol::ids::{Identity, OneId, ShardId};
+use oneid_protocol::num::Millis;
 use oneid_replica::ShardError;
 use oneid_state::keys;
 use oneid_state::merge::{MergeRecord, Tombstone};
 use oneid_state::profile::Profile;
 use oneid_state::store::StateRead;
+use oneid_state::unlink::UnlinkRecord;
 use oneid_state::{decode, LedgerRecord};
 use std::num::NonZeroUsize;
 use std::ops::Bound;
@@ -235,6 +237,13 @@ pub enum Query {
     },
     /// The merges a profile survived.
     Merges(OneId),
+    /// Which of these identities an `unlink` took off the profile after `since` (an event's
+    /// `ts`): those the event must not bind back to it.
+    Unlinked {
+        oneid: OneId,
+        identities: Vec<Identity>,
+        since: Millis,
+    },
 }
 
 impl Query {
@@ -246,9 +255,10 @@ impl Query {
                 .iter()
                 .find_map(|identity| other(identity.shard(n_shards))),
             Query::Events(events) => events.iter().find_map(|(oneid, _)| other(oneid.shard())),
-            Query::Profile(oneid) | Query::Ledger { oneid, .. } | Query::Merges(oneid) => {
-                other(oneid.shard())
-            }
+            Query::Profile(oneid)
+            | Query::Ledger { oneid, .. }
+            | Query::Merges(oneid)
+            | Query::Unlinked { oneid, .. } => other(oneid.shard()),
             Query::Rules(s)
             | Query::IdentityAudit { shard: s, .. }
             | Query::Segments { shard: s, .. }
@@ -295,6 +305,7 @@ pub enum Answer {
     Segments(Vec<oneid_state::segments::SegmentRecord>),
     Members(Vec<OneId>),
     IdentityAudit(oneid_state::audit::AuditPage),
+    Unlinked(Vec<Identity>),
 }
 
 /// One stripe of the cache of bindings: each with the binding epoch it was read at.
@@ -445,6 +456,11 @@ impl StateReader {
                 limit,
                 before,
             } => Answer::Ledger(self.ledger(*oneid, *limit, *before)),
+            Query::Unlinked {
+                oneid,
+                identities,
+                since,
+            } => Answer::Unlinked(self.unlinked(*oneid, identities, *since)),
             Query::Merges(oneid) => match self.merges(*oneid) {
                 Some(records) => Answer::Merges(Some(records)),
                 None => self.absent(*oneid, Answer::Merges(None)),
@@ -497,6 +513,21 @@ impl StateReader {
             .map(|bytes| decode(&key, &bytes))?;
         self.cache_identity(identity, oneid, epoch);
         Some(oneid)
+    }
+
+    /// Which of `identities` an unlink took off `oneid` after `since`.
+    fn unlinked(&self, oneid: OneId, identities: &[Identity], since: Millis) -> Vec<Identity> {
+        let state = self.shard(oneid.shard());
+        identities
+            .iter()
+            .filter(|identity| {
+                let key = keys::unlinked(oneid, identity);
+                state
+                    .get(&key)
+                    .is_some_and(|bytes| decode::<UnlinkRecord>(&key, &bytes).at > since)
+            })
+            .cloned()
+            .collect()
     }
 
     /// Whether `event_id` applied to the profile (and its dedup record is not yet evicted).

@@ -29,7 +29,7 @@ pub mod segments;
 pub mod store;
 mod tier;
 mod tx;
-mod unlink;
+pub mod unlink;
 
 use crate::command::{
     BindOutcome, Command, EventOutcome, FollowUp, FollowUpAnswer, Output, Target,
