@@ -23,6 +23,9 @@ use tokio::time::Instant;
 pub const MERGE_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// How long a sweep drives one merge before leaving it to the next sweep.
 pub const MERGE_SWEEP_WAIT: Duration = Duration::from_secs(30);
+/// Most merges a read follows from the OneID asked for to the profile it resolves to (a
+/// survivor merged into another later, and so on).
+pub const MERGE_CHAIN_MAX: usize = 64;
 /// The first wait of a step asked to wait, or that failed; doubled up to
 /// [`MERGE_RETRY_BACKOFF_MAX`].
 const MERGE_RETRY_BACKOFF: Duration = Duration::from_millis(20);

@@ -915,25 +915,42 @@ impl Router {
                 Err(error) => applied.extend(events.into_iter().map(|e| (e, Err(error.clone())))),
             }
         }
-        events
-            .iter()
-            .enumerate()
-            .map(|(at, (_, event_id, profiles))| {
-                let checks: Vec<(OneId, &Result<bool, ShardError>)> = profiles
-                    .iter()
-                    .map(|p| (*p, &applied[&(*p, event_id.clone())]))
-                    .collect();
-                let answer =
-                    if let Some((oneid, _)) = checks.iter().find(|(_, r)| matches!(r, Ok(true))) {
-                        Some(Ok(Accepted::duplicate(*oneid)))
-                    } else if let Some((_, Err(error))) = checks.iter().find(|(_, r)| r.is_err()) {
-                        Some(Err(unavailable(error)))
-                    } else {
-                        None
-                    };
-                (at, answer)
-            })
-            .collect()
+        let mut verdicts = Vec::with_capacity(events.len());
+        for (at, (_, event_id, profiles)) in events.iter().enumerate() {
+            let checks: Vec<(OneId, &Result<bool, ShardError>)> = profiles
+                .iter()
+                .map(|p| (*p, &applied[&(*p, event_id.clone())]))
+                .collect();
+            let answer =
+                if let Some((oneid, _)) = checks.iter().find(|(_, r)| matches!(r, Ok(true))) {
+                    // Its profile may have been merged since (routed by a binding read
+                    // before): answered with the profile it is now.
+                    Some(self.now_of(*oneid).await.map(Accepted::duplicate))
+                } else if let Some((_, Err(error))) = checks.iter().find(|(_, r)| r.is_err()) {
+                    Some(Err(unavailable(error)))
+                } else {
+                    None
+                };
+            verdicts.push((at, answer));
+        }
+        verdicts
+    }
+
+    /// The live profile `oneid` is now: itself, or the survivor its merges lead to.
+    async fn now_of(&self, mut oneid: OneId) -> Result<OneId, EventError> {
+        for _ in 0..merges::MERGE_CHAIN_MAX {
+            let read = self.shards.read(
+                oneid.shard(),
+                Query::Profile(oneid),
+                Consistency::Linearizable,
+            );
+            match read.await {
+                Ok((StateAnswer::Merged(into), _)) => oneid = into,
+                Ok(_) => return Ok(oneid),
+                Err(error) => return Err(unavailable(&error)),
+            }
+        }
+        Ok(oneid)
     }
 
     /// Runs the merges the wave's events call for (their mergeable identities and `oneid`

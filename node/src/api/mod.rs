@@ -21,6 +21,7 @@ mod events;
 mod segments;
 
 use crate::backup::{BackupError, Backups};
+use crate::merges::MERGE_CHAIN_MAX;
 use crate::metrics::{Metrics, Route};
 use crate::router::Router;
 use crate::shards::{per_shard, Consistency, Shards};
@@ -890,10 +891,6 @@ fn merge_doc(record: MergeRecord) -> MergeDoc {
         twin_orders: record.twins,
     }
 }
-
-/// Most merges a profile read follows from the OneID asked for to the profile it resolves to
-/// (a survivor merged into another later, and so on).
-const MERGE_CHAIN_MAX: usize = 64;
 
 fn not_found(message: String) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
