@@ -175,9 +175,21 @@ pub fn value_where(kind: &str, prefix: &str, shards: u32, wanted: impl Fn(u32) -
         .expect("some value lands on every shard")
 }
 
+/// A loopback port free now, and never handed out before by this test process: the kernel
+/// may give a port just released to the next bind, so two calls in a row (a node's API and
+/// peer ports) could otherwise answer the same one.
 pub(crate) fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    listener.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().expect("port list lock");
+    for _ in 0..1000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+        let port = listener.local_addr().expect("local addr").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port left that this process has not handed out")
 }
 
 impl TestNode {
