@@ -972,15 +972,23 @@ impl Router {
             .iter()
             .map(|(p, e, profiles)| (*p, e.event_id.clone(), profiles.clone()))
             .collect();
-        let verdicts = self.retries_among(&asked).await;
+        // Both reads at once: whether each already applied, and what unlinks say of it.
+        let unlinks = merges
+            .iter()
+            .map(|(_, event, profiles)| self.unlinked_since(event, profiles, bindings));
+        let (verdicts, unlinks) = tokio::join!(
+            self.retries_among(&asked),
+            futures::future::join_all(unlinks)
+        );
         let deadline = tokio::time::Instant::now() + MERGE_ANSWER_WAIT;
         let mut runs = Vec::new();
-        for ((position, mut event, profiles), (_, verdict)) in merges.into_iter().zip(verdicts) {
+        let checked = merges.into_iter().zip(verdicts).zip(unlinks);
+        for (((position, mut event, profiles), (_, verdict)), unlinked) in checked {
             if let Some(answer) = verdict {
                 done.answers.push((position, answer));
                 continue;
             }
-            match self.unlinked_since(&event, &profiles, bindings).await {
+            match unlinked {
                 Ok(unlinked) if unlinked.is_empty() => {}
                 // Dated before an unlink of one of its identities from one of its profiles:
                 // routed again without them (they join nothing), and answered as not linked.

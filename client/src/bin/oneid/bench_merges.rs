@@ -7,7 +7,7 @@
 //!    single events of one existing customer each (no merge), sent the same way.
 //! 2. **Ingest**: `--events` earns over `--customers` existing customers by `--senders`
 //!    senders in batches of `--batch`, with 1% of them naming a second customer (so each of
-//!    those merges two), against the same with none; alternating, two rounds each, each round
+//!    those merges two), against the same with none; alternating, three rounds each, each round
 //!    on customers of its own: events per second and the ratio of the medians.
 
 use crate::bench::{p50_p99_ms, percentile, BenchArgs};
@@ -147,7 +147,7 @@ pub async fn merges(servers: &[String], args: &BenchArgs, json_only: bool) -> an
         .collect::<Result<Vec<_>, _>>()?;
     let (merged, baseline) = latency(&clients, args).await?;
     let (mut none, mut some) = (Vec::new(), Vec::new());
-    for round in 0..4 {
+    for round in 0..6 {
         let merging = round % 2 == 1;
         let rate = ingest_round(&clients, args, round, merging).await?;
         if merging { &mut some } else { &mut none }.push(rate);
