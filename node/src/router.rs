@@ -1035,7 +1035,7 @@ impl Router {
         profiles: &BTreeSet<OneId>,
         bindings: &Bindings,
     ) -> Result<BTreeSet<Identity>, ShardError> {
-        let reads = profiles.iter().map(|&oneid| {
+        let asks = profiles.iter().filter_map(|&oneid| {
             let elsewhere: Vec<Identity> = event
                 .identities
                 .iter()
@@ -1048,6 +1048,10 @@ impl Router {
                 })
                 .cloned()
                 .collect();
+            // A profile with no identity of the event bound elsewhere is not read.
+            (!elsewhere.is_empty()).then_some((oneid, elsewhere))
+        });
+        let reads = asks.map(|(oneid, elsewhere)| {
             let query = Query::Unlinked {
                 oneid,
                 identities: elsewhere,

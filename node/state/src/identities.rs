@@ -123,18 +123,24 @@ impl Sighting<'_> {
 }
 
 impl ShardState {
+    /// The key of `identity` in this shard's slice of the identity index; it must be this
+    /// shard's.
+    pub(super) fn index_key(&self, identity: &Identity) -> Vec<u8> {
+        assert_eq!(
+            identity.shard(self.n_shards),
+            self.shard,
+            "identity routed to the wrong shard"
+        );
+        keys::identity(identity)
+    }
+
     pub(super) fn apply_bind(
         &mut self,
         tx: &mut Tx<'_>,
         identity: Identity,
         oneid: OneId,
     ) -> BindOutcome {
-        assert_eq!(
-            identity.shard(self.n_shards),
-            self.shard,
-            "identity routed to the wrong shard"
-        );
-        let key = keys::identity(&identity);
+        let key = self.index_key(&identity);
         match tx.get_as::<OneId>(&key) {
             Some(bound) if bound == oneid => BindOutcome::Bound,
             Some(other) => BindOutcome::Conflict(other),

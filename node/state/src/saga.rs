@@ -700,12 +700,7 @@ impl ShardState {
     ) -> usize {
         let mut moved = 0;
         for identity in identities {
-            assert_eq!(
-                identity.shard(self.n_shards),
-                self.shard,
-                "identity routed to the wrong shard"
-            );
-            let key = keys::identity(&identity);
+            let key = self.index_key(&identity);
             if tx.get_as::<OneId>(&key) == Some(from) {
                 tx.put(key, &to);
                 moved += 1;

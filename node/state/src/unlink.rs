@@ -86,19 +86,19 @@ impl ShardState {
             profile.remove_identity(identity);
             let here = identity.shard(self.n_shards) == self.shard;
             if here {
-                let key = keys::identity(identity);
-                if tx.get_as::<OneId>(&key) == Some(oneid) {
-                    tx.delete(key);
-                    unbound_here = true;
-                }
+                unbound_here |= self.unbind_here(tx, identity, oneid);
             } else {
                 self.file_follow_up(tx, oneid, identity.clone(), true, follow_ups);
             }
+            // An unlink dated before an earlier one of the same value (sent late) does not
+            // shorten what that one forbids.
+            let key = keys::unlinked(oneid, identity);
+            let before = tx.get_as::<UnlinkRecord>(&key).map_or(event.ts, |r| r.at);
             let record = UnlinkRecord {
-                at: event.ts,
+                at: before.max(event.ts),
                 unbinding: !here,
             };
-            tx.put(keys::unlinked(oneid, identity), &record);
+            tx.put(key, &record);
         }
         if unbound_here {
             self.record.binding_epoch += 1;
@@ -169,17 +169,21 @@ impl ShardState {
         identity: Identity,
         oneid: OneId,
     ) -> BindOutcome {
-        assert_eq!(
-            identity.shard(self.n_shards),
-            self.shard,
-            "identity routed to the wrong shard"
-        );
-        let key = keys::identity(&identity);
-        if tx.get_as::<OneId>(&key) == Some(oneid) {
-            tx.delete(key);
+        if self.unbind_here(tx, &identity, oneid) {
             self.record.binding_epoch += 1;
         }
         BindOutcome::Unbound
+    }
+
+    /// Deletes `identity`'s binding from this shard's index if it is `oneid`'s; answers
+    /// whether it did (the caller moves the binding epoch).
+    fn unbind_here(&self, tx: &mut Tx<'_>, identity: &Identity, oneid: OneId) -> bool {
+        let key = self.index_key(identity);
+        let bound = tx.get_as::<OneId>(&key) == Some(oneid);
+        if bound {
+            tx.delete(key);
+        }
+        bound
     }
 
     /// An unbind of `identity` from `oneid` is done: the unlink's record says so.

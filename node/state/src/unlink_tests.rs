@@ -251,6 +251,25 @@ fn an_unlink_frees_identities_on_every_shard_and_older_events_never_bind_them_ba
     assert!(profile(&c, x).holds(&email));
     // Points: the earn of e3 alone; an unlink moves none.
     assert_eq!(profile(&c, x).balance, 1);
+
+    // An unlink sent late, dated before the first, keeps what the first forbids.
+    let late = routed(
+        json!({"event_id": "u2", "type": "unlink", "oneid": x.to_string(), "ts": ts(5),
+            "identities": identities(&[&email])}),
+        Target::Existing(x),
+        vec![Found::Unbound],
+        &[],
+    );
+    let (outcome, follow_ups) = send(&mut c, ShardId(0), late);
+    assert_eq!(outcome, EventOutcome::Applied(x, vec![]));
+    finish(&mut c, follow_ups);
+    assert_eq!(
+        unlink_record(&c, x, &email),
+        Some(UnlinkRecord {
+            at,
+            unbinding: false
+        })
+    );
 }
 
 #[test]
