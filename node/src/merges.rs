@@ -46,8 +46,8 @@ pub async fn drive(shards: &Shards, plan: MergePlan, deadline: Instant) -> Drive
     let mut driver = Driver::new(plan, shards.n_shards);
     let mut wait = MERGE_RETRY_BACKOFF;
     loop {
-        let (shard, step) = match driver.next() {
-            Next::Propose(shard, step) => (shard, step),
+        let steps = match driver.next() {
+            Next::Propose(steps) => steps,
             Next::Done(ended) => {
                 return Driven {
                     ended: Some(ended),
@@ -62,28 +62,33 @@ pub async fn drive(shards: &Shards, plan: MergePlan, deadline: Instant) -> Drive
             };
         }
         let committed = driver.committed().is_some();
-        let waiting = match shards.propose(shard, Command::Merge(step)).await {
-            Ok(Output::Merge(answer)) => {
-                let waiting = driver.answer(answer).map(|w| format!("{w:?}"));
-                if !committed && driver.committed().is_some() {
-                    // A crash here leaves a committed merge to the sweeps (a test stops the
-                    // node at this point).
-                    #[cfg(feature = "failpoints")]
-                    fail::fail_point!("merges::after_commit");
-                }
-                waiting
-            }
-            Ok(other) => panic!("a merge step answered {other:?}"),
-            Err(error) => Some(error.to_string()),
-        };
-        match waiting {
-            Some(why) => {
+        let proposals = steps.into_iter().map(|(shard, step)| async move {
+            let reply = shards.propose(shard, Command::Merge(step.clone())).await;
+            (shard, step, reply)
+        });
+        let mut waiting = None;
+        for (shard, step, reply) in futures::future::join_all(proposals).await {
+            let why = match reply {
+                Ok(Output::Merge(answer)) => driver.answer(&step, answer).map(|w| format!("{w:?}")),
+                Ok(other) => panic!("a merge step answered {other:?}"),
+                Err(error) => Some(error.to_string()),
+            };
+            if let Some(why) = why {
                 tracing::debug!(%merge, %shard, why, "merge step waits");
-                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
-                    .await;
-                wait = (wait * 2).min(MERGE_RETRY_BACKOFF_MAX);
+                waiting = Some(why);
             }
-            None => wait = MERGE_RETRY_BACKOFF,
+        }
+        if !committed && driver.committed().is_some() {
+            // A crash here leaves a committed merge to the sweeps (a test stops the node at
+            // this point).
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("merges::after_commit");
+        }
+        if waiting.is_some() {
+            tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+            wait = (wait * 2).min(MERGE_RETRY_BACKOFF_MAX);
+        } else {
+            wait = MERGE_RETRY_BACKOFF;
         }
     }
 }

@@ -957,7 +957,7 @@ impl Router {
     /// name 2 to 4 profiles), all at once, each answered when it ends or at
     /// [`MERGE_ANSWER_WAIT`]. A retry of an event that already applied to one of its profiles
     /// is a `duplicate` and merges nothing. Whether kinds merge is the router's policy's, so it
-    /// is first checked to be the registry's current one.
+    /// is checked to be the registry's current one (beside those reads).
     async fn run_merges(
         &self,
         merges: Vec<(usize, Event, BTreeSet<OneId>)>,
@@ -965,21 +965,26 @@ impl Router {
         judge: &mut Judge,
         done: &mut WaveDone,
     ) {
-        if merges.is_empty() || !self.fresh_or_again(&merges, judge, done).await {
+        if merges.is_empty() {
             return;
         }
         let asked: Vec<(usize, String, BTreeSet<OneId>)> = merges
             .iter()
             .map(|(p, e, profiles)| (*p, e.event_id.clone(), profiles.clone()))
             .collect();
-        // Both reads at once: whether each already applied, and what unlinks say of it.
+        // The reads at once: whether the policy is still the registry's, whether each event
+        // already applied, and what unlinks say of it.
         let unlinks = merges
             .iter()
             .map(|(_, event, profiles)| self.unlinked_since(event, profiles, bindings));
-        let (verdicts, unlinks) = tokio::join!(
+        let (fresh, verdicts, unlinks) = tokio::join!(
+            self.fresh_or_again(&merges, judge, done),
             self.retries_among(&asked),
             futures::future::join_all(unlinks)
         );
+        if !fresh {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + MERGE_ANSWER_WAIT;
         let mut runs = Vec::new();
         let checked = merges.into_iter().zip(verdicts).zip(unlinks);

@@ -17,9 +17,11 @@ use std::collections::BTreeMap;
 /// What the caller does next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
-    /// Propose this step (`Command::Merge`) at this shard, and give its answer to
-    /// [`Driver::answer`].
-    Propose(ShardId, MergeStep),
+    /// Propose these steps (`Command::Merge`), each at its shard, all at once (they do not
+    /// depend on one another: any order of their applies is right), and give each answer to
+    /// [`Driver::answer`] with its step. A step not answered (no leader, a timeout) comes back
+    /// from the next `next`.
+    Propose(Vec<(ShardId, MergeStep)>),
     /// The merge is over.
     Done(Ended),
 }
@@ -58,10 +60,11 @@ enum Phase {
     Committing(Vec<Participant>),
     /// Importing (the record, kept up to date by the imports' answers).
     Importing,
-    /// Making loser `i` (of the record's) a tombstone.
-    Tombstoning(usize),
-    /// Repointing loser `i`'s identities, shard by shard: the shards left.
-    Repointing(usize, Vec<(ShardId, Vec<Identity>)>),
+    /// Making the losers tombstones (`Retire`) and repointing their identities held by other
+    /// shards (`Repoint`), all at once: the steps left, each with its shard. (The finish comes
+    /// after them: until it, the survivor stays locked, so no other merge takes it while the
+    /// identities it gained are still bound to its losers.)
+    Retiring(Vec<(ShardId, MergeStep)>),
     Finishing,
     /// Unlocking what was locked, before giving up.
     Unlocking(Vec<OneId>, Ended),
@@ -114,14 +117,12 @@ impl Driver {
             Phase::Locking(locked) => {
                 let oneid = self.plan.profiles[locked.len()];
                 let plan = Box::new(self.plan.clone());
-                Next::Propose(oneid.shard(), MergeStep::Lock { plan, oneid })
+                one(oneid.shard(), MergeStep::Lock { plan, oneid })
             }
-            Phase::Reading(survivor) => {
-                Next::Propose(survivor.shard(), MergeStep::Finish { merge })
-            }
+            Phase::Reading(survivor) => one(survivor.shard(), MergeStep::Finish { merge }),
             Phase::Committing(participants) => {
                 let survivor = merge::survivor(participants);
-                Next::Propose(
+                one(
                     survivor.shard(),
                     MergeStep::CommitWith {
                         plan: Box::new(self.plan.clone()),
@@ -131,36 +132,11 @@ impl Driver {
                 )
             }
             Phase::Importing => self.next_import(),
-            Phase::Tombstoning(i) => {
-                let record = self.record();
-                let loser = record.losers[*i].oneid;
-                Next::Propose(
-                    loser.shard(),
-                    MergeStep::Retire {
-                        merge,
-                        loser,
-                        survivor: record.survivor,
-                    },
-                )
-            }
-            Phase::Repointing(i, shards) => {
-                let record = self.record();
-                let (shard, identities) = shards.last().expect("a shard left to repoint").clone();
-                Next::Propose(
-                    shard,
-                    MergeStep::Repoint {
-                        from: record.losers[*i].oneid,
-                        to: record.survivor,
-                        identities,
-                    },
-                )
-            }
-            Phase::Finishing => {
-                Next::Propose(self.record().survivor.shard(), MergeStep::Finish { merge })
-            }
+            Phase::Retiring(steps) => Next::Propose(steps.clone()),
+            Phase::Finishing => one(self.record().survivor.shard(), MergeStep::Finish { merge }),
             Phase::Unlocking(locked, _) => {
                 let oneid = *locked.last().expect("a profile left to unlock");
-                Next::Propose(oneid.shard(), MergeStep::Unlock { merge, oneid })
+                one(oneid.shard(), MergeStep::Unlock { merge, oneid })
             }
             Phase::Done(ended) => Next::Done(ended.clone()),
         }
@@ -191,10 +167,10 @@ impl Driver {
             unreachable!("importing with every loser imported")
         };
         if let Some(import) = &self.export {
-            return Next::Propose(record.survivor.shard(), import.clone());
+            return one(record.survivor.shard(), import.clone());
         }
         if let (ImportStep::Profile, Some(part)) = (&loser.next, self.exports.get(&loser.oneid)) {
-            return Next::Propose(
+            return one(
                 record.survivor.shard(),
                 MergeStep::Import {
                     merge: self.plan.merge,
@@ -203,7 +179,7 @@ impl Driver {
                 },
             );
         }
-        Next::Propose(
+        one(
             loser.oneid.shard(),
             MergeStep::Export {
                 merge: self.plan.merge,
@@ -217,9 +193,14 @@ impl Driver {
         self.record.as_ref().expect("a committed merge's record")
     }
 
-    /// Learns from the answer to the command [`Driver::next`] said to propose; answers why to
-    /// wait before the next step, if the caller should.
-    pub fn answer(&mut self, answer: MergeAnswer) -> Option<Waiting> {
+    /// Learns from the answer to `step`, one of those [`Driver::next`] said to propose; answers
+    /// why to wait before the next step, if the caller should.
+    pub fn answer(&mut self, step: &MergeStep, answer: MergeAnswer) -> Option<Waiting> {
+        debug_assert!(
+            matches!(self.next(), Next::Propose(steps) if steps.iter().any(|(_, s)| s == step)),
+            "merge {}: {step:?} is not a step to propose now",
+            self.plan.merge
+        );
         let waiting = self.waiting(&answer);
         let phase = std::mem::replace(&mut self.phase, Phase::Finishing);
         self.phase = match (phase, answer) {
@@ -251,18 +232,16 @@ impl Driver {
                 self.export = None;
                 Phase::Reading(into)
             }
-            (Phase::Tombstoning(i), MergeAnswer::Tombstoned { more: true }) => {
-                Phase::Tombstoning(i)
-            }
-            (Phase::Tombstoning(i), MergeAnswer::Tombstoned { more: false }) => {
-                self.after_retired(i)
-            }
-            (Phase::Repointing(i, mut shards), MergeAnswer::Repointed(_)) => {
-                shards.pop();
-                match (shards.is_empty(), i + 1 < self.record().losers.len()) {
-                    (false, _) => Phase::Repointing(i, shards),
-                    (true, true) => Phase::Tombstoning(i + 1),
-                    (true, false) => Phase::Finishing,
+            (phase @ Phase::Retiring(_), MergeAnswer::Tombstoned { more: true }) => phase,
+            (
+                Phase::Retiring(mut steps),
+                MergeAnswer::Tombstoned { more: false } | MergeAnswer::Repointed(_),
+            ) => {
+                steps.retain(|(_, s)| s != step);
+                if steps.is_empty() {
+                    Phase::Finishing
+                } else {
+                    Phase::Retiring(steps)
                 }
             }
             (Phase::Unlocking(mut locked, ended), MergeAnswer::Unlocked(_)) => {
@@ -361,7 +340,7 @@ impl Driver {
             MergeState::Importing if record.losers.iter().any(|l| l.next != ImportStep::Done) => {
                 Phase::Importing
             }
-            MergeState::Importing => Phase::Tombstoning(0),
+            MergeState::Importing => self.retiring(record),
             // Finished by another driver: nothing left for this one (a refused merge's losers
             // are unlocked by whoever drives it; unlocking again does no harm).
             MergeState::Finished(_) => Phase::Done(Ended::Finished(Box::new(record.clone()), None)),
@@ -372,33 +351,38 @@ impl Driver {
         }
     }
 
-    /// Loser `i`'s identities by the shard that holds each, but those of its own shard (which
-    /// `Retire` repointed).
-    fn repoints(&self, i: usize) -> Vec<(ShardId, Vec<Identity>)> {
-        let loser = &self.record().losers[i];
-        let mut by_shard: BTreeMap<ShardId, Vec<Identity>> = BTreeMap::new();
-        for identity in &loser.identities {
-            let shard = identity.shard(self.n_shards);
-            if shard != loser.oneid.shard() {
-                by_shard.entry(shard).or_default().push(identity.clone());
+    /// The steps that end a committed merge's imported losers: each made a tombstone
+    /// (`Retire`, which repoints its identities its own shard holds), and its identities other
+    /// shards hold repointed there (`Repoint`, one per loser and shard).
+    fn retiring(&self, record: &MergeRecord) -> Phase {
+        let mut steps = Vec::new();
+        for loser in &record.losers {
+            let retire = MergeStep::Retire {
+                merge: self.plan.merge,
+                loser: loser.oneid,
+                survivor: record.survivor,
+            };
+            steps.push((loser.oneid.shard(), retire));
+            let mut by_shard: BTreeMap<ShardId, Vec<Identity>> = BTreeMap::new();
+            for identity in &loser.identities {
+                let shard = identity.shard(self.n_shards);
+                if shard != loser.oneid.shard() {
+                    by_shard.entry(shard).or_default().push(identity.clone());
+                }
             }
+            steps.extend(by_shard.into_iter().map(|(shard, identities)| {
+                let repoint = MergeStep::Repoint {
+                    from: loser.oneid,
+                    to: record.survivor,
+                    identities,
+                };
+                (shard, repoint)
+            }));
         }
-        let mut shards: Vec<_> = by_shard.into_iter().collect();
-        // Taken from the end: in shard order.
-        shards.reverse();
-        shards
+        Phase::Retiring(steps)
     }
+}
 
-    /// After loser `i` is retired: its identities on other shards to repoint, or the next
-    /// loser, or the finish.
-    fn after_retired(&self, i: usize) -> Phase {
-        let shards = self.repoints(i);
-        if !shards.is_empty() {
-            Phase::Repointing(i, shards)
-        } else if i + 1 < self.record().losers.len() {
-            Phase::Tombstoning(i + 1)
-        } else {
-            Phase::Finishing
-        }
-    }
+fn one(shard: ShardId, step: MergeStep) -> Next {
+    Next::Propose(vec![(shard, step)])
 }

@@ -19,9 +19,11 @@
 //! 3. For each loser: **export** (`MergeStep::Export` at its shard) and **import** (`MergeStep::Import`
 //!    at the survivor's) its profile record, then its orders and exactly-once records in parts
 //!    of at most [`EXPORT_BYTES_MAX`]; the record keeps which part is next, so a part imported
-//!    twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Tombstone`: its last
-//!    ledger entry, its segments left, `x loser`), and its identities are **repointed**
-//!    (`MergeStep::Repoint` at each identity's shard, moving its binding epoch).
+//!    twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Retire`: its last
+//!    ledger entry, its segments left, `x loser`, the identities its shard holds repointed), and
+//!    its identities held by other shards are **repointed** (`MergeStep::Repoint` at each
+//!    identity's shard, moving its binding epoch): every loser's retire and repoints are
+//!    proposed at once, since none needs another's.
 //! 4. **Finish** (`MergeStep::Finish`) at the survivor's shard: unlocked, settled once on its
 //!    combined state (tier, rule tags, segments: only net changes), the cause applied to it.
 

@@ -285,12 +285,14 @@ impl World {
 
     fn drive(&mut self, mut driver: Driver) -> Vec<Task> {
         match driver.next() {
-            Next::Propose(shard, step) => {
-                let output = self.cluster.apply(shard, Command::Merge(step));
+            Next::Propose(mut steps) => {
+                // The steps proposed at once apply in any order: one of them at random.
+                let (shard, step) = steps.swap_remove(self.next(steps.len()));
+                let output = self.cluster.apply(shard, Command::Merge(step.clone()));
                 let Output::Merge(answer) = output else {
                     panic!("a merge step answered {output:?}")
                 };
-                if driver.answer(answer).is_some() {
+                if driver.answer(&step, answer).is_some() {
                     self.seen.waits += 1;
                 }
                 vec![Task::Merge(Box::new(driver))]

@@ -50,6 +50,9 @@ pub(super) struct Pair {
     stage: Stage,
     /// The token of the proposal in flight (an answer to another is ignored).
     attempt: Token,
+    /// The merge step in flight, one of those the driver said to propose at once (picked at
+    /// random: the others follow one by one, so over many runs they apply in every order).
+    step: Option<MergeStep>,
     /// Crashes the nemesis caused at this pair's steps.
     crashes: u32,
 }
@@ -87,6 +90,7 @@ impl World {
                 oneids: [None, None],
                 stage: Stage::Earning,
                 attempt: 0,
+                step: None,
                 crashes: 0,
             });
             let at = self.merge_rng.u64(200..FAULTY_MS / 2);
@@ -124,8 +128,10 @@ impl World {
                 (shard, Command::FinishFollowUps(vec![answer]), None)
             }
             Stage::Merging(driver) => match driver.next() {
-                Next::Propose(shard, step) => {
+                Next::Propose(mut steps) => {
+                    let (shard, step) = steps.swap_remove(self.merge_rng.usize(0..steps.len()));
                     let kind = step_kind(&step);
+                    self.pairs[i].step = Some(step.clone());
                     (shard, Command::Merge(step), Some(kind))
                 }
                 Next::Done(ended) => return self.merge_ended(i, ended),
@@ -212,7 +218,8 @@ impl World {
                 0
             }
             (Stage::Merging(driver), Ok(Output::Merge(answer))) => {
-                if driver.answer(answer).is_some() {
+                let step = pair.step.take().expect("a merge step in flight");
+                if driver.answer(&step, answer).is_some() {
                     MERGE_WAIT_MS
                 } else {
                     0
