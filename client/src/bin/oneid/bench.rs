@@ -203,31 +203,39 @@ pub(crate) async fn lookup_load(
     Ok((rate, all))
 }
 
-/// Waits `seconds`, then until no node of `servers` has a flush or a compaction running or
-/// waiting (as their `/metrics` say), for at most a minute more: what the workload before left
-/// to do in the background should not be timed with the next.
+/// Waits `seconds`, then until no node of `servers` has had a flush or a compaction running or
+/// waiting (as their `/metrics` say) for [`QUIET_POLLS`] polls in a row, for at most a minute
+/// more: what the workload before left to do in the background should not be timed with the
+/// next. (A compaction of many tables runs in several parts, with a moment between them that
+/// one idle poll took for the end.)
 pub(crate) async fn settle(servers: &[String], seconds: u64) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    for server in servers {
-        let client = Client::new(server)?;
-        loop {
+    let clients = servers
+        .iter()
+        .map(|s| Client::new(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut quiet = 0;
+    while quiet < QUIET_POLLS && Instant::now() < deadline {
+        let mut busy = false;
+        for client in &clients {
             let text = client.metrics().await?;
-            let busy = [
+            busy |= [
                 "oneid_storage_outstanding_flushes",
                 "oneid_storage_active_compactions",
                 "oneid_storage_sealed_memtables",
             ]
             .iter()
             .any(|name| crate::bench_time::counter(&text, name) > 0);
-            if !busy || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        quiet = if busy { 0 } else { quiet + 1 };
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
 }
+
+/// Polls 200 ms apart that must all find every node idle for [`settle`] to end.
+const QUIET_POLLS: u32 = 10;
 
 pub(crate) fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {

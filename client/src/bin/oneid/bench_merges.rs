@@ -7,10 +7,12 @@
 //!    single events of one existing customer each (no merge), sent the same way.
 //! 2. **Ingest**: `--events` earns over `--customers` existing customers by `--senders`
 //!    senders in batches of `--batch`, with 1% of them naming a second customer (so each of
-//!    those merges two), against the same with none; alternating, three rounds each, each round
-//!    on customers of its own: events per second and the ratio of the medians.
+//!    those merges two), against the same with none; alternating, [`INGEST_ROUNDS`] rounds
+//!    each, each round on customers of its own, timed once the nodes settled (no flush or
+//!    compaction left from setting the customers up, or from the round before): events per
+//!    second and the ratio of the medians.
 
-use crate::bench::{p50_p99_ms, percentile, BenchArgs};
+use crate::bench::{p50_p99_ms, percentile, settle, BenchArgs};
 use oneid_client::Client;
 use oneid_protocol::api::EventStatus;
 use serde_json::{json, Value};
@@ -18,6 +20,11 @@ use std::time::Instant;
 
 /// Every this many events of the merging ingest, one names two customers.
 const MERGE_EVERY: usize = 100;
+/// Ingest rounds of each kind (with merges, without), alternating. A compaction of many tables
+/// comes every few rounds at the same written volume, so it falls on the same rounds of a run
+/// each time, and slows them by up to half: the median of five is not moved by two such
+/// rounds.
+const INGEST_ROUNDS: usize = 5;
 
 fn phone(tag: &str, i: usize) -> String {
     format!("{tag}p{i:08}")
@@ -91,9 +98,11 @@ async fn latency(clients: &[Client], args: &BenchArgs) -> anyhow::Result<(Vec<u6
     Ok((merged, baseline))
 }
 
-/// One round of ingest on customers of its own; events per second.
+/// One round of ingest on customers of its own, timed once `servers` settled; events per
+/// second.
 async fn ingest_round(
     clients: &[Client],
+    servers: &[String],
     args: &BenchArgs,
     round: usize,
     merging: bool,
@@ -101,6 +110,7 @@ async fn ingest_round(
     let tag = format!("mi{}r{round}", args.seed);
     let n = args.customers;
     customers(clients, &tag, n).await?;
+    settle(servers, 0).await?;
     // Sender s owns customers s, s + senders, ...: each customer's events stay in order.
     let senders = args.senders.min(n);
     let per_sender = args.events / senders;
@@ -147,9 +157,9 @@ pub async fn merges(servers: &[String], args: &BenchArgs, json_only: bool) -> an
         .collect::<Result<Vec<_>, _>>()?;
     let (merged, baseline) = latency(&clients, args).await?;
     let (mut none, mut some) = (Vec::new(), Vec::new());
-    for round in 0..6 {
+    for round in 0..2 * INGEST_ROUNDS {
         let merging = round % 2 == 1;
-        let rate = ingest_round(&clients, args, round, merging).await?;
+        let rate = ingest_round(&clients, servers, args, round, merging).await?;
         if merging { &mut some } else { &mut none }.push(rate);
     }
     // `percentile` reads µs and answers ms.
