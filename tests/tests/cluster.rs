@@ -326,7 +326,11 @@ async fn a_paused_node_never_serves_an_old_value() {
     let started = Instant::now();
     let client = cluster.node(other).client();
     let mut balance = 1;
-    while started.elapsed() < Duration::from_secs(4) {
+    // Writes for 4 s (past the old leader's lease and the election timeout), and on until two
+    // applied, however loaded the machine is (at most 60 s).
+    while (started.elapsed() < Duration::from_secs(4) || balance <= 2)
+        && started.elapsed() < Duration::from_secs(60)
+    {
         let n = CUSTOMERS * balance as usize;
         let answer = client.send_events_json(&[earn(n)]).await.expect("send");
         if answer.applied == 1 {
