@@ -994,6 +994,96 @@ fn a_locked_profile_takes_no_event_and_its_expiries_wait() {
     );
 }
 
+/// After the commit, the driver proposes the loser's retire and the repoint of each identity
+/// another shard holds in one batch; applied in reverse (the repoint first), the binding names
+/// the survivor before the loser is a tombstone, and the finish ends the merge.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_losers_retire_and_repoints_are_proposed_at_once_and_apply_in_any_order() {
+    let mut world = World::new(Cluster::new(4), 1);
+    // Each customer holds a card on another shard than its phone (and so its profile).
+    let phones = [id("phone", "p1"), id("phone", "p2")];
+    let card_of = |phone: &Identity| {
+        (0..)
+            .map(|i| id("member_card", &format!("{}c{i}", phone.value)))
+            .find(|c| c.shard(4) != phone.shard(4))
+            .unwrap()
+    };
+    let cards = [card_of(&phones[0]), card_of(&phones[1])];
+    for (phone, card) in phones.iter().zip(&cards) {
+        world.send(
+            json!({"event_id": phone.value, "type": "points_earn", "points": 3,
+            "identities": {"phone": phone.value, "member_card": card.value}}),
+        );
+    }
+    world.settle();
+    let c = &world.cluster;
+    let (a, b) = (
+        c.binding(&phones[0]).unwrap(),
+        c.binding(&phones[1]).unwrap(),
+    );
+    let routed = Routed {
+        event: event(&json!({"event_id": "both", "type": "identify",
+            "identities": {"phone": "p1", "email": "shared"}, "oneid": b.to_string()})),
+        target: Target::Claim,
+        rules_version: 0,
+        link_elsewhere: vec![],
+        found: vec![],
+    };
+    let plan = MergePlan::new([a, b].into(), Cause::Event(Box::new(routed)), 0);
+    let mut driver = Driver::new(plan, 4);
+    let mut batches = Vec::new();
+    let ended = loop {
+        let mut steps = match driver.next() {
+            Next::Propose(steps) => steps,
+            Next::Done(ended) => break ended,
+        };
+        batches.push(steps.len());
+        while let Some((shard, step)) = steps.pop() {
+            if matches!(step, MergeStep::Retire { .. }) {
+                let record = driver.committed().unwrap();
+                let away = record.losers[0]
+                    .identities
+                    .iter()
+                    .filter(|i| i.shard(4) != record.losers[0].oneid.shard())
+                    .count();
+                assert!(away > 0, "the loser holds an identity on another shard");
+                for identity in &record.losers[0].identities {
+                    let holder = world.cluster.binding(identity).unwrap();
+                    let expected = if identity.shard(4) == record.losers[0].oneid.shard() {
+                        record.losers[0].oneid
+                    } else {
+                        record.survivor
+                    };
+                    assert_eq!(holder, expected, "{identity:?} before the retire");
+                }
+            }
+            let Output::Merge(answer) = world.cluster.apply(shard, Command::Merge(step.clone()))
+            else {
+                panic!("a merge step answers a merge answer")
+            };
+            assert_eq!(driver.answer(&step, answer), None);
+        }
+    };
+    // Two locks, the commit, the retire beside the repoint, the finish.
+    assert_eq!(batches, [1, 1, 1, 2, 1]);
+    let Ended::Finished(record, Some(_)) = ended else {
+        panic!("the merge ended {ended:?}")
+    };
+    assert!(matches!(record.state, MergeState::Finished(_)));
+    let survivor = record.survivor;
+    for identity in phones.iter().chain(&cards) {
+        assert_eq!(
+            world.cluster.binding(identity),
+            Some(survivor),
+            "{identity:?}"
+        );
+    }
+    let profiles = world.cluster.profiles();
+    assert_eq!(profiles.len(), 1);
+    assert_eq!(profiles[0].balance, 6);
+}
+
 /// Two drivers of one merge (the router and a sweep) at once: both end, the event applies
 /// once.
 #[test]
