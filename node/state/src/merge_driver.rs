@@ -1,4 +1,4 @@
-//! The driver of one merge, without I/O: it says which step to propose at which shard next
+//! The driver of one merge, without I/O: it says which steps to propose at which shards next
 //! ([`Driver::next`]) and learns from each answer ([`Driver::answer`]); its callers (the
 //! router, a shard leader's sweep, the simulation, the unit tests) propose, wait and feed it.
 //! Every step is idempotent, so any number of drivers of one merge may run at once, and a
