@@ -396,6 +396,10 @@ pub struct ShardView {
     pub digest: String,
     /// The node ids of the shard's replicas.
     pub replicas: Vec<u64>,
+    /// The node that leads the shard when all are well (its first replica in the cluster
+    /// file's placement, which spreads leaders over the nodes); a leader elected elsewhere
+    /// hands leadership back to it once it has kept up with the log.
+    pub placed_leader: u64,
     /// Replicas (node ids) that need entries the leader's log no longer holds: they catch up
     /// by snapshot (see `snapshots`). Known to the leader only.
     pub needs_snapshot: Vec<u64>,

@@ -80,21 +80,32 @@ impl TestCluster {
             node.wait_healthy().await;
         }
         // A new shard takes events once its first clock entry applied (its leader may wait to
-        // hear every voter's clock first): on every replica.
+        // hear every voter's clock first): on every replica. And the cluster is at rest once
+        // each shard is led by its placed leader: a replica elected first elsewhere hands
+        // leadership over a few seconds later, and a write during that transfer may be answered
+        // `unavailable`.
         eventually(
-            "every shard's first clock entry",
+            "every shard's first clock entry, and its placed leader leading",
             START_TIMEOUT,
             async || {
                 let views = cluster.views().await;
-                let unclocked: Vec<(u64, u32)> = views
+                let shards = views
                     .values()
-                    .flat_map(|v| v.shards.iter().map(move |s| (v.node, s)))
+                    .flat_map(|v| v.shards.iter().map(move |s| (v.node, s)));
+                let unclocked: Vec<(u64, u32)> = shards
+                    .clone()
                     .filter(|(_, s)| s.clock.starts_with("1970-"))
                     .map(|(node, s)| (node, s.id))
                     .collect();
-                match views.len() == cluster.nodes.len() && unclocked.is_empty() {
+                let led_from_home = shards
+                    .filter(|(node, s)| s.role == "leader" && *node == s.placed_leader)
+                    .count();
+                match views.len() == cluster.nodes.len()
+                    && unclocked.is_empty()
+                    && led_from_home == cluster.options.shards as usize
+                {
                     true => Ok(()),
-                    false => Err(unclocked),
+                    false => Err((unclocked, led_from_home)),
                 }
             },
         )

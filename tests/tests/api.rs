@@ -927,18 +927,19 @@ async fn cli_lookup_cluster_status_and_events_send() {
     for ((shard, earlier), line) in view.shards.iter().zip(&before.shards).zip(&lines[4..]) {
         // One replica: nothing to compare its digest with.
         let fields: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(fields.len(), 5, "{out}");
+        assert_eq!(fields.len(), 6, "{out}");
         assert_eq!(
-            [fields[0], fields[1], fields[2], fields[4]],
+            [fields[0], fields[1], fields[2], fields[3], fields[5]],
             [
                 shard.id.to_string().as_str(),
+                "1",
                 "1",
                 shard.term.to_string().as_str(),
                 "-"
             ],
             "{out}"
         );
-        let applied: u64 = fields[3].strip_prefix("1:").unwrap().parse().unwrap();
+        let applied: u64 = fields[4].strip_prefix("1:").unwrap().parse().unwrap();
         assert!(
             (earlier.applied_index..=shard.applied_index).contains(&applied),
             "{out}"

@@ -358,6 +358,8 @@ pub struct ReplicaStatus {
     pub digest: u64,
     /// Replica ids of the voters and learners.
     pub replicas: Vec<u64>,
+    /// The replica id that leads when all are well (see [`ReplicaConfig::placed_leader`]).
+    pub placed_leader: u64,
     /// Replica ids of followers that need entries this log no longer holds (a leader's view).
     pub needs_snapshot: Vec<u64>,
     /// Replica ids of followers that acknowledged every entry (a leader's view).
@@ -1387,6 +1389,7 @@ impl<S: LogSource> Replica<S> {
             applied_index: self.state.meta.applied_index,
             digest: self.state.meta.digest,
             replicas: conf.voters.iter().chain(&conf.learners).copied().collect(),
+            placed_leader: self.config.placed_leader,
             needs_snapshot,
             caught_up,
             first_index: first,

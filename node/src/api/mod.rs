@@ -700,6 +700,7 @@ impl Api {
                         applied_index: s.applied_index,
                         digest: format!("{:016x}", s.digest),
                         replicas: s.replicas.iter().map(|r| node(*r)).collect(),
+                        placed_leader: node(s.placed_leader),
                         needs_snapshot: s.needs_snapshot.iter().map(|r| node(*r)).collect(),
                         follow_ups_pending: view.follow_ups_pending,
                         clock: view.clock.to_string(),

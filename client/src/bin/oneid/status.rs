@@ -111,16 +111,17 @@ fn clock_offset(ms: i64) -> String {
 /// The table of shards, one row each (see [`shard_row`]).
 fn print_shards(shards: &BTreeMap<u32, Vec<(u64, ShardView)>>) {
     println!(
-        "{:>5} {:>6} {:>5}  {:<28} DIGESTS",
-        "SHARD", "LEADER", "TERM", "APPLIED BY NODE (LAG)"
+        "{:>5} {:>6} {:>4} {:>5}  {:<28} DIGESTS",
+        "SHARD", "LEADER", "HOME", "TERM", "APPLIED BY NODE (LAG)"
     );
     for (id, replicas) in shards {
         println!("{}", shard_row(*id, replicas));
     }
 }
 
-/// One shard's row: its leader and term, each replica's applied index with its lag behind the
-/// leader's, and the digest verdict. With no leader in sight there is no lag to show, and the
+/// One shard's row: its leader, the node it leads from when all are well (its placed leader),
+/// its term, each replica's applied index with its lag behind the leader's, and the digest
+/// verdict. With no leader in sight there is no lag to show, and the
 /// term is the highest any replica reported, as the closest to the shard's current one.
 fn shard_row(id: u32, replicas: &[(u64, ShardView)]) -> String {
     let leader = replicas.iter().find(|(_, s)| s.role == "leader");
@@ -141,8 +142,9 @@ fn shard_row(id: u32, replicas: &[(u64, ShardView)]) -> String {
             _ => format!("{node}:{}", s.applied_index),
         })
         .collect();
+    let home = replicas.first().map_or(0, |(_, s)| s.placed_leader);
     format!(
-        "{id:>5} {leader_text:>6} {term:>5}  {:<28} {}",
+        "{id:>5} {leader_text:>6} {home:>4} {term:>5}  {:<28} {}",
         applied.join(" "),
         digests(replicas)
     )
