@@ -426,7 +426,7 @@ async fn hostile_peer_connections_are_refused_while_the_cluster_writes() {
         .to_be_bytes();
     let peer = cluster.peers[0].clone();
     // The node's state format (`STATE_FORMAT`), which the handshake names.
-    let format = 12;
+    let format = 13;
     let writer = {
         let client = cluster.node(2).client();
         tokio::spawn(async move { send_all(&client, 0..400).await })

@@ -131,6 +131,11 @@ async fn a_format_12_data_directory_opens_and_answers_its_documents() {
     opens_and_answers(12, None).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_13_data_directory_opens_and_answers_its_documents() {
+    opens_and_answers(13, None).await;
+}
+
 /// The fixture of `format` opens in this build, answers its documents, takes a new event on
 /// top, and answers the same after a restart.
 async fn opens_and_answers(format: u32, seeded: Option<&Value>) {

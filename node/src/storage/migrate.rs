@@ -63,6 +63,7 @@ pub const MIGRATIONS: &[Migration] = &[
     super::migrations::TO_10,
     super::migrations::TO_11,
     super::migrations::TO_12,
+    super::migrations::TO_13,
 ];
 
 const _: () = assert!(

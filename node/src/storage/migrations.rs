@@ -125,6 +125,16 @@ pub const TO_12: Migration = Migration {
     command: <[u8]>::to_vec,
 };
 
+/// Format 13: a merge carries the loser's unlinks. A new import step and part (`Unlinks`,
+/// after every format-12 variant of each), which no format-12 state or log holds: the
+/// migration only records the format, so that an older release refuses the directory instead
+/// of meeting entries it cannot read.
+pub const TO_13: Migration = Migration {
+    from: 12,
+    state_pair: |key, value| vec![(key.to_vec(), value.to_vec())],
+    command: <[u8]>::to_vec,
+};
+
 /// A follow-up record as formats 9 to 11 stored it (a bind: format 12 appends `unbind`).
 #[derive(serde::Deserialize)]
 struct FollowUpRecord11 {

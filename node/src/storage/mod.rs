@@ -82,8 +82,9 @@ use std::sync::RwLock;
 /// what was merged into them; ledger records name a merge's peer and a moved lot's expiry;
 /// format-10 events become `LegacyEvents10`: `migrations::TO_11`). Format 12: unlink
 /// (follow-up records say whether they unbind, the key `u`, the command `Unbind` and the
-/// event type `unlink`: `migrations::TO_12`).
-pub const STATE_FORMAT: u32 = 12;
+/// event type `unlink`: `migrations::TO_12`). Format 13: a merge carries the loser's
+/// unlinks (the import step and part `Unlinks`: `migrations::TO_13`).
+pub const STATE_FORMAT: u32 = 13;
 /// fjall's own memtable limit is this many times `memtable_mib` (see `Storage::open`).
 const FJALL_ROTATION_FACTOR: u64 = 8;
 

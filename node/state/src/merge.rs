@@ -14,6 +14,7 @@ use crate::keys::{self, DueKind};
 use crate::profile::{
     Profile, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
 };
+use crate::unlink::UnlinkRecord;
 use crate::{LedgerKind, LedgerRecord, OrderRecord};
 use oneid_protocol::api::NotLinkedReason;
 use oneid_protocol::ids::{Identity, OneId};
@@ -163,7 +164,9 @@ pub struct Tombstone {
     pub at: Millis,
 }
 
-/// What the survivor imports of a loser next, in this order.
+/// What the survivor imports of a loser next: its profile, orders, exactly-once records, then
+/// its unlinks if it has any. (Variants keep their encoded order: `Unlinks`, of format 13,
+/// comes after `Done`.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ImportStep {
     /// Its profile record (lots, totals, tags, attributes, channels, identities).
@@ -173,6 +176,8 @@ pub enum ImportStep {
     /// Its exactly-once records after this event id.
     Dedup(Option<String>),
     Done,
+    /// Its unlink records (at most [`crate::unlink::UNLINKED_PER_PROFILE_MAX`], one part).
+    Unlinks,
 }
 
 /// One part of a loser's state, exported by its shard and imported by the survivor's: at most
@@ -197,6 +202,10 @@ pub enum ImportPart {
         event_ids: Vec<String>,
         next: ImportStep,
     },
+    /// The identities unlinked from the loser, with their records: an event dated before an
+    /// unlink binds the value to the survivor no more than it would have to the loser. A loser
+    /// with unlinks is never exported `Whole`.
+    Unlinks(Vec<(Identity, UnlinkRecord)>),
 }
 
 impl ImportPart {
@@ -206,6 +215,7 @@ impl ImportPart {
             ImportPart::Profile(_) | ImportPart::Whole { .. } => ImportStep::Profile,
             ImportPart::Orders { after, .. } => ImportStep::Orders(after.clone()),
             ImportPart::Dedup { after, .. } => ImportStep::Dedup(after.clone()),
+            ImportPart::Unlinks(_) => ImportStep::Unlinks,
         }
     }
 }

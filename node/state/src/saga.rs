@@ -35,7 +35,9 @@ use crate::merge::{
     MERGES_PER_PROFILE_MAX, TOMBSTONE_DELETES_MAX,
 };
 use crate::segments::Eval;
+use crate::unlink::{UnlinkRecord, UNLINKED_PER_PROFILE_MAX};
 use oneid_protocol::api::{NotLinked, NotLinkedReason};
+use oneid_protocol::event::IDENTITIES_PER_EVENT_MAX;
 
 /// Most rows one export part reads (each also counts against [`EXPORT_BYTES_MAX`]). Small in
 /// unit tests, so that their merges export in several parts.
@@ -448,6 +450,7 @@ impl ShardState {
                     .collect();
                 let next = match last {
                     Some(id) => ImportStep::Dedup(Some(id)),
+                    None if has_unlinks(tx, loser) => ImportStep::Unlinks,
                     None => ImportStep::Done,
                 };
                 MergeAnswer::Export(Box::new(ImportPart::Dedup {
@@ -455,6 +458,10 @@ impl ShardState {
                     event_ids,
                     next,
                 }))
+            }
+            ImportStep::Unlinks => {
+                let records = unlinks_of(tx, loser);
+                MergeAnswer::Export(Box::new(ImportPart::Unlinks(records)))
             }
             ImportStep::Done => MergeAnswer::Export(Box::new(ImportPart::Dedup {
                 after: None,
@@ -551,7 +558,36 @@ impl ShardState {
                 self.import_dedup(tx, profile, event_ids, index);
                 next
             }
+            ImportPart::Unlinks(records) => {
+                self.import_unlinks(tx, profile, records);
+                ImportStep::Done
+            }
         }
+    }
+
+    /// A loser's unlinks into the survivor, for the identities it does not hold: each keeps the
+    /// later of the two dates where both unlinked the same value, and the survivor's own
+    /// unbind still pending (the loser's unbinds finish on the loser's records).
+    fn import_unlinks(
+        &self,
+        tx: &mut Tx<'_>,
+        profile: &Profile,
+        records: Vec<(Identity, UnlinkRecord)>,
+    ) {
+        let imported = records.len();
+        for (identity, record) in records {
+            if profile.holds(&identity) {
+                continue;
+            }
+            let key = keys::unlinked(profile.oneid, &identity);
+            let own = tx.get_as::<UnlinkRecord>(&key);
+            let merged = UnlinkRecord {
+                at: own.map_or(record.at, |own| own.at.max(record.at)),
+                unbinding: own.is_some_and(|own| own.unbinding),
+            };
+            tx.put(key, &merged);
+        }
+        self.forget_oldest_unlinks(tx, profile.oneid, imported);
     }
 
     /// A loser's exactly-once records into the survivor: a retry of an event that applied to
@@ -790,7 +826,8 @@ fn whole_or_profile(tx: &Tx<'_>, profile: &Profile) -> ImportPart {
         .map(|(k, v)| k.len() + v.len())
         .sum::<usize>()
         + encode(profile).len();
-    if more_orders.is_some() || more_dedup.is_some() || bytes > EXPORT_BYTES_MAX {
+    let too_big = more_orders.is_some() || more_dedup.is_some() || bytes > EXPORT_BYTES_MAX;
+    if too_big || has_unlinks(tx, loser) {
         return ImportPart::Profile(Box::new(profile.clone()));
     }
     ImportPart::Whole {
@@ -804,6 +841,25 @@ fn whole_or_profile(tx: &Tx<'_>, profile: &Profile) -> ImportPart {
             .map(|(key, _)| keys::dedup_event_id(key))
             .collect(),
     }
+}
+
+/// Whether any identity was unlinked from `oneid` (and is still remembered).
+fn has_unlinks(tx: &Tx<'_>, oneid: OneId) -> bool {
+    let prefix = keys::unlinked_prefix(oneid);
+    let below = [&prefix[..], &[u8::MAX]].concat();
+    !tx.scan_below(&prefix, None, &below, 1).is_empty()
+}
+
+/// Every unlink `oneid` remembers (at most [`UNLINKED_PER_PROFILE_MAX`], and what one event
+/// names past it while its unbinds are pending), with its identity.
+fn unlinks_of(tx: &Tx<'_>, oneid: OneId) -> Vec<(Identity, UnlinkRecord)> {
+    let prefix = keys::unlinked_prefix(oneid);
+    let below = [&prefix[..], &[u8::MAX]].concat();
+    let read_max = UNLINKED_PER_PROFILE_MAX + IDENTITIES_PER_EVENT_MAX;
+    let rows = tx.scan_below(&prefix, None, &below, read_max);
+    rows.into_iter()
+        .map(|(key, value)| (keys::unlinked_identity(&key), decode(&key, &value)))
+        .collect()
 }
 
 /// A profile's identities, one by one.

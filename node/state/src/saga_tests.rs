@@ -1200,3 +1200,105 @@ fn the_commit_refuses_merges_past_the_policys_limits() {
     });
     assert_eq!(refusal(&a, &b, taken), Some(NotLinkedReason::MergeDisabled));
 }
+
+/// A loser's unlinks go with it: an event dated before one, naming the value for the survivor,
+/// binds it there no more than it would have to the loser; a value the survivor holds keeps
+/// no record from the loser.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_losers_unlinks_hold_on_its_survivor() {
+    let mut world = World::new(Cluster::new(4), 1);
+    let at = |ms: i64| Millis(T0 + ms).to_string();
+    // Y, minted first (same priority), survives X.
+    world.send(json!({"event_id": "y", "type": "identify",
+        "identities": {"wechat_unionid": "wy"}, "ts": at(-9)}));
+    world.send(json!({"event_id": "x", "type": "points_earn", "points": 4,
+        "identities": {"phone": "px", "email": "ex", "member_card": "mx"}, "ts": at(0)}));
+    let c = &world.cluster;
+    let (x, y) = (
+        c.binding(&id("phone", "px")).unwrap(),
+        c.binding(&id("wechat_unionid", "wy")).unwrap(),
+    );
+    world.send(
+        json!({"event_id": "u1", "type": "unlink", "oneid": x.to_string(),
+        "identities": {"email": "ex"}, "ts": at(10_000)}),
+    );
+    world.send(
+        json!({"event_id": "u2", "type": "unlink", "oneid": x.to_string(),
+        "identities": {"member_card": "mx"}, "ts": at(11_000)}),
+    );
+    // The card, unlinked from X, goes to Y.
+    world.send(json!({"event_id": "y-card", "type": "identify",
+        "identities": {"wechat_unionid": "wy", "member_card": "mx"}, "ts": at(12_000)}));
+    assert_eq!(world.cluster.binding(&id("member_card", "mx")), Some(y));
+
+    world.send(
+        json!({"event_id": "both", "type": "points_earn", "points": 1,
+        "identities": {"phone": "px", "wechat_unionid": "wy"}, "ts": at(20_000)}),
+    );
+    let c = &world.cluster;
+    assert_eq!(c.live(x), y, "X merged into Y");
+    assert_eq!(
+        c.get::<UnlinkRecord>(y.shard(), &keys::unlinked(y, &id("email", "ex"))),
+        Some(UnlinkRecord {
+            at: Millis(T0 + 10_000),
+            unbinding: false
+        })
+    );
+    let card = id("member_card", "mx");
+    assert_eq!(
+        c.get::<UnlinkRecord>(y.shard(), &keys::unlinked(y, &card)),
+        None
+    );
+
+    // An event dated between the unlinks' dates and the merge, naming all three for Y.
+    let old = event(
+        &json!({"event_id": "old", "type": "points_earn", "points": 2,
+        "identities": {"wechat_unionid": "wy", "email": "ex", "member_card": "mx"},
+        "ts": at(5_000)}),
+    );
+    let found = old
+        .identities
+        .iter()
+        .map(|i| match c.binding(i) {
+            Some(oneid) => Found::Bound {
+                oneid: c.live(oneid),
+                epoch: command::EPOCH_UNKNOWN,
+            },
+            None => Found::Unbound,
+        })
+        .collect();
+    let email = id("email", "ex");
+    let routed = Routed {
+        event: old,
+        target: Target::Existing(y),
+        rules_version: 0,
+        link_elsewhere: [email.clone()]
+            .into_iter()
+            .filter(|i| i.shard(4) != y.shard())
+            .collect(),
+        found,
+    };
+    let Output::Events {
+        outcomes,
+        follow_ups,
+    } = world
+        .cluster
+        .apply(y.shard(), Command::Events(vec![routed]))
+    else {
+        panic!("events answered otherwise")
+    };
+    assert_eq!(
+        outcomes,
+        [EventOutcome::Applied(
+            y,
+            vec![tests::not_linked("email", "ex", NotLinkedReason::Unlinked)]
+        )]
+    );
+    assert_eq!(follow_ups, []);
+    assert_eq!(world.cluster.binding(&email), None);
+    let survivor = world.cluster.profiles();
+    let survivor = survivor.iter().find(|p| p.oneid == y).unwrap();
+    assert!(!survivor.holds(&email) && survivor.holds(&card));
+    assert_eq!(survivor.balance, 4 + 1 + 2);
+}

@@ -103,7 +103,7 @@ impl ShardState {
         if unbound_here {
             self.record.binding_epoch += 1;
         }
-        self.forget_oldest_unlinks(tx, oneid);
+        self.forget_oldest_unlinks(tx, oneid, 0);
         tx.put_new(dedup_key.clone(), &DedupRecord { index });
         self.retained.dedup.push(dedup_key);
         profile.version += 1;
@@ -137,13 +137,15 @@ impl ShardState {
     }
 
     /// Forgets the oldest unlinks of a profile past [`UNLINKED_PER_PROFILE_MAX`] (never one
-    /// whose unbind is pending).
-    fn forget_oldest_unlinks(&self, tx: &mut Tx<'_>, oneid: OneId) {
+    /// whose unbind is pending), once an unlink event added its own, or a merge `imported`
+    /// a loser's.
+    pub(super) fn forget_oldest_unlinks(&self, tx: &mut Tx<'_>, oneid: OneId, imported: usize) {
         let prefix = keys::unlinked_prefix(oneid);
         let mut below = prefix.clone();
         below.push(u8::MAX);
-        // At most the limit before this unlink, and what one event names.
-        let read_max = UNLINKED_PER_PROFILE_MAX + IDENTITIES_PER_EVENT_MAX + 1;
+        // At most the limit before this unlink, and what one event names (and what a merge
+        // imported: an unlink imports none, and reads what it always read).
+        let read_max = UNLINKED_PER_PROFILE_MAX + IDENTITIES_PER_EVENT_MAX + imported + 1;
         let rows = tx.scan_below(&prefix, None, &below, read_max);
         let excess = rows.len().saturating_sub(UNLINKED_PER_PROFILE_MAX);
         if excess == 0 {
