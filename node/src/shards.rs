@@ -773,7 +773,9 @@ fn forwardable(shard: ShardId, command: &Command) -> bool {
         | Command::LegacyEvents(_)
         | Command::LegacyDefineSegment(..)
         | Command::LegacyEvents9(_)
-        | Command::LegacyEvents10(_) => false,
+        | Command::LegacyEvents10(_)
+        | Command::LegacyEvents12(_)
+        | Command::LegacyMerge12(_) => false,
     }
 }
 

@@ -125,15 +125,28 @@ pub const TO_12: Migration = Migration {
     command: <[u8]>::to_vec,
 };
 
-/// Format 13: a merge carries the loser's unlinks. A new import step and part (`Unlinks`,
-/// after every format-12 variant of each), which no format-12 state or log holds: the
-/// migration only records the format, so that an older release refuses the directory instead
-/// of meeting entries it cannot read.
+/// Format 13: what a merge carries more.
+/// - The loser's unlinks: a new import step and part (`Unlinks`, after every format-12
+///   variant of each), which no format-12 state or log holds.
+/// - Removals of attributes and manual tags by events are remembered with their time (a
+///   merge keeps the newer of a write and a removal), so format-12 `Events` and `Merge`
+///   steps (which may apply a cause) become `LegacyEvents12` and `LegacyMerge12`, which
+///   apply as they did. Stored state keeps its bytes: no format-12 profile remembers one.
 pub const TO_13: Migration = Migration {
     from: 12,
     state_pair: |key, value| vec![(key.to_vec(), value.to_vec())],
-    command: <[u8]>::to_vec,
+    command: |command| match command.split_first() {
+        Some((&EVENTS_12, payload)) => [&[LEGACY_EVENTS_12], payload].concat(),
+        Some((&MERGE_12, payload)) => [&[LEGACY_MERGE_12], payload].concat(),
+        _ => command.to_vec(),
+    },
 };
+
+/// Format 12's `Events` and `Merge`, and format 13's `LegacyEvents12` and `LegacyMerge12`.
+const EVENTS_12: u8 = 3;
+const MERGE_12: u8 = 17;
+const LEGACY_EVENTS_12: u8 = 19;
+const LEGACY_MERGE_12: u8 = 20;
 
 /// A follow-up record as formats 9 to 11 stored it (a bind: format 12 appends `unbind`).
 #[derive(serde::Deserialize)]
@@ -546,5 +559,44 @@ mod tests {
         );
         let events = Command::Events(vec![]).encode();
         assert_eq!((TO_12.command)(&events), events);
+    }
+
+    #[test]
+    fn format_12_events_and_merge_steps_become_their_legacy_commands() {
+        let event = oneid_protocol::event::Event::parse(
+            &serde_json::value::to_raw_value(&serde_json::json!({"event_id": "e1",
+                "type": "tag_remove", "identities": {"phone": "1"}, "tag": "vip"}))
+            .unwrap(),
+            Some(Millis(1_767_225_600_000)),
+        )
+        .unwrap();
+        let routed = oneid_state::command::Routed {
+            event,
+            target: Target::Claim,
+            rules_version: 1,
+            link_elsewhere: vec![],
+            found: vec![],
+        };
+        let step = oneid_state::command::MergeStep::Finish {
+            merge: oneid_state::merge::MergeId(7),
+        };
+        let cases = [
+            (
+                Command::Events(vec![routed.clone()]),
+                Command::LegacyEvents12(vec![routed]),
+            ),
+            (Command::Merge(step.clone()), Command::LegacyMerge12(step)),
+        ];
+        for (old, new) in cases {
+            assert_eq!((TO_13.command)(&old.encode()), new.encode());
+        }
+        // Everything else keeps its bytes, state and commands.
+        let unbind = Command::Unbind(vec![]).encode();
+        assert_eq!((TO_13.command)(&unbind), unbind);
+        let shard = postcard::to_stdvec(&ShardRecord::default()).unwrap();
+        assert_eq!(
+            (TO_13.state_pair)(keys::SHARD, &shard),
+            vec![(keys::SHARD.to_vec(), shard)]
+        );
     }
 }

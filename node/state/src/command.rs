@@ -92,6 +92,14 @@ pub enum Command {
     /// the profile named (an `unlink` took the identity off it; see `unlink.rs`): answered
     /// `Unbound` either way. Idempotent.
     Unbind(Vec<(Identity, OneId)>),
+    /// Events of formats 11 and 12, in a log migrated to format 13 (never proposed): they
+    /// apply as they did, a removal of an attribute or manual tag forgetting its write time,
+    /// so a replica that applies one after the upgrade ends where one that applied it before
+    /// ends.
+    LegacyEvents12(Vec<Routed>),
+    /// A merge step of formats 11 and 12, in a log migrated to format 13 (never proposed): it
+    /// applies as `Merge` does, its cause (if it applies one) as `LegacyEvents12` events.
+    LegacyMerge12(MergeStep),
 }
 
 /// The steps of a merge, each one idempotent Raft entry of bounded size on its own shard (see

@@ -343,6 +343,33 @@ impl ShardState {
             Command::Backfill => Output::Backfill {
                 more: self.backfill(tx),
             },
+            Command::Merge(step) => {
+                Output::Merge(self.apply_merge_step(tx, index, step, EventsOf::Current))
+            }
+            Command::Unbind(pairs) => Output::Bind(
+                pairs
+                    .into_iter()
+                    .map(|(identity, oneid)| self.apply_unbind(tx, identity, oneid))
+                    .collect(),
+            ),
+            Command::SetRules(_)
+            | Command::SeedRules(_)
+            | Command::DefineRules(_)
+            | Command::InstallRules { .. }
+            | Command::SeedRetention(_) => self.apply_rules_command(tx, command),
+            Command::LegacyClock { .. }
+            | Command::LegacyEvents(_)
+            | Command::LegacyEvents9(_)
+            | Command::LegacyEvents10(_)
+            | Command::LegacyDefineSegment(..)
+            | Command::LegacyEvents12(_)
+            | Command::LegacyMerge12(_) => self.apply_legacy_command(tx, index, command),
+        }
+    }
+
+    /// An entry of an older format in a migrated log: it applies as that format did.
+    fn apply_legacy_command(&mut self, tx: &mut Tx<'_>, index: u64, command: Command) -> Output {
+        match command {
             Command::LegacyClock { now, retention } => {
                 let (due_processed, backlog) = self.apply_legacy_clock(tx, now, retention);
                 Output::Clock {
@@ -364,18 +391,13 @@ impl ShardState {
             Command::LegacyDefineSegment(define, at) => {
                 Output::Segment(self.define_segment(tx, define, at))
             }
-            Command::Merge(step) => Output::Merge(self.apply_merge_step(tx, index, step)),
-            Command::Unbind(pairs) => Output::Bind(
-                pairs
-                    .into_iter()
-                    .map(|(identity, oneid)| self.apply_unbind(tx, identity, oneid))
-                    .collect(),
-            ),
-            Command::SetRules(_)
-            | Command::SeedRules(_)
-            | Command::DefineRules(_)
-            | Command::InstallRules { .. }
-            | Command::SeedRetention(_) => self.apply_rules_command(tx, command),
+            Command::LegacyEvents12(events) => {
+                self.apply_events(tx, index, events, EventsOf::Format12)
+            }
+            Command::LegacyMerge12(step) => {
+                Output::Merge(self.apply_merge_step(tx, index, step, EventsOf::Format12))
+            }
+            other => unreachable!("{other:?} is no legacy command"),
         }
     }
 

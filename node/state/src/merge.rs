@@ -12,7 +12,8 @@
 use crate::command::{EventOutcome, Routed};
 use crate::keys::{self, DueKind};
 use crate::profile::{
-    Profile, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
+    forget_oldest_removals, Profile, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX,
+    MANUAL_TAGS_PER_PROFILE_MAX,
 };
 use crate::unlink::UnlinkRecord;
 use crate::{LedgerKind, LedgerRecord, OrderRecord};
@@ -499,11 +500,18 @@ impl Profile {
     }
 
     /// Manual tags of both: a tag both hold keeps the later expiry (none is latest) and the
-    /// later write; past [`MANUAL_TAGS_PER_PROFILE_MAX`], the most recently written stay.
-    /// Answers the tags dropped; a tag whose expiry came from the loser gets its due key.
+    /// later write; a removal by an event newer than the other's add stays removed; past
+    /// [`MANUAL_TAGS_PER_PROFILE_MAX`], the most recently written stay. Answers the tags
+    /// dropped; a tag whose expiry came from the loser gets its due key.
     fn absorb_tags(&mut self, loser: &Profile, due: &mut Vec<Vec<u8>>) -> Vec<String> {
         for (tag, expires) in &loser.manual_tags {
             let written = written_at(&loser.manual_tag_at, tag, loser);
+            // Removed here since (the survivor's on a tie).
+            let removed = !self.manual_tags.contains_key(tag)
+                && self.manual_tag_at.get(tag).is_some_and(|at| *at >= written);
+            if removed {
+                continue;
+            }
             let expires = match self.manual_tags.get(tag) {
                 Some(None) => None,
                 Some(Some(mine)) => expires.map(|theirs| theirs.max(*mine)),
@@ -523,15 +531,31 @@ impl Profile {
             let at = self.manual_tag_at.entry(tag.clone()).or_insert(written);
             *at = (*at).max(written);
         }
-        let dropped = oldest_past(&self.manual_tag_at, MANUAL_TAGS_PER_PROFILE_MAX);
+        for (tag, removed) in removals(&loser.manual_tag_at, &loser.manual_tags) {
+            let held = self.manual_tag_at.get(tag);
+            if held.is_none_or(|at| removed > *at) {
+                self.manual_tags.remove(tag);
+                self.manual_tag_at.insert(tag.clone(), removed);
+            }
+        }
+        let dropped = oldest_past(
+            &live_times(&self.manual_tag_at, &self.manual_tags),
+            MANUAL_TAGS_PER_PROFILE_MAX,
+        );
         for tag in &dropped {
             self.remove_manual_tag(tag);
         }
+        forget_oldest_removals(
+            &mut self.manual_tag_at,
+            &self.manual_tags,
+            MANUAL_TAGS_PER_PROFILE_MAX,
+        );
         dropped
     }
 
-    /// Attributes of both: of one both hold, the newer write (the survivor's on a tie); past
-    /// [`ATTRIBUTES_PER_PROFILE_MAX`], the most recently written stay. Answers those dropped.
+    /// Attributes of both: of one both wrote, the newer write, a removal included (the
+    /// survivor's on a tie); past [`ATTRIBUTES_PER_PROFILE_MAX`], the most recently written
+    /// stay. Answers those dropped.
     fn absorb_attributes(&mut self, loser: &Profile) -> Vec<String> {
         for (name, value) in &loser.attributes {
             let written = written_at(&loser.attribute_at, name, loser);
@@ -544,11 +568,25 @@ impl Profile {
                 self.attribute_at.insert(name.clone(), written);
             }
         }
-        let dropped = oldest_past(&self.attribute_at, ATTRIBUTES_PER_PROFILE_MAX);
+        for (name, removed) in removals(&loser.attribute_at, &loser.attributes) {
+            if self.attribute_at.get(name).is_none_or(|at| removed > *at) {
+                self.attributes.remove(name);
+                self.attribute_at.insert(name.clone(), removed);
+            }
+        }
+        let dropped = oldest_past(
+            &live_times(&self.attribute_at, &self.attributes),
+            ATTRIBUTES_PER_PROFILE_MAX,
+        );
         for name in &dropped {
             self.attributes.remove(name);
             self.attribute_at.remove(name);
         }
+        forget_oldest_removals(
+            &mut self.attribute_at,
+            &self.attributes,
+            ATTRIBUTES_PER_PROFILE_MAX,
+        );
         dropped
     }
 
@@ -601,6 +639,29 @@ fn union_latest(
 }
 
 /// The names beyond the `max` most recent (by time, then name), sorted by name.
+/// The removals `times` remembers: the names `live` does not hold, with when.
+fn removals<'a, V>(
+    times: &'a BTreeMap<String, Millis>,
+    live: &'a BTreeMap<String, V>,
+) -> impl Iterator<Item = (&'a String, Millis)> {
+    times
+        .iter()
+        .filter(|(name, _)| !live.contains_key(*name))
+        .map(|(name, at)| (name, *at))
+}
+
+/// The write times of the names `live` holds (not the removals `times` remembers).
+fn live_times<V>(
+    times: &BTreeMap<String, Millis>,
+    live: &BTreeMap<String, V>,
+) -> BTreeMap<String, Millis> {
+    times
+        .iter()
+        .filter(|(name, _)| live.contains_key(*name))
+        .map(|(name, at)| (name.clone(), *at))
+        .collect()
+}
+
 fn oldest_past(times: &BTreeMap<String, Millis>, max: usize) -> Vec<String> {
     if times.len() <= max {
         return Vec::new();

@@ -415,12 +415,18 @@ fn writes_are_dated_by_their_events_and_format_10_events_date_them_as_the_migrat
         json!({"event_id": "e5", "type": "profile_update",
         "attributes": {"age": null}, "ts": ts(3)}),
     ));
+    // A removal is remembered, dated by its event.
     let profile = h.profile(p);
     assert_eq!(
         profile.attribute_at,
-        BTreeMap::from([("city".into(), at(1))])
+        BTreeMap::from([("age".into(), at(3)), ("city".into(), at(1))])
     );
-    assert!(profile.manual_tag_at.is_empty());
+    assert!(!profile.attributes.contains_key("age"));
+    assert_eq!(
+        profile.manual_tag_at,
+        BTreeMap::from([("vip".into(), at(3))])
+    );
+    assert!(profile.manual_tags.is_empty());
 
     let mut event = on(
         p,

@@ -74,13 +74,16 @@ pub struct Profile {
     pub updated_at: Millis,
     /// Next ledger sequence number of this profile.
     pub ledger_seq: u64,
-    /// When each attribute was last written (its event's `ts`): of an attribute both
-    /// profiles of a merge hold, the newer write stays. Its keys are `attributes`' keys.
+    /// When each attribute was last written (its event's `ts`), or removed: a name without an
+    /// attribute was removed then (the [`ATTRIBUTES_PER_PROFILE_MAX`] latest removals are
+    /// remembered). Of an attribute a merge's profiles wrote, the newer write stays, a
+    /// removal included. Its keys hold `attributes`' keys.
     /// The fields from here on are format 11's, appended so that a migration can decode an
     /// older profile with their defaults after it.
     pub attribute_at: BTreeMap<String, Millis>,
-    /// When each manual tag was last added (its event's `ts`), for merges like
-    /// `attribute_at`. Its keys are `manual_tags`' keys.
+    /// When each manual tag was last added or removed by an event (its `ts`), for merges like
+    /// `attribute_at` (the [`MANUAL_TAGS_PER_PROFILE_MAX`] latest removals are remembered; an
+    /// expiry is no removal). Its keys hold `manual_tags`' keys.
     pub manual_tag_at: BTreeMap<String, Millis>,
     /// When this OneID was minted (its first event's `ts`). Unlike `created_at`, which a
     /// merge moves to the earliest of the profiles merged, it never changes: it ranks the
@@ -342,10 +345,31 @@ impl Profile {
         }
     }
 
-    /// Removes a manual tag and the time it was added.
+    /// Removes a manual tag and the time it was added (it expired, or a merge dropped it).
     pub fn remove_manual_tag(&mut self, tag: &str) {
         self.manual_tags.remove(tag);
         self.manual_tag_at.remove(tag);
+    }
+
+    /// Removes a manual tag by an event dated `at`, remembering when (see `manual_tag_at`).
+    pub fn untag(&mut self, tag: &str, at: Millis) {
+        let max = MANUAL_TAGS_PER_PROFILE_MAX;
+        remove_remembering(&mut self.manual_tags, &mut self.manual_tag_at, tag, at, max);
+    }
+
+    /// Removes an attribute by an event dated `at`, remembering when (see `attribute_at`).
+    pub fn remove_attribute(&mut self, name: &str, at: Millis) {
+        let max = ATTRIBUTES_PER_PROFILE_MAX;
+        remove_remembering(&mut self.attributes, &mut self.attribute_at, name, at, max);
+    }
+
+    /// Forgets every removal remembered, as events of format 12 and before did (see
+    /// `EventsOf::remembers_removals`).
+    pub fn forget_removals(&mut self) {
+        let (attributes, tags) = (&self.attributes, &self.manual_tags);
+        self.attribute_at
+            .retain(|name, _| attributes.contains_key(name));
+        self.manual_tag_at.retain(|tag, _| tags.contains_key(tag));
     }
 
     pub fn tags(&self) -> BTreeSet<&str> {
@@ -520,5 +544,40 @@ impl ShardState {
         let stored_hash = pair_hash(&key, &bytes);
         tx.put_known(key, old, bytes);
         stored_hash
+    }
+}
+
+/// Removes `name` from `live`, remembering in `times` that it was removed `at` (at most `max`
+/// removals remembered).
+fn remove_remembering<V>(
+    live: &mut BTreeMap<String, V>,
+    times: &mut BTreeMap<String, Millis>,
+    name: &str,
+    at: Millis,
+    max: usize,
+) {
+    live.remove(name);
+    times.insert(name.to_string(), at);
+    forget_oldest_removals(times, live, max);
+}
+
+/// Forgets the oldest removals `times` remembers (names `live` does not hold) past `max`.
+pub(crate) fn forget_oldest_removals<V>(
+    times: &mut BTreeMap<String, Millis>,
+    live: &BTreeMap<String, V>,
+    max: usize,
+) {
+    let mut removals: Vec<(Millis, String)> = times
+        .iter()
+        .filter(|(name, _)| !live.contains_key(*name))
+        .map(|(name, at)| (*at, name.clone()))
+        .collect();
+    if removals.len() <= max {
+        return;
+    }
+    removals.sort();
+    let excess = removals.len() - max;
+    for (_, name) in removals.into_iter().take(excess) {
+        times.remove(&name);
     }
 }

@@ -45,16 +45,20 @@ const EXPORT_ROWS_MAX: usize = if cfg!(test) { 3 } else { 10_000 };
 
 impl ShardState {
     /// Applies a merge step (see the module's comment).
+    /// Applies a merge step; a cause it applies (at a commit the policy refuses, or at the
+    /// finish) applies as events `of` that format.
     pub(super) fn apply_merge_step(
         &mut self,
         tx: &mut Tx<'_>,
         index: u64,
         step: MergeStep,
+        of: EventsOf,
     ) -> MergeAnswer {
+        let at = (index, of);
         match step {
-            MergeStep::Lock { plan, oneid } => self.merge_lock(tx, index, *plan, oneid),
+            MergeStep::Lock { plan, oneid } => self.merge_lock(tx, at, *plan, oneid),
             MergeStep::Commit { plan, participants } => {
-                self.merge_commit(tx, index, *plan, participants)
+                self.merge_commit(tx, at, *plan, participants)
             }
             MergeStep::CommitWith {
                 plan,
@@ -62,7 +66,7 @@ impl ShardState {
                 parts,
             } => {
                 let merge = plan.merge;
-                match self.merge_commit(tx, index, *plan, participants) {
+                match self.merge_commit(tx, at, *plan, participants) {
                     // Committed now: the parts go in with it.
                     MergeAnswer::Record(record) if record.state == MergeState::Importing => {
                         let mut answer = MergeAnswer::Record(record);
@@ -93,7 +97,7 @@ impl ShardState {
                 to,
                 identities,
             } => MergeAnswer::Repointed(self.repoint(tx, from, to, identities)),
-            MergeStep::Finish { merge } => self.merge_finish(tx, index, merge),
+            MergeStep::Finish { merge } => self.merge_finish(tx, at, merge),
             MergeStep::Unlock { merge, oneid } => {
                 MergeAnswer::Unlocked(self.merge_unlock(tx, merge, oneid))
             }
@@ -124,7 +128,7 @@ impl ShardState {
     fn merge_lock(
         &mut self,
         tx: &mut Tx<'_>,
-        index: u64,
+        at: (u64, EventsOf),
         plan: MergePlan,
         oneid: OneId,
     ) -> MergeAnswer {
@@ -151,7 +155,7 @@ impl ShardState {
                         self.activations.insert(profile, stored_hash);
                         // As routed this time.
                         let record = MergeRecord { plan, ..record };
-                        return self.apply_refused(tx, index, record, reason);
+                        return self.apply_refused(tx, at, record, reason);
                     }
                     _ => MergeAnswer::Record(Box::new(record)),
                 }
@@ -198,7 +202,7 @@ impl ShardState {
     fn merge_commit(
         &mut self,
         tx: &mut Tx<'_>,
-        index: u64,
+        at: (u64, EventsOf),
         plan: MergePlan,
         participants: Vec<Participant>,
     ) -> MergeAnswer {
@@ -258,7 +262,7 @@ impl ShardState {
         // Refused: the survivor is unlocked and takes the cause alone.
         self.unlisted_lock(tx, survivor);
         self.store_profile(tx, profile, Some(stored_hash));
-        self.apply_refused(tx, index, record, reason)
+        self.apply_refused(tx, at, record, reason)
     }
 
     /// A refused merge's survivor (unlocked) takes the cause alone; the record says how it
@@ -266,12 +270,12 @@ impl ShardState {
     fn apply_refused(
         &mut self,
         tx: &mut Tx<'_>,
-        index: u64,
+        at: (u64, EventsOf),
         mut record: MergeRecord,
         reason: NotLinkedReason,
     ) -> MergeAnswer {
         let (outcome, follow_ups) =
-            self.apply_cause(tx, index, &record.plan, record.survivor, Some(&reason));
+            self.apply_cause(tx, at, &record.plan, record.survivor, Some(&reason));
         record.state = MergeState::Refused(reason, outcome);
         tx.put(keys::merge(record.plan.merge), &record);
         MergeAnswer::Finished(Box::new(record), Some(follow_ups))
@@ -328,7 +332,7 @@ impl ShardState {
     fn apply_cause(
         &mut self,
         tx: &mut Tx<'_>,
-        index: u64,
+        (index, of): (u64, EventsOf),
         plan: &MergePlan,
         survivor: OneId,
         refused: Option<&NotLinkedReason>,
@@ -403,7 +407,7 @@ impl ShardState {
             found: kept_found,
         };
         let mut follow_ups = Vec::new();
-        let mut outcome = self.apply_event(tx, index, routed, EventsOf::Current, &mut follow_ups);
+        let mut outcome = self.apply_event(tx, index, routed, of, &mut follow_ups);
         if let EventOutcome::Applied(_, not_linked) = &mut outcome {
             not_linked.extend(left_out);
             NotLinked::sort(&mut not_linked[..]);
@@ -751,7 +755,12 @@ impl ShardState {
     }
 
     /// The last step (see the module's comment); a merge not imported yet answers its record.
-    fn merge_finish(&mut self, tx: &mut Tx<'_>, index: u64, merge: MergeId) -> MergeAnswer {
+    fn merge_finish(
+        &mut self,
+        tx: &mut Tx<'_>,
+        at: (u64, EventsOf),
+        merge: MergeId,
+    ) -> MergeAnswer {
         let Some(mut record) = self.merge_record(tx, merge) else {
             return MergeAnswer::NotLocked;
         };
@@ -778,7 +787,7 @@ impl ShardState {
         self.settle(tx, &mut profile, Eval::All);
         self.store_profile(tx, profile, Some(stored_hash));
         tx.put_new(keys::merged(survivor, merge), &());
-        let (outcome, follow_ups) = self.apply_cause(tx, index, &record.plan, survivor, None);
+        let (outcome, follow_ups) = self.apply_cause(tx, at, &record.plan, survivor, None);
         record.state = MergeState::Finished(outcome);
         tx.put(keys::merge(merge), &record);
         MergeAnswer::Finished(Box::new(record), Some(follow_ups))

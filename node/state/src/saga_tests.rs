@@ -1302,3 +1302,142 @@ fn a_losers_unlinks_hold_on_its_survivor() {
     assert!(!survivor.holds(&email) && survivor.holds(&card));
     assert_eq!(survivor.balance, 4 + 1 + 2);
 }
+
+/// A removal of an attribute or manual tag is a write like any other: of a name both
+/// profiles of a merge wrote, the newer stays, whether it set the name or removed it.
+#[test]
+#[allow(clippy::too_many_lines)]
+fn a_merge_keeps_the_newer_of_a_write_and_a_removal() {
+    let mut world = World::new(Cluster::new(4), 1);
+    let at = |seconds: i64| Millis(T0 + seconds * 1_000).to_string();
+    // X, minted first (same priority), survives Y.
+    let mut send = |n: &str, identities: serde_json::Value, body: serde_json::Value, s: i64| {
+        let mut event = json!({"event_id": n, "identities": identities, "ts": at(s)});
+        event
+            .as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        world.send(event);
+    };
+    let (x, y) = (json!({"wechat_unionid": "wx"}), json!({"phone": "py"}));
+    send("x0", x.clone(), json!({"type": "identify"}), -2);
+    send("y0", y.clone(), json!({"type": "identify"}), -1);
+    let update =
+        |attributes: serde_json::Value| json!({"type": "profile_update", "attributes": attributes});
+    // city: X set it, then removed it after Y set it: stays removed.
+    send("x1", x.clone(), update(json!({"city": "bj"})), 1);
+    send("y1", y.clone(), update(json!({"city": "sh"})), 2);
+    send("x2", x.clone(), update(json!({"city": null})), 3);
+    // size: Y removed it after X set it: removed from X.
+    send("x3", x.clone(), update(json!({"size": "M"})), 1);
+    send("y2", y.clone(), update(json!({"size": "L"})), 1);
+    send("y3", y.clone(), update(json!({"size": null})), 4);
+    // color: X removed it before Y set it: Y's value comes.
+    send("x4", x.clone(), update(json!({"color": "red"})), 1);
+    send("x5", x.clone(), update(json!({"color": null})), 2);
+    send("y4", y.clone(), update(json!({"color": "blue"})), 5);
+    // Tags: X removed "vip" after Y added it; Y removed "new" after X added it; X removed
+    // "promo" before Y added it.
+    let tag = |kind: &str, tag: &str| json!({"type": kind, "tag": tag});
+    send("x6", x.clone(), tag("tag_add", "vip"), 1);
+    send("y5", y.clone(), tag("tag_add", "vip"), 2);
+    send("x7", x.clone(), tag("tag_remove", "vip"), 3);
+    send("x8", x.clone(), tag("tag_add", "new"), 2);
+    send("y6", y.clone(), tag("tag_add", "new"), 1);
+    send("y7", y.clone(), tag("tag_remove", "new"), 4);
+    send("x9", x.clone(), tag("tag_remove", "promo"), 1);
+    send("y8", y.clone(), tag("tag_add", "promo"), 2);
+
+    send(
+        "both",
+        json!({"wechat_unionid": "wx", "phone": "py"}),
+        json!({"type": "identify"}),
+        10,
+    );
+    let c = &world.cluster;
+    let (x, y) = (
+        c.binding(&id("wechat_unionid", "wx")).unwrap(),
+        c.live(c.binding(&id("phone", "py")).unwrap()),
+    );
+    assert_eq!(x, y, "one customer");
+    let profiles = c.profiles();
+    assert_eq!(profiles.len(), 1);
+    let survivor = &profiles[0];
+    let ms = |seconds: i64| Millis(T0 + seconds * 1_000);
+    assert_eq!(
+        survivor.attributes,
+        [(
+            "color".to_string(),
+            oneid_protocol::predicate::Value::String("blue".into())
+        )]
+        .into()
+    );
+    assert_eq!(
+        survivor.attribute_at,
+        [
+            ("city".to_string(), ms(3)),
+            ("color".to_string(), ms(5)),
+            ("size".to_string(), ms(4)),
+        ]
+        .into()
+    );
+    assert_eq!(survivor.manual_tags, [("promo".to_string(), None)].into());
+    assert_eq!(
+        survivor.manual_tag_at,
+        [
+            ("new".to_string(), ms(4)),
+            ("promo".to_string(), ms(2)),
+            ("vip".to_string(), ms(3)),
+        ]
+        .into()
+    );
+}
+
+/// Events of format 12 still in a migrated log forget a removal's time, as they did.
+#[test]
+fn a_legacy_event_forgets_what_it_removed() {
+    let mut c = Cluster::new(1);
+    let routed = |json: serde_json::Value| Routed {
+        event: event(&json),
+        target: Target::Claim,
+        rules_version: 0,
+        link_elsewhere: vec![],
+        found: vec![],
+    };
+    let at = |seconds: i64| Millis(T0 + seconds * 1_000).to_string();
+    c.apply(
+        ShardId(0),
+        Command::Events(vec![routed(
+            json!({"event_id": "a", "type": "profile_update",
+            "identities": {"phone": "p"}, "attributes": {"city": "bj", "size": "M"},
+            "ts": at(1)}),
+        )]),
+    );
+    let oneid = c.binding(&id("phone", "p")).unwrap();
+    let removal = |event_id: &str, name: &str| {
+        let mut routed = routed(json!({"event_id": event_id, "type": "profile_update",
+            "identities": {"phone": "p"}, "attributes": {name: null}, "ts": at(2)}));
+        routed.target = Target::Existing(oneid);
+        routed.found = vec![Found::Bound {
+            oneid,
+            epoch: command::EPOCH_UNKNOWN,
+        }];
+        routed
+    };
+    c.apply(
+        ShardId(0),
+        Command::LegacyEvents12(vec![removal("b", "city")]),
+    );
+    let profile = c.profiles().remove(0);
+    assert_eq!(
+        profile.attribute_at,
+        [("size".to_string(), Millis(T0 + 1_000))].into()
+    );
+    c.apply(ShardId(0), Command::Events(vec![removal("c", "size")]));
+    let profile = c.profiles().remove(0);
+    assert_eq!(
+        profile.attribute_at,
+        [("size".to_string(), Millis(T0 + 2_000))].into()
+    );
+    assert!(profile.attributes.is_empty());
+}

@@ -81,7 +81,7 @@ impl ShardState {
                 applying.tag_add(profile, writes, tag, expires_at)
             }
             EventBody::TagRemove { tag } => {
-                profile.remove_manual_tag(tag);
+                profile.untag(tag, event.ts);
                 Ok(())
             }
             EventBody::ProfileUpdate { attributes } => {
@@ -199,6 +199,9 @@ pub(super) enum EventsOf {
     Format9,
     /// Format 10 (`Command::LegacyEvents10`): no write time per attribute and manual tag.
     Format10,
+    /// Formats 11 and 12 (`Command::LegacyEvents12`, and the causes of `LegacyMerge12`
+    /// steps): a removal forgets the attribute's (or manual tag's) write time.
+    Format12,
     /// This format (`Command::Events`).
     Current,
 }
@@ -206,13 +209,22 @@ pub(super) enum EventsOf {
 impl EventsOf {
     /// Whether the identity policy judges them (from format 10 on).
     fn judged(self) -> bool {
-        matches!(self, EventsOf::Format10 | EventsOf::Current)
+        matches!(
+            self,
+            EventsOf::Format10 | EventsOf::Format12 | EventsOf::Current
+        )
     }
 
     /// Whether they keep a write time per attribute and manual tag (format 11 on); before,
     /// every one takes the profile's `updated_at` once the event applied, as migrating a
     /// profile to format 11 gives them.
     fn timed(self) -> bool {
+        matches!(self, EventsOf::Format12 | EventsOf::Current)
+    }
+
+    /// Whether a removal of an attribute or manual tag is remembered, with its time, so that
+    /// a merge keeps it over an older write (format 13 on).
+    fn remembers_removals(self) -> bool {
         self == EventsOf::Current
     }
 }
@@ -321,6 +333,9 @@ impl ShardState {
         profile.updated_at = profile.updated_at.max(event.ts);
         if !of.timed() {
             profile.date_writes_at_update();
+        }
+        if !of.remembers_removals() {
+            profile.forget_removals();
         }
 
         // Everything is accepted: write it.

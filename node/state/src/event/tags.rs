@@ -62,10 +62,7 @@ impl Applying<'_, '_> {
                     profile.attributes.insert(name.clone(), value.clone());
                     profile.attribute_at.insert(name.clone(), self.event.ts);
                 }
-                None => {
-                    profile.attributes.remove(name);
-                    profile.attribute_at.remove(name);
-                }
+                None => profile.remove_attribute(name, self.event.ts),
             };
         }
         if profile.attributes.len() > ATTRIBUTES_PER_PROFILE_MAX {
