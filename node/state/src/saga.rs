@@ -18,8 +18,8 @@
 //!    survivor alone, the identities of the others not linked, and the driver unlocks them.
 //! 3. For each loser: **export** (`MergeStep::Export` at its shard) and **import** (`MergeStep::Import`
 //!    at the survivor's) its profile record, then its orders and exactly-once records in parts
-//!    of at most [`EXPORT_BYTES_MAX`]; the record keeps which part is next, so a part imported
-//!    twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Retire`: its last
+//!    of at most [`EXPORT_BYTES_MAX`], then its unlink records if it has any (one part); the
+//!    record keeps which part is next, so a part imported twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Retire`: its last
 //!    ledger entry, its segments left, `x loser`, the identities its shard holds repointed), and
 //!    its identities held by other shards are **repointed** (`MergeStep::Repoint` at each
 //!    identity's shard, moving its binding epoch): every loser's retire and repoints are
