@@ -12,8 +12,8 @@
 use crate::command::{EventOutcome, Routed};
 use crate::keys::{self, DueKind};
 use crate::profile::{
-    forget_oldest_removals, Profile, ATTRIBUTES_PER_PROFILE_MAX, CHANNELS_PER_PROFILE_MAX,
-    MANUAL_TAGS_PER_PROFILE_MAX,
+    forget_oldest_removals, removals, Profile, ATTRIBUTES_PER_PROFILE_MAX,
+    CHANNELS_PER_PROFILE_MAX, MANUAL_TAGS_PER_PROFILE_MAX,
 };
 use crate::unlink::UnlinkRecord;
 use crate::{LedgerKind, LedgerRecord, OrderRecord};
@@ -638,18 +638,6 @@ fn union_latest(
     dropped
 }
 
-/// The names beyond the `max` most recent (by time, then name), sorted by name.
-/// The removals `times` remembers: the names `live` does not hold, with when.
-fn removals<'a, V>(
-    times: &'a BTreeMap<String, Millis>,
-    live: &'a BTreeMap<String, V>,
-) -> impl Iterator<Item = (&'a String, Millis)> {
-    times
-        .iter()
-        .filter(|(name, _)| !live.contains_key(*name))
-        .map(|(name, at)| (name, *at))
-}
-
 /// The write times of the names `live` holds (not the removals `times` remembers).
 fn live_times<V>(
     times: &BTreeMap<String, Millis>,
@@ -662,6 +650,7 @@ fn live_times<V>(
         .collect()
 }
 
+/// The names beyond the `max` most recent (by time, then name), sorted by name.
 fn oldest_past(times: &BTreeMap<String, Millis>, max: usize) -> Vec<String> {
     if times.len() <= max {
         return Vec::new();

@@ -451,3 +451,27 @@ fn writes_are_dated_by_their_events_and_format_10_events_date_them_as_the_migrat
         BTreeMap::from([("old".into(), at(3))])
     );
 }
+
+/// A profile remembers its latest removals up to the limits, the oldest forgotten first.
+#[test]
+fn a_profile_remembers_its_latest_removals_up_to_the_limits() {
+    let rules = tests::rules("{}");
+    let mut profile = Profile::new(OneId::mint(ShardId(0), 1), &rules, Millis(0));
+    let n = ATTRIBUTES_PER_PROFILE_MAX + 3;
+    for i in 0..n {
+        let name = format!("a{i:03}");
+        let at = Millis(i64::try_from(i).unwrap());
+        profile
+            .attributes
+            .insert(name.clone(), Value::String("x".into()));
+        profile.attribute_at.insert(name.clone(), at);
+        profile.remove_attribute(&name, at);
+        profile.untag(&name, at);
+    }
+    assert!(profile.attributes.is_empty() && profile.manual_tags.is_empty());
+    let kept: Vec<&String> = profile.attribute_at.keys().collect();
+    assert_eq!(kept.len(), ATTRIBUTES_PER_PROFILE_MAX);
+    assert_eq!((kept[0].as_str(), kept[99].as_str()), ("a003", "a102"));
+    // Tags keep up to their own, larger limit: all 103.
+    assert_eq!(profile.manual_tag_at.len(), n);
+}

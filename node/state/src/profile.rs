@@ -561,23 +561,34 @@ fn remove_remembering<V>(
     forget_oldest_removals(times, live, max);
 }
 
+/// The removals `times` remembers: the names `live` does not hold, with when.
+pub(crate) fn removals<'a, V>(
+    times: &'a BTreeMap<String, Millis>,
+    live: &'a BTreeMap<String, V>,
+) -> impl Iterator<Item = (&'a String, Millis)> {
+    times
+        .iter()
+        .filter(|(name, _)| !live.contains_key(*name))
+        .map(|(name, at)| (name, *at))
+}
+
 /// Forgets the oldest removals `times` remembers (names `live` does not hold) past `max`.
 pub(crate) fn forget_oldest_removals<V>(
     times: &mut BTreeMap<String, Millis>,
     live: &BTreeMap<String, V>,
     max: usize,
 ) {
-    let mut removals: Vec<(Millis, String)> = times
-        .iter()
-        .filter(|(name, _)| !live.contains_key(*name))
-        .map(|(name, at)| (*at, name.clone()))
-        .collect();
-    if removals.len() <= max {
+    // `times` holds a time for every live name: nothing to read or allocate while the count
+    // of removals is within the bound (as after nearly every removal).
+    if times.len().saturating_sub(live.len()) <= max {
         return;
     }
-    removals.sort();
-    let excess = removals.len() - max;
-    for (_, name) in removals.into_iter().take(excess) {
+    let mut oldest: Vec<(Millis, String)> = removals(times, live)
+        .map(|(name, at)| (at, name.clone()))
+        .collect();
+    oldest.sort();
+    let excess = oldest.len().saturating_sub(max);
+    for (_, name) in oldest.into_iter().take(excess) {
         times.remove(&name);
     }
 }

@@ -19,8 +19,9 @@
 //! 3. For each loser: **export** (`MergeStep::Export` at its shard) and **import** (`MergeStep::Import`
 //!    at the survivor's) its profile record, then its orders and exactly-once records in parts
 //!    of at most [`EXPORT_BYTES_MAX`], then its unlink records if it has any (one part); the
-//!    record keeps which part is next, so a part imported twice is taken once. Then the loser becomes a **tombstone** (`MergeStep::Retire`: its last
-//!    ledger entry, its segments left, `x loser`, the identities its shard holds repointed), and
+//!    record keeps which part is next, so a part imported twice is taken once. Then the loser
+//!    becomes a **tombstone** (`MergeStep::Retire`: its last ledger entry, its segments left,
+//!    `x loser`, the identities its shard holds repointed), and
 //!    its identities held by other shards are **repointed** (`MergeStep::Repoint` at each
 //!    identity's shard, moving its binding epoch): every loser's retire and repoints are
 //!    proposed at once, since none needs another's.
@@ -44,8 +45,7 @@ use oneid_protocol::event::IDENTITIES_PER_EVENT_MAX;
 const EXPORT_ROWS_MAX: usize = if cfg!(test) { 3 } else { 10_000 };
 
 impl ShardState {
-    /// Applies a merge step (see the module's comment).
-    /// Applies a merge step; a cause it applies (at a commit the policy refuses, or at the
+    /// Applies a merge step (see the module's comment); a cause it applies (at a commit the policy refuses, or at the
     /// finish) applies as events `of` that format.
     pub(super) fn apply_merge_step(
         &mut self,
